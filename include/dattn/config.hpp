@@ -1,0 +1,30 @@
+// What a dilated attention call computes (SPEC.md "Dilated attention — configuration").
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "dattn/tensor.hpp"
+
+namespace dattn {
+
+enum class Mode : std::uint8_t {
+  grouped,  // heads split into G groups, group i uses branch i, outputs divided by G
+  longnet,  // every head in every branch, branches merged by their softmax denominators
+};
+
+struct DilatedConfig {
+  std::vector<std::int64_t> segment_lengths;  // w[i] >= 1
+  std::vector<std::int64_t> dilation_rates;   // 1 <= r[i] <= w[i]
+  Mode mode = Mode::grouped;
+  bool causal = false;
+  std::optional<double> scale;                 // default 1/sqrt(D)
+  std::optional<TensorView> key_padding_mask;  // [B, N] boolean, true = padding
+  double dropout_p = 0.0;                      // attention dropout, 0 <= p < 1
+  std::uint64_t dropout_seed = 0;
+  std::uint64_t dropout_offset = 0;            // the fourth Philox counter word, mod 2^32
+  bool use_tf32 = false;                       // the named fast GPU path; the CPU is always exact
+};
+
+}  // namespace dattn

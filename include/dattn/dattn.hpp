@@ -1,0 +1,7 @@
+#pragma once
+
+#include "dattn/attention.hpp"
+#include "dattn/config.hpp"
+#include "dattn/error.hpp"
+#include "dattn/philox.hpp"
+#include "dattn/tensor.hpp"

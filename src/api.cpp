@@ -1,0 +1,256 @@
+// The API layer: validate once (errors name the argument and the expected value), fill
+// DilatedParams, dispatch on device and dtype. Kernels below this assume valid input.
+#include <cmath>
+#include <string>
+
+#include "cpu/cpu_attention.hpp"
+#include "dattn/attention.hpp"
+#include "dattn/error.hpp"
+#include "dattn/philox.hpp"
+#include "params.hpp"
+#include "reference/reference.hpp"
+
+namespace dattn {
+namespace {
+
+using detail::DilatedParams;
+
+constexpr std::int64_t kMaxCpuHeadDim = 256;
+
+std::string str(std::int64_t x) { return std::to_string(x); }
+
+void check_config(const DilatedConfig& config) {
+  const auto& w = config.segment_lengths;
+  const auto& r = config.dilation_rates;
+  if (w.empty()) throw Error("segment_lengths is empty; expected at least one segment length");
+  if (w.size() != r.size())
+    throw Error("segment_lengths has " + str(w.size()) + " entries but dilation_rates has " +
+                str(r.size()) + "; expected equal lengths");
+  if (w.size() > std::size_t(detail::kMaxBranches))
+    throw Error("segment_lengths has " + str(w.size()) + " entries; at most " +
+                str(detail::kMaxBranches) + " branches are supported");
+  for (std::size_t i = 0; i < w.size(); ++i) {
+    const std::string pair = "(segment_lengths[" + str(i) + "] = " + str(w[i]) +
+                             ", dilation_rates[" + str(i) + "] = " + str(r[i]) + ")";
+    if (w[i] < 1) throw Error("segment length must be >= 1 in " + pair);
+    if (r[i] < 1 || r[i] > w[i])
+      throw Error("dilation rate must be in [1, segment length] in " + pair);
+  }
+  if (config.scale && !std::isfinite(*config.scale))
+    throw Error("scale = " + std::to_string(*config.scale) + "; expected a finite number");
+  if (!(config.dropout_p >= 0.0 && config.dropout_p < 1.0))
+    throw Error("dropout_p = " + std::to_string(config.dropout_p) + "; expected 0 <= dropout_p < 1");
+}
+
+void check_attention_tensor(const char* name, const TensorView& t, const TensorView& like) {
+  if (t.data == nullptr) throw Error(std::string(name) + " is null; expected a [B, N, H, D] tensor");
+  if (t.rank != 4)
+    throw Error(std::string(name) + " has rank " + str(t.rank) + "; expected rank 4 [B, N, H, D]");
+  if (t.dtype != like.dtype)
+    throw Error(std::string(name) + " has dtype " + dtype_name(t.dtype) + "; expected " +
+                dtype_name(like.dtype) + " (the dtype of q)");
+  if (!(t.device == like.device))
+    throw Error(std::string(name) + " is on " + device_name(t.device) + "; expected " +
+                device_name(like.device) + " (the device of q)");
+  for (int d = 0; d < 4; ++d)
+    if (t.shape[d] != like.shape[d])
+      throw Error(std::string(name) + " has shape " + t.shape_string() + "; expected " +
+                  like.shape_string() + " (the shape of q)");
+  if (t.strides[3] != 1)
+    throw Error(std::string(name) + " has stride " + str(t.strides[3]) +
+                " along D; expected 1 (the head dim must be contiguous)");
+}
+
+void check_lse(const TensorView& lse, const TensorView& q) {
+  if (lse.data == nullptr) throw Error("lse is null; expected a [B, H, N] float32 tensor");
+  if (lse.rank != 3 || lse.shape[0] != q.shape[0] || lse.shape[1] != q.shape[2] ||
+      lse.shape[2] != q.shape[1])
+    throw Error("lse has shape " + lse.shape_string() + "; expected [" + str(q.shape[0]) + ", " +
+                str(q.shape[2]) + ", " + str(q.shape[1]) + "] ([B, H, N])");
+  if (lse.dtype != DType::float32)
+    throw Error(std::string("lse has dtype ") + dtype_name(lse.dtype) + "; expected float32");
+  if (!(lse.device == q.device))
+    throw Error("lse is on " + device_name(lse.device) + "; expected " + device_name(q.device));
+}
+
+void check_inputs(const DilatedConfig& config, const TensorView& q, const TensorView& k,
+                  const TensorView& v, const LaunchOptions& options) {
+  check_config(config);
+  if (q.data == nullptr) throw Error("q is null; expected a [B, N, H, D] tensor");
+  if (q.rank != 4) throw Error("q has rank " + str(q.rank) + "; expected rank 4 [B, N, H, D]");
+  for (int d = 0; d < 4; ++d)
+    if (q.shape[d] < 1) throw Error("q has shape " + q.shape_string() + "; every extent must be >= 1");
+  if (q.dtype == DType::boolean)
+    throw Error("q has dtype bool; expected float32, bfloat16, float16 or float64");
+  check_attention_tensor("q", q, q);
+  check_attention_tensor("k", k, q);
+  check_attention_tensor("v", v, q);
+
+  const bool reference = options.backend == Backend::reference ||
+                         (options.backend == Backend::automatic && q.dtype == DType::float64);
+  if (q.dtype == DType::float64 && !reference)
+    throw Error("q has dtype float64, which only Backend::reference computes; expected float32, "
+                "bfloat16 or float16 for the fused kernels");
+  if (q.device.type == DeviceType::cuda)
+    throw Error("q is on " + device_name(q.device) +
+                ", but this build has no CUDA backend; expected cpu tensors (rebuild with DATTN_CUDA=ON)");
+  if (q.shape[3] > kMaxCpuHeadDim)
+    throw Error("head dim D = " + str(q.shape[3]) + " is not supported on the CPU; expected 1 <= D <= " +
+                str(kMaxCpuHeadDim));
+  if (options.stream != nullptr)
+    throw Error("stream is set for cpu tensors; expected nullptr (streams are for CUDA tensors)");
+
+  if (config.key_padding_mask) {
+    const TensorView& m = *config.key_padding_mask;
+    if (m.data == nullptr) throw Error("key_padding_mask is null; expected a [B, N] bool tensor or no mask");
+    if (m.rank != 2 || m.shape[0] != q.shape[0] || m.shape[1] != q.shape[1])
+      throw Error("key_padding_mask has shape " + m.shape_string() + "; expected [" + str(q.shape[0]) +
+                  ", " + str(q.shape[1]) + "] ([B, N])");
+    if (m.dtype != DType::boolean)
+      throw Error(std::string("key_padding_mask has dtype ") + dtype_name(m.dtype) + "; expected bool");
+    if (!(m.device == q.device))
+      throw Error("key_padding_mask is on " + device_name(m.device) + "; expected " + device_name(q.device));
+  }
+  if (options.ring_step)
+    throw Error("options.ring_step is set, but ring attention is not implemented yet; expected no ring_step");
+  if (options.position_index)
+    throw Error("options.position_index is set, but Hilbert-ordered attention is not implemented yet; "
+                "expected no position_index");
+  if (options.block_mask)
+    throw Error("options.block_mask is set, but block-sparse attention is not implemented yet; "
+                "expected no block_mask");
+}
+
+detail::Operand operand(const TensorView& t) {
+  return {t.data, t.strides[0], t.strides[1], t.strides[2]};
+}
+
+DilatedParams make_params(const DilatedConfig& config, const TensorView& q, const TensorView& k,
+                          const TensorView& v, const TensorView& out, const TensorView& lse,
+                          const LaunchOptions& options) {
+  DilatedParams p;
+  p.q = operand(q);
+  p.k = operand(k);
+  p.v = operand(v);
+  p.out = operand(out);
+  p.lse = lse.ptr<float>();
+  p.lse_batch_stride = lse.strides[0];
+  p.lse_head_stride = lse.strides[1];
+  p.lse_row_stride = lse.strides[2];
+  p.batch = q.shape[0];
+  p.seqlen = q.shape[1];
+  p.heads = q.shape[2];
+  p.head_dim = q.shape[3];
+  p.dtype = q.dtype;
+  p.mode = config.mode;
+  p.causal = config.causal;
+  p.scale = float(config.scale.value_or(1.0 / std::sqrt(double(p.head_dim))));
+
+  const int groups = int(config.segment_lengths.size());
+  p.num_branches = groups;
+  p.output_scale = config.mode == Mode::grouped ? 1.0f / float(groups) : 1.0f;
+  int first_head = 0;
+  for (int i = 0; i < groups; ++i) {
+    detail::Branch& b = p.branches[i];
+    b.segment_length = config.segment_lengths[i];
+    b.dilation_rate = config.dilation_rates[i];
+    if (config.mode == Mode::grouped) {
+      b.offset_from_head = false;
+      b.group_offset = i % b.dilation_rate;
+      b.first_head = first_head;
+      b.head_count = int(p.heads / groups + (i < p.heads % groups ? 1 : 0));
+      first_head += b.head_count;
+    } else {
+      b.offset_from_head = true;
+      b.first_head = 0;
+      b.head_count = int(p.heads);
+    }
+  }
+
+  if (config.key_padding_mask) {
+    p.key_padding_mask = config.key_padding_mask->ptr<std::uint8_t>();
+    p.mask_batch_stride = config.key_padding_mask->strides[0];
+    p.mask_row_stride = config.key_padding_mask->strides[1];
+  }
+  p.dropout_p = float(config.dropout_p);
+  p.dropout_threshold = dropout_threshold(config.dropout_p);
+  p.dropout_rescale = float(1.0 / (1.0 - config.dropout_p));
+  p.dropout_seed = config.dropout_seed;
+  p.dropout_offset = config.dropout_offset;
+
+  p.stream = options.stream;
+  p.workspace = options.workspace;
+  p.workspace_bytes = options.workspace_bytes;
+  p.global_length = p.seqlen;
+  p.key_begin = 0;
+  p.key_end = p.seqlen;
+  return p;
+}
+
+bool use_reference(const LaunchOptions& options, DType dtype) {
+  return options.backend == Backend::reference ||
+         (options.backend == Backend::automatic && dtype == DType::float64);
+}
+
+}  // namespace
+
+void forward(const DilatedConfig& config, const TensorView& q, const TensorView& k,
+             const TensorView& v, const TensorView& out, const TensorView& lse,
+             const LaunchOptions& options) {
+  check_inputs(config, q, k, v, options);
+  check_attention_tensor("out", out, q);
+  check_lse(lse, q);
+  if (use_reference(options, q.dtype)) {
+    reference::forward(config, q, k, v, out, lse);
+    return;
+  }
+  cpu::forward(make_params(config, q, k, v, out, lse, options));
+}
+
+void backward(const DilatedConfig& config, const TensorView& q, const TensorView& k,
+              const TensorView& v, const TensorView& out, const TensorView& lse,
+              const TensorView& dout, const TensorView& dq, const TensorView& dk,
+              const TensorView& dv, const LaunchOptions& options) {
+  check_inputs(config, q, k, v, options);
+  check_attention_tensor("out", out, q);
+  check_lse(lse, q);
+  check_attention_tensor("dout", dout, q);
+  check_attention_tensor("dq", dq, q);
+  check_attention_tensor("dk", dk, q);
+  check_attention_tensor("dv", dv, q);
+  if (use_reference(options, q.dtype)) {
+    reference::backward(config, q, k, v, dout, dq, dk, dv);
+    return;
+  }
+  DilatedParams p = make_params(config, q, k, v, out, lse, options);
+  p.dout = operand(dout);
+  p.dq = operand(dq);
+  p.dk = operand(dk);
+  p.dv = operand(dv);
+  cpu::backward(p);
+}
+
+double forward_flops(const DilatedConfig& config, std::int64_t batch, std::int64_t seqlen,
+                     std::int64_t heads, std::int64_t head_dim) {
+  check_config(config);
+  const int groups = int(config.segment_lengths.size());
+  double flops = 0;
+  for (int i = 0; i < groups; ++i) {
+    const std::int64_t w = config.segment_lengths[i], r = config.dilation_rates[i];
+    const std::int64_t branch_heads =
+        config.mode == Mode::grouped ? heads / groups + (i < heads % groups ? 1 : 0) : heads;
+    for (int h = 0; h < (config.mode == Mode::grouped ? 1 : int(branch_heads)); ++h) {
+      const std::int64_t offset = config.mode == Mode::grouped ? i % r : h % r;
+      const double head_factor = config.mode == Mode::grouped ? double(branch_heads) : 1.0;
+      for (std::int64_t start = 0; start < seqlen; start += w) {
+        const std::int64_t length = std::min(w, seqlen - start);
+        const std::int64_t selected = offset < length ? (length - offset + r - 1) / r : 0;
+        const double pairs = config.causal ? double(selected) * (selected + 1) / 2 : double(selected) * selected;
+        flops += 4.0 * double(batch) * head_factor * pairs * double(head_dim);
+      }
+    }
+  }
+  return flops;
+}
+
+}  // namespace dattn

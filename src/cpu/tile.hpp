@@ -1,0 +1,77 @@
+// Storage types and tile packing: strided rows of q, k, v, out or dout become dense fp32 tiles,
+// row-major or transposed, zero-padded to the GEMM widths. This is the only place the kernels
+// touch 16-bit storage.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "dattn/tensor.hpp"
+
+namespace dattn::cpu {
+
+struct BFloat16 {
+  std::uint16_t bits;
+};
+struct Float16 {
+  std::uint16_t bits;
+};
+
+template <class I>
+struct Convert {
+  static float load(float x) { return x; }
+  static float load(BFloat16 x) {
+    const std::uint32_t word = std::uint32_t(x.bits) << 16;
+    float f;
+    std::memcpy(&f, &word, 4);
+    return f;
+  }
+  // Exact for normals and subnormals: the exponent is rebased by a multiply by 2^112.
+  static float load(Float16 x) {
+    std::uint32_t word = std::uint32_t(x.bits & 0x7fffu) << 13;
+    float f;
+    std::memcpy(&f, &word, 4);
+    f *= 5.192296858534828e+33f;
+    std::memcpy(&word, &f, 4);
+    if (f >= 65536.0f) word |= 0x7f800000u;  // inf and NaN keep an all-ones exponent
+    word |= std::uint32_t(x.bits & 0x8000u) << 16;
+    std::memcpy(&f, &word, 4);
+    return f;
+  }
+  static void store(float x, float* dst) { *dst = x; }
+  static void store(float x, BFloat16* dst) {
+    std::uint32_t word;
+    std::memcpy(&word, &x, 4);
+    word += 0x7fffu + ((word >> 16) & 1u);  // round to nearest even (inputs are finite)
+    dst->bits = std::uint16_t(word >> 16);
+  }
+  static void store(float x, Float16* dst) { dst->bits = float_to_float16(x); }
+};
+
+// dst[i*ld + d] = scale * src[i*src_stride + d] for i < rows, d < D; zero for D <= d < padded_d.
+template <class I, class T>
+void pack_rows(const T* src, std::int64_t src_stride, int rows, int D, int padded_d, float scale,
+               float* dst, std::int64_t ld) {
+  for (int i = 0; i < rows; ++i) {
+    const T* s = src + i * src_stride;
+    float* d_row = dst + i * ld;
+    for (int d = 0; d < D; ++d) d_row[d] = scale * Convert<I>::load(s[d]);
+    for (int d = D; d < padded_d; ++d) d_row[d] = 0.0f;
+  }
+}
+
+// dst[d*ld + i] = scale * src[i*src_stride + d]; zero for rows <= i < padded_rows and D <= d < padded_d.
+template <class I, class T>
+void pack_columns(const T* src, std::int64_t src_stride, int rows, int padded_rows, int D, int padded_d,
+                  float scale, float* dst, std::int64_t ld) {
+  for (int i = 0; i < rows; ++i) {
+    const T* s = src + i * src_stride;
+    for (int d = 0; d < D; ++d) dst[d * ld + i] = scale * Convert<I>::load(s[d]);
+  }
+  for (int d = 0; d < padded_d; ++d) {
+    const int first = d < D ? rows : 0;
+    for (int i = first; i < padded_rows; ++i) dst[d * ld + i] = 0.0f;
+  }
+}
+
+}  // namespace dattn::cpu

@@ -1,0 +1,48 @@
+#include "cpu/work.hpp"
+
+namespace dattn::cpu {
+
+std::int64_t selected_count(std::int64_t segment_length, std::int64_t offset, std::int64_t stride) {
+  return offset < segment_length ? (segment_length - offset + stride - 1) / stride : 0;
+}
+
+std::vector<WorkItem> make_work_items(const detail::DilatedParams& p) {
+  std::vector<WorkItem> items;
+  for (std::int64_t b = 0; b < p.batch; ++b)
+    for (std::int64_t h = 0; h < p.heads; ++h) {
+      if (p.mode == Mode::grouped) {
+        for (int i = 0; i < p.num_branches; ++i) {
+          const detail::Branch& br = p.branches[i];
+          if (h < br.first_head || h >= br.first_head + br.head_count) continue;
+          const std::int64_t w = br.segment_length, r = br.dilation_rate, o = br.group_offset;
+          for (std::int64_t start = 0; start < p.seqlen; start += w) {
+            const std::int64_t end = std::min(start + w, p.seqlen);
+            const std::int64_t length = selected_count(end - start, o, r);
+            const std::int64_t tiles = std::max<std::int64_t>(1, (length + kTileRows - 1) / kTileRows);
+            for (std::int64_t t = 0; t < tiles; ++t) {
+              WorkItem item{b, h, 0, 0, i, start + o + t * kTileRows * r, r, 0, 0};
+              item.region_begin = t == 0 ? start : item.state_base;
+              item.region_end = t + 1 == tiles ? end : start + o + (t + 1) * kTileRows * r;
+              item.state_rows = std::clamp<std::int64_t>(length - t * kTileRows, 0, kTileRows);
+              item.cost = double(item.state_rows) * double(length) + double(item.region_end - item.region_begin);
+              items.push_back(item);
+            }
+          }
+        }
+      } else {
+        std::int64_t max_rate = 1;
+        for (int i = 0; i < p.num_branches; ++i) max_rate = std::max(max_rate, p.branches[i].dilation_rate);
+        const std::int64_t rows = kTileRows * std::min(max_rate, kMaxLongnetStride);
+        for (std::int64_t begin = 0; begin < p.seqlen; begin += rows) {
+          WorkItem item{b, h, begin, std::min(begin + rows, p.seqlen), -1, begin, 1, 0, 0};
+          item.state_rows = item.region_end - item.region_begin;
+          for_each_group(p, item, [&](const Group& g) { item.cost += double(g.end - g.begin) * double(g.length); });
+          items.push_back(item);
+        }
+      }
+    }
+  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+  return items;
+}
+
+}  // namespace dattn::cpu

@@ -1,0 +1,65 @@
+// How a call's rows are cut into work items and groups. Shared by every ISA and by the
+// forward, dq and dk/dv passes: a work item owns a region of rows of one (batch, head); a
+// group is the part of that region one branch selects inside one of its segments, together
+// with the full set of rows on the other side (keys for a query region, queries for a key
+// region) that the group's rows meet.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "params.hpp"
+
+namespace dattn::cpu {
+
+inline constexpr std::int64_t kTileRows = 64;  // rows of one GEMM tile, on either side
+inline constexpr std::int64_t kMaxLongnetStride = 8;  // caps a longnet region at 512 rows
+
+struct WorkItem {
+  std::int64_t batch = 0, head = 0;
+  std::int64_t region_begin = 0, region_end = 0;  // original rows this item writes
+  int branch = -1;                                // grouped: the head's branch; longnet: -1 (all)
+  // Rows of the per-thread state: state row s holds original row state_base + s*state_stride.
+  std::int64_t state_base = 0, state_stride = 1, state_rows = 0;
+  double cost = 0;
+};
+
+struct Group {
+  int branch = 0;
+  std::int64_t stride = 1;         // dilation rate
+  std::int64_t first_position = 0; // original position of the segment's first selected row
+  std::int64_t length = 0;         // rows the branch selects in this segment (L)
+  std::int64_t begin = 0, end = 0; // indices in [0, L) of the region's rows in this group
+};
+
+// Rows a branch with this offset and stride selects in a segment of this length. Defined out of
+// line (like make_work_items) so that no ISA-specific copy of it exists: every inline function in
+// the kernel headers is a template over the ISA.
+std::int64_t selected_count(std::int64_t segment_length, std::int64_t offset, std::int64_t stride);
+
+// Calls fn(group) for every group of the item's region.
+template <class Fn>
+void for_each_group(const detail::DilatedParams& p, const WorkItem& item, Fn&& fn) {
+  for (int i = 0; i < p.num_branches; ++i) {
+    if (item.branch >= 0 && i != item.branch) continue;
+    const detail::Branch& br = p.branches[i];
+    if (item.head < br.first_head || item.head >= br.first_head + br.head_count) continue;
+    const std::int64_t w = br.segment_length, r = br.dilation_rate, o = br.offset_from_head ? item.head % r : br.group_offset;
+    for (std::int64_t start = item.region_begin / w * w; start < item.region_end; start += w) {
+      const std::int64_t length = selected_count(std::min(w, p.seqlen - start), o, r);
+      const std::int64_t first = start + o;
+      // indices j with region_begin <= first + j*r < region_end
+      const std::int64_t lo = std::max<std::int64_t>(0, (item.region_begin - first + r - 1) / r);
+      const std::int64_t hi = std::min(length, (item.region_end - first + r - 1) / r);
+      if (lo < hi) fn(Group{i, r, first, length, lo, hi});
+    }
+  }
+}
+
+// Work items over (batch, head, region), longest first so dynamic scheduling balances segments
+// of different sizes. Grouped regions are one tile of one branch's selected rows of one segment
+// (with the unselected rows around them); longnet regions are runs of consecutive rows.
+std::vector<WorkItem> make_work_items(const detail::DilatedParams& p);
+
+}  // namespace dattn::cpu

@@ -1,0 +1,73 @@
+// The one struct the API layer fills and every kernel (CPU, CUDA) reads. Plain data only:
+// raw pointers, element strides, sizes and the per-branch table, so kernels never see TensorView.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "dattn/config.hpp"
+#include "dattn/tensor.hpp"
+
+namespace dattn::detail {
+
+inline constexpr int kMaxBranches = 16;
+
+// A [B, N, H, D] operand: element (b, n, h, d) lives at data + b*batch_stride + n*row_stride +
+// h*head_stride + d.
+struct Operand {
+  void* data = nullptr;
+  std::int64_t batch_stride = 0;
+  std::int64_t row_stride = 0;
+  std::int64_t head_stride = 0;
+};
+
+struct Branch {
+  std::int64_t segment_length = 0;
+  std::int64_t dilation_rate = 1;
+  // grouped: every head of the branch uses offset (branch index mod r); longnet: head mod r.
+  bool offset_from_head = false;
+  std::int64_t group_offset = 0;
+  int first_head = 0;  // heads [first_head, first_head + head_count) take part in this branch
+  int head_count = 0;
+};
+
+struct DilatedParams {
+  Operand q, k, v, out;
+  Operand dout, dq, dk, dv;  // backward only
+  float* lse = nullptr;      // [B, H, N]
+  std::int64_t lse_batch_stride = 0, lse_head_stride = 0, lse_row_stride = 0;
+
+  std::int64_t batch = 0, seqlen = 0, heads = 0, head_dim = 0;
+  DType dtype = DType::float32;
+  Mode mode = Mode::grouped;
+  bool causal = false;
+  float scale = 1.0f;
+  float output_scale = 1.0f;  // 1/G in grouped mode, 1 in longnet mode
+
+  int num_branches = 0;
+  Branch branches[kMaxBranches];
+
+  const std::uint8_t* key_padding_mask = nullptr;  // [B, N], nonzero = padding
+  std::int64_t mask_batch_stride = 0, mask_row_stride = 0;
+
+  float dropout_p = 0.0f;
+  std::uint32_t dropout_threshold = 0;  // keep iff Philox word >= threshold
+  float dropout_rescale = 1.0f;         // 1 / (1 - p)
+  std::uint64_t dropout_seed = 0, dropout_offset = 0;
+
+  // GPU launch state (CUDA backend).
+  void* stream = nullptr;
+  void* workspace = nullptr;
+  std::size_t workspace_bytes = 0;
+
+  // Room for later issues; the API rejects a call that sets them until their paths exist.
+  std::int64_t query_position = 0;  // ring: global position of local row 0
+  std::int64_t global_length = 0;   // ring: length of the whole sequence (== seqlen otherwise)
+  std::int64_t key_begin = 0, key_end = 0;  // ring step: keys seen in this step
+  bool partial_output = false;      // ring step: write unnormalised out plus lse for a later merge
+  const std::int64_t* position_index = nullptr;  // Hilbert: curve position -> original position
+  const std::uint8_t* block_mask = nullptr;      // block-sparse
+  std::int64_t block_size = 0;
+};
+
+}  // namespace dattn::detail
