@@ -33,18 +33,18 @@ struct Scratch {
   int padded_d;
   std::vector<float> buffer;
   float *q_rows, *q_cols, *k_rows, *k_cols, *v_rows, *v_cols, *do_rows, *do_cols;
-  float *scores, *grad_scores, *row_lse, *row_delta, *key_bias;
+  float *scores, *grad_scores, *row_lse, *row_delta, *key_bias, *dropout_row;
   float *acc, *acc2, *row_max, *row_sum;
 
   Scratch(int head_dim, std::int64_t state_rows) : padded_d(padded<I>(head_dim)) {
     const std::int64_t T = kTileRows, tile = T * padded_d;
-    buffer.assign(std::size_t(8 * tile + 2 * T * T + 3 * T + state_rows * (2 * padded_d + 2)), 0.0f);
+    buffer.assign(std::size_t(8 * tile + 2 * T * T + 4 * T + state_rows * (2 * padded_d + 2)), 0.0f);
     float* next = buffer.data();
     auto take = [&](std::int64_t n) { float* p = next; next += n; return p; };
     q_rows = take(tile), q_cols = take(tile), k_rows = take(tile), k_cols = take(tile);
     v_rows = take(tile), v_cols = take(tile), do_rows = take(tile), do_cols = take(tile);
     scores = take(T * T), grad_scores = take(T * T);
-    row_lse = take(T), row_delta = take(T), key_bias = take(T);
+    row_lse = take(T), row_delta = take(T), key_bias = take(T), dropout_row = take(T);
     acc = take(state_rows * padded_d), acc2 = take(state_rows * padded_d);
     row_max = take(state_rows), row_sum = take(state_rows);
   }
@@ -100,11 +100,17 @@ void forward_tile(const GroupView<I, T>& view, Scratch<I>& s, std::int64_t q0, i
   const std::int64_t state0 = view.state(q0), step = view.state_step();
   for (int i = 0; i < queries; ++i) {
     float* row = s.scores + i * Kp;
-    const std::int64_t last_key = p.causal ? q0 + i - k0 : keys - 1;  // causal: key index <= query index
-    float tile_max = kNegInf;
-    for (int c = 0; c < Kp; ++c) {
-      row[c] = c <= last_key ? row[c] + s.key_bias[c] : kNegInf;
-      tile_max = std::max(tile_max, row[c]);
+    typename I::reg row_max = I::set1(kNegInf);
+    for (int c = 0; c < Kp; c += I::width) {
+      const typename I::reg x = I::add(I::load(row + c), I::load(s.key_bias + c));
+      I::store(row + c, x);
+      row_max = I::max(row_max, x);
+    }
+    float tile_max = I::reduce_max(row_max);
+    if (p.causal && q0 + i - k0 + 1 < keys) {  // keys past the query (index order is position order)
+      std::fill(row + std::max<std::int64_t>(0, q0 + i - k0 + 1), row + Kp, kNegInf);
+      tile_max = kNegInf;
+      for (int c = 0; c < Kp; ++c) tile_max = std::max(tile_max, row[c]);
     }
     float& m = s.row_max[state0 + i * step];
     float& l = s.row_sum[state0 + i * step];
@@ -118,7 +124,7 @@ void forward_tile(const GroupView<I, T>& view, Scratch<I>& s, std::int64_t q0, i
     for (int c = 0; c < Kp; c += I::width) {
       const typename I::reg e = I::exp(I::sub(I::load(row + c), shift));
       I::store(row + c, e);
-      sum = I::fmadd(e, I::set1(1.0f), sum);
+      sum = I::add(sum, e);
     }
     const float correction = std::exp(m - new_max);
     l = l * correction + I::reduce_add(sum);
@@ -180,7 +186,8 @@ void forward_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<
 }
 
 // Packs a query tile for the backward: q (scaled, rows and columns), output_scale·dout (rows and
-// columns), its lse (+inf past the tile, so exp gives 0) and delta = rowsum(dout ∘ out).
+// columns), delta = rowsum(dout ∘ out), and lse, with +inf for rows past the tile and rows that
+// attend to nothing, so that exp(S − lse) is 0 there.
 template <class I, class T>
 void pack_backward_queries(const GroupView<I, T>& view, Scratch<I>& s, std::int64_t q0, int queries) {
   const detail::DilatedParams& p = view.p;
@@ -200,35 +207,65 @@ void pack_backward_queries(const GroupView<I, T>& view, Scratch<I>& s, std::int6
     float delta = 0.0f;
     for (int d = 0; d < D; ++d) delta += Convert<I>::load(o[d]) * Convert<I>::load(g[d]);
     s.row_delta[i] = delta;
-    s.row_lse[i] = *view.lse_at(q0 + i);
+    const float lse = *view.lse_at(q0 + i);
+    s.row_lse[i] = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse;  // so exp gives 0
   }
 }
 
-// P = exp(S - lse) with masked pairs 0; dP = P ∘ (Z∘dP_raw − delta) into `grad`; P ∘ Z into `prob`.
-// Rows index one side and columns the other: `query_rows` says which side the rows are.
+// The backward's probabilities, P = exp(S − lse), masked pairs 0, and dS = P ∘ (Z∘dP − delta):
+// `prob` (holding S) becomes P∘Z and `grad` (holding dP) becomes dS. One tile row per query.
 template <class I, class T>
-void softmax_gradient(const GroupView<I, T>& view, Scratch<I>& s, bool query_rows, std::int64_t row0, int rows,
-                      std::int64_t col0, int cols, int padded_cols) {
+void softmax_gradient_query_rows(const GroupView<I, T>& view, Scratch<I>& s, std::int64_t q0, int queries,
+                                 std::int64_t k0, int keys, int padded_keys) {
   const detail::DilatedParams& p = view.p;
-  for (int i = 0; i < rows; ++i) {
-    float* prob = s.scores + i * padded_cols;
-    float* grad = s.grad_scores + i * padded_cols;
-    for (int c = 0; c < padded_cols; ++c) {
-      const std::int64_t query = query_rows ? row0 + i : col0 + c, key = query_rows ? col0 + c : row0 + i;
-      const int q_tile = int(query_rows ? i : c);
-      const bool valid = c < cols && (!p.causal || key <= query) &&
-                         (query_rows ? s.key_bias[c] == 0.0f : s.key_bias[i] == 0.0f);
-      const float lse = s.row_lse[q_tile];
-      if (!valid || lse == kNegInf) {
-        prob[c] = 0.0f;
-        grad[c] = 0.0f;
-        continue;
-      }
-      const float pr = std::exp(prob[c] - lse);
-      const float z = p.dropout_p > 0.0f ? view.dropout(query, key) : 1.0f;
-      grad[c] = pr * (z * grad[c] - s.row_delta[q_tile]);
-      prob[c] = pr * z;
+  for (int i = 0; i < queries; ++i) {
+    float* prob = s.scores + i * padded_keys;
+    float* grad = s.grad_scores + i * padded_keys;
+    const float lse = s.row_lse[i];
+    if (lse == std::numeric_limits<float>::infinity()) {  // a query that attends to nothing
+      std::fill(prob, prob + padded_keys, 0.0f);
+      std::fill(grad, grad + padded_keys, 0.0f);
+      continue;
     }
+    if (p.dropout_p > 0.0f)
+      for (int c = 0; c < keys; ++c) grad[c] *= (s.dropout_row[c] = view.dropout(q0 + i, k0 + c));
+    const typename I::reg shift = I::set1(lse), delta = I::set1(s.row_delta[i]);
+    for (int c = 0; c < padded_keys; c += I::width) {
+      const typename I::reg pr = I::exp(I::sub(I::add(I::load(prob + c), I::load(s.key_bias + c)), shift));
+      I::store(prob + c, pr);
+      I::store(grad + c, I::mul(pr, I::sub(I::load(grad + c), delta)));
+    }
+    if (p.causal)  // keys past the query
+      for (std::int64_t c = std::max<std::int64_t>(0, q0 + i - k0 + 1); c < keys; ++c) prob[c] = grad[c] = 0.0f;
+    if (p.dropout_p > 0.0f)
+      for (int c = 0; c < keys; ++c) prob[c] *= s.dropout_row[c];
+  }
+}
+
+// The same with one tile row per key and one column per query (lse and delta per column).
+template <class I, class T>
+void softmax_gradient_key_rows(const GroupView<I, T>& view, Scratch<I>& s, std::int64_t k0, int keys,
+                               std::int64_t q0, int queries, int padded_queries) {
+  const detail::DilatedParams& p = view.p;
+  for (int i = 0; i < keys; ++i) {
+    float* prob = s.scores + i * padded_queries;
+    float* grad = s.grad_scores + i * padded_queries;
+    if (s.key_bias[i] != 0.0f) {  // a padded key takes part in nothing
+      std::fill(prob, prob + padded_queries, 0.0f);
+      std::fill(grad, grad + padded_queries, 0.0f);
+      continue;
+    }
+    if (p.dropout_p > 0.0f)
+      for (int c = 0; c < queries; ++c) grad[c] *= (s.dropout_row[c] = view.dropout(q0 + c, k0 + i));
+    for (int c = 0; c < padded_queries; c += I::width) {
+      const typename I::reg pr = I::exp(I::sub(I::load(prob + c), I::load(s.row_lse + c)));
+      I::store(prob + c, pr);
+      I::store(grad + c, I::mul(pr, I::sub(I::load(grad + c), I::load(s.row_delta + c))));
+    }
+    if (p.causal)  // queries before the key
+      for (std::int64_t c = 0; c < std::min<std::int64_t>(queries, k0 + i - q0); ++c) prob[c] = grad[c] = 0.0f;
+    if (p.dropout_p > 0.0f)
+      for (int c = 0; c < queries; ++c) prob[c] *= s.dropout_row[c];
   }
 }
 
@@ -251,7 +288,7 @@ void dq_group(const GroupView<I, T>& view, Scratch<I>& s) {
       key_bias(view, k0, keys, Kp, s.key_bias);
       gemm<I, false>(queries, Kp, Dp, s.q_rows, Dp, s.k_cols, Kp, s.scores, Kp);
       gemm<I, false>(queries, Kp, Dp, s.do_rows, Dp, s.v_cols, Kp, s.grad_scores, Kp);
-      softmax_gradient(view, s, true, q0, queries, k0, keys, Kp);
+      softmax_gradient_query_rows(view, s, q0, queries, k0, keys, Kp);
       gemm<I, true>(queries, Dp, keys, s.grad_scores, Kp, s.k_rows, Dp, dq, ldc);
     }
   }
@@ -275,7 +312,7 @@ void dkdv_group(const GroupView<I, T>& view, Scratch<I>& s) {
       pack_backward_queries(view, s, q0, queries);
       gemm<I, false>(keys, Qp, Dp, s.k_rows, Dp, s.q_cols, Qp, s.scores, Qp);
       gemm<I, false>(keys, Qp, Dp, s.v_rows, Dp, s.do_cols, Qp, s.grad_scores, Qp);
-      softmax_gradient(view, s, false, k0, keys, q0, queries, Qp);
+      softmax_gradient_key_rows(view, s, k0, keys, q0, queries, Qp);
       gemm<I, true>(keys, Dp, queries, s.scores, Qp, s.do_rows, Dp, dv, ldc);
       gemm<I, true>(keys, Dp, queries, s.grad_scores, Qp, s.q_rows, Dp, dk, ldc);
     }

@@ -18,6 +18,7 @@ struct ScalarIsa {
   static reg load(const float* p) { return *p; }
   static void store(float* p, reg x) { *p = x; }
   static reg fmadd(reg a, reg b, reg c) { return a * b + c; }
+  static reg add(reg a, reg b) { return a + b; }
   static reg mul(reg a, reg b) { return a * b; }
   static reg sub(reg a, reg b) { return a - b; }
   static reg max(reg a, reg b) { return std::max(a, b); }
