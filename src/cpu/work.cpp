@@ -18,12 +18,12 @@ std::vector<WorkItem> make_work_items(const detail::DilatedParams& p) {
           for (std::int64_t start = 0; start < p.seqlen; start += w) {
             const std::int64_t end = std::min(start + w, p.seqlen);
             const std::int64_t length = selected_count(end - start, o, r);
-            const std::int64_t tiles = std::max<std::int64_t>(1, (length + kTileRows - 1) / kTileRows);
+            const std::int64_t tiles = std::max<std::int64_t>(1, (length + kChunkRows - 1) / kChunkRows);
             for (std::int64_t t = 0; t < tiles; ++t) {
-              WorkItem item{b, h, 0, 0, i, start + o + t * kTileRows * r, r, 0, 0};
+              WorkItem item{b, h, 0, 0, i, start + o + t * kChunkRows * r, r, 0, 0};
               item.region_begin = t == 0 ? start : item.state_base;
-              item.region_end = t + 1 == tiles ? end : start + o + (t + 1) * kTileRows * r;
-              item.state_rows = std::clamp<std::int64_t>(length - t * kTileRows, 0, kTileRows);
+              item.region_end = t + 1 == tiles ? end : start + o + (t + 1) * kChunkRows * r;
+              item.state_rows = std::clamp<std::int64_t>(length - t * kChunkRows, 0, kChunkRows);
               item.cost = double(item.state_rows) * double(length) + double(item.region_end - item.region_begin);
               items.push_back(item);
             }

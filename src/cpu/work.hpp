@@ -13,7 +13,8 @@
 
 namespace dattn::cpu {
 
-inline constexpr std::int64_t kTileRows = 64;  // rows of one GEMM tile, on either side
+inline constexpr std::int64_t kTileRows = 64;    // rows of one GEMM tile, on either side
+inline constexpr std::int64_t kChunkRows = 256;  // a group's own rows packed at once (4 tiles)
 inline constexpr std::int64_t kMaxLongnetStride = 8;  // caps a longnet region at 512 rows
 
 struct WorkItem {
