@@ -1,9 +1,14 @@
 // The API layer: validate once (errors name the argument and the expected value), fill
 // DilatedParams, dispatch on device and dtype. Kernels below this assume valid input.
 #include <cmath>
+#include <cstdint>
 #include <string>
+#include <utility>
 
 #include "cpu/cpu_attention.hpp"
+#ifdef DATTN_WITH_CUDA
+#include "cuda/cuda_attention.hpp"
+#endif
 #include "dattn/attention.hpp"
 #include "dattn/error.hpp"
 #include "dattn/philox.hpp"
@@ -61,6 +66,17 @@ void check_attention_tensor(const char* name, const TensorView& t, const TensorV
                 " along D; expected 1 (the head dim must be contiguous)");
 }
 
+// SPEC.md "Tensors": GPU kernels load 16 bytes at a time.
+void check_cuda_alignment(const char* name, const TensorView& t) {
+  const std::int64_t element = std::int64_t(dtype_size(t.dtype));
+  if (reinterpret_cast<std::uintptr_t>(t.data) % 16 != 0)
+    throw Error(std::string(name) + " has a base pointer not aligned to 16 bytes; expected 16-byte alignment on the GPU");
+  for (int d = 0; d + 1 < t.rank; ++d)
+    if ((t.strides[d] * element) % 16 != 0)
+      throw Error(std::string(name) + " has stride " + str(t.strides[d]) + " along dim " + str(d) +
+                  "; expected a multiple of 16 bytes (" + str(16 / element) + " elements) on the GPU");
+}
+
 void check_lse(const TensorView& lse, const TensorView& q) {
   if (lse.data == nullptr) throw Error("lse is null; expected a [B, H, N] float32 tensor");
   if (lse.rank != 3 || lse.shape[0] != q.shape[0] || lse.shape[1] != q.shape[2] ||
@@ -91,14 +107,23 @@ void check_inputs(const DilatedConfig& config, const TensorView& q, const Tensor
   if (q.dtype == DType::float64 && !reference)
     throw Error("q has dtype float64, which only Backend::reference computes; expected float32, "
                 "bfloat16 or float16 for the fused kernels");
-  if (q.device.type == DeviceType::cuda)
+  if (q.device.type == DeviceType::cuda) {
+#ifndef DATTN_WITH_CUDA
     throw Error("q is on " + device_name(q.device) +
                 ", but this build has no CUDA backend; expected cpu tensors (rebuild with DATTN_CUDA=ON)");
-  if (q.shape[3] > kMaxCpuHeadDim)
-    throw Error("head dim D = " + str(q.shape[3]) + " is not supported on the CPU; expected 1 <= D <= " +
-                str(kMaxCpuHeadDim));
-  if (options.stream != nullptr)
-    throw Error("stream is set for cpu tensors; expected nullptr (streams are for CUDA tensors)");
+#endif
+    if (reference) throw Error("Backend::reference runs on the CPU; expected cpu tensors for it");
+    const std::int64_t D = q.shape[3];
+    if (D != 16 && D != 32 && D != 64 && D != 80 && D != 96 && D != 128)
+      throw Error("head dim D = " + str(D) + " is not supported on the GPU; expected one of 16, 32, 64, 80, 96, 128");
+    for (const auto& [name, t] : {std::pair{"q", &q}, {"k", &k}, {"v", &v}}) check_cuda_alignment(name, *t);
+  } else {
+    if (q.shape[3] > kMaxCpuHeadDim)
+      throw Error("head dim D = " + str(q.shape[3]) + " is not supported on the CPU; expected 1 <= D <= " +
+                  str(kMaxCpuHeadDim));
+    if (options.stream != nullptr)
+      throw Error("stream is set for cpu tensors; expected nullptr (streams are for CUDA tensors)");
+  }
 
   if (config.key_padding_mask) {
     const TensorView& m = *config.key_padding_mask;
@@ -204,7 +229,14 @@ void forward(const DilatedConfig& config, const TensorView& q, const TensorView&
     reference::forward(config, q, k, v, out, lse);
     return;
   }
-  cpu::forward(make_params(config, q, k, v, out, lse, options));
+  const DilatedParams params = make_params(config, q, k, v, out, lse, options);
+#ifdef DATTN_WITH_CUDA
+  if (q.device.type == DeviceType::cuda) {
+    check_cuda_alignment("out", out);
+    return cuda::forward(params);
+  }
+#endif
+  cpu::forward(params);
 }
 
 void backward(const DilatedConfig& config, const TensorView& q, const TensorView& k,
@@ -227,6 +259,13 @@ void backward(const DilatedConfig& config, const TensorView& q, const TensorView
   p.dq = operand(dq);
   p.dk = operand(dk);
   p.dv = operand(dv);
+#ifdef DATTN_WITH_CUDA
+  if (q.device.type == DeviceType::cuda) {
+    for (const auto& [name, t] : {std::pair{"out", &out}, {"dout", &dout}, {"dq", &dq}, {"dk", &dk}, {"dv", &dv}})
+      check_cuda_alignment(name, *t);
+    return cuda::backward(p);
+  }
+#endif
   cpu::backward(p);
 }
 
