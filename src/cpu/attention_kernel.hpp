@@ -32,25 +32,28 @@ constexpr int padded(std::int64_t n) {
 }
 
 // Per-thread scratch, allocated once per call and thread. "own" buffers hold a chunk of the
-// group's own rows, "tile" buffers one tile of the other side; rows are [n × Dp] and cols
-// (transposed) [Dp × n], zero-padded.
+// group's own rows transposed ([Dp × kChunkRows], zero-padded); "tile" buffers one tile of the
+// other side as rows ([n × Dp]). Every product reads these directly, so nothing is transposed
+// per tile.
 template <class I>
 struct Scratch {
   int padded_d;
   std::vector<float> buffer;
   float *own_a, *own_b, *own_lse, *own_delta, *own_bias;
-  float *tile_rows_a, *tile_cols_a, *tile_rows_b, *tile_cols_b, *tile_lse, *tile_delta, *tile_bias;
+  float *tile_rows_a, *tile_rows_b, *tile_lse, *tile_delta, *tile_bias;
+  float *column_max, *column_shift, *column_correction;
   float *scores, *grad_scores, *dropout_row;
   float *acc, *acc2, *row_max, *row_sum;
 
   Scratch(int head_dim, std::int64_t state_rows) : padded_d(padded<I>(head_dim)) {
     const std::int64_t C = kChunkRows, T = kTileRows, Dp = padded_d;
-    buffer.assign(std::size_t(2 * C * Dp + 3 * C + 4 * T * Dp + 3 * T + 2 * T * T + T + state_rows * (2 * Dp + 2)), 0.0f);
+    buffer.assign(std::size_t(2 * C * Dp + 3 * C + 2 * T * Dp + 6 * T + 2 * T * T + T + state_rows * (2 * Dp + 2)), 0.0f);
     float* next = buffer.data();
     auto take = [&](std::int64_t n) { float* p = next; next += n; return p; };
     own_a = take(C * Dp), own_b = take(C * Dp), own_lse = take(C), own_delta = take(C), own_bias = take(C);
-    tile_rows_a = take(T * Dp), tile_cols_a = take(T * Dp), tile_rows_b = take(T * Dp), tile_cols_b = take(T * Dp);
+    tile_rows_a = take(T * Dp), tile_rows_b = take(T * Dp);
     tile_lse = take(T), tile_delta = take(T), tile_bias = take(T);
+    column_max = take(T), column_shift = take(T), column_correction = take(T);
     scores = take(T * T), grad_scores = take(T * T), dropout_row = take(T);
     acc = take(state_rows * Dp), acc2 = take(state_rows * Dp);
     row_max = take(state_rows), row_sum = take(state_rows);
@@ -86,11 +89,15 @@ struct GroupView {
   float lse(std::int64_t j) const {
     return p.lse[item.batch * p.lse_batch_stride + item.head * p.lse_head_stride + position(j) * p.lse_row_stride];
   }
-  // Packs rows [j0, j0 + n) of x: row-major into `rows` and/or transposed into `cols` (either may be null).
-  void pack(const detail::Operand& x, std::int64_t j0, int n, float scale, float* rows, float* cols) const {
-    const int D = int(p.head_dim), Dp = padded<I>(D), Np = padded<I>(n);
-    if (rows) pack_rows<I>(row(x, j0), step(x), n, D, Dp, scale, rows, Dp);
-    if (cols) pack_columns<I>(row(x, j0), step(x), n, Np, D, Dp, scale, cols, Np);
+  // Rows [j0, j0 + n) of x, times scale, as a tile of rows [n × Dp].
+  void pack_tile(const detail::Operand& x, std::int64_t j0, int n, float scale, float* rows) const {
+    const int D = int(p.head_dim);
+    pack_rows<I>(row(x, j0), step(x), n, D, padded<I>(D), scale, rows, padded<I>(D));
+  }
+  // The same transposed into an own buffer [Dp × kChunkRows].
+  void pack_own(const detail::Operand& x, std::int64_t j0, int n, float scale, float* cols) const {
+    const int D = int(p.head_dim);
+    pack_columns<I>(row(x, j0), step(x), n, padded<I>(n), D, padded<I>(D), scale, cols, kChunkRows);
   }
 };
 
@@ -122,52 +129,60 @@ void pack_lse_delta(const GroupView<I, T>& view, std::int64_t j0, int queries, i
   }
 }
 
-// One query tile against one key tile: scores -> online softmax -> acc += P·V.
+// One key tile against one query tile, keys as rows: Sᵀ = K·Qᵀ, masks, the online softmax update
+// of each query (column), then acc += P·V.
 template <class I, class T>
-void forward_tile(const GroupView<I, T>& view, Scratch<I>& s, const float* q_tile, std::int64_t q0, int queries,
+void forward_tile(const GroupView<I, T>& view, Scratch<I>& s, const float* q_cols, std::int64_t q0, int queries,
                   std::int64_t k0, int keys) {
+  using reg = typename I::reg;
   const detail::DilatedParams& p = view.p;
-  const int Dp = s.padded_d, Kp = padded<I>(keys);
-  gemm<I, false>(queries, Kp, Dp, q_tile, Dp, s.tile_cols_a, Kp, s.scores, Kp);
+  const int Dp = s.padded_d, Qp = padded<I>(queries);
+  gemm<I, false>(keys, Qp, Dp, s.tile_rows_a, Dp, q_cols, kChunkRows, s.scores, Qp);
+  for (int i = 0; i < keys; ++i) {
+    float* row = s.scores + i * Qp;
+    if (s.tile_bias[i] != 0.0f)
+      std::fill(row, row + Qp, kNegInf);
+    else if (p.causal)  // queries before the key (index order is position order)
+      std::fill(row, row + std::clamp<std::int64_t>(k0 + i - q0, 0, Qp), kNegInf);
+  }
+  for (int c = 0; c < Qp; c += I::width) {
+    reg column = I::set1(kNegInf);
+    for (int i = 0; i < keys; ++i) column = I::max(column, I::load(s.scores + i * Qp + c));
+    I::store(s.column_max + c, column);
+  }
   const std::int64_t state0 = view.state(q0), state_step = view.state_step();
-  for (int i = 0; i < queries; ++i) {
-    float* row = s.scores + i * Kp;
-    typename I::reg row_max = I::set1(kNegInf);
-    for (int c = 0; c < Kp; c += I::width) {
-      const typename I::reg x = I::add(I::load(row + c), I::load(s.tile_bias + c));
-      I::store(row + c, x);
-      row_max = I::max(row_max, x);
-    }
-    float tile_max = I::reduce_max(row_max);
-    if (p.causal && q0 + i - k0 + 1 < keys) {  // keys past the query (index order is position order)
-      std::fill(row + std::max<std::int64_t>(0, q0 + i - k0 + 1), row + Kp, kNegInf);
-      tile_max = *std::max_element(row, row + Kp);
-    }
-    float& m = s.row_max[state0 + i * state_step];
-    float& l = s.row_sum[state0 + i * state_step];
-    const float new_max = std::max(m, tile_max);
-    if (new_max == kNegInf) {
-      std::fill(row, row + Kp, 0.0f);
+  for (int c = 0; c < Qp; ++c) {
+    if (c >= queries) {  // padding columns: exp(S − inf) = 0
+      s.column_shift[c] = kPosInf;
       continue;
     }
-    const typename I::reg shift = I::set1(new_max);
-    typename I::reg sum = I::zero();
-    for (int c = 0; c < Kp; c += I::width) {
-      const typename I::reg e = I::exp(I::sub(I::load(row + c), shift));
-      I::store(row + c, e);
+    float& m = s.row_max[state0 + c * state_step];
+    const float new_max = std::max(m, s.column_max[c]);
+    s.column_shift[c] = new_max == kNegInf ? 0.0f : new_max;
+    s.column_correction[c] = std::exp(m - s.column_shift[c]);
+    m = new_max;
+  }
+  for (int c = 0; c < Qp; c += I::width) {
+    const reg shift = I::load(s.column_shift + c);
+    reg sum = I::zero();
+    for (int i = 0; i < keys; ++i) {
+      const reg e = I::exp(I::sub(I::load(s.scores + i * Qp + c), shift));
+      I::store(s.scores + i * Qp + c, e);
       sum = I::add(sum, e);
     }
-    const float correction = std::exp(m - new_max);
-    l = l * correction + I::reduce_add(sum);
-    m = new_max;
-    if (correction != 1.0f) {
-      float* acc_row = s.acc + (state0 + i * state_step) * Dp;
-      for (int d = 0; d < Dp; ++d) acc_row[d] *= correction;
-    }
-    if (p.dropout_p > 0.0f)
-      for (int c = 0; c < keys; ++c) row[c] *= view.dropout(q0 + i, k0 + c);
+    I::store(s.column_max + c, sum);  // now the column sums
   }
-  gemm<I, true>(queries, Dp, keys, s.scores, Kp, s.tile_rows_a, Dp, s.acc + state0 * Dp, state_step * Dp);
+  for (int c = 0; c < queries; ++c) {
+    const std::int64_t state = state0 + c * state_step;
+    const float correction = s.column_correction[c];
+    s.row_sum[state] = s.row_sum[state] * correction + s.column_max[c];
+    if (correction != 1.0f)
+      for (float *acc = s.acc + state * Dp, *end = acc + Dp; acc != end; ++acc) *acc *= correction;
+  }
+  if (p.dropout_p > 0.0f)
+    for (int i = 0; i < keys; ++i)
+      for (int c = 0; c < queries; ++c) s.scores[i * Qp + c] *= view.dropout(q0 + c, k0 + i);
+  gemm<I, true, true>(queries, Dp, keys, s.scores, Qp, s.tile_rows_b, Dp, s.acc + state0 * Dp, state_step * Dp);
 }
 
 template <class I, class T>
@@ -176,27 +191,28 @@ void forward_group(const GroupView<I, T>& view, Scratch<I>& s) {
   const Group& g = view.g;
   for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
     const int chunk = int(std::min(kChunkRows, g.end - c0));
-    view.pack(p.q, c0, chunk, p.scale, s.own_a, nullptr);
+    view.pack_own(p.q, c0, chunk, p.scale, s.own_a);
     const std::int64_t key_end = p.causal ? std::min(g.length, c0 + chunk) : g.length;
     for (std::int64_t k0 = 0; k0 < key_end; k0 += kTileRows) {
       const int keys = int(std::min(kTileRows, key_end - k0));
-      view.pack(p.k, k0, keys, 1.0f, nullptr, s.tile_cols_a);
-      view.pack(p.v, k0, keys, 1.0f, s.tile_rows_a, nullptr);
-      pack_key_bias(view, k0, keys, padded<I>(keys), s.tile_bias);
+      view.pack_tile(p.k, k0, keys, 1.0f, s.tile_rows_a);
+      view.pack_tile(p.v, k0, keys, 1.0f, s.tile_rows_b);
+      pack_key_bias(view, k0, keys, keys, s.tile_bias);
       for (std::int64_t q0 = c0; q0 < c0 + chunk; q0 += kTileRows) {
         const int queries = int(std::min(kTileRows, c0 + chunk - q0));
         if (p.causal && k0 > q0 + queries - 1) continue;  // every key of the tile is after these queries
-        forward_tile(view, s, s.own_a + (q0 - c0) * s.padded_d, q0, queries, k0, keys);
+        forward_tile(view, s, s.own_a + (q0 - c0), q0, queries, k0, keys);
       }
     }
   }
 }
 
-// The backward's probabilities with one tile row per query: `prob` (holding S) becomes P∘Z and
-// `grad` (holding dP) becomes dS = P ∘ (Z∘dP − delta). Masked pairs give 0.
+// The backward's probabilities for a tile with one row per query: `scores` (holding S) becomes
+// P∘Z and `grad_scores` (holding dP) becomes dS = P ∘ (Z∘dP − delta). Masked pairs give 0.
 template <class I, class T>
-void softmax_gradient_query_rows(const GroupView<I, T>& view, Scratch<I>& s, const float* lse, const float* delta,
-                                 std::int64_t q0, int queries, std::int64_t k0, int keys, int padded_keys) {
+void softmax_gradient_query_rows(const GroupView<I, T>& view, Scratch<I>& s, const float* key_bias, const float* lse,
+                                 const float* delta, std::int64_t q0, int queries, std::int64_t k0, int keys,
+                                 int padded_keys) {
   const detail::DilatedParams& p = view.p;
   for (int i = 0; i < queries; ++i) {
     float* prob = s.scores + i * padded_keys;
@@ -205,7 +221,7 @@ void softmax_gradient_query_rows(const GroupView<I, T>& view, Scratch<I>& s, con
       for (int c = 0; c < keys; ++c) grad[c] *= (s.dropout_row[c] = view.dropout(q0 + i, k0 + c));
     const typename I::reg shift = I::set1(lse[i]), correction = I::set1(delta[i]);
     for (int c = 0; c < padded_keys; c += I::width) {
-      const typename I::reg pr = I::exp(I::sub(I::add(I::load(prob + c), I::load(s.tile_bias + c)), shift));
+      const typename I::reg pr = I::exp(I::sub(I::add(I::load(prob + c), I::load(key_bias + c)), shift));
       I::store(prob + c, pr);
       I::store(grad + c, I::mul(pr, I::sub(I::load(grad + c), correction)));
     }
@@ -216,10 +232,11 @@ void softmax_gradient_query_rows(const GroupView<I, T>& view, Scratch<I>& s, con
   }
 }
 
-// The same with one tile row per key and one column per query (lse and delta per column).
+// The same with one row per key and one column per query (lse and delta per column).
 template <class I, class T>
-void softmax_gradient_key_rows(const GroupView<I, T>& view, Scratch<I>& s, const float* key_bias, std::int64_t k0,
-                               int keys, std::int64_t q0, int queries, int padded_queries) {
+void softmax_gradient_key_rows(const GroupView<I, T>& view, Scratch<I>& s, const float* key_bias, const float* lse,
+                               const float* delta, std::int64_t k0, int keys, std::int64_t q0, int queries,
+                               int padded_queries) {
   const detail::DilatedParams& p = view.p;
   for (int i = 0; i < keys; ++i) {
     float* prob = s.scores + i * padded_queries;
@@ -232,9 +249,9 @@ void softmax_gradient_key_rows(const GroupView<I, T>& view, Scratch<I>& s, const
     if (p.dropout_p > 0.0f)
       for (int c = 0; c < queries; ++c) grad[c] *= (s.dropout_row[c] = view.dropout(q0 + c, k0 + i));
     for (int c = 0; c < padded_queries; c += I::width) {
-      const typename I::reg pr = I::exp(I::sub(I::load(prob + c), I::load(s.tile_lse + c)));
+      const typename I::reg pr = I::exp(I::sub(I::load(prob + c), I::load(lse + c)));
       I::store(prob + c, pr);
-      I::store(grad + c, I::mul(pr, I::sub(I::load(grad + c), I::load(s.tile_delta + c))));
+      I::store(grad + c, I::mul(pr, I::sub(I::load(grad + c), I::load(delta + c))));
     }
     if (p.causal)  // queries before the key
       for (std::int64_t c = 0; c < std::min<std::int64_t>(queries, k0 + i - q0); ++c) prob[c] = grad[c] = 0.0f;
@@ -243,7 +260,7 @@ void softmax_gradient_key_rows(const GroupView<I, T>& view, Scratch<I>& s, const
   }
 }
 
-// dq pass: dQ += dS·K over the key tiles each query tile sees.
+// dq pass, keys as rows: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, then dQ += dS·K over the key tiles each query sees.
 template <class I, class T>
 void dq_group(const GroupView<I, T>& view, Scratch<I>& s) {
   const detail::DilatedParams& p = view.p;
@@ -251,30 +268,31 @@ void dq_group(const GroupView<I, T>& view, Scratch<I>& s) {
   const int Dp = s.padded_d;
   for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
     const int chunk = int(std::min(kChunkRows, g.end - c0));
-    view.pack(p.q, c0, chunk, p.scale, s.own_a, nullptr);
-    view.pack(p.dout, c0, chunk, p.output_scale, s.own_b, nullptr);
-    pack_lse_delta(view, c0, chunk, chunk, s.own_lse, s.own_delta);
+    view.pack_own(p.q, c0, chunk, p.scale, s.own_a);
+    view.pack_own(p.dout, c0, chunk, p.output_scale, s.own_b);
+    pack_lse_delta(view, c0, chunk, padded<I>(chunk), s.own_lse, s.own_delta);
     const std::int64_t key_end = p.causal ? std::min(g.length, c0 + chunk) : g.length;
     for (std::int64_t k0 = 0; k0 < key_end; k0 += kTileRows) {
-      const int keys = int(std::min(kTileRows, key_end - k0)), Kp = padded<I>(keys);
-      view.pack(p.k, k0, keys, 1.0f, s.tile_rows_a, s.tile_cols_a);
-      view.pack(p.v, k0, keys, 1.0f, nullptr, s.tile_cols_b);
-      pack_key_bias(view, k0, keys, Kp, s.tile_bias);
+      const int keys = int(std::min(kTileRows, key_end - k0));
+      view.pack_tile(p.k, k0, keys, 1.0f, s.tile_rows_a);
+      view.pack_tile(p.v, k0, keys, 1.0f, s.tile_rows_b);
+      pack_key_bias(view, k0, keys, keys, s.tile_bias);
       for (std::int64_t q0 = c0; q0 < c0 + chunk; q0 += kTileRows) {
-        const int queries = int(std::min(kTileRows, c0 + chunk - q0));
+        const int queries = int(std::min(kTileRows, c0 + chunk - q0)), Qp = padded<I>(queries);
         if (p.causal && k0 > q0 + queries - 1) continue;
         const std::int64_t own = q0 - c0;
-        gemm<I, false>(queries, Kp, Dp, s.own_a + own * Dp, Dp, s.tile_cols_a, Kp, s.scores, Kp);
-        gemm<I, false>(queries, Kp, Dp, s.own_b + own * Dp, Dp, s.tile_cols_b, Kp, s.grad_scores, Kp);
-        softmax_gradient_query_rows(view, s, s.own_lse + own, s.own_delta + own, q0, queries, k0, keys, Kp);
-        gemm<I, true>(queries, Dp, keys, s.grad_scores, Kp, s.tile_rows_a, Dp, s.acc + view.state(q0) * Dp,
-                      view.state_step() * Dp);
+        gemm<I, false>(keys, Qp, Dp, s.tile_rows_a, Dp, s.own_a + own, kChunkRows, s.scores, Qp);
+        gemm<I, false>(keys, Qp, Dp, s.tile_rows_b, Dp, s.own_b + own, kChunkRows, s.grad_scores, Qp);
+        softmax_gradient_key_rows(view, s, s.tile_bias, s.own_lse + own, s.own_delta + own, k0, keys, q0, queries, Qp);
+        gemm<I, true, true>(queries, Dp, keys, s.grad_scores, Qp, s.tile_rows_a, Dp, s.acc + view.state(q0) * Dp,
+                            view.state_step() * Dp);
       }
     }
   }
 }
 
-// dk/dv pass: dV += (P∘Z)ᵀ·dO and dK += dSᵀ·Q over the query tiles that see each key tile.
+// dk/dv pass, queries as rows: S = Q·Kᵀ, dP = dO·Vᵀ, then dV += (P∘Z)ᵀ·dO and dK += dSᵀ·Q over
+// the query tiles that see each key tile.
 template <class I, class T>
 void dkdv_group(const GroupView<I, T>& view, Scratch<I>& s) {
   const detail::DilatedParams& p = view.p;
@@ -282,23 +300,23 @@ void dkdv_group(const GroupView<I, T>& view, Scratch<I>& s) {
   const int Dp = s.padded_d;
   for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
     const int chunk = int(std::min(kChunkRows, g.end - c0));
-    view.pack(p.k, c0, chunk, 1.0f, s.own_a, nullptr);
-    view.pack(p.v, c0, chunk, 1.0f, s.own_b, nullptr);
-    pack_key_bias(view, c0, chunk, chunk, s.own_bias);
+    view.pack_own(p.k, c0, chunk, 1.0f, s.own_a);
+    view.pack_own(p.v, c0, chunk, 1.0f, s.own_b);
+    pack_key_bias(view, c0, chunk, padded<I>(chunk), s.own_bias);
     for (std::int64_t q0 = p.causal ? c0 : 0; q0 < g.length; q0 += kTileRows) {
-      const int queries = int(std::min(kTileRows, g.length - q0)), Qp = padded<I>(queries);
-      view.pack(p.q, q0, queries, p.scale, s.tile_rows_a, s.tile_cols_a);
-      view.pack(p.dout, q0, queries, p.output_scale, s.tile_rows_b, s.tile_cols_b);
-      pack_lse_delta(view, q0, queries, Qp, s.tile_lse, s.tile_delta);
+      const int queries = int(std::min(kTileRows, g.length - q0));
+      view.pack_tile(p.q, q0, queries, p.scale, s.tile_rows_a);
+      view.pack_tile(p.dout, q0, queries, p.output_scale, s.tile_rows_b);
+      pack_lse_delta(view, q0, queries, queries, s.tile_lse, s.tile_delta);
       for (std::int64_t k0 = c0; k0 < c0 + chunk; k0 += kTileRows) {
-        const int keys = int(std::min(kTileRows, c0 + chunk - k0));
+        const int keys = int(std::min(kTileRows, c0 + chunk - k0)), Kp = padded<I>(keys);
         if (p.causal && q0 + queries - 1 < k0) break;  // every query of the tile is before these keys
         const std::int64_t own = k0 - c0, state = view.state(k0) * Dp, ldc = view.state_step() * Dp;
-        gemm<I, false>(keys, Qp, Dp, s.own_a + own * Dp, Dp, s.tile_cols_a, Qp, s.scores, Qp);
-        gemm<I, false>(keys, Qp, Dp, s.own_b + own * Dp, Dp, s.tile_cols_b, Qp, s.grad_scores, Qp);
-        softmax_gradient_key_rows(view, s, s.own_bias + own, k0, keys, q0, queries, Qp);
-        gemm<I, true>(keys, Dp, queries, s.scores, Qp, s.tile_rows_b, Dp, s.acc2 + state, ldc);
-        gemm<I, true>(keys, Dp, queries, s.grad_scores, Qp, s.tile_rows_a, Dp, s.acc + state, ldc);
+        gemm<I, false>(queries, Kp, Dp, s.tile_rows_a, Dp, s.own_a + own, kChunkRows, s.scores, Kp);
+        gemm<I, false>(queries, Kp, Dp, s.tile_rows_b, Dp, s.own_b + own, kChunkRows, s.grad_scores, Kp);
+        softmax_gradient_query_rows(view, s, s.own_bias + own, s.tile_lse, s.tile_delta, q0, queries, k0, keys, Kp);
+        gemm<I, true, true>(keys, Dp, queries, s.scores, Kp, s.tile_rows_b, Dp, s.acc2 + state, ldc);
+        gemm<I, true, true>(keys, Dp, queries, s.grad_scores, Kp, s.tile_rows_a, Dp, s.acc + state, ldc);
       }
     }
   }

@@ -1,12 +1,13 @@
-// The one GEMM shape every tile product uses: C[M×N] (+)= A[M×K]·B[K×N], all row-major fp32,
-// N a multiple of 2·width (buffers are padded). Register blocks of 6 rows × 2 vectors.
+// The one GEMM every tile product uses: C[M×N] (+)= op(A)·B[K×N] with B and C row-major fp32 and
+// op(A) = A[M×K] row-major or, with TransposeA, the transpose of a row-major A[K×M]. N is a
+// multiple of 2·width (buffers are padded). Register blocks of 6 rows × 2 vectors.
 #pragma once
 
 #include <cstdint>
 
 namespace dattn::cpu {
 
-template <class I, int Rows, bool Accumulate>
+template <class I, int Rows, bool Accumulate, bool TransposeA>
 void gemm_block(int K, const float* a, std::int64_t lda, const float* b, std::int64_t ldb, float* c,
                 std::int64_t ldc) {
   constexpr int W = I::width;
@@ -18,7 +19,7 @@ void gemm_block(int K, const float* a, std::int64_t lda, const float* b, std::in
   for (int k = 0; k < K; ++k) {
     const typename I::reg b0 = I::load(b + k * ldb), b1 = I::load(b + k * ldb + W);
     for (int r = 0; r < Rows; ++r) {
-      const typename I::reg x = I::set1(a[r * lda + k]);
+      const typename I::reg x = I::set1(TransposeA ? a[k * lda + r] : a[r * lda + k]);
       acc[r][0] = I::fmadd(x, b0, acc[r][0]);
       acc[r][1] = I::fmadd(x, b1, acc[r][1]);
     }
@@ -29,22 +30,22 @@ void gemm_block(int K, const float* a, std::int64_t lda, const float* b, std::in
   }
 }
 
-template <class I, bool Accumulate>
+template <class I, bool Accumulate, bool TransposeA = false>
 void gemm(int M, int N, int K, const float* a, std::int64_t lda, const float* b, std::int64_t ldb,
           float* c, std::int64_t ldc) {
   constexpr int kRows = 6, kCols = 2 * I::width;
   for (int n = 0; n < N; n += kCols) {
     int m = 0;
     for (; m + kRows <= M; m += kRows)
-      gemm_block<I, kRows, Accumulate>(K, a + m * lda, lda, b + n, ldb, c + m * ldc + n, ldc);
-    const float* a_rest = a + m * lda;
+      gemm_block<I, kRows, Accumulate, TransposeA>(K, a + (TransposeA ? m : m * lda), lda, b + n, ldb, c + m * ldc + n, ldc);
+    const float* a_rest = a + (TransposeA ? m : m * lda);
     float* c_rest = c + m * ldc + n;
     switch (M - m) {
-      case 5: gemm_block<I, 5, Accumulate>(K, a_rest, lda, b + n, ldb, c_rest, ldc); break;
-      case 4: gemm_block<I, 4, Accumulate>(K, a_rest, lda, b + n, ldb, c_rest, ldc); break;
-      case 3: gemm_block<I, 3, Accumulate>(K, a_rest, lda, b + n, ldb, c_rest, ldc); break;
-      case 2: gemm_block<I, 2, Accumulate>(K, a_rest, lda, b + n, ldb, c_rest, ldc); break;
-      case 1: gemm_block<I, 1, Accumulate>(K, a_rest, lda, b + n, ldb, c_rest, ldc); break;
+      case 5: gemm_block<I, 5, Accumulate, TransposeA>(K, a_rest, lda, b + n, ldb, c_rest, ldc); break;
+      case 4: gemm_block<I, 4, Accumulate, TransposeA>(K, a_rest, lda, b + n, ldb, c_rest, ldc); break;
+      case 3: gemm_block<I, 3, Accumulate, TransposeA>(K, a_rest, lda, b + n, ldb, c_rest, ldc); break;
+      case 2: gemm_block<I, 2, Accumulate, TransposeA>(K, a_rest, lda, b + n, ldb, c_rest, ldc); break;
+      case 1: gemm_block<I, 1, Accumulate, TransposeA>(K, a_rest, lda, b + n, ldb, c_rest, ldc); break;
       default: break;
     }
   }
