@@ -31,8 +31,12 @@ constexpr int padded(std::int64_t n) {
   return int((n + step - 1) / step * step);
 }
 
+// Row pitch of the transposed own buffers: a power-of-two pitch (1 KiB) would map a column's
+// elements to a few L1 sets and thrash; 16 extra floats spread them.
+inline constexpr std::int64_t kOwnPitch = kChunkRows + 16;
+
 // Per-thread scratch, allocated once per call and thread. "own" buffers hold a chunk of the
-// group's own rows transposed ([Dp × kChunkRows], zero-padded); "tile" buffers one tile of the
+// group's own rows transposed ([Dp × kOwnPitch], zero-padded); "tile" buffers one tile of the
 // other side as rows ([n × Dp]). Every product reads these directly, so nothing is transposed
 // per tile.
 template <class I>
@@ -47,10 +51,10 @@ struct Scratch {
 
   Scratch(int head_dim, std::int64_t state_rows) : padded_d(padded<I>(head_dim)) {
     const std::int64_t C = kChunkRows, T = kTileRows, Dp = padded_d;
-    buffer.assign(std::size_t(2 * C * Dp + 3 * C + 2 * T * Dp + 6 * T + 2 * T * T + T + state_rows * (2 * Dp + 2)), 0.0f);
+    buffer.assign(std::size_t(2 * kOwnPitch * Dp + 3 * C + 2 * T * Dp + 6 * T + 2 * T * T + T + state_rows * (2 * Dp + 2)), 0.0f);
     float* next = buffer.data();
     auto take = [&](std::int64_t n) { float* p = next; next += n; return p; };
-    own_a = take(C * Dp), own_b = take(C * Dp), own_lse = take(C), own_delta = take(C), own_bias = take(C);
+    own_a = take(kOwnPitch * Dp), own_b = take(kOwnPitch * Dp), own_lse = take(C), own_delta = take(C), own_bias = take(C);
     tile_rows_a = take(T * Dp), tile_rows_b = take(T * Dp);
     tile_lse = take(T), tile_delta = take(T), tile_bias = take(T);
     column_max = take(T), column_shift = take(T), column_correction = take(T);
@@ -94,10 +98,10 @@ struct GroupView {
     const int D = int(p.head_dim);
     pack_rows<I>(row(x, j0), step(x), n, D, padded<I>(D), scale, rows, padded<I>(D));
   }
-  // The same transposed into an own buffer [Dp × kChunkRows].
+  // The same transposed into an own buffer [Dp × kOwnPitch].
   void pack_own(const detail::Operand& x, std::int64_t j0, int n, float scale, float* cols) const {
     const int D = int(p.head_dim);
-    pack_columns<I>(row(x, j0), step(x), n, padded<I>(n), D, padded<I>(D), scale, cols, kChunkRows);
+    pack_columns<I>(row(x, j0), step(x), n, padded<I>(n), D, padded<I>(D), scale, cols, kOwnPitch);
   }
 };
 
@@ -137,7 +141,7 @@ void forward_tile(const GroupView<I, T>& view, Scratch<I>& s, const float* q_col
   using reg = typename I::reg;
   const detail::DilatedParams& p = view.p;
   const int Dp = s.padded_d, Qp = padded<I>(queries);
-  gemm<I, false>(keys, Qp, Dp, s.tile_rows_a, Dp, q_cols, kChunkRows, s.scores, Qp);
+  gemm<I, false>(keys, Qp, Dp, s.tile_rows_a, Dp, q_cols, kOwnPitch, s.scores, Qp);
   for (int i = 0; i < keys; ++i) {
     float* row = s.scores + i * Qp;
     if (s.tile_bias[i] != 0.0f)
@@ -281,8 +285,8 @@ void dq_group(const GroupView<I, T>& view, Scratch<I>& s) {
         const int queries = int(std::min(kTileRows, c0 + chunk - q0)), Qp = padded<I>(queries);
         if (p.causal && k0 > q0 + queries - 1) continue;
         const std::int64_t own = q0 - c0;
-        gemm<I, false>(keys, Qp, Dp, s.tile_rows_a, Dp, s.own_a + own, kChunkRows, s.scores, Qp);
-        gemm<I, false>(keys, Qp, Dp, s.tile_rows_b, Dp, s.own_b + own, kChunkRows, s.grad_scores, Qp);
+        gemm<I, false>(keys, Qp, Dp, s.tile_rows_a, Dp, s.own_a + own, kOwnPitch, s.scores, Qp);
+        gemm<I, false>(keys, Qp, Dp, s.tile_rows_b, Dp, s.own_b + own, kOwnPitch, s.grad_scores, Qp);
         softmax_gradient_key_rows(view, s, s.tile_bias, s.own_lse + own, s.own_delta + own, k0, keys, q0, queries, Qp);
         gemm<I, true, true>(queries, Dp, keys, s.grad_scores, Qp, s.tile_rows_a, Dp, s.acc + view.state(q0) * Dp,
                             view.state_step() * Dp);
@@ -312,8 +316,8 @@ void dkdv_group(const GroupView<I, T>& view, Scratch<I>& s) {
         const int keys = int(std::min(kTileRows, c0 + chunk - k0)), Kp = padded<I>(keys);
         if (p.causal && q0 + queries - 1 < k0) break;  // every query of the tile is before these keys
         const std::int64_t own = k0 - c0, state = view.state(k0) * Dp, ldc = view.state_step() * Dp;
-        gemm<I, false>(queries, Kp, Dp, s.tile_rows_a, Dp, s.own_a + own, kChunkRows, s.scores, Kp);
-        gemm<I, false>(queries, Kp, Dp, s.tile_rows_b, Dp, s.own_b + own, kChunkRows, s.grad_scores, Kp);
+        gemm<I, false>(queries, Kp, Dp, s.tile_rows_a, Dp, s.own_a + own, kOwnPitch, s.scores, Kp);
+        gemm<I, false>(queries, Kp, Dp, s.tile_rows_b, Dp, s.own_b + own, kOwnPitch, s.grad_scores, Kp);
         softmax_gradient_query_rows(view, s, s.own_bias + own, s.tile_lse, s.tile_delta, q0, queries, k0, keys, Kp);
         gemm<I, true, true>(keys, Dp, queries, s.scores, Kp, s.tile_rows_b, Dp, s.acc2 + state, ldc);
         gemm<I, true, true>(keys, Dp, queries, s.grad_scores, Kp, s.tile_rows_a, Dp, s.acc + state, ldc);
