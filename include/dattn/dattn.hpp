@@ -3,5 +3,6 @@
 #include "dattn/attention.hpp"
 #include "dattn/config.hpp"
 #include "dattn/error.hpp"
+#include "dattn/hilbert.hpp"
 #include "dattn/philox.hpp"
 #include "dattn/tensor.hpp"
