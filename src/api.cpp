@@ -169,6 +169,7 @@ DilatedParams make_params(const DilatedConfig& config, const TensorView& q, cons
   p.dtype = q.dtype;
   p.mode = config.mode;
   p.causal = config.causal;
+  p.use_tf32 = config.use_tf32;
   p.scale = float(config.scale.value_or(1.0 / std::sqrt(double(p.head_dim))));
 
   const int groups = int(config.segment_lengths.size());
