@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "cpu/cpu_attention.hpp"
 #ifdef DATTN_WITH_CUDA
@@ -89,6 +90,30 @@ void check_lse(const TensorView& lse, const TensorView& q) {
     throw Error("lse is on " + device_name(lse.device) + "; expected " + device_name(q.device));
 }
 
+// A position index map must be a permutation of [0, N): anything else would read or write
+// rows twice or never.
+void check_position_index(const TensorView& index, const TensorView& q) {
+  if (q.device.type != DeviceType::cpu)
+    throw Error("position_index is set for " + device_name(q.device) +
+                " tensors; expected cpu tensors (the GPU kernels do not take an index map yet)");
+  if (index.data == nullptr) throw Error("position_index is null; expected an [N] int64 permutation or none");
+  if (index.rank != 1 || index.shape[0] != q.shape[1])
+    throw Error("position_index has shape " + index.shape_string() + "; expected [" + str(q.shape[1]) + "] ([N])");
+  if (index.dtype != DType::int64)
+    throw Error(std::string("position_index has dtype ") + dtype_name(index.dtype) + "; expected int64");
+  if (index.device.type != DeviceType::cpu)
+    throw Error("position_index is on " + device_name(index.device) + "; expected cpu (the GPU path does not take it yet)");
+  if (index.strides[0] != 1) throw Error("position_index has stride " + str(index.strides[0]) + "; expected 1");
+  std::vector<bool> seen(std::size_t(q.shape[1]), false);
+  for (std::int64_t i = 0; i < q.shape[1]; ++i) {
+    const std::int64_t row = index.ptr<std::int64_t>()[i];
+    if (row < 0 || row >= q.shape[1] || seen[std::size_t(row)])
+      throw Error("position_index[" + str(i) + "] = " + str(row) + "; expected a permutation of [0, " +
+                  str(q.shape[1]) + ")");
+    seen[std::size_t(row)] = true;
+  }
+}
+
 void check_inputs(const DilatedConfig& config, const TensorView& q, const TensorView& k,
                   const TensorView& v, const LaunchOptions& options) {
   check_config(config);
@@ -138,9 +163,7 @@ void check_inputs(const DilatedConfig& config, const TensorView& q, const Tensor
   }
   if (options.ring_step)
     throw Error("options.ring_step is set, but ring attention is not implemented yet; expected no ring_step");
-  if (options.position_index)
-    throw Error("options.position_index is set, but Hilbert-ordered attention is not implemented yet; "
-                "expected no position_index");
+  if (options.position_index) check_position_index(*options.position_index, q);
   if (options.block_mask)
     throw Error("options.block_mask is set, but block-sparse attention is not implemented yet; "
                 "expected no block_mask");
@@ -204,6 +227,7 @@ DilatedParams make_params(const DilatedConfig& config, const TensorView& q, cons
   p.dropout_seed = config.dropout_seed;
   p.dropout_offset = config.dropout_offset;
 
+  if (options.position_index) p.position_index = options.position_index->ptr<std::int64_t>();
   p.stream = options.stream;
   p.workspace = options.workspace;
   p.workspace_bytes = options.workspace_bytes;
@@ -211,6 +235,10 @@ DilatedParams make_params(const DilatedConfig& config, const TensorView& q, cons
   p.key_begin = 0;
   p.key_end = p.seqlen;
   return p;
+}
+
+const std::int64_t* position_index(const LaunchOptions& options) {
+  return options.position_index ? options.position_index->ptr<std::int64_t>() : nullptr;
 }
 
 bool use_reference(const LaunchOptions& options, DType dtype) {
@@ -227,7 +255,7 @@ void forward(const DilatedConfig& config, const TensorView& q, const TensorView&
   check_attention_tensor("out", out, q);
   check_lse(lse, q);
   if (use_reference(options, q.dtype)) {
-    reference::forward(config, q, k, v, out, lse);
+    reference::forward(config, q, k, v, out, lse, position_index(options));
     return;
   }
   const DilatedParams params = make_params(config, q, k, v, out, lse, options);
@@ -252,7 +280,7 @@ void backward(const DilatedConfig& config, const TensorView& q, const TensorView
   check_attention_tensor("dk", dk, q);
   check_attention_tensor("dv", dv, q);
   if (use_reference(options, q.dtype)) {
-    reference::backward(config, q, k, v, dout, dq, dk, dv);
+    reference::backward(config, q, k, v, dout, dq, dk, dv, position_index(options));
     return;
   }
   DilatedParams p = make_params(config, q, k, v, out, lse, options);

@@ -15,6 +15,7 @@ std::size_t dtype_size(DType dtype) {
     case DType::float16: return 2;
     case DType::float64: return 8;
     case DType::boolean: return 1;
+    case DType::int64: return 8;
   }
   return 0;
 }
@@ -26,6 +27,7 @@ const char* dtype_name(DType dtype) {
     case DType::float16: return "float16";
     case DType::float64: return "float64";
     case DType::boolean: return "bool";
+    case DType::int64: return "int64";
   }
   return "unknown";
 }

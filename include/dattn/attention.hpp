@@ -40,7 +40,9 @@ struct LaunchOptions {
   void* workspace = nullptr;
   std::size_t workspace_bytes = 0;
   std::optional<RingStep> ring_step;          // not implemented yet: an error if set
-  std::optional<TensorView> position_index;   // Hilbert order [N] int64; not implemented yet
+  // Attend in this order: [N] int64, curve position -> original row (dattn/hilbert.hpp makes
+  // Hilbert orders). Results stay in the original order; causal compares original positions.
+  std::optional<TensorView> position_index;
   std::optional<BlockMask> block_mask;        // not implemented yet
 };
 

@@ -48,8 +48,10 @@ struct Scratch {
   float *column_max, *column_shift, *column_correction;
   float *scores, *grad_scores, *dropout_row;
   float *acc, *acc2, *row_max, *row_sum;
+  std::vector<std::int64_t> query_original, key_original;  // a causal tile pair's original positions
 
-  Scratch(int head_dim, std::int64_t state_rows) : padded_d(padded<I>(head_dim)) {
+  Scratch(int head_dim, std::int64_t state_rows)
+      : padded_d(padded<I>(head_dim)), query_original(kTileRows), key_original(kTileRows) {
     const std::int64_t C = kChunkRows, T = kTileRows, Dp = padded_d;
     buffer.assign(std::size_t(2 * kOwnPitch * Dp + 3 * C + 2 * T * Dp + 6 * T + 2 * T * T + T + state_rows * (2 * Dp + 2)), 0.0f);
     float* next = buffer.data();
@@ -64,7 +66,9 @@ struct Scratch {
   }
 };
 
-// Addresses of a group's rows: original positions, element pointers, state rows, masks.
+// Addresses of a group's rows. Row j of a group sits at `position(j)` of the attended sequence
+// (the curve order under a Hilbert index map) and at `original(j)` of the tensors; masks,
+// dropout and causality use original positions.
 template <class I, class T>
 struct GroupView {
   const detail::DilatedParams& p;
@@ -72,36 +76,38 @@ struct GroupView {
   const Group& g;
 
   std::int64_t position(std::int64_t j) const { return g.first_position + j * g.stride; }
+  std::int64_t original(std::int64_t j) const {
+    return p.position_index ? p.position_index[position(j)] : position(j);
+  }
   const T* row(const detail::Operand& x, std::int64_t j) const {
-    return static_cast<const T*>(x.data) + item.batch * x.batch_stride + position(j) * x.row_stride +
+    return static_cast<const T*>(x.data) + item.batch * x.batch_stride + original(j) * x.row_stride +
            item.head * x.head_stride;
   }
-  std::int64_t step(const detail::Operand& x) const { return g.stride * x.row_stride; }
   // Index in the per-thread state of group row j, and the state-row step between group rows.
   std::int64_t state(std::int64_t j) const { return (position(j) - item.state_base) / item.state_stride; }
   std::int64_t state_step() const { return g.stride / item.state_stride; }
   bool padded_key(std::int64_t j) const {
     return p.key_padding_mask &&
-           p.key_padding_mask[item.batch * p.mask_batch_stride + position(j) * p.mask_row_stride] != 0;
+           p.key_padding_mask[item.batch * p.mask_batch_stride + original(j) * p.mask_row_stride] != 0;
   }
   float dropout(std::int64_t query_j, std::int64_t key_j) const {
-    return dropout_keep(p.dropout_seed, p.dropout_offset, item.batch * p.heads + item.head, position(query_j),
-                        position(key_j), p.dropout_threshold)
+    return dropout_keep(p.dropout_seed, p.dropout_offset, item.batch * p.heads + item.head, original(query_j),
+                        original(key_j), p.dropout_threshold)
                ? p.dropout_rescale
                : 0.0f;
   }
   float lse(std::int64_t j) const {
-    return p.lse[item.batch * p.lse_batch_stride + item.head * p.lse_head_stride + position(j) * p.lse_row_stride];
+    return p.lse[item.batch * p.lse_batch_stride + item.head * p.lse_head_stride + original(j) * p.lse_row_stride];
   }
   // Rows [j0, j0 + n) of x, times scale, as a tile of rows [n × Dp].
   void pack_tile(const detail::Operand& x, std::int64_t j0, int n, float scale, float* rows) const {
     const int D = int(p.head_dim);
-    pack_rows<I>(row(x, j0), step(x), n, D, padded<I>(D), scale, rows, padded<I>(D));
+    pack_rows<I>([&](int i) { return row(x, j0 + i); }, n, D, padded<I>(D), scale, rows, padded<I>(D));
   }
   // The same transposed into an own buffer [Dp × kOwnPitch].
   void pack_own(const detail::Operand& x, std::int64_t j0, int n, float scale, float* cols) const {
     const int D = int(p.head_dim);
-    pack_columns<I>(row(x, j0), step(x), n, padded<I>(n), D, padded<I>(D), scale, cols, kOwnPitch);
+    pack_columns<I>([&](int i) { return row(x, j0 + i); }, n, padded<I>(n), D, padded<I>(D), scale, cols, kOwnPitch);
   }
 };
 
@@ -133,11 +139,29 @@ void pack_lse_delta(const GroupView<I, T>& view, std::int64_t j0, int queries, i
   }
 }
 
+enum class CausalPair { unmasked, skipped, masked };
+
+// How causality affects a (query tile, key tile) pair, from the original positions it records in
+// the scratch: no key after any query, every key after every query, or a mix.
+template <class I, class T>
+CausalPair causal_pair(const GroupView<I, T>& view, Scratch<I>& s, std::int64_t q0, int queries, std::int64_t k0,
+                       int keys) {
+  if (!view.p.causal) return CausalPair::unmasked;
+  auto record = [&](std::int64_t j0, int n, std::vector<std::int64_t>& original) {
+    for (int i = 0; i < n; ++i) original[i] = view.original(j0 + i);
+    return std::minmax_element(original.begin(), original.begin() + n);
+  };
+  const auto [query_min, query_max] = record(q0, queries, s.query_original);
+  const auto [key_min, key_max] = record(k0, keys, s.key_original);
+  if (*key_min > *query_max) return CausalPair::skipped;
+  return *key_max <= *query_min ? CausalPair::unmasked : CausalPair::masked;
+}
+
 // One key tile against one query tile, keys as rows: Sᵀ = K·Qᵀ, masks, the online softmax update
 // of each query (column), then acc += P·V.
 template <class I, class T>
 void forward_tile(const GroupView<I, T>& view, Scratch<I>& s, const float* q_cols, std::int64_t q0, int queries,
-                  std::int64_t k0, int keys) {
+                  std::int64_t k0, int keys, bool causal_masked) {
   using reg = typename I::reg;
   const detail::DilatedParams& p = view.p;
   const int Dp = s.padded_d, Qp = padded<I>(queries);
@@ -146,8 +170,9 @@ void forward_tile(const GroupView<I, T>& view, Scratch<I>& s, const float* q_col
     float* row = s.scores + i * Qp;
     if (s.tile_bias[i] != 0.0f)
       std::fill(row, row + Qp, kNegInf);
-    else if (p.causal)  // queries before the key (index order is position order)
-      std::fill(row, row + std::clamp<std::int64_t>(k0 + i - q0, 0, Qp), kNegInf);
+    else if (causal_masked)  // queries before the key
+      for (int c = 0; c < queries; ++c)
+        if (s.key_original[i] > s.query_original[c]) row[c] = kNegInf;
   }
   for (int c = 0; c < Qp; c += I::width) {
     reg column = I::set1(kNegInf);
@@ -196,7 +221,8 @@ void forward_group(const GroupView<I, T>& view, Scratch<I>& s) {
   for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
     const int chunk = int(std::min(kChunkRows, g.end - c0));
     view.pack_own(p.q, c0, chunk, p.scale, s.own_a);
-    const std::int64_t key_end = p.causal ? std::min(g.length, c0 + chunk) : g.length;
+    // Without an index map, index order is position order, so causal loops stop at the diagonal.
+    const std::int64_t key_end = p.causal && !p.position_index ? std::min(g.length, c0 + chunk) : g.length;
     for (std::int64_t k0 = 0; k0 < key_end; k0 += kTileRows) {
       const int keys = int(std::min(kTileRows, key_end - k0));
       view.pack_tile(p.k, k0, keys, 1.0f, s.tile_rows_a);
@@ -204,8 +230,9 @@ void forward_group(const GroupView<I, T>& view, Scratch<I>& s) {
       pack_key_bias(view, k0, keys, keys, s.tile_bias);
       for (std::int64_t q0 = c0; q0 < c0 + chunk; q0 += kTileRows) {
         const int queries = int(std::min(kTileRows, c0 + chunk - q0));
-        if (p.causal && k0 > q0 + queries - 1) continue;  // every key of the tile is after these queries
-        forward_tile(view, s, s.own_a + (q0 - c0), q0, queries, k0, keys);
+        const CausalPair pair = causal_pair(view, s, q0, queries, k0, keys);
+        if (pair == CausalPair::skipped) continue;
+        forward_tile(view, s, s.own_a + (q0 - c0), q0, queries, k0, keys, pair == CausalPair::masked);
       }
     }
   }
@@ -216,7 +243,7 @@ void forward_group(const GroupView<I, T>& view, Scratch<I>& s) {
 template <class I, class T>
 void softmax_gradient_query_rows(const GroupView<I, T>& view, Scratch<I>& s, const float* key_bias, const float* lse,
                                  const float* delta, std::int64_t q0, int queries, std::int64_t k0, int keys,
-                                 int padded_keys) {
+                                 int padded_keys, bool causal_masked) {
   const detail::DilatedParams& p = view.p;
   for (int i = 0; i < queries; ++i) {
     float* prob = s.scores + i * padded_keys;
@@ -229,8 +256,9 @@ void softmax_gradient_query_rows(const GroupView<I, T>& view, Scratch<I>& s, con
       I::store(prob + c, pr);
       I::store(grad + c, I::mul(pr, I::sub(I::load(grad + c), correction)));
     }
-    if (p.causal)  // keys past the query
-      for (std::int64_t c = std::max<std::int64_t>(0, q0 + i - k0 + 1); c < keys; ++c) prob[c] = grad[c] = 0.0f;
+    if (causal_masked)  // keys after the query
+      for (int c = 0; c < keys; ++c)
+        if (s.key_original[c] > s.query_original[i]) prob[c] = grad[c] = 0.0f;
     if (p.dropout_p > 0.0f)
       for (int c = 0; c < keys; ++c) prob[c] *= s.dropout_row[c];
   }
@@ -240,7 +268,7 @@ void softmax_gradient_query_rows(const GroupView<I, T>& view, Scratch<I>& s, con
 template <class I, class T>
 void softmax_gradient_key_rows(const GroupView<I, T>& view, Scratch<I>& s, const float* key_bias, const float* lse,
                                const float* delta, std::int64_t k0, int keys, std::int64_t q0, int queries,
-                               int padded_queries) {
+                               int padded_queries, bool causal_masked) {
   const detail::DilatedParams& p = view.p;
   for (int i = 0; i < keys; ++i) {
     float* prob = s.scores + i * padded_queries;
@@ -257,8 +285,9 @@ void softmax_gradient_key_rows(const GroupView<I, T>& view, Scratch<I>& s, const
       I::store(prob + c, pr);
       I::store(grad + c, I::mul(pr, I::sub(I::load(grad + c), I::load(delta + c))));
     }
-    if (p.causal)  // queries before the key
-      for (std::int64_t c = 0; c < std::min<std::int64_t>(queries, k0 + i - q0); ++c) prob[c] = grad[c] = 0.0f;
+    if (causal_masked)  // queries before the key
+      for (int c = 0; c < queries; ++c)
+        if (s.key_original[i] > s.query_original[c]) prob[c] = grad[c] = 0.0f;
     if (p.dropout_p > 0.0f)
       for (int c = 0; c < queries; ++c) prob[c] *= s.dropout_row[c];
   }
@@ -275,7 +304,8 @@ void dq_group(const GroupView<I, T>& view, Scratch<I>& s) {
     view.pack_own(p.q, c0, chunk, p.scale, s.own_a);
     view.pack_own(p.dout, c0, chunk, p.output_scale, s.own_b);
     pack_lse_delta(view, c0, chunk, padded<I>(chunk), s.own_lse, s.own_delta);
-    const std::int64_t key_end = p.causal ? std::min(g.length, c0 + chunk) : g.length;
+    // Without an index map, index order is position order, so causal loops stop at the diagonal.
+    const std::int64_t key_end = p.causal && !p.position_index ? std::min(g.length, c0 + chunk) : g.length;
     for (std::int64_t k0 = 0; k0 < key_end; k0 += kTileRows) {
       const int keys = int(std::min(kTileRows, key_end - k0));
       view.pack_tile(p.k, k0, keys, 1.0f, s.tile_rows_a);
@@ -283,11 +313,13 @@ void dq_group(const GroupView<I, T>& view, Scratch<I>& s) {
       pack_key_bias(view, k0, keys, keys, s.tile_bias);
       for (std::int64_t q0 = c0; q0 < c0 + chunk; q0 += kTileRows) {
         const int queries = int(std::min(kTileRows, c0 + chunk - q0)), Qp = padded<I>(queries);
-        if (p.causal && k0 > q0 + queries - 1) continue;
+        const CausalPair pair = causal_pair(view, s, q0, queries, k0, keys);
+        if (pair == CausalPair::skipped) continue;
         const std::int64_t own = q0 - c0;
         gemm<I, false>(keys, Qp, Dp, s.tile_rows_a, Dp, s.own_a + own, kOwnPitch, s.scores, Qp);
         gemm<I, false>(keys, Qp, Dp, s.tile_rows_b, Dp, s.own_b + own, kOwnPitch, s.grad_scores, Qp);
-        softmax_gradient_key_rows(view, s, s.tile_bias, s.own_lse + own, s.own_delta + own, k0, keys, q0, queries, Qp);
+        softmax_gradient_key_rows(view, s, s.tile_bias, s.own_lse + own, s.own_delta + own, k0, keys, q0, queries, Qp,
+                                  pair == CausalPair::masked);
         gemm<I, true, true>(queries, Dp, keys, s.grad_scores, Qp, s.tile_rows_a, Dp, s.acc + view.state(q0) * Dp,
                             view.state_step() * Dp);
       }
@@ -307,18 +339,21 @@ void dkdv_group(const GroupView<I, T>& view, Scratch<I>& s) {
     view.pack_own(p.k, c0, chunk, 1.0f, s.own_a);
     view.pack_own(p.v, c0, chunk, 1.0f, s.own_b);
     pack_key_bias(view, c0, chunk, padded<I>(chunk), s.own_bias);
-    for (std::int64_t q0 = p.causal ? c0 : 0; q0 < g.length; q0 += kTileRows) {
+    const std::int64_t query_begin = p.causal && !p.position_index ? c0 : 0;
+    for (std::int64_t q0 = query_begin; q0 < g.length; q0 += kTileRows) {
       const int queries = int(std::min(kTileRows, g.length - q0));
       view.pack_tile(p.q, q0, queries, p.scale, s.tile_rows_a);
       view.pack_tile(p.dout, q0, queries, p.output_scale, s.tile_rows_b);
       pack_lse_delta(view, q0, queries, queries, s.tile_lse, s.tile_delta);
       for (std::int64_t k0 = c0; k0 < c0 + chunk; k0 += kTileRows) {
         const int keys = int(std::min(kTileRows, c0 + chunk - k0)), Kp = padded<I>(keys);
-        if (p.causal && q0 + queries - 1 < k0) break;  // every query of the tile is before these keys
+        const CausalPair pair = causal_pair(view, s, q0, queries, k0, keys);
+        if (pair == CausalPair::skipped) continue;
         const std::int64_t own = k0 - c0, state = view.state(k0) * Dp, ldc = view.state_step() * Dp;
         gemm<I, false>(queries, Kp, Dp, s.tile_rows_a, Dp, s.own_a + own, kOwnPitch, s.scores, Kp);
         gemm<I, false>(queries, Kp, Dp, s.tile_rows_b, Dp, s.own_b + own, kOwnPitch, s.grad_scores, Kp);
-        softmax_gradient_query_rows(view, s, s.own_bias + own, s.tile_lse, s.tile_delta, q0, queries, k0, keys, Kp);
+        softmax_gradient_query_rows(view, s, s.own_bias + own, s.tile_lse, s.tile_delta, q0, queries, k0, keys, Kp,
+                                    pair == CausalPair::masked);
         gemm<I, true, true>(keys, Dp, queries, s.scores, Kp, s.tile_rows_b, Dp, s.acc2 + state, ldc);
         gemm<I, true, true>(keys, Dp, queries, s.grad_scores, Kp, s.tile_rows_a, Dp, s.acc + state, ldc);
       }
@@ -326,14 +361,14 @@ void dkdv_group(const GroupView<I, T>& view, Scratch<I>& s) {
   }
 }
 
-// Calls write(row, state index or -1) for every row of the item's region, so that rows no
-// branch selects are written too.
+// Calls write(original row, state index or -1) for every row of the item's region, so that
+// rows no branch selects are written too.
 template <class Fn>
-void for_each_region_row(const WorkItem& item, Fn&& write) {
-  for (std::int64_t row = item.region_begin; row < item.region_end; ++row) {
-    const std::int64_t offset = row - item.state_base;
+void for_each_region_row(const detail::DilatedParams& p, const WorkItem& item, Fn&& write) {
+  for (std::int64_t position = item.region_begin; position < item.region_end; ++position) {
+    const std::int64_t offset = position - item.state_base;
     const bool in_state = offset >= 0 && offset % item.state_stride == 0 && offset / item.state_stride < item.state_rows;
-    write(row, in_state ? offset / item.state_stride : -1);
+    write(p.position_index ? p.position_index[position] : position, in_state ? offset / item.state_stride : -1);
   }
 }
 
@@ -350,7 +385,7 @@ void forward_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<
   std::fill(s.row_max, s.row_max + item.state_rows, kNegInf);
   std::fill(s.row_sum, s.row_sum + item.state_rows, 0.0f);
   for_each_group(p, item, [&](const Group& g) { forward_group(GroupView<I, T>{p, item, g}, s); });
-  for_each_region_row(item, [&](std::int64_t row, std::int64_t state) {
+  for_each_region_row(p, item, [&](std::int64_t row, std::int64_t state) {
     const bool attended = state >= 0 && s.row_sum[state] > 0.0f;
     store_row<I, T>(p.out, item, row, attended ? s.acc + state * Dp : nullptr,
                     attended ? p.output_scale / s.row_sum[state] : 0.0f, D);
@@ -364,7 +399,7 @@ void dq_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>& s
   const int Dp = s.padded_d;
   std::fill(s.acc, s.acc + item.state_rows * Dp, 0.0f);
   for_each_group(p, item, [&](const Group& g) { dq_group(GroupView<I, T>{p, item, g}, s); });
-  for_each_region_row(item, [&](std::int64_t row, std::int64_t state) {
+  for_each_region_row(p, item, [&](std::int64_t row, std::int64_t state) {
     store_row<I, T>(p.dq, item, row, state >= 0 ? s.acc + state * Dp : nullptr, p.scale, int(p.head_dim));
   });
 }
@@ -375,7 +410,7 @@ void dkdv_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>&
   std::fill(s.acc, s.acc + item.state_rows * Dp, 0.0f);
   std::fill(s.acc2, s.acc2 + item.state_rows * Dp, 0.0f);
   for_each_group(p, item, [&](const Group& g) { dkdv_group(GroupView<I, T>{p, item, g}, s); });
-  for_each_region_row(item, [&](std::int64_t row, std::int64_t state) {
+  for_each_region_row(p, item, [&](std::int64_t row, std::int64_t state) {
     store_row<I, T>(p.dk, item, row, state >= 0 ? s.acc + state * Dp : nullptr, 1.0f, int(p.head_dim));
     store_row<I, T>(p.dv, item, row, state >= 0 ? s.acc2 + state * Dp : nullptr, 1.0f, int(p.head_dim));
   });

@@ -1,4 +1,4 @@
-// Storage types and tile packing: strided rows of q, k, v, out or dout become dense fp32 tiles,
+// Storage types and tile packing: rows of q, k, v, out or dout become dense fp32 tiles,
 // row-major or transposed, zero-padded to the GEMM widths. This is the only place the kernels
 // touch 16-bit storage.
 #pragma once
@@ -48,24 +48,23 @@ struct Convert {
   static void store(float x, Float16* dst) { dst->bits = float_to_float16(x); }
 };
 
-// dst[i*ld + d] = scale * src[i*src_stride + d] for i < rows, d < D; zero for D <= d < padded_d.
-template <class I, class T>
-void pack_rows(const T* src, std::int64_t src_stride, int rows, int D, int padded_d, float scale,
-               float* dst, std::int64_t ld) {
+// dst[i*ld + d] = scale * row(i)[d] for i < rows, d < D; zero for D <= d < padded_d.
+template <class I, class RowFn>
+void pack_rows(RowFn&& row, int rows, int D, int padded_d, float scale, float* dst, std::int64_t ld) {
   for (int i = 0; i < rows; ++i) {
-    const T* s = src + i * src_stride;
+    const auto* s = row(i);
     float* d_row = dst + i * ld;
     for (int d = 0; d < D; ++d) d_row[d] = scale * Convert<I>::load(s[d]);
     for (int d = D; d < padded_d; ++d) d_row[d] = 0.0f;
   }
 }
 
-// dst[d*ld + i] = scale * src[i*src_stride + d]; zero for rows <= i < padded_rows and D <= d < padded_d.
-template <class I, class T>
-void pack_columns(const T* src, std::int64_t src_stride, int rows, int padded_rows, int D, int padded_d,
-                  float scale, float* dst, std::int64_t ld) {
+// dst[d*ld + i] = scale * row(i)[d]; zero for rows <= i < padded_rows and D <= d < padded_d.
+template <class I, class RowFn>
+void pack_columns(RowFn&& row, int rows, int padded_rows, int D, int padded_d, float scale, float* dst,
+                  std::int64_t ld) {
   for (int i = 0; i < rows; ++i) {
-    const T* s = src + i * src_stride;
+    const auto* s = row(i);
     for (int d = 0; d < D; ++d) dst[d * ld + i] = scale * Convert<I>::load(s[d]);
   }
   for (int d = 0; d < padded_d; ++d) {

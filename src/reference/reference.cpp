@@ -19,7 +19,8 @@ double load(const TensorView& t, std::int64_t b, std::int64_t n, std::int64_t h,
     case DType::float64: return t.ptr<double>()[i];
     case DType::bfloat16: return bfloat16_to_float(t.ptr<std::uint16_t>()[i]);
     case DType::float16: return float16_to_float(t.ptr<std::uint16_t>()[i]);
-    case DType::boolean: break;
+    case DType::boolean:
+    case DType::int64: break;
   }
   return 0;
 }
@@ -31,20 +32,26 @@ void store(const TensorView& t, std::int64_t b, std::int64_t n, std::int64_t h, 
     case DType::float64: t.ptr<double>()[i] = x; break;
     case DType::bfloat16: t.ptr<std::uint16_t>()[i] = float_to_bfloat16(float(x)); break;
     case DType::float16: t.ptr<std::uint16_t>()[i] = float_to_float16(float(x)); break;
-    case DType::boolean: break;
+    case DType::boolean:
+    case DType::int64: break;
   }
 }
 
+// Positions p below are positions of the attended sequence; under a Hilbert index map the
+// sequence is the tensors' rows in curve order, and original(p) is the row of the tensors.
 struct Problem {
   const DilatedConfig& config;
+  const std::int64_t* order;  // curve position -> original position, or null for the identity
   std::int64_t B, N, H, D;
   double scale;
   int G;
 
-  Problem(const DilatedConfig& c, const TensorView& q)
-      : config(c), B(q.shape[0]), N(q.shape[1]), H(q.shape[2]), D(q.shape[3]),
+  Problem(const DilatedConfig& c, const TensorView& q, const std::int64_t* position_index)
+      : config(c), order(position_index), B(q.shape[0]), N(q.shape[1]), H(q.shape[2]), D(q.shape[3]),
         scale(c.scale.value_or(1.0 / std::sqrt(double(q.shape[3])))),
         G(int(c.segment_lengths.size())) {}
+
+  std::int64_t original(std::int64_t p) const { return order ? order[p] : p; }
 
   // Grouped: head h belongs to the one group i whose contiguous head range holds it.
   int group_of_head(std::int64_t h) const {
@@ -90,18 +97,19 @@ struct Problem {
     return keep ? 1.0 / (1.0 - config.dropout_p) : 0.0;
   }
 
-  // Keys that query p of head h attends to in branch i: selected, same segment, not padded, causal.
+  // Keys that query p of head h attends to in branch i: selected, same segment, not padded, and
+  // with causal, not after the query in original positions.
   std::vector<std::int64_t> keys(int i, std::int64_t b, std::int64_t h, std::int64_t p) const {
     std::vector<std::int64_t> result;
     for (std::int64_t key : selected_with(i, h, p))
-      if (!padded(b, key) && (!config.causal || key <= p)) result.push_back(key);
+      if (!padded(b, original(key)) && (!config.causal || original(key) <= original(p))) result.push_back(key);
     return result;
   }
 
   double score(const TensorView& q, const TensorView& k, std::int64_t b, std::int64_t h,
                std::int64_t p, std::int64_t key) const {
     double dot = 0;
-    for (std::int64_t d = 0; d < D; ++d) dot += load(q, b, p, h, d) * load(k, b, key, h, d);
+    for (std::int64_t d = 0; d < D; ++d) dot += load(q, b, original(p), h, d) * load(k, b, original(key), h, d);
     return scale * dot;
   }
 };
@@ -118,8 +126,9 @@ double log_sum_exp(const std::vector<double>& x) {
 }  // namespace
 
 void forward(const DilatedConfig& config, const TensorView& q, const TensorView& k,
-             const TensorView& v, const TensorView& out, const TensorView& lse) {
-  const Problem P(config, q);
+             const TensorView& v, const TensorView& out, const TensorView& lse,
+             const std::int64_t* position_index) {
+  const Problem P(config, q, position_index);
   for (std::int64_t b = 0; b < P.B; ++b)
     for (std::int64_t h = 0; h < P.H; ++h)
       for (std::int64_t p = 0; p < P.N; ++p) {
@@ -136,8 +145,9 @@ void forward(const DilatedConfig& config, const TensorView& q, const TensorView&
           if (branch_lse == kNegInf) continue;  // nothing to attend to: contributes nothing
           std::vector<double> branch_out(P.D, 0.0);
           for (std::size_t j = 0; j < keys.size(); ++j) {
-            const double prob = std::exp(scores[j] - branch_lse) * P.dropout_factor(b, h, p, keys[j]);
-            for (std::int64_t d = 0; d < P.D; ++d) branch_out[d] += prob * load(v, b, keys[j], h, d);
+            const double prob =
+                std::exp(scores[j] - branch_lse) * P.dropout_factor(b, h, P.original(p), P.original(keys[j]));
+            for (std::int64_t d = 0; d < P.D; ++d) branch_out[d] += prob * load(v, b, P.original(keys[j]), h, d);
           }
           if (config.mode == Mode::grouped) {
             merged_lse = branch_lse;
@@ -152,20 +162,22 @@ void forward(const DilatedConfig& config, const TensorView& q, const TensorView&
             merged_lse = new_lse;
           }
         }
-        for (std::int64_t d = 0; d < P.D; ++d) store(out, b, p, h, d, merged[d]);
-        lse.ptr<float>()[b * lse.strides[0] + h * lse.strides[1] + p * lse.strides[2]] = float(merged_lse);
+        const std::int64_t row = P.original(p);
+        for (std::int64_t d = 0; d < P.D; ++d) store(out, b, row, h, d, merged[d]);
+        lse.ptr<float>()[b * lse.strides[0] + h * lse.strides[1] + row * lse.strides[2]] = float(merged_lse);
       }
 }
 
 void backward(const DilatedConfig& config, const TensorView& q, const TensorView& k,
               const TensorView& v, const TensorView& dout, const TensorView& dq,
-              const TensorView& dk, const TensorView& dv) {
+              const TensorView& dk, const TensorView& dv, const std::int64_t* position_index) {
   // Both modes are one softmax per query over a multiset of keys (a key once per branch that
   // selects it together with the query); grouped mode has one branch per head and scales by 1/G.
-  const Problem P(config, q);
+  const Problem P(config, q, position_index);
   const double output_scale = config.mode == Mode::grouped ? 1.0 / P.G : 1.0;
   for (std::int64_t b = 0; b < P.B; ++b)
     for (std::int64_t h = 0; h < P.H; ++h) {
+      // Indexed by position in the attended sequence; stored at original rows at the end.
       std::vector<double> grad_q(P.N * P.D, 0.0), grad_k(P.N * P.D, 0.0), grad_v(P.N * P.D, 0.0);
       for (std::int64_t p = 0; p < P.N; ++p) {
         std::vector<std::int64_t> keys;
@@ -177,15 +189,15 @@ void backward(const DilatedConfig& config, const TensorView& q, const TensorView
         const double row_lse = log_sum_exp(scores);
         if (row_lse == kNegInf) continue;
         std::vector<double> grad_out(P.D);
-        for (std::int64_t d = 0; d < P.D; ++d) grad_out[d] = output_scale * load(dout, b, p, h, d);
+        for (std::int64_t d = 0; d < P.D; ++d) grad_out[d] = output_scale * load(dout, b, P.original(p), h, d);
         // dP_j = Z_j (dO · v_j); dS_j = P_j (dP_j - sum_l P_l dP_l)
         std::vector<double> prob(keys.size()), grad_prob(keys.size());
         double delta = 0;
         for (std::size_t j = 0; j < keys.size(); ++j) {
-          const double factor = P.dropout_factor(b, h, p, keys[j]);
+          const double factor = P.dropout_factor(b, h, P.original(p), P.original(keys[j]));
           prob[j] = std::exp(scores[j] - row_lse);
           double dot = 0;
-          for (std::int64_t d = 0; d < P.D; ++d) dot += grad_out[d] * load(v, b, keys[j], h, d);
+          for (std::int64_t d = 0; d < P.D; ++d) dot += grad_out[d] * load(v, b, P.original(keys[j]), h, d);
           grad_prob[j] = factor * dot;
           delta += prob[j] * grad_prob[j];
           for (std::int64_t d = 0; d < P.D; ++d) grad_v[keys[j] * P.D + d] += prob[j] * factor * grad_out[d];
@@ -193,16 +205,16 @@ void backward(const DilatedConfig& config, const TensorView& q, const TensorView
         for (std::size_t j = 0; j < keys.size(); ++j) {
           const double grad_score = prob[j] * (grad_prob[j] - delta) * P.scale;
           for (std::int64_t d = 0; d < P.D; ++d) {
-            grad_q[p * P.D + d] += grad_score * load(k, b, keys[j], h, d);
-            grad_k[keys[j] * P.D + d] += grad_score * load(q, b, p, h, d);
+            grad_q[p * P.D + d] += grad_score * load(k, b, P.original(keys[j]), h, d);
+            grad_k[keys[j] * P.D + d] += grad_score * load(q, b, P.original(p), h, d);
           }
         }
       }
       for (std::int64_t n = 0; n < P.N; ++n)
         for (std::int64_t d = 0; d < P.D; ++d) {
-          store(dq, b, n, h, d, grad_q[n * P.D + d]);
-          store(dk, b, n, h, d, grad_k[n * P.D + d]);
-          store(dv, b, n, h, d, grad_v[n * P.D + d]);
+          store(dq, b, P.original(n), h, d, grad_q[n * P.D + d]);
+          store(dk, b, P.original(n), h, d, grad_k[n * P.D + d]);
+          store(dv, b, P.original(n), h, d, grad_v[n * P.D + d]);
         }
     }
 }

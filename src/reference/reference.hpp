@@ -1,18 +1,24 @@
 // The plain, float64 implementation of SPEC.md: every test's ground truth. Works on any dtype
-// (loads convert to double), any strides, both modes, causal, key padding and dropout.
+// (loads convert to double), any strides, both modes, causal, key padding, dropout and a
+// position index map.
 #pragma once
+
+#include <cstdint>
 
 #include "dattn/config.hpp"
 #include "dattn/tensor.hpp"
 
 namespace dattn::reference {
 
+// position_index (curve position -> original position, [N]) attends in that order, as SPEC.md's
+// Hilbert-ordered attention; null is the identity.
 void forward(const DilatedConfig& config, const TensorView& q, const TensorView& k,
-             const TensorView& v, const TensorView& out, const TensorView& lse);
+             const TensorView& v, const TensorView& out, const TensorView& lse,
+             const std::int64_t* position_index = nullptr);
 
 // Recomputes everything from q, k, v (it needs neither out nor lse).
 void backward(const DilatedConfig& config, const TensorView& q, const TensorView& k,
               const TensorView& v, const TensorView& dout, const TensorView& dq,
-              const TensorView& dk, const TensorView& dv);
+              const TensorView& dk, const TensorView& dv, const std::int64_t* position_index = nullptr);
 
 }  // namespace dattn::reference
