@@ -66,16 +66,16 @@ struct Scratch {
   }
 };
 
-// Addresses of a group's rows. Row j of a group sits at `position(j)` of the attended sequence
-// (the curve order under a Hilbert index map) and at `original(j)` of the tensors; masks,
-// dropout and causality use original positions.
+// One side of a group (its own rows, or the rows they meet): row j sits at position
+// first + j·stride of the attended sequence (curve order under a Hilbert index map) and at
+// original(j) of the tensors. Masks, dropout and causality use original positions.
 template <class I, class T>
-struct GroupView {
+struct SideView {
   const detail::DilatedParams& p;
   const WorkItem& item;
-  const Group& g;
+  std::int64_t first, stride;
 
-  std::int64_t position(std::int64_t j) const { return g.first_position + j * g.stride; }
+  std::int64_t position(std::int64_t j) const { return first + j * stride; }
   std::int64_t original(std::int64_t j) const {
     return p.position_index ? p.position_index[position(j)] : position(j);
   }
@@ -83,18 +83,12 @@ struct GroupView {
     return static_cast<const T*>(x.data) + item.batch * x.batch_stride + original(j) * x.row_stride +
            item.head * x.head_stride;
   }
-  // Index in the per-thread state of group row j, and the state-row step between group rows.
+  // Index in the per-thread state of row j (own side only), and the state-row step between rows.
   std::int64_t state(std::int64_t j) const { return (position(j) - item.state_base) / item.state_stride; }
-  std::int64_t state_step() const { return g.stride / item.state_stride; }
+  std::int64_t state_step() const { return stride / item.state_stride; }
   bool padded_key(std::int64_t j) const {
     return p.key_padding_mask &&
            p.key_padding_mask[item.batch * p.mask_batch_stride + original(j) * p.mask_row_stride] != 0;
-  }
-  float dropout(std::int64_t query_j, std::int64_t key_j) const {
-    return dropout_keep(p.dropout_seed, p.dropout_offset, item.batch * p.heads + item.head, original(query_j),
-                        original(key_j), p.dropout_threshold)
-               ? p.dropout_rescale
-               : 0.0f;
   }
   float lse(std::int64_t j) const {
     return p.lse[item.batch * p.lse_batch_stride + item.head * p.lse_head_stride + original(j) * p.lse_row_stride];
@@ -113,57 +107,76 @@ struct GroupView {
 
 // 0 for a usable key, -inf for a padded key or a padding column.
 template <class I, class T>
-void pack_key_bias(const GroupView<I, T>& view, std::int64_t j0, int keys, int padded_keys, float* bias) {
-  for (int c = 0; c < padded_keys; ++c) bias[c] = c < keys && !view.padded_key(j0 + c) ? 0.0f : kNegInf;
+void pack_key_bias(const SideView<I, T>& keys_view, std::int64_t j0, int keys, int padded_keys, float* bias) {
+  for (int c = 0; c < padded_keys; ++c) bias[c] = c < keys && !keys_view.padded_key(j0 + c) ? 0.0f : kNegInf;
 }
 
 // lse of each query (+inf where it attends to nothing and past the tile, so that exp(S − lse) is 0
 // there) and delta = rowsum(dout ∘ out), the backward's softmax correction.
 template <class I, class T>
-void pack_lse_delta(const GroupView<I, T>& view, std::int64_t j0, int queries, int padded_queries, float* lse,
+void pack_lse_delta(const SideView<I, T>& queries_view, std::int64_t j0, int queries, int padded_queries, float* lse,
                     float* delta) {
-  const detail::DilatedParams& p = view.p;
+  const detail::DilatedParams& p = queries_view.p;
   for (int i = 0; i < padded_queries; ++i) {
     if (i >= queries) {
       lse[i] = kPosInf;
       delta[i] = 0.0f;
       continue;
     }
-    const T* o = view.row(p.out, j0 + i);
-    const T* g = view.row(p.dout, j0 + i);
+    const T* o = queries_view.row(p.out, j0 + i);
+    const T* g = queries_view.row(p.dout, j0 + i);
     float sum = 0.0f;
     for (int d = 0; d < int(p.head_dim); ++d) sum += Convert<I>::load(o[d]) * Convert<I>::load(g[d]);
     delta[i] = sum;
-    const float x = view.lse(j0 + i);
+    const float x = queries_view.lse(j0 + i);
     lse[i] = x == kNegInf ? kPosInf : x;
   }
 }
 
 enum class CausalPair { unmasked, skipped, masked };
 
-// How causality affects a (query tile, key tile) pair, from the original positions it records in
-// the scratch: no key after any query, every key after every query, or a mix.
+// Records the original positions of a (query tile, key tile) pair in the scratch (for causal
+// masks and dropout) and says how causality affects the pair: no key after any query, every key
+// after every query, or a mix.
 template <class I, class T>
-CausalPair causal_pair(const GroupView<I, T>& view, Scratch<I>& s, std::int64_t q0, int queries, std::int64_t k0,
-                       int keys) {
-  if (!view.p.causal) return CausalPair::unmasked;
-  auto record = [&](std::int64_t j0, int n, std::vector<std::int64_t>& original) {
-    for (int i = 0; i < n; ++i) original[i] = view.original(j0 + i);
-    return std::minmax_element(original.begin(), original.begin() + n);
-  };
-  const auto [query_min, query_max] = record(q0, queries, s.query_original);
-  const auto [key_min, key_max] = record(k0, keys, s.key_original);
+CausalPair record_pair(const SideView<I, T>& queries_view, std::int64_t q0, int queries,
+                       const SideView<I, T>& keys_view, std::int64_t k0, int keys, Scratch<I>& s) {
+  const detail::DilatedParams& p = queries_view.p;
+  if (!p.causal && p.dropout_p == 0.0f) return CausalPair::unmasked;
+  for (int i = 0; i < queries; ++i) s.query_original[i] = queries_view.original(q0 + i);
+  for (int i = 0; i < keys; ++i) s.key_original[i] = keys_view.original(k0 + i);
+  if (!p.causal) return CausalPair::unmasked;
+  const auto [query_min, query_max] = std::minmax_element(s.query_original.begin(), s.query_original.begin() + queries);
+  const auto [key_min, key_max] = std::minmax_element(s.key_original.begin(), s.key_original.begin() + keys);
   if (*key_min > *query_max) return CausalPair::skipped;
   return *key_max <= *query_min ? CausalPair::unmasked : CausalPair::masked;
+}
+
+// The dropout factor of the recorded pair (query c, key i): 0 if dropped, 1/(1-p) if kept.
+template <class I>
+float dropout_factor(const detail::DilatedParams& p, const WorkItem& item, const Scratch<I>& s, int c, int i) {
+  return dropout_keep(p.dropout_seed, p.dropout_offset, item.batch * p.heads + item.head, s.query_original[c],
+                      s.key_original[i], p.dropout_threshold)
+             ? p.dropout_rescale
+             : 0.0f;
+}
+
+// Index bounds for causal loops without an index map, where index order is position order: the
+// other-side index where the diagonal meets own index 0.
+inline constexpr std::int64_t kNoDiagonal = std::numeric_limits<std::int64_t>::min();
+template <class I, class T>
+std::int64_t causal_diagonal(const SideView<I, T>& own, const SideView<I, T>& other) {
+  if (!own.p.causal || own.p.position_index) return kNoDiagonal;
+  return (own.first - other.first) / own.stride;
 }
 
 // One key tile against one query tile, keys as rows: Sᵀ = K·Qᵀ, masks, the online softmax update
 // of each query (column), then acc += P·V.
 template <class I, class T>
-void forward_tile(const GroupView<I, T>& view, Scratch<I>& s, const float* q_cols, std::int64_t q0, int queries,
-                  std::int64_t k0, int keys, bool causal_masked) {
+void forward_tile(const SideView<I, T>& queries_view, Scratch<I>& s, const float* q_cols, std::int64_t q0,
+                  int queries, int keys, bool causal_masked) {
   using reg = typename I::reg;
-  const detail::DilatedParams& p = view.p;
+  const detail::DilatedParams& p = queries_view.p;
   const int Dp = s.padded_d, Qp = padded<I>(queries);
   gemm<I, false>(keys, Qp, Dp, s.tile_rows_a, Dp, q_cols, kOwnPitch, s.scores, Qp);
   for (int i = 0; i < keys; ++i) {
@@ -179,7 +192,7 @@ void forward_tile(const GroupView<I, T>& view, Scratch<I>& s, const float* q_col
     for (int i = 0; i < keys; ++i) column = I::max(column, I::load(s.scores + i * Qp + c));
     I::store(s.column_max + c, column);
   }
-  const std::int64_t state0 = view.state(q0), state_step = view.state_step();
+  const std::int64_t state0 = queries_view.state(q0), state_step = queries_view.state_step();
   for (int c = 0; c < Qp; ++c) {
     if (c >= queries) {  // padding columns: exp(S − inf) = 0
       s.column_shift[c] = kPosInf;
@@ -210,29 +223,30 @@ void forward_tile(const GroupView<I, T>& view, Scratch<I>& s, const float* q_col
   }
   if (p.dropout_p > 0.0f)
     for (int i = 0; i < keys; ++i)
-      for (int c = 0; c < queries; ++c) s.scores[i * Qp + c] *= view.dropout(q0 + c, k0 + i);
+      for (int c = 0; c < queries; ++c) s.scores[i * Qp + c] *= dropout_factor(p, queries_view.item, s, c, i);
   gemm<I, true, true>(queries, Dp, keys, s.scores, Qp, s.tile_rows_b, Dp, s.acc + state0 * Dp, state_step * Dp);
 }
 
+// Forward over one group: own side queries, other side keys.
 template <class I, class T>
-void forward_group(const GroupView<I, T>& view, Scratch<I>& s) {
-  const detail::DilatedParams& p = view.p;
-  const Group& g = view.g;
+void forward_group(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
+  const detail::DilatedParams& p = own.p;
+  const std::int64_t diagonal = causal_diagonal(own, other);
   for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
     const int chunk = int(std::min(kChunkRows, g.end - c0));
-    view.pack_own(p.q, c0, chunk, p.scale, s.own_a);
-    // Without an index map, index order is position order, so causal loops stop at the diagonal.
-    const std::int64_t key_end = p.causal && !p.position_index ? std::min(g.length, c0 + chunk) : g.length;
+    own.pack_own(p.q, c0, chunk, p.scale, s.own_a);
+    const std::int64_t key_end =
+        diagonal == kNoDiagonal ? g.other_length : std::clamp<std::int64_t>(diagonal + c0 + chunk, 0, g.other_length);
     for (std::int64_t k0 = 0; k0 < key_end; k0 += kTileRows) {
       const int keys = int(std::min(kTileRows, key_end - k0));
-      view.pack_tile(p.k, k0, keys, 1.0f, s.tile_rows_a);
-      view.pack_tile(p.v, k0, keys, 1.0f, s.tile_rows_b);
-      pack_key_bias(view, k0, keys, keys, s.tile_bias);
+      other.pack_tile(p.k, k0, keys, 1.0f, s.tile_rows_a);
+      other.pack_tile(p.v, k0, keys, 1.0f, s.tile_rows_b);
+      pack_key_bias(other, k0, keys, keys, s.tile_bias);
       for (std::int64_t q0 = c0; q0 < c0 + chunk; q0 += kTileRows) {
         const int queries = int(std::min(kTileRows, c0 + chunk - q0));
-        const CausalPair pair = causal_pair(view, s, q0, queries, k0, keys);
+        const CausalPair pair = record_pair(own, q0, queries, other, k0, keys, s);
         if (pair == CausalPair::skipped) continue;
-        forward_tile(view, s, s.own_a + (q0 - c0), q0, queries, k0, keys, pair == CausalPair::masked);
+        forward_tile(own, s, s.own_a + (q0 - c0), q0, queries, keys, pair == CausalPair::masked);
       }
     }
   }
@@ -240,16 +254,15 @@ void forward_group(const GroupView<I, T>& view, Scratch<I>& s) {
 
 // The backward's probabilities for a tile with one row per query: `scores` (holding S) becomes
 // P∘Z and `grad_scores` (holding dP) becomes dS = P ∘ (Z∘dP − delta). Masked pairs give 0.
-template <class I, class T>
-void softmax_gradient_query_rows(const GroupView<I, T>& view, Scratch<I>& s, const float* key_bias, const float* lse,
-                                 const float* delta, std::int64_t q0, int queries, std::int64_t k0, int keys,
+template <class I>
+void softmax_gradient_query_rows(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>& s,
+                                 const float* key_bias, const float* lse, const float* delta, int queries, int keys,
                                  int padded_keys, bool causal_masked) {
-  const detail::DilatedParams& p = view.p;
   for (int i = 0; i < queries; ++i) {
     float* prob = s.scores + i * padded_keys;
     float* grad = s.grad_scores + i * padded_keys;
     if (p.dropout_p > 0.0f)
-      for (int c = 0; c < keys; ++c) grad[c] *= (s.dropout_row[c] = view.dropout(q0 + i, k0 + c));
+      for (int c = 0; c < keys; ++c) grad[c] *= (s.dropout_row[c] = dropout_factor(p, item, s, i, c));
     const typename I::reg shift = I::set1(lse[i]), correction = I::set1(delta[i]);
     for (int c = 0; c < padded_keys; c += I::width) {
       const typename I::reg pr = I::exp(I::sub(I::add(I::load(prob + c), I::load(key_bias + c)), shift));
@@ -265,11 +278,10 @@ void softmax_gradient_query_rows(const GroupView<I, T>& view, Scratch<I>& s, con
 }
 
 // The same with one row per key and one column per query (lse and delta per column).
-template <class I, class T>
-void softmax_gradient_key_rows(const GroupView<I, T>& view, Scratch<I>& s, const float* key_bias, const float* lse,
-                               const float* delta, std::int64_t k0, int keys, std::int64_t q0, int queries,
+template <class I>
+void softmax_gradient_key_rows(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>& s,
+                               const float* key_bias, const float* lse, const float* delta, int keys, int queries,
                                int padded_queries, bool causal_masked) {
-  const detail::DilatedParams& p = view.p;
   for (int i = 0; i < keys; ++i) {
     float* prob = s.scores + i * padded_queries;
     float* grad = s.grad_scores + i * padded_queries;
@@ -279,7 +291,7 @@ void softmax_gradient_key_rows(const GroupView<I, T>& view, Scratch<I>& s, const
       continue;
     }
     if (p.dropout_p > 0.0f)
-      for (int c = 0; c < queries; ++c) grad[c] *= (s.dropout_row[c] = view.dropout(q0 + c, k0 + i));
+      for (int c = 0; c < queries; ++c) grad[c] *= (s.dropout_row[c] = dropout_factor(p, item, s, c, i));
     for (int c = 0; c < padded_queries; c += I::width) {
       const typename I::reg pr = I::exp(I::sub(I::load(prob + c), I::load(lse + c)));
       I::store(prob + c, pr);
@@ -293,72 +305,81 @@ void softmax_gradient_key_rows(const GroupView<I, T>& view, Scratch<I>& s, const
   }
 }
 
-// dq pass, keys as rows: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, then dQ += dS·K over the key tiles each query sees.
+// dq pass over one group (own side queries), keys as rows: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, then
+// dQ += dS·K over the key tiles each query sees.
 template <class I, class T>
-void dq_group(const GroupView<I, T>& view, Scratch<I>& s) {
-  const detail::DilatedParams& p = view.p;
-  const Group& g = view.g;
+void dq_group(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
+  const detail::DilatedParams& p = own.p;
   const int Dp = s.padded_d;
+  const std::int64_t diagonal = causal_diagonal(own, other);
   for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
     const int chunk = int(std::min(kChunkRows, g.end - c0));
-    view.pack_own(p.q, c0, chunk, p.scale, s.own_a);
-    view.pack_own(p.dout, c0, chunk, p.output_scale, s.own_b);
-    pack_lse_delta(view, c0, chunk, padded<I>(chunk), s.own_lse, s.own_delta);
-    // Without an index map, index order is position order, so causal loops stop at the diagonal.
-    const std::int64_t key_end = p.causal && !p.position_index ? std::min(g.length, c0 + chunk) : g.length;
+    own.pack_own(p.q, c0, chunk, p.scale, s.own_a);
+    own.pack_own(p.dout, c0, chunk, p.output_scale, s.own_b);
+    pack_lse_delta(own, c0, chunk, padded<I>(chunk), s.own_lse, s.own_delta);
+    const std::int64_t key_end =
+        diagonal == kNoDiagonal ? g.other_length : std::clamp<std::int64_t>(diagonal + c0 + chunk, 0, g.other_length);
     for (std::int64_t k0 = 0; k0 < key_end; k0 += kTileRows) {
       const int keys = int(std::min(kTileRows, key_end - k0));
-      view.pack_tile(p.k, k0, keys, 1.0f, s.tile_rows_a);
-      view.pack_tile(p.v, k0, keys, 1.0f, s.tile_rows_b);
-      pack_key_bias(view, k0, keys, keys, s.tile_bias);
+      other.pack_tile(p.k, k0, keys, 1.0f, s.tile_rows_a);
+      other.pack_tile(p.v, k0, keys, 1.0f, s.tile_rows_b);
+      pack_key_bias(other, k0, keys, keys, s.tile_bias);
       for (std::int64_t q0 = c0; q0 < c0 + chunk; q0 += kTileRows) {
         const int queries = int(std::min(kTileRows, c0 + chunk - q0)), Qp = padded<I>(queries);
-        const CausalPair pair = causal_pair(view, s, q0, queries, k0, keys);
+        const CausalPair pair = record_pair(own, q0, queries, other, k0, keys, s);
         if (pair == CausalPair::skipped) continue;
-        const std::int64_t own = q0 - c0;
-        gemm<I, false>(keys, Qp, Dp, s.tile_rows_a, Dp, s.own_a + own, kOwnPitch, s.scores, Qp);
-        gemm<I, false>(keys, Qp, Dp, s.tile_rows_b, Dp, s.own_b + own, kOwnPitch, s.grad_scores, Qp);
-        softmax_gradient_key_rows(view, s, s.tile_bias, s.own_lse + own, s.own_delta + own, k0, keys, q0, queries, Qp,
+        const std::int64_t at = q0 - c0;
+        gemm<I, false>(keys, Qp, Dp, s.tile_rows_a, Dp, s.own_a + at, kOwnPitch, s.scores, Qp);
+        gemm<I, false>(keys, Qp, Dp, s.tile_rows_b, Dp, s.own_b + at, kOwnPitch, s.grad_scores, Qp);
+        softmax_gradient_key_rows(p, own.item, s, s.tile_bias, s.own_lse + at, s.own_delta + at, keys, queries, Qp,
                                   pair == CausalPair::masked);
-        gemm<I, true, true>(queries, Dp, keys, s.grad_scores, Qp, s.tile_rows_a, Dp, s.acc + view.state(q0) * Dp,
-                            view.state_step() * Dp);
+        gemm<I, true, true>(queries, Dp, keys, s.grad_scores, Qp, s.tile_rows_a, Dp, s.acc + own.state(q0) * Dp,
+                            own.state_step() * Dp);
       }
     }
   }
 }
 
-// dk/dv pass, queries as rows: S = Q·Kᵀ, dP = dO·Vᵀ, then dV += (P∘Z)ᵀ·dO and dK += dSᵀ·Q over
-// the query tiles that see each key tile.
+// dk/dv pass over one group (own side keys), queries as rows: S = Q·Kᵀ, dP = dO·Vᵀ, then
+// dV += (P∘Z)ᵀ·dO and dK += dSᵀ·Q over the query tiles that see each key tile.
 template <class I, class T>
-void dkdv_group(const GroupView<I, T>& view, Scratch<I>& s) {
-  const detail::DilatedParams& p = view.p;
-  const Group& g = view.g;
+void dkdv_group(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
+  const detail::DilatedParams& p = own.p;
   const int Dp = s.padded_d;
+  const std::int64_t diagonal = causal_diagonal(own, other);
   for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
     const int chunk = int(std::min(kChunkRows, g.end - c0));
-    view.pack_own(p.k, c0, chunk, 1.0f, s.own_a);
-    view.pack_own(p.v, c0, chunk, 1.0f, s.own_b);
-    pack_key_bias(view, c0, chunk, padded<I>(chunk), s.own_bias);
-    const std::int64_t query_begin = p.causal && !p.position_index ? c0 : 0;
-    for (std::int64_t q0 = query_begin; q0 < g.length; q0 += kTileRows) {
-      const int queries = int(std::min(kTileRows, g.length - q0));
-      view.pack_tile(p.q, q0, queries, p.scale, s.tile_rows_a);
-      view.pack_tile(p.dout, q0, queries, p.output_scale, s.tile_rows_b);
-      pack_lse_delta(view, q0, queries, queries, s.tile_lse, s.tile_delta);
+    own.pack_own(p.k, c0, chunk, 1.0f, s.own_a);
+    own.pack_own(p.v, c0, chunk, 1.0f, s.own_b);
+    pack_key_bias(own, c0, chunk, padded<I>(chunk), s.own_bias);
+    const std::int64_t query_begin = diagonal == kNoDiagonal ? 0 : std::max<std::int64_t>(0, diagonal + c0);
+    for (std::int64_t q0 = query_begin; q0 < g.other_length; q0 += kTileRows) {
+      const int queries = int(std::min(kTileRows, g.other_length - q0));
+      other.pack_tile(p.q, q0, queries, p.scale, s.tile_rows_a);
+      other.pack_tile(p.dout, q0, queries, p.output_scale, s.tile_rows_b);
+      pack_lse_delta(other, q0, queries, queries, s.tile_lse, s.tile_delta);
       for (std::int64_t k0 = c0; k0 < c0 + chunk; k0 += kTileRows) {
         const int keys = int(std::min(kTileRows, c0 + chunk - k0)), Kp = padded<I>(keys);
-        const CausalPair pair = causal_pair(view, s, q0, queries, k0, keys);
+        const CausalPair pair = record_pair(other, q0, queries, own, k0, keys, s);
         if (pair == CausalPair::skipped) continue;
-        const std::int64_t own = k0 - c0, state = view.state(k0) * Dp, ldc = view.state_step() * Dp;
-        gemm<I, false>(queries, Kp, Dp, s.tile_rows_a, Dp, s.own_a + own, kOwnPitch, s.scores, Kp);
-        gemm<I, false>(queries, Kp, Dp, s.tile_rows_b, Dp, s.own_b + own, kOwnPitch, s.grad_scores, Kp);
-        softmax_gradient_query_rows(view, s, s.own_bias + own, s.tile_lse, s.tile_delta, q0, queries, k0, keys, Kp,
+        const std::int64_t at = k0 - c0, state = own.state(k0) * Dp, ldc = own.state_step() * Dp;
+        gemm<I, false>(queries, Kp, Dp, s.tile_rows_a, Dp, s.own_a + at, kOwnPitch, s.scores, Kp);
+        gemm<I, false>(queries, Kp, Dp, s.tile_rows_b, Dp, s.own_b + at, kOwnPitch, s.grad_scores, Kp);
+        softmax_gradient_query_rows(p, own.item, s, s.own_bias + at, s.tile_lse, s.tile_delta, queries, keys, Kp,
                                     pair == CausalPair::masked);
         gemm<I, true, true>(keys, Dp, queries, s.scores, Kp, s.tile_rows_b, Dp, s.acc2 + state, ldc);
         gemm<I, true, true>(keys, Dp, queries, s.grad_scores, Kp, s.tile_rows_a, Dp, s.acc + state, ldc);
       }
     }
   }
+}
+
+// Calls body(own side, other side, group) for every group of the item.
+template <class I, class T, class Body>
+void for_each_group_view(const detail::DilatedParams& p, const WorkItem& item, Body&& body) {
+  for_each_group(p, item, [&](const Group& g) {
+    body(SideView<I, T>{p, item, g.own_first, g.stride}, SideView<I, T>{p, item, g.other_first, g.stride}, g);
+  });
 }
 
 // Calls write(original row, state index or -1) for every row of the item's region, so that
@@ -384,7 +405,7 @@ void forward_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<
   std::fill(s.acc, s.acc + item.state_rows * Dp, 0.0f);
   std::fill(s.row_max, s.row_max + item.state_rows, kNegInf);
   std::fill(s.row_sum, s.row_sum + item.state_rows, 0.0f);
-  for_each_group(p, item, [&](const Group& g) { forward_group(GroupView<I, T>{p, item, g}, s); });
+  for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) { forward_group(own, other, g, s); });
   for_each_region_row(p, item, [&](std::int64_t row, std::int64_t state) {
     const bool attended = state >= 0 && s.row_sum[state] > 0.0f;
     store_row<I, T>(p.out, item, row, attended ? s.acc + state * Dp : nullptr,
@@ -398,7 +419,7 @@ template <class I, class T>
 void dq_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>& s) {
   const int Dp = s.padded_d;
   std::fill(s.acc, s.acc + item.state_rows * Dp, 0.0f);
-  for_each_group(p, item, [&](const Group& g) { dq_group(GroupView<I, T>{p, item, g}, s); });
+  for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) { dq_group(own, other, g, s); });
   for_each_region_row(p, item, [&](std::int64_t row, std::int64_t state) {
     store_row<I, T>(p.dq, item, row, state >= 0 ? s.acc + state * Dp : nullptr, p.scale, int(p.head_dim));
   });
@@ -409,7 +430,7 @@ void dkdv_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>&
   const int Dp = s.padded_d;
   std::fill(s.acc, s.acc + item.state_rows * Dp, 0.0f);
   std::fill(s.acc2, s.acc2 + item.state_rows * Dp, 0.0f);
-  for_each_group(p, item, [&](const Group& g) { dkdv_group(GroupView<I, T>{p, item, g}, s); });
+  for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) { dkdv_group(own, other, g, s); });
   for_each_region_row(p, item, [&](std::int64_t row, std::int64_t state) {
     store_row<I, T>(p.dk, item, row, state >= 0 ? s.acc + state * Dp : nullptr, 1.0f, int(p.head_dim));
     store_row<I, T>(p.dv, item, row, state >= 0 ? s.acc2 + state * Dp : nullptr, 1.0f, int(p.head_dim));

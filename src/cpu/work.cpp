@@ -36,7 +36,7 @@ std::vector<WorkItem> make_work_items(const detail::DilatedParams& p) {
         for (std::int64_t begin = 0; begin < p.seqlen; begin += rows) {
           WorkItem item{b, h, begin, std::min(begin + rows, p.seqlen), -1, begin, 1, 0, 0};
           item.state_rows = item.region_end - item.region_begin;
-          for_each_group(p, item, [&](const Group& g) { item.cost += double(g.end - g.begin) * double(g.length); });
+          for_each_group(p, item, [&](const Group& g) { item.cost += double(g.end - g.begin) * double(g.other_length); });
           items.push_back(item);
         }
       }

@@ -26,12 +26,16 @@ struct WorkItem {
   double cost = 0;
 };
 
+// The item's own rows j in [begin, end) sit at positions own_first + j·stride; the other side's
+// rows j in [0, other_length) at other_first + j·stride. For dilated attention both sides are the
+// rows a branch selects in one segment (own_first == other_first).
 struct Group {
   int branch = 0;
-  std::int64_t stride = 1;         // dilation rate
-  std::int64_t first_position = 0; // original position of the segment's first selected row
-  std::int64_t length = 0;         // rows the branch selects in this segment (L)
-  std::int64_t begin = 0, end = 0; // indices in [0, L) of the region's rows in this group
+  std::int64_t stride = 1;          // dilation rate
+  std::int64_t own_first = 0;       // position of own row 0
+  std::int64_t other_first = 0;     // position of other row 0
+  std::int64_t other_length = 0;    // rows on the other side (L for dilated attention)
+  std::int64_t begin = 0, end = 0;  // indices of the item's own rows in this group
 };
 
 // Rows a branch with this offset and stride selects in a segment of this length. Defined out of
@@ -53,7 +57,7 @@ void for_each_group(const detail::DilatedParams& p, const WorkItem& item, Fn&& f
       // indices j with region_begin <= first + j*r < region_end
       const std::int64_t lo = std::max<std::int64_t>(0, (item.region_begin - first + r - 1) / r);
       const std::int64_t hi = std::min(length, (item.region_end - first + r - 1) / r);
-      if (lo < hi) fn(Group{i, r, first, length, lo, hi});
+      if (lo < hi) fn(Group{i, r, first, first, length, lo, hi});
     }
   }
 }
