@@ -67,8 +67,13 @@ struct DilatedParams {
   std::int64_t key_begin = 0, key_end = 0;  // ring step: keys seen in this step
   bool partial_output = false;      // ring step: write unnormalised out plus lse for a later merge
   const std::int64_t* position_index = nullptr;  // Hilbert: curve position -> original position
-  const std::uint8_t* block_mask = nullptr;      // block-sparse
-  std::int64_t block_size = 0;
+  // Block-sparse attention (block_size > 0, no branches): CSR of the allowed key blocks of each
+  // query block and its transpose, per head or shared (block_mask_heads == 1).
+  std::int64_t block_size = 0, query_blocks = 0, key_blocks = 0, block_mask_heads = 0;
+  const std::int64_t* block_row_offsets = nullptr;     // [block_mask_heads][query_blocks + 1]
+  const std::int64_t* block_columns = nullptr;
+  const std::int64_t* block_column_offsets = nullptr;  // [block_mask_heads][key_blocks + 1]
+  const std::int64_t* block_rows = nullptr;
 };
 
 }  // namespace dattn::detail

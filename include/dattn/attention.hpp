@@ -28,12 +28,6 @@ struct RingStep {
   std::int64_t key_end = 0;
 };
 
-// Block-sparse mask (block-sparse issue): dense boolean [nqb, nkb] or [H, nqb, nkb].
-struct BlockMask {
-  TensorView mask;
-  std::int64_t block_size = 0;
-};
-
 struct LaunchOptions {
   Backend backend = Backend::automatic;
   void* stream = nullptr;  // cudaStream_t for CUDA tensors; must stay null for CPU tensors
@@ -43,7 +37,6 @@ struct LaunchOptions {
   // Attend in this order: [N] int64, curve position -> original row (dattn/hilbert.hpp makes
   // Hilbert orders). Results stay in the original order; causal compares original positions.
   std::optional<TensorView> position_index;
-  std::optional<BlockMask> block_mask;        // not implemented yet
 };
 
 void forward(const DilatedConfig& config, const TensorView& q, const TensorView& k,

@@ -1,6 +1,7 @@
 #pragma once
 
 #include "dattn/attention.hpp"
+#include "dattn/block_sparse.hpp"
 #include "dattn/config.hpp"
 #include "dattn/error.hpp"
 #include "dattn/hilbert.hpp"

@@ -439,8 +439,8 @@ void dkdv_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>&
 
 // Runs body(item, scratch) over all work items, dynamically scheduled, longest first.
 template <class I, class Body>
-void run_items(const detail::DilatedParams& p, Body&& body) {
-  const std::vector<WorkItem> items = make_work_items(p);
+void run_items(const detail::DilatedParams& p, bool key_side, Body&& body) {
+  const std::vector<WorkItem> items = make_work_items(p, key_side);
   std::int64_t state_rows = 0;
   for (const WorkItem& item : items) state_rows = std::max(state_rows, item.state_rows);
 #pragma omp parallel
@@ -453,13 +453,13 @@ void run_items(const detail::DilatedParams& p, Body&& body) {
 
 template <class I, class T>
 void forward_typed(const detail::DilatedParams& p) {
-  run_items<I>(p, [&](const WorkItem& item, Scratch<I>& s) { forward_item<I, T>(p, item, s); });
+  run_items<I>(p, false, [&](const WorkItem& item, Scratch<I>& s) { forward_item<I, T>(p, item, s); });
 }
 
 template <class I, class T>
 void backward_typed(const detail::DilatedParams& p) {
-  run_items<I>(p, [&](const WorkItem& item, Scratch<I>& s) { dkdv_item<I, T>(p, item, s); });
-  run_items<I>(p, [&](const WorkItem& item, Scratch<I>& s) { dq_item<I, T>(p, item, s); });
+  run_items<I>(p, true, [&](const WorkItem& item, Scratch<I>& s) { dkdv_item<I, T>(p, item, s); });
+  run_items<I>(p, false, [&](const WorkItem& item, Scratch<I>& s) { dq_item<I, T>(p, item, s); });
 }
 
 template <class I>

@@ -6,11 +6,19 @@ std::int64_t selected_count(std::int64_t segment_length, std::int64_t offset, st
   return offset < segment_length ? (segment_length - offset + stride - 1) / stride : 0;
 }
 
-std::vector<WorkItem> make_work_items(const detail::DilatedParams& p) {
+std::vector<WorkItem> make_work_items(const detail::DilatedParams& p, bool key_side) {
   std::vector<WorkItem> items;
   for (std::int64_t b = 0; b < p.batch; ++b)
     for (std::int64_t h = 0; h < p.heads; ++h) {
-      if (p.mode == Mode::grouped) {
+      if (p.block_size > 0) {
+        for (std::int64_t begin = 0; begin < p.seqlen; begin += p.block_size) {
+          WorkItem item{b, h, begin, std::min(begin + p.block_size, p.seqlen), -1, key_side, begin, 1, 0, 0};
+          item.state_rows = item.region_end - item.region_begin;
+          for_each_group(p, item, [&](const Group& g) { item.cost += double(g.end - g.begin) * double(g.other_length); });
+          item.cost += double(item.state_rows);
+          items.push_back(item);
+        }
+      } else if (p.mode == Mode::grouped) {
         for (int i = 0; i < p.num_branches; ++i) {
           const detail::Branch& br = p.branches[i];
           if (h < br.first_head || h >= br.first_head + br.head_count) continue;
@@ -20,7 +28,7 @@ std::vector<WorkItem> make_work_items(const detail::DilatedParams& p) {
             const std::int64_t length = selected_count(end - start, o, r);
             const std::int64_t tiles = std::max<std::int64_t>(1, (length + kChunkRows - 1) / kChunkRows);
             for (std::int64_t t = 0; t < tiles; ++t) {
-              WorkItem item{b, h, 0, 0, i, start + o + t * kChunkRows * r, r, 0, 0};
+              WorkItem item{b, h, 0, 0, i, false, start + o + t * kChunkRows * r, r, 0, 0};
               item.region_begin = t == 0 ? start : item.state_base;
               item.region_end = t + 1 == tiles ? end : start + o + (t + 1) * kChunkRows * r;
               item.state_rows = std::clamp<std::int64_t>(length - t * kChunkRows, 0, kChunkRows);
@@ -34,7 +42,7 @@ std::vector<WorkItem> make_work_items(const detail::DilatedParams& p) {
         for (int i = 0; i < p.num_branches; ++i) max_rate = std::max(max_rate, p.branches[i].dilation_rate);
         const std::int64_t rows = kTileRows * std::min(max_rate, kMaxLongnetStride);
         for (std::int64_t begin = 0; begin < p.seqlen; begin += rows) {
-          WorkItem item{b, h, begin, std::min(begin + rows, p.seqlen), -1, begin, 1, 0, 0};
+          WorkItem item{b, h, begin, std::min(begin + rows, p.seqlen), -1, false, begin, 1, 0, 0};
           item.state_rows = item.region_end - item.region_begin;
           for_each_group(p, item, [&](const Group& g) { item.cost += double(g.end - g.begin) * double(g.other_length); });
           items.push_back(item);

@@ -21,6 +21,7 @@ struct WorkItem {
   std::int64_t batch = 0, head = 0;
   std::int64_t region_begin = 0, region_end = 0;  // original rows this item writes
   int branch = -1;                                // grouped: the head's branch; longnet: -1 (all)
+  bool key_side = false;                          // block-sparse: the region is a key block
   // Rows of the per-thread state: state row s holds original row state_base + s*state_stride.
   std::int64_t state_base = 0, state_stride = 1, state_rows = 0;
   double cost = 0;
@@ -43,9 +44,23 @@ struct Group {
 // the kernel headers is a template over the ISA.
 std::int64_t selected_count(std::int64_t segment_length, std::int64_t offset, std::int64_t stride);
 
-// Calls fn(group) for every group of the item's region.
+// Calls fn(group) for every group of the item's region: per branch and segment for dilated
+// attention, per allowed block of the other side for block-sparse attention.
 template <class Fn>
 void for_each_group(const detail::DilatedParams& p, const WorkItem& item, Fn&& fn) {
+  if (p.block_size > 0) {
+    const std::int64_t bs = p.block_size, block = item.region_begin / bs;
+    const std::int64_t head = p.block_mask_heads == 1 ? 0 : item.head;
+    const std::int64_t* offsets = item.key_side ? p.block_column_offsets : p.block_row_offsets;
+    const std::int64_t* others = item.key_side ? p.block_rows : p.block_columns;
+    const std::int64_t row = head * ((item.key_side ? p.key_blocks : p.query_blocks) + 1) + block;
+    for (std::int64_t e = offsets[row]; e < offsets[row + 1]; ++e) {
+      const std::int64_t other_first = others[e] * bs;
+      fn(Group{-1, 1, item.region_begin, other_first, std::min(bs, p.seqlen - other_first), 0,
+               item.region_end - item.region_begin});
+    }
+    return;
+  }
   for (int i = 0; i < p.num_branches; ++i) {
     if (item.branch >= 0 && i != item.branch) continue;
     const detail::Branch& br = p.branches[i];
@@ -65,6 +80,7 @@ void for_each_group(const detail::DilatedParams& p, const WorkItem& item, Fn&& f
 // Work items over (batch, head, region), longest first so dynamic scheduling balances segments
 // of different sizes. Grouped regions are one tile of one branch's selected rows of one segment
 // (with the unselected rows around them); longnet regions are runs of consecutive rows.
-std::vector<WorkItem> make_work_items(const detail::DilatedParams& p);
+// Block-sparse regions are one block each (key blocks for the dk/dv pass, key_side).
+std::vector<WorkItem> make_work_items(const detail::DilatedParams& p, bool key_side = false);
 
 }  // namespace dattn::cpu

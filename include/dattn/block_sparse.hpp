@@ -1,0 +1,79 @@
+// Block-sparse attention (SPEC.md "Block-sparse attention"): tokens cut into blocks of
+// block_size; a block mask says which (query block, key block) pairs are computed, and each row
+// is one softmax over all its allowed keys. Work grows with the allowed pairs, never with N².
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "dattn/attention.hpp"
+#include "dattn/tensor.hpp"
+
+namespace dattn {
+
+// A block mask in CSR form by query block, with its transpose by key block (which the backward's
+// dk/dv pass walks), built once and reused by every call. Shared by all heads (heads() == 1) or
+// one per head.
+class BlockSparseMask {
+ public:
+  // mask: bool [query_blocks, key_blocks] or [heads, query_blocks, key_blocks], any strides.
+  static BlockSparseMask from_dense(const TensorView& mask);
+  // row_offsets: heads × (query_blocks + 1) offsets into column_indices, each head's offsets
+  // starting at 0; column_indices sorted and unique within a row.
+  static BlockSparseMask from_csr(std::int64_t heads, std::int64_t query_blocks, std::int64_t key_blocks,
+                                  std::vector<std::int64_t> row_offsets, std::vector<std::int64_t> column_indices);
+
+  std::int64_t heads() const { return heads_; }
+  std::int64_t query_blocks() const { return query_blocks_; }
+  std::int64_t key_blocks() const { return key_blocks_; }
+  std::int64_t allowed_pairs() const { return std::int64_t(columns_.size()); }
+  bool allowed(std::int64_t head, std::int64_t query_block, std::int64_t key_block) const;
+
+  // CSR by query block (head h's row qb: columns_[row_offsets_[h·(nqb+1) + qb] ...]) and by key block.
+  const std::vector<std::int64_t>& row_offsets() const { return row_offsets_; }
+  const std::vector<std::int64_t>& columns() const { return columns_; }
+  const std::vector<std::int64_t>& column_offsets() const { return column_offsets_; }
+  const std::vector<std::int64_t>& rows() const { return rows_; }
+
+ private:
+  void build_transpose();
+  std::int64_t heads_ = 0, query_blocks_ = 0, key_blocks_ = 0;
+  std::vector<std::int64_t> row_offsets_, columns_;  // global indices into columns_
+  std::vector<std::int64_t> column_offsets_, rows_;  // the transpose
+};
+
+struct BlockSparseConfig {
+  std::int64_t block_size = 64;
+  bool causal = false;
+  std::optional<double> scale;                 // default 1/sqrt(D)
+  std::optional<TensorView> key_padding_mask;  // [B, N] boolean, true = padding
+  double dropout_p = 0.0;
+  std::uint64_t dropout_seed = 0;
+  std::uint64_t dropout_offset = 0;
+};
+
+// q, k, v, out: [B, N, H, D]; lse: [B, H, N]. The mask has ceil(N / block_size) query and key
+// blocks and 1 or H heads.
+void block_sparse_forward(const BlockSparseConfig& config, const BlockSparseMask& mask, const TensorView& q,
+                          const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
+                          const LaunchOptions& options = {});
+void block_sparse_backward(const BlockSparseConfig& config, const BlockSparseMask& mask, const TensorView& q,
+                           const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
+                           const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                           const LaunchOptions& options = {});
+
+// The named patterns of SPEC.md, as dense bool masks [num_blocks, num_blocks] shared by all heads.
+Tensor local_window_pattern(std::int64_t num_blocks, std::int64_t window, std::int64_t block_size);
+Tensor dilated_sparse_pattern(std::int64_t num_blocks, const std::vector<std::int64_t>& rates = {1, 2, 4});
+Tensor global_local_pattern(std::int64_t num_blocks, std::int64_t window, std::int64_t global_blocks,
+                            std::int64_t block_size);
+// Blocks of a sequence of seqlen tokens; every segment length must be a multiple of block_size.
+Tensor dilated_pattern(std::int64_t seqlen, const std::vector<std::int64_t>& segment_lengths,
+                       const std::vector<std::int64_t>& dilation_rates, std::int64_t block_size);
+
+// FLOPs of one forward (4·B·H·allowed token pairs·D, causal pairs counted exactly).
+double block_sparse_forward_flops(const BlockSparseMask& mask, std::int64_t block_size, bool causal,
+                                  std::int64_t batch, std::int64_t seqlen, std::int64_t heads, std::int64_t head_dim);
+
+}  // namespace dattn

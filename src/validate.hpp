@@ -1,0 +1,40 @@
+// Validation and the parts of DilatedParams every attention variant fills the same way.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+
+#include "dattn/attention.hpp"
+#include "dattn/config.hpp"
+#include "dattn/tensor.hpp"
+#include "params.hpp"
+
+namespace dattn::detail {
+
+// The settings every variant shares (causality, scale, key padding, dropout).
+struct CommonSettings {
+  bool causal = false;
+  std::optional<double> scale;
+  std::optional<TensorView> key_padding_mask;
+  double dropout_p = 0.0;
+  std::uint64_t dropout_seed = 0, dropout_offset = 0;
+  bool use_tf32 = false;
+};
+
+void check_config(const DilatedConfig& config);
+// q, k, v, out and lse, the settings and the options; throws dattn::Error naming what is wrong.
+void check_inputs(const CommonSettings& settings, const TensorView& q, const TensorView& k, const TensorView& v,
+                  const TensorView& out, const TensorView& lse, const LaunchOptions& options);
+void check_gradients(const TensorView& q, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                     const TensorView& dv);
+
+DilatedParams base_params(const CommonSettings& settings, const TensorView& q, const TensorView& k,
+                          const TensorView& v, const TensorView& out, const TensorView& lse,
+                          const LaunchOptions& options);
+void set_gradients(DilatedParams& p, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                   const TensorView& dv);
+
+const std::int64_t* position_index_of(const LaunchOptions& options);
+bool use_reference(const LaunchOptions& options, DType dtype);
+
+}  // namespace dattn::detail
