@@ -5,5 +5,6 @@
 #include "dattn/config.hpp"
 #include "dattn/error.hpp"
 #include "dattn/hilbert.hpp"
+#include "dattn/modules.hpp"
 #include "dattn/philox.hpp"
 #include "dattn/tensor.hpp"
