@@ -1,0 +1,401 @@
+"""The bridge between torch tensors and the C++ core (dattn._C), and the autograd glue.
+
+Tensors cross as raw descriptions (data pointer, dtype, device, sizes, strides), so nothing is
+copied: q, k and v may be strided views of one fused QKV buffer. CUDA work runs on torch's
+current stream of the tensors' device.
+
+Two autograd paths run the same C++ calls:
+- ``torch.autograd.Function`` subclasses, for eager calls on every torch (1.13 on), with the least
+  per-call overhead;
+- on torch >= 2.4 also custom operators (``torch.ops.dattn.*``, via ``torch.library.custom_op``)
+  with fake implementations and registered autograd, taken while torch.compile/export traces the
+  call or for tensor subclasses (fake, functional), so a compiled graph keeps dattn as one node.
+"""
+
+import math
+import operator
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from dattn import _C
+
+__all__ = ["HAS_CUSTOM_OPS", "attention_forward", "attention_qkvpacked_forward", "draw_dropout_seed",
+           "check_config"]
+
+# Not only hasattr: 2.4 is the first release whose custom_op has register_autograd.
+HAS_CUSTOM_OPS = hasattr(torch, "library") and hasattr(torch.library, "custom_op") and \
+    hasattr(torch.library, "register_autograd")
+
+_DTYPE_CODES = {
+    torch.float32: _C.DTYPE_FLOAT32,
+    torch.bfloat16: _C.DTYPE_BFLOAT16,
+    torch.float16: _C.DTYPE_FLOAT16,
+    torch.float64: _C.DTYPE_FLOAT64,
+    torch.bool: _C.DTYPE_BOOL,
+}
+ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+MODES = ("grouped", "longnet")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation shared by the functional forms and the modules (errors name the argument and the
+# expected value; the C++ core checks everything again).
+
+def check_config(segment_lengths, dilation_rates) -> Tuple[List[int], List[int]]:
+    """Returns the two lists as lists of ints; raises TypeError/ValueError on a bad config."""
+    lists = []
+    for name, values in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
+        if isinstance(values, Tensor):
+            values = values.tolist()
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise TypeError(f"{name} is {type(values).__name__}; expected a sequence of ints")
+        out = []
+        for x in values:
+            try:
+                if isinstance(x, bool):
+                    raise TypeError
+                out.append(operator.index(x))
+            except TypeError:
+                raise TypeError(f"{name} holds {x!r} ({type(x).__name__}); expected ints") from None
+        lists.append(out)
+    w, r = lists
+    if len(w) == 0:
+        raise ValueError("segment_lengths is empty; expected at least one segment length")
+    if len(w) != len(r):
+        raise ValueError(f"segment_lengths has {len(w)} entries but dilation_rates has {len(r)}; "
+                         "expected equal lengths")
+    for i, (wi, ri) in enumerate(zip(w, r)):
+        pair = f"(segment_lengths[{i}] = {wi}, dilation_rates[{i}] = {ri})"
+        if wi < 1:
+            raise ValueError(f"segment length must be >= 1 in {pair}")
+        if ri < 1 or ri > wi:
+            raise ValueError(f"dilation rate must be in [1, segment length] in {pair}")
+    return w, r
+
+
+def check_mode(mode) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode = {mode!r}; expected 'grouped' or 'longnet'")
+    return mode
+
+
+def check_dropout(p, name="dropout_p") -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{name} is {type(p).__name__}; expected a float in [0, 1)")
+    p = float(p)
+    if not (0.0 <= p < 1.0):
+        raise ValueError(f"{name} = {p}; expected 0 <= {name} < 1")
+    return p
+
+
+def check_scale(scale) -> Optional[float]:
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale is {type(scale).__name__}; expected a float or None (1/sqrt(D))")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale = {scale}; expected a finite number")
+    return scale
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} is {type(t).__name__}; expected a torch.Tensor")
+
+
+def check_attention_inputs(q, k, v) -> None:
+    """q, k, v: [B, N, H, D] of one float dtype, one device, one shape, stride 1 along D."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    if q.dim() != 4:
+        raise ValueError(f"q has shape {list(q.shape)}; expected a 4-D [B, N, H, D] tensor")
+    if q.dtype not in ATTENTION_DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; expected torch.float32, torch.bfloat16 or torch.float16 "
+                        "(torch.float64 runs the reference implementation)")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected {q.dtype} (the dtype of q)")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}; expected {q.device} (the device of q)")
+        if t.shape != q.shape:
+            raise ValueError(f"{name} has shape {list(t.shape)}; expected {list(q.shape)} (the shape of q)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(3) != 1 and t.size(3) != 1:
+            raise ValueError(f"{name} has stride {t.stride(3)} along D; expected 1 (the head dim must be "
+                             "contiguous; call .contiguous() first)")
+    if q.numel() == 0:
+        raise ValueError(f"q has shape {list(q.shape)}; expected every extent >= 1")
+    if q.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"q is on {q.device}; expected a cpu or cuda tensor")
+
+
+def check_key_padding_mask(mask, batch: int, seqlen: int, device) -> None:
+    if mask is None:
+        return
+    _check_tensor("key_padding_mask", mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask has dtype {mask.dtype}; expected torch.bool (True = padding)")
+    if mask.dim() != 2 or mask.size(0) != batch or mask.size(1) != seqlen:
+        raise ValueError(f"key_padding_mask has shape {list(mask.shape)}; expected [{batch}, {seqlen}] ([B, N])")
+    if mask.device != device:
+        raise ValueError(f"key_padding_mask is on {mask.device}; expected {device} (the device of q)")
+
+
+def _run_eagerly(fn):
+    # torch.compile must not trace the draw into its graph (a compiler may swap in its own random
+    # number generator): a graph break runs it eagerly on torch's default CPU generator.
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+@_run_eagerly
+def draw_dropout_seed() -> int:
+    """SPEC.md: one draw per call on torch's default CPU generator, so torch.manual_seed repeats it."""
+    return int(torch.randint(0, 2 ** 62, (1,)).item())
+
+
+# --------------------------------------------------------------------------------------------
+# Calls into C++ on real tensors.
+
+def _view(t: Tensor):
+    device = t.device
+    if device.type == "cuda":
+        device_type, device_index = _C.DEVICE_CUDA, device.index if device.index is not None else 0
+    else:
+        device_type, device_index = _C.DEVICE_CPU, 0
+    return (t.data_ptr(), _DTYPE_CODES[t.dtype], device_type, device_index, tuple(t.shape), tuple(t.stride()))
+
+
+def _stream(t: Tensor) -> int:
+    # CUDA: torch's current stream on the tensor's device (the C++ core makes that device current
+    # for the launch). CPU: no stream.
+    return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
+
+
+def _config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p, seed,
+                 use_tf32, stream):
+    return dict(segment_lengths=list(segment_lengths), dilation_rates=list(dilation_rates), mode=mode,
+                causal=bool(is_causal), scale=scale,
+                key_padding_mask=None if key_padding_mask is None else _view(key_padding_mask),
+                dropout_p=float(dropout_p), dropout_seed=int(seed), dropout_offset=0,
+                use_tf32=bool(use_tf32), backend="automatic", stream=stream)
+
+
+def _forward_impl(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode,
+                   dropout_p, seed, use_tf32) -> Tuple[Tensor, Tensor]:
+    B, N, H, D = q.shape
+    out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    _C.forward(_view(q), _view(k), _view(v), _view(out), _view(lse),
+               **_config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
+                              seed, use_tf32, _stream(q)))
+    return out, lse
+
+
+def _gradient(dout: Optional[Tensor], out: Tensor) -> Tensor:
+    # Autograd may hand an expanded (zero-stride) or otherwise strided gradient, e.g. for out.sum();
+    # SPEC.md: the wrapper makes it contiguous instead of refusing it.
+    if dout is None:
+        return torch.zeros_like(out, memory_format=torch.contiguous_format)
+    dout = dout.contiguous()
+    if dout.device.type == "cuda" and dout.data_ptr() % 16 != 0:
+        dout = dout.clone()  # the GPU kernels load 16 bytes at a time
+    return dout
+
+
+def _backward_views(dout, q, k, v, out, lse, dq, dk, dv, key_padding_mask, segment_lengths, dilation_rates,
+                    is_causal, scale, mode, dropout_p, seed, use_tf32) -> None:
+    _C.backward(_view(q), _view(k), _view(v), _view(out), _view(lse), _view(dout), _view(dq), _view(dk), _view(dv),
+                **_config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
+                               seed, use_tf32, _stream(q)))
+
+
+
+
+def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale,
+                   mode, dropout_p, seed, use_tf32):
+    dout = _gradient(dout, out)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _backward_views(dout, q, k, v, out, lse, dq, dk, dv, key_padding_mask, segment_lengths, dilation_rates,
+                    is_causal, scale, mode, dropout_p, seed, use_tf32)
+    return dq, dk, dv
+
+
+def _forward_qkv_impl(qkv, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
+                      seed, use_tf32):
+    # q, k, v are strided views of the packed [B, N, 3, H, D] buffer: no copy.
+    return _forward_impl(qkv.select(2, 0), qkv.select(2, 1), qkv.select(2, 2), key_padding_mask, segment_lengths,
+                          dilation_rates, is_causal, scale, mode, dropout_p, seed, use_tf32)
+
+
+def _backward_qkv_impl(dout, qkv, out, lse, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale,
+                       mode, dropout_p, seed, use_tf32):
+    dout = _gradient(dout, out)
+    # One [B, N, 3, H, D] gradient buffer, written through three views: the gradient of the
+    # projection output needs no gather.
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    _backward_views(dout, qkv.select(2, 0), qkv.select(2, 1), qkv.select(2, 2), out, lse, dqkv.select(2, 0),
+                    dqkv.select(2, 1), dqkv.select(2, 2), key_padding_mask, segment_lengths, dilation_rates,
+                    is_causal, scale, mode, dropout_p, seed, use_tf32)
+    return dqkv
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd. Eager calls go through torch.autograd.Function (least per-call overhead); on
+# torch >= 2.4 the same computation is also registered as custom operators, which are used
+# whenever torch.compile / export traces the call or the tensors are not plain tensors (fake,
+# functional or other subclasses), so a compiled graph keeps dattn as one node.
+
+class _DilatedAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode,
+                dropout_p, seed, use_tf32):
+        out, lse = _forward_impl(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale,
+                                 mode, dropout_p, seed, use_tf32)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+        ctx.config = (segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p, seed, use_tf32)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        dq, dk, dv = _backward_impl(grad_out, q, k, v, out, lse, key_padding_mask, *ctx.config)
+        return (dq, dk, dv) + (None,) * 9
+
+
+class _DilatedAttentionQKVPackedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
+                seed, use_tf32):
+        out, lse = _forward_qkv_impl(qkv, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale,
+                                     mode, dropout_p, seed, use_tf32)
+        ctx.save_for_backward(qkv, out, lse, key_padding_mask)
+        ctx.config = (segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p, seed, use_tf32)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        qkv, out, lse, key_padding_mask = ctx.saved_tensors
+        dqkv = _backward_qkv_impl(grad_out, qkv, out, lse, key_padding_mask, *ctx.config)
+        return (dqkv,) + (None,) * 9
+
+
+if HAS_CUSTOM_OPS:
+    @torch.library.custom_op("dattn::dilated_attention_forward", mutates_args=())
+    def _op_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], segment_lengths: List[int],
+                    dilation_rates: List[int], is_causal: bool, scale: Optional[float], mode: str, dropout_p: float,
+                    seed: int, use_tf32: bool) -> Tuple[Tensor, Tensor]:
+        return _forward_impl(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode,
+                             dropout_p, seed, use_tf32)
+
+    @_op_forward.register_fake
+    def _(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p, seed,
+          use_tf32):
+        B, N, H, D = q.shape
+        return q.new_empty((B, N, H, D)), q.new_empty((B, H, N), dtype=torch.float32)
+
+    @torch.library.custom_op("dattn::dilated_attention_backward", mutates_args=())
+    def _op_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                     key_padding_mask: Optional[Tensor], segment_lengths: List[int], dilation_rates: List[int],
+                     is_causal: bool, scale: Optional[float], mode: str, dropout_p: float, seed: int,
+                     use_tf32: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        return _backward_impl(dout, q, k, v, out, lse, key_padding_mask, segment_lengths, dilation_rates, is_causal,
+                              scale, mode, dropout_p, seed, use_tf32)
+
+    @_op_backward.register_fake
+    def _(dout, q, k, v, out, lse, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode,
+          dropout_p, seed, use_tf32):
+        return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+    def _setup_forward(ctx, inputs, output):
+        q, k, v, key_padding_mask = inputs[:4]
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+        ctx.config = tuple(inputs[4:])
+
+    def _autograd_forward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        dout = _gradient(grad_out, out)
+        dq, dk, dv = torch.ops.dattn.dilated_attention_backward(dout, q, k, v, out, lse, key_padding_mask,
+                                                                *ctx.config)
+        return (dq, dk, dv) + (None,) * 9
+
+    _op_forward.register_autograd(_autograd_forward, setup_context=_setup_forward)
+
+    @torch.library.custom_op("dattn::dilated_attention_qkvpacked_forward", mutates_args=())
+    def _op_qkv_forward(qkv: Tensor, key_padding_mask: Optional[Tensor], segment_lengths: List[int],
+                        dilation_rates: List[int], is_causal: bool, scale: Optional[float], mode: str,
+                        dropout_p: float, seed: int, use_tf32: bool) -> Tuple[Tensor, Tensor]:
+        return _forward_qkv_impl(qkv, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode,
+                                 dropout_p, seed, use_tf32)
+
+    @_op_qkv_forward.register_fake
+    def _(qkv, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p, seed, use_tf32):
+        B, N, _, H, D = qkv.shape
+        return qkv.new_empty((B, N, H, D)), qkv.new_empty((B, H, N), dtype=torch.float32)
+
+    @torch.library.custom_op("dattn::dilated_attention_qkvpacked_backward", mutates_args=())
+    def _op_qkv_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor],
+                         segment_lengths: List[int], dilation_rates: List[int], is_causal: bool,
+                         scale: Optional[float], mode: str, dropout_p: float, seed: int, use_tf32: bool) -> Tensor:
+        return _backward_qkv_impl(dout, qkv, out, lse, key_padding_mask, segment_lengths, dilation_rates, is_causal,
+                                  scale, mode, dropout_p, seed, use_tf32)
+
+    @_op_qkv_backward.register_fake
+    def _(dout, qkv, out, lse, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
+          seed, use_tf32):
+        return qkv.new_empty(qkv.shape)
+
+    def _setup_qkv_forward(ctx, inputs, output):
+        qkv, key_padding_mask = inputs[:2]
+        out, lse = output
+        ctx.save_for_backward(qkv, out, lse, key_padding_mask)
+        ctx.config = tuple(inputs[2:])
+
+    def _autograd_qkv_forward(ctx, grad_out, grad_lse):
+        qkv, out, lse, key_padding_mask = ctx.saved_tensors
+        dout = _gradient(grad_out, out)
+        dqkv = torch.ops.dattn.dilated_attention_qkvpacked_backward(dout, qkv, out, lse, key_padding_mask,
+                                                                    *ctx.config)
+        return (dqkv,) + (None,) * 9
+
+    _op_qkv_forward.register_autograd(_autograd_qkv_forward, setup_context=_setup_qkv_forward)
+
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
+def _use_custom_ops(t: Tensor) -> bool:
+    return HAS_CUSTOM_OPS and (type(t) is not Tensor or _compiling())
+
+
+def attention_forward(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
+                      seed, use_tf32) -> Tuple[Tensor, Tensor]:
+    """Validated arguments in, (out, lse) out; lse carries no gradient."""
+    args = (q, k, v, key_padding_mask, list(segment_lengths), list(dilation_rates), bool(is_causal), scale, mode,
+            float(dropout_p), int(seed), bool(use_tf32))
+    if _use_custom_ops(q):
+        out, lse = torch.ops.dattn.dilated_attention_forward(*args)
+        return out, lse.detach()
+    return _DilatedAttentionFunction.apply(*args)
+
+
+def attention_qkvpacked_forward(qkv, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode,
+                                dropout_p, seed, use_tf32) -> Tuple[Tensor, Tensor]:
+    args = (qkv, key_padding_mask, list(segment_lengths), list(dilation_rates), bool(is_causal), scale, mode,
+            float(dropout_p), int(seed), bool(use_tf32))
+    if _use_custom_ops(qkv):
+        out, lse = torch.ops.dattn.dilated_attention_qkvpacked_forward(*args)
+        return out, lse.detach()
+    return _DilatedAttentionQKVPackedFunction.apply(*args)

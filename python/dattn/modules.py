@@ -1,0 +1,271 @@
+"""Modules with the PyTorch LongNet library's names and arguments (SPEC.md "Multi-head modules",
+"Functional forms and return values"), so swapping the import swaps the implementation."""
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dattn import _ops
+from dattn.functional import dilated_attention, dilated_attention_qkvpacked
+
+__all__ = ["DilatedAttention", "ImprovedDilatedAttention", "MultiheadDilatedAttention",
+           "ImprovedMultiheadDilatedAttention"]
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def _check_group(group, layout) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout = {layout!r}; expected 'contiguous' or 'zigzag'")
+    if group is not None:
+        raise NotImplementedError(
+            "group is set, but ring (sequence-parallel) attention over a process group is not implemented "
+            "in dattn yet; expected group=None (single-process attention)")
+
+
+class DilatedAttention(nn.Module):
+    """Dilated attention over q, k, v ``[B, N, H, D]`` (no parameters).
+
+    ``forward(q, k, v, is_causal=False, key_padding_mask=None)`` returns ``out`` ``[B, N, H, D]``.
+    Attention dropout ``attention_dropout`` applies in training mode only.
+    """
+
+    def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+                 softmax_scale: Optional[float] = None, attention_dropout: float = 0.0, mode: str = "grouped",
+                 use_tf32: bool = False, group=None, layout: str = "contiguous"):
+        super().__init__()
+        _check_group(group, layout)
+        self.segment_lengths, self.dilation_rates = _ops.check_config(segment_lengths, dilation_rates)
+        self.softmax_scale = _ops.check_scale(softmax_scale)
+        self.attention_dropout = _ops.check_dropout(attention_dropout, "attention_dropout")
+        self.mode = _ops.check_mode(mode)
+        self.use_tf32 = bool(use_tf32)
+        self.group = group
+        self.layout = layout
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,
+                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
+                                 scale=self.softmax_scale, mode=self.mode, key_padding_mask=key_padding_mask,
+                                 dropout_p=self.attention_dropout if self.training else 0.0,
+                                 use_tf32=self.use_tf32)
+
+    def extra_repr(self) -> str:
+        return (f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, "
+                f"softmax_scale={self.softmax_scale}, attention_dropout={self.attention_dropout}, "
+                f"mode={self.mode!r}, use_tf32={self.use_tf32}")
+
+
+class ImprovedDilatedAttention(DilatedAttention):
+    """The library's name for its fast variant; here the same (correct) fused function as
+    ``DilatedAttention``, with the library's signature."""
+
+    def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int], dropout: float = 0.0,
+                 use_tf32: bool = False, group=None, layout: str = "contiguous"):
+        super().__init__(segment_lengths, dilation_rates, softmax_scale=None,
+                         attention_dropout=_ops.check_dropout(dropout, "dropout"), mode="grouped", use_tf32=use_tf32,
+                         group=group, layout=layout)
+
+    @property
+    def dropout(self) -> float:
+        return self.attention_dropout
+
+
+class MultiheadDilatedAttention(nn.Module):
+    """Multi-head dilated attention, MAGNETO style (the library's ``MultiheadDilatedAttention``).
+
+    Inputs ``[B, N, E]``: ``q = query Wqᵀ + bq`` (likewise k, v), split into ``num_heads`` heads,
+    dilated attention (dropout ``dropout`` on the probabilities, training only), heads merged,
+    sub-LayerNorm over E (``layer_norm``), then ``out_proj``. Parameters ``q_proj``, ``k_proj``,
+    ``v_proj``, ``out_proj`` (Linear) and ``norm`` (LayerNorm, None without ``layer_norm``).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dilation_rates: Sequence[int], segment_lengths: Sequence[int],
+                 dropout: float = 0.0, bias: bool = True, layer_norm: bool = True, layer_norm_eps: float = 1e-5,
+                 gamma_init: float = 1.0, device=None, dtype=None, mode: str = "grouped", group=None,
+                 layout: str = "contiguous"):
+        super().__init__()
+        self._init_common(embed_dim, num_heads, dilation_rates, segment_lengths, dropout, bias, layer_norm,
+                          layer_norm_eps, gamma_init, mode, False, group, layout)
+        factory = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self._init_tail(factory)
+        self._reset_parameters()
+
+    # -- shared by the fused variant ---------------------------------------------------------
+    def _init_common(self, embed_dim, num_heads, dilation_rates, segment_lengths, dropout, bias, layer_norm,
+                     layer_norm_eps, gamma_init, mode, use_tf32, group, layout):
+        _check_group(group, layout)
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} is {type(value).__name__}; expected an int")
+            if value < 1:
+                raise ValueError(f"{name} = {value}; expected >= 1")
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim = {embed_dim} is not divisible by num_heads = {num_heads}; expected a "
+                             "multiple of num_heads")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.segment_lengths, self.dilation_rates = _ops.check_config(segment_lengths, dilation_rates)
+        self.dropout = _ops.check_dropout(dropout, "dropout")
+        self.bias = bool(bias)
+        self.layer_norm = bool(layer_norm)
+        self.layer_norm_eps = float(layer_norm_eps)
+        self.gamma_init = float(gamma_init)
+        self.mode = _ops.check_mode(mode)
+        self.use_tf32 = bool(use_tf32)
+        self.group = group
+        self.layout = layout
+
+    def _init_tail(self, factory):
+        self.norm = (nn.LayerNorm(self.embed_dim, eps=self.layer_norm_eps, **factory) if self.layer_norm else None)
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=self.bias, **factory)
+
+    def _reset_parameters(self) -> None:
+        # MAGNETO: Xavier-normal, gain 1 for Wq and Wk, gamma_init for Wv and Wout; biases 0.
+        for proj, gain in ((self.q_proj, 1.0), (self.k_proj, 1.0), (self.v_proj, self.gamma_init)):
+            nn.init.xavier_normal_(proj.weight, gain=gain)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        self._reset_out_proj()
+
+    def _reset_out_proj(self) -> None:
+        nn.init.xavier_normal_(self.out_proj.weight, gain=self.gamma_init)
+        if self.out_proj.bias is not None:
+            nn.init.zeros_(self.out_proj.bias)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+
+    def _check_inputs(self, query, key, value, attn_mask, key_padding_mask):
+        if attn_mask is not None:
+            raise ValueError("attn_mask is not supported by dilated attention; expected attn_mask=None "
+                             "(use is_causal=True or key_padding_mask)")
+        weight = self.out_proj.weight
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{name} is {type(x).__name__}; expected a torch.Tensor")
+            if x.dim() != 3 or x.size(-1) != self.embed_dim:
+                raise ValueError(f"{name} has shape {list(x.shape)}; expected [B, N, {self.embed_dim}] "
+                                 f"([B, N, embed_dim])")
+            if x.shape[:2] != query.shape[:2]:
+                raise ValueError(f"{name} has shape {list(x.shape)}; expected [{query.size(0)}, {query.size(1)}, "
+                                 f"{self.embed_dim}] (the batch and length of query)")
+            if x.device != weight.device:
+                raise ValueError(f"{name} is on {x.device}; expected {weight.device} (the device of the module's "
+                                 "parameters)")
+            if x.dtype != weight.dtype and not _autocast_enabled(x):
+                raise TypeError(f"{name} has dtype {x.dtype}; expected {weight.dtype} (the dtype of the module's "
+                                "parameters)")
+
+    def _finish(self, x: Tensor, need_weights: bool):
+        B, N = x.shape[:2]
+        x = x.reshape(B, N, self.embed_dim)
+        if self.norm is not None:
+            x = self.norm(x)
+        x = self.out_proj(x)
+        return (x, None) if need_weights else x
+
+    def _attention_kwargs(self, is_causal, key_padding_mask):
+        return dict(is_causal=is_causal, scale=None, mode=self.mode, key_padding_mask=key_padding_mask,
+                    dropout_p=self.dropout if self.training else 0.0, use_tf32=self.use_tf32)
+
+    # ----------------------------------------------------------------------------------------
+    def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
+                attn_mask: Optional[Tensor] = None, is_causal: bool = False):
+        """Returns the output ``[B, N, E]``, or ``(output, None)`` with ``need_weights=True``."""
+        key = query if key is None else key
+        value = query if value is None else value
+        self._check_inputs(query, key, value, attn_mask, key_padding_mask)
+        B, N, _ = query.shape
+        heads = (B, N, self.num_heads, self.head_dim)
+        q = self.q_proj(query).view(heads)
+        k = self.k_proj(key).view(heads)
+        v = self.v_proj(value).view(heads)
+        x = dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates,
+                              **self._attention_kwargs(is_causal, key_padding_mask))
+        return self._finish(x, need_weights)
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dilation_rates={self.dilation_rates}, "
+                f"segment_lengths={self.segment_lengths}, dropout={self.dropout}, mode={self.mode!r}")
+
+
+class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
+    """``MultiheadDilatedAttention`` with one fused ``qkv_proj`` ``[3E, E]`` (rows Wq, Wk, Wv).
+
+    For self-attention (query, key and value the same tensor) one product makes the packed
+    ``[B, N, 3, H, D]`` buffer and the kernels read q, k, v as strided views of it, no copy, and
+    write its gradient in one piece. Same result as the unfused module with the same weights.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dilation_rates: Sequence[int], segment_lengths: Sequence[int],
+                 dropout: float = 0.0, bias: bool = True, layer_norm: bool = True, layer_norm_eps: float = 1e-5,
+                 gamma_init: float = 1.0, device=None, dtype=None, mode: str = "grouped", use_tf32: bool = False,
+                 group=None, layout: str = "contiguous"):
+        nn.Module.__init__(self)
+        self._init_common(embed_dim, num_heads, dilation_rates, segment_lengths, dropout, bias, layer_norm,
+                          layer_norm_eps, gamma_init, mode, use_tf32, group, layout)
+        factory = {"device": device, "dtype": dtype}
+        self.qkv_proj = nn.Linear(embed_dim, 3 * embed_dim, bias=bias, **factory)
+        self._init_tail(factory)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        E = self.embed_dim
+        with torch.no_grad():
+            w = self.qkv_proj.weight
+            # Each [E, E] slice initialised as its own matrix (same fan-in and fan-out as unfused).
+            nn.init.xavier_normal_(w[:E], gain=1.0)
+            nn.init.xavier_normal_(w[E:2 * E], gain=1.0)
+            nn.init.xavier_normal_(w[2 * E:], gain=self.gamma_init)
+            if self.qkv_proj.bias is not None:
+                nn.init.zeros_(self.qkv_proj.bias)
+        self._reset_out_proj()
+
+    def _project(self, x: Tensor, rows: slice) -> Tensor:
+        bias = self.qkv_proj.bias
+        return F.linear(x, self.qkv_proj.weight[rows], None if bias is None else bias[rows])
+
+    def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
+                attn_mask: Optional[Tensor] = None, is_causal: bool = False):
+        """Returns the output ``[B, N, E]``, or ``(output, None)`` with ``need_weights=True``."""
+        key = query if key is None else key
+        value = query if value is None else value
+        self._check_inputs(query, key, value, attn_mask, key_padding_mask)
+        B, N, _ = query.shape
+        H, D, E = self.num_heads, self.head_dim, self.embed_dim
+        kwargs = self._attention_kwargs(is_causal, key_padding_mask)
+        if key is query and value is query:
+            qkv = self.qkv_proj(query).view(B, N, 3, H, D)
+            x = dilated_attention_qkvpacked(qkv, self.segment_lengths, self.dilation_rates, **kwargs)
+        elif key is value:
+            q = self._project(query, slice(0, E)).view(B, N, H, D)
+            kv = self._project(key, slice(E, 3 * E)).view(B, N, 2, H, D)
+            x = dilated_attention(q, kv.select(2, 0), kv.select(2, 1), self.segment_lengths, self.dilation_rates,
+                                  **kwargs)
+        else:
+            q = self._project(query, slice(0, E)).view(B, N, H, D)
+            k = self._project(key, slice(E, 2 * E)).view(B, N, H, D)
+            v = self._project(value, slice(2 * E, 3 * E)).view(B, N, H, D)
+            x = dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, **kwargs)
+        return self._finish(x, need_weights)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", use_tf32={self.use_tf32}"
+
+
+def _autocast_enabled(x: Tensor) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(x.device.type))  # torch >= 2.4
+    except TypeError:
+        pass
+    if x.device.type == "cuda":
+        return torch.is_autocast_enabled()
+    return bool(torch.is_autocast_cpu_enabled())

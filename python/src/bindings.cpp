@@ -1,0 +1,159 @@
+// dattn._C: the Python face of the C++ API, kept as thin as the C++ API itself.
+//
+// Tensors cross as plain descriptions, (data pointer, dtype code, device type, device index,
+// sizes, strides in elements), so nothing is copied and no framework type reaches C++; the
+// Python package builds them from torch tensors. dattn::Error derives from
+// std::invalid_argument, which nanobind raises as ValueError with the C++ message (it names
+// the argument and the expected value).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "dattn/attention.hpp"
+#include "dattn/config.hpp"
+#include "dattn/cpu.hpp"
+#include "dattn/error.hpp"
+#include "dattn/tensor.hpp"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+// (data_ptr, dtype code, device type code, device index, sizes, strides)
+using ViewSpec = std::tuple<std::uintptr_t, int, int, int, std::vector<std::int64_t>, std::vector<std::int64_t>>;
+
+dattn::TensorView to_view(const ViewSpec& spec, const char* name) {
+  const auto& [data, dtype, device_type, device_index, shape, strides] = spec;
+  if (dtype < int(dattn::DType::float32) || dtype > int(dattn::DType::boolean))
+    throw dattn::Error(std::string(name) + " has dtype code " + std::to_string(dtype) +
+                       "; expected a dattn dtype code (0..4)");
+  if (device_type != int(dattn::DeviceType::cpu) && device_type != int(dattn::DeviceType::cuda))
+    throw dattn::Error(std::string(name) + " has device type code " + std::to_string(device_type) +
+                       "; expected 0 (cpu) or 1 (cuda)");
+  if (shape.size() != strides.size())
+    throw dattn::Error(std::string(name) + " has " + std::to_string(shape.size()) + " sizes but " +
+                       std::to_string(strides.size()) + " strides; expected as many strides as sizes");
+  dattn::Device device{dattn::DeviceType(device_type), device_index};
+  return dattn::make_view(reinterpret_cast<void*>(data), dattn::DType(dtype), shape, strides, device);
+}
+
+dattn::Mode to_mode(const std::string& mode) {
+  if (mode == "grouped") return dattn::Mode::grouped;
+  if (mode == "longnet") return dattn::Mode::longnet;
+  throw dattn::Error("mode = '" + mode + "'; expected 'grouped' or 'longnet'");
+}
+
+dattn::Backend to_backend(const std::string& backend) {
+  if (backend == "automatic") return dattn::Backend::automatic;
+  if (backend == "reference") return dattn::Backend::reference;
+  if (backend == "fused") return dattn::Backend::fused;
+  throw dattn::Error("backend = '" + backend + "'; expected 'automatic', 'reference' or 'fused'");
+}
+
+struct Call {
+  dattn::DilatedConfig config;
+  dattn::LaunchOptions options;
+};
+
+Call make_call(const std::vector<std::int64_t>& segment_lengths,
+               const std::vector<std::int64_t>& dilation_rates, const std::string& mode, bool causal,
+               std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask,
+               double dropout_p, std::uint64_t dropout_seed, std::uint64_t dropout_offset,
+               bool use_tf32, const std::string& backend, std::uintptr_t stream) {
+  Call call;
+  call.config.segment_lengths = segment_lengths;
+  call.config.dilation_rates = dilation_rates;
+  call.config.mode = to_mode(mode);
+  call.config.causal = causal;
+  call.config.scale = scale;
+  if (key_padding_mask) call.config.key_padding_mask = to_view(*key_padding_mask, "key_padding_mask");
+  call.config.dropout_p = dropout_p;
+  call.config.dropout_seed = dropout_seed;
+  call.config.dropout_offset = dropout_offset;
+  call.config.use_tf32 = use_tf32;
+  call.options.backend = to_backend(backend);
+  call.options.stream = reinterpret_cast<void*>(stream);
+  return call;
+}
+
+void forward(const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const ViewSpec& out,
+             const ViewSpec& lse, const std::vector<std::int64_t>& segment_lengths,
+             const std::vector<std::int64_t>& dilation_rates, const std::string& mode, bool causal,
+             std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask,
+             double dropout_p, std::uint64_t dropout_seed, std::uint64_t dropout_offset, bool use_tf32,
+             const std::string& backend, std::uintptr_t stream) {
+  const Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, key_padding_mask,
+                              dropout_p, dropout_seed, dropout_offset, use_tf32, backend, stream);
+  const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
+  const auto ov = to_view(out, "out"), lv = to_view(lse, "lse");
+  nb::gil_scoped_release release;
+  dattn::forward(call.config, qv, kv, vv, ov, lv, call.options);
+}
+
+void backward(const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const ViewSpec& out,
+              const ViewSpec& lse, const ViewSpec& dout, const ViewSpec& dq, const ViewSpec& dk,
+              const ViewSpec& dv, const std::vector<std::int64_t>& segment_lengths,
+              const std::vector<std::int64_t>& dilation_rates, const std::string& mode, bool causal,
+              std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask,
+              double dropout_p, std::uint64_t dropout_seed, std::uint64_t dropout_offset,
+              bool use_tf32, const std::string& backend, std::uintptr_t stream) {
+  const Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, key_padding_mask,
+                              dropout_p, dropout_seed, dropout_offset, use_tf32, backend, stream);
+  const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
+  const auto ov = to_view(out, "out"), lv = to_view(lse, "lse"), gv = to_view(dout, "dout");
+  const auto dqv = to_view(dq, "dq"), dkv = to_view(dk, "dk"), dvv = to_view(dv, "dv");
+  nb::gil_scoped_release release;
+  dattn::backward(call.config, qv, kv, vv, ov, lv, gv, dqv, dkv, dvv, call.options);
+}
+
+double forward_flops(const std::vector<std::int64_t>& segment_lengths,
+                     const std::vector<std::int64_t>& dilation_rates, const std::string& mode,
+                     bool causal, std::int64_t batch, std::int64_t seqlen, std::int64_t heads,
+                     std::int64_t head_dim) {
+  dattn::DilatedConfig config;
+  config.segment_lengths = segment_lengths;
+  config.dilation_rates = dilation_rates;
+  config.mode = to_mode(mode);
+  config.causal = causal;
+  return dattn::forward_flops(config, batch, seqlen, heads, head_dim);
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  m.doc() = "dattn C++ core: dilated attention forward and backward over raw tensor descriptions";
+
+  m.attr("__version__") = DATTN_PYTHON_VERSION;
+  m.attr("has_cuda") = bool(DATTN_PYTHON_WITH_CUDA);
+  m.attr("DTYPE_FLOAT32") = int(dattn::DType::float32);
+  m.attr("DTYPE_BFLOAT16") = int(dattn::DType::bfloat16);
+  m.attr("DTYPE_FLOAT16") = int(dattn::DType::float16);
+  m.attr("DTYPE_FLOAT64") = int(dattn::DType::float64);
+  m.attr("DTYPE_BOOL") = int(dattn::DType::boolean);
+  m.attr("DEVICE_CPU") = int(dattn::DeviceType::cpu);
+  m.attr("DEVICE_CUDA") = int(dattn::DeviceType::cuda);
+
+  m.def("forward", &forward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "segment_lengths"_a,
+        "dilation_rates"_a, "mode"_a, "causal"_a, "scale"_a.none(), "key_padding_mask"_a.none(),
+        "dropout_p"_a, "dropout_seed"_a, "dropout_offset"_a, "use_tf32"_a, "backend"_a, "stream"_a,
+        "Writes out [B, N, H, D] and lse [B, H, N] (float32) of dilated attention (SPEC.md).");
+  m.def("backward", &backward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dout"_a, "dq"_a, "dk"_a,
+        "dv"_a, "segment_lengths"_a, "dilation_rates"_a, "mode"_a, "causal"_a, "scale"_a.none(),
+        "key_padding_mask"_a.none(), "dropout_p"_a, "dropout_seed"_a, "dropout_offset"_a,
+        "use_tf32"_a, "backend"_a, "stream"_a,
+        "Writes dq, dk, dv given dout and the out and lse that forward wrote.");
+  m.def("forward_flops", &forward_flops, "segment_lengths"_a, "dilation_rates"_a, "mode"_a,
+        "causal"_a, "batch"_a, "seqlen"_a, "heads"_a, "head_dim"_a,
+        "Forward FLOPs as PERF.md counts them.");
+  m.def("cpu_isa", [] { return std::string(dattn::cpu_isa_name(dattn::active_cpu_isa())); },
+        "The SIMD path the CPU kernels run (DATTN_CPU_ISA forces one).");
+}
