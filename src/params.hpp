@@ -56,6 +56,10 @@ struct DilatedParams {
   float dropout_rescale = 1.0f;         // 1 / (1 - p)
   std::uint64_t dropout_seed = 0, dropout_offset = 0;
 
+  // Backward scratch [B, H, N] (contiguous): each row's softmax correction Σ_j P_j·Z_j·dP_j,
+  // written by the dq pass and read by the dk/dv pass. Owned by the backend.
+  float* softmax_delta = nullptr;
+
   // GPU launch state (CUDA backend).
   void* stream = nullptr;
   void* workspace = nullptr;

@@ -47,13 +47,13 @@ struct Scratch {
   float *tile_rows_a, *tile_rows_b, *tile_lse, *tile_delta, *tile_bias;
   float *column_max, *column_shift, *column_correction;
   float *scores, *grad_scores, *dropout_row;
-  float *acc, *acc2, *row_max, *row_sum;
+  float *acc, *acc2, *row_max, *row_sum, *row_delta;
   std::vector<std::int64_t> query_original, key_original;  // a causal tile pair's original positions
 
   Scratch(int head_dim, std::int64_t state_rows)
       : padded_d(padded<I>(head_dim)), query_original(kTileRows), key_original(kTileRows) {
     const std::int64_t C = kChunkRows, T = kTileRows, Dp = padded_d;
-    buffer.assign(std::size_t(2 * kOwnPitch * Dp + 3 * C + 2 * T * Dp + 6 * T + 2 * T * T + T + state_rows * (2 * Dp + 2)), 0.0f);
+    buffer.assign(std::size_t(2 * kOwnPitch * Dp + 3 * C + 2 * T * Dp + 6 * T + 2 * T * T + T + state_rows * (2 * Dp + 3)), 0.0f);
     float* next = buffer.data();
     auto take = [&](std::int64_t n) { float* p = next; next += n; return p; };
     own_a = take(kOwnPitch * Dp), own_b = take(kOwnPitch * Dp), own_lse = take(C), own_delta = take(C), own_bias = take(C);
@@ -62,7 +62,7 @@ struct Scratch {
     column_max = take(T), column_shift = take(T), column_correction = take(T);
     scores = take(T * T), grad_scores = take(T * T), dropout_row = take(T);
     acc = take(state_rows * Dp), acc2 = take(state_rows * Dp);
-    row_max = take(state_rows), row_sum = take(state_rows);
+    row_max = take(state_rows), row_sum = take(state_rows), row_delta = take(state_rows);
   }
 };
 
@@ -112,22 +112,21 @@ void pack_key_bias(const SideView<I, T>& keys_view, std::int64_t j0, int keys, i
 }
 
 // lse of each query (+inf where it attends to nothing and past the tile, so that exp(S − lse) is 0
-// there) and delta = rowsum(dout ∘ out), the backward's softmax correction.
+// there) and its delta = Σ_j P_j·Z_j·dP_j from the dq pass's first sweep (zero for the dq pass's
+// own sweeps, which compute it).
 template <class I, class T>
 void pack_lse_delta(const SideView<I, T>& queries_view, std::int64_t j0, int queries, int padded_queries, float* lse,
-                    float* delta) {
+                    float* delta, bool with_delta) {
   const detail::DilatedParams& p = queries_view.p;
+  const WorkItem& item = queries_view.item;
   for (int i = 0; i < padded_queries; ++i) {
     if (i >= queries) {
       lse[i] = kPosInf;
       delta[i] = 0.0f;
       continue;
     }
-    const T* o = queries_view.row(p.out, j0 + i);
-    const T* g = queries_view.row(p.dout, j0 + i);
-    float sum = 0.0f;
-    for (int d = 0; d < int(p.head_dim); ++d) sum += Convert<I>::load(o[d]) * Convert<I>::load(g[d]);
-    delta[i] = sum;
+    const std::int64_t row = queries_view.original(j0 + i);
+    delta[i] = with_delta ? p.softmax_delta[(item.batch * p.heads + item.head) * p.seqlen + row] : 0.0f;
     const float x = queries_view.lse(j0 + i);
     lse[i] = x == kNegInf ? kPosInf : x;
   }
@@ -305,10 +304,13 @@ void softmax_gradient_key_rows(const detail::DilatedParams& p, const WorkItem& i
   }
 }
 
-// dq pass over one group (own side queries), keys as rows: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, then
-// dQ += dS·K over the key tiles each query sees.
+// dq pass over one group (own side queries), keys as rows: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ. The first
+// sweep (delta_sweep) sums Σ_j P_j·Z_j·dP_j of each query into the state: the softmax
+// correction delta, computed in float32 from the same P and dP as dS (so a query with one key
+// gets dS = 0 exactly), not from the rounded out. The second sweep adds dQ += dS·K.
 template <class I, class T>
-void dq_group(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
+void dq_group(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s,
+              bool delta_sweep) {
   const detail::DilatedParams& p = own.p;
   const int Dp = s.padded_d;
   const std::int64_t diagonal = causal_diagonal(own, other);
@@ -316,7 +318,9 @@ void dq_group(const SideView<I, T>& own, const SideView<I, T>& other, const Grou
     const int chunk = int(std::min(kChunkRows, g.end - c0));
     own.pack_own(p.q, c0, chunk, p.scale, s.own_a);
     own.pack_own(p.dout, c0, chunk, p.output_scale, s.own_b);
-    pack_lse_delta(own, c0, chunk, padded<I>(chunk), s.own_lse, s.own_delta);
+    pack_lse_delta(own, c0, chunk, padded<I>(chunk), s.own_lse, s.own_delta, false);
+    if (!delta_sweep)
+      for (int c = 0; c < chunk; ++c) s.own_delta[c] = s.row_delta[own.state(c0 + c)];
     const std::int64_t key_end =
         diagonal == kNoDiagonal ? g.other_length : std::clamp<std::int64_t>(diagonal + c0 + chunk, 0, g.other_length);
     for (std::int64_t k0 = 0; k0 < key_end; k0 += kTileRows) {
@@ -333,6 +337,14 @@ void dq_group(const SideView<I, T>& own, const SideView<I, T>& other, const Grou
         gemm<I, false>(keys, Qp, Dp, s.tile_rows_b, Dp, s.own_b + at, kOwnPitch, s.grad_scores, Qp);
         softmax_gradient_key_rows(p, own.item, s, s.tile_bias, s.own_lse + at, s.own_delta + at, keys, queries, Qp,
                                   pair == CausalPair::masked);
+        if (delta_sweep) {  // grad_scores now holds P∘Z∘dP
+          for (int c = 0; c < queries; ++c) {
+            float sum = 0.0f;
+            for (int i = 0; i < keys; ++i) sum += s.grad_scores[i * Qp + c];
+            s.row_delta[own.state(q0 + c)] += sum;
+          }
+          continue;
+        }
         gemm<I, true, true>(queries, Dp, keys, s.grad_scores, Qp, s.tile_rows_a, Dp, s.acc + own.state(q0) * Dp,
                             own.state_step() * Dp);
       }
@@ -357,7 +369,7 @@ void dkdv_group(const SideView<I, T>& own, const SideView<I, T>& other, const Gr
       const int queries = int(std::min(kTileRows, g.other_length - q0));
       other.pack_tile(p.q, q0, queries, p.scale, s.tile_rows_a);
       other.pack_tile(p.dout, q0, queries, p.output_scale, s.tile_rows_b);
-      pack_lse_delta(other, q0, queries, queries, s.tile_lse, s.tile_delta);
+      pack_lse_delta(other, q0, queries, queries, s.tile_lse, s.tile_delta, true);
       for (std::int64_t k0 = c0; k0 < c0 + chunk; k0 += kTileRows) {
         const int keys = int(std::min(kTileRows, c0 + chunk - k0)), Kp = padded<I>(keys);
         const CausalPair pair = record_pair(other, q0, queries, own, k0, keys, s);
@@ -415,13 +427,19 @@ void forward_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<
   });
 }
 
+// dq for the item's rows, and their softmax deltas into p.softmax_delta for the dk/dv pass.
 template <class I, class T>
 void dq_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>& s) {
   const int Dp = s.padded_d;
   std::fill(s.acc, s.acc + item.state_rows * Dp, 0.0f);
-  for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) { dq_group(own, other, g, s); });
+  std::fill(s.row_delta, s.row_delta + item.state_rows, 0.0f);
+  for (bool delta_sweep : {true, false})  // delta sums over every group (branch) of a row first
+    for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) {
+      dq_group(own, other, g, s, delta_sweep);
+    });
   for_each_region_row(p, item, [&](std::int64_t row, std::int64_t state) {
     store_row<I, T>(p.dq, item, row, state >= 0 ? s.acc + state * Dp : nullptr, p.scale, int(p.head_dim));
+    p.softmax_delta[(item.batch * p.heads + item.head) * p.seqlen + row] = state >= 0 ? s.row_delta[state] : 0.0f;
   });
 }
 
@@ -456,10 +474,14 @@ void forward_typed(const detail::DilatedParams& p) {
   run_items<I>(p, false, [&](const WorkItem& item, Scratch<I>& s) { forward_item<I, T>(p, item, s); });
 }
 
+// The dq pass runs first: it computes each row's softmax delta, which the dk/dv pass reads.
 template <class I, class T>
-void backward_typed(const detail::DilatedParams& p) {
-  run_items<I>(p, true, [&](const WorkItem& item, Scratch<I>& s) { dkdv_item<I, T>(p, item, s); });
+void backward_typed(const detail::DilatedParams& params) {
+  std::vector<float> softmax_delta(std::size_t(params.batch * params.heads * params.seqlen));
+  detail::DilatedParams p = params;
+  p.softmax_delta = softmax_delta.data();
   run_items<I>(p, false, [&](const WorkItem& item, Scratch<I>& s) { dq_item<I, T>(p, item, s); });
+  run_items<I>(p, true, [&](const WorkItem& item, Scratch<I>& s) { dkdv_item<I, T>(p, item, s); });
 }
 
 template <class I>
