@@ -19,8 +19,13 @@ except ImportError as error:  # pragma: no cover
 from dattn import _C
 from dattn._ops import HAS_CUSTOM_OPS
 from dattn.functional import dilated_attention, dilated_attention_qkvpacked
+from dattn.hilbert import (HilbertAttention, HilbertAttentionTritonFixed, HilbertDilatedAttention,
+                           hilbert_dilated_attention, hilbert_order)
 from dattn.modules import (DilatedAttention, ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention,
                            MultiheadDilatedAttention)
+from dattn.sparse import (BlockSparseMask, BlockSparseRingDilatedAttention, SparsePatternConfig,
+                          block_sparse_attention, dilated_mask, dilated_sparse_mask, global_local_mask,
+                          local_window_mask)
 
 __version__ = _C.__version__
 has_cuda = _C.has_cuda
@@ -40,4 +45,8 @@ def forward_flops(segment_lengths, dilation_rates, batch, seqlen, heads, head_di
 
 __all__ = ["DilatedAttention", "ImprovedDilatedAttention", "MultiheadDilatedAttention",
            "ImprovedMultiheadDilatedAttention", "dilated_attention", "dilated_attention_qkvpacked",
-           "forward_flops", "cpu_isa", "has_cuda", "HAS_CUSTOM_OPS", "__version__"]
+           "forward_flops", "cpu_isa", "has_cuda", "HAS_CUSTOM_OPS", "__version__",
+           "block_sparse_attention", "BlockSparseMask", "SparsePatternConfig", "BlockSparseRingDilatedAttention",
+           "local_window_mask", "dilated_sparse_mask", "global_local_mask", "dilated_mask",
+           "hilbert_order", "hilbert_dilated_attention", "HilbertDilatedAttention", "HilbertAttention",
+           "HilbertAttentionTritonFixed"]

@@ -35,6 +35,7 @@ _DTYPE_CODES = {
     torch.float16: _C.DTYPE_FLOAT16,
     torch.float64: _C.DTYPE_FLOAT64,
     torch.bool: _C.DTYPE_BOOL,
+    torch.int64: _C.DTYPE_INT64,
 }
 ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MODES = ("grouped", "longnet")
@@ -177,22 +178,23 @@ def _stream(t: Tensor) -> int:
 
 
 def _config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p, seed,
-                 use_tf32, stream):
+                 use_tf32, stream, position_index=None):
     return dict(segment_lengths=list(segment_lengths), dilation_rates=list(dilation_rates), mode=mode,
                 causal=bool(is_causal), scale=scale,
                 key_padding_mask=None if key_padding_mask is None else _view(key_padding_mask),
                 dropout_p=float(dropout_p), dropout_seed=int(seed), dropout_offset=0,
-                use_tf32=bool(use_tf32), backend="automatic", stream=stream)
+                use_tf32=bool(use_tf32), backend="automatic", stream=stream,
+                position_index=None if position_index is None else _view(position_index))
 
 
 def _forward_impl(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode,
-                   dropout_p, seed, use_tf32) -> Tuple[Tensor, Tensor]:
+                   dropout_p, seed, use_tf32, position_index=None) -> Tuple[Tensor, Tensor]:
     B, N, H, D = q.shape
     out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     _C.forward(_view(q), _view(k), _view(v), _view(out), _view(lse),
                **_config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
-                              seed, use_tf32, _stream(q)))
+                              seed, use_tf32, _stream(q), position_index))
     return out, lse
 
 
@@ -208,22 +210,20 @@ def _gradient(dout: Optional[Tensor], out: Tensor) -> Tensor:
 
 
 def _backward_views(dout, q, k, v, out, lse, dq, dk, dv, key_padding_mask, segment_lengths, dilation_rates,
-                    is_causal, scale, mode, dropout_p, seed, use_tf32) -> None:
+                    is_causal, scale, mode, dropout_p, seed, use_tf32, position_index=None) -> None:
     _C.backward(_view(q), _view(k), _view(v), _view(out), _view(lse), _view(dout), _view(dq), _view(dk), _view(dv),
                 **_config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
-                               seed, use_tf32, _stream(q)))
-
-
+                               seed, use_tf32, _stream(q), position_index))
 
 
 def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale,
-                   mode, dropout_p, seed, use_tf32):
+                   mode, dropout_p, seed, use_tf32, position_index=None):
     dout = _gradient(dout, out)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _backward_views(dout, q, k, v, out, lse, dq, dk, dv, key_padding_mask, segment_lengths, dilation_rates,
-                    is_causal, scale, mode, dropout_p, seed, use_tf32)
+                    is_causal, scale, mode, dropout_p, seed, use_tf32, position_index)
     return dq, dk, dv
 
 

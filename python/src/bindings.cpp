@@ -18,6 +18,8 @@
 #include <vector>
 
 #include "dattn/attention.hpp"
+#include "dattn/block_sparse.hpp"
+#include "dattn/hilbert.hpp"
 #include "dattn/config.hpp"
 #include "dattn/cpu.hpp"
 #include "dattn/error.hpp"
@@ -33,9 +35,9 @@ using ViewSpec = std::tuple<std::uintptr_t, int, int, int, std::vector<std::int6
 
 dattn::TensorView to_view(const ViewSpec& spec, const char* name) {
   const auto& [data, dtype, device_type, device_index, shape, strides] = spec;
-  if (dtype < int(dattn::DType::float32) || dtype > int(dattn::DType::boolean))
+  if (dtype < int(dattn::DType::float32) || dtype > int(dattn::DType::int64))
     throw dattn::Error(std::string(name) + " has dtype code " + std::to_string(dtype) +
-                       "; expected a dattn dtype code (0..4)");
+                       "; expected a dattn dtype code (0..5)");
   if (device_type != int(dattn::DeviceType::cpu) && device_type != int(dattn::DeviceType::cuda))
     throw dattn::Error(std::string(name) + " has device type code " + std::to_string(device_type) +
                        "; expected 0 (cpu) or 1 (cuda)");
@@ -68,7 +70,8 @@ Call make_call(const std::vector<std::int64_t>& segment_lengths,
                const std::vector<std::int64_t>& dilation_rates, const std::string& mode, bool causal,
                std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask,
                double dropout_p, std::uint64_t dropout_seed, std::uint64_t dropout_offset,
-               bool use_tf32, const std::string& backend, std::uintptr_t stream) {
+               bool use_tf32, const std::string& backend, std::uintptr_t stream,
+               const std::optional<ViewSpec>& position_index) {
   Call call;
   call.config.segment_lengths = segment_lengths;
   call.config.dilation_rates = dilation_rates;
@@ -82,6 +85,7 @@ Call make_call(const std::vector<std::int64_t>& segment_lengths,
   call.config.use_tf32 = use_tf32;
   call.options.backend = to_backend(backend);
   call.options.stream = reinterpret_cast<void*>(stream);
+  if (position_index) call.options.position_index = to_view(*position_index, "position_index");
   return call;
 }
 
@@ -90,9 +94,9 @@ void forward(const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const View
              const std::vector<std::int64_t>& dilation_rates, const std::string& mode, bool causal,
              std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask,
              double dropout_p, std::uint64_t dropout_seed, std::uint64_t dropout_offset, bool use_tf32,
-             const std::string& backend, std::uintptr_t stream) {
+             const std::string& backend, std::uintptr_t stream, const std::optional<ViewSpec>& position_index) {
   const Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, key_padding_mask,
-                              dropout_p, dropout_seed, dropout_offset, use_tf32, backend, stream);
+                              dropout_p, dropout_seed, dropout_offset, use_tf32, backend, stream, position_index);
   const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
   const auto ov = to_view(out, "out"), lv = to_view(lse, "lse");
   nb::gil_scoped_release release;
@@ -105,14 +109,58 @@ void backward(const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const Vie
               const std::vector<std::int64_t>& dilation_rates, const std::string& mode, bool causal,
               std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask,
               double dropout_p, std::uint64_t dropout_seed, std::uint64_t dropout_offset,
-              bool use_tf32, const std::string& backend, std::uintptr_t stream) {
+              bool use_tf32, const std::string& backend, std::uintptr_t stream,
+              const std::optional<ViewSpec>& position_index) {
   const Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, key_padding_mask,
-                              dropout_p, dropout_seed, dropout_offset, use_tf32, backend, stream);
+                              dropout_p, dropout_seed, dropout_offset, use_tf32, backend, stream, position_index);
   const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
   const auto ov = to_view(out, "out"), lv = to_view(lse, "lse"), gv = to_view(dout, "dout");
   const auto dqv = to_view(dq, "dq"), dkv = to_view(dk, "dk"), dvv = to_view(dv, "dv");
   nb::gil_scoped_release release;
   dattn::backward(call.config, qv, kv, vv, ov, lv, gv, dqv, dkv, dvv, call.options);
+}
+
+dattn::BlockSparseConfig block_sparse_config(std::int64_t block_size, bool causal, std::optional<double> scale,
+                                             const std::optional<ViewSpec>& key_padding_mask, double dropout_p,
+                                             std::uint64_t dropout_seed) {
+  dattn::BlockSparseConfig config;
+  config.block_size = block_size;
+  config.causal = causal;
+  config.scale = scale;
+  if (key_padding_mask) config.key_padding_mask = to_view(*key_padding_mask, "key_padding_mask");
+  config.dropout_p = dropout_p;
+  config.dropout_seed = dropout_seed;
+  return config;
+}
+
+void block_sparse_forward(const dattn::BlockSparseMask& mask, const ViewSpec& q, const ViewSpec& k, const ViewSpec& v,
+                          const ViewSpec& out, const ViewSpec& lse, std::int64_t block_size, bool causal,
+                          std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask,
+                          double dropout_p, std::uint64_t dropout_seed) {
+  const auto config = block_sparse_config(block_size, causal, scale, key_padding_mask, dropout_p, dropout_seed);
+  const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
+  const auto ov = to_view(out, "out"), lv = to_view(lse, "lse");
+  nb::gil_scoped_release release;
+  dattn::block_sparse_forward(config, mask, qv, kv, vv, ov, lv);
+}
+
+void block_sparse_backward(const dattn::BlockSparseMask& mask, const ViewSpec& q, const ViewSpec& k,
+                           const ViewSpec& v, const ViewSpec& out, const ViewSpec& lse, const ViewSpec& dout,
+                           const ViewSpec& dq, const ViewSpec& dk, const ViewSpec& dv, std::int64_t block_size,
+                           bool causal, std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask,
+                           double dropout_p, std::uint64_t dropout_seed) {
+  const auto config = block_sparse_config(block_size, causal, scale, key_padding_mask, dropout_p, dropout_seed);
+  const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
+  const auto ov = to_view(out, "out"), lv = to_view(lse, "lse"), gv = to_view(dout, "dout");
+  const auto dqv = to_view(dq, "dq"), dkv = to_view(dk, "dk"), dvv = to_view(dv, "dv");
+  nb::gil_scoped_release release;
+  dattn::block_sparse_backward(config, mask, qv, kv, vv, ov, lv, gv, dqv, dkv, dvv);
+}
+
+// A named pattern's dense [nb, nb] mask as a flat list of 0/1 (Python makes it a bool tensor).
+std::vector<std::uint8_t> flat(const dattn::Tensor& mask) {
+  const auto* bits = mask.data<std::uint8_t>();
+  return std::vector<std::uint8_t>(bits, bits + mask.numel());
 }
 
 double forward_flops(const std::vector<std::int64_t>& segment_lengths,
@@ -145,15 +193,54 @@ NB_MODULE(_C, m) {
   m.def("forward", &forward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "segment_lengths"_a,
         "dilation_rates"_a, "mode"_a, "causal"_a, "scale"_a.none(), "key_padding_mask"_a.none(),
         "dropout_p"_a, "dropout_seed"_a, "dropout_offset"_a, "use_tf32"_a, "backend"_a, "stream"_a,
+        "position_index"_a.none() = nb::none(),
         "Writes out [B, N, H, D] and lse [B, H, N] (float32) of dilated attention (SPEC.md).");
   m.def("backward", &backward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dout"_a, "dq"_a, "dk"_a,
         "dv"_a, "segment_lengths"_a, "dilation_rates"_a, "mode"_a, "causal"_a, "scale"_a.none(),
         "key_padding_mask"_a.none(), "dropout_p"_a, "dropout_seed"_a, "dropout_offset"_a,
-        "use_tf32"_a, "backend"_a, "stream"_a,
+        "use_tf32"_a, "backend"_a, "stream"_a, "position_index"_a.none() = nb::none(),
         "Writes dq, dk, dv given dout and the out and lse that forward wrote.");
   m.def("forward_flops", &forward_flops, "segment_lengths"_a, "dilation_rates"_a, "mode"_a,
         "causal"_a, "batch"_a, "seqlen"_a, "heads"_a, "head_dim"_a,
         "Forward FLOPs as PERF.md counts them.");
+  m.attr("DTYPE_INT64") = int(dattn::DType::int64);
+
+  nb::class_<dattn::BlockSparseMask>(m, "BlockSparseMask",
+                                     "A block mask in CSR form with its transpose, built once per mask.")
+      .def_static("from_dense", [](const ViewSpec& mask) { return dattn::BlockSparseMask::from_dense(to_view(mask, "block_mask")); },
+                  "mask"_a, "From a dense bool [nqb, nkb] or [H, nqb, nkb] cpu tensor.")
+      .def_static("from_csr", &dattn::BlockSparseMask::from_csr, "heads"_a, "query_blocks"_a, "key_blocks"_a,
+                  "row_offsets"_a, "column_indices"_a)
+      .def_prop_ro("heads", &dattn::BlockSparseMask::heads)
+      .def_prop_ro("query_blocks", &dattn::BlockSparseMask::query_blocks)
+      .def_prop_ro("key_blocks", &dattn::BlockSparseMask::key_blocks)
+      .def_prop_ro("allowed_pairs", &dattn::BlockSparseMask::allowed_pairs)
+      .def_prop_ro("row_offsets", &dattn::BlockSparseMask::row_offsets)
+      .def_prop_ro("columns", &dattn::BlockSparseMask::columns);
+  m.def("block_sparse_forward", &block_sparse_forward, "mask"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a,
+        "block_size"_a, "causal"_a, "scale"_a.none(), "key_padding_mask"_a.none(), "dropout_p"_a, "dropout_seed"_a);
+  m.def("block_sparse_backward", &block_sparse_backward, "mask"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dout"_a,
+        "dq"_a, "dk"_a, "dv"_a, "block_size"_a, "causal"_a, "scale"_a.none(), "key_padding_mask"_a.none(),
+        "dropout_p"_a, "dropout_seed"_a);
+  m.def("local_window_pattern", [](std::int64_t nb, std::int64_t window, std::int64_t block_size) {
+    return flat(dattn::local_window_pattern(nb, window, block_size));
+  }, "num_blocks"_a, "window"_a, "block_size"_a);
+  m.def("dilated_sparse_pattern", [](std::int64_t nb, const std::vector<std::int64_t>& rates) {
+    return flat(dattn::dilated_sparse_pattern(nb, rates));
+  }, "num_blocks"_a, "rates"_a);
+  m.def("global_local_pattern", [](std::int64_t nb, std::int64_t window, std::int64_t global_blocks,
+                                   std::int64_t block_size) {
+    return flat(dattn::global_local_pattern(nb, window, global_blocks, block_size));
+  }, "num_blocks"_a, "window"_a, "global_blocks"_a, "block_size"_a);
+  m.def("dilated_pattern", [](std::int64_t seqlen, const std::vector<std::int64_t>& w,
+                              const std::vector<std::int64_t>& r, std::int64_t block_size) {
+    return flat(dattn::dilated_pattern(seqlen, w, r, block_size));
+  }, "seqlen"_a, "segment_lengths"_a, "dilation_rates"_a, "block_size"_a);
+  m.def("hilbert_grid_order", &dattn::hilbert_grid_order, "height"_a, "width"_a,
+        "Token indices row * width + column in generalized Hilbert curve order.");
+  m.def("hilbert_sequence_order", &dattn::hilbert_sequence_order, "length"_a,
+        "The plain-sequence layout of SPEC.md (width ceil(sqrt(N)), empty cells skipped).");
+
   m.def("cpu_isa", [] { return std::string(dattn::cpu_isa_name(dattn::active_cpu_isa())); },
         "The SIMD path the CPU kernels run (DATTN_CPU_ISA forces one).");
 }
