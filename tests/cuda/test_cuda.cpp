@@ -1,0 +1,548 @@
+// GPU tests of the CUDA backend against the float64 reference (a plain program, no GoogleTest, so
+// that it builds on the GPU machine too). Each case draws a random problem (SPEC.md's features:
+// both modes, causal, partial segments, r = w, H < G, key padding, dropout, fused-QKV and random
+// strided layouts), runs dattn::forward and dattn::backward on the GPU with every output buffer
+// poisoned (NaN bytes), and compares out, lse, dq, dk, dv with Backend::reference on float64
+// copies of the same rounded inputs at SPEC.md's bars. It also checks that no byte outside the
+// output views changed and that the inputs are untouched.
+//
+// Usage: dattn-test-cuda [--cases N] [--seed S] [--max-n N] [--threads T] [--head-dims 16,64,...]
+//                        [--fixed-only | --random-only] [--verbose]
+// Prints one line per failure and "N passed, M failed"; exit 0 when all passed, 77 without a GPU.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "dattn/dattn.hpp"
+
+namespace {
+
+using dattn::DType;
+using Rng = std::mt19937_64;
+
+#define CUDA_OK(x)                                                                                   \
+  do {                                                                                               \
+    const cudaError_t e_ = (x);                                                                      \
+    if (e_ != cudaSuccess) throw std::runtime_error(std::string(#x) + ": " + cudaGetErrorString(e_)); \
+  } while (0)
+
+std::int64_t uniform(Rng& rng, std::int64_t lo, std::int64_t hi) {
+  return lo + std::int64_t(rng() % std::uint64_t(hi - lo + 1));
+}
+bool chance(Rng& rng, double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; }
+
+// ---- a case ----
+struct Case {
+  std::uint64_t seed = 0;
+  DType dtype = DType::bfloat16;
+  bool tf32 = false;
+  std::int64_t B = 1, N = 1, H = 1, D = 64;
+  std::vector<std::int64_t> w{1}, r{1};
+  dattn::Mode mode = dattn::Mode::grouped;
+  bool causal = false;
+  std::optional<double> scale;
+  std::vector<std::uint8_t> padding;  // empty or [B*N]
+  double dropout_p = 0;
+  std::uint64_t dropout_seed = 0, dropout_offset = 0;
+  bool fused_qkv = false, strided = false;
+};
+
+std::string describe(const Case& c) {
+  std::ostringstream s;
+  s << "seed=" << c.seed << " dtype=" << dattn::dtype_name(c.dtype) << (c.tf32 ? "(tf32)" : "") << " B=" << c.B
+    << " N=" << c.N << " H=" << c.H << " D=" << c.D << " w=[";
+  for (std::size_t i = 0; i < c.w.size(); ++i) s << (i ? "," : "") << c.w[i];
+  s << "] r=[";
+  for (std::size_t i = 0; i < c.r.size(); ++i) s << (i ? "," : "") << c.r[i];
+  s << "] mode=" << (c.mode == dattn::Mode::grouped ? "grouped" : "longnet") << " causal=" << c.causal;
+  if (c.scale) s << " scale=" << *c.scale;
+  if (!c.padding.empty()) {
+    std::int64_t padded = 0;
+    for (auto x : c.padding) padded += x;
+    s << " padding=" << padded << "/" << c.padding.size();
+  }
+  if (c.dropout_p > 0) s << " dropout=" << c.dropout_p << " dseed=" << c.dropout_seed << " doff=" << c.dropout_offset;
+  if (c.fused_qkv) s << " fused_qkv";
+  if (c.strided) s << " strided";
+  return s.str();
+}
+
+std::vector<std::int64_t> g_head_dims{16, 32, 64, 80, 96, 128};
+
+Case random_case(Rng& rng, std::int64_t max_n) {
+  static const DType dtypes[] = {DType::bfloat16, DType::float16, DType::float32, DType::float32};
+  Case c;
+  c.seed = rng();
+  const int dt = int(rng() % 4);
+  c.dtype = dtypes[dt];
+  c.tf32 = dt == 3;
+  c.B = uniform(rng, 1, 2);
+  c.H = uniform(rng, 1, 4);
+  c.D = g_head_dims[rng() % g_head_dims.size()];
+  const int n_kind = int(rng() % 20);
+  c.N = n_kind == 0 ? 1 : n_kind < 3 ? uniform(rng, 2, 8) : n_kind < 15 ? uniform(rng, 2, std::min<std::int64_t>(max_n, 160))
+                                                                          : uniform(rng, 2, max_n);
+  const auto G = std::size_t(uniform(rng, 1, 4));
+  c.w.assign(G, 1);
+  c.r.assign(G, 1);
+  for (std::size_t i = 0; i < G; ++i) {
+    const int kind = int(rng() % 10);
+    const std::int64_t w = kind == 0 ? uniform(rng, c.N + 1, c.N + 40)
+                           : kind == 1 ? c.N
+                           : kind == 2 ? uniform(rng, 1, 4)
+                                       : uniform(rng, 1, std::max<std::int64_t>(1, c.N));
+    c.w[i] = w;
+    c.r[i] = chance(rng, 0.1) ? w : uniform(rng, 1, std::min<std::int64_t>(w, 4));
+  }
+  c.mode = chance(rng, 0.5) ? dattn::Mode::grouped : dattn::Mode::longnet;
+  c.causal = chance(rng, 0.5);
+  if (chance(rng, 0.2)) c.scale = std::uniform_real_distribution<double>(0.5, 2.0)(rng) / std::sqrt(double(c.D));
+  const int pad_kind = int(rng() % 10);
+  if (pad_kind >= 5) {
+    c.padding.assign(std::size_t(c.B * c.N), 0);
+    if (pad_kind < 8) {
+      const double p = std::vector<double>{0.1, 0.3, 0.7}[rng() % 3];
+      for (auto& x : c.padding) x = chance(rng, p);
+    } else if (pad_kind == 8) {  // a padded prefix
+      for (std::int64_t b = 0; b < c.B; ++b)
+        for (std::int64_t n = 0, k = uniform(rng, 0, c.N); n < k; ++n) c.padding[std::size_t(b * c.N + n)] = 1;
+    } else {
+      std::fill(c.padding.begin(), c.padding.end(), 1);
+    }
+  }
+  if (chance(rng, 0.25)) {
+    c.dropout_p = std::uniform_real_distribution<double>(0.001, 0.499)(rng);
+    c.dropout_seed = rng();
+    c.dropout_offset = chance(rng, 0.3) ? rng() : 0;
+  }
+  c.fused_qkv = chance(rng, 0.25);
+  c.strided = chance(rng, 0.35);
+  return c;
+}
+
+// ---- host mirrors of device buffers with arbitrary layouts ----
+double load(const void* base, DType t, std::int64_t i) {
+  switch (t) {
+    case DType::float32: return static_cast<const float*>(base)[i];
+    case DType::float64: return static_cast<const double*>(base)[i];
+    case DType::bfloat16: return dattn::bfloat16_to_float(static_cast<const std::uint16_t*>(base)[i]);
+    case DType::float16: return dattn::float16_to_float(static_cast<const std::uint16_t*>(base)[i]);
+    case DType::boolean: return static_cast<const std::uint8_t*>(base)[i];
+    default: break;
+  }
+  return 0;
+}
+void store(void* base, DType t, std::int64_t i, double x) {
+  switch (t) {
+    case DType::float32: static_cast<float*>(base)[i] = float(x); break;
+    case DType::float64: static_cast<double*>(base)[i] = x; break;
+    case DType::bfloat16: static_cast<std::uint16_t*>(base)[i] = dattn::float_to_bfloat16(float(x)); break;
+    case DType::float16: static_cast<std::uint16_t*>(base)[i] = dattn::float_to_float16(float(x)); break;
+    case DType::boolean: static_cast<std::uint8_t*>(base)[i] = x != 0; break;
+    default: break;
+  }
+}
+
+template <class F>
+void for_each_index(const std::vector<std::int64_t>& shape, F&& f) {
+  std::vector<std::int64_t> idx(shape.size(), 0);
+  for (auto s : shape)
+    if (s == 0) return;
+  for (;;) {
+    f(idx);
+    int d = int(shape.size()) - 1;
+    for (; d >= 0; --d) {
+      if (++idx[std::size_t(d)] < shape[std::size_t(d)]) break;
+      idx[std::size_t(d)] = 0;
+    }
+    if (d < 0) return;
+  }
+}
+
+// One device allocation and its host mirror; views index into it.
+struct Buffer {
+  DType dtype;
+  std::int64_t elements = 0;
+  std::vector<unsigned char> host;
+  void* device = nullptr;
+  Buffer(DType t, std::int64_t n) : dtype(t), elements(n), host(std::size_t(n) * dattn::dtype_size(t), 0xff) {
+    CUDA_OK(cudaMalloc(&device, std::max<std::size_t>(host.size(), 16)));
+  }
+  ~Buffer() { cudaFree(device); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  void upload(cudaStream_t s) { CUDA_OK(cudaMemcpyAsync(device, host.data(), host.size(), cudaMemcpyHostToDevice, s)); }
+  void download(cudaStream_t s) { CUDA_OK(cudaMemcpyAsync(host.data(), device, host.size(), cudaMemcpyDeviceToHost, s)); }
+};
+
+struct View {
+  Buffer* buffer = nullptr;
+  std::int64_t offset = 0;  // elements
+  std::vector<std::int64_t> shape, strides;
+  std::int64_t at(const std::vector<std::int64_t>& idx) const {
+    std::int64_t o = offset;
+    for (std::size_t d = 0; d < idx.size(); ++d) o += idx[d] * strides[d];
+    return o;
+  }
+  dattn::TensorView device_view() const {
+    return dattn::make_view(static_cast<unsigned char*>(buffer->device) + offset * std::int64_t(dattn::dtype_size(buffer->dtype)),
+                            buffer->dtype, shape, strides, dattn::Device{dattn::DeviceType::cuda, 0});
+  }
+};
+
+// A view of `shape` in a fresh buffer: contiguous, or a random memory order of the dims (the last
+// stays innermost when unit_last), padded extents and a base offset, every stride but the unit one
+// a multiple of `align` elements.
+View make_buffer(std::vector<std::unique_ptr<Buffer>>& owner, const std::vector<std::int64_t>& shape, DType t,
+                 bool random, bool unit_last, std::int64_t align, Rng& rng) {
+  const int rank = int(shape.size());
+  std::vector<int> order(static_cast<std::size_t>(rank));  // memory order, innermost first
+  for (int d = 0; d < rank; ++d) order[std::size_t(d)] = rank - 1 - d;
+  std::vector<std::int64_t> padded(shape);
+  std::int64_t offset = 0;
+  if (random) {
+    std::shuffle(order.begin() + (unit_last ? 1 : 0), order.end(), rng);
+    if (!unit_last) std::shuffle(order.begin(), order.end(), rng);
+    for (auto& e : padded) e += uniform(rng, 0, 2);
+    offset = align * uniform(rng, 0, 3);
+  }
+  std::vector<std::int64_t> strides(static_cast<std::size_t>(rank));
+  std::int64_t running = 1;
+  for (int i = 0; i < rank; ++i) {
+    const int d = order[std::size_t(i)];
+    strides[std::size_t(d)] = running;
+    running *= padded[std::size_t(d)];
+    if (i == 0) running = (running + align - 1) / align * align;
+  }
+  if (unit_last && strides[std::size_t(rank - 1)] != 1) throw std::logic_error("layout");
+  owner.push_back(std::make_unique<Buffer>(t, offset + running));
+  return View{owner.back().get(), offset, shape, strides};
+}
+
+// q, k, v (or dq, dk, dv) as select(2, i) of one [B, N, 3, H, D] buffer with padded rows.
+std::vector<View> make_fused(std::vector<std::unique_ptr<Buffer>>& owner, const Case& c, DType t, std::int64_t align,
+                             Rng& rng) {
+  const std::int64_t row = (3 * c.H * c.D + align * uniform(rng, 0, 2) + align - 1) / align * align;
+  owner.push_back(std::make_unique<Buffer>(t, c.B * c.N * row));
+  std::vector<View> views;
+  for (int i = 0; i < 3; ++i)
+    views.push_back(View{owner.back().get(), i * c.H * c.D, {c.B, c.N, c.H, c.D}, {c.N * row, row, c.D, 1}});
+  return views;
+}
+
+void fill_normal(const View& v, Rng& rng) {
+  std::normal_distribution<double> normal;
+  for_each_index(v.shape, [&](const std::vector<std::int64_t>& i) { store(v.buffer->host.data(), v.buffer->dtype, v.at(i), normal(rng)); });
+}
+
+dattn::Tensor to_f64(const View& v) {
+  dattn::Tensor t = dattn::Tensor::empty(v.shape, DType::float64);
+  std::int64_t k = 0;
+  for_each_index(v.shape, [&](const std::vector<std::int64_t>& i) { t.data<double>()[k++] = load(v.buffer->host.data(), v.buffer->dtype, v.at(i)); });
+  return t;
+}
+
+// ---- checks ----
+struct Tolerance {
+  double rel, lse;
+};
+Tolerance tolerance(const Case& c) {
+  if (c.dtype == DType::float32) return c.tf32 ? Tolerance{3e-3, 3e-3} : Tolerance{1e-5, 1e-5};
+  if (c.dtype == DType::bfloat16) return {1.5e-2, 1e-3};
+  return {3e-3, 1e-3};
+}
+
+// Relative L2 error, or +inf for NaN/Inf. As tests/harness.cpp: where the reference is exactly 0
+// the result must be exactly 0 (else +inf); a reference at float64 round-off (RMS <= 1e-12, a
+// gradient that is 0 mathematically but not bit-exactly) holds the result to RMS <= tol instead,
+// reported as RMS / tol * tol (so that "<= tol" decides either way).
+double rel_l2(const View& x, const dattn::Tensor& ref, double tol) {
+  double num = 0, den = 0;
+  bool finite = true;
+  std::int64_t k = 0;
+  for_each_index(x.shape, [&](const std::vector<std::int64_t>& i) {
+    const double a = load(x.buffer->host.data(), x.buffer->dtype, x.at(i)), b = ref.data<double>()[k++];
+    if (!std::isfinite(a)) finite = false;
+    num += (a - b) * (a - b);
+    den += b * b;
+  });
+  if (!finite) return std::numeric_limits<double>::infinity();
+  if (den == 0) return num == 0 ? 0 : std::numeric_limits<double>::infinity();
+  const double count = double(k);
+  if (std::sqrt(den / count) <= 1e-12) return std::sqrt(num / count) <= tol ? 0 : std::sqrt(num / count);
+  return std::sqrt(num / den);
+}
+
+std::string lse_problem(const View& x, const dattn::Tensor& ref, double tol, double& worst) {
+  std::int64_t k = 0, bad = 0;
+  std::string first;
+  worst = 0;
+  for_each_index(x.shape, [&](const std::vector<std::int64_t>& i) {
+    const double a = load(x.buffer->host.data(), DType::float32, x.at(i)), b = ref.data<double>()[k++];
+    bool ok;
+    if (std::isinf(b) && b < 0) ok = std::isinf(a) && a < 0;
+    else {
+      ok = std::isfinite(a) && std::fabs(a - b) <= tol * std::max(1.0, std::fabs(b));
+      if (std::isfinite(a)) worst = std::max(worst, std::fabs(a - b) / std::max(1.0, std::fabs(b)));
+    }
+    if (!ok && bad++ == 0) {
+      std::ostringstream s;
+      s << "lse[" << i[0] << "," << i[1] << "," << i[2] << "] = " << a << ", reference " << b;
+      first = s.str();
+    }
+  });
+  return bad ? std::to_string(bad) + " lse element(s) wrong; first " + first : "";
+}
+
+// Bytes of the buffers outside the views must still hold the 0xff poison.
+std::string changed_outside(const std::vector<View>& views) {
+  Buffer* b = views[0].buffer;
+  const std::size_t es = dattn::dtype_size(b->dtype);
+  std::vector<char> inside(std::size_t(b->elements), 0);
+  for (const View& v : views)
+    for_each_index(v.shape, [&](const std::vector<std::int64_t>& i) { inside[std::size_t(v.at(i))] = 1; });
+  for (std::int64_t e = 0; e < b->elements; ++e)
+    if (!inside[std::size_t(e)])
+      for (std::size_t k = 0; k < es; ++k)
+        if (b->host[std::size_t(e) * es + k] != 0xff) return "element " + std::to_string(e) + " outside the views changed";
+  return "";
+}
+
+struct Result {
+  bool ok = true;
+  std::string message;
+  double worst[5] = {0, 0, 0, 0, 0};  // out, lse, dq, dk, dv
+};
+
+Result run_case(const Case& c, cudaStream_t stream) {
+  Result result;
+  Rng rng(c.seed);
+  std::vector<std::unique_ptr<Buffer>> owner;
+  const std::int64_t es = std::int64_t(dattn::dtype_size(c.dtype)), align = 16 / es;
+  const std::vector<std::int64_t> bnhd{c.B, c.N, c.H, c.D}, bhn{c.B, c.H, c.N};
+  auto attention_views = [&](bool fused) {
+    if (fused) return make_fused(owner, c, c.dtype, align, rng);
+    std::vector<View> v;
+    for (int i = 0; i < 3; ++i) v.push_back(make_buffer(owner, bnhd, c.dtype, c.strided, true, align, rng));
+    return v;
+  };
+  std::vector<View> qkv = attention_views(c.fused_qkv);
+  for (const View& v : qkv) fill_normal(v, rng);
+  View out = make_buffer(owner, bnhd, c.dtype, c.strided, true, align, rng);
+  View lse = make_buffer(owner, bhn, DType::float32, c.strided, false, 1, rng);
+  View dout = make_buffer(owner, bnhd, c.dtype, c.strided, true, align, rng);
+  fill_normal(dout, rng);
+  std::vector<View> grads = attention_views(c.fused_qkv);
+  std::optional<View> mask;
+  if (!c.padding.empty()) {
+    mask = make_buffer(owner, {c.B, c.N}, DType::boolean, c.strided, false, 1, rng);
+    std::size_t k = 0;
+    for_each_index(mask->shape, [&](const std::vector<std::int64_t>& i) { mask->buffer->host[std::size_t(mask->at(i))] = c.padding[k++]; });
+  }
+  for (auto& b : owner) b->upload(stream);
+  const std::vector<unsigned char> qkv_before = qkv[0].buffer->host;
+
+  dattn::DilatedConfig config;
+  config.segment_lengths = c.w;
+  config.dilation_rates = c.r;
+  config.mode = c.mode;
+  config.causal = c.causal;
+  config.scale = c.scale;
+  config.dropout_p = c.dropout_p;
+  config.dropout_seed = c.dropout_seed;
+  config.dropout_offset = c.dropout_offset;
+  config.use_tf32 = c.tf32;
+  if (mask) config.key_padding_mask = mask->device_view();
+
+  dattn::LaunchOptions options;
+  options.stream = stream;
+  dattn::forward(config, qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(), out.device_view(),
+                 lse.device_view(), options);
+  dattn::backward(config, qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(), out.device_view(),
+                  lse.device_view(), dout.device_view(), grads[0].device_view(), grads[1].device_view(),
+                  grads[2].device_view(), options);
+  for (auto& b : owner) b->download(stream);
+  CUDA_OK(cudaStreamSynchronize(stream));
+
+  // The reference on float64 copies of the same rounded inputs (a mask on the host).
+  const dattn::Tensor q64 = to_f64(qkv[0]), k64 = to_f64(qkv[1]), v64 = to_f64(qkv[2]), g64 = to_f64(dout);
+  dattn::Tensor out64 = dattn::Tensor::empty(bnhd, DType::float64), lse64 = dattn::Tensor::empty(bhn, DType::float32);
+  dattn::Tensor dq64 = dattn::Tensor::empty(bnhd, DType::float64), dk64 = dattn::Tensor::empty(bnhd, DType::float64),
+                dv64 = dattn::Tensor::empty(bnhd, DType::float64);
+  dattn::Tensor mask_host;
+  dattn::DilatedConfig ref_config = config;
+  if (mask) {
+    mask_host = dattn::Tensor::empty({c.B, c.N}, DType::boolean);
+    std::memcpy(mask_host.data<std::uint8_t>(), c.padding.data(), c.padding.size());
+    ref_config.key_padding_mask = mask_host.view();
+  }
+  dattn::LaunchOptions ref_options;
+  ref_options.backend = dattn::Backend::reference;
+  // lse in float64 precision: the reference writes float32 lse; recompute the float64 one from
+  // out64's run is not exposed, so compare against the float32-rounded reference lse.
+  dattn::forward(ref_config, q64, k64, v64, out64, lse64, ref_options);
+  dattn::backward(ref_config, q64, k64, v64, out64, lse64, g64, dq64, dk64, dv64, ref_options);
+  dattn::Tensor lse_ref = dattn::Tensor::empty(bhn, DType::float64);
+  for (std::int64_t i = 0; i < lse64.numel(); ++i) lse_ref.data<double>()[i] = lse64.data<float>()[i];
+
+  const Tolerance tol = tolerance(c);
+  std::ostringstream problems;
+  const struct {
+    const char* name;
+    const View* view;
+    const dattn::Tensor* ref;
+    int slot;
+  } checks[] = {{"out", &out, &out64, 0}, {"dq", &grads[0], &dq64, 2}, {"dk", &grads[1], &dk64, 3}, {"dv", &grads[2], &dv64, 4}};
+  for (const auto& ch : checks) {
+    const double e = rel_l2(*ch.view, *ch.ref, tol.rel);
+    result.worst[ch.slot] = e;
+    if (!(e <= tol.rel)) problems << ch.name << " relative L2 error " << e << " > " << tol.rel << "; ";
+  }
+  if (std::string m = lse_problem(lse, lse_ref, tol.lse, result.worst[1]); !m.empty()) problems << m << "; ";
+  for (const auto& [name, views] : {std::pair<const char*, std::vector<View>>{"out", {out}}, {"lse", {lse}},
+                                    {"grads", c.fused_qkv ? grads : std::vector<View>{grads[0]}}})
+    if (std::string m = changed_outside(views); !m.empty()) problems << name << ": " << m << "; ";
+  if (!c.fused_qkv)
+    for (int i = 1; i < 3; ++i)
+      if (std::string m = changed_outside({grads[std::size_t(i)]}); !m.empty()) problems << "grad " << i << ": " << m << "; ";
+  if (qkv[0].buffer->host != qkv_before) problems << "q (or the fused qkv buffer) changed; ";
+  result.message = problems.str();
+  result.ok = result.message.empty();
+  return result;
+}
+
+// Fixed cases: PERF.md's shapes scaled down and features one at a time, every dtype and head dim.
+std::vector<Case> fixed_cases() {
+  std::vector<Case> cases;
+  std::uint64_t seed = 1000;
+  for (DType t : {DType::bfloat16, DType::float16, DType::float32})
+    for (std::int64_t d : g_head_dims)
+      for (int variant = 0; variant < 4; ++variant) {
+        Case c;
+        c.seed = seed++;
+        c.dtype = t;
+        c.D = d;
+        c.B = 2;
+        c.H = 6;
+        c.N = variant == 3 ? 700 : 512;
+        c.w = {128, 256, 512};
+        c.r = {1, 2, 4};
+        c.mode = variant == 1 ? dattn::Mode::longnet : dattn::Mode::grouped;
+        c.causal = variant >= 2;
+        if (variant == 3) {
+          c.w = {100, 300, 1000};
+          c.r = {1, 3, 5};
+          c.padding.assign(std::size_t(c.B * c.N), 0);
+          for (std::size_t i = 0; i < c.padding.size(); i += 7) c.padding[i] = 1;
+          c.dropout_p = 0.2;
+          c.dropout_seed = 42 + std::uint64_t(d);
+          c.strided = true;
+        }
+        cases.push_back(c);
+      }
+  Case tf32 = cases[cases.size() - 4];
+  tf32.tf32 = true;
+  cases.push_back(tf32);
+  return cases;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int num_cases = 300, threads = int(std::max(1u, std::min(16u, std::thread::hardware_concurrency())));
+  std::uint64_t seed = 20251125;
+  std::int64_t max_n = 600;
+  bool fixed_only = false, random_only = false, verbose = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> const char* {
+      if (i + 1 >= argc) throw std::invalid_argument(a + " needs a value");
+      return argv[++i];
+    };
+    if (a == "--cases") num_cases = std::atoi(next());
+    else if (a == "--seed") seed = std::strtoull(next(), nullptr, 10);
+    else if (a == "--max-n") max_n = std::atoll(next());
+    else if (a == "--threads") threads = std::atoi(next());
+    else if (a == "--fixed-only") fixed_only = true;
+    else if (a == "--random-only") random_only = true;
+    else if (a == "--verbose") verbose = true;
+    else if (a == "--head-dims") {
+      g_head_dims.clear();
+      std::stringstream list(next());
+      for (std::string item; std::getline(list, item, ',');) g_head_dims.push_back(std::atoll(item.c_str()));
+    }
+    else {
+      std::fprintf(stderr, "unknown argument %s\n", a.c_str());
+      return 2;
+    }
+  }
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("no CUDA device: skipped\n");
+    return 77;
+  }
+  cudaDeviceProp prop{};
+  cudaGetDeviceProperties(&prop, 0);
+  std::printf("device: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
+
+  std::vector<Case> cases;
+  if (!random_only) cases = fixed_cases();
+  if (!fixed_only) {
+    Rng rng(seed);
+    for (int i = 0; i < num_cases; ++i) cases.push_back(random_case(rng, max_n));
+  }
+
+  std::atomic<int> next{0}, passed{0}, failed{0};
+  std::mutex print;
+  double worst[4][5] = {};  // per kind (bf16, fp16, fp32, tf32): out, lse, dq, dk, dv
+  auto kind_of = [](const Case& c) { return c.dtype == DType::bfloat16 ? 0 : c.dtype == DType::float16 ? 1 : c.tf32 ? 3 : 2; };
+  auto worker = [&]() {
+    CUDA_OK(cudaSetDevice(0));
+    cudaStream_t stream;
+    CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    for (int i; (i = next++) < int(cases.size());) {
+      Result r;
+      try {
+        r = run_case(cases[std::size_t(i)], stream);
+      } catch (const std::exception& e) {
+        r.ok = false;
+        r.message = std::string("exception: ") + e.what();
+      }
+      std::lock_guard<std::mutex> lock(print);
+      (r.ok ? passed : failed)++;
+      if (!r.ok || verbose)
+        std::printf("%s case %d: %s\n    %s\n", r.ok ? "ok" : "FAIL", i, describe(cases[std::size_t(i)]).c_str(),
+                    r.message.c_str());
+      if (verbose && r.ok)
+        std::printf("    errors out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", r.worst[0], r.worst[1], r.worst[2],
+                    r.worst[3], r.worst[4]);
+      if (r.ok)
+        for (int k = 0; k < 5; ++k)
+          worst[kind_of(cases[std::size_t(i)])][k] = std::max(worst[kind_of(cases[std::size_t(i)])][k], r.worst[k]);
+      std::fflush(stdout);
+    }
+    cudaStreamDestroy(stream);
+  };
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) pool.emplace_back(worker);
+  for (auto& t : pool) t.join();
+  const char* kinds[] = {"bfloat16", "float16", "float32", "float32 tf32"};
+  for (int k = 0; k < 4; ++k)
+    std::printf("worst passing errors %-13s out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", kinds[k], worst[k][0],
+                worst[k][1], worst[k][2], worst[k][3], worst[k][4]);
+  std::printf("%d passed, %d failed\n", passed.load(), failed.load());
+  return failed == 0 ? 0 : 1;
+}

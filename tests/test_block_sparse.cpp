@@ -1,0 +1,169 @@
+// Block-sparse attention: the fused kernels against the float64 reference on random masks of
+// every density (shared and per head, empty and full rows), odd block sizes and lengths, causal,
+// key padding and dropout; the CSR form, its transpose, the named patterns and the errors.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "harness.hpp"
+
+namespace dattn_test {
+namespace {
+
+using dattn::BlockSparseConfig;
+using dattn::BlockSparseMask;
+
+struct SparseCase {
+  std::int64_t B, N, H, D, block;
+  double density;
+  bool per_head, causal, padding;
+  double dropout_p;
+};
+
+void run_case(const SparseCase& c, DType dtype, Rng& rng) {
+  SCOPED_TRACE(::testing::Message() << "B=" << c.B << " N=" << c.N << " H=" << c.H << " D=" << c.D
+                                    << " block=" << c.block << " density=" << c.density << " per_head=" << c.per_head
+                                    << " causal=" << c.causal << " padding=" << c.padding << " p=" << c.dropout_p
+                                    << " dtype=" << dattn::dtype_name(dtype));
+  const std::vector<std::int64_t> shape{c.B, c.N, c.H, c.D};
+  const std::int64_t nb = (c.N + c.block - 1) / c.block;
+  Tensor dense = c.per_head ? Tensor::zeros({c.H, nb, nb}, DType::boolean) : Tensor::zeros({nb, nb}, DType::boolean);
+  std::uniform_real_distribution<double> uniform;
+  for (std::int64_t i = 0; i < dense.numel(); ++i) dense.data<std::uint8_t>()[i] = uniform(rng) < c.density;
+  const BlockSparseMask mask = BlockSparseMask::from_dense(dense);
+
+  BlockSparseConfig config;
+  config.block_size = c.block;
+  config.causal = c.causal;
+  config.dropout_p = c.dropout_p;
+  config.dropout_seed = rng();
+  Tensor padding = Tensor::zeros({c.B, c.N}, DType::boolean);
+  if (c.padding) {
+    for (std::int64_t i = 0; i < padding.numel(); ++i) padding.data<std::uint8_t>()[i] = uniform(rng) < 0.25;
+    config.key_padding_mask = padding.view();
+  }
+  Buffer q = random_strided(shape, dtype, rng), k = random_strided(shape, dtype, rng), v = random_strided(shape, dtype, rng);
+  Buffer dout = random_strided(shape, dtype, rng);
+  for (const Buffer* b : {&q, &k, &v, &dout}) fill_normal(b->view(), rng);
+  Buffer out = random_strided(shape, dtype, rng), lse = random_strided({c.B, c.H, c.N}, DType::float32, rng, false);
+  Buffer dq = random_strided(shape, dtype, rng), dk = random_strided(shape, dtype, rng), dv = random_strided(shape, dtype, rng);
+  for (const Buffer* b : {&out, &lse, &dq, &dk, &dv}) poison(*b);
+  dattn::LaunchOptions fused{.backend = dattn::Backend::fused};
+  dattn::block_sparse_forward(config, mask, q.view(), k.view(), v.view(), out.view(), lse.view(), fused);
+  dattn::block_sparse_backward(config, mask, q.view(), k.view(), v.view(), out.view(), lse.view(), dout.view(),
+                               dq.view(), dk.view(), dv.view(), fused);
+
+  const Tensor q64 = to_f64(q.view()), k64 = to_f64(k.view()), v64 = to_f64(v.view()), do64 = to_f64(dout.view());
+  Tensor out64 = Tensor::empty(shape, DType::float64), lse64 = Tensor::empty({c.B, c.H, c.N}, DType::float32);
+  Tensor dq64 = Tensor::empty(shape, DType::float64), dk64 = Tensor::empty(shape, DType::float64),
+         dv64 = Tensor::empty(shape, DType::float64);
+  dattn::block_sparse_forward(config, mask, q64, k64, v64, out64, lse64);
+  dattn::block_sparse_backward(config, mask, q64, k64, v64, out64, lse64, do64, dq64, dk64, dv64);
+  const Tolerance tol = tolerance(dtype);
+  EXPECT_TRUE(close_rel_l2("out", out.view(), out64, tol.rel_l2));
+  EXPECT_TRUE(lse_close(lse.view(), lse64, tol.lse));
+  EXPECT_TRUE(close_rel_l2("dq", dq.view(), dq64, tol.rel_l2, ZeroReference::cancellation));
+  EXPECT_TRUE(close_rel_l2("dk", dk.view(), dk64, tol.rel_l2, ZeroReference::cancellation));
+  EXPECT_TRUE(close_rel_l2("dv", dv.view(), dv64, tol.rel_l2));
+}
+
+class BlockSparseTest : public ::testing::TestWithParam<DType> {};
+
+TEST_P(BlockSparseTest, MatchesReferenceOnRandomMasks) {
+  Rng rng(20261125 + int(GetParam()));
+  std::uniform_int_distribution<int> pick(0, 1 << 20);
+  const std::int64_t dims[] = {1, 8, 16, 33, 64, 80};
+  const double densities[] = {0.0, 0.1, 0.4, 0.8, 1.0};
+  for (int i = 0; i < 60; ++i) {
+    SparseCase c;
+    c.B = 1 + pick(rng) % 2;
+    c.N = 1 + pick(rng) % 150;
+    c.H = 1 + pick(rng) % 3;
+    c.D = dims[pick(rng) % 6];
+    c.block = 1 + pick(rng) % 70;
+    c.density = densities[pick(rng) % 5];
+    c.per_head = pick(rng) % 2;
+    c.causal = pick(rng) % 2;
+    c.padding = pick(rng) % 3 == 0;
+    c.dropout_p = pick(rng) % 4 == 0 ? 0.3 : 0.0;
+    run_case(c, GetParam(), rng);
+  }
+}
+
+TEST_P(BlockSparseTest, LongRowsSpanSeveralChunks) {  // rows with more keys than one 256-row chunk
+  Rng rng(7);
+  run_case({1, 600, 2, 32, 128, 0.7, true, true, true, 0.0}, GetParam(), rng);
+  run_case({1, 530, 1, 16, 300, 1.0, false, false, false, 0.2}, GetParam(), rng);
+}
+
+INSTANTIATE_TEST_SUITE_P(All, BlockSparseTest, ::testing::Values(DType::float32, DType::bfloat16, DType::float16),
+                         [](const auto& info) { return std::string(dattn::dtype_name(info.param)); });
+
+TEST(BlockSparseMaskTest, CsrAndTransposeAgreeWithDense) {
+  Rng rng(3);
+  std::uniform_real_distribution<double> uniform;
+  Tensor dense = Tensor::zeros({2, 5, 4}, DType::boolean);
+  for (std::int64_t i = 0; i < dense.numel(); ++i) dense.data<std::uint8_t>()[i] = uniform(rng) < 0.5;
+  const BlockSparseMask mask = BlockSparseMask::from_dense(dense);
+  std::int64_t count = 0;
+  for (std::int64_t h = 0; h < 2; ++h)
+    for (std::int64_t qb = 0; qb < 5; ++qb)
+      for (std::int64_t kb = 0; kb < 4; ++kb) {
+        const bool set = dense.data<std::uint8_t>()[(h * 5 + qb) * 4 + kb];
+        EXPECT_EQ(mask.allowed(h, qb, kb), set);
+        count += set;
+        // the transpose lists qb under kb exactly when the pair is allowed
+        const auto& offsets = mask.column_offsets();
+        const auto* begin = mask.rows().data() + offsets[h * 5 + kb];
+        const auto* end = mask.rows().data() + offsets[h * 5 + kb + 1];
+        EXPECT_EQ(std::find(begin, end, qb) != end, set);
+      }
+  EXPECT_EQ(mask.allowed_pairs(), count);
+  const BlockSparseMask csr = BlockSparseMask::from_csr(1, 3, 3, {0, 2, 2, 3}, {0, 2, 1});
+  EXPECT_TRUE(csr.allowed(0, 0, 2));
+  EXPECT_FALSE(csr.allowed(0, 1, 1));
+  EXPECT_TRUE(csr.allowed(0, 2, 1));
+}
+
+TEST(BlockSparseMaskTest, NamedPatterns) {
+  const Tensor local = dattn::local_window_pattern(5, 256, 64);  // half = 2
+  EXPECT_TRUE(local.data<std::uint8_t>()[0 * 5 + 2]);
+  EXPECT_FALSE(local.data<std::uint8_t>()[0 * 5 + 3]);
+  const Tensor sparse = dattn::dilated_sparse_pattern(8, {1, 4});
+  EXPECT_TRUE(sparse.data<std::uint8_t>()[5 * 8 + 1]);
+  EXPECT_FALSE(sparse.data<std::uint8_t>()[5 * 8 + 2]);
+  const Tensor global = dattn::global_local_pattern(6, 0, 2, 64);
+  EXPECT_TRUE(global.data<std::uint8_t>()[5 * 6 + 1]);
+  EXPECT_TRUE(global.data<std::uint8_t>()[1 * 6 + 5]);
+  EXPECT_FALSE(global.data<std::uint8_t>()[4 * 6 + 3]);
+  const Tensor dilated = dattn::dilated_pattern(320, {128, 256}, {1, 2}, 64);  // 5 blocks
+  EXPECT_TRUE(dilated.data<std::uint8_t>()[1 * 5 + 3]);   // branch 1: blocks 1 and 3 of segment [0, 4)
+  EXPECT_FALSE(dilated.data<std::uint8_t>()[0 * 5 + 2]);
+  EXPECT_TRUE(dilated.data<std::uint8_t>()[4 * 5 + 4]);   // partial last segment
+}
+
+TEST(BlockSparseMaskTest, ErrorsNameTheArgument) {
+  using ::testing::HasSubstr;
+  auto message = [](auto&& f) {
+    try {
+      f();
+    } catch (const dattn::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_THAT(message([] { dattn::dilated_pattern(256, {100}, {1}, 64); }), HasSubstr("multiple of block_size"));
+  EXPECT_THAT(message([] { BlockSparseMask::from_csr(1, 2, 2, {0, 1}, {0}); }), HasSubstr("row_offsets"));
+  EXPECT_THAT(message([] { BlockSparseMask::from_csr(1, 1, 2, {0, 2}, {1, 0}); }), HasSubstr("sorted"));
+  Tensor wrong = Tensor::zeros({2, 2}, DType::float32);
+  EXPECT_THAT(message([&] { BlockSparseMask::from_dense(wrong); }), HasSubstr("dtype"));
+  const BlockSparseMask mask = BlockSparseMask::from_dense(Tensor::zeros({3, 3}, DType::boolean));
+  Tensor q = Tensor::zeros({1, 10, 1, 4}, DType::float32), lse = Tensor::zeros({1, 1, 10}, DType::float32);
+  BlockSparseConfig config;
+  config.block_size = 5;  // 2 blocks, the mask has 3
+  EXPECT_THAT(message([&] { dattn::block_sparse_forward(config, mask, q, q, q, q, lse); }), HasSubstr("blocks"));
+  config.block_size = 0;
+  EXPECT_THAT(message([&] { dattn::block_sparse_forward(config, mask, q, q, q, q, lse); }), HasSubstr("block_size"));
+}
+
+}  // namespace
+}  // namespace dattn_test
