@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "dattn/tensor.hpp"
 
@@ -48,14 +49,27 @@ struct Convert {
   static void store(float x, Float16* dst) { dst->bits = float_to_float16(x); }
 };
 
+// One register of elements converted to fp32 (the scalar ISA's register is one element).
+template <class I, class T>
+typename I::reg load_vector(const T* s) {
+  if constexpr (I::width == 1) return Convert<I>::load(*s);
+  else if constexpr (std::is_same_v<T, float>) return I::load(s);
+  else if constexpr (std::is_same_v<T, BFloat16>) return I::load_bf16(&s->bits);
+  else return I::load_f16(&s->bits);
+}
+
 // dst[i*ld + d] = scale * row(i)[d] for i < rows, d < D; zero for D <= d < padded_d.
 template <class I, class RowFn>
 void pack_rows(RowFn&& row, int rows, int D, int padded_d, float scale, float* dst, std::int64_t ld) {
+  constexpr int W = I::width;
+  const typename I::reg factor = I::set1(scale);
   for (int i = 0; i < rows; ++i) {
     const auto* s = row(i);
     float* d_row = dst + i * ld;
-    for (int d = 0; d < D; ++d) d_row[d] = scale * Convert<I>::load(s[d]);
-    for (int d = D; d < padded_d; ++d) d_row[d] = 0.0f;
+    int d = 0;
+    for (; d + W <= D; d += W) I::store(d_row + d, I::mul(factor, load_vector<I>(s + d)));
+    for (; d < D; ++d) d_row[d] = scale * Convert<I>::load(s[d]);
+    for (; d < padded_d; ++d) d_row[d] = 0.0f;
   }
 }
 
