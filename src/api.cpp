@@ -8,6 +8,7 @@
 #include "cuda/cuda_attention.hpp"
 #endif
 #include "dattn/attention.hpp"
+#include "dattn/error.hpp"
 #include "params.hpp"
 #include "reference/reference.hpp"
 #include "validate.hpp"
@@ -84,6 +85,8 @@ void backward(const DilatedConfig& config, const TensorView& q, const TensorView
               const TensorView& dout, const TensorView& dq, const TensorView& dk,
               const TensorView& dv, const LaunchOptions& options) {
   check(config, q, k, v, out, lse, options);
+  if (options.ring_step)
+    throw Error("options.ring_step is set for backward; the ring step backward is not implemented yet");
   detail::check_gradients(q, dout, dq, dk, dv);
   if (detail::use_reference(options, q.dtype)) {
     reference::backward(config, q, k, v, dout, dq, dk, dv, detail::position_index_of(options));
@@ -95,6 +98,27 @@ void backward(const DilatedConfig& config, const TensorView& q, const TensorView
   if (q.device.type == DeviceType::cuda) return cuda::backward(p);
 #endif
   cpu::backward(p);
+}
+
+void merge_partial(const TensorView& out, const TensorView& lse, const TensorView& step_out,
+                   const TensorView& step_lse) {
+  detail::check_merge(out, lse, step_out, step_lse);
+  const std::int64_t B = out.shape[0], N = out.shape[1], H = out.shape[2], D = out.shape[3];
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t h = 0; h < H; ++h)
+      for (std::int64_t n = 0; n < N; ++n) {
+        float& total = lse.ptr<float>()[b * lse.strides[0] + h * lse.strides[1] + n * lse.strides[2]];
+        const float part = step_lse.ptr<float>()[b * step_lse.strides[0] + h * step_lse.strides[1] + n * step_lse.strides[2]];
+        if (part == -INFINITY) continue;  // the step saw no key of this row
+        const float merged = total == -INFINITY ? part : std::max(total, part) + std::log1p(std::exp(-std::fabs(total - part)));
+        const float keep = total == -INFINITY ? 0.0f : std::exp(total - merged), add = std::exp(part - merged);
+        for (std::int64_t d = 0; d < D; ++d) {
+          const std::int64_t at = b * out.strides[0] + n * out.strides[1] + h * out.strides[2] + d;
+          const std::int64_t at_step = b * step_out.strides[0] + n * step_out.strides[1] + h * step_out.strides[2] + d;
+          detail::store_float(out, at, keep * detail::load_float(out, at) + add * detail::load_float(step_out, at_step));
+        }
+        total = merged;
+      }
 }
 
 double forward_flops(const DilatedConfig& config, std::int64_t batch, std::int64_t seqlen,

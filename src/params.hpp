@@ -65,11 +65,12 @@ struct DilatedParams {
   void* workspace = nullptr;
   std::size_t workspace_bytes = 0;
 
-  // Room for later issues; the API rejects a call that sets them until their paths exist.
-  std::int64_t query_position = 0;  // ring: global position of local row 0
-  std::int64_t global_length = 0;   // ring: length of the whole sequence (== seqlen otherwise)
-  std::int64_t key_begin = 0, key_end = 0;  // ring step: keys seen in this step
-  bool partial_output = false;      // ring step: write unnormalised out plus lse for a later merge
+  // Ring steps (and, equal to the whole sequence, every other call): the local query rows are
+  // positions [query_position, query_position + seqlen) of a sequence of global_length rows, and
+  // k, v hold positions [key_begin, key_end). Segments are cut by global positions.
+  std::int64_t query_position = 0;
+  std::int64_t global_length = 0;
+  std::int64_t key_begin = 0, key_end = 0;
   const std::int64_t* position_index = nullptr;  // Hilbert: curve position -> original position
   // Block-sparse attention (block_size > 0, no branches): CSR of the allowed key blocks of each
   // query block and its transpose, per head or shared (block_mask_heads == 1).

@@ -105,6 +105,19 @@ void check_position_index(const TensorView& index, const TensorView& q) {
   }
 }
 
+// A ring step's local queries and key range lie inside the global sequence; returns the number
+// of key rows.
+std::int64_t check_ring_step(const RingStep& step, const TensorView& q) {
+  const std::int64_t local = q.shape[1];
+  if (step.global_length < 1 || step.query_position < 0 || step.query_position + local > step.global_length)
+    throw Error("ring_step: query rows [" + str(step.query_position) + ", " + str(step.query_position + local) +
+                ") must lie in [0, global_length = " + str(step.global_length) + ")");
+  if (step.key_begin < 0 || step.key_end <= step.key_begin || step.key_end > step.global_length)
+    throw Error("ring_step: key rows [" + str(step.key_begin) + ", " + str(step.key_end) +
+                ") must be non-empty and lie in [0, global_length = " + str(step.global_length) + ")");
+  return step.key_end - step.key_begin;
+}
+
 void check_inputs(const CommonSettings& settings, const TensorView& q, const TensorView& k, const TensorView& v,
                   const TensorView& out, const TensorView& lse, const LaunchOptions& options) {
   if (settings.scale && !std::isfinite(*settings.scale))
@@ -118,8 +131,11 @@ void check_inputs(const CommonSettings& settings, const TensorView& q, const Ten
   if (q.dtype == DType::boolean)
     throw Error("q has dtype bool; expected float32, bfloat16, float16 or float64");
   check_attention_tensor("q", q, q);
-  check_attention_tensor("k", k, q);
-  check_attention_tensor("v", v, q);
+  // k and v hold the sequence's rows, or in a ring step the step's key rows.
+  TensorView key_like = q;
+  if (options.ring_step) key_like.shape[1] = check_ring_step(*options.ring_step, q);
+  check_attention_tensor("k", k, key_like);
+  check_attention_tensor("v", v, key_like);
 
   const bool reference = options.backend == Backend::reference ||
                          (options.backend == Backend::automatic && q.dtype == DType::float64);
@@ -147,17 +163,21 @@ void check_inputs(const CommonSettings& settings, const TensorView& q, const Ten
   if (settings.key_padding_mask) {
     const TensorView& m = *settings.key_padding_mask;
     if (m.data == nullptr) throw Error("key_padding_mask is null; expected a [B, N] bool tensor or no mask");
-    if (m.rank != 2 || m.shape[0] != q.shape[0] || m.shape[1] != q.shape[1])
+    if (m.rank != 2 || m.shape[0] != q.shape[0] || m.shape[1] != key_like.shape[1])
       throw Error("key_padding_mask has shape " + m.shape_string() + "; expected [" + str(q.shape[0]) +
-                  ", " + str(q.shape[1]) + "] ([B, N])");
+                  ", " + str(key_like.shape[1]) + "] ([B, N] of the keys)");
     if (m.dtype != DType::boolean)
       throw Error(std::string("key_padding_mask has dtype ") + dtype_name(m.dtype) + "; expected bool");
     if (!(m.device == q.device))
       throw Error("key_padding_mask is on " + device_name(m.device) + "; expected " + device_name(q.device));
   }
-  if (options.ring_step)
-    throw Error("options.ring_step is set, but ring attention is not implemented yet; expected no ring_step");
-  if (options.position_index) check_position_index(*options.position_index, q);
+  if (options.position_index) {
+    if (options.ring_step) throw Error("options.position_index and options.ring_step are both set; expected one");
+    check_position_index(*options.position_index, q);
+  }
+  if (options.ring_step && reference)
+    throw Error("options.ring_step is set for Backend::reference; expected the fused kernels (the reference "
+                "computes whole sequences)");
   check_attention_tensor("out", out, q);
   check_lse(lse, q);
   if (q.device.type == DeviceType::cuda) check_cuda_alignment("out", out);
@@ -213,6 +233,12 @@ DilatedParams base_params(const CommonSettings& settings, const TensorView& q, c
   p.global_length = p.seqlen;
   p.key_begin = 0;
   p.key_end = p.seqlen;
+  if (options.ring_step) {
+    p.query_position = options.ring_step->query_position;
+    p.global_length = options.ring_step->global_length;
+    p.key_begin = options.ring_step->key_begin;
+    p.key_end = options.ring_step->key_end;
+  }
   return p;
 }
 
@@ -231,6 +257,38 @@ const std::int64_t* position_index_of(const LaunchOptions& options) {
 bool use_reference(const LaunchOptions& options, DType dtype) {
   return options.backend == Backend::reference ||
          (options.backend == Backend::automatic && dtype == DType::float64);
+}
+
+void check_merge(const TensorView& out, const TensorView& lse, const TensorView& step_out,
+                 const TensorView& step_lse) {
+  if (out.data == nullptr || out.rank != 4) throw Error("out has shape " + out.shape_string() + "; expected [B, N, H, D]");
+  if (out.dtype != DType::float32 && out.dtype != DType::bfloat16 && out.dtype != DType::float16)
+    throw Error(std::string("out has dtype ") + dtype_name(out.dtype) + "; expected float32, bfloat16 or float16");
+  if (out.device.type != DeviceType::cpu) throw Error("out is on " + device_name(out.device) + "; expected cpu");
+  TensorView like = out;  // the accumulator may be wider than the steps' dtype
+  like.dtype = step_out.dtype;
+  if (step_out.dtype != DType::float32 && step_out.dtype != DType::bfloat16 && step_out.dtype != DType::float16)
+    throw Error(std::string("step_out has dtype ") + dtype_name(step_out.dtype) + "; expected float32, bfloat16 or float16");
+  check_attention_tensor("step_out", step_out, like);
+  if (out.strides[3] != 1) throw Error("out has stride " + str(out.strides[3]) + " along D; expected 1");
+  check_lse(lse, out);
+  check_lse(step_lse, out);
+}
+
+float load_float(const TensorView& t, std::int64_t offset) {
+  switch (t.dtype) {
+    case DType::bfloat16: return bfloat16_to_float(t.ptr<std::uint16_t>()[offset]);
+    case DType::float16: return float16_to_float(t.ptr<std::uint16_t>()[offset]);
+    default: return t.ptr<float>()[offset];
+  }
+}
+
+void store_float(const TensorView& t, std::int64_t offset, float x) {
+  switch (t.dtype) {
+    case DType::bfloat16: t.ptr<std::uint16_t>()[offset] = float_to_bfloat16(x); break;
+    case DType::float16: t.ptr<std::uint16_t>()[offset] = float_to_float16(x); break;
+    default: t.ptr<float>()[offset] = x;
+  }
 }
 
 }  // namespace dattn::detail

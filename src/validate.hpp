@@ -35,6 +35,12 @@ void set_gradients(DilatedParams& p, const TensorView& dout, const TensorView& d
                    const TensorView& dv);
 
 const std::int64_t* position_index_of(const LaunchOptions& options);
+
+// merge_partial's arguments: out and step_out alike [B, N, H, D] float tensors on the CPU, lse and
+// step_lse [B, H, N] float32.
+void check_merge(const TensorView& out, const TensorView& lse, const TensorView& step_out, const TensorView& step_lse);
+float load_float(const TensorView& t, std::int64_t offset);
+void store_float(const TensorView& t, std::int64_t offset, float x);
 bool use_reference(const LaunchOptions& options, DType dtype);
 
 }  // namespace dattn::detail

@@ -19,8 +19,12 @@ enum class Backend : std::uint8_t {
   fused,      // the fused kernels only; float64 is an error
 };
 
-// One step of ring attention: the local rows are part of a longer sequence, and only keys in
-// [key_begin, key_end) are seen. Partial results (unnormalised out plus lse) are merged by the caller.
+// One step of ring attention: q, out and lse hold the local rows [query_position,
+// query_position + N) of a sequence of global_length rows (segments are cut by global
+// positions); k and v (and key_padding_mask) hold the rows [key_begin, key_end). forward writes
+// the attention of the local queries over just those keys: out normalised over them and their
+// lse (0 and -inf where a query sees none of them). merge_partial combines steps into the result.
+// The backward of a ring step is not implemented yet.
 struct RingStep {
   std::int64_t query_position = 0;  // global position of local row 0
   std::int64_t global_length = 0;
@@ -48,6 +52,12 @@ void backward(const DilatedConfig& config, const TensorView& q, const TensorView
               const TensorView& v, const TensorView& out, const TensorView& lse,
               const TensorView& dout, const TensorView& dq, const TensorView& dk,
               const TensorView& dv, const LaunchOptions& options = {});
+
+// out, lse += one ring step's partial result, by the log-sum-exp merge:
+// lse' = log(e^lse + e^step_lse), out' = e^(lse − lse')·out + e^(step_lse − lse')·step_out.
+// Start from out = 0 and lse = -inf. Accumulate in float32 (any float dtype is accepted).
+void merge_partial(const TensorView& out, const TensorView& lse, const TensorView& step_out,
+                   const TensorView& step_lse);
 
 // Forward FLOPs as PERF.md counts them (4·B·H_i·pairs·D summed over branches and segments).
 double forward_flops(const DilatedConfig& config, std::int64_t batch, std::int64_t seqlen,

@@ -74,13 +74,14 @@ struct SideView {
   const detail::DilatedParams& p;
   const WorkItem& item;
   std::int64_t first, stride;
+  std::int64_t row_base;  // the position held by row 0 of this side's tensors (ring steps)
 
   std::int64_t position(std::int64_t j) const { return first + j * stride; }
   std::int64_t original(std::int64_t j) const {
     return p.position_index ? p.position_index[position(j)] : position(j);
   }
   const T* row(const detail::Operand& x, std::int64_t j) const {
-    return static_cast<const T*>(x.data) + item.batch * x.batch_stride + original(j) * x.row_stride +
+    return static_cast<const T*>(x.data) + item.batch * x.batch_stride + (original(j) - row_base) * x.row_stride +
            item.head * x.head_stride;
   }
   // Index in the per-thread state of row j (own side only), and the state-row step between rows.
@@ -88,10 +89,11 @@ struct SideView {
   std::int64_t state_step() const { return stride / item.state_stride; }
   bool padded_key(std::int64_t j) const {
     return p.key_padding_mask &&
-           p.key_padding_mask[item.batch * p.mask_batch_stride + original(j) * p.mask_row_stride] != 0;
+           p.key_padding_mask[item.batch * p.mask_batch_stride + (original(j) - row_base) * p.mask_row_stride] != 0;
   }
   float lse(std::int64_t j) const {
-    return p.lse[item.batch * p.lse_batch_stride + item.head * p.lse_head_stride + original(j) * p.lse_row_stride];
+    return p.lse[item.batch * p.lse_batch_stride + item.head * p.lse_head_stride +
+                 (original(j) - row_base) * p.lse_row_stride];
   }
   // Rows [j0, j0 + n) of x, times scale, as a tile of rows [n × Dp].
   void pack_tile(const detail::Operand& x, std::int64_t j0, int n, float scale, float* rows) const {
@@ -125,7 +127,7 @@ void pack_lse_delta(const SideView<I, T>& queries_view, std::int64_t j0, int que
       delta[i] = 0.0f;
       continue;
     }
-    const std::int64_t row = queries_view.original(j0 + i);
+    const std::int64_t row = queries_view.original(j0 + i) - queries_view.row_base;
     delta[i] = with_delta ? p.softmax_delta[(item.batch * p.heads + item.head) * p.seqlen + row] : 0.0f;
     const float x = queries_view.lse(j0 + i);
     lse[i] = x == kNegInf ? kPosInf : x;
@@ -389,19 +391,22 @@ void dkdv_group(const SideView<I, T>& own, const SideView<I, T>& other, const Gr
 // Calls body(own side, other side, group) for every group of the item.
 template <class I, class T, class Body>
 void for_each_group_view(const detail::DilatedParams& p, const WorkItem& item, Body&& body) {
+  const std::int64_t own_base = own_rows(p, item.key_side).begin, other_base = other_rows(p, item.key_side).begin;
   for_each_group(p, item, [&](const Group& g) {
-    body(SideView<I, T>{p, item, g.own_first, g.stride}, SideView<I, T>{p, item, g.other_first, g.stride}, g);
+    body(SideView<I, T>{p, item, g.own_first, g.stride, own_base},
+         SideView<I, T>{p, item, g.other_first, g.stride, other_base}, g);
   });
 }
 
-// Calls write(original row, state index or -1) for every row of the item's region, so that
+// Calls write(row of the tensors, state index or -1) for every row of the item's region, so that
 // rows no branch selects are written too.
 template <class Fn>
 void for_each_region_row(const detail::DilatedParams& p, const WorkItem& item, Fn&& write) {
+  const std::int64_t base = own_rows(p, item.key_side).begin;
   for (std::int64_t position = item.region_begin; position < item.region_end; ++position) {
     const std::int64_t offset = position - item.state_base;
     const bool in_state = offset >= 0 && offset % item.state_stride == 0 && offset / item.state_stride < item.state_rows;
-    write(p.position_index ? p.position_index[position] : position, in_state ? offset / item.state_stride : -1);
+    write((p.position_index ? p.position_index[position] : position) - base, in_state ? offset / item.state_stride : -1);
   }
 }
 

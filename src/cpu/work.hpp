@@ -39,6 +39,18 @@ struct Group {
   std::int64_t begin = 0, end = 0;  // indices of the item's own rows in this group
 };
 
+// A range of positions of the (global) sequence.
+struct RowRange {
+  std::int64_t begin = 0, end = 0;
+};
+// The local query rows [query_position, query_position + seqlen) and the keys of this call
+// [key_begin, key_end): both the whole sequence except in a ring step.
+RowRange query_rows(const detail::DilatedParams& p);
+RowRange key_rows(const detail::DilatedParams& p);
+// The rows an item owns (keys in the dk/dv pass) and the rows on the other side.
+RowRange own_rows(const detail::DilatedParams& p, bool key_side);
+RowRange other_rows(const detail::DilatedParams& p, bool key_side);
+
 // Rows a branch with this offset and stride selects in a segment of this length. Defined out of
 // line (like make_work_items) so that no ISA-specific copy of it exists: every inline function in
 // the kernel headers is a template over the ISA.
@@ -66,13 +78,16 @@ void for_each_group(const detail::DilatedParams& p, const WorkItem& item, Fn&& f
     const detail::Branch& br = p.branches[i];
     if (item.head < br.first_head || item.head >= br.first_head + br.head_count) continue;
     const std::int64_t w = br.segment_length, r = br.dilation_rate, o = br.offset_from_head ? item.head % r : br.group_offset;
+    const RowRange other = other_rows(p, item.key_side);
     for (std::int64_t start = item.region_begin / w * w; start < item.region_end; start += w) {
-      const std::int64_t length = selected_count(std::min(w, p.seqlen - start), o, r);
+      const std::int64_t length = selected_count(std::min(w, p.global_length - start), o, r);
       const std::int64_t first = start + o;
-      // indices j with region_begin <= first + j*r < region_end
+      // indices j with begin <= first + j*r < end, of the region and of the other side's rows
       const std::int64_t lo = std::max<std::int64_t>(0, (item.region_begin - first + r - 1) / r);
       const std::int64_t hi = std::min(length, (item.region_end - first + r - 1) / r);
-      if (lo < hi) fn(Group{i, r, first, first, length, lo, hi});
+      const std::int64_t other_lo = std::max<std::int64_t>(0, (other.begin - first + r - 1) / r);
+      const std::int64_t other_hi = std::min(length, (other.end - first + r - 1) / r);
+      if (lo < hi && other_lo < other_hi) fn(Group{i, r, first, first + other_lo * r, other_hi - other_lo, lo, hi});
     }
   }
 }

@@ -73,6 +73,11 @@ __device__ __forceinline__ void cp_async_16(std::uint32_t smem, const void* gmem
   const int bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(bytes));
 }
+// Copies 4 bytes (zeros when !valid).
+__device__ __forceinline__ void cp_async_4(std::uint32_t smem, const void* gmem, bool valid) {
+  const int bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem), "l"(gmem), "r"(bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -89,6 +94,12 @@ __device__ __forceinline__ std::uint32_t pack2(float x0, float x1) {
     const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
     return *reinterpret_cast<const std::uint32_t*>(&h);
   }
+}
+
+template <class M>
+__device__ __forceinline__ float smem_value(std::uint16_t bits) {
+  if constexpr (std::is_same_v<M, __half>) return __half2float(__ushort_as_half(bits));
+  else return __uint_as_float(std::uint32_t(bits) << 16);
 }
 
 __device__ __forceinline__ float bf16_low(std::uint32_t x) { return __uint_as_float(x << 16); }
@@ -110,21 +121,12 @@ __device__ __forceinline__ void split2(float x0, float x1, std::uint32_t (&plane
 // the plain 16-bit product; S = 2 drops terms of 2^-16 relative (3 products); S = 3 drops terms
 // of 2^-24 (6 products), the fp32-exact path.
 template <int S>
-struct SplitPairs;
-template <>
-struct SplitPairs<1> {
-  static constexpr int count = 1;
-  static constexpr int a[1] = {0}, b[1] = {0};
-};
-template <>
-struct SplitPairs<2> {
-  static constexpr int count = 3;
-  static constexpr int a[3] = {1, 0, 0}, b[3] = {0, 1, 0};
-};
-template <>
-struct SplitPairs<3> {
-  static constexpr int count = 6;
-  static constexpr int a[6] = {2, 1, 0, 1, 0, 0}, b[6] = {0, 1, 2, 0, 1, 0};
+struct SplitPairs {
+  static_assert(S >= 1 && S <= 3);
+  static constexpr int count = S == 1 ? 1 : S == 2 ? 3 : 6;
+  // Smaller terms first. S = 2: (1,0) (0,1) (0,0); S = 3: (2,0) (1,1) (0,2) (1,0) (0,1) (0,0).
+  __device__ static constexpr int a(int x) { return S == 1 ? 0 : S == 2 ? (x == 0 ? 1 : 0) : (x == 0 ? 2 : x == 1 || x == 3 ? 1 : 0); }
+  __device__ static constexpr int b(int x) { return S == 1 ? 0 : S == 2 ? (x == 1 ? 1 : 0) : (x == 2 ? 2 : x == 1 || x == 4 ? 1 : 0); }
 };
 
 // ---- warp GEMMs on 16 rows ----
@@ -151,7 +153,7 @@ __device__ __forceinline__ void gemm_nt(float (&acc)[N / 8][4], std::uint32_t a_
       for (int p = 0; p < S; ++p) ldmatrix_x4(b[p], b_base + p * plane_b + b_off + np * 16 * row_bytes + kk * 32);
 #pragma unroll
       for (int x = 0; x < SplitPairs<S>::count; ++x) {
-        const int i = SplitPairs<S>::a[x], j = SplitPairs<S>::b[x];
+        const int i = SplitPairs<S>::a(x), j = SplitPairs<S>::b(x);
         mma_16816<M>(acc[2 * np], a[i], b[j][0], b[j][1]);
         mma_16816<M>(acc[2 * np + 1], a[i], b[j][2], b[j][3]);
       }
@@ -216,7 +218,7 @@ __device__ __forceinline__ void gemm_pn(float (&acc)[N / 8][4], const float (&p)
         ldmatrix_x4_trans(b[q], b_base + q * plane_b + b_off + kk * 16 * row_bytes + dp * 32);
 #pragma unroll
       for (int x = 0; x < SplitPairs<S>::count; ++x) {
-        const int i = SplitPairs<S>::a[x], j = SplitPairs<S>::b[x];
+        const int i = SplitPairs<S>::a(x), j = SplitPairs<S>::b(x);
         mma_16816<M>(acc[2 * dp], a[i], b[j][0], b[j][1]);
         mma_16816<M>(acc[2 * dp + 1], a[i], b[j][2], b[j][3]);
       }

@@ -26,6 +26,8 @@ struct BlockWork {
   __device__ std::int64_t position(std::int64_t j) const { return first + j * stride; }
 };
 
+__device__ __forceinline__ std::int64_t imin(std::int64_t a, std::int64_t b) { return a < b ? a : b; }
+
 __device__ __forceinline__ std::int64_t selected_count(std::int64_t segment_length, std::int64_t offset,
                                                        std::int64_t stride) {
   return offset < segment_length ? (segment_length - offset + stride - 1) / stride : 0;
@@ -53,14 +55,14 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
   work.batch = local / br.head_count;
   const std::int64_t w = br.segment_length, r = br.dilation_rate;
   const std::int64_t o = br.offset_from_head ? work.head % r : br.group_offset;
-  const std::int64_t start = segment * w, end = min(start + w, p.seqlen);
+  const std::int64_t start = segment * w, end = imin(start + w, p.seqlen);
   work.stride = r;
   work.first = start + o;
   work.length = selected_count(end - start, o, r);
   const std::int64_t tiles_here = work.length > 0 ? (work.length + kBlock - 1) / kBlock : 1;
   if (tile >= tiles_here) return false;
   work.tile_begin = tile * kBlock;
-  work.tile_rows = int(min<std::int64_t>(kBlock, work.length - work.tile_begin));
+  work.tile_rows = int(imin(kBlock, work.length - work.tile_begin));
   if (work.tile_rows < 0) work.tile_rows = 0;
   work.region_begin = tile == 0 ? start : work.first + tile * kBlock * r;
   work.region_end = tile + 1 == tiles_here ? end : work.first + (tile + 1) * kBlock * r;
@@ -83,13 +85,32 @@ __device__ __forceinline__ bool key_padded(const detail::DilatedParams& p, std::
          p.key_padding_mask[batch * p.mask_batch_stride + position * p.mask_row_stride] != 0;
 }
 
-// Dropout multiplier of one (query, key) pair: 1/(1-p) or 0, from SPEC.md's Philox counter.
-__device__ __forceinline__ float dropout_factor(const detail::DilatedParams& p, std::int64_t batch_head,
-                                                std::int64_t query_position, std::int64_t key_position) {
-  return dropout_keep(p.dropout_seed, p.dropout_offset, batch_head, query_position, key_position,
-                      p.dropout_threshold)
-             ? p.dropout_rescale
-             : 0.0f;
+// Dropout keep bits of one warp's 16-row score tile in accumulator layout: bit 4n+e belongs to
+// element [n][e], whose row is row1 for e >= 2 (else row0) and whose column is
+// col0 + 8n + 2t + (e & 1) (group indices). Rows are queries, or keys when rows_are_keys. A rolled
+// loop, so that Philox appears once in the code.
+template <int kTiles>
+__device__ __forceinline__ std::uint32_t dropout_bits(const detail::DilatedParams& p, const BlockWork& w,
+                                                      std::int64_t row0, std::int64_t row1, std::int64_t col0,
+                                                      bool rows_are_keys) {
+  static_assert(kTiles * 4 <= 32);
+  const std::int64_t batch_head = w.batch * p.heads + w.head;
+  const int t = threadIdx.x % 4;
+  std::uint32_t bits = 0;
+#pragma unroll 1
+  for (int idx = 0; idx < kTiles * 4; ++idx) {
+    const int n = idx >> 2, e = idx & 3;
+    const std::int64_t row = (e >> 1) ? row1 : row0, col = col0 + n * 8 + 2 * t + (e & 1);
+    const std::int64_t query = w.position(rows_are_keys ? col : row), key = w.position(rows_are_keys ? row : col);
+    // SPEC.md's keep decision (dattn::dropout_keep), with the word picked without indexing an array.
+    const PhiloxWords words = philox4x32_10({{std::uint32_t(key >> 2), std::uint32_t(query), std::uint32_t(batch_head),
+                                              std::uint32_t(p.dropout_offset)}},
+                                            std::uint32_t(p.dropout_seed), std::uint32_t(p.dropout_seed >> 32));
+    const int word = int(key & 3);
+    const std::uint32_t u = word == 0 ? words.w[0] : word == 1 ? words.w[1] : word == 2 ? words.w[2] : words.w[3];
+    bits |= std::uint32_t(u >= p.dropout_threshold) << idx;
+  }
+  return bits;
 }
 
 // ---- storage element <-> float ----
@@ -106,24 +127,24 @@ __device__ __forceinline__ T from_float(float x) {
   else return __float2bfloat16_rn(x);
 }
 
-// Stores two consecutive elements (x0 at dst[0], x1 at dst[1]); `add` adds them to what is there.
+// Stores two consecutive elements (x0 at dst[0], x1 at dst[1]), plus old_weight times what is
+// there unless old_weight is 0 (then dst is not read: it may hold anything).
 template <class T>
-__device__ __forceinline__ void store2(T* dst, float x0, float x1, bool add) {
+__device__ __forceinline__ void store2(T* dst, float x0, float x1, float old_weight) {
   if constexpr (std::is_same_v<T, float>) {
     float2 v = make_float2(x0, x1);
-    if (add) {
+    if (old_weight != 0.0f) {
       const float2 old = *reinterpret_cast<const float2*>(dst);
-      v.x += old.x;
-      v.y += old.y;
+      v.x += old_weight * old.x;
+      v.y += old_weight * old.y;
     }
     *reinterpret_cast<float2*>(dst) = v;
   } else {
-    if (add) {
-      x0 += to_float(dst[0]);
-      x1 += to_float(dst[1]);
+    if (old_weight != 0.0f) {
+      x0 += old_weight * to_float(dst[0]);
+      x1 += old_weight * to_float(dst[1]);
     }
-    std::uint32_t packed = pack2<T>(x0, x1);
-    *reinterpret_cast<std::uint32_t*>(dst) = packed;
+    *reinterpret_cast<std::uint32_t*>(dst) = pack2<T>(x0, x1);
   }
 }
 

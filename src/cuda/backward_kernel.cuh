@@ -1,0 +1,293 @@
+// The fused backward, FlashAttention-2 style from the saved lse: probabilities are recomputed,
+// never stored. One launch runs two kinds of block side by side:
+//   dk/dv blocks own 64 keys of a group and loop over the query tiles that see them:
+//     dV += (P∘Z)ᵀ·dO, dK += dSᵀ·Q;
+//   dq blocks own 64 queries and loop over the key tiles they see: dQ += dS·K;
+// with dS = P∘(Z∘dP − delta), delta = rowsum(dout∘out) computed in the block (no workspace), Z the
+// dropout multiplier. Every row of dq, dk, dv is written by exactly one block per launch: no atomics
+// and no fp32 accumulator in device memory. Longnet mode runs one launch per branch, each adding
+// into what the launches before wrote.
+#pragma once
+
+#include "cuda/forward_kernel.cuh"
+
+namespace dattn::cuda {
+
+// A probability this close to 1 leaves the rest of its row below fp32 resolution, so its dS =
+// P·(dP − delta) is 0 up to rounding (exactly 0 when the row attends one key): it is set to 0, so
+// that a row attending a single key gets the exactly-zero gradient the reference gives it.
+inline constexpr float kSingleKey = 0.99999f;
+
+// delta[row] = Σ_d dO[row, d]·O[row, d] for the kRows rows of a tile pair in shared memory.
+template <class M, int S, int D, int kRows, int kThreads, int kStride, int kPlane>
+__device__ __forceinline__ void tile_delta(const std::uint16_t* d_out, const std::uint16_t* out, float* delta) {
+  constexpr int kPerRow = kThreads / kRows, kCols = D / kPerRow;
+  const int row = threadIdx.x / kPerRow, part = threadIdx.x % kPerRow;
+  float x = 0.0f;
+#pragma unroll 4
+  for (int d = part * kCols; d < (part + 1) * kCols; ++d) {
+    float a = 0.0f, b = 0.0f;
+#pragma unroll
+    for (int q = 0; q < S; ++q) {
+      a += smem_value<M>(d_out[q * kPlane + row * kStride + d]);
+      b += smem_value<M>(out[q * kPlane + row * kStride + d]);
+    }
+    x += a * b;
+  }
+#pragma unroll
+  for (int o = kPerRow / 2; o >= 1; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  if (part == 0) delta[row] = x;
+}
+
+template <class T, int D, int S>
+__device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool accumulate, const BlockWork& w,
+                                           unsigned char* smem) {
+  using Shape = BackwardShape<D, S>;
+  using M = MmaType<T>;
+  constexpr int BW = Shape::kBlockOwn, BO = Shape::kBlockOther, kStride = Shape::kStride, kRowBytes = kStride * 2;
+  constexpr int kThreads = Shape::kThreads, kStages = Shape::kStages;
+  std::uint16_t* sK = reinterpret_cast<std::uint16_t*>(smem);
+  std::uint16_t* sV = sK + Shape::kOwnElems;
+  std::uint16_t* sOther = sV + Shape::kOwnElems;  // [stage][Q, dO, O][plane][row][kStride]
+  float* key_bias = reinterpret_cast<float*>(sOther + kStages * 3 * Shape::kOtherElems);  // [BW]
+  float* other_floats = key_bias + Shape::kFloatsOwn;  // [stage][lse BO | delta BO | -]
+  auto other = [&](int stage, int which) { return sOther + (stage * 3 + which) * Shape::kOtherElems; };
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const std::int64_t kj[2] = {w.tile_begin + warp * 16 + g, w.tile_begin + warp * 16 + g + 8};
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
+
+  if (w.tile_rows > 0) {
+    load_rows<T, S, BW, D, kThreads>(sK, Shape::kOwnPlane, p.k, w, w.tile_begin, w.tile_rows);
+    load_rows<T, S, BW, D, kThreads>(sV, Shape::kOwnPlane, p.v, w, w.tile_begin, w.tile_rows);
+    for (int c = threadIdx.x; c < BW; c += kThreads)
+      key_bias[c] = c < w.tile_rows && !key_padded(p, w.batch, w.position(w.tile_begin + c)) ? 0.0f : neg_inf();
+    const std::int64_t q_begin = p.causal ? w.tile_begin / BO * BO : 0;
+    const int num_tiles = int((w.length - q_begin + BO - 1) / BO);
+    auto load_queries = [&](int tile, int stage) {
+      const std::int64_t j0 = q_begin + std::int64_t(tile) * BO;
+      const int valid = int(imin(BO, w.length - j0));
+      load_rows<T, S, BO, D, kThreads>(other(stage, 0), Shape::kOtherPlane, p.q, w, j0, valid);
+      load_rows<T, S, BO, D, kThreads>(other(stage, 1), Shape::kOtherPlane, p.dout, w, j0, valid);
+      load_rows<T, S, BO, D, kThreads>(other(stage, 2), Shape::kOtherPlane, p.out, w, j0, valid);
+      for (int c = threadIdx.x; c < BO; c += kThreads) {
+        const bool ok = c < valid;
+        cp_async_4(smem_address(other_floats + stage * 3 * BO + c),
+                   lse_pointer(p, w.batch, w.head, w.position(ok ? j0 + c : w.tile_begin)), ok);
+      }
+    };
+    load_queries(0, 0);
+    cp_async_commit();
+
+    const float scale_log2 = p.scale * kLog2e;
+    const bool dropout = p.dropout_p > 0.0f;
+    float own_bias[2] = {0.0f, 0.0f};
+    for (int it = 0; it < num_tiles; ++it) {
+      const int stage = kStages == 2 ? it % 2 : 0;
+      if constexpr (kStages == 2) {
+        if (it + 1 < num_tiles) load_queries(it + 1, (it + 1) % 2);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        if (it > 0) {
+          load_queries(it, 0);
+          cp_async_commit();
+        }
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      const float* lse = other_floats + stage * 3 * BO;
+      float* delta = other_floats + stage * 3 * BO + BO;
+      tile_delta<M, S, D, BO, kThreads, kStride, Shape::kOtherPlane>(other(stage, 1), other(stage, 2), delta);
+      __syncthreads();
+      if (it == 0) {
+        own_bias[0] = key_bias[warp * 16 + g];
+        own_bias[1] = key_bias[warp * 16 + g + 8];
+      }
+
+      float st[BO / 8][4], dpt[BO / 8][4];
+#pragma unroll
+      for (int n = 0; n < BO / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
+      gemm_nt<M, S, D, BO>(st, smem_address(sK + warp * 16 * kStride), smem_address(other(stage, 0)),
+                           Shape::kOwnPlane * 2, Shape::kOtherPlane * 2, kRowBytes);
+      gemm_nt<M, S, D, BO>(dpt, smem_address(sV + warp * 16 * kStride), smem_address(other(stage, 1)),
+                           Shape::kOwnPlane * 2, Shape::kOtherPlane * 2, kRowBytes);
+      const std::int64_t j0 = q_begin + std::int64_t(it) * BO;
+      const int valid_q = int(imin(BO, w.length - j0));
+      const std::uint32_t keep = dropout ? dropout_bits<BO / 8>(p, w, kj[0], kj[1], j0, true) : 0u;
+#pragma unroll
+      for (int n = 0; n < BO / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1, col = n * 8 + 2 * t + (e & 1);
+          const std::int64_t query = j0 + col;
+          const float row_lse = lse[col];
+          const bool valid = col < valid_q && own_bias[r] == 0.0f && row_lse != neg_inf() &&
+                             !(p.causal && query < kj[r]);
+          const float prob = valid ? fast_exp2(st[n][e] * scale_log2 - row_lse * kLog2e) : 0.0f;
+          const float z = !dropout ? 1.0f : (keep >> (4 * n + e)) & 1u ? p.dropout_rescale : 0.0f;
+          dpt[n][e] = prob >= kSingleKey ? 0.0f : prob * (dpt[n][e] * p.output_scale * z - delta[col]);
+          st[n][e] = prob * z;
+        }
+      gemm_pn<M, S, BO, D>(dv, st, smem_address(other(stage, 1)), Shape::kOtherPlane * 2, kRowBytes);
+      gemm_pn<M, S, BO, D>(dk, dpt, smem_address(other(stage, 0)), Shape::kOtherPlane * 2, kRowBytes);
+      __syncthreads();
+    }
+  }
+
+  const float old_weight = accumulate ? 1.0f : 0.0f;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (kj[r] >= w.tile_begin + w.tile_rows) continue;
+    const std::int64_t position = w.position(kj[r]);
+    T* dk_row = row_pointer<T>(p.dk, w.batch, w.head, position);
+    T* dv_row = row_pointer<T>(p.dv, w.batch, w.head, position);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      store2(dk_row + n * 8 + 2 * t, dk[n][2 * r] * p.scale, dk[n][2 * r + 1] * p.scale, old_weight);
+      store2(dv_row + n * 8 + 2 * t, dv[n][2 * r] * p.output_scale, dv[n][2 * r + 1] * p.output_scale, old_weight);
+    }
+  }
+  if (!accumulate) zero_unselected<T, D, kThreads>(p, w, &p.dk, &p.dv, false);
+}
+
+template <class T, int D, int S>
+__device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool accumulate, const BlockWork& w,
+                                         unsigned char* smem) {
+  using Shape = BackwardShape<D, S>;
+  using M = MmaType<T>;
+  constexpr int BW = Shape::kBlockOwn, BO = Shape::kBlockOther, kStride = Shape::kStride, kRowBytes = kStride * 2;
+  constexpr int kThreads = Shape::kThreads, kStages = Shape::kStages;
+  std::uint16_t* sQ = reinterpret_cast<std::uint16_t*>(smem);
+  std::uint16_t* sdO = sQ + Shape::kOwnElems;
+  std::uint16_t* sOther = sdO + Shape::kOwnElems;  // [stage][K, V, -][plane][row][kStride]
+  float* own_floats = reinterpret_cast<float*>(sOther + kStages * 3 * Shape::kOtherElems);  // lse | delta
+  float* other_floats = own_floats + Shape::kFloatsOwn;  // [stage][key bias BO | - ]
+  auto other = [&](int stage, int which) { return sOther + (stage * 3 + which) * Shape::kOtherElems; };
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const std::int64_t qi[2] = {w.tile_begin + warp * 16 + g, w.tile_begin + warp * 16 + g + 8};
+  float dq[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+
+  if (w.tile_rows > 0) {
+    load_rows<T, S, BW, D, kThreads>(sQ, Shape::kOwnPlane, p.q, w, w.tile_begin, w.tile_rows);
+    load_rows<T, S, BW, D, kThreads>(sdO, Shape::kOwnPlane, p.dout, w, w.tile_begin, w.tile_rows);
+    const std::int64_t key_end = p.causal ? imin(w.length, w.tile_begin + w.tile_rows) : w.length;
+    const int num_tiles = int((key_end + BO - 1) / BO);
+    auto load_keys = [&](int tile, int stage) {
+      const std::int64_t k0 = std::int64_t(tile) * BO;
+      const int valid = int(imin(BO, key_end - k0));
+      load_rows<T, S, BO, D, kThreads>(other(stage, 0), Shape::kOtherPlane, p.k, w, k0, valid);
+      load_rows<T, S, BO, D, kThreads>(other(stage, 1), Shape::kOtherPlane, p.v, w, k0, valid);
+      for (int c = threadIdx.x; c < BO; c += kThreads)
+        other_floats[stage * 3 * BO + c] =
+            c < valid && !key_padded(p, w.batch, w.position(k0 + c)) ? 0.0f : neg_inf();
+    };
+    load_keys(0, 0);
+    cp_async_commit();
+
+    {  // lse and delta = rowsum(dout∘out) of the own rows, straight from global memory
+      constexpr int kPerRow = kThreads / BW, kCols = D / kPerRow;
+      const int row = threadIdx.x / kPerRow, part = threadIdx.x % kPerRow;
+      float x = 0.0f, row_lse = neg_inf();
+      if (row < w.tile_rows) {
+        const std::int64_t position = w.position(w.tile_begin + row);
+        const T* o = row_pointer<const T>(p.out, w.batch, w.head, position) + part * kCols;
+        const T* d = row_pointer<const T>(p.dout, w.batch, w.head, position) + part * kCols;
+#pragma unroll 4
+        for (int c = 0; c < kCols; ++c) x += to_float(o[c]) * to_float(d[c]);
+        row_lse = *lse_pointer(p, w.batch, w.head, position);
+      }
+#pragma unroll
+      for (int o = kPerRow / 2; o >= 1; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+      if (part == 0) {
+        own_floats[row] = row_lse == neg_inf() ? pos_inf() : row_lse * kLog2e;
+        own_floats[BW + row] = x;
+      }
+    }
+    __syncthreads();
+    const float lse2[2] = {own_floats[warp * 16 + g], own_floats[warp * 16 + g + 8]};
+    const float delta[2] = {own_floats[BW + warp * 16 + g], own_floats[BW + warp * 16 + g + 8]};
+
+    const float scale_log2 = p.scale * kLog2e;
+    const bool dropout = p.dropout_p > 0.0f;
+    for (int it = 0; it < num_tiles; ++it) {
+      const int stage = kStages == 2 ? it % 2 : 0;
+      if constexpr (kStages == 2) {
+        if (it + 1 < num_tiles) load_keys(it + 1, (it + 1) % 2);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        if (it > 0) load_keys(it, 0);
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+
+      float s[BO / 8][4], dp[BO / 8][4];
+#pragma unroll
+      for (int n = 0; n < BO / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
+      gemm_nt<M, S, D, BO>(s, smem_address(sQ + warp * 16 * kStride), smem_address(other(stage, 0)),
+                           Shape::kOwnPlane * 2, Shape::kOtherPlane * 2, kRowBytes);
+      gemm_nt<M, S, D, BO>(dp, smem_address(sdO + warp * 16 * kStride), smem_address(other(stage, 1)),
+                           Shape::kOwnPlane * 2, Shape::kOtherPlane * 2, kRowBytes);
+      const std::int64_t k0 = std::int64_t(it) * BO;
+      const float* bias = other_floats + stage * 3 * BO;
+      const std::uint32_t keep = dropout ? dropout_bits<BO / 8>(p, w, qi[0], qi[1], k0, false) : 0u;
+#pragma unroll
+      for (int n = 0; n < BO / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1, col = n * 8 + 2 * t + (e & 1);
+          const bool valid = bias[col] == 0.0f && !(p.causal && k0 + col > qi[r]);
+          const float prob = valid ? fast_exp2(s[n][e] * scale_log2 - lse2[r]) : 0.0f;
+          const float z = !dropout ? 1.0f : (keep >> (4 * n + e)) & 1u ? p.dropout_rescale : 0.0f;
+          s[n][e] = prob >= kSingleKey ? 0.0f : prob * (dp[n][e] * p.output_scale * z - delta[r]);
+        }
+      gemm_pn<M, S, BO, D>(dq, s, smem_address(other(stage, 0)), Shape::kOtherPlane * 2, kRowBytes);
+      __syncthreads();
+    }
+  }
+
+  const float old_weight = accumulate ? 1.0f : 0.0f;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (qi[r] >= w.tile_begin + w.tile_rows) continue;
+    T* dq_row = row_pointer<T>(p.dq, w.batch, w.head, w.position(qi[r]));
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      store2(dq_row + n * 8 + 2 * t, dq[n][2 * r] * p.scale, dq[n][2 * r + 1] * p.scale, old_weight);
+  }
+  if (!accumulate) zero_unselected<T, D, kThreads>(p, w, &p.dq, nullptr, false);
+}
+
+template <class T, int D, int S>
+__global__ void __launch_bounds__(BackwardShape<D, S>::kThreads)
+    backward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  BlockWork w;
+  if (!decode_block<BackwardShape<D, S>::kBlockOwn>(p, plan, w)) return;
+  if (w.role == kDkDvRole) dkdv_block<T, D, S>(p, plan.accumulate, w, smem);
+  else dq_block<T, D, S>(p, plan.accumulate, w, smem);
+}
+
+template <class T, int D, int S>
+void launch_backward(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream) {
+  using Shape = BackwardShape<D, S>;
+  auto kernel = backward_kernel<T, D, S>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmemBytes)) != cudaSuccess)
+    check_launch("backward (shared memory attribute)");
+  kernel<<<plan.total_blocks, Shape::kThreads, Shape::kSmemBytes, stream>>>(params, plan);
+  check_launch("backward");
+}
+
+}  // namespace dattn::cuda

@@ -1,0 +1,181 @@
+// Host side of the CUDA backend: plans the launches (which blocks do which branch, longest
+// first) and picks the compiled instance for the dtype and head dim. The only runtime-to-template
+// switch of the backend.
+#include <algorithm>
+#include <climits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda/cuda_attention.hpp"
+#include "cuda/launch.hpp"
+#include "dattn/error.hpp"
+
+namespace dattn::cuda {
+namespace {
+
+using detail::DilatedParams;
+
+std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+// Jobs for branches [first, last) in each of `roles`, tiles of `block_rows` own rows. Sorted by
+// the selected length of the branch's segments (each block's work grows with it), longest first;
+// among equals the order of `roles` is kept (dk/dv blocks, which do more, before dq blocks).
+LaunchPlan make_plan(const DilatedParams& p, int first, int last, std::vector<int> roles, int block_rows,
+                     bool accumulate) {
+  struct Entry {
+    Job job;
+    std::int64_t length, blocks;
+  };
+  std::vector<Entry> entries;
+  for (int role : roles)
+    for (int i = first; i < last; ++i) {
+      const detail::Branch& br = p.branches[i];
+      if (br.head_count == 0) continue;
+      const std::int64_t length = ceil_div(std::min(br.segment_length, p.seqlen), br.dilation_rate);
+      Job job;
+      job.branch = i;
+      job.role = role;
+      job.tiles = int(std::max<std::int64_t>(1, ceil_div(length, block_rows)));
+      job.segments = int(ceil_div(p.seqlen, br.segment_length));
+      entries.push_back({job, length, std::int64_t(job.tiles) * job.segments * br.head_count * p.batch});
+    }
+  std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.length > b.length; });
+  LaunchPlan plan;
+  plan.accumulate = accumulate;
+  std::int64_t total = 0;
+  for (const Entry& e : entries) {
+    plan.jobs[plan.num_jobs] = e.job;
+    plan.jobs[plan.num_jobs].block_begin = int(total);
+    ++plan.num_jobs;
+    total += e.blocks;
+    if (total > INT_MAX) throw Error("the problem needs more than 2^31 thread blocks in one launch; expected a smaller B, N or H");
+  }
+  plan.total_blocks = int(total);
+  return plan;
+}
+
+// Runs on the device that holds q (restoring the caller's current device afterwards).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(const void* pointer) {
+    cudaPointerAttributes attributes{};
+    if (cudaPointerGetAttributes(&attributes, pointer) != cudaSuccess ||
+        (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged)) {
+      cudaGetLastError();
+      throw Error("q is not CUDA device memory; expected tensors allocated on the CUDA device they name");
+    }
+    cudaGetDevice(&previous_);
+    if (attributes.device != previous_) {
+      if (cudaSetDevice(attributes.device) != cudaSuccess)
+        throw std::runtime_error("dattn: cannot switch to CUDA device " + std::to_string(attributes.device));
+      switched_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
+[[noreturn]] void unsupported_head_dim(std::int64_t d) {
+  throw Error("head dim D = " + std::to_string(d) +
+              " has no CUDA kernel in this build (DATTN_CUDA_MINIMAL builds D = 64 only); expected 64");
+}
+
+template <class T, int S>
+void forward_launch(const DilatedParams& p, const LaunchPlan& plan, cudaStream_t s) {
+  switch (p.head_dim) {
+#ifndef DATTN_CUDA_MINIMAL
+    case 16: return launch_forward<T, 16, S>(p, plan, s);
+    case 32: return launch_forward<T, 32, S>(p, plan, s);
+    case 80: return launch_forward<T, 80, S>(p, plan, s);
+    case 96: return launch_forward<T, 96, S>(p, plan, s);
+    case 128: return launch_forward<T, 128, S>(p, plan, s);
+#endif
+    case 64: return launch_forward<T, 64, S>(p, plan, s);
+    default: unsupported_head_dim(p.head_dim);
+  }
+}
+
+template <class T, int S>
+void backward_launch(const DilatedParams& p, const LaunchPlan& plan, cudaStream_t s) {
+  switch (p.head_dim) {
+#ifndef DATTN_CUDA_MINIMAL
+    case 16: return launch_backward<T, 16, S>(p, plan, s);
+    case 32: return launch_backward<T, 32, S>(p, plan, s);
+    case 80: return launch_backward<T, 80, S>(p, plan, s);
+    case 96: return launch_backward<T, 96, S>(p, plan, s);
+    case 128: return launch_backward<T, 128, S>(p, plan, s);
+#endif
+    case 64: return launch_backward<T, 64, S>(p, plan, s);
+    default: unsupported_head_dim(p.head_dim);
+  }
+}
+
+// Grouped mode: every head is in one branch, so one launch does all. Longnet mode: one launch per
+// branch, the later ones merging into (forward) or adding to (backward) what the earlier wrote.
+template <class T, int S>
+void run_forward(const DilatedParams& p) {
+  const auto stream = static_cast<cudaStream_t>(p.stream);
+  constexpr int rows = ForwardShape<64, S>::kBlockM;  // the same for every head dim
+  if (p.mode == Mode::grouped) return forward_launch<T, S>(p, make_plan(p, 0, p.num_branches, {kForwardRole}, rows, false), stream);
+  for (int i = 0; i < p.num_branches; ++i)
+    forward_launch<T, S>(p, make_plan(p, i, i + 1, {kForwardRole}, rows, i > 0), stream);
+}
+
+template <class T, int S>
+void run_backward(const DilatedParams& p) {
+  const auto stream = static_cast<cudaStream_t>(p.stream);
+  const int rows = p.head_dim > 64 ? BackwardShape<128, S>::kBlockOwn : BackwardShape<64, S>::kBlockOwn;
+  if (p.mode == Mode::grouped)
+    return backward_launch<T, S>(p, make_plan(p, 0, p.num_branches, {kDkDvRole, kDqRole}, rows, false), stream);
+  for (int i = 0; i < p.num_branches; ++i)
+    backward_launch<T, S>(p, make_plan(p, i, i + 1, {kDkDvRole, kDqRole}, rows, i > 0), stream);
+}
+
+// Paths of later issues that the CUDA kernels do not read yet: refused, never ignored.
+void check_supported(const DilatedParams& p) {
+  if (p.position_index != nullptr)
+    throw Error("options.position_index (Hilbert order) is set for CUDA tensors, but the CUDA backend does not "
+                "implement it yet; expected cpu tensors or no position_index");
+  if (p.block_size > 0)
+    throw Error("block-sparse attention is not implemented on CUDA yet; expected cpu tensors");
+  if (p.partial_output || p.query_position != 0 || (p.global_length != 0 && p.global_length != p.seqlen) ||
+      p.key_begin != 0 || (p.key_end != 0 && p.key_end != p.seqlen))
+    throw Error("ring attention steps are not implemented on CUDA yet; expected no ring_step");
+}
+
+}  // namespace
+
+void forward(const DilatedParams& p) {
+  check_supported(p);
+  DeviceGuard guard(p.q.data);
+  switch (p.dtype) {
+    case DType::bfloat16: return run_forward<__nv_bfloat16, 1>(p);
+    case DType::float16: return run_forward<__half, 1>(p);
+    case DType::float32: return p.use_tf32 ? run_forward<float, 2>(p) : run_forward<float, 3>(p);
+    default: throw Error(std::string("dtype ") + dtype_name(p.dtype) + " has no CUDA kernel; expected float32, bfloat16 or float16");
+  }
+}
+
+void backward(const DilatedParams& p) {
+  check_supported(p);
+  DeviceGuard guard(p.q.data);
+  switch (p.dtype) {
+    case DType::bfloat16: return run_backward<__nv_bfloat16, 1>(p);
+    case DType::float16: return run_backward<__half, 1>(p);
+    case DType::float32: return p.use_tf32 ? run_backward<float, 2>(p) : run_backward<float, 3>(p);
+    default: throw Error(std::string("dtype ") + dtype_name(p.dtype) + " has no CUDA kernel; expected float32, bfloat16 or float16");
+  }
+}
+
+}  // namespace dattn::cuda

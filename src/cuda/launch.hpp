@@ -1,0 +1,73 @@
+// What the host tells a launch: the jobs (one per branch and role) whose blocks it runs, and the
+// per-instance tile shapes. Host and device code both include this; it holds no device code.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "params.hpp"
+
+namespace dattn::cuda {
+
+enum Role : int {
+  kForwardRole = 0,
+  kDkDvRole = 1,  // backward: a block owns keys, loops over the query tiles that see them
+  kDqRole = 2,    // backward: a block owns queries, loops over the key tiles they see
+};
+
+// Blocks [block_begin, block_begin + tiles·segments·heads·batch) of a launch work on one branch in
+// one role; a block decodes to (batch, head, segment, tile) with the tile fastest.
+struct Job {
+  int branch = 0;
+  int role = kForwardRole;
+  int tiles = 1;     // tiles of the longest segment of the branch
+  int segments = 1;
+  int block_begin = 0;
+};
+
+struct LaunchPlan {
+  int num_jobs = 0;
+  int total_blocks = 0;
+  // longnet mode, every branch after the first: merge into out/lse (forward) or add into
+  // dq/dk/dv (backward) instead of writing, and leave unselected rows alone.
+  bool accumulate = false;
+  Job jobs[2 * detail::kMaxBranches];
+};
+
+// Tile shapes. T is the storage type (float, __half, __nv_bfloat16); S the number of bf16 planes
+// fp32 values are split into (1 for 16-bit storage).
+template <int D, int S>
+struct ForwardShape {
+  static constexpr int kWarps = 4, kThreads = 32 * kWarps;
+  static constexpr int kBlockM = 16 * kWarps;  // query rows per block (16 per warp)
+  static constexpr int kBlockN = 64;           // keys per tile
+  static constexpr int kStages = S == 1 ? 2 : 1;
+  static constexpr int kStride = D + 8;        // shared-memory row, in 16-bit elements
+  static constexpr int kQPlane = kBlockM * kStride, kKvPlane = kBlockN * kStride;
+  static constexpr int kQElems = S * kQPlane, kKvElems = S * kKvPlane;  // one tile, all planes
+  static constexpr std::size_t kSmemBytes =
+      std::size_t(kQElems + 2 * kStages * kKvElems) * 2 + std::size_t(kStages * kBlockN) * 4;
+};
+
+template <int D, int S>
+struct BackwardShape {
+  static constexpr int kWarps = (S > 1 && D > 64) ? 2 : 4, kThreads = 32 * kWarps;
+  static constexpr int kBlockOwn = 16 * kWarps;        // own rows (keys for dk/dv, queries for dq)
+  static constexpr int kBlockOther = D > 64 ? 32 : 64;  // rows of the other side per step
+  static constexpr int kStages = S == 1 ? 2 : 1;
+  static constexpr int kStride = D + 8;
+  static constexpr int kOwnPlane = kBlockOwn * kStride, kOtherPlane = kBlockOther * kStride;
+  static constexpr int kOwnElems = S * kOwnPlane, kOtherElems = S * kOtherPlane;
+  // own: two tiles (K, V or Q, dO); other: per stage three tiles (Q, dO, O or K, V).
+  static constexpr int kFloatsOwn = 2 * kBlockOwn, kFloatsOther = 3 * kBlockOther;
+  static constexpr std::size_t kSmemBytes = std::size_t(2 * kOwnElems + 3 * kStages * kOtherElems) * 2 +
+                                            std::size_t(kFloatsOwn + kStages * kFloatsOther) * 4;
+};
+
+template <class T, int D, int S>
+void launch_forward(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream);
+template <class T, int D, int S>
+void launch_backward(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream);
+
+}  // namespace dattn::cuda

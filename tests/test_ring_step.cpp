@@ -1,0 +1,140 @@
+// Ring steps in one process: every rank's local queries attend to every rank's keys one step at a
+// time, merge_partial combines the steps, and the result must equal attention over the whole
+// sequence (the contract of SPEC.md "Ring (sequence-parallel) attention", forward).
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "harness.hpp"
+
+namespace dattn_test {
+namespace {
+
+// Rank p's rows: one chunk (contiguous) or chunks p and 2P−1−p (zigzag), as [begin, end) ranges.
+std::vector<std::pair<std::int64_t, std::int64_t>> chunks_of(std::int64_t N, int P, int p, bool zigzag) {
+  if (!zigzag) return {{p * N / P, (p + 1) * N / P}};
+  const std::int64_t c = N / (2 * P);
+  return {{p * c, (p + 1) * c}, {(2 * P - 1 - p) * c, (2 * P - p) * c}};
+}
+
+// Rows [begin, end) of a [B, N, ...] view (dim 1 for q/k/v, dim 2 for lse).
+TensorView rows(const TensorView& t, int dim, std::int64_t begin, std::int64_t end) {
+  TensorView r = t;
+  r.data = static_cast<std::byte*>(t.data) + begin * t.strides[dim] * std::int64_t(dattn::dtype_size(t.dtype));
+  r.shape[dim] = end - begin;
+  return r;
+}
+
+struct RingCase {
+  std::int64_t B, N, H, D;
+  std::vector<std::int64_t> w, r;
+  dattn::Mode mode;
+  bool causal, zigzag, padding;
+  int P;
+  double dropout_p;
+};
+
+void run(const RingCase& c, DType dtype, Rng& rng) {
+  SCOPED_TRACE(::testing::Message() << "N=" << c.N << " P=" << c.P << " zigzag=" << c.zigzag << " causal=" << c.causal
+                                    << " mode=" << int(c.mode) << " w[0]=" << c.w[0] << " dtype=" << dattn::dtype_name(dtype));
+  const std::vector<std::int64_t> shape{c.B, c.N, c.H, c.D};
+  Buffer q = contiguous(shape, dtype), k = contiguous(shape, dtype), v = contiguous(shape, dtype);
+  for (const Buffer* b : {&q, &k, &v}) fill_normal(b->view(), rng);
+  dattn::DilatedConfig config;
+  config.segment_lengths = c.w;
+  config.dilation_rates = c.r;
+  config.mode = c.mode;
+  config.causal = c.causal;
+  config.dropout_p = c.dropout_p;
+  config.dropout_seed = 77;
+  Tensor padding = Tensor::zeros({c.B, c.N}, DType::boolean);
+  std::uniform_real_distribution<double> uniform;
+  if (c.padding)
+    for (std::int64_t i = 0; i < padding.numel(); ++i) padding.data<std::uint8_t>()[i] = uniform(rng) < 0.2;
+
+  // The whole sequence at once.
+  dattn::DilatedConfig whole = config;
+  if (c.padding) whole.key_padding_mask = padding.view();
+  Tensor expected = Tensor::empty(shape, dtype), expected_lse = Tensor::empty({c.B, c.H, c.N}, DType::float32);
+  dattn::forward(whole, q.view(), k.view(), v.view(), expected, expected_lse);
+
+  Tensor merged = Tensor::zeros(shape, DType::float32), merged_lse = Tensor::empty({c.B, c.H, c.N}, DType::float32);
+  for (std::int64_t i = 0; i < merged_lse.numel(); ++i) merged_lse.data<float>()[i] = -INFINITY;
+  for (int rank = 0; rank < c.P; ++rank)
+    for (const auto& [q0, q1] : chunks_of(c.N, c.P, rank, c.zigzag))
+      for (int source = 0; source < c.P; ++source)
+        for (const auto& [k0, k1] : chunks_of(c.N, c.P, source, c.zigzag)) {
+          dattn::DilatedConfig step_config = config;
+          const Tensor step_padding = Tensor::empty({c.B, k1 - k0}, DType::boolean);
+          if (c.padding) {
+            for (std::int64_t b = 0; b < c.B; ++b)
+              for (std::int64_t n = k0; n < k1; ++n)
+                step_padding.data<std::uint8_t>()[b * (k1 - k0) + n - k0] = padding.data<std::uint8_t>()[b * c.N + n];
+            step_config.key_padding_mask = step_padding.view();
+          }
+          Tensor out = Tensor::empty({c.B, q1 - q0, c.H, c.D}, dtype), lse = Tensor::empty({c.B, c.H, q1 - q0}, DType::float32);
+          dattn::LaunchOptions options;
+          options.ring_step = dattn::RingStep{q0, c.N, k0, k1};
+          dattn::forward(step_config, rows(q.view(), 1, q0, q1), rows(k.view(), 1, k0, k1), rows(v.view(), 1, k0, k1),
+                         out, lse, options);
+          dattn::merge_partial(rows(merged.view(), 1, q0, q1), rows(merged_lse.view(), 2, q0, q1), out, lse);
+        }
+  // The merge works in float32 while the whole-sequence call rounds once, so compare both to
+  // the float64 reference at the dtype's bar.
+  Tensor ref = Tensor::empty(shape, DType::float64), ref_lse = Tensor::empty({c.B, c.H, c.N}, DType::float32);
+  dattn::forward(whole, to_f64(q.view()), to_f64(k.view()), to_f64(v.view()), ref, ref_lse);
+  const Tolerance tol = tolerance(dtype);
+  EXPECT_TRUE(close_rel_l2("merged out", merged.view(), ref, tol.rel_l2));
+  EXPECT_TRUE(lse_close(merged_lse.view(), ref_lse, tol.lse));
+  EXPECT_TRUE(close_rel_l2("whole out", expected.view(), ref, tol.rel_l2));
+}
+
+TEST(RingStepTest, MergedStepsEqualWholeSequenceAttention) {
+  Rng rng(42);
+  std::uniform_int_distribution<int> pick(0, 1 << 20);
+  for (int i = 0; i < 40; ++i) {
+    RingCase c;
+    c.P = 1 + pick(rng) % 4;
+    c.zigzag = pick(rng) % 2;
+    const std::int64_t unit = c.zigzag ? 2 * c.P : c.P;
+    c.N = unit * (1 + pick(rng) % (60 / unit + 1));
+    c.B = 1 + pick(rng) % 2;
+    c.H = 1 + pick(rng) % 4;
+    c.D = 8 * (1 + pick(rng) % 4);
+    const int G = 1 + pick(rng) % 3;
+    for (int g = 0; g < G; ++g) {
+      // segments shorter than, equal to and longer than N/P, and not dividing it
+      const std::int64_t w = std::max<std::int64_t>(1, (c.N / c.P) * (1 + pick(rng) % 3) / 2 + pick(rng) % 5);
+      c.w.push_back(w);
+      c.r.push_back(1 + pick(rng) % std::min<std::int64_t>(w, 4));
+    }
+    c.mode = pick(rng) % 2 ? dattn::Mode::longnet : dattn::Mode::grouped;
+    c.causal = pick(rng) % 2;
+    c.padding = pick(rng) % 3 == 0;
+    c.dropout_p = pick(rng) % 4 == 0 ? 0.2 : 0.0;
+    run(c, i % 3 == 0 ? DType::bfloat16 : DType::float32, rng);
+  }
+}
+
+TEST(RingStepTest, ErrorsNameTheArgument) {
+  using ::testing::HasSubstr;
+  Tensor q = Tensor::zeros({1, 8, 1, 4}, DType::float32), k = Tensor::zeros({1, 4, 1, 4}, DType::float32);
+  Tensor lse = Tensor::zeros({1, 1, 8}, DType::float32);
+  dattn::DilatedConfig config;
+  config.segment_lengths = {4};
+  config.dilation_rates = {1};
+  auto message = [&](dattn::RingStep step) {
+    try {
+      dattn::forward(config, q, k, k, q, lse, {.ring_step = step});
+    } catch (const dattn::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_THAT(message({4, 8, 0, 4}), HasSubstr("query rows"));
+  EXPECT_THAT(message({0, 16, 4, 4}), HasSubstr("key rows"));
+  EXPECT_THAT(message({0, 16, 0, 6}), HasSubstr("k has shape"));
+  EXPECT_EQ(message({0, 16, 12, 16}), "no error");
+}
+
+}  // namespace
+}  // namespace dattn_test
