@@ -278,7 +278,8 @@ void softmax_gradient_query_rows(const detail::DilatedParams& p, const WorkItem&
   }
 }
 
-// The same with one row per key and one column per query (lse and delta per column).
+// The same with one row per key and one column per query (lse and delta per column), except that
+// `scores` becomes the undropped P (the dq pass's F = Σ_j P_j·k_j).
 template <class I>
 void softmax_gradient_key_rows(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>& s,
                                const float* key_bias, const float* lse, const float* delta, int keys, int queries,
@@ -301,18 +302,16 @@ void softmax_gradient_key_rows(const detail::DilatedParams& p, const WorkItem& i
     if (causal_masked)  // queries before the key
       for (int c = 0; c < queries; ++c)
         if (s.key_original[i] > s.query_original[c]) prob[c] = grad[c] = 0.0f;
-    if (p.dropout_p > 0.0f)
-      for (int c = 0; c < queries; ++c) prob[c] *= s.dropout_row[c];
   }
 }
 
-// dq pass over one group (own side queries), keys as rows: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ. The first
-// sweep (delta_sweep) sums Σ_j P_j·Z_j·dP_j of each query into the state: the softmax
-// correction delta, computed in float32 from the same P and dP as dS (so a query with one key
-// gets dS = 0 exactly), not from the rounded out. The second sweep adds dQ += dS·K.
+// dq pass over one group (own side queries), keys as rows: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ give
+// G = P∘Z∘dP. Since dS = P∘(Z∘dP − delta) with delta = Σ_j G_j, one sweep accumulates
+// E = Σ_j G_j·k_j, F = Σ_j P_j·k_j and delta, and dq = scale·(E − delta·F) at the end: delta comes
+// from the same float32 P and dP as the rest (a query with one key gets dq = 0 exactly), not
+// from the rounded out, and no second sweep is needed.
 template <class I, class T>
-void dq_group(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s,
-              bool delta_sweep) {
+void dq_group(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
   const detail::DilatedParams& p = own.p;
   const int Dp = s.padded_d;
   const std::int64_t diagonal = causal_diagonal(own, other);
@@ -320,9 +319,7 @@ void dq_group(const SideView<I, T>& own, const SideView<I, T>& other, const Grou
     const int chunk = int(std::min(kChunkRows, g.end - c0));
     own.pack_own(p.q, c0, chunk, p.scale, s.own_a);
     own.pack_own(p.dout, c0, chunk, p.output_scale, s.own_b);
-    pack_lse_delta(own, c0, chunk, padded<I>(chunk), s.own_lse, s.own_delta, false);
-    if (!delta_sweep)
-      for (int c = 0; c < chunk; ++c) s.own_delta[c] = s.row_delta[own.state(c0 + c)];
+    pack_lse_delta(own, c0, chunk, padded<I>(chunk), s.own_lse, s.own_delta, false);  // delta 0: dS becomes G
     const std::int64_t key_end =
         diagonal == kNoDiagonal ? g.other_length : std::clamp<std::int64_t>(diagonal + c0 + chunk, 0, g.other_length);
     for (std::int64_t k0 = 0; k0 < key_end; k0 += kTileRows) {
@@ -334,21 +331,19 @@ void dq_group(const SideView<I, T>& own, const SideView<I, T>& other, const Grou
         const int queries = int(std::min(kTileRows, c0 + chunk - q0)), Qp = padded<I>(queries);
         const CausalPair pair = record_pair(own, q0, queries, other, k0, keys, s);
         if (pair == CausalPair::skipped) continue;
-        const std::int64_t at = q0 - c0;
+        const std::int64_t at = q0 - c0, state = own.state(q0), ldc = own.state_step() * Dp;
         gemm<I, false>(keys, Qp, Dp, s.tile_rows_a, Dp, s.own_a + at, kOwnPitch, s.scores, Qp);
         gemm<I, false>(keys, Qp, Dp, s.tile_rows_b, Dp, s.own_b + at, kOwnPitch, s.grad_scores, Qp);
         softmax_gradient_key_rows(p, own.item, s, s.tile_bias, s.own_lse + at, s.own_delta + at, keys, queries, Qp,
                                   pair == CausalPair::masked);
-        if (delta_sweep) {  // grad_scores now holds P∘Z∘dP
-          for (int c = 0; c < queries; ++c) {
-            float sum = 0.0f;
-            for (int i = 0; i < keys; ++i) sum += s.grad_scores[i * Qp + c];
-            s.row_delta[own.state(q0 + c)] += sum;
-          }
-          continue;
+        for (int c = 0; c < Qp; c += I::width) {  // delta += column sums of G
+          typename I::reg sum = I::zero();
+          for (int i = 0; i < keys; ++i) sum = I::add(sum, I::load(s.grad_scores + i * Qp + c));
+          I::store(s.column_max + c, sum);
         }
-        gemm<I, true, true>(queries, Dp, keys, s.grad_scores, Qp, s.tile_rows_a, Dp, s.acc + own.state(q0) * Dp,
-                            own.state_step() * Dp);
+        for (int c = 0; c < queries; ++c) s.row_delta[state + c * own.state_step()] += s.column_max[c];
+        gemm<I, true, true>(queries, Dp, keys, s.grad_scores, Qp, s.tile_rows_a, Dp, s.acc + state * Dp, ldc);
+        gemm<I, true, true>(queries, Dp, keys, s.scores, Qp, s.tile_rows_a, Dp, s.acc2 + state * Dp, ldc);
       }
     }
   }
@@ -435,15 +430,20 @@ void forward_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<
 // dq for the item's rows, and their softmax deltas into p.softmax_delta for the dk/dv pass.
 template <class I, class T>
 void dq_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>& s) {
-  const int Dp = s.padded_d;
+  const int Dp = s.padded_d, D = int(p.head_dim);
   std::fill(s.acc, s.acc + item.state_rows * Dp, 0.0f);
+  std::fill(s.acc2, s.acc2 + item.state_rows * Dp, 0.0f);
   std::fill(s.row_delta, s.row_delta + item.state_rows, 0.0f);
-  for (bool delta_sweep : {true, false})  // delta sums over every group (branch) of a row first
-    for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) {
-      dq_group(own, other, g, s, delta_sweep);
-    });
+  for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) {
+    dq_group(own, other, g, s);
+  });
   for_each_region_row(p, item, [&](std::int64_t row, std::int64_t state) {
-    store_row<I, T>(p.dq, item, row, state >= 0 ? s.acc + state * Dp : nullptr, p.scale, int(p.head_dim));
+    if (state >= 0) {  // E − delta·F, in place
+      float* e = s.acc + state * Dp;
+      const float* f = s.acc2 + state * Dp;
+      for (int d = 0; d < D; ++d) e[d] -= s.row_delta[state] * f[d];
+    }
+    store_row<I, T>(p.dq, item, row, state >= 0 ? s.acc + state * Dp : nullptr, p.scale, D);
     p.softmax_delta[(item.batch * p.heads + item.head) * p.seqlen + row] = state >= 0 ? s.row_delta[state] : 0.0f;
   });
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 
@@ -74,12 +75,19 @@ void pack_rows(RowFn&& row, int rows, int D, int padded_d, float scale, float* d
 }
 
 // dst[d*ld + i] = scale * row(i)[d]; zero for rows <= i < padded_rows and D <= d < padded_d.
+// Sixteen source rows at a time, so they stay in L1 while each destination row gets a full line.
 template <class I, class RowFn>
 void pack_columns(RowFn&& row, int rows, int padded_rows, int D, int padded_d, float scale, float* dst,
                   std::int64_t ld) {
-  for (int i = 0; i < rows; ++i) {
-    const auto* s = row(i);
-    for (int d = 0; d < D; ++d) dst[d * ld + i] = scale * Convert<I>::load(s[d]);
+  constexpr int kBlock = 16;
+  for (int i0 = 0; i0 < rows; i0 += kBlock) {
+    const int n = std::min(kBlock, rows - i0);
+    decltype(row(0)) source[kBlock];
+    for (int i = 0; i < n; ++i) source[i] = row(i0 + i);
+    for (int d = 0; d < D; ++d) {
+      float* out = dst + d * ld + i0;
+      for (int i = 0; i < n; ++i) out[i] = scale * Convert<I>::load(source[i][d]);
+    }
   }
   for (int d = 0; d < padded_d; ++d) {
     const int first = d < D ? rows : 0;
