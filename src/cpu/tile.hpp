@@ -59,12 +59,21 @@ typename I::reg load_vector(const T* s) {
   else return I::load_f16(&s->bits);
 }
 
+template <class T>
+void prefetch_row(const T* row, int D) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int at = 0; at < D * int(sizeof(T)); at += 64) __builtin_prefetch(bytes + at);
+}
+
 // dst[i*ld + d] = scale * row(i)[d] for i < rows, d < D; zero for D <= d < padded_d.
 template <class I, class RowFn>
 void pack_rows(RowFn&& row, int rows, int D, int padded_d, float scale, float* dst, std::int64_t ld) {
   constexpr int W = I::width;
   const typename I::reg factor = I::set1(scale);
+  constexpr int kAhead = 4;  // rows are far apart (a head's row of [B, N, H, D]): prefetch them
+  for (int i = 0; i < std::min(kAhead, rows); ++i) prefetch_row(row(i), D);
   for (int i = 0; i < rows; ++i) {
+    if (i + kAhead < rows) prefetch_row(row(i + kAhead), D);
     const auto* s = row(i);
     float* d_row = dst + i * ld;
     int d = 0;
