@@ -87,4 +87,15 @@ enum class ZeroReference { exact, cancellation };
 // lse is -inf exactly where ref is, finite elsewhere and within tol * max(1, |ref|).
 ::testing::AssertionResult lse_close(const TensorView& lse, const TensorView& ref, double tol);
 
+// The message of the dattn::Error that f throws, or "no error".
+template <class F>
+std::string error_message(F&& f) {
+  try {
+    f();
+  } catch (const dattn::Error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
 }  // namespace dattn_test

@@ -143,26 +143,18 @@ TEST(BlockSparseMaskTest, NamedPatterns) {
 
 TEST(BlockSparseMaskTest, ErrorsNameTheArgument) {
   using ::testing::HasSubstr;
-  auto message = [](auto&& f) {
-    try {
-      f();
-    } catch (const dattn::Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
-  EXPECT_THAT(message([] { dattn::dilated_pattern(256, {100}, {1}, 64); }), HasSubstr("multiple of block_size"));
-  EXPECT_THAT(message([] { BlockSparseMask::from_csr(1, 2, 2, {0, 1}, {0}); }), HasSubstr("row_offsets"));
-  EXPECT_THAT(message([] { BlockSparseMask::from_csr(1, 1, 2, {0, 2}, {1, 0}); }), HasSubstr("sorted"));
+  EXPECT_THAT(error_message([] { dattn::dilated_pattern(256, {100}, {1}, 64); }), HasSubstr("multiple of block_size"));
+  EXPECT_THAT(error_message([] { BlockSparseMask::from_csr(1, 2, 2, {0, 1}, {0}); }), HasSubstr("row_offsets"));
+  EXPECT_THAT(error_message([] { BlockSparseMask::from_csr(1, 1, 2, {0, 2}, {1, 0}); }), HasSubstr("sorted"));
   Tensor wrong = Tensor::zeros({2, 2}, DType::float32);
-  EXPECT_THAT(message([&] { BlockSparseMask::from_dense(wrong); }), HasSubstr("dtype"));
+  EXPECT_THAT(error_message([&] { BlockSparseMask::from_dense(wrong); }), HasSubstr("dtype"));
   const BlockSparseMask mask = BlockSparseMask::from_dense(Tensor::zeros({3, 3}, DType::boolean));
   Tensor q = Tensor::zeros({1, 10, 1, 4}, DType::float32), lse = Tensor::zeros({1, 1, 10}, DType::float32);
   BlockSparseConfig config;
   config.block_size = 5;  // 2 blocks, the mask has 3
-  EXPECT_THAT(message([&] { dattn::block_sparse_forward(config, mask, q, q, q, q, lse); }), HasSubstr("blocks"));
+  EXPECT_THAT(error_message([&] { dattn::block_sparse_forward(config, mask, q, q, q, q, lse); }), HasSubstr("blocks"));
   config.block_size = 0;
-  EXPECT_THAT(message([&] { dattn::block_sparse_forward(config, mask, q, q, q, q, lse); }), HasSubstr("block_size"));
+  EXPECT_THAT(error_message([&] { dattn::block_sparse_forward(config, mask, q, q, q, q, lse); }), HasSubstr("block_size"));
 }
 
 }  // namespace

@@ -185,22 +185,14 @@ TEST(ModuleTest, Float32MatchesFloat64WithTheSameWeights) {
 
 TEST(ModuleTest, ErrorsNameTheArgument) {
   using ::testing::HasSubstr;
-  auto message = [](auto&& f) {
-    try {
-      f();
-    } catch (const dattn::Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
   MultiheadConfig bad = config(false, dattn::Mode::grouped, DType::float32);
   bad.num_heads = 5;
-  EXPECT_THAT(message([&] { MultiheadDilatedAttention m(bad); }), HasSubstr("divisible"));
+  EXPECT_THAT(error_message([&] { MultiheadDilatedAttention m(bad); }), HasSubstr("divisible"));
   MultiheadDilatedAttention m(config(false, dattn::Mode::grouped, DType::float32));
   Tensor wrong = Tensor::zeros({2, 5, 10}, DType::float32), x = Tensor::zeros({2, 5, 12}, DType::float32);
-  EXPECT_THAT(message([&] { m.forward(wrong, wrong, wrong); }), HasSubstr("query"));
+  EXPECT_THAT(error_message([&] { m.forward(wrong, wrong, wrong); }), HasSubstr("query"));
   Tensor x64 = Tensor::zeros({2, 5, 12}, DType::float64);
-  EXPECT_THAT(message([&] { m.forward(x, x64, x); }), HasSubstr("key has dtype"));
+  EXPECT_THAT(error_message([&] { m.forward(x, x64, x); }), HasSubstr("key has dtype"));
 }
 
 }  // namespace
