@@ -57,8 +57,16 @@ struct DilatedParams {
   std::uint64_t dropout_seed = 0, dropout_offset = 0;
 
   // Backward scratch [B, H, N] (contiguous): each row's softmax correction Σ_j P_j·Z_j·dP_j,
-  // written by the dq pass and read by the dk/dv pass. Owned by the backend.
+  // written by the dq pass and read by the dk/dv pass. Owned by the backend, or by the caller of
+  // a ring backward step.
   float* softmax_delta = nullptr;
+
+  // Ring backward steps: run only the query pass or only the key pass, and add into float32
+  // accumulators instead of writing: dq += Σ_j G_j·k_j, dq_correction += Σ_j P_j·k_j,
+  // softmax_delta += Σ_j G_j (query pass); dk, dv += (key pass, softmax_delta read).
+  bool run_query_pass = true, run_key_pass = true;
+  bool accumulate = false;
+  Operand dq_correction;
 
   // GPU launch state (CUDA backend).
   void* stream = nullptr;

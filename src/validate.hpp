@@ -22,6 +22,10 @@ struct CommonSettings {
 };
 
 void check_config(const DilatedConfig& config);
+// t is a [B, N, H, D] tensor like `like` (shape, dtype, device) with stride 1 along D.
+void check_attention_tensor(const char* name, const TensorView& t, const TensorView& like);
+void check_lse(const TensorView& lse, const TensorView& q);
+Operand operand(const TensorView& t);
 // q, k, v, out and lse, the settings and the options; throws dattn::Error naming what is wrong.
 void check_inputs(const CommonSettings& settings, const TensorView& q, const TensorView& k, const TensorView& v,
                   const TensorView& out, const TensorView& lse, const LaunchOptions& options);

@@ -1,6 +1,7 @@
 // Ring steps in one process: every rank's local queries attend to every rank's keys one step at a
 // time, merge_partial combines the steps, and the result must equal attention over the whole
-// sequence (the contract of SPEC.md "Ring (sequence-parallel) attention", forward).
+// sequence (the contract of SPEC.md "Ring (sequence-parallel) attention"); likewise the ring
+// backward's two sweeps against the whole sequence's gradients.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -86,6 +87,59 @@ void run(const RingCase& c, DType dtype, Rng& rng) {
   EXPECT_TRUE(close_rel_l2("merged out", merged.view(), ref, tol.rel_l2));
   EXPECT_TRUE(lse_close(merged_lse.view(), ref_lse, tol.lse));
   EXPECT_TRUE(close_rel_l2("whole out", expected.view(), ref, tol.rel_l2));
+
+  // Backward: per rank, the query sweep over every key range, then the key sweep, with the
+  // merged lse; dk and dv go back to the rows' owners (here: one global accumulator).
+  Buffer dout = contiguous(shape, dtype);
+  fill_normal(dout.view(), rng);
+  Tensor dq = Tensor::empty(shape, dtype), dk = Tensor::zeros(shape, DType::float32), dv = Tensor::zeros(shape, DType::float32);
+  auto step_config = [&](std::int64_t k0, std::int64_t k1, Tensor& holder) {
+    dattn::DilatedConfig s = config;
+    if (c.padding) {
+      holder = Tensor::empty({c.B, k1 - k0}, DType::boolean);
+      for (std::int64_t b = 0; b < c.B; ++b)
+        for (std::int64_t n = k0; n < k1; ++n)
+          holder.data<std::uint8_t>()[b * (k1 - k0) + n - k0] = padding.data<std::uint8_t>()[b * c.N + n];
+      s.key_padding_mask = holder.view();
+    }
+    return s;
+  };
+  for (int rank = 0; rank < c.P; ++rank)
+    for (const auto& [q0, q1] : chunks_of(c.N, c.P, rank, c.zigzag)) {
+      const std::int64_t n = q1 - q0;
+      Tensor sum_gk = Tensor::zeros({c.B, n, c.H, c.D}, DType::float32), sum_pk = Tensor::zeros({c.B, n, c.H, c.D}, DType::float32);
+      Tensor delta = Tensor::zeros({c.B, c.H, n}, DType::float32);
+      // The rank's lse: its rows of the merged lse, made contiguous.
+      Tensor lse = Tensor::empty({c.B, c.H, n}, DType::float32);
+      for (std::int64_t b = 0; b < c.B; ++b)
+        for (std::int64_t h = 0; h < c.H; ++h)
+          for (std::int64_t i = 0; i < n; ++i)
+            lse.data<float>()[(b * c.H + h) * n + i] = merged_lse.data<float>()[(b * c.H + h) * c.N + q0 + i];
+      const dattn::RingQueryGradients sums{sum_gk, sum_pk, delta};
+      for (int source = 0; source < c.P; ++source)
+        for (const auto& [k0, k1] : chunks_of(c.N, c.P, source, c.zigzag)) {
+          Tensor holder;
+          dattn::ring_query_gradients(step_config(k0, k1, holder), dattn::RingStep{q0, c.N, k0, k1},
+                                      rows(q.view(), 1, q0, q1), rows(k.view(), 1, k0, k1), rows(v.view(), 1, k0, k1),
+                                      rows(dout.view(), 1, q0, q1), lse, sums);
+        }
+      dattn::ring_finish_query_gradients(config, sums, rows(dq.view(), 1, q0, q1));
+      for (int source = 0; source < c.P; ++source)
+        for (const auto& [k0, k1] : chunks_of(c.N, c.P, source, c.zigzag)) {
+          Tensor holder;
+          dattn::ring_key_gradients(step_config(k0, k1, holder), dattn::RingStep{q0, c.N, k0, k1},
+                                    rows(q.view(), 1, q0, q1), rows(k.view(), 1, k0, k1), rows(v.view(), 1, k0, k1),
+                                    rows(dout.view(), 1, q0, q1), lse, delta, rows(dk.view(), 1, k0, k1),
+                                    rows(dv.view(), 1, k0, k1));
+        }
+    }
+  Tensor dq64 = Tensor::empty(shape, DType::float64), dk64 = Tensor::empty(shape, DType::float64),
+         dv64 = Tensor::empty(shape, DType::float64);
+  dattn::backward(whole, to_f64(q.view()), to_f64(k.view()), to_f64(v.view()), ref, ref_lse, to_f64(dout.view()), dq64,
+                  dk64, dv64);
+  EXPECT_TRUE(close_rel_l2("ring dq", dq.view(), dq64, tol.rel_l2, ZeroReference::cancellation));
+  EXPECT_TRUE(close_rel_l2("ring dk", dk.view(), dk64, tol.rel_l2, ZeroReference::cancellation));
+  EXPECT_TRUE(close_rel_l2("ring dv", dv.view(), dv64, tol.rel_l2));
 }
 
 TEST(RingStepTest, MergedStepsEqualWholeSequenceAttention) {

@@ -23,8 +23,8 @@ enum class Backend : std::uint8_t {
 // query_position + N) of a sequence of global_length rows (segments are cut by global
 // positions); k and v (and key_padding_mask) hold the rows [key_begin, key_end). forward writes
 // the attention of the local queries over just those keys: out normalised over them and their
-// lse (0 and -inf where a query sees none of them). merge_partial combines steps into the result.
-// The backward of a ring step is not implemented yet.
+// lse (0 and -inf where a query sees none of them). merge_partial combines steps into the result;
+// ring_query_gradients and ring_key_gradients below are the backward.
 struct RingStep {
   std::int64_t query_position = 0;  // global position of local row 0
   std::int64_t global_length = 0;
@@ -58,6 +58,25 @@ void backward(const DilatedConfig& config, const TensorView& q, const TensorView
 // Start from out = 0 and lse = -inf. Accumulate in float32 (any float dtype is accepted).
 void merge_partial(const TensorView& out, const TensorView& lse, const TensorView& step_out,
                    const TensorView& step_lse);
+
+// Ring backward. With the merged lse of a rank's local queries (from its forward steps), two
+// sweeps over the key ranges, adding into float32 accumulators that start at 0:
+// 1. ring_query_gradients, once per key range: sum_gk += Σ_j G_j·k_j and sum_pk += Σ_j P_j·k_j
+//    ([B, N, H, D]), delta += Σ_j G_j ([B, H, N], contiguous), with G = P∘Z∘dP; then
+//    ring_finish_query_gradients writes dq = scale·(sum_gk − delta·sum_pk).
+// 2. ring_key_gradients, once per key range: dk, dv ([B, Nk, H, D]) += that range's gradients,
+//    with the final delta. Only the attention of the step's (query, key) pairs contributes.
+struct RingQueryGradients {
+  TensorView sum_gk, sum_pk, delta;
+};
+void ring_query_gradients(const DilatedConfig& config, const RingStep& step, const TensorView& q,
+                          const TensorView& k, const TensorView& v, const TensorView& dout,
+                          const TensorView& lse, const RingQueryGradients& sums);
+void ring_finish_query_gradients(const DilatedConfig& config, const RingQueryGradients& sums, const TensorView& dq);
+void ring_key_gradients(const DilatedConfig& config, const RingStep& step, const TensorView& q,
+                        const TensorView& k, const TensorView& v, const TensorView& dout,
+                        const TensorView& lse, const TensorView& delta, const TensorView& dk,
+                        const TensorView& dv);
 
 // Forward FLOPs as PERF.md counts them (4·B·H_i·pairs·D summed over branches and segments).
 double forward_flops(const DilatedConfig& config, std::int64_t batch, std::int64_t seqlen,

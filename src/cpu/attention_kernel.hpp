@@ -405,6 +405,15 @@ void for_each_region_row(const detail::DilatedParams& p, const WorkItem& item, F
   }
 }
 
+// x[row] += scale·values for a float32 accumulator (ring backward steps).
+template <class I>
+void accumulate_row(const detail::Operand& x, const WorkItem& item, std::int64_t row, const float* values, float scale,
+                    int D) {
+  if (!values) return;
+  float* dst = static_cast<float*>(x.data) + item.batch * x.batch_stride + row * x.row_stride + item.head * x.head_stride;
+  for (int d = 0; d < D; ++d) dst[d] += scale * values[d];
+}
+
 template <class I, class T>
 void store_row(const detail::Operand& x, const WorkItem& item, std::int64_t row, const float* values, float scale, int D) {
   T* dst = static_cast<T*>(x.data) + item.batch * x.batch_stride + row * x.row_stride + item.head * x.head_stride;
@@ -437,6 +446,16 @@ void dq_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>& s
   for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) {
     dq_group(own, other, g, s);
   });
+  float* delta = p.softmax_delta + (item.batch * p.heads + item.head) * p.seqlen;
+  if (p.accumulate) {  // a ring step: add E, F and delta for the caller to finish
+    for_each_region_row(p, item, [&](std::int64_t row, std::int64_t state) {
+      if (state < 0) return;
+      accumulate_row<I>(p.dq, item, row, s.acc + state * Dp, 1.0f, D);
+      accumulate_row<I>(p.dq_correction, item, row, s.acc2 + state * Dp, 1.0f, D);
+      delta[row] += s.row_delta[state];
+    });
+    return;
+  }
   for_each_region_row(p, item, [&](std::int64_t row, std::int64_t state) {
     if (state >= 0) {  // E − delta·F, in place
       float* e = s.acc + state * Dp;
@@ -444,7 +463,7 @@ void dq_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>& s
       for (int d = 0; d < D; ++d) e[d] -= s.row_delta[state] * f[d];
     }
     store_row<I, T>(p.dq, item, row, state >= 0 ? s.acc + state * Dp : nullptr, p.scale, D);
-    p.softmax_delta[(item.batch * p.heads + item.head) * p.seqlen + row] = state >= 0 ? s.row_delta[state] : 0.0f;
+    delta[row] = state >= 0 ? s.row_delta[state] : 0.0f;
   });
 }
 
@@ -455,6 +474,11 @@ void dkdv_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>&
   std::fill(s.acc2, s.acc2 + item.state_rows * Dp, 0.0f);
   for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) { dkdv_group(own, other, g, s); });
   for_each_region_row(p, item, [&](std::int64_t row, std::int64_t state) {
+    if (p.accumulate) {  // a ring step
+      accumulate_row<I>(p.dk, item, row, state >= 0 ? s.acc + state * Dp : nullptr, 1.0f, int(p.head_dim));
+      accumulate_row<I>(p.dv, item, row, state >= 0 ? s.acc2 + state * Dp : nullptr, 1.0f, int(p.head_dim));
+      return;
+    }
     store_row<I, T>(p.dk, item, row, state >= 0 ? s.acc + state * Dp : nullptr, 1.0f, int(p.head_dim));
     store_row<I, T>(p.dv, item, row, state >= 0 ? s.acc2 + state * Dp : nullptr, 1.0f, int(p.head_dim));
   });
@@ -482,11 +506,14 @@ void forward_typed(const detail::DilatedParams& p) {
 // The dq pass runs first: it computes each row's softmax delta, which the dk/dv pass reads.
 template <class I, class T>
 void backward_typed(const detail::DilatedParams& params) {
-  std::vector<float> softmax_delta(std::size_t(params.batch * params.heads * params.seqlen));
+  std::vector<float> softmax_delta;
   detail::DilatedParams p = params;
-  p.softmax_delta = softmax_delta.data();
-  run_items<I>(p, false, [&](const WorkItem& item, Scratch<I>& s) { dq_item<I, T>(p, item, s); });
-  run_items<I>(p, true, [&](const WorkItem& item, Scratch<I>& s) { dkdv_item<I, T>(p, item, s); });
+  if (!p.softmax_delta) {
+    softmax_delta.resize(std::size_t(p.batch * p.heads * p.seqlen));
+    p.softmax_delta = softmax_delta.data();
+  }
+  if (p.run_query_pass) run_items<I>(p, false, [&](const WorkItem& item, Scratch<I>& s) { dq_item<I, T>(p, item, s); });
+  if (p.run_key_pass) run_items<I>(p, true, [&](const WorkItem& item, Scratch<I>& s) { dkdv_item<I, T>(p, item, s); });
 }
 
 template <class I>

@@ -18,27 +18,6 @@ namespace dattn::cuda {
 // that a row attending a single key gets the exactly-zero gradient the reference gives it.
 inline constexpr float kSingleKey = 0.99999f;
 
-// delta[row] = Σ_d dO[row, d]·O[row, d] for the kRows rows of a tile pair in shared memory.
-template <class M, int S, int D, int kRows, int kThreads, int kStride, int kPlane>
-__device__ __forceinline__ void tile_delta(const std::uint16_t* d_out, const std::uint16_t* out, float* delta) {
-  constexpr int kPerRow = kThreads / kRows, kCols = D / kPerRow;
-  const int row = threadIdx.x / kPerRow, part = threadIdx.x % kPerRow;
-  float x = 0.0f;
-#pragma unroll 4
-  for (int d = part * kCols; d < (part + 1) * kCols; ++d) {
-    float a = 0.0f, b = 0.0f;
-#pragma unroll
-    for (int q = 0; q < S; ++q) {
-      a += smem_value<M>(d_out[q * kPlane + row * kStride + d]);
-      b += smem_value<M>(out[q * kPlane + row * kStride + d]);
-    }
-    x += a * b;
-  }
-#pragma unroll
-  for (int o = kPerRow / 2; o >= 1; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
-  if (part == 0) delta[row] = x;
-}
-
 template <class T, int D, int S>
 __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool accumulate, const BlockWork& w,
                                            unsigned char* smem) {
@@ -102,7 +81,16 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
       __syncthreads();
       const float* lse = other_floats + stage * 3 * BO;
       float* delta = other_floats + stage * 3 * BO + BO;
-      tile_delta<M, S, D, BO, kThreads, kStride, Shape::kOtherPlane>(other(stage, 1), other(stage, 2), delta);
+      if (warp * 16 < BO) {  // delta = rowsum(dO∘O) of 16 queries per warp, as dPᵀ = V·dOᵀ is computed
+        float d[2];
+        diagonal_dot<M, S, D>(d, smem_address(other(stage, 2) + warp * 16 * kStride),
+                              smem_address(other(stage, 1) + warp * 16 * kStride), Shape::kOtherPlane * 2,
+                              Shape::kOtherPlane * 2, kRowBytes);
+        if (t == 0) {
+          delta[warp * 16 + g] = d[0];
+          delta[warp * 16 + g + 8] = d[1];
+        }
+      }
       __syncthreads();
       if (it == 0) {
         own_bias[0] = key_bias[warp * 16 + g];
@@ -166,9 +154,9 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
   constexpr int kThreads = Shape::kThreads, kStages = Shape::kStages;
   std::uint16_t* sQ = reinterpret_cast<std::uint16_t*>(smem);
   std::uint16_t* sdO = sQ + Shape::kOwnElems;
-  std::uint16_t* sOther = sdO + Shape::kOwnElems;  // [stage][K, V, -][plane][row][kStride]
-  float* own_floats = reinterpret_cast<float*>(sOther + kStages * 3 * Shape::kOtherElems);  // lse | delta
-  float* other_floats = own_floats + Shape::kFloatsOwn;  // [stage][key bias BO | - ]
+  std::uint16_t* sO = sdO + Shape::kOwnElems;
+  std::uint16_t* sOther = sO + Shape::kOwnElems;  // [stage][K, V, -][plane][row][kStride]
+  float* other_floats = reinterpret_cast<float*>(sOther + kStages * 3 * Shape::kOtherElems) + Shape::kFloatsOwn;
   auto other = [&](int stage, int which) { return sOther + (stage * 3 + which) * Shape::kOtherElems; };
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -180,6 +168,7 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
   if (w.tile_rows > 0) {
     load_rows<T, S, BW, D, kThreads>(sQ, Shape::kOwnPlane, p.q, w, w.tile_begin, w.tile_rows);
     load_rows<T, S, BW, D, kThreads>(sdO, Shape::kOwnPlane, p.dout, w, w.tile_begin, w.tile_rows);
+    load_rows<T, S, BW, D, kThreads>(sO, Shape::kOwnPlane, p.out, w, w.tile_begin, w.tile_rows);
     const std::int64_t key_end = p.causal ? imin(w.length, w.tile_begin + w.tile_rows) : w.length;
     const int num_tiles = int((key_end + BO - 1) / BO);
     auto load_keys = [&](int tile, int stage) {
@@ -194,28 +183,12 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
     load_keys(0, 0);
     cp_async_commit();
 
-    {  // lse and delta = rowsum(dout∘out) of the own rows, straight from global memory
-      constexpr int kPerRow = kThreads / BW, kCols = D / kPerRow;
-      const int row = threadIdx.x / kPerRow, part = threadIdx.x % kPerRow;
-      float x = 0.0f, row_lse = neg_inf();
-      if (row < w.tile_rows) {
-        const std::int64_t position = w.position(w.tile_begin + row);
-        const T* o = row_pointer<const T>(p.out, w.batch, w.head, position) + part * kCols;
-        const T* d = row_pointer<const T>(p.dout, w.batch, w.head, position) + part * kCols;
-#pragma unroll 4
-        for (int c = 0; c < kCols; ++c) x += to_float(o[c]) * to_float(d[c]);
-        row_lse = *lse_pointer(p, w.batch, w.head, position);
-      }
+    float lse2[2], delta[2] = {0.0f, 0.0f};  // lse in log2 units (+inf: the row attends nothing)
 #pragma unroll
-      for (int o = kPerRow / 2; o >= 1; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
-      if (part == 0) {
-        own_floats[row] = row_lse == neg_inf() ? pos_inf() : row_lse * kLog2e;
-        own_floats[BW + row] = x;
-      }
+    for (int r = 0; r < 2; ++r) {
+      const float x = qi[r] < w.tile_begin + w.tile_rows ? *lse_pointer(p, w.batch, w.head, w.position(qi[r])) : neg_inf();
+      lse2[r] = x == neg_inf() ? pos_inf() : x * kLog2e;
     }
-    __syncthreads();
-    const float lse2[2] = {own_floats[warp * 16 + g], own_floats[warp * 16 + g + 8]};
-    const float delta[2] = {own_floats[BW + warp * 16 + g], own_floats[BW + warp * 16 + g + 8]};
 
     const float scale_log2 = p.scale * kLog2e;
     const bool dropout = p.dropout_p > 0.0f;
@@ -230,6 +203,9 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
         cp_async_wait<0>();
       }
       __syncthreads();
+      if (it == 0)  // delta = rowsum(dO∘O) of the own rows, as dP = dO·Vᵀ is computed
+        diagonal_dot<M, S, D>(delta, smem_address(sdO + warp * 16 * kStride), smem_address(sO + warp * 16 * kStride),
+                              Shape::kOwnPlane * 2, Shape::kOwnPlane * 2, kRowBytes);
 
       float s[BO / 8][4], dp[BO / 8][4];
 #pragma unroll

@@ -149,9 +149,11 @@ void check_supported(const DilatedParams& p) {
                 "implement it yet; expected cpu tensors or no position_index");
   if (p.block_size > 0)
     throw Error("block-sparse attention is not implemented on CUDA yet; expected cpu tensors");
-  if (p.partial_output || p.query_position != 0 || (p.global_length != 0 && p.global_length != p.seqlen) ||
-      p.key_begin != 0 || (p.key_end != 0 && p.key_end != p.seqlen))
+  if (p.query_position != 0 || (p.global_length != 0 && p.global_length != p.seqlen) || p.key_begin != 0 ||
+      (p.key_end != 0 && p.key_end != p.seqlen))
     throw Error("ring attention steps are not implemented on CUDA yet; expected no ring_step");
+  if (!p.run_query_pass || !p.run_key_pass || p.accumulate)
+    throw Error("ring backward steps are not implemented on CUDA yet; expected cpu tensors for them");
 }
 
 }  // namespace

@@ -59,9 +59,9 @@ struct BackwardShape {
   static constexpr int kStride = D + 8;
   static constexpr int kOwnPlane = kBlockOwn * kStride, kOtherPlane = kBlockOther * kStride;
   static constexpr int kOwnElems = S * kOwnPlane, kOtherElems = S * kOtherPlane;
-  // own: two tiles (K, V or Q, dO); other: per stage three tiles (Q, dO, O or K, V).
+  // own: three tiles (K, V, - or Q, dO, O); other: per stage three tiles (Q, dO, O or K, V, -).
   static constexpr int kFloatsOwn = 2 * kBlockOwn, kFloatsOther = 3 * kBlockOther;
-  static constexpr std::size_t kSmemBytes = std::size_t(2 * kOwnElems + 3 * kStages * kOtherElems) * 2 +
+  static constexpr std::size_t kSmemBytes = std::size_t(3 * kOwnElems + 3 * kStages * kOtherElems) * 2 +
                                             std::size_t(kFloatsOwn + kStages * kFloatsOther) * 4;
 };
 

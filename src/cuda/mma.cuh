@@ -181,49 +181,94 @@ __device__ __forceinline__ void gemm_nt_reg(float (&acc)[N / 8][4], const std::u
 
 // acc[N/8] += P · B: P is 16 rows × K fp32 in accumulator layout (K/8 tiles), packed (and split)
 // on the fly; B is K rows × N from shared memory (row major: keys × head dim). Used for P·V,
-// Pᵀ·dO, dSᵀ·Q, dS·K.
+// Pᵀ·dO, dSᵀ·Q, dS·K. With split planes (S > 1, the fp32 paths) each call sums into fresh
+// registers that are then added to acc with an IEEE add: the tensor cores' fp32 accumulation
+// truncates, and a chain of thousands of them (one per k step over a 2048-key group) drifts past
+// the fp32 bar, while a chain of K/16·6 per call does not.
+template <class M, int S>
+__device__ __forceinline__ void pack_a(const float (&p0)[4], const float (&p1)[4], std::uint32_t (&a)[S][4]) {
+  if constexpr (S == 1) {
+    a[0][0] = pack2<M>(p0[0], p0[1]);
+    a[0][1] = pack2<M>(p0[2], p0[3]);
+    a[0][2] = pack2<M>(p1[0], p1[1]);
+    a[0][3] = pack2<M>(p1[2], p1[3]);
+  } else {
+    std::uint32_t t[S];
+    split2<S>(p0[0], p0[1], t);
+#pragma unroll
+    for (int q = 0; q < S; ++q) a[q][0] = t[q];
+    split2<S>(p0[2], p0[3], t);
+#pragma unroll
+    for (int q = 0; q < S; ++q) a[q][1] = t[q];
+    split2<S>(p1[0], p1[1], t);
+#pragma unroll
+    for (int q = 0; q < S; ++q) a[q][2] = t[q];
+    split2<S>(p1[2], p1[3], t);
+#pragma unroll
+    for (int q = 0; q < S; ++q) a[q][3] = t[q];
+  }
+}
+
 template <class M, int S, int K, int N>
 __device__ __forceinline__ void gemm_pn(float (&acc)[N / 8][4], const float (&p)[K / 8][4], std::uint32_t b_base,
                                         int plane_b, int row_bytes) {
   const int lane = threadIdx.x % 32;
   const std::uint32_t b_off = (lane % 16) * row_bytes + (lane / 16) * 16;
+  if constexpr (S == 1) {
 #pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-    std::uint32_t a[S][4];
-    if constexpr (S == 1) {
-      a[0][0] = pack2<M>(p[2 * kk][0], p[2 * kk][1]);
-      a[0][1] = pack2<M>(p[2 * kk][2], p[2 * kk][3]);
-      a[0][2] = pack2<M>(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-      a[0][3] = pack2<M>(p[2 * kk + 1][2], p[2 * kk + 1][3]);
-    } else {
-      std::uint32_t t[S];
-      split2<S>(p[2 * kk][0], p[2 * kk][1], t);
+    for (int kk = 0; kk < K / 16; ++kk) {
+      std::uint32_t a[1][4];
+      pack_a<M, 1>(p[2 * kk], p[2 * kk + 1], a);
 #pragma unroll
-      for (int q = 0; q < S; ++q) a[q][0] = t[q];
-      split2<S>(p[2 * kk][2], p[2 * kk][3], t);
-#pragma unroll
-      for (int q = 0; q < S; ++q) a[q][1] = t[q];
-      split2<S>(p[2 * kk + 1][0], p[2 * kk + 1][1], t);
-#pragma unroll
-      for (int q = 0; q < S; ++q) a[q][2] = t[q];
-      split2<S>(p[2 * kk + 1][2], p[2 * kk + 1][3], t);
-#pragma unroll
-      for (int q = 0; q < S; ++q) a[q][3] = t[q];
+      for (int dp = 0; dp < N / 16; ++dp) {
+        std::uint32_t b[4];
+        ldmatrix_x4_trans(b, b_base + b_off + kk * 16 * row_bytes + dp * 32);
+        mma_16816<M>(acc[2 * dp], a[0], b[0], b[1]);
+        mma_16816<M>(acc[2 * dp + 1], a[0], b[2], b[3]);
+      }
     }
+  } else {
+    std::uint32_t a[K / 16][S][4];
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) pack_a<M, S>(p[2 * kk], p[2 * kk + 1], a[kk]);
 #pragma unroll
     for (int dp = 0; dp < N / 16; ++dp) {
-      std::uint32_t b[S][4];
+      float t0[4] = {0.f, 0.f, 0.f, 0.f}, t1[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int q = 0; q < S; ++q)
-        ldmatrix_x4_trans(b[q], b_base + q * plane_b + b_off + kk * 16 * row_bytes + dp * 32);
+      for (int kk = 0; kk < K / 16; ++kk) {
+        std::uint32_t b[S][4];
 #pragma unroll
-      for (int x = 0; x < SplitPairs<S>::count; ++x) {
-        const int i = SplitPairs<S>::a(x), j = SplitPairs<S>::b(x);
-        mma_16816<M>(acc[2 * dp], a[i], b[j][0], b[j][1]);
-        mma_16816<M>(acc[2 * dp + 1], a[i], b[j][2], b[j][3]);
+        for (int q = 0; q < S; ++q)
+          ldmatrix_x4_trans(b[q], b_base + q * plane_b + b_off + kk * 16 * row_bytes + dp * 32);
+#pragma unroll
+        for (int x = 0; x < SplitPairs<S>::count; ++x) {
+          const int i = SplitPairs<S>::a(x), j = SplitPairs<S>::b(x);
+          mma_16816<M>(t0, a[kk][i], b[j][0], b[j][1]);
+          mma_16816<M>(t1, a[kk][i], b[j][2], b[j][3]);
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc[2 * dp][e] += t0[e];
+        acc[2 * dp + 1][e] += t1[e];
       }
     }
   }
+}
+
+// Σ_d A[row, d]·B[row, d] for the rows g and g+8 of a 16-row tile pair (the diagonal of A·Bᵀ),
+// through the same tensor-core path as gemm_nt: where B's row equals a row that gemm_nt meets
+// as its column operand, the two results are bit-identical (the backward's delta against dP).
+template <class M, int S, int K>
+__device__ __forceinline__ void diagonal_dot(float (&out)[2], std::uint32_t a_base, std::uint32_t b_base, int plane_a,
+                                             int plane_b, int row_bytes) {
+  float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  gemm_nt<M, S, K, 16>(c, a_base, b_base, plane_a, plane_b, row_bytes);
+  const int g = (threadIdx.x % 32) / 4;
+  // (g, g) sits in tile 0 at thread (g, g/2), element g%2; (g+8, g+8) in tile 1, element 2 + g%2.
+  const float upper = g % 2 == 0 ? c[0][0] : c[0][1], lower = g % 2 == 0 ? c[1][2] : c[1][3];
+  out[0] = __shfl_sync(0xffffffffu, upper, g * 4 + g / 2);
+  out[1] = __shfl_sync(0xffffffffu, lower, g * 4 + g / 2);
 }
 
 }  // namespace dattn::cuda

@@ -456,6 +456,21 @@ std::vector<Case> fixed_cases() {
   Case tf32 = cases[cases.size() - 4];
   tf32.tf32 = true;
   cases.push_back(tf32);
+  // Long groups (2048 selected rows, PERF.md's long configs' length): fp32 accumulation over many
+  // key tiles must stay within the 1e-5 bar.
+  for (DType t : {DType::float32, DType::bfloat16}) {
+    Case c;
+    c.seed = seed++;
+    c.dtype = t;
+    c.B = 1;
+    c.H = 2;
+    c.D = std::find(g_head_dims.begin(), g_head_dims.end(), 64) != g_head_dims.end() ? 64 : g_head_dims[0];
+    c.N = 4096;
+    c.w = {2048, 4096};
+    c.r = {1, 2};
+    c.mode = t == DType::float32 ? dattn::Mode::grouped : dattn::Mode::longnet;
+    cases.push_back(c);
+  }
   return cases;
 }
 
