@@ -16,14 +16,14 @@ per-group composition and FlexAttention are checked against each other (they com
 function) and a peer that disagrees is marked wrong.
 
 Usage: peers_gpu.py [--configs seed,long256k] [--dtypes bf16,fp32] [--dattn-json FILE]
-                    [--json FILE] [--markdown FILE] [--skip-slow]
+                    [--json FILE] [--markdown FILE] [--long-flex] [--peer-timeout S]
 """
 import argparse
 import datetime
 import json
 import math
+import signal
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -195,13 +195,20 @@ def run_config(cname, dname, args):
         fb = row.get("fwdbwd", {}).get("ms")
         print(f"  {row['impl']}: fwd {f} ms, fwd+bwd {fb} ms, peak {row.get('peak_mb', 0):.0f} MB", file=sys.stderr, flush=True)
 
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"over {args.peer_timeout} s")
+
     def attempt(label, body):
+        signal.signal(signal.SIGALRM, on_alarm)
+        signal.alarm(args.peer_timeout)
         try:
             body()
-        except Exception as e:  # a peer that cannot run is reported, not fatal
+        except Exception as e:  # a peer that cannot run (or runs too long) is reported, not fatal
             rows.append(dict(impl=label, config=cname, dtype=dname, failed=f"{type(e).__name__}: {str(e)[:160]}"))
             print(f"  {label}: failed: {e}", file=sys.stderr, flush=True)
             torch.cuda.empty_cache()
+        finally:
+            signal.alarm(0)
 
     # Agreement check: per-group composition vs FlexAttention on the same inputs.
     check = {}
@@ -209,7 +216,7 @@ def run_config(cname, dname, args):
     with torch.no_grad():
         ref = per_group(q, k, v, c)
     flex_ok = None
-    if not (args.skip_slow and R.long):
+    if not (R.long and not args.long_flex):
         def flex_check():
             nonlocal flex_ok
             run = make_flex(c, R.dev)
@@ -328,7 +335,9 @@ def main():
     ap.add_argument("--dattn-json")
     ap.add_argument("--json")
     ap.add_argument("--markdown")
-    ap.add_argument("--skip-slow", action="store_true", help="skip FlexAttention at long configs")
+    ap.add_argument("--long-flex", action="store_true",
+                    help="also FlexAttention at long configs (its block mask and compile take minutes there)")
+    ap.add_argument("--peer-timeout", type=int, default=150, help="seconds allowed to one peer")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
