@@ -7,4 +7,5 @@
 #include "dattn/hilbert.hpp"
 #include "dattn/modules.hpp"
 #include "dattn/philox.hpp"
+#include "dattn/ring.hpp"
 #include "dattn/tensor.hpp"

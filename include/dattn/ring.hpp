@@ -1,0 +1,51 @@
+// Ring (sequence-parallel) attention (SPEC.md "Ring (sequence-parallel) attention"): P ranks each
+// hold N/P rows of q, k, v in the contiguous or zigzag layout; keys and values travel between the
+// ranks that share a segment, partial results are merged by log-sum-exp, and the backward's dk, dv
+// travel back to their owners. No rank holds more than O(N/P) rows.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "dattn/config.hpp"
+#include "dattn/tensor.hpp"
+
+namespace dattn {
+
+enum class Layout { contiguous, zigzag };
+
+// The global row ranges [begin, end) a rank holds, in the order its local tensors hold them:
+// contiguous: one chunk of N/P; zigzag: chunks p and 2P−1−p of N/(2P). N must divide.
+std::vector<std::pair<std::int64_t, std::int64_t>> ring_rows(std::int64_t global_length, int ranks, int rank,
+                                                              Layout layout);
+
+// Point-to-point messages between the ranks of a group: MPI, NCCL or threads of one process.
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // Start sending or receiving `bytes` bytes to or from `peer`; a receive matches the send of the
+  // same tag. Buffers stay untouched by the caller until wait() on the returned request.
+  virtual int isend(const void* data, std::size_t bytes, int peer, int tag) = 0;
+  virtual int irecv(void* data, std::size_t bytes, int peer, int tag) = 0;
+  virtual void wait(int request) = 0;
+};
+
+// `size` communicators of one process, for ring logic on one machine (one thread per rank).
+std::vector<std::unique_ptr<Communicator>> make_in_process_group(int size);
+
+// Local tensors hold this rank's rows in ring_rows order: q, k, v, out, dout, dq, dk, dv
+// [B, N/P, H, D], lse [B, H, N/P]; config.key_padding_mask, if set, is sharded like q ([B, N/P]).
+void ring_forward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t global_length,
+                  const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                  const TensorView& lse);
+void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t global_length,
+                   const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                   const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                   const TensorView& dv);
+
+}  // namespace dattn

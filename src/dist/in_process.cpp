@@ -1,0 +1,86 @@
+// Ranks as threads of one process: a send copies into the receiver's mailbox at once; a receive
+// waits for the message from its peer with its tag.
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "dattn/error.hpp"
+#include "dattn/ring.hpp"
+
+namespace dattn {
+namespace {
+
+struct Mailboxes {
+  std::mutex mutex;
+  std::condition_variable arrived;
+  std::map<std::tuple<int, int, int>, std::deque<std::vector<std::byte>>> queues;  // (from, to, tag)
+};
+
+class InProcessCommunicator : public Communicator {
+ public:
+  InProcessCommunicator(std::shared_ptr<Mailboxes> boxes, int rank, int size)
+      : boxes_(std::move(boxes)), rank_(rank), size_(size) {}
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+
+  int isend(const void* data, std::size_t bytes, int peer, int tag) override {
+    check_peer(peer);
+    const auto* first = static_cast<const std::byte*>(data);
+    {
+      std::lock_guard lock(boxes_->mutex);
+      boxes_->queues[{rank_, peer, tag}].emplace_back(first, first + bytes);
+    }
+    boxes_->arrived.notify_all();
+    return -1;  // complete already
+  }
+
+  int irecv(void* data, std::size_t bytes, int peer, int tag) override {
+    check_peer(peer);
+    pending_[next_] = {data, bytes, peer, tag};
+    return next_++;
+  }
+
+  void wait(int request) override {
+    if (request < 0) return;
+    const Receive r = pending_.at(request);
+    pending_.erase(request);
+    std::unique_lock lock(boxes_->mutex);
+    auto& queue = boxes_->queues[{r.peer, rank_, r.tag}];
+    boxes_->arrived.wait(lock, [&] { return !queue.empty(); });
+    if (queue.front().size() != r.bytes)
+      throw Error("in-process receive of " + std::to_string(r.bytes) + " bytes from rank " + std::to_string(r.peer) +
+                  " got " + std::to_string(queue.front().size()));
+    std::memcpy(r.data, queue.front().data(), r.bytes);
+    queue.pop_front();
+  }
+
+ private:
+  struct Receive {
+    void* data;
+    std::size_t bytes;
+    int peer, tag;
+  };
+  void check_peer(int peer) const {
+    if (peer < 0 || peer >= size_)
+      throw Error("peer " + std::to_string(peer) + " is not a rank of this group of " + std::to_string(size_));
+  }
+  std::shared_ptr<Mailboxes> boxes_;
+  int rank_, size_;
+  std::map<int, Receive> pending_;
+  int next_ = 0;
+};
+
+}  // namespace
+
+std::vector<std::unique_ptr<Communicator>> make_in_process_group(int size) {
+  if (size < 1) throw Error("group size " + std::to_string(size) + "; expected >= 1");
+  auto boxes = std::make_shared<Mailboxes>();
+  std::vector<std::unique_ptr<Communicator>> group;
+  for (int r = 0; r < size; ++r) group.push_back(std::make_unique<InProcessCommunicator>(boxes, r, size));
+  return group;
+}
+
+}  // namespace dattn

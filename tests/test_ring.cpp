@@ -1,0 +1,157 @@
+// Ring attention over an in-process group (one thread per rank): every rank holds N/P rows in the
+// contiguous or zigzag layout; the gathered outputs and gradients must equal attention over the
+// whole sequence at the SPEC bars.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <thread>
+
+#include "harness.hpp"
+
+namespace dattn_test {
+namespace {
+
+using dattn::Layout;
+
+// A rank's rows of a [B, N, ...] tensor (dim 1) or [B, H, N] (dim 2), copied out or back in.
+void move_rows(const TensorView& global, const TensorView& local, int dim, const std::vector<std::pair<std::int64_t, std::int64_t>>& rows,
+               bool to_local) {
+  std::int64_t at = 0;
+  for (const auto& [begin, end] : rows) {
+    for (std::int64_t r = begin; r < end; ++r, ++at) {
+      TensorView g = global.select(dim, r), l = local.select(dim, at);
+      std::vector<std::int64_t> shape(g.shape.begin(), g.shape.begin() + g.rank);
+      std::int64_t index[dattn::kMaxRank] = {};
+      for (std::int64_t n = 0; n < g.numel(); ++n) {
+        std::int64_t a = 0, b = 0;
+        for (int d = 0; d < g.rank; ++d) a += index[d] * g.strides[d], b += index[d] * l.strides[d];
+        const std::size_t size = dattn::dtype_size(g.dtype);
+        auto* gp = static_cast<std::byte*>(g.data) + a * size;
+        auto* lp = static_cast<std::byte*>(l.data) + b * size;
+        std::memcpy(to_local ? lp : gp, to_local ? gp : lp, size);
+        for (int d = g.rank - 1; d >= 0 && ++index[d] == g.shape[d]; --d) index[d] = 0;
+      }
+    }
+  }
+}
+
+struct Case {
+  std::int64_t B, N, H, D;
+  std::vector<std::int64_t> w, r;
+  dattn::Mode mode;
+  bool causal, padding;
+  Layout layout;
+  int P;
+  double dropout_p;
+};
+
+void run(const Case& c, DType dtype, Rng& rng) {
+  SCOPED_TRACE(::testing::Message() << "N=" << c.N << " P=" << c.P << " zigzag=" << (c.layout == Layout::zigzag)
+                                    << " causal=" << c.causal << " mode=" << int(c.mode) << " w0=" << c.w[0]
+                                    << " dtype=" << dattn::dtype_name(dtype));
+  const std::vector<std::int64_t> shape{c.B, c.N, c.H, c.D};
+  Buffer q = contiguous(shape, dtype), k = contiguous(shape, dtype), v = contiguous(shape, dtype),
+         dout = contiguous(shape, dtype);
+  for (const Buffer* b : {&q, &k, &v, &dout}) fill_normal(b->view(), rng);
+  dattn::DilatedConfig config;
+  config.segment_lengths = c.w;
+  config.dilation_rates = c.r;
+  config.mode = c.mode;
+  config.causal = c.causal;
+  config.dropout_p = c.dropout_p;
+  config.dropout_seed = 5;
+  Tensor padding = Tensor::zeros({c.B, c.N}, DType::boolean);
+  std::uniform_real_distribution<double> uniform;
+  if (c.padding)
+    for (std::int64_t i = 0; i < padding.numel(); ++i) padding.data<std::uint8_t>()[i] = uniform(rng) < 0.2;
+
+  Tensor out = Tensor::empty(shape, dtype), lse = Tensor::empty({c.B, c.H, c.N}, DType::float32);
+  Tensor dq = Tensor::empty(shape, dtype), dk = Tensor::empty(shape, dtype), dv = Tensor::empty(shape, dtype);
+  auto group = dattn::make_in_process_group(c.P);
+  std::vector<std::thread> threads;
+  std::vector<std::string> errors(std::size_t(c.P));
+  for (int rank = 0; rank < c.P; ++rank)
+    threads.emplace_back([&, rank] {
+      try {
+        const auto rows = dattn::ring_rows(c.N, c.P, rank, c.layout);
+        const std::int64_t n = c.N / c.P;
+        auto local = [&](const TensorView& global) {
+          Tensor t = Tensor::empty({c.B, n, c.H, c.D}, dtype);
+          move_rows(global, t, 1, rows, true);
+          return t;
+        };
+        const Tensor lq = local(q.view()), lk = local(k.view()), lv = local(v.view()), ldout = local(dout.view());
+        Tensor lmask = Tensor::empty({c.B, n}, DType::boolean);
+        move_rows(padding, lmask, 1, rows, true);
+        dattn::DilatedConfig mine = config;
+        if (c.padding) mine.key_padding_mask = lmask.view();
+        Tensor lout = Tensor::empty({c.B, n, c.H, c.D}, dtype), llse = Tensor::empty({c.B, c.H, n}, DType::float32);
+        Tensor ldq = Tensor::empty({c.B, n, c.H, c.D}, dtype), ldk = Tensor::empty({c.B, n, c.H, c.D}, dtype),
+               ldv = Tensor::empty({c.B, n, c.H, c.D}, dtype);
+        dattn::ring_forward(*group[std::size_t(rank)], mine, c.layout, c.N, lq, lk, lv, lout, llse);
+        dattn::ring_backward(*group[std::size_t(rank)], mine, c.layout, c.N, lq, lk, lv, lout, llse, ldout, ldq, ldk, ldv);
+        move_rows(out, lout, 1, rows, false);
+        move_rows(lse, llse, 2, rows, false);
+        move_rows(dq, ldq, 1, rows, false);
+        move_rows(dk, ldk, 1, rows, false);
+        move_rows(dv, ldv, 1, rows, false);
+      } catch (const std::exception& e) {
+        errors[std::size_t(rank)] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (const auto& e : errors) ASSERT_EQ(e, "");
+
+  dattn::DilatedConfig whole = config;
+  if (c.padding) whole.key_padding_mask = padding.view();
+  Tensor ref = Tensor::empty(shape, DType::float64), ref_lse = Tensor::empty({c.B, c.H, c.N}, DType::float32);
+  Tensor dq64 = Tensor::empty(shape, DType::float64), dk64 = Tensor::empty(shape, DType::float64),
+         dv64 = Tensor::empty(shape, DType::float64);
+  const Tensor q64 = to_f64(q.view()), k64 = to_f64(k.view()), v64 = to_f64(v.view());
+  dattn::forward(whole, q64, k64, v64, ref, ref_lse);
+  dattn::backward(whole, q64, k64, v64, ref, ref_lse, to_f64(dout.view()), dq64, dk64, dv64);
+  const Tolerance tol = tolerance(dtype);
+  EXPECT_TRUE(close_rel_l2("out", out.view(), ref, tol.rel_l2));
+  EXPECT_TRUE(lse_close(lse.view(), ref_lse, tol.lse));
+  EXPECT_TRUE(close_rel_l2("dq", dq.view(), dq64, tol.rel_l2, ZeroReference::cancellation));
+  EXPECT_TRUE(close_rel_l2("dk", dk.view(), dk64, tol.rel_l2, ZeroReference::cancellation));
+  EXPECT_TRUE(close_rel_l2("dv", dv.view(), dv64, tol.rel_l2));
+}
+
+TEST(RingTest, GatheredResultsEqualWholeSequenceAttention) {
+  Rng rng(2026);
+  std::uniform_int_distribution<int> pick(0, 1 << 20);
+  for (int i = 0; i < 24; ++i) {
+    Case c;
+    c.P = 1 + pick(rng) % 4;
+    c.layout = pick(rng) % 2 ? Layout::zigzag : Layout::contiguous;
+    const std::int64_t unit = c.layout == Layout::zigzag ? 2 * c.P : c.P;
+    c.N = unit * (1 + pick(rng) % (48 / unit + 1));
+    c.B = 1 + pick(rng) % 2;
+    c.H = 1 + pick(rng) % 3;
+    c.D = 8 * (1 + pick(rng) % 3);
+    const int G = 1 + pick(rng) % 3;
+    for (int g = 0; g < G; ++g) {  // shorter than, equal to and longer than N/P
+      const std::int64_t w = std::max<std::int64_t>(1, (c.N / c.P) * (1 + pick(rng) % 4) / 2 + pick(rng) % 3);
+      c.w.push_back(w);
+      c.r.push_back(1 + pick(rng) % std::min<std::int64_t>(w, 3));
+    }
+    c.mode = pick(rng) % 2 ? dattn::Mode::longnet : dattn::Mode::grouped;
+    c.causal = pick(rng) % 2;
+    c.padding = pick(rng) % 3 == 0;
+    c.dropout_p = pick(rng) % 4 == 0 ? 0.25 : 0.0;
+    run(c, i % 4 == 3 ? DType::bfloat16 : DType::float32, rng);
+  }
+}
+
+TEST(RingTest, LayoutsAndErrors) {
+  using Rows = std::vector<std::pair<std::int64_t, std::int64_t>>;
+  EXPECT_EQ(dattn::ring_rows(16, 4, 1, Layout::contiguous), (Rows{{4, 8}}));
+  EXPECT_EQ(dattn::ring_rows(16, 4, 1, Layout::zigzag), (Rows{{2, 4}, {12, 14}}));
+  EXPECT_THAT(error_message([] { dattn::ring_rows(10, 4, 0, Layout::contiguous); }), ::testing::HasSubstr("divisible"));
+  EXPECT_THAT(error_message([] { dattn::ring_rows(12, 4, 0, Layout::zigzag); }), ::testing::HasSubstr("2P"));
+}
+
+}  // namespace
+}  // namespace dattn_test
