@@ -38,6 +38,10 @@ class Communicator {
 // `size` communicators of one process, for ring logic on one machine (one thread per rank).
 std::vector<std::unique_ptr<Communicator>> make_in_process_group(int size);
 
+// A communicator over MPI (builds with DATTN_MPI; otherwise an Error): mpi_comm points to an
+// MPI_Comm, or is null for MPI_COMM_WORLD. The caller initialises and finalises MPI.
+std::unique_ptr<Communicator> make_mpi_communicator(void* mpi_comm = nullptr);
+
 // Local tensors hold this rank's rows in ring_rows order: q, k, v, out, dout, dq, dk, dv
 // [B, N/P, H, D], lse [B, H, N/P]; config.key_padding_mask, if set, is sharded like q ([B, N/P]).
 void ring_forward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t global_length,

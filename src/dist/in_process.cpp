@@ -83,4 +83,10 @@ std::vector<std::unique_ptr<Communicator>> make_in_process_group(int size) {
   return group;
 }
 
+#ifndef DATTN_WITH_MPI
+std::unique_ptr<Communicator> make_mpi_communicator(void*) {
+  throw Error("make_mpi_communicator: this build has no MPI; expected a build with DATTN_MPI=ON (libopenmpi-dev)");
+}
+#endif
+
 }  // namespace dattn
