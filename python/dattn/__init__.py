@@ -23,6 +23,7 @@ from dattn.hilbert import (HilbertAttention, HilbertAttentionTritonFixed, Hilber
                            hilbert_dilated_attention, hilbert_order)
 from dattn.modules import (DilatedAttention, ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention,
                            MultiheadDilatedAttention)
+from dattn.ring import RingDilatedAttention, shard_sequence, unshard_sequence
 from dattn.sparse import (BlockSparseMask, BlockSparseRingDilatedAttention, SparsePatternConfig,
                           block_sparse_attention, dilated_mask, dilated_sparse_mask, global_local_mask,
                           local_window_mask)
@@ -49,4 +50,4 @@ __all__ = ["DilatedAttention", "ImprovedDilatedAttention", "MultiheadDilatedAtte
            "block_sparse_attention", "BlockSparseMask", "SparsePatternConfig", "BlockSparseRingDilatedAttention",
            "local_window_mask", "dilated_sparse_mask", "global_local_mask", "dilated_mask",
            "hilbert_order", "hilbert_dilated_attention", "HilbertDilatedAttention", "HilbertAttention",
-           "HilbertAttentionTritonFixed"]
+           "HilbertAttentionTritonFixed", "RingDilatedAttention", "shard_sequence", "unshard_sequence"]

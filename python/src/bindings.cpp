@@ -7,6 +7,7 @@
 // the argument and the expected value).
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
@@ -20,6 +21,7 @@
 #include "dattn/attention.hpp"
 #include "dattn/block_sparse.hpp"
 #include "dattn/hilbert.hpp"
+#include "dattn/ring.hpp"
 #include "dattn/config.hpp"
 #include "dattn/cpu.hpp"
 #include "dattn/error.hpp"
@@ -89,14 +91,22 @@ Call make_call(const std::vector<std::int64_t>& segment_lengths,
   return call;
 }
 
+// (query_position, global_length, key_begin, key_end) of one ring step.
+using RingStepSpec = std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t>;
+dattn::RingStep to_step(const RingStepSpec& s) {
+  return {std::get<0>(s), std::get<1>(s), std::get<2>(s), std::get<3>(s)};
+}
+
 void forward(const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const ViewSpec& out,
              const ViewSpec& lse, const std::vector<std::int64_t>& segment_lengths,
              const std::vector<std::int64_t>& dilation_rates, const std::string& mode, bool causal,
              std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask,
              double dropout_p, std::uint64_t dropout_seed, std::uint64_t dropout_offset, bool use_tf32,
-             const std::string& backend, std::uintptr_t stream, const std::optional<ViewSpec>& position_index) {
-  const Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, key_padding_mask,
-                              dropout_p, dropout_seed, dropout_offset, use_tf32, backend, stream, position_index);
+             const std::string& backend, std::uintptr_t stream, const std::optional<ViewSpec>& position_index,
+             const std::optional<RingStepSpec>& ring_step) {
+  Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, key_padding_mask,
+                        dropout_p, dropout_seed, dropout_offset, use_tf32, backend, stream, position_index);
+  if (ring_step) call.options.ring_step = to_step(*ring_step);
   const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
   const auto ov = to_view(out, "out"), lv = to_view(lse, "lse");
   nb::gil_scoped_release release;
@@ -157,6 +167,16 @@ void block_sparse_backward(const dattn::BlockSparseMask& mask, const ViewSpec& q
   dattn::block_sparse_backward(config, mask, qv, kv, vv, ov, lv, gv, dqv, dkv, dvv);
 }
 
+// Ring steps (the backward's two sweeps), with the same configuration arguments as forward.
+dattn::DilatedConfig ring_config(const std::vector<std::int64_t>& segment_lengths,
+                                 const std::vector<std::int64_t>& dilation_rates, const std::string& mode, bool causal,
+                                 std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask,
+                                 double dropout_p, std::uint64_t dropout_seed) {
+  return make_call(segment_lengths, dilation_rates, mode, causal, scale, key_padding_mask, dropout_p, dropout_seed, 0,
+                   false, "automatic", 0, std::nullopt)
+      .config;
+}
+
 // A named pattern's dense [nb, nb] mask as a flat list of 0/1 (Python makes it a bool tensor).
 std::vector<std::uint8_t> flat(const dattn::Tensor& mask) {
   const auto* bits = mask.data<std::uint8_t>();
@@ -193,7 +213,7 @@ NB_MODULE(_C, m) {
   m.def("forward", &forward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "segment_lengths"_a,
         "dilation_rates"_a, "mode"_a, "causal"_a, "scale"_a.none(), "key_padding_mask"_a.none(),
         "dropout_p"_a, "dropout_seed"_a, "dropout_offset"_a, "use_tf32"_a, "backend"_a, "stream"_a,
-        "position_index"_a.none() = nb::none(),
+        "position_index"_a.none() = nb::none(), "ring_step"_a.none() = nb::none(),
         "Writes out [B, N, H, D] and lse [B, H, N] (float32) of dilated attention (SPEC.md).");
   m.def("backward", &backward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dout"_a, "dq"_a, "dk"_a,
         "dv"_a, "segment_lengths"_a, "dilation_rates"_a, "mode"_a, "causal"_a, "scale"_a.none(),
@@ -236,6 +256,46 @@ NB_MODULE(_C, m) {
                               const std::vector<std::int64_t>& r, std::int64_t block_size) {
     return flat(dattn::dilated_pattern(seqlen, w, r, block_size));
   }, "seqlen"_a, "segment_lengths"_a, "dilation_rates"_a, "block_size"_a);
+  m.def("ring_rows", [](std::int64_t N, int P, int rank, const std::string& layout) {
+    if (layout != "contiguous" && layout != "zigzag")
+      throw dattn::Error("layout = '" + layout + "'; expected 'contiguous' or 'zigzag'");
+    return dattn::ring_rows(N, P, rank, layout == "zigzag" ? dattn::Layout::zigzag : dattn::Layout::contiguous);
+  }, "global_length"_a, "ranks"_a, "rank"_a, "layout"_a);
+  m.def("merge_partial", [](const ViewSpec& out, const ViewSpec& lse, const ViewSpec& step_out, const ViewSpec& step_lse) {
+    dattn::merge_partial(to_view(out, "out"), to_view(lse, "lse"), to_view(step_out, "step_out"),
+                         to_view(step_lse, "step_lse"));
+  }, "out"_a, "lse"_a, "step_out"_a, "step_lse"_a);
+  m.def("ring_query_gradients",
+        [](const RingStepSpec& step, const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const ViewSpec& dout,
+           const ViewSpec& lse, const ViewSpec& sum_gk, const ViewSpec& sum_pk, const ViewSpec& delta,
+           const std::vector<std::int64_t>& w, const std::vector<std::int64_t>& r, const std::string& mode, bool causal,
+           std::optional<double> scale, const std::optional<ViewSpec>& mask, double dropout_p, std::uint64_t seed) {
+          const auto config = ring_config(w, r, mode, causal, scale, mask, dropout_p, seed);
+          dattn::ring_query_gradients(config, to_step(step), to_view(q, "q"), to_view(k, "k"), to_view(v, "v"),
+                                      to_view(dout, "dout"), to_view(lse, "lse"),
+                                      {to_view(sum_gk, "sum_gk"), to_view(sum_pk, "sum_pk"), to_view(delta, "delta")});
+        });
+  m.def("ring_finish_query_gradients",
+        [](const ViewSpec& sum_gk, const ViewSpec& sum_pk, const ViewSpec& delta, const ViewSpec& dq,
+           const std::vector<std::int64_t>& w, const std::vector<std::int64_t>& r, std::optional<double> scale) {
+          dattn::DilatedConfig config;
+          config.segment_lengths = w;
+          config.dilation_rates = r;
+          config.scale = scale;
+          dattn::ring_finish_query_gradients(
+              config, {to_view(sum_gk, "sum_gk"), to_view(sum_pk, "sum_pk"), to_view(delta, "delta")}, to_view(dq, "dq"));
+        });
+  m.def("ring_key_gradients",
+        [](const RingStepSpec& step, const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const ViewSpec& dout,
+           const ViewSpec& lse, const ViewSpec& delta, const ViewSpec& dk, const ViewSpec& dv,
+           const std::vector<std::int64_t>& w, const std::vector<std::int64_t>& r, const std::string& mode, bool causal,
+           std::optional<double> scale, const std::optional<ViewSpec>& mask, double dropout_p, std::uint64_t seed) {
+          const auto config = ring_config(w, r, mode, causal, scale, mask, dropout_p, seed);
+          dattn::ring_key_gradients(config, to_step(step), to_view(q, "q"), to_view(k, "k"), to_view(v, "v"),
+                                    to_view(dout, "dout"), to_view(lse, "lse"), to_view(delta, "delta"),
+                                    to_view(dk, "dk"), to_view(dv, "dv"));
+        });
+
   m.def("hilbert_grid_order", &dattn::hilbert_grid_order, "height"_a, "width"_a,
         "Token indices row * width + column in generalized Hilbert curve order.");
   m.def("hilbert_sequence_order", &dattn::hilbert_sequence_order, "length"_a,

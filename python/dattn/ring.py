@@ -1,0 +1,200 @@
+"""Ring (sequence-parallel) attention over a torch.distributed process group (SPEC.md "Ring
+(sequence-parallel) attention"). Each rank holds N/P tokens in the contiguous or zigzag layout;
+Python drives the schedule with point-to-point calls (rank t steps away, both directions) and
+runs each step with the C++ ring-step kernels and the log-sum-exp merge."""
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from dattn import _C, _ops
+
+__all__ = ["RingDilatedAttention", "shard_sequence", "unshard_sequence"]
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def _check_layout(layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout = {layout!r}; expected 'contiguous' or 'zigzag'")
+
+
+def _rows(N: int, P: int, rank: int, layout: str):
+    return _C.ring_rows(int(N), int(P), int(rank), layout)  # ValueError when N does not divide
+
+
+def shard_sequence(x: Tensor, rank: int, world_size: int, layout: str = "contiguous", dim: int = 1) -> Tensor:
+    """The part of x (along dim) that rank holds: one chunk (contiguous) or chunks p and 2P−1−p."""
+    _check_layout(layout)
+    rows = _rows(x.size(dim), world_size, rank, layout)
+    return torch.cat([x.narrow(dim, b, e - b) for b, e in rows], dim=dim)
+
+
+def unshard_sequence(parts: Sequence[Tensor], layout: str = "contiguous", dim: int = 1) -> Tensor:
+    """All ranks' parts joined back in sequence order."""
+    _check_layout(layout)
+    P = len(parts)
+    N = sum(p.size(dim) for p in parts)
+    pieces = {}
+    for rank, part in enumerate(parts):
+        at = 0
+        for b, e in _rows(N, P, rank, layout):
+            pieces[b] = part.narrow(dim, at, e - b)
+            at += e - b
+    return torch.cat([pieces[b] for b in sorted(pieces)], dim=dim)
+
+
+def _exchange(own: List[Tensor], group, t: int) -> List[Tensor]:
+    """Sends own tensors to rank + t and returns those of rank − t."""
+    P, rank = dist.get_world_size(group), dist.get_rank(group)
+    if t == 0:
+        return own
+    dest = dist.get_global_rank(group, (rank + t) % P) if group is not None and hasattr(dist, "get_global_rank") \
+        else (rank + t) % P
+    source = dist.get_global_rank(group, (rank - t) % P) if group is not None and hasattr(dist, "get_global_rank") \
+        else (rank - t) % P
+    received = [torch.empty_like(x) for x in own]
+    ops = [dist.P2POp(dist.isend, x, dest, group) for x in own] + \
+          [dist.P2POp(dist.irecv, x, source, group) for x in received]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+def _config(ctx):
+    return (ctx.segment_lengths, ctx.dilation_rates, ctx.mode, ctx.causal, ctx.scale)
+
+
+class _RingFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, group, layout, segment_lengths, dilation_rates, is_causal, scale, mode,
+                dropout_p, seed):
+        P, rank = dist.get_world_size(group), dist.get_rank(group)
+        B, n, H, D = q.shape
+        N = n * P
+        ctx.group, ctx.layout, ctx.N = group, layout, N
+        ctx.segment_lengths, ctx.dilation_rates, ctx.mode = list(segment_lengths), list(dilation_rates), mode
+        ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = bool(is_causal), scale, float(dropout_p), int(seed)
+        mask = key_padding_mask if key_padding_mask is not None else torch.zeros(B, n, dtype=torch.bool)
+        own = [torch.stack([k, v]).contiguous(), mask.to(torch.uint8).contiguous()]
+        merged = torch.zeros(B, n, H, D, dtype=torch.float32)
+        merged_lse = torch.full((B, H, n), float("-inf"), dtype=torch.float32)
+        mine = _rows(N, P, rank, layout)
+        for t in range(P):
+            kv, block_mask = _exchange(own, group, t)
+            source = (rank - t) % P
+            key_at = 0
+            for k0, k1 in _rows(N, P, source, layout):
+                step_mask = block_mask[:, key_at:key_at + k1 - k0].bool().contiguous() if key_padding_mask is not None \
+                    else None
+                query_at = 0
+                for q0, q1 in mine:
+                    part = torch.empty(B, q1 - q0, H, D, dtype=q.dtype)
+                    part_lse = torch.empty(B, H, q1 - q0, dtype=torch.float32)
+                    _C.forward(_ops._view(q[:, query_at:query_at + q1 - q0]), _ops._view(kv[0, :, key_at:key_at + k1 - k0]),
+                               _ops._view(kv[1, :, key_at:key_at + k1 - k0]), _ops._view(part), _ops._view(part_lse),
+                               **_ops._config_args(step_mask, segment_lengths, dilation_rates, is_causal, scale, mode,
+                                                   dropout_p, seed, False, 0),
+                               ring_step=(q0, N, k0, k1))
+                    _C.merge_partial(_ops._view(merged[:, query_at:query_at + q1 - q0]),
+                                     _ops._view(merged_lse[:, :, query_at:query_at + q1 - q0]), _ops._view(part),
+                                     _ops._view(part_lse))
+                    query_at += q1 - q0
+                key_at += k1 - k0
+        ctx.save_for_backward(q, k, v, merged_lse, key_padding_mask)
+        return merged.to(q.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, lse, key_padding_mask = ctx.saved_tensors
+        dout = grad_out.contiguous()
+        group, layout, N = ctx.group, ctx.layout, ctx.N
+        P, rank = dist.get_world_size(group), dist.get_rank(group)
+        B, n, H, D = q.shape
+        mask = key_padding_mask if key_padding_mask is not None else torch.zeros(B, n, dtype=torch.bool)
+        own = [torch.stack([k, v]).contiguous(), mask.to(torch.uint8).contiguous()]
+        w, r, mode, causal, scale = _config(ctx)
+        mine = _rows(N, P, rank, layout)
+        chunks = []
+        at = 0
+        for q0, q1 in mine:
+            c = q1 - q0
+            chunks.append((q0, q1, at, lse[:, :, at:at + c].contiguous(), torch.zeros(B, c, H, D), torch.zeros(B, c, H, D),
+                           torch.zeros(B, H, c)))
+            at += c
+
+        def steps(t, fn):
+            kv, block_mask = _exchange(own, group, t)
+            source = (rank - t) % P
+            key_at = 0
+            for k0, k1 in _rows(N, P, source, layout):
+                step_mask = block_mask[:, key_at:key_at + k1 - k0].bool().contiguous() if key_padding_mask is not None \
+                    else None
+                for chunk in chunks:
+                    fn(chunk, kv, key_at, k0, k1, step_mask)
+                key_at += k1 - k0
+
+        def query_step(chunk, kv, key_at, k0, k1, step_mask):
+            q0, q1, q_at, chunk_lse, sum_gk, sum_pk, delta = chunk
+            _C.ring_query_gradients((q0, N, k0, k1), _ops._view(q[:, q_at:q_at + q1 - q0]),
+                                    _ops._view(kv[0, :, key_at:key_at + k1 - k0]), _ops._view(kv[1, :, key_at:key_at + k1 - k0]),
+                                    _ops._view(dout[:, q_at:q_at + q1 - q0]), _ops._view(chunk_lse), _ops._view(sum_gk),
+                                    _ops._view(sum_pk), _ops._view(delta), w, r, mode, causal, scale,
+                                    None if step_mask is None else _ops._view(step_mask), ctx.dropout_p, ctx.seed)
+
+        for t in range(P):
+            steps(t, query_step)
+        dq = torch.empty_like(q)
+        for q0, q1, q_at, _, sum_gk, sum_pk, delta in chunks:
+            view = dq[:, q_at:q_at + q1 - q0]
+            _C.ring_finish_query_gradients(_ops._view(sum_gk), _ops._view(sum_pk), _ops._view(delta), _ops._view(view), w,
+                                           r, scale)
+
+        dkv = torch.zeros(2, B, n, H, D)
+        for t in range(P):
+            partial = torch.zeros(2, B, n, H, D)
+
+            def key_step(chunk, kv, key_at, k0, k1, step_mask):
+                q0, q1, q_at, chunk_lse, _, _, delta = chunk
+                _C.ring_key_gradients((q0, N, k0, k1), _ops._view(q[:, q_at:q_at + q1 - q0]),
+                                      _ops._view(kv[0, :, key_at:key_at + k1 - k0]),
+                                      _ops._view(kv[1, :, key_at:key_at + k1 - k0]), _ops._view(dout[:, q_at:q_at + q1 - q0]),
+                                      _ops._view(chunk_lse), _ops._view(delta),
+                                      _ops._view(partial[0, :, key_at:key_at + k1 - k0]),
+                                      _ops._view(partial[1, :, key_at:key_at + k1 - k0]), w, r, mode, causal, scale,
+                                      None if step_mask is None else _ops._view(step_mask), ctx.dropout_p, ctx.seed)
+
+            steps(t, key_step)
+            # The partial belongs to rank − t; this rank's own keys' partial comes from rank + t.
+            dkv += partial if t == 0 else _exchange([partial], group, P - t)[0]
+        return (dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype)) + (None,) * 10
+
+
+class RingDilatedAttention(nn.Module):
+    """Dilated attention of one sequence split over the ranks of a process group: each rank passes
+    its local q, k, v ``[B, N/P, H, D]`` (and key_padding_mask ``[B, N/P]``) in ``layout`` and gets
+    its rows of the output. ``group=None`` means the default group when one is initialised, else a
+    single process. CPU tensors (gloo) so far."""
+
+    def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int], group=None,
+                 layout: str = "contiguous", mode: str = "grouped"):
+        super().__init__()
+        _check_layout(layout)
+        self.segment_lengths, self.dilation_rates = _ops.check_config(segment_lengths, dilation_rates)
+        self.group, self.layout, self.mode = group, layout, _ops.check_mode(mode)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,
+                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        _ops.check_attention_inputs(q, k, v)
+        if not (dist.is_available() and dist.is_initialized()):
+            return _ops.attention_forward(q, k, v, key_padding_mask, self.segment_lengths, self.dilation_rates,
+                                          is_causal, None, self.mode, 0.0, 0, False)[0]
+        if q.device.type != "cpu":
+            raise ValueError(f"q is on {q.device}; RingDilatedAttention runs on cpu tensors (gloo) so far")
+        _ops.check_key_padding_mask(key_padding_mask, q.size(0), q.size(1), q.device)
+        return _RingFunction.apply(q, k, v, key_padding_mask, self.group, self.layout, self.segment_lengths,
+                                   self.dilation_rates, bool(is_causal), None, self.mode, 0.0, 0)
