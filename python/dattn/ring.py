@@ -52,10 +52,12 @@ def _exchange(own: List[Tensor], group, t: int) -> List[Tensor]:
     P, rank = dist.get_world_size(group), dist.get_rank(group)
     if t == 0:
         return own
-    dest = dist.get_global_rank(group, (rank + t) % P) if group is not None and hasattr(dist, "get_global_rank") \
-        else (rank + t) % P
-    source = dist.get_global_rank(group, (rank - t) % P) if group is not None and hasattr(dist, "get_global_rank") \
-        else (rank - t) % P
+    def peer(group_rank):  # point-to-point calls take global ranks
+        if group is None or not hasattr(dist, "get_global_rank"):
+            return group_rank
+        return dist.get_global_rank(group, group_rank)
+
+    dest, source = peer((rank + t) % P), peer((rank - t) % P)
     received = [torch.empty_like(x) for x in own]
     ops = [dist.P2POp(dist.isend, x, dest, group) for x in own] + \
           [dist.P2POp(dist.irecv, x, source, group) for x in received]
