@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/gemm.hpp"
@@ -48,12 +49,15 @@ struct Scratch {
   float *column_max, *column_shift, *column_correction;
   float *scores, *grad_scores, *dropout_row;
   float *acc, *acc2, *row_max, *row_sum, *row_delta;
+  float *own_rows, *chunk_dk, *chunk_dv;  // the one-pass backward's key chunk (rows) and its gradients
   std::vector<std::int64_t> query_original, key_original;  // a causal tile pair's original positions
 
   Scratch(int head_dim, std::int64_t state_rows)
       : padded_d(padded<I>(head_dim)), query_original(kTileRows), key_original(kTileRows) {
     const std::int64_t C = kChunkRows, T = kTileRows, Dp = padded_d;
-    buffer.assign(std::size_t(2 * kOwnPitch * Dp + 3 * C + 2 * T * Dp + 6 * T + 2 * T * T + T + state_rows * (2 * Dp + 3)), 0.0f);
+    buffer.assign(std::size_t(2 * kOwnPitch * Dp + 3 * C + 2 * T * Dp + 6 * T + 2 * T * T + T + state_rows * (2 * Dp + 3) +
+                              3 * C * Dp),
+                  0.0f);
     float* next = buffer.data();
     auto take = [&](std::int64_t n) { float* p = next; next += n; return p; };
     own_a = take(kOwnPitch * Dp), own_b = take(kOwnPitch * Dp), own_lse = take(C), own_delta = take(C), own_bias = take(C);
@@ -63,6 +67,7 @@ struct Scratch {
     scores = take(T * T), grad_scores = take(T * T), dropout_row = take(T);
     acc = take(state_rows * Dp), acc2 = take(state_rows * Dp);
     row_max = take(state_rows), row_sum = take(state_rows), row_delta = take(state_rows);
+    own_rows = take(C * Dp), chunk_dk = take(C * Dp), chunk_dv = take(C * Dp);
   }
 };
 
@@ -393,6 +398,72 @@ void for_each_group_view(const detail::DilatedParams& p, const WorkItem& item, B
   });
 }
 
+// The one-pass backward of a whole grouped-mode segment (float32 inputs): the item owns the
+// segment's queries and keys, so dq (the state), dk and dv (per key chunk) accumulate without
+// races in 5 GEMMs per tile pair. delta = rowsum(dout ∘ out) from the float32 out: exact to
+// float32 rounding, which only matters where a row has few keys (such segments take the two-pass
+// path, see use_segment_backward).
+template <class I, class T>
+void segment_backward_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>& s) {
+  const int Dp = s.padded_d, D = int(p.head_dim);
+  std::fill(s.acc, s.acc + item.state_rows * Dp, 0.0f);
+  for_each_group_view<I, T>(p, item, [&](const SideView<I, T>& own, const SideView<I, T>& other, const Group& g) {
+    const std::int64_t L = g.other_length;
+    for (std::int64_t j = 0; j < L; ++j) {  // delta of every query of the segment
+      const T* o = other.row(p.out, j);
+      const T* d = other.row(p.dout, j);
+      float sum = 0.0f;
+      for (int e = 0; e < D; ++e) sum += Convert<I>::load(o[e]) * Convert<I>::load(d[e]);
+      s.row_delta[j] = sum;
+    }
+    for (std::int64_t c0 = 0; c0 < L; c0 += kChunkRows) {
+      const int chunk = int(std::min(kChunkRows, L - c0));
+      own.pack_own(p.k, c0, chunk, 1.0f, s.own_a);
+      own.pack_own(p.v, c0, chunk, 1.0f, s.own_b);
+      pack_rows<I>([&](int i) { return own.row(p.k, c0 + i); }, chunk, D, Dp, 1.0f, s.own_rows, Dp);
+      pack_key_bias(own, c0, chunk, padded<I>(chunk), s.own_bias);
+      std::fill(s.chunk_dk, s.chunk_dk + chunk * Dp, 0.0f);
+      std::fill(s.chunk_dv, s.chunk_dv + chunk * Dp, 0.0f);
+      for (std::int64_t q0 = p.causal ? c0 : 0; q0 < L; q0 += kTileRows) {
+        const int queries = int(std::min(kTileRows, L - q0));
+        other.pack_tile(p.q, q0, queries, p.scale, s.tile_rows_a);
+        other.pack_tile(p.dout, q0, queries, p.output_scale, s.tile_rows_b);
+        pack_lse_delta(other, q0, queries, queries, s.tile_lse, s.tile_delta, false);
+        for (int i = 0; i < queries; ++i) s.tile_delta[i] = s.row_delta[q0 + i];
+        for (std::int64_t k0 = c0; k0 < c0 + chunk; k0 += kTileRows) {
+          const int keys = int(std::min(kTileRows, c0 + chunk - k0)), Kp = padded<I>(keys);
+          const CausalPair pair = record_pair(other, q0, queries, own, k0, keys, s);
+          if (pair == CausalPair::skipped) continue;
+          const std::int64_t at = k0 - c0;
+          gemm<I, false>(queries, Kp, Dp, s.tile_rows_a, Dp, s.own_a + at, kOwnPitch, s.scores, Kp);
+          gemm<I, false>(queries, Kp, Dp, s.tile_rows_b, Dp, s.own_b + at, kOwnPitch, s.grad_scores, Kp);
+          softmax_gradient_query_rows(p, item, s, s.own_bias + at, s.tile_lse, s.tile_delta, queries, keys, Kp,
+                                      pair == CausalPair::masked);
+          gemm<I, true, true>(keys, Dp, queries, s.scores, Kp, s.tile_rows_b, Dp, s.chunk_dv + at * Dp, Dp);
+          gemm<I, true, true>(keys, Dp, queries, s.grad_scores, Kp, s.tile_rows_a, Dp, s.chunk_dk + at * Dp, Dp);
+          gemm<I, true>(queries, Dp, keys, s.grad_scores, Kp, s.own_rows + at * Dp, Dp, s.acc + q0 * Dp, Dp);
+        }
+      }
+      for (int i = 0; i < chunk; ++i) {
+        const std::int64_t row = own.original(c0 + i);
+        store_row<I, T>(p.dk, item, row, s.chunk_dk + i * Dp, 1.0f, D);
+        store_row<I, T>(p.dv, item, row, s.chunk_dv + i * Dp, 1.0f, D);
+      }
+    }
+  });
+  for_each_region_row(p, item, [&](std::int64_t row, std::int64_t state) {
+    store_row<I, T>(p.dq, item, row, state >= 0 ? s.acc + state * Dp : nullptr, p.scale, D);
+    if (state < 0) {  // rows the branch does not select get no gradient
+      store_row<I, T>(p.dk, item, row, nullptr, 0.0f, D);
+      store_row<I, T>(p.dv, item, row, nullptr, 0.0f, D);
+    }
+  });
+}
+
+// The one-pass backward serves plain float32 grouped calls whose segments select enough rows
+// that no row is left with only a few keys by the segment itself.
+inline constexpr std::int64_t kSegmentBackwardMinRows = 64;
+
 // Calls write(row of the tensors, state index or -1) for every row of the item's region, so that
 // rows no branch selects are written too.
 template <class Fn>
@@ -486,8 +557,7 @@ void dkdv_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>&
 
 // Runs body(item, scratch) over all work items, dynamically scheduled, longest first.
 template <class I, class Body>
-void run_items(const detail::DilatedParams& p, bool key_side, Body&& body) {
-  const std::vector<WorkItem> items = make_work_items(p, key_side);
+void run_item_list(const detail::DilatedParams& p, const std::vector<WorkItem>& items, Body&& body) {
   std::int64_t state_rows = 0;
   for (const WorkItem& item : items) state_rows = std::max(state_rows, item.state_rows);
 #pragma omp parallel
@@ -496,6 +566,11 @@ void run_items(const detail::DilatedParams& p, bool key_side, Body&& body) {
 #pragma omp for schedule(dynamic, 1)
     for (std::size_t i = 0; i < items.size(); ++i) body(items[i], scratch);
   }
+}
+
+template <class I, class Body>
+void run_items(const detail::DilatedParams& p, bool key_side, Body&& body) {
+  run_item_list<I>(p, make_work_items(p, key_side), body);
 }
 
 template <class I, class T>
@@ -511,6 +586,11 @@ void backward_typed(const detail::DilatedParams& params) {
   if (!p.softmax_delta) {
     softmax_delta.resize(std::size_t(p.batch * p.heads * p.seqlen));
     p.softmax_delta = softmax_delta.data();
+  }
+  if (std::is_same_v<T, float> && segment_backward_applies(p, kSegmentBackwardMinRows)) {
+    const std::vector<WorkItem> items = make_segment_items(p);
+    run_item_list<I>(p, items, [&](const WorkItem& item, Scratch<I>& s) { segment_backward_item<I, T>(p, item, s); });
+    return;
   }
   if (p.run_query_pass) run_items<I>(p, false, [&](const WorkItem& item, Scratch<I>& s) { dq_item<I, T>(p, item, s); });
   if (p.run_key_pass) run_items<I>(p, true, [&](const WorkItem& item, Scratch<I>& s) { dkdv_item<I, T>(p, item, s); });

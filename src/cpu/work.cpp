@@ -62,4 +62,39 @@ std::vector<WorkItem> make_work_items(const detail::DilatedParams& p, bool key_s
   return items;
 }
 
+bool segment_backward_applies(const detail::DilatedParams& p, std::int64_t min_rows) {
+  if (p.mode != Mode::grouped || p.block_size > 0 || p.position_index || p.accumulate || !p.run_query_pass ||
+      !p.run_key_pass || p.query_position != 0 || p.key_begin != 0 || p.key_end != p.seqlen ||
+      p.global_length != p.seqlen)
+    return false;
+  for (int i = 0; i < p.num_branches; ++i) {
+    const detail::Branch& br = p.branches[i];
+    if (br.head_count == 0) continue;
+    for (std::int64_t start = 0; start < p.seqlen; start += br.segment_length) {
+      const std::int64_t length =
+          selected_count(std::min(br.segment_length, p.seqlen - start), br.group_offset, br.dilation_rate);
+      if (length > 0 && length < min_rows) return false;
+    }
+  }
+  return true;
+}
+
+std::vector<WorkItem> make_segment_items(const detail::DilatedParams& p) {
+  std::vector<WorkItem> items;
+  for (std::int64_t b = 0; b < p.batch; ++b)
+    for (int i = 0; i < p.num_branches; ++i) {
+      const detail::Branch& br = p.branches[i];
+      const std::int64_t w = br.segment_length, r = br.dilation_rate, o = br.group_offset;
+      for (std::int64_t h = br.first_head; h < br.first_head + br.head_count; ++h)
+        for (std::int64_t start = 0; start < p.seqlen; start += w) {
+          const std::int64_t end = std::min(start + w, p.seqlen), length = selected_count(end - start, o, r);
+          WorkItem item{b, h, start, end, i, false, start + o, r, length, 0};
+          item.cost = double(length) * double(length) + double(end - start);
+          items.push_back(item);
+        }
+    }
+  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+  return items;
+}
+
 }  // namespace dattn::cpu

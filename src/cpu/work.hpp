@@ -98,4 +98,10 @@ void for_each_group(const detail::DilatedParams& p, const WorkItem& item, Fn&& f
 // Block-sparse regions are one block each (key blocks for the dk/dv pass, key_side).
 std::vector<WorkItem> make_work_items(const detail::DilatedParams& p, bool key_side = false);
 
+// The one-pass backward's items: one whole segment of one head (grouped mode), longest first.
+// It applies to whole-sequence grouped calls (no ring step, index map or block mask, both passes,
+// no accumulation) whose every non-empty segment selects at least min_rows rows.
+bool segment_backward_applies(const detail::DilatedParams& p, std::int64_t min_rows);
+std::vector<WorkItem> make_segment_items(const detail::DilatedParams& p);
+
 }  // namespace dattn::cpu
