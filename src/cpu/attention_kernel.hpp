@@ -581,16 +581,16 @@ void forward_typed(const detail::DilatedParams& p) {
 // The dq pass runs first: it computes each row's softmax delta, which the dk/dv pass reads.
 template <class I, class T>
 void backward_typed(const detail::DilatedParams& params) {
+  if (std::is_same_v<T, float> && segment_backward_applies(params, kSegmentBackwardMinRows)) {
+    run_item_list<I>(params, make_segment_items(params),
+                     [&](const WorkItem& item, Scratch<I>& s) { segment_backward_item<I, T>(params, item, s); });
+    return;  // the one-pass backward keeps its deltas per item: no [B, H, N] buffer
+  }
   std::vector<float> softmax_delta;
   detail::DilatedParams p = params;
   if (!p.softmax_delta) {
     softmax_delta.resize(std::size_t(p.batch * p.heads * p.seqlen));
     p.softmax_delta = softmax_delta.data();
-  }
-  if (std::is_same_v<T, float> && segment_backward_applies(p, kSegmentBackwardMinRows)) {
-    const std::vector<WorkItem> items = make_segment_items(p);
-    run_item_list<I>(p, items, [&](const WorkItem& item, Scratch<I>& s) { segment_backward_item<I, T>(p, item, s); });
-    return;
   }
   if (p.run_query_pass) run_items<I>(p, false, [&](const WorkItem& item, Scratch<I>& s) { dq_item<I, T>(p, item, s); });
   if (p.run_key_pass) run_items<I>(p, true, [&](const WorkItem& item, Scratch<I>& s) { dkdv_item<I, T>(p, item, s); });

@@ -60,28 +60,30 @@ KeyBlock make_block(const TensorView& k, bool has_mask) {
   return block;
 }
 
-// Copies a strided view into a contiguous one of the same shape and dtype.
-void copy(const TensorView& from, const TensorView& to) {
-  const std::size_t element = dtype_size(from.dtype);
+// Calls f(offset in from, offset in to) for every element of two views of one shape.
+template <class F>
+void for_each_pair(const TensorView& from, const TensorView& to, F&& f) {
   std::int64_t index[kMaxRank] = {};
   for (std::int64_t n = 0; n < from.numel(); ++n) {
     std::int64_t a = 0, b = 0;
     for (int d = 0; d < from.rank; ++d) a += index[d] * from.strides[d], b += index[d] * to.strides[d];
-    std::memcpy(static_cast<std::byte*>(to.data) + b * element, static_cast<const std::byte*>(from.data) + a * element,
-                element);
+    f(a, b);
     for (int d = from.rank - 1; d >= 0 && ++index[d] == from.shape[d]; --d) index[d] = 0;
   }
 }
 
+// to = from, same dtype, any strides.
+void copy(const TensorView& from, const TensorView& to) {
+  const std::size_t element = dtype_size(from.dtype);
+  for_each_pair(from, to, [&](std::int64_t a, std::int64_t b) {
+    std::memcpy(static_cast<std::byte*>(to.data) + b * element, static_cast<const std::byte*>(from.data) + a * element,
+                element);
+  });
+}
+
 // to = from (float32) in to's dtype, any strides.
 void convert(const TensorView& from, const TensorView& to) {
-  std::int64_t index[kMaxRank] = {};
-  for (std::int64_t n = 0; n < from.numel(); ++n) {
-    std::int64_t a = 0, b = 0;
-    for (int d = 0; d < from.rank; ++d) a += index[d] * from.strides[d], b += index[d] * to.strides[d];
-    detail::store_float(to, b, from.ptr<float>()[a]);
-    for (int d = from.rank - 1; d >= 0 && ++index[d] == from.shape[d]; --d) index[d] = 0;
-  }
+  for_each_pair(from, to, [&](std::int64_t a, std::int64_t b) { detail::store_float(to, b, from.ptr<float>()[a]); });
 }
 
 KeyBlock own_block(const DilatedConfig& config, const TensorView& k, const TensorView& v) {
