@@ -135,13 +135,97 @@ TEST(RingTest, GatheredResultsEqualWholeSequenceAttention) {
     for (int g = 0; g < G; ++g) {  // shorter than, equal to and longer than N/P
       const std::int64_t w = std::max<std::int64_t>(1, (c.N / c.P) * (1 + pick(rng) % 4) / 2 + pick(rng) % 3);
       c.w.push_back(w);
-      c.r.push_back(1 + pick(rng) % std::min<std::int64_t>(w, 3));
+      c.r.push_back(1 + pick(rng) % std::min<std::int64_t>(w, 5));
     }
     c.mode = pick(rng) % 2 ? dattn::Mode::longnet : dattn::Mode::grouped;
     c.causal = pick(rng) % 2;
     c.padding = pick(rng) % 3 == 0;
     c.dropout_p = pick(rng) % 4 == 0 ? 0.25 : 0.0;
     run(c, i % 4 == 3 ? DType::bfloat16 : DType::float32, rng);
+  }
+}
+
+// The definition, pair by pair: key (p, head) of source is needed when some branch selects p and a
+// query x of dest for that head in one segment (causal: x >= p).
+std::vector<std::int64_t> needed_by_definition(const dattn::DilatedConfig& c, Layout layout, std::int64_t N, int P,
+                                               std::int64_t H, int source, int dest) {
+  const auto keys = dattn::ring_rows(N, P, source, layout), queries = dattn::ring_rows(N, P, dest, layout);
+  const std::int64_t G = std::int64_t(c.segment_lengths.size());
+  std::vector<std::int64_t> entries;
+  std::int64_t local = 0;
+  for (const auto& [k0, k1] : keys)
+    for (std::int64_t p = k0; p < k1; ++p, ++local)
+      for (std::int64_t h = 0; h < H; ++h) {
+        bool needed = false;
+        for (std::int64_t i = 0; i < G; ++i) {
+          std::int64_t group = 0, first = 0;  // grouped mode: the group head h falls in
+          while (first + H / G + (group < H % G) <= h) first += H / G + (group < H % G), ++group;
+          if (c.mode == dattn::Mode::grouped && group != i) continue;
+          const std::int64_t w = std::min(c.segment_lengths[std::size_t(i)], N), r = c.dilation_rates[std::size_t(i)];
+          const std::int64_t o = (c.mode == dattn::Mode::grouped ? i : h) % r;
+          auto selected = [&](std::int64_t x) { return x % w >= o && (x % w - o) % r == 0; };
+          for (const auto& [q0, q1] : queries)
+            for (std::int64_t x = q0; x < q1; ++x)
+              needed |= selected(p) && selected(x) && x / w == p / w && (!c.causal || x >= p);
+        }
+        if (needed) entries.push_back(local * H + h);
+      }
+  return entries;
+}
+
+TEST(RingTest, TransferEntriesAreExactlyTheNeededKeys) {
+  Rng rng(77);
+  std::uniform_int_distribution<int> pick(0, 1 << 20);
+  int nonempty = 0, partial = 0;
+  for (int i = 0; i < 200; ++i) {
+    const int P = 1 + pick(rng) % 4;
+    const Layout layout = pick(rng) % 2 ? Layout::zigzag : Layout::contiguous;
+    const std::int64_t unit = layout == Layout::zigzag ? 2 * P : P, N = unit * (1 + pick(rng) % (40 / unit + 1));
+    const std::int64_t H = 1 + pick(rng) % 5;
+    dattn::DilatedConfig c;
+    for (int g = 0; g < 1 + pick(rng) % 3; ++g) {
+      const std::int64_t w = 1 + pick(rng) % (N + 4);
+      c.segment_lengths.push_back(w);
+      c.dilation_rates.push_back(1 + pick(rng) % std::min<std::int64_t>(w, 6));
+    }
+    c.mode = pick(rng) % 2 ? dattn::Mode::longnet : dattn::Mode::grouped;
+    c.causal = pick(rng) % 2;
+    for (int source = 0; source < P; ++source)
+      for (int dest = 0; dest < P; ++dest) {
+        const auto entries = dattn::ring_transfer_entries(c, layout, N, P, H, source, dest);
+        ASSERT_EQ(entries, needed_by_definition(c, layout, N, P, H, source, dest))
+            << "N=" << N << " P=" << P << " H=" << H << " source=" << source << " dest=" << dest;
+        nonempty += !entries.empty();
+        partial += !entries.empty() && std::int64_t(entries.size()) < N / P * H;
+      }
+  }
+  EXPECT_GT(nonempty, 100);  // the cases exercise both kinds of transfer
+  EXPECT_GT(partial, 50);
+}
+
+// Only selected keys travel: a branch whose segments fit in a rank sends nothing, and a dilated
+// one sends 1/r of its heads' rows.
+TEST(RingTest, BytesSentAreTheSelectedKeys) {
+  const std::int64_t B = 1, N = 64, H = 4, D = 8, P = 4;
+  for (const auto& [w, r, expected_entries] : {std::tuple{16L, 1L, 0L}, std::tuple{64L, 1L, 3 * 16 * H},
+                                               std::tuple{64L, 4L, 3 * 16 * H / 4}}) {
+    dattn::DilatedConfig config;
+    config.segment_lengths = {w};
+    config.dilation_rates = {r};
+    auto group = dattn::make_in_process_group(int(P));
+    std::vector<dattn::RingStats> stats(P);
+    std::vector<std::thread> threads;
+    for (int rank = 0; rank < P; ++rank)
+      threads.emplace_back([&, rank] {
+        Tensor q = Tensor::zeros({B, N / P, H, D}, DType::float32), out = Tensor::empty({B, N / P, H, D}, DType::float32);
+        Tensor lse = Tensor::empty({B, H, N / P}, DType::float32);
+        dattn::ring_forward(*group[std::size_t(rank)], config, Layout::contiguous, N, q, q, q, out, lse, &stats[std::size_t(rank)]);
+      });
+    for (auto& t : threads) t.join();
+    for (const auto& s : stats) {
+      EXPECT_EQ(s.bytes_sent, expected_entries * 2 * D * std::int64_t(sizeof(float))) << "w=" << w << " r=" << r;
+      EXPECT_EQ(s.bytes_received, s.bytes_sent);
+    }
   }
 }
 

@@ -37,7 +37,7 @@ struct LaunchOptions {
   void* stream = nullptr;  // cudaStream_t for CUDA tensors; must stay null for CPU tensors
   void* workspace = nullptr;
   std::size_t workspace_bytes = 0;
-  std::optional<RingStep> ring_step;          // not implemented yet: an error if set
+  std::optional<RingStep> ring_step;  // forward only (the ring backward has its own calls); CPU only for now
   // Attend in this order: [N] int64, curve position -> original row (dattn/hilbert.hpp makes
   // Hilbert orders). Results stay in the original order; causal compares original positions.
   std::optional<TensorView> position_index;

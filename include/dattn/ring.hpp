@@ -42,14 +42,35 @@ std::vector<std::unique_ptr<Communicator>> make_in_process_group(int size);
 // MPI_Comm, or is null for MPI_COMM_WORLD. The caller initialises and finalises MPI.
 std::unique_ptr<Communicator> make_mpi_communicator(void* mpi_comm = nullptr);
 
+// The entries of rank `source`'s keys and values that rank `dest`'s queries need, as
+// local_row·heads + head, ascending: a (row, head) travels when some branch selects that key for
+// that head in a segment where it also selects a query of dest (causal: one at or after the key).
+// Empty when the two ranks share no segment. Both sides compute it, so no index travels; the
+// Python ring packs its transfers with it too.
+std::vector<std::int64_t> ring_transfer_entries(const DilatedConfig& config, Layout layout, std::int64_t global_length,
+                                                int ranks, std::int64_t heads, int source, int dest);
+
+// What a ring call moved and where its time went (added to, so one struct can sum calls).
+struct RingStats {
+  std::int64_t bytes_sent = 0, bytes_received = 0;
+  int transfers = 0;              // messages sent
+  double compute_seconds = 0;     // in kernels, packing and merging
+  double wait_seconds = 0;        // blocked on a message that had not arrived
+  RingStats& operator+=(const RingStats& o) {
+    bytes_sent += o.bytes_sent, bytes_received += o.bytes_received, transfers += o.transfers;
+    compute_seconds += o.compute_seconds, wait_seconds += o.wait_seconds;
+    return *this;
+  }
+};
+
 // Local tensors hold this rank's rows in ring_rows order: q, k, v, out, dout, dq, dk, dv
 // [B, N/P, H, D], lse [B, H, N/P]; config.key_padding_mask, if set, is sharded like q ([B, N/P]).
 void ring_forward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t global_length,
                   const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
-                  const TensorView& lse);
+                  const TensorView& lse, RingStats* stats = nullptr);
 void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t global_length,
                    const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                    const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
-                   const TensorView& dv);
+                   const TensorView& dv, RingStats* stats = nullptr);
 
 }  // namespace dattn

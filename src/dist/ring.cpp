@@ -1,8 +1,12 @@
-// The ring schedule over any Communicator. At step t a rank sends its own keys and values straight
-// to rank + t and receives those of rank − t (point to point, no relaying), skipping the pairs of
-// ranks that share no segment; every pair of (query chunk, key chunk) runs one ring step of the
-// kernels and merge_partial combines them. The backward repeats the exchange twice: once for the
-// queries' sums (dq), once for dk, dv, which go back to the keys' owner.
+// The ring schedule over any Communicator. At step t a rank sends keys and values straight to
+// rank + t and receives those of rank − t (point to point, no relaying). What travels is the
+// (row, head) entries the receiver's queries need (ring_transfer_entries): nothing when two ranks
+// share no segment, and of a dilated branch only the rows it selects. Two buffers each way let
+// step t + 1 travel while step t computes. Every pair of (query chunk, key chunk) runs one ring
+// step of the kernels and merge_partial combines them. The backward repeats the exchange twice:
+// once for the queries' sums (dq), once for dk, dv, which go back to the keys' owner packed the
+// same way.
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -15,6 +19,8 @@ namespace dattn {
 namespace {
 
 using Rows = std::vector<std::pair<std::int64_t, std::int64_t>>;
+using Entries = std::vector<std::int64_t>;
+using Clock = std::chrono::steady_clock;
 
 // Rows [begin, begin + count) along dimension dim of a view.
 TensorView slice(const TensorView& t, int dim, std::int64_t begin, std::int64_t count) {
@@ -22,42 +28,6 @@ TensorView slice(const TensorView& t, int dim, std::int64_t begin, std::int64_t 
   s.data = static_cast<std::byte*>(t.data) + begin * t.strides[dim] * std::int64_t(dtype_size(t.dtype));
   s.shape[dim] = count;
   return s;
-}
-
-// Whether any branch has a segment holding rows of both ranges (and, causal, a key not after
-// every query): both sides of a transfer evaluate it, so they agree on skipping it.
-bool shares_segment(const DilatedConfig& config, std::int64_t global_length, const Rows& queries, const Rows& keys) {
-  for (const auto& [q0, q1] : queries)
-    for (const auto& [k0, k1] : keys) {
-      if (config.causal && k0 > q1 - 1) continue;
-      for (std::size_t i = 0; i < config.segment_lengths.size(); ++i) {
-        const std::int64_t w = std::min(config.segment_lengths[i], global_length);
-        if (std::max(q0 / w, k0 / w) <= std::min((q1 - 1) / w, (k1 - 1) / w)) return true;
-      }
-    }
-  return false;
-}
-
-// This rank's keys, values and key padding, contiguous in one buffer that travels.
-struct KeyBlock {
-  std::int64_t B, rows, H, D;
-  DType dtype;
-  bool has_mask;
-  std::vector<std::byte> bytes;
-
-  std::size_t tensor_bytes() const { return std::size_t(B * rows * H * D) * dtype_size(dtype); }
-  TensorView tensor(int which) const {  // 0: k, 1: v
-    return make_view(const_cast<std::byte*>(bytes.data()) + which * tensor_bytes(), dtype, {B, rows, H, D});
-  }
-  TensorView mask() const {
-    return make_view(const_cast<std::byte*>(bytes.data()) + 2 * tensor_bytes(), DType::boolean, {B, rows});
-  }
-};
-
-KeyBlock make_block(const TensorView& k, bool has_mask) {
-  KeyBlock block{k.shape[0], k.shape[1], k.shape[2], k.shape[3], k.dtype, has_mask, {}};
-  block.bytes.resize(2 * block.tensor_bytes() + (has_mask ? std::size_t(block.B * block.rows) : 0));
-  return block;
 }
 
 // Calls f(offset in from, offset in to) for every element of two views of one shape.
@@ -86,42 +56,150 @@ void convert(const TensorView& from, const TensorView& to) {
   for_each_pair(from, to, [&](std::int64_t a, std::int64_t b) { detail::store_float(to, b, from.ptr<float>()[a]); });
 }
 
-KeyBlock own_block(const DilatedConfig& config, const TensorView& k, const TensorView& v) {
-  KeyBlock block = make_block(k, bool(config.key_padding_mask));
-  copy(k, block.tensor(0));
-  copy(v, block.tensor(1));
-  if (block.has_mask) copy(*config.key_padding_mask, block.mask());
-  return block;
+// The D-vector of entry e = row·H + head of a [B, rows, H, D] view (D stride 1), batch b.
+std::byte* entry(const TensorView& t, std::int64_t b, std::int64_t e) {
+  const std::int64_t H = t.shape[2];
+  return static_cast<std::byte*>(t.data) +
+         (b * t.strides[0] + (e / H) * t.strides[1] + (e % H) * t.strides[2]) * std::int64_t(dtype_size(t.dtype));
 }
 
-// Runs body(source rank, its key block) for every source that shares a segment with this rank,
-// exchanging blocks directly with rank ± t.
-template <class Body>
-void for_each_source(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N,
-                     const KeyBlock& own, int tag, Body&& body) {
-  const int P = comm.size(), rank = comm.rank();
-  const Rows mine = ring_rows(N, P, rank, layout);
-  KeyBlock received = make_block(own.tensor(0), own.has_mask);
-  for (int t = 0; t < P; ++t) {
-    const int dest = (rank + t) % P, source = (rank - t + P) % P;
-    if (t == 0) {
-      if (shares_segment(config, N, mine, mine)) body(rank, own);
-      continue;
-    }
-    const bool send = shares_segment(config, N, ring_rows(N, P, dest, layout), mine);
-    const bool receive = shares_segment(config, N, mine, ring_rows(N, P, source, layout));
-    const int sent = send ? comm.isend(own.bytes.data(), own.bytes.size(), dest, tag) : -1;
-    if (receive) {
-      comm.wait(comm.irecv(received.bytes.data(), received.bytes.size(), source, tag));
-      body(source, received);
-    }
-    comm.wait(sent);
+// The wire format of one transfer: for each tensor, [B, entries, D] in its dtype, then the key
+// padding mask [B, rows] whole (one byte a row, small beside the keys).
+std::size_t packed_bytes(const TensorView& like, std::size_t tensors, std::size_t entries, bool with_mask) {
+  const std::size_t row = std::size_t(like.shape[3]) * dtype_size(like.dtype);
+  return tensors * std::size_t(like.shape[0]) * entries * row +
+         (with_mask ? std::size_t(like.shape[0] * like.shape[1]) : 0);
+}
+
+void pack(const std::vector<TensorView>& tensors, const TensorView* mask, const Entries& entries, std::byte* out) {
+  for (const TensorView& t : tensors) {
+    const std::size_t row = std::size_t(t.shape[3]) * dtype_size(t.dtype);
+    for (std::int64_t b = 0; b < t.shape[0]; ++b)
+      for (const std::int64_t e : entries) out = static_cast<std::byte*>(std::memcpy(out, entry(t, b, e), row)) + row;
   }
+  if (mask) copy(*mask, make_view(out, DType::boolean, {mask->shape[0], mask->shape[1]}));
 }
 
-DilatedConfig step_config(const DilatedConfig& config, const KeyBlock& block, std::int64_t offset, std::int64_t rows) {
+// Writes a packed transfer into contiguous tensors and mask; the entries that did not travel are
+// zero (no branch reads them, and zeros keep any stray read finite).
+void unpack(const std::byte* in, const Entries& entries, const std::vector<TensorView>& tensors, const TensorView* mask) {
+  for (const TensorView& t : tensors) {
+    const std::size_t row = std::size_t(t.shape[3]) * dtype_size(t.dtype);
+    std::memset(t.data, 0, std::size_t(t.numel()) * dtype_size(t.dtype));
+    for (std::int64_t b = 0; b < t.shape[0]; ++b)
+      for (const std::int64_t e : entries) std::memcpy(entry(t, b, e), in, row), in += row;
+  }
+  if (mask) copy(make_view(const_cast<std::byte*>(in), DType::boolean, {mask->shape[0], mask->shape[1]}), *mask);
+}
+
+// Adds a packed float32 transfer into contiguous float32 tensors.
+void unpack_add(const std::byte* in, const Entries& entries, const std::vector<TensorView>& tensors) {
+  const auto* x = reinterpret_cast<const float*>(in);
+  for (const TensorView& t : tensors)
+    for (std::int64_t b = 0; b < t.shape[0]; ++b)
+      for (const std::int64_t e : entries) {
+        auto* y = reinterpret_cast<float*>(entry(t, b, e));
+        for (std::int64_t d = 0; d < t.shape[3]; ++d) y[d] += *x++;
+      }
+}
+
+// One rank's view of the schedule: for each step t = 1 .. P−1, the peers and what travels.
+struct Step {
+  int dest, source;
+  Entries outgoing;  // this rank's entries that dest needs
+  Entries incoming;  // source's entries this rank needs
+};
+
+struct Schedule {
+  const DilatedConfig& config;
+  Layout layout;
+  std::int64_t N;
+  int P, rank;
+  Rows mine;
+  Entries own;  // this rank's entries its own queries need
+  std::vector<Step> steps;
+
+  Schedule(const Communicator& comm, const DilatedConfig& c, Layout l, std::int64_t global_length, std::int64_t H)
+      : config(c), layout(l), N(global_length), P(comm.size()), rank(comm.rank()),
+        mine(ring_rows(N, P, rank, layout)), own(ring_transfer_entries(c, l, N, P, H, rank, rank)) {
+    for (int t = 1; t < P; ++t) {
+      const int dest = (rank + t) % P, source = (rank - t + P) % P;
+      steps.push_back({dest, source, ring_transfer_entries(c, l, N, P, H, rank, dest),
+                       ring_transfer_entries(c, l, N, P, H, source, rank)});
+    }
+  }
+};
+
+struct Keys {
+  TensorView k, v;
+  std::optional<TensorView> mask;
+};
+
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+// Runs body(source, its keys) for every source whose keys this rank needs, its own first; after
+// each body, after_step(t) (t = 0 for the own keys). The keys of step t + 1 are sent and received
+// while step t computes: two buffers each way.
+template <class Body, class AfterStep>
+void for_each_source(Communicator& comm, const Schedule& schedule, const Keys& own, int tag, RingStats& stats,
+                     Body&& body, AfterStep&& after_step) {
+  const TensorView& k = own.k;
+  const std::int64_t B = k.shape[0], n = k.shape[1], H = k.shape[2], D = k.shape[3];
+  const bool with_mask = own.mask.has_value();
+  Tensor block = Tensor::empty({2, B, n, H, D}, k.dtype), block_mask = Tensor::empty({B, n}, DType::boolean);
+  const Keys received{block.view().select(0, 0), block.view().select(0, 1),
+                      with_mask ? std::optional(block_mask.view()) : std::nullopt};
+  std::vector<std::byte> send_buffer[2], receive_buffer[2];
+  int sends[2] = {-1, -1}, receives[2] = {-1, -1};
+  const std::size_t steps = schedule.steps.size();
+  auto post = [&](std::size_t i) {  // step i + 1
+    if (i >= steps) return;
+    const Step& s = schedule.steps[i];
+    comm.wait(sends[i % 2]);
+    sends[i % 2] = receives[i % 2] = -1;
+    if (!s.incoming.empty()) {
+      receive_buffer[i % 2].resize(packed_bytes(k, 2, s.incoming.size(), with_mask));
+      receives[i % 2] = comm.irecv(receive_buffer[i % 2].data(), receive_buffer[i % 2].size(), s.source, tag);
+    }
+    if (!s.outgoing.empty()) {
+      send_buffer[i % 2].resize(packed_bytes(k, 2, s.outgoing.size(), with_mask));
+      pack({own.k, own.v}, own.mask ? &*own.mask : nullptr, s.outgoing, send_buffer[i % 2].data());
+      sends[i % 2] = comm.isend(send_buffer[i % 2].data(), send_buffer[i % 2].size(), s.dest, tag);
+      stats.bytes_sent += std::int64_t(send_buffer[i % 2].size());
+      ++stats.transfers;
+    }
+  };
+  post(0);
+  auto start = Clock::now();
+  if (!schedule.own.empty()) body(schedule.rank, own);
+  after_step(0);
+  stats.compute_seconds += seconds_since(start);
+  for (std::size_t i = 0; i < steps; ++i) {
+    post(i + 1);
+    const Step& s = schedule.steps[i];
+    if (!s.incoming.empty()) {
+      start = Clock::now();
+      comm.wait(receives[i % 2]);
+      stats.wait_seconds += seconds_since(start);
+      stats.bytes_received += std::int64_t(receive_buffer[i % 2].size());
+      start = Clock::now();
+      unpack(receive_buffer[i % 2].data(), s.incoming, {received.k, received.v},
+             with_mask ? &*received.mask : nullptr);
+      body(s.source, received);
+      stats.compute_seconds += seconds_since(start);
+    }
+    start = Clock::now();
+    after_step(i + 1);
+    stats.compute_seconds += seconds_since(start);
+  }
+  comm.wait(sends[0]);
+  comm.wait(sends[1]);
+}
+
+DilatedConfig step_config(const DilatedConfig& config, const Keys& keys, std::int64_t offset, std::int64_t rows) {
   DilatedConfig c = config;
-  if (block.has_mask) c.key_padding_mask = slice(block.mask(), 1, offset, rows);
+  c.key_padding_mask.reset();
+  if (keys.mask) c.key_padding_mask = slice(*keys.mask, 1, offset, rows);
   return c;
 }
 
@@ -130,6 +208,22 @@ void check_layout(const TensorView& q, std::int64_t N, int P, int rank, Layout l
   for (const auto& [begin, end] : ring_rows(N, P, rank, layout)) rows += end - begin;
   if (q.rank != 4 || q.shape[1] != rows)
     throw Error("q has shape " + q.shape_string() + "; expected " + std::to_string(rows) + " local rows (N / P)");
+}
+
+// The heads of branch i and the offset each uses (SPEC.md: grouped, group i's heads with offset
+// i mod r; longnet, every head h with offset h mod r).
+std::vector<std::pair<std::int64_t, std::int64_t>> branch_heads(const DilatedConfig& config, std::size_t i,
+                                                                std::int64_t H) {
+  const std::int64_t G = std::int64_t(config.segment_lengths.size()), r = config.dilation_rates[i];
+  std::vector<std::pair<std::int64_t, std::int64_t>> heads;
+  if (config.mode == Mode::longnet) {
+    for (std::int64_t h = 0; h < H; ++h) heads.push_back({h, h % r});
+    return heads;
+  }
+  std::int64_t first = 0;
+  for (std::int64_t g = 0; g < std::int64_t(i); ++g) first += H / G + (g < H % G);
+  for (std::int64_t h = first; h < first + H / G + (std::int64_t(i) < H % G); ++h) heads.push_back({h, std::int64_t(i) % r});
+  return heads;
 }
 
 }  // namespace
@@ -145,42 +239,86 @@ std::vector<std::pair<std::int64_t, std::int64_t>> ring_rows(std::int64_t N, int
   return {{rank * c, (rank + 1) * c}, {(parts - 1 - rank) * c, (parts - rank) * c}};
 }
 
+std::vector<std::int64_t> ring_transfer_entries(const DilatedConfig& config, Layout layout, std::int64_t N, int P,
+                                                std::int64_t H, int source, int dest) {
+  detail::check_config(config);
+  if (H < 1) throw Error("heads = " + std::to_string(H) + "; expected >= 1");
+  const Rows keys = ring_rows(N, P, source, layout), queries = ring_rows(N, P, dest, layout);
+  std::int64_t n = 0;
+  for (const auto& [k0, k1] : keys) n += k1 - k0;
+  std::vector<char> needed(std::size_t(n * H), 0);
+  for (std::size_t i = 0; i < config.segment_lengths.size(); ++i) {
+    const std::int64_t w = std::min(config.segment_lengths[i], N), r = config.dilation_rates[i];
+    for (const auto& [h, o] : branch_heads(config, i, H)) {
+      std::int64_t local = 0;
+      for (const auto& [k0, k1] : keys)
+        for (std::int64_t p = k0; p < k1; ++p, ++local) {
+          const std::int64_t s0 = p / w * w, s1 = std::min(s0 + w, N);
+          if (p - s0 < o || (p - s0 - o) % r != 0) continue;  // the branch does not select this key
+          // The last query of dest this branch selects in the segment: needed if there is one
+          // (causal: at or after the key).
+          std::int64_t last = -1;
+          for (const auto& [q0, q1] : queries) {
+            const std::int64_t hi = std::min(q1, s1) - 1;
+            if (hi < s0 + o) continue;
+            const std::int64_t x = s0 + o + (hi - s0 - o) / r * r;
+            if (x >= std::max(q0, s0)) last = std::max(last, x);
+          }
+          if (last >= 0 && (!config.causal || last >= p)) needed[std::size_t(local * H + h)] = 1;
+        }
+    }
+  }
+  std::vector<std::int64_t> entries;
+  for (std::int64_t e = 0; e < n * H; ++e)
+    if (needed[std::size_t(e)]) entries.push_back(e);
+  return entries;
+}
+
 void ring_forward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N, const TensorView& q,
-                  const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse) {
+                  const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
+                  RingStats* stats) {
   check_layout(q, N, comm.size(), comm.rank(), layout);
-  const Rows mine = ring_rows(N, comm.size(), comm.rank(), layout);
   const std::int64_t B = q.shape[0], n = q.shape[1], H = q.shape[2], D = q.shape[3];
+  const Schedule schedule(comm, config, layout, N, H);
+  RingStats local_stats;
   Tensor merged = Tensor::zeros({B, n, H, D}, DType::float32), merged_lse = Tensor::empty({B, H, n}, DType::float32);
   for (std::int64_t i = 0; i < merged_lse.numel(); ++i) merged_lse.data<float>()[i] = -INFINITY;
-  const KeyBlock own = own_block(config, k, v);
-  for_each_source(comm, config, layout, N, own, 1, [&](int source, const KeyBlock& block) {
-    std::int64_t key_offset = 0;
-    for (const auto& [k0, k1] : ring_rows(N, comm.size(), source, layout)) {
-      std::int64_t query_offset = 0;
-      for (const auto& [q0, q1] : mine) {
-        Tensor part = Tensor::empty({B, q1 - q0, H, D}, q.dtype), part_lse = Tensor::empty({B, H, q1 - q0}, DType::float32);
-        forward(step_config(config, block, key_offset, k1 - k0), slice(q, 1, query_offset, q1 - q0),
-                slice(block.tensor(0), 1, key_offset, k1 - k0), slice(block.tensor(1), 1, key_offset, k1 - k0), part,
-                part_lse, {.ring_step = RingStep{q0, N, k0, k1}});
-        merge_partial(slice(merged, 1, query_offset, q1 - q0), slice(merged_lse, 2, query_offset, q1 - q0), part, part_lse);
-        query_offset += q1 - q0;
-      }
-      key_offset += k1 - k0;
-    }
-  });
+  const std::int64_t chunk = schedule.mine[0].second - schedule.mine[0].first;  // every chunk has this length
+  Tensor part = Tensor::empty({B, chunk, H, D}, q.dtype), part_lse = Tensor::empty({B, H, chunk}, DType::float32);
+  const Keys own{k, v, config.key_padding_mask};
+  for_each_source(
+      comm, schedule, own, 1, local_stats,
+      [&](int source, const Keys& keys) {
+        std::int64_t key_offset = 0;
+        for (const auto& [k0, k1] : ring_rows(N, comm.size(), source, layout)) {
+          std::int64_t query_offset = 0;
+          for (const auto& [q0, q1] : schedule.mine) {
+            forward(step_config(config, keys, key_offset, k1 - k0), slice(q, 1, query_offset, q1 - q0),
+                    slice(keys.k, 1, key_offset, k1 - k0), slice(keys.v, 1, key_offset, k1 - k0), part, part_lse,
+                    {.ring_step = RingStep{q0, N, k0, k1}});
+            merge_partial(slice(merged, 1, query_offset, q1 - q0), slice(merged_lse, 2, query_offset, q1 - q0), part,
+                          part_lse);
+            query_offset += q1 - q0;
+          }
+          key_offset += k1 - k0;
+        }
+      },
+      [](std::size_t) {});
   convert(merged, out);
   copy(merged_lse, lse);
+  if (stats) *stats += local_stats;
 }
 
 void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N, const TensorView& q,
                    const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
-                   const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv) {
+                   const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                   RingStats* stats) {
   (void)out;  // the exact softmax correction comes from P and dP (ring_query_gradients), not from out
   check_layout(q, N, comm.size(), comm.rank(), layout);
-  const int P = comm.size(), rank = comm.rank();
-  const Rows mine = ring_rows(N, P, rank, layout);
   const std::int64_t B = q.shape[0], n = q.shape[1], H = q.shape[2], D = q.shape[3];
-  const KeyBlock own = own_block(config, k, v);
+  const Schedule schedule(comm, config, layout, N, H);
+  RingStats local_stats;
+  const Keys own{k, v, config.key_padding_mask};
 
   // Per query chunk: its lse (contiguous copy) and the sums of the query sweep.
   struct Chunk {
@@ -189,68 +327,92 @@ void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layou
   };
   std::vector<Chunk> chunks;
   std::int64_t offset = 0;
-  for (const auto& [q0, q1] : mine) {
+  for (const auto& [q0, q1] : schedule.mine) {
     Chunk c{q0, q1, offset, Tensor::empty({B, H, q1 - q0}, DType::float32), Tensor::zeros({B, q1 - q0, H, D}, DType::float32),
             Tensor::zeros({B, q1 - q0, H, D}, DType::float32), Tensor::zeros({B, H, q1 - q0}, DType::float32)};
     copy(slice(lse, 2, offset, q1 - q0), c.lse);
     offset += q1 - q0;
     chunks.push_back(std::move(c));
   }
-  auto pairs = [&](int source, const KeyBlock& block, auto&& fn) {
+  auto pairs = [&](int source, const Keys& keys, auto&& fn) {
     std::int64_t key_offset = 0;
-    for (const auto& [k0, k1] : ring_rows(N, P, source, layout)) {
-      for (const Chunk& c : chunks) fn(c, step_config(config, block, key_offset, k1 - k0), key_offset, k0, k1);
+    for (const auto& [k0, k1] : ring_rows(N, comm.size(), source, layout)) {
+      for (const Chunk& c : chunks) fn(c, step_config(config, keys, key_offset, k1 - k0), key_offset, k0, k1);
       key_offset += k1 - k0;
     }
   };
-  for_each_source(comm, config, layout, N, own, 2, [&](int source, const KeyBlock& block) {
-    pairs(source, block, [&](const Chunk& c, const DilatedConfig& cfg, std::int64_t at, std::int64_t k0, std::int64_t k1) {
-      ring_query_gradients(cfg, RingStep{c.q0, N, k0, k1}, slice(q, 1, c.offset, c.q1 - c.q0),
-                           slice(block.tensor(0), 1, at, k1 - k0), slice(block.tensor(1), 1, at, k1 - k0),
-                           slice(dout, 1, c.offset, c.q1 - c.q0), c.lse, {c.sum_gk, c.sum_pk, c.delta});
-    });
-  });
+  for_each_source(
+      comm, schedule, own, 2, local_stats,
+      [&](int source, const Keys& keys) {
+        pairs(source, keys, [&](const Chunk& c, const DilatedConfig& cfg, std::int64_t at, std::int64_t k0, std::int64_t k1) {
+          ring_query_gradients(cfg, RingStep{c.q0, N, k0, k1}, slice(q, 1, c.offset, c.q1 - c.q0),
+                               slice(keys.k, 1, at, k1 - k0), slice(keys.v, 1, at, k1 - k0),
+                               slice(dout, 1, c.offset, c.q1 - c.q0), c.lse, {c.sum_gk, c.sum_pk, c.delta});
+        });
+      },
+      [](std::size_t) {});
   for (const Chunk& c : chunks)
     ring_finish_query_gradients(config, {c.sum_gk, c.sum_pk, c.delta}, slice(dq, 1, c.offset, c.q1 - c.q0));
 
-  // Key sweep: gradients for the source's keys from this rank's queries go back to the source.
-  Tensor own_dkv = Tensor::zeros({2, B, n, H, D}, DType::float32);
-  const std::size_t half = std::size_t(B * n * H * D), bytes = 2 * half * sizeof(float);
-  Tensor partial = Tensor::empty({2, B, n, H, D}, DType::float32), arriving = Tensor::empty({2, B, n, H, D}, DType::float32);
-  auto add = [&](const Tensor& from) {
-    for (std::size_t i = 0; i < 2 * half; ++i) own_dkv.data<float>()[i] += from.data<float>()[i];
+  // Key sweep: the gradients of the source's keys from this rank's queries go back to the source,
+  // packed like its keys came; this rank's own key gradients arrive from each dest one step later.
+  Tensor own_dkv = Tensor::zeros({2, B, n, H, D}, DType::float32), partial = Tensor::empty({2, B, n, H, D}, DType::float32);
+  const std::vector<TensorView> own_grads{own_dkv.view().select(0, 0), own_dkv.view().select(0, 1)};
+  const std::vector<TensorView> partial_grads{partial.view().select(0, 0), partial.view().select(0, 1)};
+  std::vector<std::byte> send_buffer[2], receive_buffer[2];
+  int sends[2] = {-1, -1}, receives[2] = {-1, -1};
+  std::size_t receiving[2] = {0, 0};  // the step (1-based) whose gradients each receive buffer holds
+  auto finish_receive = [&](int slot) {
+    if (receives[slot] < 0) return;
+    const auto start = Clock::now();
+    comm.wait(receives[slot]);
+    local_stats.wait_seconds += seconds_since(start);
+    local_stats.bytes_received += std::int64_t(receive_buffer[slot].size());
+    unpack_add(receive_buffer[slot].data(), schedule.steps[receiving[slot] - 1].outgoing, own_grads);
+    receives[slot] = -1;
   };
-  for (int t = 0; t < P; ++t) {
-    const int dest = (rank + t) % P, source = (rank - t + P) % P;
-    // keys of `source` come in (as in the query sweep), their gradients go back to `source`, and
-    // the gradients of this rank's keys come from `dest`.
-    const bool need_source = shares_segment(config, N, mine, ring_rows(N, P, source, layout));
-    const bool dest_needs_mine = shares_segment(config, N, ring_rows(N, P, dest, layout), mine);
-    KeyBlock block = t == 0 ? own : make_block(own.tensor(0), own.has_mask);
-    // Post the receive of this rank's key gradients before any blocking send (no cycle of waits).
-    const int gradients_in = t > 0 && dest_needs_mine ? comm.irecv(arriving.data<std::byte>(), bytes, dest, 4) : -1;
-    const int sent = t > 0 && dest_needs_mine ? comm.isend(own.bytes.data(), own.bytes.size(), dest, 3) : -1;
-    if (t > 0 && need_source) comm.wait(comm.irecv(block.bytes.data(), block.bytes.size(), source, 3));
-    if (need_source) {
-      std::memset(partial.data<std::byte>(), 0, partial.nbytes());
-      pairs(source, block, [&](const Chunk& c, const DilatedConfig& cfg, std::int64_t at, std::int64_t k0, std::int64_t k1) {
-        ring_key_gradients(cfg, RingStep{c.q0, N, k0, k1}, slice(q, 1, c.offset, c.q1 - c.q0),
-                           slice(block.tensor(0), 1, at, k1 - k0), slice(block.tensor(1), 1, at, k1 - k0),
-                           slice(dout, 1, c.offset, c.q1 - c.q0), c.lse, c.delta,
-                           slice(partial.view().select(0, 0), 1, at, k1 - k0),
-                           slice(partial.view().select(0, 1), 1, at, k1 - k0));
+  for_each_source(
+      comm, schedule, own, 3, local_stats,
+      [&](int source, const Keys& keys) {
+        std::memset(partial.data<std::byte>(), 0, partial.nbytes());
+        pairs(source, keys, [&](const Chunk& c, const DilatedConfig& cfg, std::int64_t at, std::int64_t k0, std::int64_t k1) {
+          ring_key_gradients(cfg, RingStep{c.q0, N, k0, k1}, slice(q, 1, c.offset, c.q1 - c.q0),
+                             slice(keys.k, 1, at, k1 - k0), slice(keys.v, 1, at, k1 - k0),
+                             slice(dout, 1, c.offset, c.q1 - c.q0), c.lse, c.delta,
+                             slice(partial_grads[0], 1, at, k1 - k0), slice(partial_grads[1], 1, at, k1 - k0));
+        });
+      },
+      [&](std::size_t t) {  // after step t's keys were used (or skipped)
+        if (t == 0) {
+          if (!schedule.own.empty())
+            for (std::int64_t i = 0; i < own_dkv.numel(); ++i) own_dkv.data<float>()[i] += partial.data<float>()[i];
+          return;
+        }
+        const Step& s = schedule.steps[t - 1];
+        const int slot = int(t % 2);
+        comm.wait(sends[slot]);
+        sends[slot] = -1;
+        if (!s.incoming.empty()) {  // the source's keys came: their gradients go back
+          send_buffer[slot].resize(packed_bytes(partial_grads[0], 2, s.incoming.size(), false));
+          pack(partial_grads, nullptr, s.incoming, send_buffer[slot].data());
+          sends[slot] = comm.isend(send_buffer[slot].data(), send_buffer[slot].size(), s.source, 4);
+          local_stats.bytes_sent += std::int64_t(send_buffer[slot].size());
+          ++local_stats.transfers;
+        }
+        finish_receive(slot);  // step t − 2's gradients, before the buffer is reused
+        if (!s.outgoing.empty()) {
+          receive_buffer[slot].resize(packed_bytes(partial_grads[0], 2, s.outgoing.size(), false));
+          receives[slot] = comm.irecv(receive_buffer[slot].data(), receive_buffer[slot].size(), s.dest, 4);
+          receiving[slot] = t;
+        }
       });
-      if (t == 0) add(partial);
-      else comm.wait(comm.isend(partial.data<std::byte>(), bytes, source, 4));
-    }
-    if (gradients_in >= 0) {
-      comm.wait(gradients_in);
-      add(arriving);
-    }
-    comm.wait(sent);
-  }
-  convert(own_dkv.view().select(0, 0), dk);
-  convert(own_dkv.view().select(0, 1), dv);
+  finish_receive(0);
+  finish_receive(1);
+  comm.wait(sends[0]);
+  comm.wait(sends[1]);
+  convert(own_grads[0], dk);
+  convert(own_grads[1], dv);
+  if (stats) *stats += local_stats;
 }
 
 }  // namespace dattn
