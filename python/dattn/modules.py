@@ -9,20 +9,13 @@ from torch import Tensor, nn
 
 from dattn import _ops
 from dattn.functional import dilated_attention, dilated_attention_qkvpacked
+from dattn.ring import check_group, ring_dilated_attention
 
 __all__ = ["DilatedAttention", "ImprovedDilatedAttention", "MultiheadDilatedAttention",
            "ImprovedMultiheadDilatedAttention"]
 
-LAYOUTS = ("contiguous", "zigzag")
-
-
 def _check_group(group, layout) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout = {layout!r}; expected 'contiguous' or 'zigzag'")
-    if group is not None:
-        raise NotImplementedError(
-            "group is set, but ring (sequence-parallel) attention over a process group is not implemented "
-            "in dattn yet; expected group=None (single-process attention)")
+    check_group(group, layout)
 
 
 class DilatedAttention(nn.Module):
@@ -47,6 +40,10 @@ class DilatedAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,
                 key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        if self.group is not None:
+            return ring_dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, self.group, self.layout,
+                                          is_causal, self.softmax_scale, self.mode, key_padding_mask,
+                                          self.attention_dropout if self.training else 0.0)
         return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
                                  scale=self.softmax_scale, mode=self.mode, key_padding_mask=key_padding_mask,
                                  dropout_p=self.attention_dropout if self.training else 0.0,
@@ -174,6 +171,15 @@ class MultiheadDilatedAttention(nn.Module):
         return dict(is_causal=is_causal, scale=None, mode=self.mode, key_padding_mask=key_padding_mask,
                     dropout_p=self.dropout if self.training else 0.0, use_tf32=self.use_tf32)
 
+    def _attend(self, q, k, v, is_causal, key_padding_mask):
+        """Single-process attention, or the ring over self.group (then inputs are this rank's rows)."""
+        kwargs = self._attention_kwargs(is_causal, key_padding_mask)
+        if self.group is None:
+            return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, **kwargs)
+        del kwargs["use_tf32"]
+        return ring_dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, self.group, self.layout,
+                                      **kwargs)
+
     # ----------------------------------------------------------------------------------------
     def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
@@ -187,8 +193,7 @@ class MultiheadDilatedAttention(nn.Module):
         q = self.q_proj(query).view(heads)
         k = self.k_proj(key).view(heads)
         v = self.v_proj(value).view(heads)
-        x = dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates,
-                              **self._attention_kwargs(is_causal, key_padding_mask))
+        x = self._attend(q, k, v, is_causal, key_padding_mask)
         return self._finish(x, need_weights)
 
     def extra_repr(self) -> str:
@@ -244,17 +249,19 @@ class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
         kwargs = self._attention_kwargs(is_causal, key_padding_mask)
         if key is query and value is query:
             qkv = self.qkv_proj(query).view(B, N, 3, H, D)
-            x = dilated_attention_qkvpacked(qkv, self.segment_lengths, self.dilation_rates, **kwargs)
+            if self.group is None:
+                x = dilated_attention_qkvpacked(qkv, self.segment_lengths, self.dilation_rates, **kwargs)
+            else:
+                x = self._attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal, key_padding_mask)
         elif key is value:
             q = self._project(query, slice(0, E)).view(B, N, H, D)
             kv = self._project(key, slice(E, 3 * E)).view(B, N, 2, H, D)
-            x = dilated_attention(q, kv.select(2, 0), kv.select(2, 1), self.segment_lengths, self.dilation_rates,
-                                  **kwargs)
+            x = self._attend(q, kv.select(2, 0), kv.select(2, 1), is_causal, key_padding_mask)
         else:
             q = self._project(query, slice(0, E)).view(B, N, H, D)
             k = self._project(key, slice(E, 2 * E)).view(B, N, H, D)
             v = self._project(value, slice(2 * E, 3 * E)).view(B, N, H, D)
-            x = dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, **kwargs)
+            x = self._attend(q, k, v, is_causal, key_padding_mask)
         return self._finish(x, need_weights)
 
     def extra_repr(self) -> str:

@@ -12,7 +12,7 @@ from torch.autograd.function import once_differentiable
 
 from dattn import _C, _ops
 
-__all__ = ["RingDilatedAttention", "shard_sequence", "unshard_sequence"]
+__all__ = ["RingDilatedAttention", "ring_dilated_attention", "shard_sequence", "unshard_sequence"]
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -47,23 +47,63 @@ def unshard_sequence(parts: Sequence[Tensor], layout: str = "contiguous", dim: i
     return torch.cat([pieces[b] for b in sorted(pieces)], dim=dim)
 
 
-def _exchange(own: List[Tensor], group, t: int) -> List[Tensor]:
-    """Sends own tensors to rank + t and returns those of rank − t."""
-    P, rank = dist.get_world_size(group), dist.get_rank(group)
-    if t == 0:
-        return own
-    def peer(group_rank):  # point-to-point calls take global ranks
-        if group is None or not hasattr(dist, "get_global_rank"):
-            return group_rank
-        return dist.get_global_rank(group, group_rank)
+def _peer(group, group_rank):  # point-to-point calls take global ranks
+    if group is None or not hasattr(dist, "get_global_rank"):
+        return group_rank
+    return dist.get_global_rank(group, group_rank)
 
-    dest, source = peer((rank + t) % P), peer((rank - t) % P)
-    received = [torch.empty_like(x) for x in own]
-    ops = [dist.P2POp(dist.isend, x, dest, group) for x in own] + \
-          [dist.P2POp(dist.irecv, x, source, group) for x in received]
-    for request in dist.batch_isend_irecv(ops):
-        request.wait()
-    return received
+
+class _Schedule:
+    """What travels at each step t (to rank + t, from rank − t): the (row, head) entries of the
+    sender's keys that the receiver's queries select (the C++ ring_transfer_entries), so only
+    selected keys travel and pairs that share no segment exchange nothing."""
+
+    def __init__(self, ctx, H):
+        self.group, self.P, self.rank = ctx.group, dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        args = (ctx.segment_lengths, ctx.dilation_rates, ctx.mode, ctx.causal, ctx.layout, ctx.N, self.P, H)
+
+        def entries(source, dest):
+            return torch.tensor(_C.ring_transfer_entries(*args, source, dest), dtype=torch.int64)
+
+        self.outgoing = [entries(self.rank, (self.rank + t) % self.P) for t in range(self.P)]
+        self.incoming = [entries((self.rank - t) % self.P, self.rank) for t in range(self.P)]
+
+    def _swap(self, t, send, receive, towards_dest):
+        """Sends `send` to rank + t and receives into `receive` from rank − t (or the reverse)."""
+        to, frm = (self.rank + t) % self.P, (self.rank - t) % self.P
+        if not towards_dest:
+            to, frm = frm, to
+        ops = [dist.P2POp(dist.isend, x, _peer(self.group, to), self.group) for x in send] + \
+              [dist.P2POp(dist.irecv, x, _peer(self.group, frm), self.group) for x in receive]
+        if ops:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+
+    def keys(self, t, kv, mask):
+        """The keys (kv [2, B, n, H, D]) and mask of rank − t, or None when none travel; entries
+        that did not travel are zero."""
+        if t == 0:
+            return (kv, mask) if len(self.outgoing[0]) else None
+        out, inc = self.outgoing[t], self.incoming[t]
+        two, B, n, H, D = kv.shape
+        send = [kv.reshape(2, B, n * H, D).index_select(2, out).contiguous(), mask] if len(out) else []
+        receive = [torch.empty(2, B, len(inc), D, dtype=kv.dtype), torch.empty_like(mask)] if len(inc) else []
+        self._swap(t, send, receive, towards_dest=True)
+        if not len(inc):
+            return None
+        block = torch.zeros(2, B, n * H, D, dtype=kv.dtype).index_copy_(2, inc, receive[0])
+        return block.view(2, B, n, H, D), receive[1]
+
+    def return_gradients(self, t, partial, dkv):
+        """dkv += the gradients of this rank's keys that rank + t computed; the partial ones of
+        rank − t's keys (partial [2, B, n, H, D]) go back to it, packed like its keys came."""
+        two, B, n, H, D = partial.shape
+        out, inc = self.outgoing[t], self.incoming[t]
+        send = [partial.reshape(2, B, n * H, D).index_select(2, inc).contiguous()] if len(inc) else []
+        receive = [torch.empty(2, B, len(out), D)] if len(out) else []
+        self._swap(t, send, receive, towards_dest=False)
+        if len(out):
+            dkv.view(2, B, n * H, D).index_add_(2, out, receive[0])
 
 
 def _config(ctx):
@@ -81,12 +121,16 @@ class _RingFunction(torch.autograd.Function):
         ctx.segment_lengths, ctx.dilation_rates, ctx.mode = list(segment_lengths), list(dilation_rates), mode
         ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = bool(is_causal), scale, float(dropout_p), int(seed)
         mask = key_padding_mask if key_padding_mask is not None else torch.zeros(B, n, dtype=torch.bool)
-        own = [torch.stack([k, v]).contiguous(), mask.to(torch.uint8).contiguous()]
+        own = (torch.stack([k, v]).contiguous(), mask.to(torch.uint8).contiguous())
         merged = torch.zeros(B, n, H, D, dtype=torch.float32)
         merged_lse = torch.full((B, H, n), float("-inf"), dtype=torch.float32)
         mine = _rows(N, P, rank, layout)
+        schedule = _Schedule(ctx, H)
         for t in range(P):
-            kv, block_mask = _exchange(own, group, t)
+            keys = schedule.keys(t, *own)
+            if keys is None:
+                continue
+            kv, block_mask = keys
             source = (rank - t) % P
             key_at = 0
             for k0, k1 in _rows(N, P, source, layout):
@@ -118,7 +162,8 @@ class _RingFunction(torch.autograd.Function):
         P, rank = dist.get_world_size(group), dist.get_rank(group)
         B, n, H, D = q.shape
         mask = key_padding_mask if key_padding_mask is not None else torch.zeros(B, n, dtype=torch.bool)
-        own = [torch.stack([k, v]).contiguous(), mask.to(torch.uint8).contiguous()]
+        own = (torch.stack([k, v]).contiguous(), mask.to(torch.uint8).contiguous())
+        schedule = _Schedule(ctx, H)
         w, r, mode, causal, scale = _config(ctx)
         mine = _rows(N, P, rank, layout)
         chunks = []
@@ -129,8 +174,11 @@ class _RingFunction(torch.autograd.Function):
                            torch.zeros(B, H, c)))
             at += c
 
-        def steps(t, fn):
-            kv, block_mask = _exchange(own, group, t)
+        def steps(t, fn):  # False when rank − t's keys are not needed here
+            keys = schedule.keys(t, *own)
+            if keys is None:
+                return False
+            kv, block_mask = keys
             source = (rank - t) % P
             key_at = 0
             for k0, k1 in _rows(N, P, source, layout):
@@ -139,6 +187,7 @@ class _RingFunction(torch.autograd.Function):
                 for chunk in chunks:
                     fn(chunk, kv, key_at, k0, k1, step_mask)
                 key_at += k1 - k0
+            return True
 
         def query_step(chunk, kv, key_at, k0, k1, step_mask):
             q0, q1, q_at, chunk_lse, sum_gk, sum_pk, delta = chunk
@@ -170,10 +219,46 @@ class _RingFunction(torch.autograd.Function):
                                       _ops._view(partial[1, :, key_at:key_at + k1 - k0]), w, r, mode, causal, scale,
                                       None if step_mask is None else _ops._view(step_mask), ctx.dropout_p, ctx.seed)
 
-            steps(t, key_step)
-            # The partial belongs to rank − t; this rank's own keys' partial comes from rank + t.
-            dkv += partial if t == 0 else _exchange([partial], group, P - t)[0]
+            computed = steps(t, key_step)
+            if t == 0:
+                if computed:
+                    dkv += partial
+            else:
+                schedule.return_gradients(t, partial, dkv)
         return (dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype)) + (None,) * 10
+
+
+def _group_seed(group) -> int:
+    """SPEC.md: the group's rank 0 draws the dropout seed and broadcasts it."""
+    seed = torch.tensor([_ops.draw_dropout_seed() if dist.get_rank(group) == 0 else 0], dtype=torch.int64)
+    dist.broadcast(seed, src=_peer(group, 0), group=group)
+    return int(seed.item())
+
+
+def check_group(group, layout) -> None:
+    """The trailing ``group=None, layout="contiguous"`` arguments of the modules."""
+    _check_layout(layout)
+    if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(f"group = {group!r}; expected a torch.distributed ProcessGroup or None")
+
+
+def ring_dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
+                           dilation_rates: Sequence[int], group, layout: str = "contiguous", is_causal: bool = False,
+                           scale: Optional[float] = None, mode: str = "grouped",
+                           key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
+    """``dilated_attention`` of one sequence split over the ranks of ``group``: q, k, v
+    ``[B, N/P, H, D]`` and ``key_padding_mask`` ``[B, N/P]`` are this rank's rows in ``layout``;
+    returns this rank's rows of the output, with autograd. CPU tensors (gloo)."""
+    _ops.check_attention_inputs(q, k, v)
+    _check_layout(layout)
+    segment_lengths, dilation_rates = _ops.check_config(segment_lengths, dilation_rates)
+    mode, scale, dropout_p = _ops.check_mode(mode), _ops.check_scale(scale), _ops.check_dropout(dropout_p)
+    if q.device.type != "cpu":
+        raise ValueError(f"q is on {q.device}; ring attention runs on cpu tensors (gloo) so far")
+    _ops.check_key_padding_mask(key_padding_mask, q.size(0), q.size(1), q.device)
+    seed = _group_seed(group) if dropout_p > 0.0 else 0
+    return _RingFunction.apply(q, k, v, key_padding_mask, group, layout, segment_lengths, dilation_rates,
+                               bool(is_causal), scale, mode, dropout_p, seed)
 
 
 class RingDilatedAttention(nn.Module):
@@ -185,18 +270,15 @@ class RingDilatedAttention(nn.Module):
     def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int], group=None,
                  layout: str = "contiguous", mode: str = "grouped"):
         super().__init__()
-        _check_layout(layout)
+        check_group(group, layout)
         self.segment_lengths, self.dilation_rates = _ops.check_config(segment_lengths, dilation_rates)
         self.group, self.layout, self.mode = group, layout, _ops.check_mode(mode)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,
                 key_padding_mask: Optional[Tensor] = None) -> Tensor:
-        _ops.check_attention_inputs(q, k, v)
-        if not (dist.is_available() and dist.is_initialized()):
+        if self.group is None and not (dist.is_available() and dist.is_initialized()):
+            _ops.check_attention_inputs(q, k, v)
             return _ops.attention_forward(q, k, v, key_padding_mask, self.segment_lengths, self.dilation_rates,
                                           is_causal, None, self.mode, 0.0, 0, False)[0]
-        if q.device.type != "cpu":
-            raise ValueError(f"q is on {q.device}; RingDilatedAttention runs on cpu tensors (gloo) so far")
-        _ops.check_key_padding_mask(key_padding_mask, q.size(0), q.size(1), q.device)
-        return _RingFunction.apply(q, k, v, key_padding_mask, self.group, self.layout, self.segment_lengths,
-                                   self.dilation_rates, bool(is_causal), None, self.mode, 0.0, 0)
+        return ring_dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, self.group, self.layout,
+                                      is_causal, None, self.mode, key_padding_mask)

@@ -131,13 +131,16 @@ class SparsePatternConfig:
 
 class BlockSparseRingDilatedAttention(nn.Module):
     """Block-sparse attention with the mask ``sparse_config`` names (the PyTorch library's class
-    and arguments). Single-process: ``group`` must be None until ring attention lands."""
+    and arguments). Single-process: the block-sparse ring is not built yet, so ``group`` must be None."""
 
     def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
                  sparse_config: Optional[SparsePatternConfig] = None, group=None, layout: str = "contiguous"):
         super().__init__()
-        from dattn.modules import _check_group
-        _check_group(group, layout)
+        from dattn.ring import check_group
+        check_group(group, layout)
+        if group is not None:
+            raise NotImplementedError("group is set, but the block-sparse ring (sequence-parallel) attention is not "
+                                      "implemented in dattn yet; expected group=None (single-process attention)")
         self.segment_lengths, self.dilation_rates = _ops.check_config(segment_lengths, dilation_rates)
         self.sparse_config = SparsePatternConfig() if sparse_config is None else sparse_config
         self._masks = {}

@@ -261,6 +261,14 @@ NB_MODULE(_C, m) {
       throw dattn::Error("layout = '" + layout + "'; expected 'contiguous' or 'zigzag'");
     return dattn::ring_rows(N, P, rank, layout == "zigzag" ? dattn::Layout::zigzag : dattn::Layout::contiguous);
   }, "global_length"_a, "ranks"_a, "rank"_a, "layout"_a);
+  m.def("ring_transfer_entries", [](const std::vector<std::int64_t>& w, const std::vector<std::int64_t>& r,
+                                    const std::string& mode, bool causal, const std::string& layout, std::int64_t N,
+                                    int P, std::int64_t H, int source, int dest) {
+    const auto config = ring_config(w, r, mode, causal, std::nullopt, std::nullopt, 0.0, 0);
+    return dattn::ring_transfer_entries(config, layout == "zigzag" ? dattn::Layout::zigzag : dattn::Layout::contiguous,
+                                        N, P, H, source, dest);
+  }, "segment_lengths"_a, "dilation_rates"_a, "mode"_a, "causal"_a, "layout"_a, "global_length"_a, "ranks"_a,
+        "heads"_a, "source"_a, "dest"_a);
   m.def("merge_partial", [](const ViewSpec& out, const ViewSpec& lse, const ViewSpec& step_out, const ViewSpec& step_lse) {
     dattn::merge_partial(to_view(out, "out"), to_view(lse, "lse"), to_view(step_out, "step_out"),
                          to_view(step_lse, "step_lse"));

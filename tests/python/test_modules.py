@@ -320,7 +320,7 @@ def test_module_errors(cls):
         cls(E, H, R, W, mode="x")
     with pytest.raises(ValueError, match="layout = 'striped'; expected 'contiguous' or 'zigzag'"):
         cls(E, H, R, W, layout="striped")
-    with pytest.raises(NotImplementedError, match="ring .*not implemented.*expected group=None"):
+    with pytest.raises(TypeError, match="group = .*expected a torch.distributed ProcessGroup or None"):
         cls(E, H, R, W, group=object())
     cls(E, H, R, W, group=None, layout="zigzag")  # the layout alone is accepted
 
@@ -330,7 +330,7 @@ def test_dilated_attention_module_errors():
         dattn.DilatedAttention(W, R, attention_dropout=-0.1)
     with pytest.raises(ValueError, match="segment_lengths has 3 entries but dilation_rates has 2"):
         dattn.ImprovedDilatedAttention(W, [1, 2])
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(TypeError, match="expected a torch.distributed ProcessGroup or None"):
         dattn.DilatedAttention(W, R, group="world")
     m = dattn.DilatedAttention(W, R)
     with pytest.raises(ValueError, match="q has shape"):

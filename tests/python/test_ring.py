@@ -25,36 +25,60 @@ CASES = [
     dict(layout="zigzag", causal=True, mode="grouped", w=[6, 24], r=[1, 3], padding=True),
     dict(layout="zigzag", causal=True, mode="longnet", w=[5, 32], r=[1, 2], padding=False),
     dict(layout="contiguous", causal=True, mode="longnet", w=[12], r=[2], padding=True),
+    dict(layout="contiguous", causal=False, mode="grouped", w=[4, 32], r=[1, 4], padding=False),  # geo-like
+    dict(layout="zigzag", causal=False, mode="longnet", w=[3, 16, 40], r=[2, 4, 5], padding=True),
 ]
+B, N, H, D, E = 2, 32, 3, 8, 24
+
+
+def _inputs(i):
+    g = torch.Generator().manual_seed(i)
+    q, k, v, grad = (torch.randn(B, N, H, D, generator=g) for _ in range(4))
+    padding = torch.rand(B, N, generator=g) < 0.2 if CASES[i]["padding"] else None
+    return q, k, v, grad, padding
+
+
+def _module(dropout):
+    torch.manual_seed(0)  # the same weights in every process
+    return dattn.MultiheadDilatedAttention(E, 3, [1, 2], [8, 32], dropout=dropout)
 
 
 def _worker(rank, world, port, folder):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     for i, case in enumerate(CASES):
-        g = torch.Generator().manual_seed(i)
-        B, N, H, D = 2, 32, 3, 8
-        q, k, v, grad = (torch.randn(B, N, H, D, generator=g) for _ in range(4))
-        padding = torch.rand(B, N, generator=g) < 0.2 if case["padding"] else None
+        q, k, v, grad, padding = _inputs(i)
         module = dattn.RingDilatedAttention(case["w"], case["r"], layout=case["layout"], mode=case["mode"])
         local = [dattn.shard_sequence(t, rank, world, case["layout"]).requires_grad_() for t in (q, k, v)]
         local_padding = None if padding is None else dattn.shard_sequence(padding, rank, world, case["layout"])
         out = module(*local, is_causal=case["causal"], key_padding_mask=local_padding)
         out.backward(dattn.shard_sequence(grad, rank, world, case["layout"]))
         torch.save({"out": out.detach(), "grads": [t.grad for t in local]}, os.path.join(folder, f"{i}-{rank}.pt"))
+    # A multi-head module given the group: projections per rank, attention over the ring; with
+    # dropout, rank 0's seed (drawn after the same torch.manual_seed) reaches every rank.
+    for dropout in (0.0, 0.3):
+        layout = "zigzag"
+        module = _module(dropout).train()
+        module.group, module.layout = dist.group.WORLD, layout
+        torch.manual_seed(5)
+        x = torch.randn(B, N, E, generator=torch.Generator().manual_seed(9))
+        local = dattn.shard_sequence(x, rank, world, layout).requires_grad_()
+        out = module(local, is_causal=True)
+        out.backward(dattn.shard_sequence(torch.ones(B, N, E), rank, world, layout))
+        grads = [p.grad.clone() for p in module.parameters()]
+        for g in grads:
+            dist.all_reduce(g)
+        torch.save({"out": out.detach(), "dx": local.grad, "grads": grads}, os.path.join(folder, f"m{dropout}-{rank}.pt"))
     dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_two_process_gloo_ring_equals_single_process():
-    world = 2
+@pytest.mark.parametrize("world", [2, 4])
+def test_gloo_ring_equals_single_process(world):
     with tempfile.TemporaryDirectory() as folder:
         mp.spawn(_worker, args=(world, _free_port(), folder), nprocs=world, join=True)
         for i, case in enumerate(CASES):
-            g = torch.Generator().manual_seed(i)
-            B, N, H, D = 2, 32, 3, 8
-            q, k, v, grad = (torch.randn(B, N, H, D, generator=g) for _ in range(4))
-            padding = torch.rand(B, N, generator=g) < 0.2 if case["padding"] else None
+            q, k, v, grad, padding = _inputs(i)
             q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
             ref = dattn.dilated_attention(q64, k64, v64, case["w"], case["r"], is_causal=case["causal"],
                                           mode=case["mode"], key_padding_mask=padding)
@@ -65,6 +89,30 @@ def test_two_process_gloo_ring_equals_single_process():
             for j, (name, r64) in enumerate((("dq", q64.grad), ("dk", k64.grad), ("dv", v64.grad))):
                 got = dattn.unshard_sequence([p["grads"][j] for p in parts], case["layout"])
                 assert_close_bar(got, r64, torch.float32, f"case {i} {name}")
+        for dropout in (0.0, 0.3):
+            module = _module(dropout).train().double()
+            torch.manual_seed(5)
+            x = torch.randn(B, N, E, generator=torch.Generator().manual_seed(9)).double().requires_grad_()
+            ref = module(x, is_causal=True)
+            ref.backward(torch.ones(B, N, E, dtype=torch.float64))
+            parts = [torch.load(os.path.join(folder, f"m{dropout}-{r}.pt")) for r in range(world)]
+            assert_close_bar(dattn.unshard_sequence([p["out"] for p in parts], "zigzag"), ref, torch.float32,
+                             f"module dropout={dropout} out")
+            assert_close_bar(dattn.unshard_sequence([p["dx"] for p in parts], "zigzag"), x.grad, torch.float32,
+                             f"module dropout={dropout} dx")
+            for (name, p), got in zip(module.named_parameters(), parts[0]["grads"]):
+                if name == "k_proj.bias":  # exactly 0 (softmax ignores a shift of every key): round-off only
+                    assert got.norm() <= 1e-5 * module.k_proj.weight.grad.norm(), f"module d{name}"
+                    continue
+                assert_close_bar(got, p.grad, torch.float32, f"module dropout={dropout} d{name}")
+
+
+def test_transfer_entries_only_selected_keys():
+    # Segments of 4 inside each rank's 8 rows travel nowhere; the rate-4 branch sends a quarter.
+    args = ([4, 32], [1, 4], "grouped", False, "contiguous", 32, 4, 2)
+    assert dattn._C.ring_transfer_entries(*args, 1, 0) == [h + 2 * row for row in range(1, 8, 4) for h in [1]]
+    assert len(dattn._C.ring_transfer_entries(*args, 2, 2)) == 8 + 2  # own: every row of head 0, 2 of head 1
+    assert dattn._C.ring_transfer_entries([4], [1], "grouped", False, "contiguous", 32, 4, 2, 0, 1) == []
 
 
 def test_shard_unshard_round_trip_and_errors():

@@ -105,7 +105,7 @@ def test_module_and_weights():
     assert torch.allclose(sums[:, :, :200], torch.ones(2, 3, 200), atol=1e-5)
     with pytest.raises(ValueError, match="pattern_type"):
         dattn.SparsePatternConfig("adaptive")
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(TypeError, match="expected a torch.distributed ProcessGroup or None"):
         dattn.BlockSparseRingDilatedAttention([64], [1], group=object())
 
 
