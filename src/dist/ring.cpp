@@ -103,7 +103,8 @@ void unpack_add(const std::byte* in, const Entries& entries, const std::vector<T
       }
 }
 
-// One rank's view of the schedule: for each step t = 1 .. P−1, the peers and what travels.
+// Step t of one rank's schedule: its peers and what travels. Made when the step is posted, so a
+// rank keeps the entries of a few steps, never all P of them (O(N/P) memory).
 struct Step {
   int dest, source;
   Entries outgoing;  // this rank's entries that dest needs
@@ -113,20 +114,19 @@ struct Step {
 struct Schedule {
   const DilatedConfig& config;
   Layout layout;
-  std::int64_t N;
+  std::int64_t N, H;
   int P, rank;
   Rows mine;
-  Entries own;  // this rank's entries its own queries need
-  std::vector<Step> steps;
 
-  Schedule(const Communicator& comm, const DilatedConfig& c, Layout l, std::int64_t global_length, std::int64_t H)
-      : config(c), layout(l), N(global_length), P(comm.size()), rank(comm.rank()),
-        mine(ring_rows(N, P, rank, layout)), own(ring_transfer_entries(c, l, N, P, H, rank, rank)) {
-    for (int t = 1; t < P; ++t) {
-      const int dest = (rank + t) % P, source = (rank - t + P) % P;
-      steps.push_back({dest, source, ring_transfer_entries(c, l, N, P, H, rank, dest),
-                       ring_transfer_entries(c, l, N, P, H, source, rank)});
-    }
+  Schedule(const Communicator& comm, const DilatedConfig& c, Layout l, std::int64_t global_length, std::int64_t heads)
+      : config(c), layout(l), N(global_length), H(heads), P(comm.size()), rank(comm.rank()),
+        mine(ring_rows(N, P, rank, layout)) {}
+
+  Step step(int t) const {  // t = 0: this rank's own keys
+    const int dest = (rank + t) % P, source = (rank - t + P) % P;
+    Entries outgoing = ring_transfer_entries(config, layout, N, P, H, rank, dest);
+    Entries incoming = t == 0 ? outgoing : ring_transfer_entries(config, layout, N, P, H, source, rank);
+    return {dest, source, std::move(outgoing), std::move(incoming)};
   }
 };
 
@@ -138,8 +138,8 @@ struct Keys {
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
 // Runs body(source, its keys) for every source whose keys this rank needs, its own first; after
-// each body, after_step(t) (t = 0 for the own keys). The keys of step t + 1 are sent and received
-// while step t computes: two buffers each way.
+// each step, after_step(t, step). The keys of step t + 1 are sent and received while step t
+// computes: two buffers each way.
 template <class Body, class AfterStep>
 void for_each_source(Communicator& comm, const Schedule& schedule, const Keys& own, int tag, RingStats& stats,
                      Body&& body, AfterStep&& after_step) {
@@ -149,47 +149,48 @@ void for_each_source(Communicator& comm, const Schedule& schedule, const Keys& o
   Tensor block = Tensor::empty({2, B, n, H, D}, k.dtype), block_mask = Tensor::empty({B, n}, DType::boolean);
   const Keys received{block.view().select(0, 0), block.view().select(0, 1),
                       with_mask ? std::optional(block_mask.view()) : std::nullopt};
+  Step steps[2];
   std::vector<std::byte> send_buffer[2], receive_buffer[2];
   int sends[2] = {-1, -1}, receives[2] = {-1, -1};
-  const std::size_t steps = schedule.steps.size();
-  auto post = [&](std::size_t i) {  // step i + 1
-    if (i >= steps) return;
-    const Step& s = schedule.steps[i];
-    comm.wait(sends[i % 2]);
-    sends[i % 2] = receives[i % 2] = -1;
+  auto post = [&](int t) {
+    if (t >= schedule.P) return;
+    const int slot = t % 2;
+    comm.wait(sends[slot]);  // step t − 2's send, before its buffer is reused
+    sends[slot] = receives[slot] = -1;
+    const Step& s = steps[slot] = schedule.step(t);
     if (!s.incoming.empty()) {
-      receive_buffer[i % 2].resize(packed_bytes(k, 2, s.incoming.size(), with_mask));
-      receives[i % 2] = comm.irecv(receive_buffer[i % 2].data(), receive_buffer[i % 2].size(), s.source, tag);
+      receive_buffer[slot].resize(packed_bytes(k, 2, s.incoming.size(), with_mask));
+      receives[slot] = comm.irecv(receive_buffer[slot].data(), receive_buffer[slot].size(), s.source, tag);
     }
     if (!s.outgoing.empty()) {
-      send_buffer[i % 2].resize(packed_bytes(k, 2, s.outgoing.size(), with_mask));
-      pack({own.k, own.v}, own.mask ? &*own.mask : nullptr, s.outgoing, send_buffer[i % 2].data());
-      sends[i % 2] = comm.isend(send_buffer[i % 2].data(), send_buffer[i % 2].size(), s.dest, tag);
-      stats.bytes_sent += std::int64_t(send_buffer[i % 2].size());
+      send_buffer[slot].resize(packed_bytes(k, 2, s.outgoing.size(), with_mask));
+      pack({own.k, own.v}, own.mask ? &*own.mask : nullptr, s.outgoing, send_buffer[slot].data());
+      sends[slot] = comm.isend(send_buffer[slot].data(), send_buffer[slot].size(), s.dest, tag);
+      stats.bytes_sent += std::int64_t(send_buffer[slot].size());
       ++stats.transfers;
     }
   };
-  post(0);
   auto start = Clock::now();
-  if (!schedule.own.empty()) body(schedule.rank, own);
-  after_step(0);
+  const Step own_step = schedule.step(0);
+  post(1);
+  if (!own_step.incoming.empty()) body(schedule.rank, own);
+  after_step(0, own_step);
   stats.compute_seconds += seconds_since(start);
-  for (std::size_t i = 0; i < steps; ++i) {
-    post(i + 1);
-    const Step& s = schedule.steps[i];
+  for (int t = 1; t < schedule.P; ++t) {
+    post(t + 1);
+    const Step& s = steps[t % 2];
     if (!s.incoming.empty()) {
       start = Clock::now();
-      comm.wait(receives[i % 2]);
+      comm.wait(receives[t % 2]);
       stats.wait_seconds += seconds_since(start);
-      stats.bytes_received += std::int64_t(receive_buffer[i % 2].size());
+      stats.bytes_received += std::int64_t(receive_buffer[t % 2].size());
       start = Clock::now();
-      unpack(receive_buffer[i % 2].data(), s.incoming, {received.k, received.v},
-             with_mask ? &*received.mask : nullptr);
+      unpack(receive_buffer[t % 2].data(), s.incoming, {received.k, received.v}, with_mask ? &*received.mask : nullptr);
       body(s.source, received);
       stats.compute_seconds += seconds_since(start);
     }
     start = Clock::now();
-    after_step(i + 1);
+    after_step(t, s);
     stats.compute_seconds += seconds_since(start);
   }
   comm.wait(sends[0]);
@@ -303,7 +304,7 @@ void ring_forward(Communicator& comm, const DilatedConfig& config, Layout layout
           key_offset += k1 - k0;
         }
       },
-      [](std::size_t) {});
+      [](int, const Step&) {});
   convert(merged, out);
   copy(merged_lse, lse);
   if (stats) *stats += local_stats;
@@ -350,7 +351,7 @@ void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layou
                                slice(dout, 1, c.offset, c.q1 - c.q0), c.lse, {c.sum_gk, c.sum_pk, c.delta});
         });
       },
-      [](std::size_t) {});
+      [](int, const Step&) {});
   for (const Chunk& c : chunks)
     ring_finish_query_gradients(config, {c.sum_gk, c.sum_pk, c.delta}, slice(dq, 1, c.offset, c.q1 - c.q0));
 
@@ -361,14 +362,14 @@ void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layou
   const std::vector<TensorView> partial_grads{partial.view().select(0, 0), partial.view().select(0, 1)};
   std::vector<std::byte> send_buffer[2], receive_buffer[2];
   int sends[2] = {-1, -1}, receives[2] = {-1, -1};
-  std::size_t receiving[2] = {0, 0};  // the step (1-based) whose gradients each receive buffer holds
+  Entries receiving[2];  // the entries whose gradients each receive buffer will hold
   auto finish_receive = [&](int slot) {
     if (receives[slot] < 0) return;
     const auto start = Clock::now();
     comm.wait(receives[slot]);
     local_stats.wait_seconds += seconds_since(start);
     local_stats.bytes_received += std::int64_t(receive_buffer[slot].size());
-    unpack_add(receive_buffer[slot].data(), schedule.steps[receiving[slot] - 1].outgoing, own_grads);
+    unpack_add(receive_buffer[slot].data(), receiving[slot], own_grads);
     receives[slot] = -1;
   };
   for_each_source(
@@ -382,14 +383,13 @@ void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layou
                              slice(partial_grads[0], 1, at, k1 - k0), slice(partial_grads[1], 1, at, k1 - k0));
         });
       },
-      [&](std::size_t t) {  // after step t's keys were used (or skipped)
+      [&](int t, const Step& s) {  // after step t's keys were used (or skipped)
         if (t == 0) {
-          if (!schedule.own.empty())
+          if (!s.incoming.empty())
             for (std::int64_t i = 0; i < own_dkv.numel(); ++i) own_dkv.data<float>()[i] += partial.data<float>()[i];
           return;
         }
-        const Step& s = schedule.steps[t - 1];
-        const int slot = int(t % 2);
+        const int slot = t % 2;
         comm.wait(sends[slot]);
         sends[slot] = -1;
         if (!s.incoming.empty()) {  // the source's keys came: their gradients go back
@@ -403,7 +403,7 @@ void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layou
         if (!s.outgoing.empty()) {
           receive_buffer[slot].resize(packed_bytes(partial_grads[0], 2, s.outgoing.size(), false));
           receives[slot] = comm.irecv(receive_buffer[slot].data(), receive_buffer[slot].size(), s.dest, 4);
-          receiving[slot] = t;
+          receiving[slot] = s.outgoing;
         }
       });
   finish_receive(0);
