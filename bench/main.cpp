@@ -26,12 +26,15 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "check.hpp"
 #include "dattn/cpu.hpp"
 #include "dattn/dattn.hpp"
 #include "peak.hpp"
+#include "ring.hpp"
+#include "stats.hpp"
 
 extern "C" {
 std::int64_t dattn_memhook_live();
@@ -141,26 +144,6 @@ std::string cpu_model() {
       if (colon != std::string::npos) return line.substr(colon + 2);
     }
   return "unknown CPU";
-}
-
-struct Stat {
-  double median = 0, min = 0, max = 0;
-  std::vector<double> samples;
-};
-
-Stat summarize(std::vector<double> samples) {
-  Stat s;
-  s.samples = samples;
-  std::sort(samples.begin(), samples.end());
-  const std::size_t n = samples.size();
-  s.min = samples.front();
-  s.max = samples.back();
-  s.median = n % 2 ? samples[n / 2] : 0.5 * (samples[n / 2 - 1] + samples[n / 2]);
-  return s;
-}
-
-json stat_json(const Stat& s) {
-  return {{"median", s.median}, {"min", s.min}, {"max", s.max}, {"samples", s.samples}};
 }
 
 struct Measured {
@@ -674,7 +657,35 @@ int run(int argc, char** argv) {
   app.add_option("--check-pairs", max_check_pairs,
                  "attention pairs of the reduced problem the float64 reference checks (its cost)")
       ->capture_default_str();
+  std::vector<int> ring_ranks;
+  std::int64_t ring_rows = 4096;
+  std::string ring_svg;
+  app.add_option("--ring", ring_ranks,
+                 "ring attention over P in-process ranks (comma list, e.g. 2,4,8) on PERF.md's geo(N), beside an "
+                 "all-gather of k, v; N = P x --ring-rows unless --n gives N; dtype bfloat16 unless --dtype")
+      ->delimiter(',');
+  app.add_option("--ring-rows", ring_rows, "rows per rank (N/P) of the --ring sweep")->capture_default_str();
+  app.add_option("--ring-svg", ring_svg, "write a plot of per-rank peak heap against N (--ring) to this SVG file");
   CLI11_PARSE(app, argc, argv);
+  if (!ring_ranks.empty()) {
+    RingBenchSettings rs;
+    rs.ranks = ring_ranks;
+    rs.lengths = ns;
+    rs.rows_per_rank = ring_rows;
+    if (!dtype_names.empty()) {
+      const auto d = parse_dtype(dtype_names.front());
+      if (!d) throw std::runtime_error("unknown dtype '" + dtype_names.front() + "'");
+      rs.dtype = *d;
+    }
+    rs.threads = threads > 0 ? threads : std::max(1, int(std::thread::hardware_concurrency()));
+    rs.warmup = warmup;
+    rs.repeats = repeats == 5 ? 3 : repeats;
+    rs.seed = seed;
+    rs.svg_path = ring_svg;
+    const json result = run_ring_bench(rs);
+    if (!json_path.empty()) std::ofstream(json_path) << result.dump(2) << "\n";
+    return result["ok"].get<bool>() ? 0 : 1;
+  }
 
   std::vector<dattn::DType> dtypes;
   if (dtype_names.empty()) dtype_names = quick ? std::vector<std::string>{"float32"}
