@@ -34,6 +34,7 @@
 #include "dattn/dattn.hpp"
 #include "peak.hpp"
 #include "ring.hpp"
+#include "sparse.hpp"
 #include "stats.hpp"
 
 extern "C" {
@@ -368,15 +369,30 @@ std::optional<fs::path> find_first(const std::vector<fs::path>& candidates) {
   return std::nullopt;
 }
 
-std::optional<fs::path> find_peers_script() {
+// A script of bench/ beside the executable, installed, or in the source tree.
+std::optional<fs::path> find_script(const std::string& name) {
   std::vector<fs::path> c;
-  if (const char* env = std::getenv("DATTN_BENCH_PEERS")) c.emplace_back(env);
-  c.push_back(exe_dir() / "peers.py");
-  c.push_back(exe_dir().parent_path() / DATTN_BENCH_INSTALL_DATADIR / "peers.py");
+  c.push_back(exe_dir() / name);
+  c.push_back(exe_dir().parent_path() / DATTN_BENCH_INSTALL_DATADIR / name);
 #ifdef DATTN_BENCH_SOURCE_DIR
-  c.push_back(fs::path(DATTN_BENCH_SOURCE_DIR) / "peers.py");
+  c.push_back(fs::path(DATTN_BENCH_SOURCE_DIR) / name);
 #endif
   return find_first(c);
+}
+
+std::optional<fs::path> find_peers_script() {
+  if (const char* env = std::getenv("DATTN_BENCH_PEERS")) return fs::path(env);
+  return find_script("peers.py");
+}
+
+// Debian's python3 (torch 1.x), then a torch 2.x interpreter where there is one.
+std::vector<std::string> default_peer_pythons() {
+  std::vector<std::string> pythons{fs::exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3"};
+  if (const char* t2 = std::getenv("DATTN_TORCH2_PYTHON"); t2 && *t2)
+    pythons.push_back(t2);
+  else if (fs::exists("/opt/torch2-venv/bin/python"))
+    pythons.push_back("/opt/torch2-venv/bin/python");
+  return pythons;
 }
 
 std::optional<fs::path> find_memhook() {
@@ -666,7 +682,29 @@ int run(int argc, char** argv) {
       ->delimiter(',');
   app.add_option("--ring-rows", ring_rows, "rows per rank (N/P) of the --ring sweep")->capture_default_str();
   app.add_option("--ring-svg", ring_svg, "write a plot of per-rank peak heap against N (--ring) to this SVG file");
+  bool sparse = false;
+  app.add_flag("--sparse", sparse,
+               "block-sparse attention (PERF.md's N=2048 shape beside torch SDPA with a dense token mask, and "
+               "N=16384) and Hilbert-ordered dilated attention beside row-major, instead of the dilated table");
   CLI11_PARSE(app, argc, argv);
+  if (sparse) {
+    SparseBenchSettings ss;
+    ss.threads = threads > 0 ? threads : std::max(1, int(std::thread::hardware_concurrency()));
+    omp_set_dynamic(0);
+    omp_set_num_threads(ss.threads);
+    ss.warmup = warmup;
+    ss.repeats = repeats;
+    ss.seed = seed;
+    ss.peak_gflops = measure_fma_peak(ss.threads).gflops;
+    for (const auto& python : default_peer_pythons())
+      if (python != "/usr/bin/python3") ss.peer_python = python;  // Debian's torch 1.13 has no SDPA
+    if (const auto script = find_script("sparse_peers.py")) ss.peer_script = script->string();
+    const json result = run_sparse_bench(ss);
+    if (!json_path.empty()) std::ofstream(json_path) << result.dump(2) << "\n";
+    for (const auto& row : result["rows"])
+      if (row["implementation"].get<std::string>().rfind("dattn", 0) == 0 && !row["ok"].get<bool>()) return 1;
+    return 0;
+  }
   if (!ring_ranks.empty()) {
     RingBenchSettings rs;
     rs.ranks = ring_ranks;
@@ -800,12 +838,8 @@ int run(int argc, char** argv) {
     peer_notes.push_back("peers skipped: the PyTorch compositions compute grouped mode only");
   } else {
     if (peer_pythons.empty()) {
-      peer_pythons.push_back(fs::exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3");
-      if (const char* t2 = std::getenv("DATTN_TORCH2_PYTHON"); t2 && *t2)
-        peer_pythons.push_back(t2);
-      else if (fs::exists("/opt/torch2-venv/bin/python"))
-        peer_pythons.push_back("/opt/torch2-venv/bin/python");
-      else
+      peer_pythons = default_peer_pythons();
+      if (peer_pythons.size() < 2)
         peer_notes.push_back("no torch 2.x interpreter (set DATTN_TORCH2_PYTHON): per-group SDPA not run");
     }
     for (PeerRun& run : run_peers(peer_pythons, problems, dtypes, s, all_cpus, peer_variants)) {
