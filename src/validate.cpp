@@ -83,18 +83,18 @@ void check_lse(const TensorView& lse, const TensorView& q) {
 
 // A position index map must be a permutation of [0, N): anything else would read or write
 // rows twice or never.
+// An index on a GPU is checked by the CUDA layer, which copies it to the host.
 void check_position_index(const TensorView& index, const TensorView& q) {
-  if (q.device.type != DeviceType::cpu)
-    throw Error("position_index is set for " + device_name(q.device) +
-                " tensors; expected cpu tensors (the GPU kernels do not take an index map yet)");
   if (index.data == nullptr) throw Error("position_index is null; expected an [N] int64 permutation or none");
   if (index.rank != 1 || index.shape[0] != q.shape[1])
     throw Error("position_index has shape " + index.shape_string() + "; expected [" + str(q.shape[1]) + "] ([N])");
   if (index.dtype != DType::int64)
     throw Error(std::string("position_index has dtype ") + dtype_name(index.dtype) + "; expected int64");
-  if (index.device.type != DeviceType::cpu)
-    throw Error("position_index is on " + device_name(index.device) + "; expected cpu (the GPU path does not take it yet)");
+  if (index.device != q.device)
+    throw Error("position_index is on " + device_name(index.device) + "; expected " + device_name(q.device) +
+                " (the device of q)");
   if (index.strides[0] != 1) throw Error("position_index has stride " + str(index.strides[0]) + "; expected 1");
+  if (index.device.type != DeviceType::cpu) return;
   std::vector<bool> seen(std::size_t(q.shape[1]), false);
   for (std::int64_t i = 0; i < q.shape[1]; ++i) {
     const std::int64_t row = index.ptr<std::int64_t>()[i];

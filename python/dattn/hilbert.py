@@ -71,8 +71,6 @@ def hilbert_dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: 
     """Dilated attention of q, k, v ``[B, N, H, D]`` over the Hilbert order of their tokens
     (or over ``order``, any permutation of ``range(N)``), returned in the original order."""
     _ops.check_attention_inputs(q, k, v)
-    if q.device.type != "cpu":
-        raise ValueError(f"q is on {q.device}; Hilbert-ordered attention runs on cpu tensors so far")
     segment_lengths, dilation_rates = _ops.check_config(segment_lengths, dilation_rates)
     mode = _ops.check_mode(mode)
     scale = _ops.check_scale(scale)
@@ -83,8 +81,9 @@ def hilbert_dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: 
     elif not isinstance(order, Tensor) or order.dtype != torch.int64 or order.shape != (q.size(1),):
         raise ValueError(f"order must be an int64 tensor of shape [{q.size(1)}] (a permutation of range(N))")
     seed = _ops.draw_dropout_seed() if dropout_p > 0.0 else 0
-    out, lse = _HilbertFunction.apply(q, k, v, key_padding_mask, order.contiguous(), segment_lengths, dilation_rates,
-                                      bool(is_causal), scale, mode, dropout_p, seed)
+    # On CUDA the index map lives on q's device (causal Hilbert order is refused there so far).
+    out, lse = _HilbertFunction.apply(q, k, v, key_padding_mask, order.to(q.device).contiguous(), segment_lengths,
+                                      dilation_rates, bool(is_causal), scale, mode, dropout_p, seed)
     return (out, lse) if return_lse else out
 
 

@@ -44,7 +44,7 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
     load_rows<T, S, BW, D, kThreads>(sK, Shape::kOwnPlane, p.k, w, w.tile_begin, w.tile_rows);
     load_rows<T, S, BW, D, kThreads>(sV, Shape::kOwnPlane, p.v, w, w.tile_begin, w.tile_rows);
     for (int c = threadIdx.x; c < BW; c += kThreads)
-      key_bias[c] = c < w.tile_rows && !key_padded(p, w.batch, w.position(w.tile_begin + c)) ? 0.0f : neg_inf();
+      key_bias[c] = c < w.tile_rows && !key_padded(p, w.batch, w.row(w.tile_begin + c)) ? 0.0f : neg_inf();
     const std::int64_t q_begin = p.causal ? w.tile_begin / BO * BO : 0;
     const int num_tiles = int((w.length - q_begin + BO - 1) / BO);
     auto load_queries = [&](int tile, int stage) {
@@ -56,7 +56,7 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
       for (int c = threadIdx.x; c < BO; c += kThreads) {
         const bool ok = c < valid;
         cp_async_4(smem_address(other_floats + stage * 3 * BO + c),
-                   lse_pointer(p, w.batch, w.head, w.position(ok ? j0 + c : w.tile_begin)), ok);
+                   lse_pointer(p, w.batch, w.head, w.row(ok ? j0 + c : w.tile_begin)), ok);
       }
     };
     load_queries(0, 0);
@@ -133,9 +133,9 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (kj[r] >= w.tile_begin + w.tile_rows) continue;
-    const std::int64_t position = w.position(kj[r]);
-    T* dk_row = row_pointer<T>(p.dk, w.batch, w.head, position);
-    T* dv_row = row_pointer<T>(p.dv, w.batch, w.head, position);
+    const std::int64_t row = w.row(kj[r]);
+    T* dk_row = row_pointer<T>(p.dk, w.batch, w.head, row);
+    T* dv_row = row_pointer<T>(p.dv, w.batch, w.head, row);
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
       store2(dk_row + n * 8 + 2 * t, dk[n][2 * r] * p.scale, dk[n][2 * r + 1] * p.scale, old_weight);
@@ -178,7 +178,7 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
       load_rows<T, S, BO, D, kThreads>(other(stage, 1), Shape::kOtherPlane, p.v, w, k0, valid);
       for (int c = threadIdx.x; c < BO; c += kThreads)
         other_floats[stage * 3 * BO + c] =
-            c < valid && !key_padded(p, w.batch, w.position(k0 + c)) ? 0.0f : neg_inf();
+            c < valid && !key_padded(p, w.batch, w.row(k0 + c)) ? 0.0f : neg_inf();
     };
     load_keys(0, 0);
     cp_async_commit();
@@ -186,7 +186,7 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
     float lse2[2], delta[2] = {0.0f, 0.0f};  // lse in log2 units (+inf: the row attends nothing)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float x = qi[r] < w.tile_begin + w.tile_rows ? *lse_pointer(p, w.batch, w.head, w.position(qi[r])) : neg_inf();
+      const float x = qi[r] < w.tile_begin + w.tile_rows ? *lse_pointer(p, w.batch, w.head, w.row(qi[r])) : neg_inf();
       lse2[r] = x == neg_inf() ? pos_inf() : x * kLog2e;
     }
 
@@ -238,7 +238,7 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (qi[r] >= w.tile_begin + w.tile_rows) continue;
-    T* dq_row = row_pointer<T>(p.dq, w.batch, w.head, w.position(qi[r]));
+    T* dq_row = row_pointer<T>(p.dq, w.batch, w.head, w.row(qi[r]));
 #pragma unroll
     for (int n = 0; n < D / 8; ++n)
       store2(dq_row + n * 8 + 2 * t, dq[n][2 * r] * p.scale, dq[n][2 * r + 1] * p.scale, old_weight);

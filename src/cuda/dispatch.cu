@@ -144,9 +144,9 @@ void run_backward(const DilatedParams& p) {
 
 // Paths of later issues that the CUDA kernels do not read yet: refused, never ignored.
 void check_supported(const DilatedParams& p) {
-  if (p.position_index != nullptr)
-    throw Error("options.position_index (Hilbert order) is set for CUDA tensors, but the CUDA backend does not "
-                "implement it yet; expected cpu tensors or no position_index");
+  if (p.position_index != nullptr && p.causal)
+    throw Error("options.position_index (Hilbert order) with causal = true is not implemented on CUDA yet (the "
+                "kernels skip key tiles by curve position); expected causal = false or cpu tensors");
   if (p.block_size > 0)
     throw Error("block-sparse attention is not implemented on CUDA yet; expected cpu tensors");
   if (p.query_position != 0 || (p.global_length != 0 && p.global_length != p.seqlen) || p.key_begin != 0 ||
@@ -156,11 +156,32 @@ void check_supported(const DilatedParams& p) {
     throw Error("ring backward steps are not implemented on CUDA yet; expected cpu tensors for them");
 }
 
+// A device index map must be a permutation of [0, N) like a host one (validate.cpp checks those):
+// copied to the host in stream order and checked once per call (a synchronisation).
+void check_position_index(const DilatedParams& p) {
+  if (p.position_index == nullptr) return;
+  std::vector<std::int64_t> index(std::size_t(p.seqlen));
+  const auto stream = static_cast<cudaStream_t>(p.stream);
+  if (cudaMemcpyAsync(index.data(), p.position_index, index.size() * sizeof(std::int64_t), cudaMemcpyDeviceToHost,
+                      stream) != cudaSuccess ||
+      cudaStreamSynchronize(stream) != cudaSuccess)
+    throw Error("position_index could not be read from the device; expected an [N] int64 tensor on the device of q");
+  std::vector<bool> seen(index.size(), false);
+  for (std::size_t i = 0; i < index.size(); ++i) {
+    const std::int64_t row = index[i];
+    if (row < 0 || row >= p.seqlen || seen[std::size_t(row)])
+      throw Error("position_index[" + std::to_string(i) + "] = " + std::to_string(row) +
+                  "; expected a permutation of [0, " + std::to_string(p.seqlen) + ")");
+    seen[std::size_t(row)] = true;
+  }
+}
+
 }  // namespace
 
 void forward(const DilatedParams& p) {
   check_supported(p);
   DeviceGuard guard(p.q.data);
+  check_position_index(p);
   switch (p.dtype) {
     case DType::bfloat16: return run_forward<__nv_bfloat16, 1>(p);
     case DType::float16: return run_forward<__half, 1>(p);
@@ -172,6 +193,7 @@ void forward(const DilatedParams& p) {
 void backward(const DilatedParams& p) {
   check_supported(p);
   DeviceGuard guard(p.q.data);
+  check_position_index(p);
   switch (p.dtype) {
     case DType::bfloat16: return run_backward<__nv_bfloat16, 1>(p);
     case DType::float16: return run_backward<__half, 1>(p);

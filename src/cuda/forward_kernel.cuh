@@ -35,9 +35,10 @@ __device__ __forceinline__ void zero_unselected(const detail::DilatedParams& p, 
     const std::int64_t rel = position - w.first;
     if (rel >= 0 && rel % w.stride == 0 && rel / w.stride < w.length) continue;
     const int chunk = int(c % kChunks);
-    zero_row_chunk(row_pointer<T>(*a, w.batch, w.head, position), chunk);
-    if (b) zero_row_chunk(row_pointer<T>(*b, w.batch, w.head, position), chunk);
-    if (lse && chunk == 0) *lse_pointer(p, w.batch, w.head, position) = neg_inf();
+    const std::int64_t row = w.original(position);
+    zero_row_chunk(row_pointer<T>(*a, w.batch, w.head, row), chunk);
+    if (b) zero_row_chunk(row_pointer<T>(*b, w.batch, w.head, row), chunk);
+    if (lse && chunk == 0) *lse_pointer(p, w.batch, w.head, row) = neg_inf();
   }
 }
 
@@ -74,7 +75,7 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
       load_rows<T, S, BN, D, kThreads>(sK + stage * Shape::kKvElems, Shape::kKvPlane, p.k, w, k0, valid);
       load_rows<T, S, BN, D, kThreads>(sV + stage * Shape::kKvElems, Shape::kKvPlane, p.v, w, k0, valid);
       for (int c = threadIdx.x; c < BN; c += kThreads)
-        sBias[stage * BN + c] = c < valid && !key_padded(p, w.batch, w.position(k0 + c)) ? 0.0f : neg_inf();
+        sBias[stage * BN + c] = c < valid && !key_padded(p, w.batch, w.row(k0 + c)) ? 0.0f : neg_inf();
     };
     load_rows<T, S, BM, D, kThreads>(sQ, Shape::kQPlane, p.q, w, w.tile_begin, w.tile_rows);
     load_kv(0, 0);
@@ -172,14 +173,14 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
     inv[r] = attended ? 1.0f / sum : 0.0f;
     lse_row[r] = attended ? (row_max[r] + __log2f(sum)) * kLn2 : neg_inf();
     valid[r] = qi[r] < w.tile_begin + w.tile_rows;
-    if (plan.accumulate && valid[r]) old_lse[r] = *lse_pointer(p, w.batch, w.head, w.position(qi[r]));
+    if (plan.accumulate && valid[r]) old_lse[r] = *lse_pointer(p, w.batch, w.head, w.row(qi[r]));
   }
   __syncwarp();
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (!valid[r]) continue;
-    const std::int64_t position = w.position(qi[r]);
-    T* dst = row_pointer<T>(p.out, w.batch, w.head, position);
+    const std::int64_t row = w.row(qi[r]);
+    T* dst = row_pointer<T>(p.out, w.batch, w.head, row);
     float old_weight = 0.0f, new_weight = p.output_scale * inv[r], lse_new = lse_row[r];
     if (plan.accumulate) {
       if (lse_row[r] == neg_inf()) continue;  // this branch adds nothing to the row
@@ -193,7 +194,7 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
 #pragma unroll
     for (int n = 0; n < D / 8; ++n)
       store2(dst + n * 8 + 2 * t, acc[n][2 * r] * new_weight, acc[n][2 * r + 1] * new_weight, old_weight);
-    if (t == 0) *lse_pointer(p, w.batch, w.head, position) = lse_new;
+    if (t == 0) *lse_pointer(p, w.batch, w.head, row) = lse_new;
   }
   if (!plan.accumulate) zero_unselected<T, D, kThreads>(p, w, &p.out, nullptr, true);
 }

@@ -22,8 +22,15 @@ struct BlockWork {
   std::int64_t length = 0;       // L: rows the branch selects in the segment
   std::int64_t tile_begin = 0;   // own rows [tile_begin, tile_begin + tile_rows) of [0, L)
   int tile_rows = 0;
-  std::int64_t region_begin = 0, region_end = 0;  // original rows this block writes
+  std::int64_t region_begin = 0, region_end = 0;  // positions this block writes
+  const std::int64_t* index = nullptr;            // Hilbert order: position -> original row, or none
+  std::int64_t seqlen = 0;
   __device__ std::int64_t position(std::int64_t j) const { return first + j * stride; }
+  // The row of the tensors (and the position dropout and padding use) at an attention position.
+  // Positions past the sequence (of padded tile columns, whose addresses are formed but never read)
+  // stay as they are: the index has no entry for them.
+  __device__ std::int64_t original(std::int64_t pos) const { return index && pos < seqlen ? index[pos] : pos; }
+  __device__ std::int64_t row(std::int64_t j) const { return original(position(j)); }
 };
 
 __device__ __forceinline__ std::int64_t imin(std::int64_t a, std::int64_t b) { return a < b ? a : b; }
@@ -50,6 +57,8 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
   const std::int64_t segment = local % job.segments;
   local /= job.segments;
   work.branch = job.branch;
+  work.index = p.position_index;
+  work.seqlen = p.seqlen;
   work.role = job.role;
   work.head = br.first_head + local % br.head_count;
   work.batch = local / br.head_count;
@@ -101,7 +110,7 @@ __device__ __forceinline__ std::uint32_t dropout_bits(const detail::DilatedParam
   for (int idx = 0; idx < kTiles * 4; ++idx) {
     const int n = idx >> 2, e = idx & 3;
     const std::int64_t row = (e >> 1) ? row1 : row0, col = col0 + n * 8 + 2 * t + (e & 1);
-    const std::int64_t query = w.position(rows_are_keys ? col : row), key = w.position(rows_are_keys ? row : col);
+    const std::int64_t query = w.row(rows_are_keys ? col : row), key = w.row(rows_are_keys ? row : col);
     // SPEC.md's keep decision (dattn::dropout_keep), with the word picked without indexing an array.
     const PhiloxWords words = philox4x32_10({{std::uint32_t(key >> 2), std::uint32_t(query), std::uint32_t(batch_head),
                                               std::uint32_t(p.dropout_offset)}},
@@ -168,7 +177,7 @@ __device__ __forceinline__ void load_rows(std::uint16_t* smem, int plane_elems, 
     for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
       const int row = c / kChunks, col = (c % kChunks) * 8;
       const bool ok = row < valid;
-      const T* src = row_pointer<const T>(x, w.batch, w.head, w.position(ok ? j0 + row : w.tile_begin)) + col;
+      const T* src = row_pointer<const T>(x, w.batch, w.head, w.row(ok ? j0 + row : w.tile_begin)) + col;
       cp_async_16(base + (row * kStride + col) * 2, ok ? src : static_cast<const T*>(x.data), ok);
     }
   } else {
@@ -178,7 +187,7 @@ __device__ __forceinline__ void load_rows(std::uint16_t* smem, int plane_elems, 
       const int row = c / kChunks, col = (c % kChunks) * 4;
       float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
       if (row < valid)
-        v = *reinterpret_cast<const float4*>(row_pointer<const float>(x, w.batch, w.head, w.position(j0 + row)) + col);
+        v = *reinterpret_cast<const float4*>(row_pointer<const float>(x, w.batch, w.head, w.row(j0 + row)) + col);
       std::uint32_t lo[S], hi[S];
       split2<S>(v.x, v.y, lo);
       split2<S>(v.z, v.w, hi);

@@ -58,6 +58,7 @@ struct Case {
   double dropout_p = 0;
   std::uint64_t dropout_seed = 0, dropout_offset = 0;
   bool fused_qkv = false, strided = false;
+  bool hilbert = false;  // attend in the plain-sequence Hilbert order (position_index on the device)
 };
 
 std::string describe(const Case& c) {
@@ -77,6 +78,7 @@ std::string describe(const Case& c) {
   if (c.dropout_p > 0) s << " dropout=" << c.dropout_p << " dseed=" << c.dropout_seed << " doff=" << c.dropout_offset;
   if (c.fused_qkv) s << " fused_qkv";
   if (c.strided) s << " strided";
+  if (c.hilbert) s << " hilbert";
   return s.str();
 }
 
@@ -130,6 +132,7 @@ Case random_case(Rng& rng, std::int64_t max_n) {
   }
   c.fused_qkv = chance(rng, 0.25);
   c.strided = chance(rng, 0.35);
+  c.hilbert = !c.causal && chance(rng, 0.25);  // causal Hilbert order is refused on CUDA (a check below)
   return c;
 }
 
@@ -369,6 +372,17 @@ Result run_case(const Case& c, cudaStream_t stream) {
 
   dattn::LaunchOptions options;
   options.stream = stream;
+  std::unique_ptr<Buffer> index_device;
+  dattn::Tensor index_host;
+  if (c.hilbert) {
+    const std::vector<std::int64_t> order = dattn::hilbert_sequence_order(c.N);
+    index_host = dattn::Tensor::empty({c.N}, DType::int64);
+    std::copy(order.begin(), order.end(), index_host.data<std::int64_t>());
+    index_device = std::make_unique<Buffer>(DType::int64, c.N);
+    std::memcpy(index_device->host.data(), order.data(), order.size() * sizeof(std::int64_t));
+    index_device->upload(stream);
+    options.position_index = View{index_device.get(), 0, {c.N}, {1}}.device_view();
+  }
   dattn::forward(config, qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(), out.device_view(),
                  lse.device_view(), options);
   dattn::backward(config, qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(), out.device_view(),
@@ -391,6 +405,7 @@ Result run_case(const Case& c, cudaStream_t stream) {
   }
   dattn::LaunchOptions ref_options;
   ref_options.backend = dattn::Backend::reference;
+  if (c.hilbert) ref_options.position_index = index_host.view();
   // lse in float64 precision: the reference writes float32 lse; recompute the float64 one from
   // out64's run is not exposed, so compare against the float32-rounded reference lse.
   dattn::forward(ref_config, q64, k64, v64, out64, lse64, ref_options);
@@ -453,7 +468,25 @@ std::vector<Case> fixed_cases() {
         }
         cases.push_back(c);
       }
-  Case tf32 = cases[cases.size() - 4];
+  for (DType t : {DType::bfloat16, DType::float16, DType::float32})  // Hilbert order, both modes
+    for (const dattn::Mode mode : {dattn::Mode::grouped, dattn::Mode::longnet}) {
+      Case c;
+      c.seed = seed++;
+      c.dtype = t;
+      c.B = 2;
+      c.H = 6;
+      c.N = 700;
+      c.w = {100, 300, 1000};
+      c.r = {1, 3, 5};
+      c.mode = mode;
+      c.hilbert = true;
+      c.dropout_p = mode == dattn::Mode::longnet ? 0.2 : 0.0;
+      c.dropout_seed = 7;
+      c.padding.assign(std::size_t(c.B * c.N), 0);
+      for (std::size_t i = 0; i < c.padding.size(); i += 5) c.padding[i] = 1;
+      cases.push_back(c);
+    }
+  Case tf32 = cases[cases.size() - 10];
   tf32.tf32 = true;
   cases.push_back(tf32);
   // Long groups (2048 selected rows, PERF.md's long configs' length): fp32 accumulation over many
@@ -472,6 +505,46 @@ std::vector<Case> fixed_cases() {
     cases.push_back(c);
   }
   return cases;
+}
+
+// What the CUDA backend refuses must fail with a clear error, not run: causal Hilbert order, and a
+// device index map that is not a permutation. Returns the number of checks that failed.
+int check_refusals() {
+  std::vector<std::unique_ptr<Buffer>> owner;
+  Rng rng(5);
+  const std::int64_t N = 64;
+  std::vector<View> t;
+  for (int i = 0; i < 4; ++i) t.push_back(make_buffer(owner, {1, N, 2, 64}, DType::bfloat16, false, true, 8, rng));
+  View lse = make_buffer(owner, {1, 2, N}, DType::float32, false, false, 1, rng);
+  auto index = std::make_unique<Buffer>(DType::int64, N);
+  auto* order = reinterpret_cast<std::int64_t*>(index->host.data());
+  for (std::int64_t i = 0; i < N; ++i) order[i] = (i * 7) % N;  // a permutation (7 and 64 coprime)
+  for (auto& b : owner) b->upload(nullptr);
+  int failures = 0;
+  auto expect_error = [&](const char* what, bool causal, const char* needle) {
+    index->upload(nullptr);
+    dattn::DilatedConfig config;
+    config.segment_lengths = {32};
+    config.dilation_rates = {1};
+    config.causal = causal;
+    dattn::LaunchOptions options;
+    options.position_index = View{index.get(), 0, {N}, {1}}.device_view();
+    std::string message;
+    try {
+      dattn::forward(config, t[0].device_view(), t[1].device_view(), t[2].device_view(), t[3].device_view(),
+                     lse.device_view(), options);
+    } catch (const dattn::Error& e) {
+      message = e.what();
+    }
+    const bool ok = message.find(needle) != std::string::npos;
+    std::printf("%s refusal: %s -> %s\n", ok ? "ok" : "FAIL", what, message.empty() ? "(no error)" : message.c_str());
+    failures += !ok;
+  };
+  expect_error("causal Hilbert order", true, "causal");
+  order[3] = order[4];
+  expect_error("index map with a repeated row", false, "expected a permutation");
+  CUDA_OK(cudaDeviceSynchronize());
+  return failures;
 }
 
 }  // namespace
@@ -558,6 +631,7 @@ int main(int argc, char** argv) {
   for (int k = 0; k < 4; ++k)
     std::printf("worst passing errors %-13s out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", kinds[k], worst[k][0],
                 worst[k][1], worst[k][2], worst[k][3], worst[k][4]);
+  failed += check_refusals();
   std::printf("%d passed, %d failed\n", passed.load(), failed.load());
   return failed == 0 ? 0 : 1;
 }

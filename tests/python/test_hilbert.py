@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dattn
-from helpers import assert_close_bar
+from helpers import assert_close_bar, requires_cuda
 from reference_attention import dilated_attention_reference
 
 ORDERS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "hilbert_orders.json")
@@ -81,3 +81,23 @@ def test_hilbert_attention_module():
     direct = module.out_proj(dattn.dilated_attention(*module.qkv_proj(x).view(2, 30, 3, 3, 8).unbind(2), [16], [2],
                                                      mode="longnet").reshape(2, 30, 24))
     assert torch.allclose(plain, direct, atol=1e-6)
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", ["grouped", "longnet"])
+def test_cuda_hilbert_matches_float64(mode):
+    torch.manual_seed(3)
+    B, N, H, D = 2, 300, 4, 64
+    q, k, v, grad = (torch.randn(B, N, H, D) for _ in range(4))
+    module = dattn.HilbertDilatedAttention([64, 128], [1, 2], grid_shape=(15, 20), mode=mode)
+    x64 = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = module(*x64)
+    ref.backward(grad.double())
+    xs = [t.cuda().to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    out = module(*xs)
+    out.backward(grad.cuda().to(torch.bfloat16))
+    assert_close_bar(out, ref, torch.bfloat16, "out")
+    for name, got, want in zip(("dq", "dk", "dv"), xs, x64):
+        assert_close_bar(got.grad, want.grad, torch.bfloat16, name)
+    with pytest.raises(ValueError, match="causal = true is not implemented on CUDA"):
+        module(*xs, is_causal=True)
