@@ -68,40 +68,52 @@ class _Schedule:
         self.outgoing = [entries(self.rank, (self.rank + t) % self.P) for t in range(self.P)]
         self.incoming = [entries((self.rank - t) % self.P, self.rank) for t in range(self.P)]
 
-    def _swap(self, t, send, receive, towards_dest):
-        """Sends `send` to rank + t and receives into `receive` from rank − t (or the reverse)."""
+    def _start(self, t, send, receive, towards_dest, tag):
+        """Starts sending `send` to rank + t and receiving `receive` from rank − t (or the reverse);
+        returns the requests."""
         to, frm = (self.rank + t) % self.P, (self.rank - t) % self.P
         if not towards_dest:
             to, frm = frm, to
-        ops = [dist.P2POp(dist.isend, x, _peer(self.group, to), self.group) for x in send] + \
-              [dist.P2POp(dist.irecv, x, _peer(self.group, frm), self.group) for x in receive]
-        if ops:
-            for request in dist.batch_isend_irecv(ops):
-                request.wait()
+        ops = [dist.P2POp(dist.isend, x, _peer(self.group, to), self.group, tag) for x in send] + \
+              [dist.P2POp(dist.irecv, x, _peer(self.group, frm), self.group, tag) for x in receive]
+        return dist.batch_isend_irecv(ops) if ops else []
 
-    def keys(self, t, kv, mask):
-        """The keys (kv [2, B, n, H, D]) and mask of rank − t, or None when none travel; entries
-        that did not travel are zero."""
-        if t == 0:
-            return (kv, mask) if len(self.outgoing[0]) else None
+    def _post_keys(self, t, kv, mask):
         out, inc = self.outgoing[t], self.incoming[t]
         two, B, n, H, D = kv.shape
         send = [kv.reshape(2, B, n * H, D).index_select(2, out).contiguous(), mask] if len(out) else []
         receive = [torch.empty(2, B, len(inc), D, dtype=kv.dtype), torch.empty_like(mask)] if len(inc) else []
-        self._swap(t, send, receive, towards_dest=True)
-        if not len(inc):
-            return None
-        block = torch.zeros(2, B, n * H, D, dtype=kv.dtype).index_copy_(2, inc, receive[0])
-        return block.view(2, B, n, H, D), receive[1]
+        return self._start(t, send, receive, True, tag=1), send, receive
+
+    def steps(self, kv, mask):
+        """Yields (t, kv, mask) for t = 0 .. P−1 in order, every rank in step: the keys (kv
+        [2, B, n, H, D]) and mask of rank − t, its own at t = 0, or (t, None, None) when this rank
+        needs none of them; entries that did not travel are zero. The exchange of step t + 1 is in
+        flight while the caller computes step t."""
+        two, B, n, H, D = kv.shape
+        pending = self._post_keys(1, kv, mask) if self.P > 1 else None
+        yield (0, kv, mask) if len(self.outgoing[0]) else (0, None, None)
+        for t in range(1, self.P):
+            requests, send, receive = pending
+            pending = self._post_keys(t + 1, kv, mask) if t + 1 < self.P else None
+            for request in requests:
+                request.wait()
+            if not receive:
+                yield t, None, None
+                continue
+            block = torch.zeros(2, B, n * H, D, dtype=kv.dtype).index_copy_(2, self.incoming[t], receive[0])
+            yield t, block.view(2, B, n, H, D), receive[1]
 
     def return_gradients(self, t, partial, dkv):
         """dkv += the gradients of this rank's keys that rank + t computed; the partial ones of
-        rank − t's keys (partial [2, B, n, H, D]) go back to it, packed like its keys came."""
-        two, B, n, H, D = partial.shape
+        rank − t's keys (partial [2, B, n, H, D]) go back to it, packed like its keys came. Every
+        rank calls it for every t in order (a pairwise exchange)."""
+        two, B, n, H, D = dkv.shape
         out, inc = self.outgoing[t], self.incoming[t]
         send = [partial.reshape(2, B, n * H, D).index_select(2, inc).contiguous()] if len(inc) else []
         receive = [torch.empty(2, B, len(out), D)] if len(out) else []
-        self._swap(t, send, receive, towards_dest=False)
+        for request in self._start(t, send, receive, False, tag=2):
+            request.wait()
         if len(out):
             dkv.view(2, B, n * H, D).index_add_(2, out, receive[0])
 
@@ -126,11 +138,9 @@ class _RingFunction(torch.autograd.Function):
         merged_lse = torch.full((B, H, n), float("-inf"), dtype=torch.float32)
         mine = _rows(N, P, rank, layout)
         schedule = _Schedule(ctx, H)
-        for t in range(P):
-            keys = schedule.keys(t, *own)
-            if keys is None:
+        for t, kv, block_mask in schedule.steps(*own):
+            if kv is None:
                 continue
-            kv, block_mask = keys
             source = (rank - t) % P
             key_at = 0
             for k0, k1 in _rows(N, P, source, layout):
@@ -174,20 +184,14 @@ class _RingFunction(torch.autograd.Function):
                            torch.zeros(B, H, c)))
             at += c
 
-        def steps(t, fn):  # False when rank − t's keys are not needed here
-            keys = schedule.keys(t, *own)
-            if keys is None:
-                return False
-            kv, block_mask = keys
-            source = (rank - t) % P
+        def step(t, kv, block_mask, fn):  # fn over every (query chunk, key chunk) pair of rank − t's keys
             key_at = 0
-            for k0, k1 in _rows(N, P, source, layout):
+            for k0, k1 in _rows(N, P, (rank - t) % P, layout):
                 step_mask = block_mask[:, key_at:key_at + k1 - k0].bool().contiguous() if key_padding_mask is not None \
                     else None
                 for chunk in chunks:
                     fn(chunk, kv, key_at, k0, k1, step_mask)
                 key_at += k1 - k0
-            return True
 
         def query_step(chunk, kv, key_at, k0, k1, step_mask):
             q0, q1, q_at, chunk_lse, sum_gk, sum_pk, delta = chunk
@@ -197,8 +201,9 @@ class _RingFunction(torch.autograd.Function):
                                     _ops._view(sum_pk), _ops._view(delta), w, r, mode, causal, scale,
                                     None if step_mask is None else _ops._view(step_mask), ctx.dropout_p, ctx.seed)
 
-        for t in range(P):
-            steps(t, query_step)
+        for t, kv, block_mask in schedule.steps(*own):
+            if kv is not None:
+                step(t, kv, block_mask, query_step)
         dq = torch.empty_like(q)
         for q0, q1, q_at, _, sum_gk, sum_pk, delta in chunks:
             view = dq[:, q_at:q_at + q1 - q0]
@@ -206,8 +211,9 @@ class _RingFunction(torch.autograd.Function):
                                            r, scale)
 
         dkv = torch.zeros(2, B, n, H, D)
-        for t in range(P):
-            partial = torch.zeros(2, B, n, H, D)
+        partial = torch.zeros(2, B, n, H, D)
+        for t, kv, block_mask in schedule.steps(*own):
+            partial.zero_()
 
             def key_step(chunk, kv, key_at, k0, k1, step_mask):
                 q0, q1, q_at, chunk_lse, _, _, delta = chunk
@@ -219,11 +225,11 @@ class _RingFunction(torch.autograd.Function):
                                       _ops._view(partial[1, :, key_at:key_at + k1 - k0]), w, r, mode, causal, scale,
                                       None if step_mask is None else _ops._view(step_mask), ctx.dropout_p, ctx.seed)
 
-            computed = steps(t, key_step)
+            if kv is not None:
+                step(t, kv, block_mask, key_step)
             if t == 0:
-                if computed:
-                    dkv += partial
-            else:
+                dkv += partial
+            else:  # also when rank − t's keys were not needed: rank + t may send this rank's back
                 schedule.return_gradients(t, partial, dkv)
         return (dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype)) + (None,) * 10
 
