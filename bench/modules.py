@@ -1,0 +1,110 @@
+"""Multi-head module rows (issue: Python package): dattn's MultiheadDilatedAttention (plain) and
+ImprovedMultiheadDilatedAttention (fused QKV) at PERF.md's seed config (B=2, N=2048, E=768,
+12 heads, segments [512, 1024, 2048], rates [1, 2, 4]) beside torch.nn.MultiheadAttention (dense
+attention over the whole sequence: the module people would otherwise use), in one run, on the
+CPU or on a GPU (--device cuda). Every dattn module is first checked against the same module in
+float64 (the reference path) with the same weights.
+
+Usage: python bench/modules.py [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 5] [--json FILE]
+(needs dattn importable: pip install . first)."""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+import dattn
+
+B, N, E, HEADS = 2, 2048, 768, 12
+SEGMENTS, RATES = [512, 1024, 2048], [1, 2, 4]
+
+
+def timed(fn, device, warmup, repeats):
+    samples = []
+    for i in range(warmup + repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            samples.append(1e3 * (time.perf_counter() - t0))
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
+
+
+def rel_err(x, ref):
+    return ((x.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm()).item()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="CPU threads for torch and dattn (default: the CPUs this process may use)")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)  # also dattn's: the same OpenMP runtime in this process
+    dtype = getattr(torch, a.dtype)
+    torch.manual_seed(0)
+    x = torch.randn(B, N, E)
+    grad = torch.randn(B, N, E)
+
+    modules = {
+        "dattn MultiheadDilatedAttention (plain)": dattn.MultiheadDilatedAttention(E, HEADS, RATES, SEGMENTS),
+        "dattn ImprovedMultiheadDilatedAttention (fused QKV)": dattn.ImprovedMultiheadDilatedAttention(E, HEADS, RATES,
+                                                                                                      SEGMENTS),
+        f"torch {torch.__version__} nn.MultiheadAttention (dense)": nn.MultiheadAttention(E, HEADS, batch_first=True),
+    }
+    rows = []
+    for name, module in modules.items():
+        dense = isinstance(module, nn.MultiheadAttention)
+        error = None
+        if not dense:  # the check: this module in float64 (the reference path) with the same weights
+            ref64 = module.double()
+            ref = ref64(x.double()[:, :512])
+            module = module.float()
+            error = rel_err(module.to(a.device)(x[:, :512].to(a.device)), ref)
+        module = module.to(a.device, dtype)
+        xd = x.to(a.device, dtype).requires_grad_()
+        gd = grad.to(a.device, dtype)
+        call = (lambda m=module: m(xd, xd, xd, need_weights=False)[0]) if dense else (lambda m=module: m(xd))
+
+        def forward():
+            with torch.no_grad():
+                call()
+
+        def forward_backward():
+            call().backward(gd)
+
+        rows.append({"module": name, "device": a.device, "dtype": a.dtype, "check_rel_err": error,
+                     "fwd_ms": timed(forward, a.device, a.warmup, a.repeats),
+                     "fwdbwd_ms": timed(forward_backward, a.device, a.warmup, a.repeats)})
+        print(f"{name}: done", file=sys.stderr)
+
+    print(f"\n## Multi-head modules, seed config (B={B}, N={N}, E={E}, {HEADS} heads), {a.device}, {a.dtype}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)\n")
+    print("| module | fwd ms (median [min–max]) | fwd+bwd ms | check vs float64 (N=512) |")
+    print("|---|---|---|---|")
+    for r in rows:
+        f, b = r["fwd_ms"], r["fwdbwd_ms"]
+        check = "— (a different function: dense)" if r["check_rel_err"] is None else f"{r['check_rel_err']:.1e}"
+        print(f"| {r['module']} | {f['median']:.3g} [{f['min']:.3g}–{f['max']:.3g}] | "
+              f"{b['median']:.3g} [{b['min']:.3g}–{b['max']:.3g}] | {check} |")
+    print("\nfwd+bwd: forward then out.backward(grad) of the module output, input gradient included. "
+          "nn.MultiheadAttention attends densely over all 2048 tokens (6.9x the dilated FLOPs).")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
