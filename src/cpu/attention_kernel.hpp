@@ -424,7 +424,8 @@ void segment_backward_item(const detail::DilatedParams& p, const WorkItem& item,
       pack_key_bias(own, c0, chunk, padded<I>(chunk), s.own_bias);
       std::fill(s.chunk_dk, s.chunk_dk + chunk * Dp, 0.0f);
       std::fill(s.chunk_dv, s.chunk_dv + chunk * Dp, 0.0f);
-      for (std::int64_t q0 = p.causal ? c0 : 0; q0 < L; q0 += kTileRows) {
+      // Causal: queries before the chunk see none of its keys, unless an index map reorders them.
+      for (std::int64_t q0 = p.causal && !p.position_index ? c0 : 0; q0 < L; q0 += kTileRows) {
         const int queries = int(std::min(kTileRows, L - q0));
         other.pack_tile(p.q, q0, queries, p.scale, s.tile_rows_a);
         other.pack_tile(p.dout, q0, queries, p.output_scale, s.tile_rows_b);
