@@ -683,6 +683,10 @@ int run(int argc, char** argv) {
   app.add_option("--ring-rows", ring_rows, "rows per rank (N/P) of the --ring sweep")->capture_default_str();
   app.add_option("--ring-svg", ring_svg, "write a plot of per-rank peak heap against N (--ring) to this SVG file");
   bool sparse = false;
+  std::vector<std::string> sparse_parts{"block", "hilbert"};
+  app.add_option("--sparse-parts", sparse_parts, "tables of --sparse: block, hilbert (comma list)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"block", "hilbert"}));
   app.add_flag("--sparse", sparse,
                "block-sparse attention (PERF.md's N=2048 shape beside torch SDPA with a dense token mask, and "
                "N=16384) and Hilbert-ordered dilated attention beside row-major, instead of the dilated table");
@@ -696,6 +700,8 @@ int run(int argc, char** argv) {
     ss.repeats = repeats;
     ss.seed = seed;
     ss.peak_gflops = measure_fma_peak(ss.threads).gflops;
+    ss.block_sparse = std::find(sparse_parts.begin(), sparse_parts.end(), "block") != sparse_parts.end();
+    ss.hilbert = std::find(sparse_parts.begin(), sparse_parts.end(), "hilbert") != sparse_parts.end();
     for (const auto& python : default_peer_pythons())
       if (python != "/usr/bin/python3") ss.peer_python = python;  // Debian's torch 1.13 has no SDPA
     if (const auto script = find_script("sparse_peers.py")) ss.peer_script = script->string();

@@ -265,10 +265,12 @@ void hilbert_rows(const SparseBenchSettings& s, std::vector<Row>& rows, json& lo
 
 json run_sparse_bench(const SparseBenchSettings& s) {
   std::vector<Row> rows;
-  block_sparse_rows({"N2048", 2, 2048, 12, 64, 64, 256, 2048, {DType::float32, DType::bfloat16}, true}, s, rows);
-  block_sparse_rows({"N16384", 1, 16384, 12, 64, 128, 2048, 4096, {DType::bfloat16}, false}, s, rows);
-  json locality;
-  hilbert_rows(s, rows, locality);
+  if (s.block_sparse) {
+    block_sparse_rows({"N2048", 2, 2048, 12, 64, 64, 256, 2048, {DType::float32, DType::bfloat16}, true}, s, rows);
+    block_sparse_rows({"N16384", 1, 16384, 12, 64, 128, 2048, 4096, {DType::bfloat16}, false}, s, rows);
+  }
+  json locality = {{"grid", {0, 0}}, {"row_major", {0.0, 0.0}}, {"hilbert", {0.0, 0.0}}};
+  if (s.hilbert) hilbert_rows(s, rows, locality);
 
   std::printf("\n## dattn-bench --sparse: %d thread(s), measured fp32 FMA peak %.1f GFLOP/s\n\n", s.threads, s.peak_gflops);
   std::printf("| implementation | shape | dtype | fwd ms (median [min–max]) | fwd GFLOP/s | %% peak | fwd+bwd ms | fwd+bwd GFLOP/s | extra MB | max rel err |\n");
@@ -292,7 +294,8 @@ json run_sparse_bench(const SparseBenchSettings& s) {
     j.update({{"fwd_ms", stat_json(r.timed.fwd_ms)}, {"fwdbwd_ms", stat_json(r.timed.fwdbwd_ms)}, {"extra_bytes", r.timed.extra_bytes}});
     out.push_back(j);
   }
-  std::printf("\nLocality (mean bounding box, grid rows × columns, of the tokens one segment of a branch selects, "
+  if (s.hilbert)
+    std::printf("\nLocality (mean bounding box, grid rows × columns, of the tokens one segment of a branch selects, "
               "seed config on a %lld × %lld grid): row-major %.1f × %.1f, Hilbert %.1f × %.1f.\n",
               (long long)locality["grid"][0], (long long)locality["grid"][1], locality["row_major"][0].get<double>(),
               locality["row_major"][1].get<double>(), locality["hilbert"][0].get<double>(), locality["hilbert"][1].get<double>());

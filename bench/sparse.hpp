@@ -13,6 +13,7 @@ struct SparseBenchSettings {
   double peak_gflops = 0;    // the measured fp32 FMA peak, for the % column
   std::string peer_python;   // a Python with torch >= 2 for the SDPA peer; empty: no peer
   std::string peer_script;   // bench/sparse_peers.py
+  bool block_sparse = true, hilbert = true;  // which tables to run
 };
 
 // Prints the markdown table on stdout and returns the rows as JSON.
