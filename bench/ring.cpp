@@ -36,17 +36,6 @@ using json = nlohmann::json;
 
 constexpr std::int64_t kB = 1, kH = 12, kD = 64, kBase = 2048;
 
-// PERF.md geo(N): segments 2048·4^k below N, then N; rates w / 2048.
-dattn::DilatedConfig geo(std::int64_t N) {
-  if (N < kBase || N % kBase != 0)
-    throw std::runtime_error("geo(N) needs N a multiple of 2048; got N = " + std::to_string(N));
-  dattn::DilatedConfig config;
-  for (std::int64_t w = kBase; w < N; w *= 4) config.segment_lengths.push_back(w);
-  config.segment_lengths.push_back(N);
-  for (const std::int64_t w : config.segment_lengths) config.dilation_rates.push_back(w / kBase);
-  return config;
-}
-
 // Rank `rank`'s rows of a [B, N, ...] tensor in the contiguous layout (a view, no copy).
 TensorView rows_of(const Tensor& global, int P, int rank) {
   TensorView v = global.view();
@@ -91,60 +80,6 @@ RankRun run_ranks(int P, int threads, F&& call) {
   run.ms = *std::max_element(ms.begin(), ms.end());
   run.peak_bytes_per_rank = double(dattn_memhook_peak() - live) / P;
   return run;
-}
-
-// The LongNet reference code's approach: gather every rank's k and v, then attend over all of them
-// (the same ring steps and merge, with nothing left to send).
-void allgather_forward(dattn::Communicator& comm, const dattn::DilatedConfig& config, std::int64_t N,
-                       const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
-                       const TensorView& lse, dattn::RingStats& stats) {
-  const int P = comm.size(), rank = comm.rank();
-  const std::int64_t B = q.shape[0], n = q.shape[1], H = q.shape[2], D = q.shape[3];
-  const std::size_t rows_bytes = std::size_t(n * H * D) * dattn::dtype_size(q.dtype);
-  Tensor all = Tensor::empty({P, 2, B, n, H, D}, q.dtype);  // every rank's k, v
-  auto slot = [&](int r, int which, std::int64_t b) {
-    return all.data<std::byte>() + ((std::size_t(r) * 2 + std::size_t(which)) * std::size_t(B) + std::size_t(b)) * rows_bytes;
-  };
-  for (std::int64_t b = 0; b < B; ++b)
-    for (int which = 0; which < 2; ++which) {
-      const TensorView& t = which ? v : k;
-      std::memcpy(slot(rank, which, b), static_cast<const std::byte*>(t.data) + b * t.strides[0] * std::int64_t(dattn::dtype_size(t.dtype)), rows_bytes);
-    }
-  const std::size_t block = 2 * std::size_t(B) * rows_bytes;
-  std::vector<int> requests;
-  for (int r = 0; r < P; ++r)
-    if (r != rank) {
-      requests.push_back(comm.irecv(slot(r, 0, 0), block, r, 9));
-      requests.push_back(comm.isend(slot(rank, 0, 0), block, r, 9));
-      stats.bytes_sent += std::int64_t(block);
-      stats.bytes_received += std::int64_t(block);
-      ++stats.transfers;
-    }
-  const auto t0 = std::chrono::steady_clock::now();
-  for (const int r : requests) comm.wait(r);
-  const auto t1 = std::chrono::steady_clock::now();
-  stats.wait_seconds += std::chrono::duration<double>(t1 - t0).count();
-  Tensor merged = Tensor::zeros({B, n, H, D}, DType::float32), part = Tensor::empty({B, n, H, D}, q.dtype);
-  Tensor part_lse = Tensor::empty({B, H, n}, DType::float32), merged_lse = Tensor::empty({B, H, n}, DType::float32);
-  for (std::int64_t i = 0; i < merged_lse.numel(); ++i) merged_lse.data<float>()[i] = -INFINITY;
-  for (int r = 0; r < P; ++r) {
-    const TensorView kr = dattn::make_view(slot(r, 0, 0), q.dtype, {B, n, H, D}), vr = dattn::make_view(slot(r, 1, 0), q.dtype, {B, n, H, D});
-    dattn::forward(config, q, kr, vr, part, part_lse, 
-                   {.ring_step = dattn::RingStep{rank * n, N, r * n, (r + 1) * n}, .position_index = {}});
-    dattn::merge_partial(merged, merged_lse, part, part_lse);
-  }
-  for (std::int64_t b = 0; b < B; ++b)
-    for (std::int64_t h = 0; h < H; ++h)
-      for (std::int64_t i = 0; i < n; ++i) {
-        lse.ptr<float>()[b * lse.strides[0] + h * lse.strides[1] + i * lse.strides[2]] = merged_lse.data<float>()[(b * H + h) * n + i];
-        for (std::int64_t d = 0; d < D; ++d) {
-          const float x = merged.data<float>()[((b * n + i) * H + h) * D + d];
-          const std::int64_t at = b * out.strides[0] + i * out.strides[1] + h * out.strides[2] + d;
-          if (out.dtype == DType::bfloat16) out.ptr<std::uint16_t>()[at] = dattn::float_to_bfloat16(x);
-          else out.ptr<float>()[at] = x;
-        }
-      }
-  stats.compute_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
 }
 
 double element(const TensorView& t, std::int64_t i) {
@@ -241,6 +176,71 @@ void write_svg(const std::string& path, const std::vector<Row>& rows) {
 }
 
 }  // namespace
+
+// PERF.md geo(N): segments 2048·4^k below N, then N; rates w / 2048.
+dattn::DilatedConfig geo(std::int64_t N) {
+  if (N < kBase || N % kBase != 0)
+    throw std::runtime_error("geo(N) needs N a multiple of 2048; got N = " + std::to_string(N));
+  dattn::DilatedConfig config;
+  for (std::int64_t w = kBase; w < N; w *= 4) config.segment_lengths.push_back(w);
+  config.segment_lengths.push_back(N);
+  for (const std::int64_t w : config.segment_lengths) config.dilation_rates.push_back(w / kBase);
+  return config;
+}
+
+// The LongNet reference code's approach: gather every rank's k and v, then attend over all of them
+// (the same ring steps and merge, with nothing left to send).
+void allgather_forward(dattn::Communicator& comm, const dattn::DilatedConfig& config, std::int64_t N,
+                       const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                       const TensorView& lse, dattn::RingStats& stats) {
+  const int P = comm.size(), rank = comm.rank();
+  const std::int64_t B = q.shape[0], n = q.shape[1], H = q.shape[2], D = q.shape[3];
+  const std::size_t rows_bytes = std::size_t(n * H * D) * dattn::dtype_size(q.dtype);
+  Tensor all = Tensor::empty({P, 2, B, n, H, D}, q.dtype);  // every rank's k, v
+  auto slot = [&](int r, int which, std::int64_t b) {
+    return all.data<std::byte>() + ((std::size_t(r) * 2 + std::size_t(which)) * std::size_t(B) + std::size_t(b)) * rows_bytes;
+  };
+  for (std::int64_t b = 0; b < B; ++b)
+    for (int which = 0; which < 2; ++which) {
+      const TensorView& t = which ? v : k;
+      std::memcpy(slot(rank, which, b), static_cast<const std::byte*>(t.data) + b * t.strides[0] * std::int64_t(dattn::dtype_size(t.dtype)), rows_bytes);
+    }
+  const std::size_t block = 2 * std::size_t(B) * rows_bytes;
+  std::vector<int> requests;
+  for (int r = 0; r < P; ++r)
+    if (r != rank) {
+      requests.push_back(comm.irecv(slot(r, 0, 0), block, r, 9));
+      requests.push_back(comm.isend(slot(rank, 0, 0), block, r, 9));
+      stats.bytes_sent += std::int64_t(block);
+      stats.bytes_received += std::int64_t(block);
+      ++stats.transfers;
+    }
+  const auto t0 = std::chrono::steady_clock::now();
+  for (const int r : requests) comm.wait(r);
+  const auto t1 = std::chrono::steady_clock::now();
+  stats.wait_seconds += std::chrono::duration<double>(t1 - t0).count();
+  Tensor merged = Tensor::zeros({B, n, H, D}, DType::float32), part = Tensor::empty({B, n, H, D}, q.dtype);
+  Tensor part_lse = Tensor::empty({B, H, n}, DType::float32), merged_lse = Tensor::empty({B, H, n}, DType::float32);
+  for (std::int64_t i = 0; i < merged_lse.numel(); ++i) merged_lse.data<float>()[i] = -INFINITY;
+  for (int r = 0; r < P; ++r) {
+    const TensorView kr = dattn::make_view(slot(r, 0, 0), q.dtype, {B, n, H, D}), vr = dattn::make_view(slot(r, 1, 0), q.dtype, {B, n, H, D});
+    dattn::forward(config, q, kr, vr, part, part_lse, 
+                   {.ring_step = dattn::RingStep{rank * n, N, r * n, (r + 1) * n}, .position_index = {}});
+    dattn::merge_partial(merged, merged_lse, part, part_lse);
+  }
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t h = 0; h < H; ++h)
+      for (std::int64_t i = 0; i < n; ++i) {
+        lse.ptr<float>()[b * lse.strides[0] + h * lse.strides[1] + i * lse.strides[2]] = merged_lse.data<float>()[(b * H + h) * n + i];
+        for (std::int64_t d = 0; d < D; ++d) {
+          const float x = merged.data<float>()[((b * n + i) * H + h) * D + d];
+          const std::int64_t at = b * out.strides[0] + i * out.strides[1] + h * out.strides[2] + d;
+          if (out.dtype == DType::bfloat16) out.ptr<std::uint16_t>()[at] = dattn::float_to_bfloat16(x);
+          else out.ptr<float>()[at] = x;
+        }
+      }
+  stats.compute_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+}
 
 json run_ring_bench(const RingBenchSettings& s) {
   std::vector<std::pair<int, std::int64_t>> sweep;
