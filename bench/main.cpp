@@ -35,13 +35,8 @@
 #include "peak.hpp"
 #include "ring.hpp"
 #include "sparse.hpp"
+#include "memhook.hpp"
 #include "stats.hpp"
-
-extern "C" {
-std::int64_t dattn_memhook_live();
-std::int64_t dattn_memhook_peak();
-void dattn_memhook_reset_peak();
-}
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -145,30 +140,6 @@ std::string cpu_model() {
       if (colon != std::string::npos) return line.substr(colon + 2);
     }
   return "unknown CPU";
-}
-
-struct Measured {
-  Stat ms;
-  double extra_bytes = 0;  // max over all calls (warm-up included) of heap peak - heap before
-};
-
-template <class F>
-Measured measure(F&& call, int warmup, int repeats) {
-  Measured m;
-  std::vector<double> samples;
-  std::int64_t extra = 0;
-  for (int i = 0; i < warmup + repeats; ++i) {
-    const std::int64_t live = dattn_memhook_live();
-    dattn_memhook_reset_peak();
-    const auto t0 = std::chrono::steady_clock::now();
-    call();
-    const auto t1 = std::chrono::steady_clock::now();
-    extra = std::max(extra, dattn_memhook_peak() - live);
-    if (i >= warmup) samples.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
-  }
-  m.ms = summarize(samples);
-  m.extra_bytes = double(extra);
-  return m;
 }
 
 // ---------------------------------------------------------------------------------------------

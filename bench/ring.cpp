@@ -18,13 +18,8 @@
 
 #include "check.hpp"
 #include "dattn/dattn.hpp"
+#include "memhook.hpp"
 #include "stats.hpp"
-
-extern "C" {
-std::int64_t dattn_memhook_live();
-std::int64_t dattn_memhook_peak();
-void dattn_memhook_reset_peak();
-}
 
 namespace dattn_bench {
 namespace {

@@ -17,14 +17,9 @@
 
 #include "check.hpp"
 #include "dattn/dattn.hpp"
+#include "memhook.hpp"
 #include "ring.hpp"
 #include "stats.hpp"
-
-extern "C" {
-std::int64_t dattn_memhook_live();
-std::int64_t dattn_memhook_peak();
-void dattn_memhook_reset_peak();
-}
 
 namespace {
 
@@ -40,15 +35,15 @@ TensorView rows_of(const TensorView& global, int dim, std::int64_t begin, std::i
   return v;
 }
 
-struct Measured {
+struct RankMeasured {
   Stat ms;                 // this rank's call time
   double peak_bytes = 0;   // heap high-water mark above the heap before the call
   dattn::RingStats stats;  // summed over the timed calls
 };
 
 template <class F>
-Measured measure(F&& call, int warmup, int repeats) {
-  Measured m;
+RankMeasured measure_rank(F&& call, int warmup, int repeats) {
+  RankMeasured m;
   std::vector<double> samples;
   for (int i = 0; i < warmup + repeats; ++i) {
     MPI_Barrier(MPI_COMM_WORLD);
@@ -146,8 +141,8 @@ int main(int argc, char** argv) {
       status = 1;
       continue;
     }
-    const Measured fwd = ring ? measure(ring_forward, warmup, repeats) : measure(gather_forward, warmup, repeats);
-    const Measured both = ring ? measure(ring_both, warmup, repeats) : Measured{};
+    const RankMeasured fwd = ring ? measure_rank(ring_forward, warmup, repeats) : measure_rank(gather_forward, warmup, repeats);
+    const RankMeasured both = ring ? measure_rank(ring_both, warmup, repeats) : RankMeasured{};
     // Slowest rank's median, largest peak and bytes, and the wait fraction over all ranks.
     double local[8] = {fwd.ms.median, both.ms.samples.empty() ? 0 : both.ms.median, fwd.peak_bytes, both.peak_bytes,
                        double(fwd.stats.bytes_sent) / repeats, double(both.stats.bytes_sent) / repeats, fwd.ms.min,

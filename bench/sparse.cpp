@@ -18,13 +18,8 @@
 
 #include "check.hpp"
 #include "dattn/dattn.hpp"
+#include "memhook.hpp"
 #include "stats.hpp"
-
-extern "C" {
-std::int64_t dattn_memhook_live();
-std::int64_t dattn_memhook_peak();
-void dattn_memhook_reset_peak();
-}
 
 namespace dattn_bench {
 namespace {
@@ -38,20 +33,6 @@ struct Timed {
   Stat fwd_ms, fwdbwd_ms;
   double extra_bytes = 0;
 };
-
-Stat time_calls(const std::function<void()>& call, int warmup, int repeats, double* extra_bytes) {
-  std::vector<double> samples;
-  for (int i = 0; i < warmup + repeats; ++i) {
-    const std::int64_t live = dattn_memhook_live();
-    dattn_memhook_reset_peak();
-    const auto t0 = std::chrono::steady_clock::now();
-    call();
-    const auto t1 = std::chrono::steady_clock::now();
-    *extra_bytes = std::max(*extra_bytes, double(dattn_memhook_peak() - live));
-    if (i >= warmup) samples.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
-  }
-  return summarize(samples);
-}
 
 Tensor to_float64(const Tensor& t) {
   const TensorView v = t.view();
@@ -104,8 +85,10 @@ Row time_row(const std::string& label, const std::string& shape, DType dtype, do
              const Call& backward, const CallTensors& t, double error, const SparseBenchSettings& s) {
   Row row{label, shape, dtype, flops, error, error <= l2_bar(dtype), {}, ""};
   if (!row.ok) return row;
-  row.timed.fwd_ms = time_calls([&] { forward(t); }, s.warmup, s.repeats, &row.timed.extra_bytes);
-  row.timed.fwdbwd_ms = time_calls([&] { forward(t), backward(t); }, s.warmup, s.repeats, &row.timed.extra_bytes);
+  const Measured fwd = measure([&] { forward(t); }, s.warmup, s.repeats);
+  const Measured both = measure([&] { forward(t), backward(t); }, s.warmup, s.repeats);
+  row.timed.fwd_ms = fwd.ms, row.timed.fwdbwd_ms = both.ms;
+  row.timed.extra_bytes = std::max(fwd.extra_bytes, both.extra_bytes);
   return row;
 }
 

@@ -8,11 +8,7 @@
 
 #include "harness.hpp"
 
-extern "C" {
-std::int64_t dattn_memhook_live();
-std::int64_t dattn_memhook_peak();
-void dattn_memhook_reset_peak();
-}
+#include "memhook.hpp"
 
 namespace dattn_test {
 namespace {
