@@ -62,11 +62,20 @@ class _Schedule:
         self.group, self.P, self.rank = ctx.group, dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
         args = (ctx.segment_lengths, ctx.dilation_rates, ctx.mode, ctx.causal, ctx.layout, ctx.N, self.P, H)
 
-        def entries(source, dest):
-            return torch.tensor(_C.ring_transfer_entries(*args, source, dest), dtype=torch.int64)
+        self._entries = lambda source, dest: torch.tensor(_C.ring_transfer_entries(*args, source, dest),
+                                                          dtype=torch.int64)
+        self._cache = {}
 
-        self.outgoing = [entries(self.rank, (self.rank + t) % self.P) for t in range(self.P)]
-        self.incoming = [entries((self.rank - t) % self.P, self.rank) for t in range(self.P)]
+    def entries(self, t):
+        """(outgoing, incoming) of step t: this rank's entries that rank + t needs, and rank − t's
+        entries this rank needs. Made when needed and kept for two steps only, so a rank holds
+        O(N/P) of them, not P lists."""
+        if t not in self._cache:
+            for old in [s for s in self._cache if s < t - 1]:
+                del self._cache[old]
+            self._cache[t] = (self._entries(self.rank, (self.rank + t) % self.P),
+                              self._entries((self.rank - t) % self.P, self.rank))
+        return self._cache[t]
 
     def _start(self, t, send, receive, towards_dest, tag):
         """Starts sending `send` to rank + t and receiving `receive` from rank − t (or the reverse);
@@ -79,7 +88,7 @@ class _Schedule:
         return dist.batch_isend_irecv(ops) if ops else []
 
     def _post_keys(self, t, kv, mask):
-        out, inc = self.outgoing[t], self.incoming[t]
+        out, inc = self.entries(t)
         two, B, n, H, D = kv.shape
         send = [kv.reshape(2, B, n * H, D).index_select(2, out).contiguous(), mask] if len(out) else []
         receive = [torch.empty(2, B, len(inc), D, dtype=kv.dtype), torch.empty_like(mask)] if len(inc) else []
@@ -92,7 +101,7 @@ class _Schedule:
         flight while the caller computes step t."""
         two, B, n, H, D = kv.shape
         pending = self._post_keys(1, kv, mask) if self.P > 1 else None
-        yield (0, kv, mask) if len(self.outgoing[0]) else (0, None, None)
+        yield (0, kv, mask) if len(self.entries(0)[0]) else (0, None, None)
         for t in range(1, self.P):
             requests, send, receive = pending
             pending = self._post_keys(t + 1, kv, mask) if t + 1 < self.P else None
@@ -101,7 +110,7 @@ class _Schedule:
             if not receive:
                 yield t, None, None
                 continue
-            block = torch.zeros(2, B, n * H, D, dtype=kv.dtype).index_copy_(2, self.incoming[t], receive[0])
+            block = torch.zeros(2, B, n * H, D, dtype=kv.dtype).index_copy_(2, self.entries(t)[1], receive[0])
             yield t, block.view(2, B, n, H, D), receive[1]
 
     def return_gradients(self, t, partial, dkv):
@@ -109,7 +118,7 @@ class _Schedule:
         rank − t's keys (partial [2, B, n, H, D]) go back to it, packed like its keys came. Every
         rank calls it for every t in order (a pairwise exchange)."""
         two, B, n, H, D = dkv.shape
-        out, inc = self.outgoing[t], self.incoming[t]
+        out, inc = self.entries(t)
         send = [partial.reshape(2, B, n * H, D).index_select(2, inc).contiguous()] if len(inc) else []
         receive = [torch.empty(2, B, len(out), D)] if len(out) else []
         for request in self._start(t, send, receive, False, tag=2):
