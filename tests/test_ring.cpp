@@ -229,6 +229,38 @@ TEST(RingTest, BytesSentAreTheSelectedKeys) {
   }
 }
 
+TEST(RingTest, ShardAndUnshardSequences) {
+  Tensor x = Tensor::empty({1, 24}, DType::int64);
+  for (std::int64_t i = 0; i < 24; ++i) x.data<std::int64_t>()[i] = i;
+  const Tensor part = dattn::shard_sequence(x.view(), 1, 3, Layout::zigzag);
+  EXPECT_EQ(std::vector<std::int64_t>(part.data<std::int64_t>(), part.data<std::int64_t>() + part.numel()),
+            (std::vector<std::int64_t>{4, 5, 6, 7, 16, 17, 18, 19}));
+  // Round trips of a strided [2, 12, 3] view along each dimension that divides.
+  Tensor big = Tensor::empty({3, 12, 4}, DType::float32);
+  for (std::int64_t i = 0; i < big.numel(); ++i) big.data<float>()[i] = float(i);
+  TensorView view = big.view();
+  view.shape[0] = 2, view.shape[2] = 3;  // a strided window of it
+  for (const Layout layout : {Layout::contiguous, Layout::zigzag})
+    for (const auto& [dim, P] : {std::pair{1, 3}, std::pair{1, 2}, std::pair{0, 1}}) {
+      std::vector<Tensor> parts;
+      std::vector<TensorView> views;
+      for (int r = 0; r < P; ++r) parts.push_back(dattn::shard_sequence(view, r, P, layout, dim));
+      for (const Tensor& t : parts) views.push_back(t.view());
+      const Tensor joined = dattn::unshard_sequence(views, layout, dim);
+      ASSERT_EQ(joined.view().shape_string(), view.shape_string());
+      for (std::int64_t a = 0; a < 2; ++a)
+        for (std::int64_t b = 0; b < 12; ++b)
+          for (std::int64_t c = 0; c < 3; ++c)
+            ASSERT_EQ(joined.data<float>()[(a * 12 + b) * 3 + c], big.data<float>()[(a * 12 + b) * 4 + c]);
+    }
+  EXPECT_THAT(error_message([&] { dattn::shard_sequence(x.view(), 0, 5); }), ::testing::HasSubstr("divisible"));
+  EXPECT_THAT(error_message([&] { dattn::shard_sequence(x.view(), 0, 2, Layout::contiguous, 2); }),
+              ::testing::HasSubstr("dim = 2; expected a dimension of x [1, 24]"));
+  EXPECT_THAT(error_message([&] { dattn::unshard_sequence({x.view(), part.view()}); }),
+              ::testing::HasSubstr("part 1 has shape [1, 8]"));
+  EXPECT_THAT(error_message([] { dattn::unshard_sequence({}); }), ::testing::HasSubstr("no parts"));
+}
+
 TEST(RingTest, LayoutsAndErrors) {
   using Rows = std::vector<std::pair<std::int64_t, std::int64_t>>;
   EXPECT_EQ(dattn::ring_rows(16, 4, 1, Layout::contiguous), (Rows{{4, 8}}));

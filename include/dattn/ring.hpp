@@ -22,6 +22,12 @@ enum class Layout { contiguous, zigzag };
 std::vector<std::pair<std::int64_t, std::int64_t>> ring_rows(std::int64_t global_length, int ranks, int rank,
                                                               Layout layout);
 
+// The part of x (along dim) that `rank` of `ranks` holds, as a new contiguous host tensor: one
+// chunk (contiguous) or chunks p and 2P−1−p (zigzag). x's extent along dim must divide (P or 2P).
+Tensor shard_sequence(const TensorView& x, int rank, int ranks, Layout layout = Layout::contiguous, int dim = 1);
+// All ranks' parts (parts[p] from rank p) joined back in sequence order.
+Tensor unshard_sequence(const std::vector<TensorView>& parts, Layout layout = Layout::contiguous, int dim = 1);
+
 // Point-to-point messages between the ranks of a group: MPI, NCCL or threads of one process.
 class Communicator {
  public:

@@ -240,6 +240,59 @@ std::vector<std::pair<std::int64_t, std::int64_t>> ring_rows(std::int64_t N, int
   return {{rank * c, (rank + 1) * c}, {(parts - 1 - rank) * c, (parts - rank) * c}};
 }
 
+namespace {
+
+void check_sequence_tensor(const char* name, const TensorView& x, int dim) {
+  if (dim < 0 || dim >= x.rank)
+    throw Error(std::string("dim = ") + std::to_string(dim) + "; expected a dimension of " + name + " " +
+                x.shape_string());
+  if (x.device.type != DeviceType::cpu)
+    throw Error(std::string(name) + " is on " + device_name(x.device) + "; expected cpu");
+}
+
+std::vector<std::int64_t> shape_of(const TensorView& x) { return {x.shape.begin(), x.shape.begin() + x.rank}; }
+
+}  // namespace
+
+Tensor shard_sequence(const TensorView& x, int rank, int ranks, Layout layout, int dim) {
+  check_sequence_tensor("x", x, dim);
+  const Rows rows = ring_rows(x.shape[dim], ranks, rank, layout);
+  std::vector<std::int64_t> shape = shape_of(x);
+  shape[std::size_t(dim)] = 0;
+  for (const auto& [begin, end] : rows) shape[std::size_t(dim)] += end - begin;
+  Tensor part = Tensor::empty(shape, x.dtype);
+  std::int64_t at = 0;
+  for (const auto& [begin, end] : rows) {
+    copy(slice(x, dim, begin, end - begin), slice(part.view(), dim, at, end - begin));
+    at += end - begin;
+  }
+  return part;
+}
+
+Tensor unshard_sequence(const std::vector<TensorView>& parts, Layout layout, int dim) {
+  if (parts.empty()) throw Error("unshard_sequence: no parts; expected one per rank");
+  const int P = int(parts.size());
+  for (int p = 0; p < P; ++p) {
+    check_sequence_tensor("part", parts[std::size_t(p)], dim);
+    std::vector<std::int64_t> a = shape_of(parts[std::size_t(p)]), b = shape_of(parts[0]);
+    if (a != b || parts[std::size_t(p)].dtype != parts[0].dtype)
+      throw Error("part " + std::to_string(p) + " has shape " + parts[std::size_t(p)].shape_string() + " and dtype " +
+                  dtype_name(parts[std::size_t(p)].dtype) + "; expected those of part 0: " + parts[0].shape_string() +
+                  ", " + dtype_name(parts[0].dtype));
+  }
+  std::vector<std::int64_t> shape = shape_of(parts[0]);
+  shape[std::size_t(dim)] *= P;
+  Tensor x = Tensor::empty(shape, parts[0].dtype);
+  for (int p = 0; p < P; ++p) {
+    std::int64_t at = 0;
+    for (const auto& [begin, end] : ring_rows(shape[std::size_t(dim)], P, p, layout)) {
+      copy(slice(parts[std::size_t(p)], dim, at, end - begin), slice(x.view(), dim, begin, end - begin));
+      at += end - begin;
+    }
+  }
+  return x;
+}
+
 std::vector<std::int64_t> ring_transfer_entries(const DilatedConfig& config, Layout layout, std::int64_t N, int P,
                                                 std::int64_t H, int source, int dest) {
   detail::check_config(config);
