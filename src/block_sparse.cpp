@@ -24,12 +24,25 @@ Tensor empty_pattern(std::int64_t num_blocks) {
   return Tensor::zeros({num_blocks, num_blocks}, DType::boolean);
 }
 
-void check_mask_for(const BlockSparseConfig& config, const BlockSparseMask& mask, const TensorView& q) {
+// The mask covers the whole sequence: q's rows, or a ring step's global length, whose query and key
+// ranges must then start (and end, unless at the sequence's end) on block boundaries.
+void check_mask_for(const BlockSparseConfig& config, const BlockSparseMask& mask, const TensorView& q,
+                    const LaunchOptions& options) {
   if (config.block_size < 1) throw Error("block_size = " + str(config.block_size) + "; expected >= 1");
-  const std::int64_t blocks = blocks_of(q.shape[1], config.block_size);
+  const std::int64_t N = options.ring_step ? options.ring_step->global_length : q.shape[1];
+  if (options.ring_step) {
+    const RingStep& step = *options.ring_step;
+    auto aligned = [&](std::int64_t row) { return row % config.block_size == 0 || row == N; };
+    if (!aligned(step.query_position) || !aligned(step.query_position + q.shape[1]) || !aligned(step.key_begin) ||
+        !aligned(step.key_end))
+      throw Error("ring_step rows [" + str(step.query_position) + ", " + str(step.query_position + q.shape[1]) +
+                  ") and keys [" + str(step.key_begin) + ", " + str(step.key_end) + ") do not lie on blocks of " +
+                  str(config.block_size) + "; expected multiples of block_size (or N)");
+  }
+  const std::int64_t blocks = blocks_of(N, config.block_size);
   if (mask.query_blocks() != blocks || mask.key_blocks() != blocks)
     throw Error("block mask has " + str(mask.query_blocks()) + " x " + str(mask.key_blocks()) + " blocks; expected " +
-                str(blocks) + " x " + str(blocks) + " (ceil(N / block_size) with N = " + str(q.shape[1]) + ")");
+                str(blocks) + " x " + str(blocks) + " (ceil(N / block_size) with N = " + str(N) + ")");
   if (mask.heads() != 1 && mask.heads() != q.shape[2])
     throw Error("block mask has " + str(mask.heads()) + " heads; expected 1 (shared) or H = " + str(q.shape[2]));
   if (q.device.type != DeviceType::cpu)
@@ -149,7 +162,7 @@ void block_sparse_forward(const BlockSparseConfig& config, const BlockSparseMask
                           const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
                           const LaunchOptions& options) {
   detail::check_inputs(settings_of(config), q, k, v, out, lse, options);
-  check_mask_for(config, mask, q);
+  check_mask_for(config, mask, q, options);
   if (options.position_index) throw Error("options.position_index is set; block-sparse attention takes no index map");
   if (detail::use_reference(options, q.dtype)) return reference::block_sparse_forward(config, mask, q, k, v, out, lse);
   cpu::forward(make_params(config, mask, q, k, v, out, lse, options));
@@ -159,9 +172,12 @@ void block_sparse_backward(const BlockSparseConfig& config, const BlockSparseMas
                            const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
                            const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv,
                            const LaunchOptions& options) {
+  if (options.ring_step)
+    throw Error("options.ring_step is set for block_sparse_backward; ring backward steps of block-sparse attention are "
+                "not implemented yet; expected no ring_step");
   detail::check_inputs(settings_of(config), q, k, v, out, lse, options);
   detail::check_gradients(q, dout, dq, dk, dv);
-  check_mask_for(config, mask, q);
+  check_mask_for(config, mask, q, options);
   if (options.position_index) throw Error("options.position_index is set; block-sparse attention takes no index map");
   if (detail::use_reference(options, q.dtype))
     return reference::block_sparse_backward(config, mask, q, k, v, dout, dq, dk, dv);

@@ -4,6 +4,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include "harness.hpp"
 
 namespace dattn_test {
@@ -97,6 +99,90 @@ TEST_P(BlockSparseTest, LongRowsSpanSeveralChunks) {  // rows with more keys tha
 
 INSTANTIATE_TEST_SUITE_P(All, BlockSparseTest, ::testing::Values(DType::float32, DType::bfloat16, DType::float16),
                          [](const auto& info) { return std::string(dattn::dtype_name(info.param)); });
+
+// A view of rows [begin, begin + count) along dim.
+TensorView rows_of(const TensorView& t, int dim, std::int64_t begin, std::int64_t count) {
+  TensorView s = t;
+  s.data = static_cast<std::byte*>(t.data) + begin * t.strides[dim] * std::int64_t(dattn::dtype_size(t.dtype));
+  s.shape[dim] = count;
+  return s;
+}
+
+// Ring steps (query chunk × key chunk, block-aligned) merged by log-sum-exp equal the whole call.
+TEST(BlockSparseRingStepTest, StepsMergeToTheWholeSequence) {
+  Rng rng(404);
+  std::uniform_int_distribution<int> pick(0, 1 << 20);
+  std::uniform_real_distribution<double> uniform;
+  for (int i = 0; i < 20; ++i) {
+    const std::int64_t B = 1 + pick(rng) % 2, H = 1 + pick(rng) % 3, D = 8 * (1 + pick(rng) % 3);
+    const std::int64_t block = 1 + pick(rng) % 9, P = 1 + pick(rng) % 4, chunk = block * (1 + pick(rng) % 4);
+    const std::int64_t N = P * chunk - (pick(rng) % 2 ? pick(rng) % block : 0);  // a partial last block sometimes
+    const std::int64_t nb = (N + block - 1) / block;
+    const bool per_head = pick(rng) % 2;
+    Tensor dense = per_head ? Tensor::zeros({H, nb, nb}, DType::boolean) : Tensor::zeros({nb, nb}, DType::boolean);
+    const double density = uniform(rng);
+    for (std::int64_t e = 0; e < dense.numel(); ++e) dense.data<std::uint8_t>()[e] = uniform(rng) < density;
+    const BlockSparseMask mask = BlockSparseMask::from_dense(dense);
+    BlockSparseConfig config;
+    config.block_size = block;
+    config.causal = pick(rng) % 2;
+    config.dropout_p = pick(rng) % 3 == 0 ? 0.3 : 0.0;
+    config.dropout_seed = rng();
+    Tensor padding = Tensor::zeros({B, N}, DType::boolean);
+    const bool padded = pick(rng) % 2;
+    for (std::int64_t e = 0; e < padding.numel(); ++e) padding.data<std::uint8_t>()[e] = padded && uniform(rng) < 0.2;
+    SCOPED_TRACE(::testing::Message() << "case " << i << ": N=" << N << " P=" << P << " block=" << block
+                                      << " causal=" << config.causal << " p=" << config.dropout_p);
+    const std::vector<std::int64_t> shape{B, N, H, D};
+    Tensor q = Tensor::empty(shape, DType::float32), k = Tensor::empty(shape, DType::float32),
+           v = Tensor::empty(shape, DType::float32);
+    for (const Tensor* t : {&q, &k, &v}) fill_normal(t->view(), rng);
+    BlockSparseConfig whole_config = config;
+    if (padded) whole_config.key_padding_mask = padding.view();
+    Tensor out = Tensor::empty(shape, DType::float32), lse = Tensor::empty({B, H, N}, DType::float32);
+    dattn::block_sparse_forward(whole_config, mask, q, k, v, out, lse);
+
+    Tensor merged = Tensor::zeros(shape, DType::float32), merged_lse = Tensor::empty({B, H, N}, DType::float32);
+    for (std::int64_t e = 0; e < merged_lse.numel(); ++e) merged_lse.data<float>()[e] = -INFINITY;
+    for (std::int64_t q0 = 0; q0 < N; q0 += chunk)
+      for (std::int64_t k0 = 0; k0 < N; k0 += chunk) {
+        const std::int64_t nq = std::min(chunk, N - q0), nk = std::min(chunk, N - k0);
+        BlockSparseConfig step_config = config;
+        if (padded) step_config.key_padding_mask = rows_of(padding.view(), 1, k0, nk);
+        Tensor part = Tensor::empty({B, nq, H, D}, DType::float32), part_lse = Tensor::empty({B, H, nq}, DType::float32);
+        dattn::LaunchOptions options;
+        options.ring_step = dattn::RingStep{q0, N, k0, k0 + nk};
+        dattn::block_sparse_forward(step_config, mask, rows_of(q.view(), 1, q0, nq), rows_of(k.view(), 1, k0, nk),
+                                    rows_of(v.view(), 1, k0, nk), part, part_lse, options);
+        dattn::merge_partial(rows_of(merged.view(), 1, q0, nq), rows_of(merged_lse.view(), 2, q0, nq), part, part_lse);
+      }
+    EXPECT_TRUE(close_rel_l2("out", merged.view(), to_f64(out.view()), 1e-5));
+    for (std::int64_t e = 0; e < lse.numel(); ++e) {
+      const float a = merged_lse.data<float>()[e], b = lse.data<float>()[e];
+      ASSERT_TRUE(a == b || std::abs(a - b) <= 1e-5f * std::max(1.0f, std::abs(b))) << "lse[" << e << "] " << a << " vs " << b;
+    }
+  }
+}
+
+TEST(BlockSparseRingStepTest, MisalignedStepsAndBackwardStepsAreRefused) {
+  const std::int64_t N = 32;
+  const BlockSparseMask mask = BlockSparseMask::from_dense(dattn::local_window_pattern(4, 16, 8));
+  BlockSparseConfig config;
+  config.block_size = 8;
+  Tensor x = Tensor::zeros({1, N, 1, 8}, DType::float32), lse = Tensor::empty({1, 1, 12}, DType::float32);
+  const TensorView q = rows_of(x.view(), 1, 4, 12);
+  dattn::LaunchOptions options;
+  options.ring_step = dattn::RingStep{4, N, 0, 16};
+  EXPECT_THAT(error_message([&] { dattn::block_sparse_forward(config, mask, q, rows_of(x.view(), 1, 0, 16),
+                                                              rows_of(x.view(), 1, 0, 16), q, lse, options); }),
+              ::testing::HasSubstr("do not lie on blocks of 8"));
+  options.ring_step = dattn::RingStep{8, N, 0, 16};
+  const TensorView q8 = rows_of(x.view(), 1, 8, 8), k16 = rows_of(x.view(), 1, 0, 16);
+  Tensor lse8 = Tensor::empty({1, 1, 8}, DType::float32), g = Tensor::zeros({1, 8, 1, 8}, DType::float32),
+         gk = Tensor::zeros({1, 16, 1, 8}, DType::float32), gv = Tensor::zeros({1, 16, 1, 8}, DType::float32);
+  EXPECT_THAT(error_message([&] { dattn::block_sparse_backward(config, mask, q8, k16, k16, g, lse8, g, g, gk, gv, options); }),
+              ::testing::HasSubstr("ring backward steps of block-sparse attention are not implemented"));
+}
 
 TEST(BlockSparseMaskTest, CsrAndTransposeAgreeWithDense) {
   Rng rng(3);

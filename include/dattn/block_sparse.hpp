@@ -54,7 +54,9 @@ struct BlockSparseConfig {
 };
 
 // q, k, v, out: [B, N, H, D]; lse: [B, H, N]. The mask has ceil(N / block_size) query and key
-// blocks and 1 or H heads.
+// blocks and 1 or H heads. The forward also runs ring steps (options.ring_step, as for dilated
+// attention: the mask then covers global_length, and the query and key ranges start and end on
+// block boundaries); merge_partial combines them. Ring backward steps are not implemented yet.
 void block_sparse_forward(const BlockSparseConfig& config, const BlockSparseMask& mask, const TensorView& q,
                           const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
                           const LaunchOptions& options = {});

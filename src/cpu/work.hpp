@@ -66,10 +66,12 @@ void for_each_group(const detail::DilatedParams& p, const WorkItem& item, Fn&& f
     const std::int64_t* offsets = item.key_side ? p.block_column_offsets : p.block_row_offsets;
     const std::int64_t* others = item.key_side ? p.block_rows : p.block_columns;
     const std::int64_t row = head * ((item.key_side ? p.key_blocks : p.query_blocks) + 1) + block;
+    const RowRange other = other_rows(p, item.key_side);  // a ring step sees only its key (or query) range
     for (std::int64_t e = offsets[row]; e < offsets[row + 1]; ++e) {
-      const std::int64_t other_first = others[e] * bs;
-      fn(Group{-1, 1, item.region_begin, other_first, std::min(bs, p.seqlen - other_first), 0,
-               item.region_end - item.region_begin});
+      const std::int64_t other_first = std::max(others[e] * bs, other.begin);
+      const std::int64_t other_end = std::min({others[e] * bs + bs, p.global_length, other.end});
+      if (other_first < other_end)
+        fn(Group{-1, 1, item.region_begin, other_first, other_end - other_first, 0, item.region_end - item.region_begin});
     }
     return;
   }
