@@ -122,65 +122,22 @@ void merge_partial(const TensorView& out, const TensorView& lse, const TensorVie
       }
 }
 
-namespace {
-
-// A float32 accumulator of the given [B, rows, H, D] shape with stride 1 along D.
-void check_accumulator(const char* name, const TensorView& t, const TensorView& q, std::int64_t rows) {
-  TensorView like = q;
-  like.dtype = DType::float32;
-  like.shape[1] = rows;
-  if (t.dtype != DType::float32)
-    throw Error(std::string(name) + " has dtype " + dtype_name(t.dtype) + "; expected float32 (an accumulator)");
-  detail::check_attention_tensor(name, t, like);
-}
-
-void check_delta(const TensorView& delta, const TensorView& q) {
-  detail::check_lse(delta, q);
-  if (delta.strides[2] != 1 || delta.strides[1] != q.shape[1] || delta.strides[0] != q.shape[1] * q.shape[2])
-    throw Error("delta has strides that are not contiguous; expected a contiguous [B, H, N] float32 tensor");
-}
-
-}  // namespace
-
 void ring_query_gradients(const DilatedConfig& config, const RingStep& step, const TensorView& q, const TensorView& k,
                           const TensorView& v, const TensorView& dout, const TensorView& lse,
                           const RingQueryGradients& sums) {
   const LaunchOptions options{.ring_step = step};
   check(config, q, k, v, dout, lse, options);
-  check_accumulator("sum_gk", sums.sum_gk, q, q.shape[1]);
-  check_accumulator("sum_pk", sums.sum_pk, q, q.shape[1]);
-  check_delta(sums.delta, q);
+  detail::check_accumulator("sum_gk", sums.sum_gk, q, q.shape[1]);
+  detail::check_accumulator("sum_pk", sums.sum_pk, q, q.shape[1]);
+  detail::check_delta(sums.delta, q);
   if (q.device.type != DeviceType::cpu) throw Error("ring backward steps run on cpu tensors so far; q is on " + device_name(q.device));
   DilatedParams p = make_params(config, q, k, v, dout, lse, options);
-  p.dout = detail::operand(dout);
-  p.dq = detail::operand(sums.sum_gk);
-  p.dq_correction = detail::operand(sums.sum_pk);
-  p.softmax_delta = sums.delta.ptr<float>();
-  p.accumulate = true;
-  p.run_key_pass = false;
+  detail::set_ring_query_pass(p, dout, sums);
   cpu::backward(p);
 }
 
 void ring_finish_query_gradients(const DilatedConfig& config, const RingQueryGradients& sums, const TensorView& dq) {
-  const TensorView& e = sums.sum_gk;
-  if (e.rank != 4) throw Error("sum_gk has shape " + e.shape_string() + "; expected [B, N, H, D]");
-  check_accumulator("sum_gk", e, e, e.shape[1]);
-  check_accumulator("sum_pk", sums.sum_pk, e, e.shape[1]);
-  check_delta(sums.delta, e);
-  TensorView like = e;
-  like.dtype = dq.dtype;
-  detail::check_attention_tensor("dq", dq, like);
-  const double scale = config.scale.value_or(1.0 / std::sqrt(double(e.shape[3])));
-  for (std::int64_t b = 0; b < e.shape[0]; ++b)
-    for (std::int64_t n = 0; n < e.shape[1]; ++n)
-      for (std::int64_t h = 0; h < e.shape[2]; ++h) {
-        const float delta = sums.delta.ptr<float>()[(b * e.shape[2] + h) * e.shape[1] + n];
-        for (std::int64_t d = 0; d < e.shape[3]; ++d) {
-          const auto at = [&](const TensorView& t) { return b * t.strides[0] + n * t.strides[1] + h * t.strides[2] + d; };
-          const float g = e.ptr<float>()[at(e)], f = sums.sum_pk.ptr<float>()[at(sums.sum_pk)];
-          detail::store_float(dq, at(dq), float(scale) * (g - delta * f));
-        }
-      }
+  detail::finish_query_gradients(config.scale, sums, dq);
 }
 
 void ring_key_gradients(const DilatedConfig& config, const RingStep& step, const TensorView& q, const TensorView& k,
@@ -188,17 +145,12 @@ void ring_key_gradients(const DilatedConfig& config, const RingStep& step, const
                         const TensorView& dk, const TensorView& dv) {
   const LaunchOptions options{.ring_step = step};
   check(config, q, k, v, dout, lse, options);
-  check_delta(delta, q);
-  check_accumulator("dk", dk, q, k.shape[1]);
-  check_accumulator("dv", dv, q, k.shape[1]);
+  detail::check_delta(delta, q);
+  detail::check_accumulator("dk", dk, q, k.shape[1]);
+  detail::check_accumulator("dv", dv, q, k.shape[1]);
   if (q.device.type != DeviceType::cpu) throw Error("ring backward steps run on cpu tensors so far; q is on " + device_name(q.device));
   DilatedParams p = make_params(config, q, k, v, dout, lse, options);
-  p.dout = detail::operand(dout);
-  p.dk = detail::operand(dk);
-  p.dv = detail::operand(dv);
-  p.softmax_delta = delta.ptr<float>();
-  p.accumulate = true;
-  p.run_query_pass = false;
+  detail::set_ring_key_pass(p, dout, delta, dk, dv);
   cpu::backward(p);
 }
 

@@ -173,8 +173,8 @@ void block_sparse_backward(const BlockSparseConfig& config, const BlockSparseMas
                            const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv,
                            const LaunchOptions& options) {
   if (options.ring_step)
-    throw Error("options.ring_step is set for block_sparse_backward; ring backward steps of block-sparse attention are "
-                "not implemented yet; expected no ring_step");
+    throw Error("options.ring_step is set for block_sparse_backward; expected no ring_step (a ring backward step is "
+                "block_sparse_ring_query_gradients and block_sparse_ring_key_gradients)");
   detail::check_inputs(settings_of(config), q, k, v, out, lse, options);
   detail::check_gradients(q, dout, dq, dk, dv);
   check_mask_for(config, mask, q, options);
@@ -183,6 +183,43 @@ void block_sparse_backward(const BlockSparseConfig& config, const BlockSparseMas
     return reference::block_sparse_backward(config, mask, q, k, v, dout, dq, dk, dv);
   detail::DilatedParams p = make_params(config, mask, q, k, v, out, lse, options);
   detail::set_gradients(p, dout, dq, dk, dv);
+  cpu::backward(p);
+}
+
+void block_sparse_ring_query_gradients(const BlockSparseConfig& config, const BlockSparseMask& mask,
+                                       const RingStep& step, const TensorView& q, const TensorView& k,
+                                       const TensorView& v, const TensorView& dout, const TensorView& lse,
+                                       const RingQueryGradients& sums) {
+  LaunchOptions options;
+  options.ring_step = step;
+  detail::check_inputs(settings_of(config), q, k, v, dout, lse, options);
+  check_mask_for(config, mask, q, options);
+  detail::check_accumulator("sum_gk", sums.sum_gk, q, q.shape[1]);
+  detail::check_accumulator("sum_pk", sums.sum_pk, q, q.shape[1]);
+  detail::check_delta(sums.delta, q);
+  detail::DilatedParams p = make_params(config, mask, q, k, v, dout, lse, options);
+  detail::set_ring_query_pass(p, dout, sums);
+  cpu::backward(p);
+}
+
+void block_sparse_ring_finish_query_gradients(const BlockSparseConfig& config, const RingQueryGradients& sums,
+                                              const TensorView& dq) {
+  detail::finish_query_gradients(config.scale, sums, dq);
+}
+
+void block_sparse_ring_key_gradients(const BlockSparseConfig& config, const BlockSparseMask& mask, const RingStep& step,
+                                     const TensorView& q, const TensorView& k, const TensorView& v,
+                                     const TensorView& dout, const TensorView& lse, const TensorView& delta,
+                                     const TensorView& dk, const TensorView& dv) {
+  LaunchOptions options;
+  options.ring_step = step;
+  detail::check_inputs(settings_of(config), q, k, v, dout, lse, options);
+  check_mask_for(config, mask, q, options);
+  detail::check_delta(delta, q);
+  detail::check_accumulator("dk", dk, q, k.shape[1]);
+  detail::check_accumulator("dv", dv, q, k.shape[1]);
+  detail::DilatedParams p = make_params(config, mask, q, k, v, dout, lse, options);
+  detail::set_ring_key_pass(p, dout, delta, dk, dv);
   cpu::backward(p);
 }
 

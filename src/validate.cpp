@@ -291,4 +291,61 @@ void store_float(const TensorView& t, std::int64_t offset, float x) {
   }
 }
 
+// A float32 accumulator of the given [B, rows, H, D] shape with stride 1 along D.
+void check_accumulator(const char* name, const TensorView& t, const TensorView& q, std::int64_t rows) {
+  TensorView like = q;
+  like.dtype = DType::float32;
+  like.shape[1] = rows;
+  if (t.dtype != DType::float32)
+    throw Error(std::string(name) + " has dtype " + dtype_name(t.dtype) + "; expected float32 (an accumulator)");
+  check_attention_tensor(name, t, like);
+}
+
+void check_delta(const TensorView& delta, const TensorView& q) {
+  check_lse(delta, q);
+  if (delta.strides[2] != 1 || delta.strides[1] != q.shape[1] || delta.strides[0] != q.shape[1] * q.shape[2])
+    throw Error("delta has strides that are not contiguous; expected a contiguous [B, H, N] float32 tensor");
+}
+
+void finish_query_gradients(std::optional<double> scale, const RingQueryGradients& sums, const TensorView& dq) {
+  const TensorView& e = sums.sum_gk;
+  if (e.rank != 4) throw Error("sum_gk has shape " + e.shape_string() + "; expected [B, N, H, D]");
+  check_accumulator("sum_gk", e, e, e.shape[1]);
+  check_accumulator("sum_pk", sums.sum_pk, e, e.shape[1]);
+  check_delta(sums.delta, e);
+  TensorView like = e;
+  like.dtype = dq.dtype;
+  check_attention_tensor("dq", dq, like);
+  const double s = scale.value_or(1.0 / std::sqrt(double(e.shape[3])));
+  for (std::int64_t b = 0; b < e.shape[0]; ++b)
+    for (std::int64_t n = 0; n < e.shape[1]; ++n)
+      for (std::int64_t h = 0; h < e.shape[2]; ++h) {
+        const float delta = sums.delta.ptr<float>()[(b * e.shape[2] + h) * e.shape[1] + n];
+        for (std::int64_t d = 0; d < e.shape[3]; ++d) {
+          const auto at = [&](const TensorView& t) { return b * t.strides[0] + n * t.strides[1] + h * t.strides[2] + d; };
+          const float g = e.ptr<float>()[at(e)], f = sums.sum_pk.ptr<float>()[at(sums.sum_pk)];
+          store_float(dq, at(dq), float(s) * (g - delta * f));
+        }
+      }
+}
+
+void set_ring_query_pass(DilatedParams& p, const TensorView& dout, const RingQueryGradients& sums) {
+  p.dout = operand(dout);
+  p.dq = operand(sums.sum_gk);
+  p.dq_correction = operand(sums.sum_pk);
+  p.softmax_delta = sums.delta.ptr<float>();
+  p.accumulate = true;
+  p.run_key_pass = false;
+}
+
+void set_ring_key_pass(DilatedParams& p, const TensorView& dout, const TensorView& delta, const TensorView& dk,
+                       const TensorView& dv) {
+  p.dout = operand(dout);
+  p.dk = operand(dk);
+  p.dv = operand(dv);
+  p.softmax_delta = delta.ptr<float>();
+  p.accumulate = true;
+  p.run_query_pass = false;
+}
+
 }  // namespace dattn::detail

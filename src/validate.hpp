@@ -47,4 +47,14 @@ float load_float(const TensorView& t, std::int64_t offset);
 void store_float(const TensorView& t, std::int64_t offset, float x);
 bool use_reference(const LaunchOptions& options, DType dtype);
 
+// Ring backward steps: float32 accumulators [B, rows, H, D], the contiguous [B, H, N] delta, and
+// dq = scale·(sum_gk − delta·sum_pk) at the end of the query sweep.
+void check_accumulator(const char* name, const TensorView& t, const TensorView& q, std::int64_t rows);
+void check_delta(const TensorView& delta, const TensorView& q);
+void finish_query_gradients(std::optional<double> scale, const RingQueryGradients& sums, const TensorView& dq);
+// The params of a ring backward step: the query sweep (sums accumulated) or the key sweep (dk, dv).
+void set_ring_query_pass(DilatedParams& p, const TensorView& dout, const RingQueryGradients& sums);
+void set_ring_key_pass(DilatedParams& p, const TensorView& dout, const TensorView& delta, const TensorView& dk,
+                       const TensorView& dv);
+
 }  // namespace dattn::detail

@@ -56,7 +56,7 @@ struct BlockSparseConfig {
 // q, k, v, out: [B, N, H, D]; lse: [B, H, N]. The mask has ceil(N / block_size) query and key
 // blocks and 1 or H heads. The forward also runs ring steps (options.ring_step, as for dilated
 // attention: the mask then covers global_length, and the query and key ranges start and end on
-// block boundaries); merge_partial combines them. Ring backward steps are not implemented yet.
+// block boundaries); merge_partial combines them; the backward's ring steps are below.
 void block_sparse_forward(const BlockSparseConfig& config, const BlockSparseMask& mask, const TensorView& q,
                           const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
                           const LaunchOptions& options = {});
@@ -64,6 +64,19 @@ void block_sparse_backward(const BlockSparseConfig& config, const BlockSparseMas
                            const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
                            const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv,
                            const LaunchOptions& options = {});
+
+// Ring backward steps of block-sparse attention: ring_query_gradients, ring_finish_query_gradients
+// and ring_key_gradients of dattn/attention.hpp with a block mask (block-aligned steps, CPU).
+void block_sparse_ring_query_gradients(const BlockSparseConfig& config, const BlockSparseMask& mask,
+                                       const RingStep& step, const TensorView& q, const TensorView& k,
+                                       const TensorView& v, const TensorView& dout, const TensorView& lse,
+                                       const RingQueryGradients& sums);
+void block_sparse_ring_finish_query_gradients(const BlockSparseConfig& config, const RingQueryGradients& sums,
+                                              const TensorView& dq);
+void block_sparse_ring_key_gradients(const BlockSparseConfig& config, const BlockSparseMask& mask, const RingStep& step,
+                                     const TensorView& q, const TensorView& k, const TensorView& v,
+                                     const TensorView& dout, const TensorView& lse, const TensorView& delta,
+                                     const TensorView& dk, const TensorView& dv);
 
 // The named patterns of SPEC.md, as dense bool masks [num_blocks, num_blocks] shared by all heads.
 Tensor local_window_pattern(std::int64_t num_blocks, std::int64_t window, std::int64_t block_size);
