@@ -122,6 +122,17 @@ TensorView TensorView::select(int dim, std::int64_t index) const {
   return out;
 }
 
+TensorView TensorView::narrow(int dim, std::int64_t start, std::int64_t length) const {
+  if (dim < 0 || dim >= rank) throw Error("narrow: dim " + std::to_string(dim) + " out of range for rank " + std::to_string(rank));
+  if (start < 0 || length < 0 || start + length > shape[dim])
+    throw Error("narrow: [" + std::to_string(start) + ", " + std::to_string(start + length) + ") out of range [0, " +
+                std::to_string(shape[dim]) + "]");
+  TensorView out = *this;
+  out.data = static_cast<std::byte*>(data) + start * strides[dim] * std::int64_t(dtype_size(dtype));
+  out.shape[dim] = length;
+  return out;
+}
+
 std::array<std::int64_t, kMaxRank> contiguous_strides(const std::vector<std::int64_t>& shape) {
   std::array<std::int64_t, kMaxRank> strides{};
   std::int64_t stride = 1;

@@ -100,14 +100,6 @@ TEST_P(BlockSparseTest, LongRowsSpanSeveralChunks) {  // rows with more keys tha
 INSTANTIATE_TEST_SUITE_P(All, BlockSparseTest, ::testing::Values(DType::float32, DType::bfloat16, DType::float16),
                          [](const auto& info) { return std::string(dattn::dtype_name(info.param)); });
 
-// A view of rows [begin, begin + count) along dim.
-TensorView rows_of(const TensorView& t, int dim, std::int64_t begin, std::int64_t count) {
-  TensorView s = t;
-  s.data = static_cast<std::byte*>(t.data) + begin * t.strides[dim] * std::int64_t(dattn::dtype_size(t.dtype));
-  s.shape[dim] = count;
-  return s;
-}
-
 // Ring steps (query chunk × key chunk, block-aligned) equal the whole call: forward merged by
 // log-sum-exp, backward by the two sweeps of the ring backward.
 TEST(BlockSparseRingStepTest, StepsMergeToTheWholeSequence) {
@@ -149,13 +141,13 @@ TEST(BlockSparseRingStepTest, StepsMergeToTheWholeSequence) {
       for (std::int64_t k0 = 0; k0 < N; k0 += chunk) {
         const std::int64_t nq = std::min(chunk, N - q0), nk = std::min(chunk, N - k0);
         BlockSparseConfig step_config = config;
-        if (padded) step_config.key_padding_mask = rows_of(padding.view(), 1, k0, nk);
+        if (padded) step_config.key_padding_mask = padding.view().narrow(1, k0, nk);
         Tensor part = Tensor::empty({B, nq, H, D}, DType::float32), part_lse = Tensor::empty({B, H, nq}, DType::float32);
         dattn::LaunchOptions options;
         options.ring_step = dattn::RingStep{q0, N, k0, k0 + nk};
-        dattn::block_sparse_forward(step_config, mask, rows_of(q.view(), 1, q0, nq), rows_of(k.view(), 1, k0, nk),
-                                    rows_of(v.view(), 1, k0, nk), part, part_lse, options);
-        dattn::merge_partial(rows_of(merged.view(), 1, q0, nq), rows_of(merged_lse.view(), 2, q0, nq), part, part_lse);
+        dattn::block_sparse_forward(step_config, mask, q.view().narrow(1, q0, nq), k.view().narrow(1, k0, nk),
+                                    v.view().narrow(1, k0, nk), part, part_lse, options);
+        dattn::merge_partial(merged.view().narrow(1, q0, nq), merged_lse.view().narrow(2, q0, nq), part, part_lse);
       }
     EXPECT_TRUE(close_rel_l2("out", merged.view(), to_f64(out.view()), 1e-5));
     for (std::int64_t e = 0; e < lse.numel(); ++e) {
@@ -180,20 +172,20 @@ TEST(BlockSparseRingStepTest, StepsMergeToTheWholeSequence) {
         for (std::int64_t k0 = 0; k0 < N; k0 += chunk) {
           const std::int64_t nk = std::min(chunk, N - k0);
           BlockSparseConfig step_config = config;
-          if (padded) step_config.key_padding_mask = rows_of(padding.view(), 1, k0, nk);
+          if (padded) step_config.key_padding_mask = padding.view().narrow(1, k0, nk);
           call(step_config, dattn::RingStep{q0, N, k0, k0 + nk}, k0, nk);
         }
       };
       keys([&](const BlockSparseConfig& c, const dattn::RingStep& step, std::int64_t k0, std::int64_t nk) {
-        dattn::block_sparse_ring_query_gradients(c, mask, step, rows_of(q.view(), 1, q0, nq), rows_of(k.view(), 1, k0, nk),
-                                                 rows_of(v.view(), 1, k0, nk), rows_of(dout.view(), 1, q0, nq), chunk_lse,
+        dattn::block_sparse_ring_query_gradients(c, mask, step, q.view().narrow(1, q0, nq), k.view().narrow(1, k0, nk),
+                                                 v.view().narrow(1, k0, nk), dout.view().narrow(1, q0, nq), chunk_lse,
                                                  {sum_gk, sum_pk, delta});
       });
-      dattn::block_sparse_ring_finish_query_gradients(config, {sum_gk, sum_pk, delta}, rows_of(ring_dq.view(), 1, q0, nq));
+      dattn::block_sparse_ring_finish_query_gradients(config, {sum_gk, sum_pk, delta}, ring_dq.view().narrow(1, q0, nq));
       keys([&](const BlockSparseConfig& c, const dattn::RingStep& step, std::int64_t k0, std::int64_t nk) {
-        dattn::block_sparse_ring_key_gradients(c, mask, step, rows_of(q.view(), 1, q0, nq), rows_of(k.view(), 1, k0, nk),
-                                               rows_of(v.view(), 1, k0, nk), rows_of(dout.view(), 1, q0, nq), chunk_lse,
-                                               delta, rows_of(ring_dk.view(), 1, k0, nk), rows_of(ring_dv.view(), 1, k0, nk));
+        dattn::block_sparse_ring_key_gradients(c, mask, step, q.view().narrow(1, q0, nq), k.view().narrow(1, k0, nk),
+                                               v.view().narrow(1, k0, nk), dout.view().narrow(1, q0, nq), chunk_lse,
+                                               delta, ring_dk.view().narrow(1, k0, nk), ring_dv.view().narrow(1, k0, nk));
       });
     }
     // Against the float64 reference (the whole float32 call is itself only within the bar of it).
@@ -215,14 +207,14 @@ TEST(BlockSparseRingStepTest, MisalignedStepsAndBackwardStepsAreRefused) {
   BlockSparseConfig config;
   config.block_size = 8;
   Tensor x = Tensor::zeros({1, N, 1, 8}, DType::float32), lse = Tensor::empty({1, 1, 12}, DType::float32);
-  const TensorView q = rows_of(x.view(), 1, 4, 12);
+  const TensorView q = x.view().narrow(1, 4, 12);
   dattn::LaunchOptions options;
   options.ring_step = dattn::RingStep{4, N, 0, 16};
-  EXPECT_THAT(error_message([&] { dattn::block_sparse_forward(config, mask, q, rows_of(x.view(), 1, 0, 16),
-                                                              rows_of(x.view(), 1, 0, 16), q, lse, options); }),
+  EXPECT_THAT(error_message([&] { dattn::block_sparse_forward(config, mask, q, x.view().narrow(1, 0, 16),
+                                                              x.view().narrow(1, 0, 16), q, lse, options); }),
               ::testing::HasSubstr("do not lie on blocks of 8"));
   options.ring_step = dattn::RingStep{8, N, 0, 16};
-  const TensorView q8 = rows_of(x.view(), 1, 8, 8), k16 = rows_of(x.view(), 1, 0, 16);
+  const TensorView q8 = x.view().narrow(1, 8, 8), k16 = x.view().narrow(1, 0, 16);
   Tensor lse8 = Tensor::empty({1, 1, 8}, DType::float32), g = Tensor::zeros({1, 8, 1, 8}, DType::float32),
          gk = Tensor::zeros({1, 16, 1, 8}, DType::float32), gv = Tensor::zeros({1, 16, 1, 8}, DType::float32);
   EXPECT_THAT(error_message([&] { dattn::block_sparse_backward(config, mask, q8, k16, k16, g, lse8, g, g, gk, gv, options); }),

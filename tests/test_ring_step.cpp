@@ -17,14 +17,6 @@ std::vector<std::pair<std::int64_t, std::int64_t>> chunks_of(std::int64_t N, int
   return {{p * c, (p + 1) * c}, {(2 * P - 1 - p) * c, (2 * P - p) * c}};
 }
 
-// Rows [begin, end) of a [B, N, ...] view (dim 1 for q/k/v, dim 2 for lse).
-TensorView rows(const TensorView& t, int dim, std::int64_t begin, std::int64_t end) {
-  TensorView r = t;
-  r.data = static_cast<std::byte*>(t.data) + begin * t.strides[dim] * std::int64_t(dattn::dtype_size(t.dtype));
-  r.shape[dim] = end - begin;
-  return r;
-}
-
 struct RingCase {
   std::int64_t B, N, H, D;
   std::vector<std::int64_t> w, r;
@@ -75,9 +67,9 @@ void run(const RingCase& c, DType dtype, Rng& rng) {
           Tensor out = Tensor::empty({c.B, q1 - q0, c.H, c.D}, dtype), lse = Tensor::empty({c.B, c.H, q1 - q0}, DType::float32);
           dattn::LaunchOptions options;
           options.ring_step = dattn::RingStep{q0, c.N, k0, k1};
-          dattn::forward(step_config, rows(q.view(), 1, q0, q1), rows(k.view(), 1, k0, k1), rows(v.view(), 1, k0, k1),
-                         out, lse, options);
-          dattn::merge_partial(rows(merged.view(), 1, q0, q1), rows(merged_lse.view(), 2, q0, q1), out, lse);
+          dattn::forward(step_config, q.view().narrow(1, q0, q1 - q0), k.view().narrow(1, k0, k1 - k0),
+                         v.view().narrow(1, k0, k1 - k0), out, lse, options);
+          dattn::merge_partial(merged.view().narrow(1, q0, q1 - q0), merged_lse.view().narrow(2, q0, q1 - q0), out, lse);
         }
   // The merge works in float32 while the whole-sequence call rounds once, so compare both to
   // the float64 reference at the dtype's bar.
@@ -120,17 +112,17 @@ void run(const RingCase& c, DType dtype, Rng& rng) {
         for (const auto& [k0, k1] : chunks_of(c.N, c.P, source, c.zigzag)) {
           Tensor holder;
           dattn::ring_query_gradients(step_config(k0, k1, holder), dattn::RingStep{q0, c.N, k0, k1},
-                                      rows(q.view(), 1, q0, q1), rows(k.view(), 1, k0, k1), rows(v.view(), 1, k0, k1),
-                                      rows(dout.view(), 1, q0, q1), lse, sums);
+                                      q.view().narrow(1, q0, q1 - q0), k.view().narrow(1, k0, k1 - k0),
+                                      v.view().narrow(1, k0, k1 - k0), dout.view().narrow(1, q0, q1 - q0), lse, sums);
         }
-      dattn::ring_finish_query_gradients(config, sums, rows(dq.view(), 1, q0, q1));
+      dattn::ring_finish_query_gradients(config, sums, dq.view().narrow(1, q0, q1 - q0));
       for (int source = 0; source < c.P; ++source)
         for (const auto& [k0, k1] : chunks_of(c.N, c.P, source, c.zigzag)) {
           Tensor holder;
           dattn::ring_key_gradients(step_config(k0, k1, holder), dattn::RingStep{q0, c.N, k0, k1},
-                                    rows(q.view(), 1, q0, q1), rows(k.view(), 1, k0, k1), rows(v.view(), 1, k0, k1),
-                                    rows(dout.view(), 1, q0, q1), lse, delta, rows(dk.view(), 1, k0, k1),
-                                    rows(dv.view(), 1, k0, k1));
+                                    q.view().narrow(1, q0, q1 - q0), k.view().narrow(1, k0, k1 - k0),
+                                    v.view().narrow(1, k0, k1 - k0), dout.view().narrow(1, q0, q1 - q0), lse, delta,
+                                    dk.view().narrow(1, k0, k1 - k0), dv.view().narrow(1, k0, k1 - k0));
         }
     }
   Tensor dq64 = Tensor::empty(shape, DType::float64), dk64 = Tensor::empty(shape, DType::float64),

@@ -1,4 +1,4 @@
-// 16-bit conversions, Tensor allocation and TensorView::select.
+// 16-bit conversions, Tensor allocation and TensorView::select / narrow.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -172,6 +172,20 @@ TEST(TensorView, SelectOutOfRangeThrows) {
   EXPECT_THROW(t.view().select(-1, 0), dattn::Error);
   EXPECT_THROW(t.view().select(1, 3), dattn::Error);
   EXPECT_THROW(t.view().select(0, -1), dattn::Error);
+}
+
+TEST(TensorView, NarrowKeepsRankAndStrides) {
+  const dattn::Tensor t = dattn::Tensor::empty({4, 6, 2}, DType::bfloat16);
+  const dattn::TensorView rows = t.view().narrow(1, 2, 3);
+  EXPECT_EQ(rows.rank, 3);
+  EXPECT_EQ(rows.shape_string(), "[4, 3, 2]");
+  EXPECT_EQ(rows.strides, t.view().strides);
+  EXPECT_EQ(static_cast<std::byte*>(rows.data) - static_cast<std::byte*>(t.view().data), 2 * 2 * 2);
+  EXPECT_EQ(t.view().narrow(0, 4, 0).shape[0], 0);  // empty at the end is allowed
+  EXPECT_THROW(t.view().narrow(3, 0, 1), dattn::Error);
+  EXPECT_THROW(t.view().narrow(1, 4, 3), dattn::Error);
+  EXPECT_THROW(t.view().narrow(1, -1, 2), dattn::Error);
+  EXPECT_THROW(t.view().narrow(1, 0, -1), dattn::Error);
 }
 
 TEST(TensorView, MakeViewStrides) {

@@ -62,6 +62,8 @@ struct TensorView {
   std::string shape_string() const;
   // The view with dimension `dim` fixed at `index` (one rank lower), e.g. q out of [B, N, 3, H, D].
   TensorView select(int dim, std::int64_t index) const;
+  // The view of entries [start, start + length) along `dim` (same rank), e.g. a rank's rows of q.
+  TensorView narrow(int dim, std::int64_t start, std::int64_t length) const;
   template <class T>
   T* ptr() const { return static_cast<T*>(data); }
 };

@@ -22,14 +22,6 @@ using Rows = std::vector<std::pair<std::int64_t, std::int64_t>>;
 using Entries = std::vector<std::int64_t>;
 using Clock = std::chrono::steady_clock;
 
-// Rows [begin, begin + count) along dimension dim of a view.
-TensorView slice(const TensorView& t, int dim, std::int64_t begin, std::int64_t count) {
-  TensorView s = t;
-  s.data = static_cast<std::byte*>(t.data) + begin * t.strides[dim] * std::int64_t(dtype_size(t.dtype));
-  s.shape[dim] = count;
-  return s;
-}
-
 // Calls f(offset in from, offset in to) for every element of two views of one shape.
 template <class F>
 void for_each_pair(const TensorView& from, const TensorView& to, F&& f) {
@@ -200,7 +192,7 @@ void for_each_source(Communicator& comm, const Schedule& schedule, const Keys& o
 DilatedConfig step_config(const DilatedConfig& config, const Keys& keys, std::int64_t offset, std::int64_t rows) {
   DilatedConfig c = config;
   c.key_padding_mask.reset();
-  if (keys.mask) c.key_padding_mask = slice(*keys.mask, 1, offset, rows);
+  if (keys.mask) c.key_padding_mask = keys.mask->narrow(1, offset, rows);
   return c;
 }
 
@@ -263,7 +255,7 @@ Tensor shard_sequence(const TensorView& x, int rank, int ranks, Layout layout, i
   Tensor part = Tensor::empty(shape, x.dtype);
   std::int64_t at = 0;
   for (const auto& [begin, end] : rows) {
-    copy(slice(x, dim, begin, end - begin), slice(part.view(), dim, at, end - begin));
+    copy(x.narrow(dim, begin, end - begin), part.view().narrow(dim, at, end - begin));
     at += end - begin;
   }
   return part;
@@ -286,7 +278,7 @@ Tensor unshard_sequence(const std::vector<TensorView>& parts, Layout layout, int
   for (int p = 0; p < P; ++p) {
     std::int64_t at = 0;
     for (const auto& [begin, end] : ring_rows(shape[std::size_t(dim)], P, p, layout)) {
-      copy(slice(parts[std::size_t(p)], dim, at, end - begin), slice(x.view(), dim, begin, end - begin));
+      copy(parts[std::size_t(p)].narrow(dim, at, end - begin), x.view().narrow(dim, begin, end - begin));
       at += end - begin;
     }
   }
@@ -347,11 +339,11 @@ void ring_forward(Communicator& comm, const DilatedConfig& config, Layout layout
         for (const auto& [k0, k1] : ring_rows(N, comm.size(), source, layout)) {
           std::int64_t query_offset = 0;
           for (const auto& [q0, q1] : schedule.mine) {
-            forward(step_config(config, keys, key_offset, k1 - k0), slice(q, 1, query_offset, q1 - q0),
-                    slice(keys.k, 1, key_offset, k1 - k0), slice(keys.v, 1, key_offset, k1 - k0), part, part_lse,
+            forward(step_config(config, keys, key_offset, k1 - k0), q.narrow(1, query_offset, q1 - q0),
+                    keys.k.narrow(1, key_offset, k1 - k0), keys.v.narrow(1, key_offset, k1 - k0), part, part_lse,
                     {.ring_step = RingStep{q0, N, k0, k1}});
-            merge_partial(slice(merged, 1, query_offset, q1 - q0), slice(merged_lse, 2, query_offset, q1 - q0), part,
-                          part_lse);
+            merge_partial(merged.view().narrow(1, query_offset, q1 - q0),
+                          merged_lse.view().narrow(2, query_offset, q1 - q0), part, part_lse);
             query_offset += q1 - q0;
           }
           key_offset += k1 - k0;
@@ -384,7 +376,7 @@ void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layou
   for (const auto& [q0, q1] : schedule.mine) {
     Chunk c{q0, q1, offset, Tensor::empty({B, H, q1 - q0}, DType::float32), Tensor::zeros({B, q1 - q0, H, D}, DType::float32),
             Tensor::zeros({B, q1 - q0, H, D}, DType::float32), Tensor::zeros({B, H, q1 - q0}, DType::float32)};
-    copy(slice(lse, 2, offset, q1 - q0), c.lse);
+    copy(lse.narrow(2, offset, q1 - q0), c.lse);
     offset += q1 - q0;
     chunks.push_back(std::move(c));
   }
@@ -399,14 +391,14 @@ void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layou
       comm, schedule, own, 2, local_stats,
       [&](int source, const Keys& keys) {
         pairs(source, keys, [&](const Chunk& c, const DilatedConfig& cfg, std::int64_t at, std::int64_t k0, std::int64_t k1) {
-          ring_query_gradients(cfg, RingStep{c.q0, N, k0, k1}, slice(q, 1, c.offset, c.q1 - c.q0),
-                               slice(keys.k, 1, at, k1 - k0), slice(keys.v, 1, at, k1 - k0),
-                               slice(dout, 1, c.offset, c.q1 - c.q0), c.lse, {c.sum_gk, c.sum_pk, c.delta});
+          ring_query_gradients(cfg, RingStep{c.q0, N, k0, k1}, q.narrow(1, c.offset, c.q1 - c.q0),
+                               keys.k.narrow(1, at, k1 - k0), keys.v.narrow(1, at, k1 - k0),
+                               dout.narrow(1, c.offset, c.q1 - c.q0), c.lse, {c.sum_gk, c.sum_pk, c.delta});
         });
       },
       [](int, const Step&) {});
   for (const Chunk& c : chunks)
-    ring_finish_query_gradients(config, {c.sum_gk, c.sum_pk, c.delta}, slice(dq, 1, c.offset, c.q1 - c.q0));
+    ring_finish_query_gradients(config, {c.sum_gk, c.sum_pk, c.delta}, dq.narrow(1, c.offset, c.q1 - c.q0));
 
   // Key sweep: the gradients of the source's keys from this rank's queries go back to the source,
   // packed like its keys came; this rank's own key gradients arrive from each dest one step later.
@@ -430,10 +422,10 @@ void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layou
       [&](int source, const Keys& keys) {
         std::memset(partial.data<std::byte>(), 0, partial.nbytes());
         pairs(source, keys, [&](const Chunk& c, const DilatedConfig& cfg, std::int64_t at, std::int64_t k0, std::int64_t k1) {
-          ring_key_gradients(cfg, RingStep{c.q0, N, k0, k1}, slice(q, 1, c.offset, c.q1 - c.q0),
-                             slice(keys.k, 1, at, k1 - k0), slice(keys.v, 1, at, k1 - k0),
-                             slice(dout, 1, c.offset, c.q1 - c.q0), c.lse, c.delta,
-                             slice(partial_grads[0], 1, at, k1 - k0), slice(partial_grads[1], 1, at, k1 - k0));
+          ring_key_gradients(cfg, RingStep{c.q0, N, k0, k1}, q.narrow(1, c.offset, c.q1 - c.q0),
+                             keys.k.narrow(1, at, k1 - k0), keys.v.narrow(1, at, k1 - k0),
+                             dout.narrow(1, c.offset, c.q1 - c.q0), c.lse, c.delta,
+                             partial_grads[0].narrow(1, at, k1 - k0), partial_grads[1].narrow(1, at, k1 - k0));
         });
       },
       [&](int t, const Step& s) {  // after step t's keys were used (or skipped)
