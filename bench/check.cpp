@@ -185,9 +185,6 @@ CallTensors CallTensors::make(const Problem& p, DType dtype, std::uint64_t seed)
   return t;
 }
 
-// ---------------------------------------------------------------------------------------------
-namespace {
-
 Tensor to_float64(const Tensor& t) {
   Tensor r = Tensor::empty(std::vector<std::int64_t>(t.view().shape.begin(), t.view().shape.begin() + t.view().rank),
                            DType::float64);
@@ -196,13 +193,15 @@ Tensor to_float64(const Tensor& t) {
   return r;
 }
 
-// Whole-tensor comparison of x (any dtype) with ref (float64), both contiguous.
 double rel_l2(const Tensor& x, const Tensor& ref) {
   L2 acc;
   const std::int64_t n = x.numel();
   for (std::int64_t i = 0; i < n; ++i) acc.add(load(x.view(), i), ref.data<double>()[i]);
   return acc.rel();
 }
+
+// ---------------------------------------------------------------------------------------------
+namespace {
 
 double lse_max_error(const Tensor& x, const Tensor& ref) {
   double worst = 0;

@@ -68,6 +68,12 @@ struct CallTensors {
   static CallTensors make(const Problem& p, dattn::DType dtype, std::uint64_t seed);
 };
 
+// A float64 copy of a contiguous float tensor of any dtype.
+dattn::Tensor to_float64(const dattn::Tensor& t);
+// SPEC.md's accuracy measure: ‖x − ref‖₂ / ‖ref‖₂ of x (any float dtype) against ref (float64),
+// both contiguous; 0 or inf where ref is 0, inf for a NaN.
+double rel_l2(const dattn::Tensor& x, const dattn::Tensor& ref);
+
 // Fresh N(0, 1) draws stored in the tensor's dtype (parallel, deterministic for a seed).
 void fill_normal(const dattn::Tensor& t, std::uint64_t seed);
 // Every element NaN (all bits set), for outputs a kernel must overwrite.

@@ -31,21 +31,10 @@ using json = nlohmann::json;
 
 constexpr std::int64_t kB = 1, kH = 12, kD = 64, kBase = 2048;
 
-// Rank `rank`'s rows of a [B, N, ...] tensor in the contiguous layout (a view, no copy).
-TensorView rows_of(const Tensor& global, int P, int rank) {
-  TensorView v = global.view();
-  const std::int64_t n = v.shape[1] / P;
-  v.data = static_cast<std::byte*>(v.data) + rank * n * v.strides[1] * std::int64_t(dattn::dtype_size(v.dtype));
-  v.shape[1] = n;
-  return v;
-}
-
-TensorView lse_rows_of(const Tensor& global, int P, int rank) {
-  TensorView v = global.view();
-  const std::int64_t n = v.shape[2] / P;
-  v.data = static_cast<float*>(v.data) + rank * n;
-  v.shape[2] = n;
-  return v;
+// Rank `rank`'s rows (along dim: 1 for [B, N, H, D], 2 for lse) in the contiguous layout.
+TensorView rows_of(const Tensor& global, int P, int rank, int dim = 1) {
+  const std::int64_t n = global.view().shape[dim] / P;
+  return global.view().narrow(dim, rank * n, n);
 }
 
 // One measured call of all P ranks: the slowest rank's wall time, the heap peak per rank and each
@@ -75,21 +64,6 @@ RankRun run_ranks(int P, int threads, F&& call) {
   run.ms = *std::max_element(ms.begin(), ms.end());
   run.peak_bytes_per_rank = double(dattn_memhook_peak() - live) / P;
   return run;
-}
-
-double element(const TensorView& t, std::int64_t i) {
-  return t.dtype == DType::bfloat16 ? dattn::bfloat16_to_float(t.ptr<std::uint16_t>()[i]) : t.ptr<float>()[i];
-}
-
-double relative_l2(const Tensor& x, const Tensor& ref) {
-  double diff = 0, norm = 0;
-  for (std::int64_t i = 0; i < x.numel(); ++i) {
-    const double a = element(x.view(), i), r = element(ref.view(), i);
-    if (!std::isfinite(a)) return INFINITY;
-    diff += (a - r) * (a - r);
-    norm += r * r;
-  }
-  return std::sqrt(diff / norm);
 }
 
 struct Row {
@@ -257,25 +231,25 @@ json run_ring_bench(const RingBenchSettings& s) {
     auto ring_forward = [&](dattn::Communicator& comm, dattn::RingStats& st) {
       const int r = comm.rank();
       dattn::ring_forward(comm, config, dattn::Layout::contiguous, N, rows_of(t.q, P, r), rows_of(t.k, P, r),
-                          rows_of(t.v, P, r), rows_of(t.out, P, r), lse_rows_of(t.lse, P, r), &st);
+                          rows_of(t.v, P, r), rows_of(t.out, P, r), rows_of(t.lse, P, r, 2), &st);
     };
     auto ring_both = [&](dattn::Communicator& comm, dattn::RingStats& st) {
       const int r = comm.rank();
       ring_forward(comm, st);
       dattn::ring_backward(comm, config, dattn::Layout::contiguous, N, rows_of(t.q, P, r), rows_of(t.k, P, r),
-                           rows_of(t.v, P, r), rows_of(t.out, P, r), lse_rows_of(t.lse, P, r), rows_of(t.dout, P, r),
+                           rows_of(t.v, P, r), rows_of(t.out, P, r), rows_of(t.lse, P, r, 2), rows_of(t.dout, P, r),
                            rows_of(t.dq, P, r), rows_of(t.dk, P, r), rows_of(t.dv, P, r), &st);
     };
     auto gather_forward = [&](dattn::Communicator& comm, dattn::RingStats& st) {
       const int r = comm.rank();
       allgather_forward(comm, config, N, rows_of(t.q, P, r), rows_of(t.k, P, r), rows_of(t.v, P, r),
-                        rows_of(t.out, P, r), lse_rows_of(t.lse, P, r), st);
+                        rows_of(t.out, P, r), rows_of(t.lse, P, r, 2), st);
     };
     for (const std::string method : {"dattn ring", "all-gather k, v"}) {
       const bool ring = method == "dattn ring";
       fill_nan(t.out);
       run_ranks(P, s.threads, [&](dattn::Communicator& c, dattn::RingStats& st) { ring ? ring_forward(c, st) : gather_forward(c, st); });
-      const double error = relative_l2(t.out, expected);
+      const double error = rel_l2(t.out, to_float64(expected));
       std::fprintf(stderr, "ring: P = %d, N = %lld, %s: out vs single-process rel. L2 %.2e\n", P, (long long)N,
                    method.c_str(), error);
       if (!(error <= l2_bar(s.dtype))) {

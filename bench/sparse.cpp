@@ -34,25 +34,6 @@ struct Timed {
   double extra_bytes = 0;
 };
 
-Tensor to_float64(const Tensor& t) {
-  const TensorView v = t.view();
-  Tensor out = Tensor::empty(std::vector<std::int64_t>(v.shape.begin(), v.shape.begin() + v.rank), DType::float64);
-  for (std::int64_t i = 0; i < t.numel(); ++i)
-    out.data<double>()[i] = v.dtype == DType::bfloat16 ? dattn::bfloat16_to_float(v.ptr<std::uint16_t>()[i]) : v.ptr<float>()[i];
-  return out;
-}
-
-double relative_l2(const Tensor& x, const Tensor& ref64) {
-  const Tensor a = to_float64(x);
-  double diff = 0, norm = 0;
-  for (std::int64_t i = 0; i < a.numel(); ++i) {
-    const double d = a.data<double>()[i] - ref64.data<double>()[i];
-    if (!std::isfinite(a.data<double>()[i])) return INFINITY;
-    diff += d * d, norm += ref64.data<double>()[i] * ref64.data<double>()[i];
-  }
-  return norm > 0 ? std::sqrt(diff / norm) : (diff > 0 ? INFINITY : 0);
-}
-
 // forward + backward of `run` on the tensors of t, and on float64 copies (the reference); the
 // worst relative L2 of out, dq, dk, dv.
 using Call = std::function<void(const CallTensors&)>;
@@ -63,7 +44,7 @@ double check(const Call& run, const CallTensors& t) {
   for (Tensor* x : {&ref.out, &ref.dq, &ref.dk, &ref.dv}) *x = Tensor::empty({t.q.view().shape[0], t.q.view().shape[1], t.q.view().shape[2], t.q.view().shape[3]}, DType::float64);
   ref.lse = Tensor::empty({t.q.view().shape[0], t.q.view().shape[2], t.q.view().shape[1]}, DType::float32);
   run(ref);
-  return std::max({relative_l2(t.out, ref.out), relative_l2(t.dq, ref.dq), relative_l2(t.dk, ref.dk), relative_l2(t.dv, ref.dv)});
+  return std::max({rel_l2(t.out, ref.out), rel_l2(t.dq, ref.dq), rel_l2(t.dk, ref.dk), rel_l2(t.dv, ref.dv)});
 }
 
 struct Row {

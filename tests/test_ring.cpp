@@ -4,7 +4,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include <cstring>
+#include <array>
 #include <thread>
 
 #include "harness.hpp"
@@ -13,28 +13,6 @@ namespace dattn_test {
 namespace {
 
 using dattn::Layout;
-
-// A rank's rows of a [B, N, ...] tensor (dim 1) or [B, H, N] (dim 2), copied out or back in.
-void move_rows(const TensorView& global, const TensorView& local, int dim, const std::vector<std::pair<std::int64_t, std::int64_t>>& rows,
-               bool to_local) {
-  std::int64_t at = 0;
-  for (const auto& [begin, end] : rows) {
-    for (std::int64_t r = begin; r < end; ++r, ++at) {
-      TensorView g = global.select(dim, r), l = local.select(dim, at);
-      std::vector<std::int64_t> shape(g.shape.begin(), g.shape.begin() + g.rank);
-      std::int64_t index[dattn::kMaxRank] = {};
-      for (std::int64_t n = 0; n < g.numel(); ++n) {
-        std::int64_t a = 0, b = 0;
-        for (int d = 0; d < g.rank; ++d) a += index[d] * g.strides[d], b += index[d] * l.strides[d];
-        const std::size_t size = dattn::dtype_size(g.dtype);
-        auto* gp = static_cast<std::byte*>(g.data) + a * size;
-        auto* lp = static_cast<std::byte*>(l.data) + b * size;
-        std::memcpy(to_local ? lp : gp, to_local ? gp : lp, size);
-        for (int d = g.rank - 1; d >= 0 && ++index[d] == g.shape[d]; --d) index[d] = 0;
-      }
-    }
-  }
-}
 
 struct Case {
   std::int64_t B, N, H, D;
@@ -66,42 +44,40 @@ void run(const Case& c, DType dtype, Rng& rng) {
   if (c.padding)
     for (std::int64_t i = 0; i < padding.numel(); ++i) padding.data<std::uint8_t>()[i] = uniform(rng) < 0.2;
 
-  Tensor out = Tensor::empty(shape, dtype), lse = Tensor::empty({c.B, c.H, c.N}, DType::float32);
-  Tensor dq = Tensor::empty(shape, dtype), dk = Tensor::empty(shape, dtype), dv = Tensor::empty(shape, dtype);
+  // Each rank's outputs: out, lse, dq, dk, dv; gathered with unshard_sequence afterwards.
+  std::vector<std::array<Tensor, 5>> results(std::size_t(c.P));
   auto group = dattn::make_in_process_group(c.P);
   std::vector<std::thread> threads;
   std::vector<std::string> errors(std::size_t(c.P));
   for (int rank = 0; rank < c.P; ++rank)
     threads.emplace_back([&, rank] {
       try {
-        const auto rows = dattn::ring_rows(c.N, c.P, rank, c.layout);
         const std::int64_t n = c.N / c.P;
-        auto local = [&](const TensorView& global) {
-          Tensor t = Tensor::empty({c.B, n, c.H, c.D}, dtype);
-          move_rows(global, t, 1, rows, true);
-          return t;
+        auto local = [&](const TensorView& global, int dim = 1) {
+          return dattn::shard_sequence(global, rank, c.P, c.layout, dim);
         };
         const Tensor lq = local(q.view()), lk = local(k.view()), lv = local(v.view()), ldout = local(dout.view());
-        Tensor lmask = Tensor::empty({c.B, n}, DType::boolean);
-        move_rows(padding, lmask, 1, rows, true);
+        const Tensor lmask = local(padding.view());
         dattn::DilatedConfig mine = config;
         if (c.padding) mine.key_padding_mask = lmask.view();
-        Tensor lout = Tensor::empty({c.B, n, c.H, c.D}, dtype), llse = Tensor::empty({c.B, c.H, n}, DType::float32);
-        Tensor ldq = Tensor::empty({c.B, n, c.H, c.D}, dtype), ldk = Tensor::empty({c.B, n, c.H, c.D}, dtype),
-               ldv = Tensor::empty({c.B, n, c.H, c.D}, dtype);
+        auto& [lout, llse, ldq, ldk, ldv] = results[std::size_t(rank)];
+        lout = Tensor::empty({c.B, n, c.H, c.D}, dtype), llse = Tensor::empty({c.B, c.H, n}, DType::float32);
+        ldq = Tensor::empty({c.B, n, c.H, c.D}, dtype), ldk = Tensor::empty({c.B, n, c.H, c.D}, dtype);
+        ldv = Tensor::empty({c.B, n, c.H, c.D}, dtype);
         dattn::ring_forward(*group[std::size_t(rank)], mine, c.layout, c.N, lq, lk, lv, lout, llse);
         dattn::ring_backward(*group[std::size_t(rank)], mine, c.layout, c.N, lq, lk, lv, lout, llse, ldout, ldq, ldk, ldv);
-        move_rows(out, lout, 1, rows, false);
-        move_rows(lse, llse, 2, rows, false);
-        move_rows(dq, ldq, 1, rows, false);
-        move_rows(dk, ldk, 1, rows, false);
-        move_rows(dv, ldv, 1, rows, false);
       } catch (const std::exception& e) {
         errors[std::size_t(rank)] = e.what();
       }
     });
   for (auto& t : threads) t.join();
   for (const auto& e : errors) ASSERT_EQ(e, "");
+  auto gathered = [&](int which, int dim = 1) {
+    std::vector<TensorView> parts;
+    for (const auto& r : results) parts.push_back(r[std::size_t(which)].view());
+    return dattn::unshard_sequence(parts, c.layout, dim);
+  };
+  const Tensor out = gathered(0), lse = gathered(1, 2), dq = gathered(2), dk = gathered(3), dv = gathered(4);
 
   dattn::DilatedConfig whole = config;
   if (c.padding) whole.key_padding_mask = padding.view();
