@@ -154,6 +154,64 @@ void ring_key_gradients(const DilatedConfig& config, const RingStep& step, const
   cpu::backward(p);
 }
 
+void ring_forward_step(const DilatedConfig& config, const RingStep& step, const TensorView& q, const TensorView& k,
+                       const TensorView& v, const TensorView& out, const TensorView& lse, void* stream) {
+  const LaunchOptions options{.stream = stream, .ring_step = step};
+  detail::check_accumulator("out", out, q, q.shape[1]);
+  TensorView like_q_out = out;  // check() compares out with q: give it q's dtype
+  like_q_out.dtype = q.dtype;
+  check(config, q, k, v, like_q_out, lse, options);
+#ifdef DATTN_WITH_CUDA
+  if (q.device.type == DeviceType::cuda) {
+    DilatedParams p = make_params(config, q, k, v, out, lse, options);
+    p.float32_outputs = true;
+    return cuda::forward(p);
+  }
+#endif
+  Tensor part = Tensor::empty({q.shape[0], q.shape[1], q.shape[2], q.shape[3]}, q.dtype);
+  Tensor part_lse = Tensor::empty({q.shape[0], q.shape[2], q.shape[1]}, DType::float32);
+  forward(config, q, k, v, part, part_lse, options);
+  merge_partial(out, lse, part, part_lse);
+}
+
+void ring_step_gradients(const DilatedConfig& config, const RingStep& step, const TensorView& q, const TensorView& k,
+                         const TensorView& v, const TensorView& dout, const TensorView& lse, const TensorView& delta,
+                         const TensorView& dq, const TensorView& dk, const TensorView& dv, void* stream) {
+  const LaunchOptions options{.stream = stream, .ring_step = step};
+  check(config, q, k, v, dout, lse, options);
+  detail::check_delta(delta, q);
+  detail::check_accumulator("dq", dq, q, q.shape[1]);
+  detail::check_accumulator("dk", dk, q, k.shape[1]);
+  detail::check_accumulator("dv", dv, q, k.shape[1]);
+#ifdef DATTN_WITH_CUDA
+  if (q.device.type == DeviceType::cuda) {
+    DilatedParams p = make_params(config, q, k, v, dout, lse, options);
+    detail::set_gradients(p, dout, dq, dk, dv);
+    p.out = {};  // not read: delta is given
+    p.softmax_delta = delta.ptr<float>();
+    p.float32_outputs = true;
+    return cuda::backward(p);
+  }
+#endif
+  // The CPU's two passes, per step: the query pass's sums give dq's share with the final delta
+  // (dq = scale·(Σ G·k − delta·Σ P·k) is linear in the steps); the key pass adds dk, dv.
+  const std::int64_t B = q.shape[0], N = q.shape[1], H = q.shape[2], D = q.shape[3];
+  Tensor sum_gk = Tensor::zeros({B, N, H, D}, DType::float32), sum_pk = Tensor::zeros({B, N, H, D}, DType::float32);
+  Tensor step_delta = Tensor::zeros({B, H, N}, DType::float32);
+  ring_query_gradients(config, step, q, k, v, dout, lse, {sum_gk, sum_pk, step_delta});
+  const double scale = config.scale.value_or(1.0 / std::sqrt(double(D)));
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t n = 0; n < N; ++n)
+      for (std::int64_t h = 0; h < H; ++h) {
+        const float row_delta = delta.ptr<float>()[(b * H + h) * N + n];
+        const float* g = sum_gk.data<float>() + ((b * N + n) * H + h) * D;
+        const float* f = sum_pk.data<float>() + ((b * N + n) * H + h) * D;
+        float* y = dq.ptr<float>() + b * dq.strides[0] + n * dq.strides[1] + h * dq.strides[2];
+        for (std::int64_t d = 0; d < D; ++d) y[d] += float(scale) * (g[d] - row_delta * f[d]);
+      }
+  ring_key_gradients(config, step, q, k, v, dout, lse, delta, dk, dv);
+}
+
 double forward_flops(const DilatedConfig& config, std::int64_t batch, std::int64_t seqlen,
                      std::int64_t heads, std::int64_t head_dim) {
   detail::check_config(config);

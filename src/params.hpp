@@ -67,6 +67,10 @@ struct DilatedParams {
   bool run_query_pass = true, run_key_pass = true;
   bool accumulate = false;
   Operand dq_correction;
+  // GPU ring steps (ring_forward_step, ring_step_gradients): out, or dq, dk, dv, are float32
+  // accumulators the step merges (by lse) or adds into, whatever the input dtype; the backward
+  // reads softmax_delta instead of computing rowsum(dout∘out).
+  bool float32_outputs = false;
 
   // GPU launch state (CUDA backend).
   void* stream = nullptr;

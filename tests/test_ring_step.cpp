@@ -1,7 +1,8 @@
 // Ring steps in one process: every rank's local queries attend to every rank's keys one step at a
 // time, merge_partial combines the steps, and the result must equal attention over the whole
 // sequence (the contract of SPEC.md "Ring (sequence-parallel) attention"); likewise the ring
-// backward's two sweeps against the whole sequence's gradients.
+// backward's two sweeps against the whole sequence's gradients, and the one-pass form
+// (ring_forward_step, ring_step_gradients) against both.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -132,6 +133,51 @@ void run(const RingCase& c, DType dtype, Rng& rng) {
   EXPECT_TRUE(close_rel_l2("ring dq", dq.view(), dq64, tol.rel_l2, ZeroReference::cancellation));
   EXPECT_TRUE(close_rel_l2("ring dk", dk.view(), dk64, tol.rel_l2, ZeroReference::cancellation));
   EXPECT_TRUE(close_rel_l2("ring dv", dv.view(), dv64, tol.rel_l2));
+
+  // The one-pass form the GPU ring uses: ring_forward_step merges as it goes, and one sweep of
+  // ring_step_gradients with delta = rowsum(dout∘out) gives all three gradients.
+  Tensor out1 = Tensor::zeros(shape, DType::float32), lse1 = Tensor::empty({c.B, c.H, c.N}, DType::float32);
+  for (std::int64_t i = 0; i < lse1.numel(); ++i) lse1.data<float>()[i] = -INFINITY;
+  Tensor dq1 = Tensor::zeros(shape, DType::float32), dk1 = Tensor::zeros(shape, DType::float32),
+         dv1 = Tensor::zeros(shape, DType::float32);
+  auto each_step = [&](auto&& fn) {
+    for (int rank = 0; rank < c.P; ++rank)
+      for (const auto& [q0, q1] : chunks_of(c.N, c.P, rank, c.zigzag))
+        for (int source = 0; source < c.P; ++source)
+          for (const auto& [k0, k1] : chunks_of(c.N, c.P, source, c.zigzag)) {
+            Tensor holder;
+            fn(step_config(k0, k1, holder), dattn::RingStep{q0, c.N, k0, k1}, q0, q1, k0, k1);
+          }
+  };
+  each_step([&](const dattn::DilatedConfig& s, dattn::RingStep step, std::int64_t q0, std::int64_t q1, std::int64_t k0,
+                std::int64_t k1) {
+    dattn::ring_forward_step(s, step, q.view().narrow(1, q0, q1 - q0), k.view().narrow(1, k0, k1 - k0),
+                             v.view().narrow(1, k0, k1 - k0), out1.view().narrow(1, q0, q1 - q0),
+                             lse1.view().narrow(2, q0, q1 - q0));
+  });
+  EXPECT_TRUE(close_rel_l2("one-pass out", out1.view(), ref, tol.rel_l2));
+  EXPECT_TRUE(lse_close(lse1.view(), ref_lse, tol.lse));
+  each_step([&](const dattn::DilatedConfig& s, dattn::RingStep step, std::int64_t q0, std::int64_t q1, std::int64_t k0,
+                std::int64_t k1) {
+    const std::int64_t n = q1 - q0;
+    Tensor lse = Tensor::empty({c.B, c.H, n}, DType::float32), delta = Tensor::zeros({c.B, c.H, n}, DType::float32);
+    for (std::int64_t b = 0; b < c.B; ++b)
+      for (std::int64_t h = 0; h < c.H; ++h)
+        for (std::int64_t i = 0; i < n; ++i) {
+          lse.data<float>()[(b * c.H + h) * n + i] = lse1.data<float>()[(b * c.H + h) * c.N + q0 + i];
+          for (std::int64_t d = 0; d < c.D; ++d) {
+            const std::int64_t at = ((b * c.N + q0 + i) * c.H + h) * c.D + d;
+            delta.data<float>()[(b * c.H + h) * n + i] += float(load(dout.view(), at)) * out1.data<float>()[at];
+          }
+        }
+    dattn::ring_step_gradients(s, step, q.view().narrow(1, q0, n), k.view().narrow(1, k0, k1 - k0),
+                               v.view().narrow(1, k0, k1 - k0), dout.view().narrow(1, q0, n), lse, delta,
+                               dq1.view().narrow(1, q0, n), dk1.view().narrow(1, k0, k1 - k0),
+                               dv1.view().narrow(1, k0, k1 - k0));
+  });
+  EXPECT_TRUE(close_rel_l2("one-pass dq", dq1.view(), dq64, tol.rel_l2, ZeroReference::cancellation));
+  EXPECT_TRUE(close_rel_l2("one-pass dk", dk1.view(), dk64, tol.rel_l2, ZeroReference::cancellation));
+  EXPECT_TRUE(close_rel_l2("one-pass dv", dv1.view(), dv64, tol.rel_l2));
 }
 
 TEST(RingStepTest, MergedStepsEqualWholeSequenceAttention) {

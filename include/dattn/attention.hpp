@@ -78,6 +78,21 @@ void ring_key_gradients(const DilatedConfig& config, const RingStep& step, const
                         const TensorView& lse, const TensorView& delta, const TensorView& dk,
                         const TensorView& dv);
 
+// The ring's one-pass steps (CPU and CUDA; the GPU ring uses these, FlashAttention's ring form).
+// ring_forward_step: out (float32 [B, N, H, D]) and lse += the step's attention of q over k, v by
+// the log-sum-exp merge: forward and merge_partial in one (on CUDA in the kernel's epilogue, with
+// no per-step output). Start from out = 0, lse = -inf.
+// ring_step_gradients: with the merged lse and delta = rowsum(dout∘out) over D ([B, H, N] float32,
+// contiguous; out the final output), dq (float32 [B, N, H, D]) += the step's scale·dS·k and dk, dv
+// (float32 [B, Nk, H, D]) += scale·dSᵀ·q and (P∘Z)ᵀ·dout, where dS = P∘(Z∘dP − delta). Summed over
+// every key range, dq, dk, dv are the gradients of the whole call. stream: a cudaStream_t for CUDA
+// tensors (null: the default stream), null for CPU tensors.
+void ring_forward_step(const DilatedConfig& config, const RingStep& step, const TensorView& q, const TensorView& k,
+                       const TensorView& v, const TensorView& out, const TensorView& lse, void* stream = nullptr);
+void ring_step_gradients(const DilatedConfig& config, const RingStep& step, const TensorView& q, const TensorView& k,
+                         const TensorView& v, const TensorView& dout, const TensorView& lse, const TensorView& delta,
+                         const TensorView& dq, const TensorView& dk, const TensorView& dv, void* stream = nullptr);
+
 // Forward FLOPs as PERF.md counts them (4·B·H_i·pairs·D summed over branches and segments).
 double forward_flops(const DilatedConfig& config, std::int64_t batch, std::int64_t seqlen,
                      std::int64_t heads, std::int64_t head_dim);

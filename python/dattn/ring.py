@@ -1,8 +1,11 @@
 """Ring (sequence-parallel) attention over a torch.distributed process group (SPEC.md "Ring
-(sequence-parallel) attention"). Each rank holds N/P tokens in the contiguous or zigzag layout;
-Python drives the schedule with point-to-point calls (rank t steps away, both directions) and
-runs each step with the C++ ring-step kernels and the log-sum-exp merge."""
+(sequence-parallel) attention"): gloo for CPU tensors, NCCL for CUDA ones. Each rank holds N/P
+tokens in the contiguous or zigzag layout; Python drives the schedule with point-to-point calls
+(rank t steps away, both directions) and runs each step with the C++ one-pass ring steps: the
+forward merges every step into float32 out and lse (ring_forward_step), the backward is one sweep
+(ring_step_gradients, with delta = rowsum(dout∘out)) whose dk, dv go back to the keys' owners."""
 
+import functools
 from typing import List, Optional, Sequence
 
 import torch
@@ -53,17 +56,23 @@ def _peer(group, group_rank):  # point-to-point calls take global ranks
     return dist.get_global_rank(group, group_rank)
 
 
+@functools.lru_cache(maxsize=64)
+def _transfer_entries(segment_lengths, dilation_rates, mode, causal, layout, N, P, H, source, dest):
+    """The C++ ring_transfer_entries, kept for the next call of the same shape (a pure function of
+    its arguments; at N = 2^20 one list takes tens of milliseconds to make)."""
+    return torch.tensor(_C.ring_transfer_entries(list(segment_lengths), list(dilation_rates), mode, causal, layout, N, P,
+                                                 H, source, dest), dtype=torch.int64)
+
+
 class _Schedule:
     """What travels at each step t (to rank + t, from rank − t): the (row, head) entries of the
     sender's keys that the receiver's queries select (the C++ ring_transfer_entries), so only
     selected keys travel and pairs that share no segment exchange nothing."""
 
-    def __init__(self, ctx, H):
+    def __init__(self, ctx, H, device):
         self.group, self.P, self.rank = ctx.group, dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        args = (ctx.segment_lengths, ctx.dilation_rates, ctx.mode, ctx.causal, ctx.layout, ctx.N, self.P, H)
-
-        self._entries = lambda source, dest: torch.tensor(_C.ring_transfer_entries(*args, source, dest),
-                                                          dtype=torch.int64)
+        args = (tuple(ctx.segment_lengths), tuple(ctx.dilation_rates), ctx.mode, ctx.causal, ctx.layout, ctx.N, self.P, H)
+        self._entries = lambda source, dest: _transfer_entries(*args, source, dest).to(device, non_blocking=True)
         self._cache = {}
 
     def entries(self, t):
@@ -91,7 +100,8 @@ class _Schedule:
         out, inc = self.entries(t)
         two, B, n, H, D = kv.shape
         send = [kv.reshape(2, B, n * H, D).index_select(2, out).contiguous(), mask] if len(out) else []
-        receive = [torch.empty(2, B, len(inc), D, dtype=kv.dtype), torch.empty_like(mask)] if len(inc) else []
+        receive = [torch.empty(2, B, len(inc), D, dtype=kv.dtype, device=kv.device), torch.empty_like(mask)] \
+            if len(inc) else []
         return self._start(t, send, receive, True, tag=1), send, receive
 
     def steps(self, kv, mask):
@@ -110,7 +120,8 @@ class _Schedule:
             if not receive:
                 yield t, None, None
                 continue
-            block = torch.zeros(2, B, n * H, D, dtype=kv.dtype).index_copy_(2, self.entries(t)[1], receive[0])
+            block = torch.zeros(2, B, n * H, D, dtype=kv.dtype, device=kv.device).index_copy_(2, self.entries(t)[1],
+                                                                                              receive[0])
             yield t, block.view(2, B, n, H, D), receive[1]
 
     def return_gradients(self, t, partial, dkv):
@@ -120,15 +131,11 @@ class _Schedule:
         two, B, n, H, D = dkv.shape
         out, inc = self.entries(t)
         send = [partial.reshape(2, B, n * H, D).index_select(2, inc).contiguous()] if len(inc) else []
-        receive = [torch.empty(2, B, len(out), D)] if len(out) else []
+        receive = [torch.empty(2, B, len(out), D, device=dkv.device)] if len(out) else []
         for request in self._start(t, send, receive, False, tag=2):
             request.wait()
         if len(out):
             dkv.view(2, B, n * H, D).index_add_(2, out, receive[0])
-
-
-def _config(ctx):
-    return (ctx.segment_lengths, ctx.dilation_rates, ctx.mode, ctx.causal, ctx.scale)
 
 
 class _RingFunction(torch.autograd.Function):
@@ -141,111 +148,101 @@ class _RingFunction(torch.autograd.Function):
         ctx.group, ctx.layout, ctx.N = group, layout, N
         ctx.segment_lengths, ctx.dilation_rates, ctx.mode = list(segment_lengths), list(dilation_rates), mode
         ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = bool(is_causal), scale, float(dropout_p), int(seed)
-        mask = key_padding_mask if key_padding_mask is not None else torch.zeros(B, n, dtype=torch.bool)
-        own = (torch.stack([k, v]).contiguous(), mask.to(torch.uint8).contiguous())
-        merged = torch.zeros(B, n, H, D, dtype=torch.float32)
-        merged_lse = torch.full((B, H, n), float("-inf"), dtype=torch.float32)
-        mine = _rows(N, P, rank, layout)
-        schedule = _Schedule(ctx, H)
-        for t, kv, block_mask in schedule.steps(*own):
-            if kv is None:
-                continue
-            source = (rank - t) % P
-            key_at = 0
-            for k0, k1 in _rows(N, P, source, layout):
-                step_mask = block_mask[:, key_at:key_at + k1 - k0].bool().contiguous() if key_padding_mask is not None \
-                    else None
-                query_at = 0
-                for q0, q1 in mine:
-                    part = torch.empty(B, q1 - q0, H, D, dtype=q.dtype)
-                    part_lse = torch.empty(B, H, q1 - q0, dtype=torch.float32)
-                    _C.forward(_ops._view(q[:, query_at:query_at + q1 - q0]), _ops._view(kv[0, :, key_at:key_at + k1 - k0]),
-                               _ops._view(kv[1, :, key_at:key_at + k1 - k0]), _ops._view(part), _ops._view(part_lse),
-                               **_ops._config_args(step_mask, segment_lengths, dilation_rates, is_causal, scale, mode,
-                                                   dropout_p, seed, False, 0),
-                               ring_step=(q0, N, k0, k1))
-                    _C.merge_partial(_ops._view(merged[:, query_at:query_at + q1 - q0]),
-                                     _ops._view(merged_lse[:, :, query_at:query_at + q1 - q0]), _ops._view(part),
-                                     _ops._view(part_lse))
-                    query_at += q1 - q0
-                key_at += k1 - k0
-        ctx.save_for_backward(q, k, v, merged_lse, key_padding_mask)
+        merged = torch.zeros(B, n, H, D, dtype=torch.float32, device=q.device)
+        merged_lse = torch.full((B, H, n), float("-inf"), dtype=torch.float32, device=q.device)
+        stream = _ops._stream(q)
+
+        def forward_step(chunk, kv, key_at, k0, k1, step_mask):
+            q0, q1, at = chunk
+            _C.ring_forward_step((q0, N, k0, k1), _ops._view(q[:, at:at + q1 - q0]),
+                                 _ops._view(kv[0, :, key_at:key_at + k1 - k0]), _ops._view(kv[1, :, key_at:key_at + k1 - k0]),
+                                 _ops._view(merged[:, at:at + q1 - q0]), _ops._view(merged_lse[:, :, at:at + q1 - q0]),
+                                 *_config(ctx), _mask_view(step_mask), ctx.dropout_p, ctx.seed, stream)
+
+        chunks = _query_chunks(N, P, rank, layout)
+        for t, kv, block_mask in _Schedule(ctx, H, q.device).steps(*_own_keys(k, v, key_padding_mask)):
+            if kv is not None:
+                _each_pair(ctx, (rank - t) % P, chunks, kv, block_mask if key_padding_mask is not None else None,
+                           forward_step)
+        ctx.save_for_backward(q, k, v, merged, merged_lse, key_padding_mask)
         return merged.to(q.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, lse, key_padding_mask = ctx.saved_tensors
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
         dout = grad_out.contiguous()
-        group, layout, N = ctx.group, ctx.layout, ctx.N
-        P, rank = dist.get_world_size(group), dist.get_rank(group)
+        P, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
         B, n, H, D = q.shape
-        mask = key_padding_mask if key_padding_mask is not None else torch.zeros(B, n, dtype=torch.bool)
-        own = (torch.stack([k, v]).contiguous(), mask.to(torch.uint8).contiguous())
-        schedule = _Schedule(ctx, H)
-        w, r, mode, causal, scale = _config(ctx)
-        mine = _rows(N, P, rank, layout)
-        chunks = []
-        at = 0
-        for q0, q1 in mine:
-            c = q1 - q0
-            chunks.append((q0, q1, at, lse[:, :, at:at + c].contiguous(), torch.zeros(B, c, H, D), torch.zeros(B, c, H, D),
-                           torch.zeros(B, H, c)))
-            at += c
+        N, stream = ctx.N, _ops._stream(q)
+        delta = (dout.float() * out).sum(-1).transpose(1, 2)  # rowsum(dout∘out), [B, H, n]
+        chunks = [(q0, q1, at, lse[:, :, at:at + q1 - q0].contiguous(), delta[:, :, at:at + q1 - q0].contiguous())
+                  for q0, q1, at in _query_chunks(N, P, rank, ctx.layout)]
+        dq = torch.zeros(B, n, H, D, device=q.device)
+        dkv = torch.zeros(2, B, n, H, D, device=q.device)
+        partial = torch.zeros(2, B, n, H, D, device=q.device)
 
-        def step(t, kv, block_mask, fn):  # fn over every (query chunk, key chunk) pair of rank − t's keys
-            key_at = 0
-            for k0, k1 in _rows(N, P, (rank - t) % P, layout):
-                step_mask = block_mask[:, key_at:key_at + k1 - k0].bool().contiguous() if key_padding_mask is not None \
-                    else None
-                for chunk in chunks:
-                    fn(chunk, kv, key_at, k0, k1, step_mask)
-                key_at += k1 - k0
+        def gradient_step(chunk, kv, key_at, k0, k1, step_mask):
+            q0, q1, at, chunk_lse, chunk_delta = chunk
+            keys = slice(key_at, key_at + k1 - k0)
+            _C.ring_step_gradients((q0, N, k0, k1), _ops._view(q[:, at:at + q1 - q0]), _ops._view(kv[0, :, keys]),
+                                   _ops._view(kv[1, :, keys]), _ops._view(dout[:, at:at + q1 - q0]), _ops._view(chunk_lse),
+                                   _ops._view(chunk_delta), _ops._view(dq[:, at:at + q1 - q0]),
+                                   _ops._view(partial[0, :, keys]), _ops._view(partial[1, :, keys]), *_config(ctx),
+                                   _mask_view(step_mask), ctx.dropout_p, ctx.seed, stream)
 
-        def query_step(chunk, kv, key_at, k0, k1, step_mask):
-            q0, q1, q_at, chunk_lse, sum_gk, sum_pk, delta = chunk
-            _C.ring_query_gradients((q0, N, k0, k1), _ops._view(q[:, q_at:q_at + q1 - q0]),
-                                    _ops._view(kv[0, :, key_at:key_at + k1 - k0]), _ops._view(kv[1, :, key_at:key_at + k1 - k0]),
-                                    _ops._view(dout[:, q_at:q_at + q1 - q0]), _ops._view(chunk_lse), _ops._view(sum_gk),
-                                    _ops._view(sum_pk), _ops._view(delta), w, r, mode, causal, scale,
-                                    None if step_mask is None else _ops._view(step_mask), ctx.dropout_p, ctx.seed)
-
-        for t, kv, block_mask in schedule.steps(*own):
-            if kv is not None:
-                step(t, kv, block_mask, query_step)
-        dq = torch.empty_like(q)
-        for q0, q1, q_at, _, sum_gk, sum_pk, delta in chunks:
-            view = dq[:, q_at:q_at + q1 - q0]
-            _C.ring_finish_query_gradients(_ops._view(sum_gk), _ops._view(sum_pk), _ops._view(delta), _ops._view(view), w,
-                                           r, scale)
-
-        dkv = torch.zeros(2, B, n, H, D)
-        partial = torch.zeros(2, B, n, H, D)
-        for t, kv, block_mask in schedule.steps(*own):
+        schedule = _Schedule(ctx, H, q.device)
+        for t, kv, block_mask in schedule.steps(*_own_keys(k, v, key_padding_mask)):
             partial.zero_()
-
-            def key_step(chunk, kv, key_at, k0, k1, step_mask):
-                q0, q1, q_at, chunk_lse, _, _, delta = chunk
-                _C.ring_key_gradients((q0, N, k0, k1), _ops._view(q[:, q_at:q_at + q1 - q0]),
-                                      _ops._view(kv[0, :, key_at:key_at + k1 - k0]),
-                                      _ops._view(kv[1, :, key_at:key_at + k1 - k0]), _ops._view(dout[:, q_at:q_at + q1 - q0]),
-                                      _ops._view(chunk_lse), _ops._view(delta),
-                                      _ops._view(partial[0, :, key_at:key_at + k1 - k0]),
-                                      _ops._view(partial[1, :, key_at:key_at + k1 - k0]), w, r, mode, causal, scale,
-                                      None if step_mask is None else _ops._view(step_mask), ctx.dropout_p, ctx.seed)
-
             if kv is not None:
-                step(t, kv, block_mask, key_step)
+                _each_pair(ctx, (rank - t) % P, chunks, kv, block_mask if key_padding_mask is not None else None,
+                           gradient_step)
             if t == 0:
                 dkv += partial
             else:  # also when rank − t's keys were not needed: rank + t may send this rank's back
                 schedule.return_gradients(t, partial, dkv)
-        return (dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype)) + (None,) * 10
+        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)) + (None,) * 10
 
 
-def _group_seed(group) -> int:
-    """SPEC.md: the group's rank 0 draws the dropout seed and broadcasts it."""
-    seed = torch.tensor([_ops.draw_dropout_seed() if dist.get_rank(group) == 0 else 0], dtype=torch.int64)
+def _config(ctx):
+    return (ctx.segment_lengths, ctx.dilation_rates, ctx.mode, ctx.causal, ctx.scale)
+
+
+def _query_chunks(N, P, rank, layout):
+    """This rank's row ranges with their offsets in its local tensors: (q0, q1, at)."""
+    chunks, at = [], 0
+    for q0, q1 in _rows(N, P, rank, layout):
+        chunks.append((q0, q1, at))
+        at += q1 - q0
+    return chunks
+
+
+def _own_keys(k, v, key_padding_mask):
+    B, n = k.shape[:2]
+    mask = key_padding_mask if key_padding_mask is not None else torch.zeros(B, n, dtype=torch.bool, device=k.device)
+    return torch.stack([k, v]).contiguous(), mask.to(torch.uint8).contiguous()
+
+
+def _mask_view(mask):  # the caller holds the tensor while C++ reads it
+    return None if mask is None else _ops._view(mask)
+
+
+def _each_pair(ctx, source, chunks, kv, block_mask, fn):
+    """fn(chunk, kv, key_at, k0, k1, step_mask) for every (query chunk, key chunk of source) pair."""
+    P = dist.get_world_size(ctx.group)
+    key_at = 0
+    for k0, k1 in _rows(ctx.N, P, source, ctx.layout):
+        step_mask = None if block_mask is None else block_mask[:, key_at:key_at + k1 - k0].bool().contiguous()
+        for chunk in chunks:
+            fn(chunk, kv, key_at, k0, k1, step_mask)
+        key_at += k1 - k0
+
+
+def _group_seed(group, device) -> int:
+    """SPEC.md: the group's rank 0 draws the dropout seed and broadcasts it (on the tensors' device:
+    NCCL moves CUDA tensors only)."""
+    seed = torch.tensor([_ops.draw_dropout_seed() if dist.get_rank(group) == 0 else 0], dtype=torch.int64,
+                        device=device)
     dist.broadcast(seed, src=_peer(group, 0), group=group)
     return int(seed.item())
 
@@ -263,15 +260,16 @@ def ring_dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Seq
                            key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
     """``dilated_attention`` of one sequence split over the ranks of ``group``: q, k, v
     ``[B, N/P, H, D]`` and ``key_padding_mask`` ``[B, N/P]`` are this rank's rows in ``layout``;
-    returns this rank's rows of the output, with autograd. CPU tensors (gloo)."""
+    returns this rank's rows of the output, with autograd. CPU tensors over gloo, CUDA tensors over
+    NCCL (a CUDA build of dattn)."""
     _ops.check_attention_inputs(q, k, v)
     _check_layout(layout)
     segment_lengths, dilation_rates = _ops.check_config(segment_lengths, dilation_rates)
     mode, scale, dropout_p = _ops.check_mode(mode), _ops.check_scale(scale), _ops.check_dropout(dropout_p)
-    if q.device.type != "cpu":
-        raise ValueError(f"q is on {q.device}; ring attention runs on cpu tensors (gloo) so far")
+    if q.device.type == "cuda" and not _C.has_cuda:
+        raise ValueError(f"q is on {q.device}; this dattn build has no CUDA kernels (expected cpu tensors)")
     _ops.check_key_padding_mask(key_padding_mask, q.size(0), q.size(1), q.device)
-    seed = _group_seed(group) if dropout_p > 0.0 else 0
+    seed = _group_seed(group, q.device) if dropout_p > 0.0 else 0
     return _RingFunction.apply(q, k, v, key_padding_mask, group, layout, segment_lengths, dilation_rates,
                                bool(is_causal), scale, mode, dropout_p, seed)
 
@@ -280,7 +278,7 @@ class RingDilatedAttention(nn.Module):
     """Dilated attention of one sequence split over the ranks of a process group: each rank passes
     its local q, k, v ``[B, N/P, H, D]`` (and key_padding_mask ``[B, N/P]``) in ``layout`` and gets
     its rows of the output. ``group=None`` means the default group when one is initialised, else a
-    single process. CPU tensors (gloo) so far."""
+    single process. CPU tensors over gloo, CUDA tensors over NCCL."""
 
     def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int], group=None,
                  layout: str = "contiguous", mode: str = "grouped"):

@@ -304,6 +304,28 @@ NB_MODULE(_C, m) {
                                     to_view(dk, "dk"), to_view(dv, "dv"));
         });
 
+  m.def("ring_forward_step",
+        [](const RingStepSpec& step, const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const ViewSpec& out,
+           const ViewSpec& lse, const std::vector<std::int64_t>& w, const std::vector<std::int64_t>& r,
+           const std::string& mode, bool causal, std::optional<double> scale, const std::optional<ViewSpec>& mask,
+           double dropout_p, std::uint64_t seed, std::uintptr_t stream) {
+          const auto config = ring_config(w, r, mode, causal, scale, mask, dropout_p, seed);
+          dattn::ring_forward_step(config, to_step(step), to_view(q, "q"), to_view(k, "k"), to_view(v, "v"),
+                                   to_view(out, "out"), to_view(lse, "lse"), reinterpret_cast<void*>(stream));
+        });
+  m.def("ring_step_gradients",
+        [](const RingStepSpec& step, const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const ViewSpec& dout,
+           const ViewSpec& lse, const ViewSpec& delta, const ViewSpec& dq, const ViewSpec& dk, const ViewSpec& dv,
+           const std::vector<std::int64_t>& w, const std::vector<std::int64_t>& r, const std::string& mode, bool causal,
+           std::optional<double> scale, const std::optional<ViewSpec>& mask, double dropout_p, std::uint64_t seed,
+           std::uintptr_t stream) {
+          const auto config = ring_config(w, r, mode, causal, scale, mask, dropout_p, seed);
+          dattn::ring_step_gradients(config, to_step(step), to_view(q, "q"), to_view(k, "k"), to_view(v, "v"),
+                                     to_view(dout, "dout"), to_view(lse, "lse"), to_view(delta, "delta"),
+                                     to_view(dq, "dq"), to_view(dk, "dk"), to_view(dv, "dv"),
+                                     reinterpret_cast<void*>(stream));
+        });
+
   m.def("hilbert_grid_order", &dattn::hilbert_grid_order, "height"_a, "width"_a,
         "Token indices row * width + column in generalized Hilbert curve order.");
   m.def("hilbert_sequence_order", &dattn::hilbert_sequence_order, "length"_a,

@@ -3,8 +3,8 @@
 //   dk/dv blocks own 64 keys of a group and loop over the query tiles that see them:
 //     dV += (P∘Z)ᵀ·dO, dK += dSᵀ·Q;
 //   dq blocks own 64 queries and loop over the key tiles they see: dQ += dS·K;
-// with dS = P∘(Z∘dP − delta), delta = rowsum(dout∘out) computed in the block (no workspace), Z the
-// dropout multiplier. Every row of dq, dk, dv is written by exactly one block per launch: no atomics
+// with dS = P∘(Z∘dP − delta), delta = rowsum(dout∘out) computed in the block (no workspace) or,
+// in ring steps, read from softmax_delta; Z the dropout multiplier. Every row of dq, dk, dv is written by exactly one block per launch: no atomics
 // and no fp32 accumulator in device memory. Longnet mode runs one launch per branch, each adding
 // into what the launches before wrote.
 #pragma once
@@ -40,23 +40,28 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
 
-  if (w.tile_rows > 0) {
-    load_rows<T, S, BW, D, kThreads>(sK, Shape::kOwnPlane, p.k, w, w.tile_begin, w.tile_rows);
-    load_rows<T, S, BW, D, kThreads>(sV, Shape::kOwnPlane, p.v, w, w.tile_begin, w.tile_rows);
+  const std::int64_t shift = w.causal_shift;
+  const Side& qs = w.query;
+  const std::int64_t q_begin = p.causal ? imax(0, w.tile_begin - shift) / BO * BO : 0;
+  const bool delta_given = p.softmax_delta != nullptr;
+  if (w.tile_rows > 0 && q_begin < qs.length) {
+    load_rows<T, S, BW, D, kThreads>(sK, Shape::kOwnPlane, p.k, w, w.key, w.tile_begin, w.tile_rows);
+    load_rows<T, S, BW, D, kThreads>(sV, Shape::kOwnPlane, p.v, w, w.key, w.tile_begin, w.tile_rows);
     for (int c = threadIdx.x; c < BW; c += kThreads)
-      key_bias[c] = c < w.tile_rows && !key_padded(p, w.batch, w.row(w.tile_begin + c)) ? 0.0f : neg_inf();
-    const std::int64_t q_begin = p.causal ? w.tile_begin / BO * BO : 0;
-    const int num_tiles = int((w.length - q_begin + BO - 1) / BO);
+      key_bias[c] = c < w.tile_rows && !key_padded(p, w.batch, w.row(w.key, w.tile_begin + c)) ? 0.0f : neg_inf();
+    const int num_tiles = int((qs.length - q_begin + BO - 1) / BO);
     auto load_queries = [&](int tile, int stage) {
       const std::int64_t j0 = q_begin + std::int64_t(tile) * BO;
-      const int valid = int(imin(BO, w.length - j0));
-      load_rows<T, S, BO, D, kThreads>(other(stage, 0), Shape::kOtherPlane, p.q, w, j0, valid);
-      load_rows<T, S, BO, D, kThreads>(other(stage, 1), Shape::kOtherPlane, p.dout, w, j0, valid);
-      load_rows<T, S, BO, D, kThreads>(other(stage, 2), Shape::kOtherPlane, p.out, w, j0, valid);
+      const int valid = int(imin(BO, qs.length - j0));
+      load_rows<T, S, BO, D, kThreads>(other(stage, 0), Shape::kOtherPlane, p.q, w, qs, j0, valid);
+      load_rows<T, S, BO, D, kThreads>(other(stage, 1), Shape::kOtherPlane, p.dout, w, qs, j0, valid);
+      if (!delta_given) load_rows<T, S, BO, D, kThreads>(other(stage, 2), Shape::kOtherPlane, p.out, w, qs, j0, valid);
       for (int c = threadIdx.x; c < BO; c += kThreads) {
         const bool ok = c < valid;
-        cp_async_4(smem_address(other_floats + stage * 3 * BO + c),
-                   lse_pointer(p, w.batch, w.head, w.row(ok ? j0 + c : w.tile_begin)), ok);
+        const std::int64_t row = ok ? w.row(qs, j0 + c) : 0;
+        cp_async_4(smem_address(other_floats + stage * 3 * BO + c), lse_pointer(p, w.batch, w.head, row), ok);
+        if (delta_given)
+          cp_async_4(smem_address(other_floats + stage * 3 * BO + BO + c), delta_pointer(p, w.batch, w.head, row), ok);
       }
     };
     load_queries(0, 0);
@@ -81,7 +86,7 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
       __syncthreads();
       const float* lse = other_floats + stage * 3 * BO;
       float* delta = other_floats + stage * 3 * BO + BO;
-      if (warp * 16 < BO) {  // delta = rowsum(dO∘O) of 16 queries per warp, as dPᵀ = V·dOᵀ is computed
+      if (!delta_given && warp * 16 < BO) {  // delta = rowsum(dO∘O) of 16 queries per warp, as dPᵀ = V·dOᵀ is computed
         float d[2];
         diagonal_dot<M, S, D>(d, smem_address(other(stage, 2) + warp * 16 * kStride),
                               smem_address(other(stage, 1) + warp * 16 * kStride), Shape::kOtherPlane * 2,
@@ -107,7 +112,7 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
       gemm_nt<M, S, D, BO>(dpt, smem_address(sV + warp * 16 * kStride), smem_address(other(stage, 1)),
                            Shape::kOwnPlane * 2, Shape::kOtherPlane * 2, kRowBytes);
       const std::int64_t j0 = q_begin + std::int64_t(it) * BO;
-      const int valid_q = int(imin(BO, w.length - j0));
+      const int valid_q = int(imin(BO, qs.length - j0));
       const std::uint32_t keep = dropout ? dropout_bits<BO / 8>(p, w, kj[0], kj[1], j0, true) : 0u;
 #pragma unroll
       for (int n = 0; n < BO / 8; ++n)
@@ -117,7 +122,7 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
           const std::int64_t query = j0 + col;
           const float row_lse = lse[col];
           const bool valid = col < valid_q && own_bias[r] == 0.0f && row_lse != neg_inf() &&
-                             !(p.causal && query < kj[r]);
+                             !(p.causal && query + shift < kj[r]);
           const float prob = valid ? fast_exp2(st[n][e] * scale_log2 - row_lse * kLog2e) : 0.0f;
           const float z = !dropout ? 1.0f : (keep >> (4 * n + e)) & 1u ? p.dropout_rescale : 0.0f;
           dpt[n][e] = prob >= kSingleKey ? 0.0f : prob * (dpt[n][e] * p.output_scale * z - delta[col]);
@@ -133,14 +138,18 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (kj[r] >= w.tile_begin + w.tile_rows) continue;
-    const std::int64_t row = w.row(kj[r]);
-    T* dk_row = row_pointer<T>(p.dk, w.batch, w.head, row);
-    T* dv_row = row_pointer<T>(p.dv, w.batch, w.head, row);
+    const std::int64_t row = w.row(w.key, kj[r]);
+    auto store = [&](auto* dk_row, auto* dv_row) {
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      store2(dk_row + n * 8 + 2 * t, dk[n][2 * r] * p.scale, dk[n][2 * r + 1] * p.scale, old_weight);
-      store2(dv_row + n * 8 + 2 * t, dv[n][2 * r] * p.output_scale, dv[n][2 * r + 1] * p.output_scale, old_weight);
-    }
+      for (int n = 0; n < D / 8; ++n) {
+        store2(dk_row + n * 8 + 2 * t, dk[n][2 * r] * p.scale, dk[n][2 * r + 1] * p.scale, old_weight);
+        store2(dv_row + n * 8 + 2 * t, dv[n][2 * r] * p.output_scale, dv[n][2 * r + 1] * p.output_scale, old_weight);
+      }
+    };
+    if (p.float32_outputs)
+      store(row_pointer<float>(p.dk, w.batch, w.head, row), row_pointer<float>(p.dv, w.batch, w.head, row));
+    else
+      store(row_pointer<T>(p.dk, w.batch, w.head, row), row_pointer<T>(p.dv, w.batch, w.head, row));
   }
   if (!accumulate) zero_unselected<T, D, kThreads>(p, w, &p.dk, &p.dv, false);
 }
@@ -165,20 +174,23 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
 
-  if (w.tile_rows > 0) {
-    load_rows<T, S, BW, D, kThreads>(sQ, Shape::kOwnPlane, p.q, w, w.tile_begin, w.tile_rows);
-    load_rows<T, S, BW, D, kThreads>(sdO, Shape::kOwnPlane, p.dout, w, w.tile_begin, w.tile_rows);
-    load_rows<T, S, BW, D, kThreads>(sO, Shape::kOwnPlane, p.out, w, w.tile_begin, w.tile_rows);
-    const std::int64_t key_end = p.causal ? imin(w.length, w.tile_begin + w.tile_rows) : w.length;
+  const std::int64_t shift = w.causal_shift;
+  const Side& qs = w.query;
+  const std::int64_t key_end = p.causal ? imin(w.key.length, w.tile_begin + w.tile_rows + shift) : w.key.length;
+  const bool delta_given = p.softmax_delta != nullptr;
+  if (w.tile_rows > 0 && key_end > 0) {
+    load_rows<T, S, BW, D, kThreads>(sQ, Shape::kOwnPlane, p.q, w, qs, w.tile_begin, w.tile_rows);
+    load_rows<T, S, BW, D, kThreads>(sdO, Shape::kOwnPlane, p.dout, w, qs, w.tile_begin, w.tile_rows);
+    if (!delta_given) load_rows<T, S, BW, D, kThreads>(sO, Shape::kOwnPlane, p.out, w, qs, w.tile_begin, w.tile_rows);
     const int num_tiles = int((key_end + BO - 1) / BO);
     auto load_keys = [&](int tile, int stage) {
       const std::int64_t k0 = std::int64_t(tile) * BO;
       const int valid = int(imin(BO, key_end - k0));
-      load_rows<T, S, BO, D, kThreads>(other(stage, 0), Shape::kOtherPlane, p.k, w, k0, valid);
-      load_rows<T, S, BO, D, kThreads>(other(stage, 1), Shape::kOtherPlane, p.v, w, k0, valid);
+      load_rows<T, S, BO, D, kThreads>(other(stage, 0), Shape::kOtherPlane, p.k, w, w.key, k0, valid);
+      load_rows<T, S, BO, D, kThreads>(other(stage, 1), Shape::kOtherPlane, p.v, w, w.key, k0, valid);
       for (int c = threadIdx.x; c < BO; c += kThreads)
         other_floats[stage * 3 * BO + c] =
-            c < valid && !key_padded(p, w.batch, w.row(k0 + c)) ? 0.0f : neg_inf();
+            c < valid && !key_padded(p, w.batch, w.row(w.key, k0 + c)) ? 0.0f : neg_inf();
     };
     load_keys(0, 0);
     cp_async_commit();
@@ -186,8 +198,10 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
     float lse2[2], delta[2] = {0.0f, 0.0f};  // lse in log2 units (+inf: the row attends nothing)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float x = qi[r] < w.tile_begin + w.tile_rows ? *lse_pointer(p, w.batch, w.head, w.row(qi[r])) : neg_inf();
+      const bool own = qi[r] < w.tile_begin + w.tile_rows;
+      const float x = own ? *lse_pointer(p, w.batch, w.head, w.row(qs, qi[r])) : neg_inf();
       lse2[r] = x == neg_inf() ? pos_inf() : x * kLog2e;
+      if (delta_given && own) delta[r] = *delta_pointer(p, w.batch, w.head, w.row(qs, qi[r]));
     }
 
     const float scale_log2 = p.scale * kLog2e;
@@ -203,7 +217,7 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
         cp_async_wait<0>();
       }
       __syncthreads();
-      if (it == 0)  // delta = rowsum(dO∘O) of the own rows, as dP = dO·Vᵀ is computed
+      if (it == 0 && !delta_given)  // delta = rowsum(dO∘O) of the own rows, as dP = dO·Vᵀ is computed
         diagonal_dot<M, S, D>(delta, smem_address(sdO + warp * 16 * kStride), smem_address(sO + warp * 16 * kStride),
                               Shape::kOwnPlane * 2, Shape::kOwnPlane * 2, kRowBytes);
 
@@ -224,7 +238,7 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e >> 1, col = n * 8 + 2 * t + (e & 1);
-          const bool valid = bias[col] == 0.0f && !(p.causal && k0 + col > qi[r]);
+          const bool valid = bias[col] == 0.0f && !(p.causal && k0 + col > qi[r] + shift);
           const float prob = valid ? fast_exp2(s[n][e] * scale_log2 - lse2[r]) : 0.0f;
           const float z = !dropout ? 1.0f : (keep >> (4 * n + e)) & 1u ? p.dropout_rescale : 0.0f;
           s[n][e] = prob >= kSingleKey ? 0.0f : prob * (dp[n][e] * p.output_scale * z - delta[r]);
@@ -238,10 +252,14 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (qi[r] >= w.tile_begin + w.tile_rows) continue;
-    T* dq_row = row_pointer<T>(p.dq, w.batch, w.head, w.row(qi[r]));
+    auto store = [&](auto* dq_row) {
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-      store2(dq_row + n * 8 + 2 * t, dq[n][2 * r] * p.scale, dq[n][2 * r + 1] * p.scale, old_weight);
+      for (int n = 0; n < D / 8; ++n)
+        store2(dq_row + n * 8 + 2 * t, dq[n][2 * r] * p.scale, dq[n][2 * r + 1] * p.scale, old_weight);
+    };
+    const std::int64_t row = w.row(qs, qi[r]);
+    if (p.float32_outputs) store(row_pointer<float>(p.dq, w.batch, w.head, row));
+    else store(row_pointer<T>(p.dq, w.batch, w.head, row));
   }
   if (!accumulate) zero_unselected<T, D, kThreads>(p, w, &p.dq, nullptr, false);
 }

@@ -21,9 +21,10 @@ using detail::DilatedParams;
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
-// Jobs for branches [first, last) in each of `roles`, tiles of `block_rows` own rows. Sorted by
-// the selected length of the branch's segments (each block's work grows with it), longest first;
-// among equals the order of `roles` is kept (dk/dv blocks, which do more, before dq blocks).
+// Jobs for branches [first, last) in each of `roles`, tiles of `block_rows` own rows (queries, or
+// keys for dk/dv blocks: in a ring step, the segments that meet the local queries or the step's
+// keys). Sorted by the selected length of the branch's segments (each block's work grows with it),
+// longest first; among equals the order of `roles` is kept (dk/dv blocks, which do more, first).
 LaunchPlan make_plan(const DilatedParams& p, int first, int last, std::vector<int> roles, int block_rows,
                      bool accumulate) {
   struct Entry {
@@ -35,12 +36,16 @@ LaunchPlan make_plan(const DilatedParams& p, int first, int last, std::vector<in
     for (int i = first; i < last; ++i) {
       const detail::Branch& br = p.branches[i];
       if (br.head_count == 0) continue;
-      const std::int64_t length = ceil_div(std::min(br.segment_length, p.seqlen), br.dilation_rate);
+      const bool keys = role == kDkDvRole;
+      const std::int64_t lo = keys ? p.key_begin : p.query_position, hi = keys ? p.key_end : p.query_position + p.seqlen;
+      const std::int64_t w = br.segment_length;
+      const std::int64_t length = ceil_div(std::min(w, hi - lo), br.dilation_rate);
       Job job;
       job.branch = i;
       job.role = role;
       job.tiles = int(std::max<std::int64_t>(1, ceil_div(length, block_rows)));
-      job.segments = int(ceil_div(p.seqlen, br.segment_length));
+      job.first_segment = int(lo / w);
+      job.segments = int((hi - 1) / w - lo / w + 1);
       entries.push_back({job, length, std::int64_t(job.tiles) * job.segments * br.head_count * p.batch});
     }
   std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.length > b.length; });
@@ -127,19 +132,22 @@ template <class T, int S>
 void run_forward(const DilatedParams& p) {
   const auto stream = static_cast<cudaStream_t>(p.stream);
   constexpr int rows = ForwardShape<64, S>::kBlockM;  // the same for every head dim
-  if (p.mode == Mode::grouped) return forward_launch<T, S>(p, make_plan(p, 0, p.num_branches, {kForwardRole}, rows, false), stream);
+  const bool ring = p.float32_outputs;                // ring steps merge into what is there
+  if (p.mode == Mode::grouped)
+    return forward_launch<T, S>(p, make_plan(p, 0, p.num_branches, {kForwardRole}, rows, ring), stream);
   for (int i = 0; i < p.num_branches; ++i)
-    forward_launch<T, S>(p, make_plan(p, i, i + 1, {kForwardRole}, rows, i > 0), stream);
+    forward_launch<T, S>(p, make_plan(p, i, i + 1, {kForwardRole}, rows, ring || i > 0), stream);
 }
 
 template <class T, int S>
 void run_backward(const DilatedParams& p) {
   const auto stream = static_cast<cudaStream_t>(p.stream);
   const int rows = p.head_dim > 64 ? BackwardShape<128, S>::kBlockOwn : BackwardShape<64, S>::kBlockOwn;
+  const bool ring = p.float32_outputs;  // ring steps add into the accumulators
   if (p.mode == Mode::grouped)
-    return backward_launch<T, S>(p, make_plan(p, 0, p.num_branches, {kDkDvRole, kDqRole}, rows, false), stream);
+    return backward_launch<T, S>(p, make_plan(p, 0, p.num_branches, {kDkDvRole, kDqRole}, rows, ring), stream);
   for (int i = 0; i < p.num_branches; ++i)
-    backward_launch<T, S>(p, make_plan(p, i, i + 1, {kDkDvRole, kDqRole}, rows, i > 0), stream);
+    backward_launch<T, S>(p, make_plan(p, i, i + 1, {kDkDvRole, kDqRole}, rows, ring || i > 0), stream);
 }
 
 // Paths of later issues that the CUDA kernels do not read yet: refused, never ignored.
@@ -149,11 +157,13 @@ void check_supported(const DilatedParams& p) {
                 "kernels skip key tiles by curve position); expected causal = false or cpu tensors");
   if (p.block_size > 0)
     throw Error("block-sparse attention is not implemented on CUDA yet; expected cpu tensors");
-  if (p.query_position != 0 || (p.global_length != 0 && p.global_length != p.seqlen) || p.key_begin != 0 ||
-      (p.key_end != 0 && p.key_end != p.seqlen))
-    throw Error("ring attention steps are not implemented on CUDA yet; expected no ring_step");
+  const bool ring_step = p.query_position != 0 || p.global_length != p.seqlen || p.key_begin != 0 || p.key_end != p.seqlen;
+  if (ring_step && !p.float32_outputs)
+    throw Error("options.ring_step with CUDA tensors: forward writes no per-step output on CUDA; expected "
+                "ring_forward_step (which merges the step into float32 out and lse) or cpu tensors");
   if (!p.run_query_pass || !p.run_key_pass || p.accumulate)
-    throw Error("ring backward steps are not implemented on CUDA yet; expected cpu tensors for them");
+    throw Error("the two-sweep ring backward steps (ring_query_gradients, ring_key_gradients) run on cpu tensors; "
+                "expected ring_step_gradients for CUDA tensors");
 }
 
 // A device index map must be a permutation of [0, N) like a host one (validate.cpp checks those):

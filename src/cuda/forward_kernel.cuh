@@ -22,18 +22,19 @@ namespace dattn::cuda {
 template <class T>
 using MmaType = std::conditional_t<std::is_same_v<T, __half>, __half, __nv_bfloat16>;
 
-// Rows of [region_begin, region_end) that the block's branch does not select: out (or the
-// gradients) 0, lse -inf.
+// Rows of [region_begin, region_end) that the block's branch does not select (the block's own
+// side): out (or the gradients) 0, lse -inf. Not in ring steps, which only add.
 template <class T, int D, int kThreads>
 __device__ __forceinline__ void zero_unselected(const detail::DilatedParams& p, const BlockWork& w,
                                                 const detail::Operand* a, const detail::Operand* b, bool lse) {
   constexpr int kChunks = D * int(sizeof(T)) / 16;
+  const Side& own = w.own();
   const std::int64_t rows = w.region_end - w.region_begin;
-  if (w.stride == 1 && w.region_begin == w.first + w.tile_begin && rows == w.tile_rows) return;
+  if (w.stride == 1 && w.region_begin == own.first + w.tile_begin && rows == w.tile_rows) return;
   for (std::int64_t c = threadIdx.x; c < rows * kChunks; c += kThreads) {
     const std::int64_t position = w.region_begin + c / kChunks;
-    const std::int64_t rel = position - w.first;
-    if (rel >= 0 && rel % w.stride == 0 && rel / w.stride < w.length) continue;
+    const std::int64_t rel = position - own.first;
+    if (rel >= 0 && rel % w.stride == 0 && rel / w.stride < own.length) continue;
     const int chunk = int(c % kChunks);
     const std::int64_t row = w.original(position);
     zero_row_chunk(row_pointer<T>(*a, w.batch, w.head, row), chunk);
@@ -66,18 +67,19 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
   for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
   float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.0f, 0.0f};
 
-  if (w.tile_rows > 0) {
-    const std::int64_t key_end = p.causal ? imin(w.length, w.tile_begin + w.tile_rows) : w.length;
+  const std::int64_t shift = w.causal_shift;
+  const std::int64_t key_end = p.causal ? imin(w.key.length, w.tile_begin + w.tile_rows + shift) : w.key.length;
+  if (w.tile_rows > 0 && key_end > 0) {
     const int num_tiles = int((key_end + BN - 1) / BN);
     auto load_kv = [&](int tile, int stage) {
       const std::int64_t k0 = std::int64_t(tile) * BN;
       const int valid = int(imin(BN, key_end - k0));
-      load_rows<T, S, BN, D, kThreads>(sK + stage * Shape::kKvElems, Shape::kKvPlane, p.k, w, k0, valid);
-      load_rows<T, S, BN, D, kThreads>(sV + stage * Shape::kKvElems, Shape::kKvPlane, p.v, w, k0, valid);
+      load_rows<T, S, BN, D, kThreads>(sK + stage * Shape::kKvElems, Shape::kKvPlane, p.k, w, w.key, k0, valid);
+      load_rows<T, S, BN, D, kThreads>(sV + stage * Shape::kKvElems, Shape::kKvPlane, p.v, w, w.key, k0, valid);
       for (int c = threadIdx.x; c < BN; c += kThreads)
-        sBias[stage * BN + c] = c < valid && !key_padded(p, w.batch, w.row(k0 + c)) ? 0.0f : neg_inf();
+        sBias[stage * BN + c] = c < valid && !key_padded(p, w.batch, w.row(w.key, k0 + c)) ? 0.0f : neg_inf();
     };
-    load_rows<T, S, BM, D, kThreads>(sQ, Shape::kQPlane, p.q, w, w.tile_begin, w.tile_rows);
+    load_rows<T, S, BM, D, kThreads>(sQ, Shape::kQPlane, p.q, w, w.query, w.tile_begin, w.tile_rows);
     load_kv(0, 0);
     cp_async_commit();
 
@@ -113,7 +115,7 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
 
       // Scale into the log2 domain, mask (padding, past the group, causal), online softmax.
       const std::int64_t k0 = std::int64_t(it) * BN;
-      const bool diagonal = p.causal && k0 + BN - 1 > w.tile_begin + warp * 16;
+      const bool diagonal = p.causal && k0 + BN - 1 > w.tile_begin + warp * 16 + shift;
       const float* bias = sBias + stage * BN;
 #pragma unroll
       for (int n = 0; n < BN / 8; ++n)
@@ -121,7 +123,7 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
         for (int e = 0; e < 4; ++e) {
           const int col = n * 8 + 2 * t + (e & 1);
           float x = s[n][e] * scale_log2 + bias[col];
-          if (diagonal && k0 + col > qi[e >> 1]) x = neg_inf();
+          if (diagonal && k0 + col > qi[e >> 1] + shift) x = neg_inf();
           s[n][e] = x;
         }
 #pragma unroll
@@ -173,14 +175,13 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
     inv[r] = attended ? 1.0f / sum : 0.0f;
     lse_row[r] = attended ? (row_max[r] + __log2f(sum)) * kLn2 : neg_inf();
     valid[r] = qi[r] < w.tile_begin + w.tile_rows;
-    if (plan.accumulate && valid[r]) old_lse[r] = *lse_pointer(p, w.batch, w.head, w.row(qi[r]));
+    if (plan.accumulate && valid[r]) old_lse[r] = *lse_pointer(p, w.batch, w.head, w.row(w.query, qi[r]));
   }
   __syncwarp();
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (!valid[r]) continue;
-    const std::int64_t row = w.row(qi[r]);
-    T* dst = row_pointer<T>(p.out, w.batch, w.head, row);
+    const std::int64_t row = w.row(w.query, qi[r]);
     float old_weight = 0.0f, new_weight = p.output_scale * inv[r], lse_new = lse_row[r];
     if (plan.accumulate) {
       if (lse_row[r] == neg_inf()) continue;  // this branch adds nothing to the row
@@ -191,9 +192,13 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
         new_weight *= expf(lse_row[r] - lse_new);
       }
     }
+    auto store = [&](auto* dst) {
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-      store2(dst + n * 8 + 2 * t, acc[n][2 * r] * new_weight, acc[n][2 * r + 1] * new_weight, old_weight);
+      for (int n = 0; n < D / 8; ++n)
+        store2(dst + n * 8 + 2 * t, acc[n][2 * r] * new_weight, acc[n][2 * r + 1] * new_weight, old_weight);
+    };
+    if (p.float32_outputs) store(row_pointer<float>(p.out, w.batch, w.head, row));
+    else store(row_pointer<T>(p.out, w.batch, w.head, row));
     if (t == 0) *lse_pointer(p, w.batch, w.head, row) = lse_new;
   }
   if (!plan.accumulate) zero_unselected<T, D, kThreads>(p, w, &p.out, nullptr, true);

@@ -21,16 +21,17 @@ enum Role : int {
 struct Job {
   int branch = 0;
   int role = kForwardRole;
-  int tiles = 1;     // tiles of the longest segment of the branch
-  int segments = 1;
+  int tiles = 1;          // tiles of the longest segment of the branch
+  int segments = 1;       // segments that hold own rows (a ring step's own rows meet a few)
+  int first_segment = 0;
   int block_begin = 0;
 };
 
 struct LaunchPlan {
   int num_jobs = 0;
   int total_blocks = 0;
-  // longnet mode, every branch after the first: merge into out/lse (forward) or add into
-  // dq/dk/dv (backward) instead of writing, and leave unselected rows alone.
+  // longnet mode, every branch after the first, and every ring step: merge into out/lse (forward)
+  // or add into dq/dk/dv (backward) instead of writing, and leave unselected rows alone.
   bool accumulate = false;
   Job jobs[2 * detail::kMaxBranches];
 };

@@ -14,34 +14,51 @@
 
 namespace dattn::cuda {
 
+// The positions one side (queries or keys) of a block's group selects: first + j·stride for
+// j < length. A tensor row is original(position) − row_offset: a ring step's tensors hold the
+// slice of rows that starts at row_offset.
+struct Side {
+  std::int64_t first = 0, length = 0, row_offset = 0;
+};
+
 struct BlockWork {
   int branch = 0, role = 0;
   std::int64_t batch = 0, head = 0;
-  std::int64_t stride = 1;       // dilation rate r
-  std::int64_t first = 0;        // original position of the segment's first selected row
-  std::int64_t length = 0;       // L: rows the branch selects in the segment
-  std::int64_t tile_begin = 0;   // own rows [tile_begin, tile_begin + tile_rows) of [0, L)
+  std::int64_t stride = 1;         // dilation rate r
+  Side query, key;                 // equal except in ring steps
+  std::int64_t causal_shift = 0;   // causal: key j is visible to query i iff j <= i + causal_shift
+  std::int64_t tile_begin = 0;     // own rows [tile_begin, tile_begin + tile_rows) of own().length
   int tile_rows = 0;
-  std::int64_t region_begin = 0, region_end = 0;  // positions this block writes
+  std::int64_t region_begin = 0, region_end = 0;  // positions this block writes (not in ring steps)
   const std::int64_t* index = nullptr;            // Hilbert order: position -> original row, or none
   std::int64_t seqlen = 0;
-  __device__ std::int64_t position(std::int64_t j) const { return first + j * stride; }
-  // The row of the tensors (and the position dropout and padding use) at an attention position.
-  // Positions past the sequence (of padded tile columns, whose addresses are formed but never read)
-  // stay as they are: the index has no entry for them.
+  // Own rows: queries (forward, dq blocks) or keys (dk/dv blocks).
+  __device__ const Side& own() const { return role == kDkDvRole ? key : query; }
+  // The original position (dropout's and causality's) at an attention position. Positions past
+  // the sequence (of padded tile columns, whose addresses are formed but never read) stay as they
+  // are: the index has no entry for them.
   __device__ std::int64_t original(std::int64_t pos) const { return index && pos < seqlen ? index[pos] : pos; }
-  __device__ std::int64_t row(std::int64_t j) const { return original(position(j)); }
+  __device__ std::int64_t position(const Side& s, std::int64_t j) const { return original(s.first + j * stride); }
+  __device__ std::int64_t row(const Side& s, std::int64_t j) const { return position(s, j) - s.row_offset; }
 };
 
 __device__ __forceinline__ std::int64_t imin(std::int64_t a, std::int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ std::int64_t imax(std::int64_t a, std::int64_t b) { return a > b ? a : b; }
 
-__device__ __forceinline__ std::int64_t selected_count(std::int64_t segment_length, std::int64_t offset,
-                                                       std::int64_t stride) {
-  return offset < segment_length ? (segment_length - offset + stride - 1) / stride : 0;
+// The positions of [lo, hi) that a branch selecting first + j·r picks, tensor rows from offset.
+__device__ __forceinline__ Side select_side(std::int64_t first, std::int64_t r, std::int64_t lo, std::int64_t hi,
+                                            std::int64_t offset) {
+  Side s;
+  s.first = lo <= first ? first : first + (lo - first + r - 1) / r * r;
+  s.length = s.first < hi ? (hi - s.first + r - 1) / r : 0;
+  s.row_offset = offset;
+  return s;
 }
 
-// Decodes blockIdx.x into the block's work. Returns false for a block past the last tile of a
-// short (partial) segment: it has nothing to do.
+// Decodes blockIdx.x into the block's work. Segments are cut by global positions; the block's
+// queries are those of [query_position, query_position + seqlen) in its segment, its keys those
+// of [key_begin, key_end) (both the whole segment except in ring steps). Returns false for a block
+// with nothing to do: past the last tile of a short segment, or with no own rows in a ring step.
 template <int kBlock>
 __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, const LaunchPlan& plan,
                                              BlockWork& work) {
@@ -54,7 +71,7 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
   std::int64_t tile = local % job.tiles;
   local /= job.tiles;
   if (p.causal) tile = job.tiles - 1 - tile;  // the longest causal tiles first
-  const std::int64_t segment = local % job.segments;
+  const std::int64_t segment = job.first_segment + local % job.segments;
   local /= job.segments;
   work.branch = job.branch;
   work.index = p.position_index;
@@ -64,17 +81,21 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
   work.batch = local / br.head_count;
   const std::int64_t w = br.segment_length, r = br.dilation_rate;
   const std::int64_t o = br.offset_from_head ? work.head % r : br.group_offset;
-  const std::int64_t start = segment * w, end = imin(start + w, p.seqlen);
+  const std::int64_t start = segment * w, end = imin(start + w, p.global_length), first = start + o;
   work.stride = r;
-  work.first = start + o;
-  work.length = selected_count(end - start, o, r);
-  const std::int64_t tiles_here = work.length > 0 ? (work.length + kBlock - 1) / kBlock : 1;
+  work.query = select_side(first, r, imax(start, p.query_position), imin(end, p.query_position + p.seqlen),
+                           p.query_position);
+  work.key = select_side(first, r, imax(start, p.key_begin), imin(end, p.key_end), p.key_begin);
+  work.causal_shift = (work.query.first - work.key.first) / r;  // exact: both are first mod r
+  const std::int64_t length = work.own().length;
+  if (length == 0 && plan.accumulate) return false;  // nothing to add (a ring step, or a later branch)
+  const std::int64_t tiles_here = length > 0 ? (length + kBlock - 1) / kBlock : 1;
   if (tile >= tiles_here) return false;
   work.tile_begin = tile * kBlock;
-  work.tile_rows = int(imin(kBlock, work.length - work.tile_begin));
+  work.tile_rows = int(imin(kBlock, length - work.tile_begin));
   if (work.tile_rows < 0) work.tile_rows = 0;
-  work.region_begin = tile == 0 ? start : work.first + tile * kBlock * r;
-  work.region_end = tile + 1 == tiles_here ? end : work.first + (tile + 1) * kBlock * r;
+  work.region_begin = tile == 0 ? start : first + tile * kBlock * r;
+  work.region_end = tile + 1 == tiles_here ? end : first + (tile + 1) * kBlock * r;
   return true;
 }
 
@@ -89,6 +110,12 @@ __device__ __forceinline__ float* lse_pointer(const detail::DilatedParams& p, st
   return p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride + position * p.lse_row_stride;
 }
 
+// A ring step's given softmax correction: [B, H, N] contiguous over the local query rows.
+__device__ __forceinline__ const float* delta_pointer(const detail::DilatedParams& p, std::int64_t batch,
+                                                      std::int64_t head, std::int64_t row) {
+  return p.softmax_delta + (batch * p.heads + head) * p.seqlen + row;
+}
+
 __device__ __forceinline__ bool key_padded(const detail::DilatedParams& p, std::int64_t batch, std::int64_t position) {
   return p.key_padding_mask != nullptr &&
          p.key_padding_mask[batch * p.mask_batch_stride + position * p.mask_row_stride] != 0;
@@ -96,8 +123,9 @@ __device__ __forceinline__ bool key_padded(const detail::DilatedParams& p, std::
 
 // Dropout keep bits of one warp's 16-row score tile in accumulator layout: bit 4n+e belongs to
 // element [n][e], whose row is row1 for e >= 2 (else row0) and whose column is
-// col0 + 8n + 2t + (e & 1) (group indices). Rows are queries, or keys when rows_are_keys. A rolled
-// loop, so that Philox appears once in the code.
+// col0 + 8n + 2t + (e & 1) (indices into the sides). Rows are queries, or keys when rows_are_keys.
+// The decision takes original global positions, so ring steps draw the single call's masks. A
+// rolled loop, so that Philox appears once in the code.
 template <int kTiles>
 __device__ __forceinline__ std::uint32_t dropout_bits(const detail::DilatedParams& p, const BlockWork& w,
                                                       std::int64_t row0, std::int64_t row1, std::int64_t col0,
@@ -110,7 +138,8 @@ __device__ __forceinline__ std::uint32_t dropout_bits(const detail::DilatedParam
   for (int idx = 0; idx < kTiles * 4; ++idx) {
     const int n = idx >> 2, e = idx & 3;
     const std::int64_t row = (e >> 1) ? row1 : row0, col = col0 + n * 8 + 2 * t + (e & 1);
-    const std::int64_t query = w.row(rows_are_keys ? col : row), key = w.row(rows_are_keys ? row : col);
+    const std::int64_t query = w.position(w.query, rows_are_keys ? col : row);
+    const std::int64_t key = w.position(w.key, rows_are_keys ? row : col);
     // SPEC.md's keep decision (dattn::dropout_keep), with the word picked without indexing an array.
     const PhiloxWords words = philox4x32_10({{std::uint32_t(key >> 2), std::uint32_t(query), std::uint32_t(batch_head),
                                               std::uint32_t(p.dropout_offset)}},
@@ -163,12 +192,12 @@ __device__ __forceinline__ void zero_row_chunk(T* row, int chunk) {
   reinterpret_cast<uint4*>(row)[chunk] = make_uint4(0, 0, 0, 0);
 }
 
-// ---- tile loads: rows [j0, j0 + kRows) of a group into shared memory ----
+// ---- tile loads: rows [j0, j0 + kRows) of one side of a group into shared memory ----
 // 16-bit storage: cp.async, rows past `valid` zero-filled (never garbage: 0·NaN would poison P·V).
 // fp32 storage: loaded through registers and split into S bf16 planes.
 template <class T, int S, int kRows, int D, int kThreads>
 __device__ __forceinline__ void load_rows(std::uint16_t* smem, int plane_elems, const detail::Operand& x,
-                                          const BlockWork& w, std::int64_t j0, int valid) {
+                                          const BlockWork& w, const Side& side, std::int64_t j0, int valid) {
   constexpr int kStride = D + 8;
   if constexpr (sizeof(T) == 2) {
     constexpr int kChunks = D / 8;  // 16-byte chunks per row
@@ -177,8 +206,8 @@ __device__ __forceinline__ void load_rows(std::uint16_t* smem, int plane_elems, 
     for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
       const int row = c / kChunks, col = (c % kChunks) * 8;
       const bool ok = row < valid;
-      const T* src = row_pointer<const T>(x, w.batch, w.head, w.row(ok ? j0 + row : w.tile_begin)) + col;
-      cp_async_16(base + (row * kStride + col) * 2, ok ? src : static_cast<const T*>(x.data), ok);
+      const T* src = ok ? row_pointer<const T>(x, w.batch, w.head, w.row(side, j0 + row)) + col : static_cast<const T*>(x.data);
+      cp_async_16(base + (row * kStride + col) * 2, src, ok);
     }
   } else {
     constexpr int kChunks = D / 4;
@@ -187,7 +216,7 @@ __device__ __forceinline__ void load_rows(std::uint16_t* smem, int plane_elems, 
       const int row = c / kChunks, col = (c % kChunks) * 4;
       float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
       if (row < valid)
-        v = *reinterpret_cast<const float4*>(row_pointer<const float>(x, w.batch, w.head, w.row(j0 + row)) + col);
+        v = *reinterpret_cast<const float4*>(row_pointer<const float>(x, w.batch, w.head, w.row(side, j0 + row)) + col);
       std::uint32_t lo[S], hi[S];
       split2<S>(v.x, v.y, lo);
       split2<S>(v.z, v.w, hi);

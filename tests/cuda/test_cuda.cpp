@@ -6,6 +6,9 @@
 // copies of the same rounded inputs at SPEC.md's bars. It also checks that no byte outside the
 // output views changed and that the inputs are untouched.
 //
+// Ring cases run the whole call as the one-pass ring steps of P ranks (ring_forward_step,
+// ring_step_gradients) and compare the merged results with the same reference.
+//
 // Usage: dattn-test-cuda [--cases N] [--seed S] [--max-n N] [--threads T] [--head-dims 16,64,...]
 //                        [--fixed-only | --random-only] [--verbose]
 // Prints one line per failure and "N passed, M failed"; exit 0 when all passed, 77 without a GPU.
@@ -59,6 +62,8 @@ struct Case {
   std::uint64_t dropout_seed = 0, dropout_offset = 0;
   bool fused_qkv = false, strided = false;
   bool hilbert = false;  // attend in the plain-sequence Hilbert order (position_index on the device)
+  int ring_ranks = 0;    // > 0: the whole call as the ring steps of this many ranks (one-pass form)
+  bool zigzag = false;
 };
 
 std::string describe(const Case& c) {
@@ -79,6 +84,7 @@ std::string describe(const Case& c) {
   if (c.fused_qkv) s << " fused_qkv";
   if (c.strided) s << " strided";
   if (c.hilbert) s << " hilbert";
+  if (c.ring_ranks) s << " ring P=" << c.ring_ranks << (c.zigzag ? " zigzag" : " contiguous");
   return s.str();
 }
 
@@ -133,6 +139,13 @@ Case random_case(Rng& rng, std::int64_t max_n) {
   c.fused_qkv = chance(rng, 0.25);
   c.strided = chance(rng, 0.35);
   c.hilbert = !c.causal && chance(rng, 0.25);  // causal Hilbert order is refused on CUDA (a check below)
+  if (!c.hilbert && chance(rng, 0.25)) {
+    c.ring_ranks = int(uniform(rng, 1, 4));
+    c.zigzag = chance(rng, 0.5);
+    const std::int64_t unit = c.zigzag ? 2 * c.ring_ranks : c.ring_ranks;
+    c.N = std::max(unit, c.N / unit * unit);
+    if (!c.padding.empty()) c.padding.resize(std::size_t(c.B * c.N), 0);
+  }
   return c;
 }
 
@@ -271,8 +284,11 @@ Tolerance tolerance(const Case& c) {
 // Relative L2 error, or +inf for NaN/Inf. As tests/harness.cpp: where the reference is exactly 0
 // the result must be exactly 0 (else +inf); a reference at float64 round-off (RMS <= 1e-12, a
 // gradient that is 0 mathematically but not bit-exactly) holds the result to RMS <= tol instead,
-// reported as RMS / tol * tol (so that "<= tol" decides either way).
-double rel_l2(const View& x, const dattn::Tensor& ref, double tol) {
+// reported as RMS / tol * tol (so that "<= tol" decides either way). With `cancellation` (dq, dk)
+// an exactly-0 reference is held to the same RMS bar: their Σ_j dS_j·k of a query whose keys are
+// all one key (in longnet mode: one key in every branch) is 0 in float64 only when rounding happens
+// to make Σ_j P_j exactly 1.
+double rel_l2(const View& x, const dattn::Tensor& ref, double tol, bool cancellation) {
   double num = 0, den = 0;
   bool finite = true;
   std::int64_t k = 0;
@@ -283,7 +299,7 @@ double rel_l2(const View& x, const dattn::Tensor& ref, double tol) {
     den += b * b;
   });
   if (!finite) return std::numeric_limits<double>::infinity();
-  if (den == 0) return num == 0 ? 0 : std::numeric_limits<double>::infinity();
+  if (den == 0 && !cancellation) return num == 0 ? 0 : std::numeric_limits<double>::infinity();
   const double count = double(k);
   if (std::sqrt(den / count) <= 1e-12) return std::sqrt(num / count) <= tol ? 0 : std::sqrt(num / count);
   return std::sqrt(num / den);
@@ -322,6 +338,77 @@ std::string changed_outside(const std::vector<View>& views) {
       for (std::size_t k = 0; k < es; ++k)
         if (b->host[std::size_t(e) * es + k] != 0xff) return "element " + std::to_string(e) + " outside the views changed";
   return "";
+}
+
+// A fresh float32 buffer of `shape` (contiguous) holding `value` everywhere.
+View filled(std::vector<std::unique_ptr<Buffer>>& owner, const std::vector<std::int64_t>& shape, float value) {
+  std::int64_t n = 1;
+  for (auto e : shape) n *= e;
+  owner.push_back(std::make_unique<Buffer>(DType::float32, n));
+  std::fill_n(reinterpret_cast<float*>(owner.back()->host.data()), n, value);
+  std::vector<std::int64_t> strides(shape.size(), 1);
+  for (int d = int(shape.size()) - 2; d >= 0; --d) strides[std::size_t(d)] = strides[std::size_t(d) + 1] * shape[std::size_t(d) + 1];
+  return View{owner.back().get(), 0, shape, strides};
+}
+
+// The whole call as c.ring_ranks ranks would run it: every (query chunk, key chunk) pair through
+// ring_forward_step into float32 out and lse, then ring_step_gradients with the merged lse and
+// delta = rowsum(dout∘out) into float32 dq, dk, dv. Returns {out, lse, dq, dk, dv} (downloaded).
+std::vector<View> run_ring_steps(const Case& c, const dattn::DilatedConfig& config, const std::vector<View>& qkv,
+                                 const View& dout, const std::optional<View>& mask,
+                                 std::vector<std::unique_ptr<Buffer>>& owner, cudaStream_t stream) {
+  const std::int64_t B = c.B, N = c.N, H = c.H, D = c.D;
+  const dattn::Layout layout = c.zigzag ? dattn::Layout::zigzag : dattn::Layout::contiguous;
+  View out = filled(owner, {B, N, H, D}, 0.0f), lse = filled(owner, {B, H, N}, -INFINITY);
+  View dq = filled(owner, {B, N, H, D}, 0.0f), dk = filled(owner, {B, N, H, D}, 0.0f), dv = filled(owner, {B, N, H, D}, 0.0f);
+  for (View* v : {&out, &lse, &dq, &dk, &dv}) v->buffer->upload(stream);
+  auto each_pair = [&](auto&& fn) {
+    for (int rank = 0; rank < c.ring_ranks; ++rank)
+      for (const auto& [q0, q1] : dattn::ring_rows(N, c.ring_ranks, rank, layout))
+        for (int source = 0; source < c.ring_ranks; ++source)
+          for (const auto& [k0, k1] : dattn::ring_rows(N, c.ring_ranks, source, layout)) {
+            dattn::DilatedConfig step_config = config;
+            if (mask) step_config.key_padding_mask = mask->device_view().narrow(1, k0, k1 - k0);
+            fn(step_config, dattn::RingStep{q0, N, k0, k1}, q0, q1, k0, k1);
+          }
+  };
+  auto rows = [](const View& v, std::int64_t a, std::int64_t b) { return v.device_view().narrow(1, a, b - a); };
+  each_pair([&](const dattn::DilatedConfig& sc, dattn::RingStep step, std::int64_t q0, std::int64_t q1, std::int64_t k0,
+                std::int64_t k1) {
+    dattn::ring_forward_step(sc, step, rows(qkv[0], q0, q1), rows(qkv[1], k0, k1), rows(qkv[2], k0, k1),
+                             rows(out, q0, q1), lse.device_view().narrow(2, q0, q1 - q0), stream);
+  });
+  out.buffer->download(stream);
+  lse.buffer->download(stream);
+  CUDA_OK(cudaStreamSynchronize(stream));
+  // delta = rowsum(dout∘out) per query chunk, [B, H, n] contiguous, as a rank computes it.
+  std::vector<View> deltas;
+  for (int rank = 0; rank < c.ring_ranks; ++rank)
+    for (const auto& [q0, q1] : dattn::ring_rows(N, c.ring_ranks, rank, layout)) {
+      View delta = filled(owner, {B, H, q1 - q0}, 0.0f);
+      auto* d = reinterpret_cast<float*>(delta.buffer->host.data());
+      const auto* o = reinterpret_cast<const float*>(out.buffer->host.data());
+      for (std::int64_t b = 0; b < B; ++b)
+        for (std::int64_t h = 0; h < H; ++h)
+          for (std::int64_t i = q0; i < q1; ++i)
+            for (std::int64_t e = 0; e < D; ++e)
+              d[(b * H + h) * (q1 - q0) + i - q0] +=
+                  float(load(dout.buffer->host.data(), dout.buffer->dtype, dout.at({b, i, h, e}))) * o[((b * N + i) * H + h) * D + e];
+      delta.buffer->upload(stream);
+      deltas.push_back(delta);
+    }
+  std::size_t chunk = 0;
+  std::int64_t previous_q0 = -1;
+  each_pair([&](const dattn::DilatedConfig& sc, dattn::RingStep step, std::int64_t q0, std::int64_t q1, std::int64_t k0,
+                std::int64_t k1) {
+    // each_pair visits a query chunk's pairs together, in ring_rows order
+    if (q0 != previous_q0 && previous_q0 >= 0) ++chunk;
+    previous_q0 = q0;
+    dattn::ring_step_gradients(sc, step, rows(qkv[0], q0, q1), rows(qkv[1], k0, k1), rows(qkv[2], k0, k1),
+                               rows(dout, q0, q1), lse.device_view().narrow(2, q0, q1 - q0),
+                               deltas[chunk].device_view(), rows(dq, q0, q1), rows(dk, k0, k1), rows(dv, k0, k1), stream);
+  });
+  return {out, lse, dq, dk, dv};
 }
 
 struct Result {
@@ -383,11 +470,18 @@ Result run_case(const Case& c, cudaStream_t stream) {
     index_device->upload(stream);
     options.position_index = View{index_device.get(), 0, {c.N}, {1}}.device_view();
   }
-  dattn::forward(config, qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(), out.device_view(),
-                 lse.device_view(), options);
-  dattn::backward(config, qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(), out.device_view(),
-                  lse.device_view(), dout.device_view(), grads[0].device_view(), grads[1].device_view(),
-                  grads[2].device_view(), options);
+  if (c.ring_ranks > 0) {
+    const std::vector<View> ring = run_ring_steps(c, config, qkv, dout, mask, owner, stream);
+    out = ring[0];
+    lse = ring[1];
+    grads = {ring[2], ring[3], ring[4]};
+  } else {
+    dattn::forward(config, qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(), out.device_view(),
+                   lse.device_view(), options);
+    dattn::backward(config, qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(), out.device_view(),
+                    lse.device_view(), dout.device_view(), grads[0].device_view(), grads[1].device_view(),
+                    grads[2].device_view(), options);
+  }
   for (auto& b : owner) b->download(stream);
   CUDA_OK(cudaStreamSynchronize(stream));
 
@@ -420,9 +514,13 @@ Result run_case(const Case& c, cudaStream_t stream) {
     const View* view;
     const dattn::Tensor* ref;
     int slot;
-  } checks[] = {{"out", &out, &out64, 0}, {"dq", &grads[0], &dq64, 2}, {"dk", &grads[1], &dk64, 3}, {"dv", &grads[2], &dv64, 4}};
+    bool cancellation;
+  } checks[] = {{"out", &out, &out64, 0, false},
+                {"dq", &grads[0], &dq64, 2, true},
+                {"dk", &grads[1], &dk64, 3, true},
+                {"dv", &grads[2], &dv64, 4, false}};
   for (const auto& ch : checks) {
-    const double e = rel_l2(*ch.view, *ch.ref, tol.rel);
+    const double e = rel_l2(*ch.view, *ch.ref, tol.rel, ch.cancellation);
     result.worst[ch.slot] = e;
     if (!(e <= tol.rel)) problems << ch.name << " relative L2 error " << e << " > " << tol.rel << "; ";
   }
@@ -430,7 +528,7 @@ Result run_case(const Case& c, cudaStream_t stream) {
   for (const auto& [name, views] : {std::pair<const char*, std::vector<View>>{"out", {out}}, {"lse", {lse}},
                                     {"grads", c.fused_qkv ? grads : std::vector<View>{grads[0]}}})
     if (std::string m = changed_outside(views); !m.empty()) problems << name << ": " << m << "; ";
-  if (!c.fused_qkv)
+  if (!c.fused_qkv && !c.ring_ranks)
     for (int i = 1; i < 3; ++i)
       if (std::string m = changed_outside({grads[std::size_t(i)]}); !m.empty()) problems << "grad " << i << ": " << m << "; ";
   if (qkv[0].buffer->host != qkv_before) problems << "q (or the fused qkv buffer) changed; ";
@@ -468,6 +566,30 @@ std::vector<Case> fixed_cases() {
         }
         cases.push_back(c);
       }
+  for (DType t : {DType::bfloat16, DType::float32})  // ring steps: 4 ranks, both layouts and modes
+    for (int variant = 0; variant < 4; ++variant) {
+      Case c;
+      c.seed = seed++;
+      c.dtype = t;
+      c.B = 2;
+      c.H = 6;
+      c.N = 1024;
+      c.w = {128, 512, 1024};
+      c.r = {1, 2, 4};
+      c.ring_ranks = 4;
+      c.zigzag = variant % 2;
+      c.causal = variant >= 2;
+      c.mode = variant == 1 || variant == 2 ? dattn::Mode::longnet : dattn::Mode::grouped;
+      if (variant == 3) {
+        c.w = {100, 300, 1000};
+        c.r = {1, 3, 5};
+        c.padding.assign(std::size_t(c.B * c.N), 0);
+        for (std::size_t i = 0; i < c.padding.size(); i += 7) c.padding[i] = 1;
+        c.dropout_p = 0.2;
+        c.dropout_seed = 7;
+      }
+      cases.push_back(c);
+    }
   for (DType t : {DType::bfloat16, DType::float16, DType::float32})  // Hilbert order, both modes
     for (const dattn::Mode mode : {dattn::Mode::grouped, dattn::Mode::longnet}) {
       Case c;
