@@ -18,6 +18,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -105,17 +106,23 @@ def check(args):
     return rows, failures
 
 
-def timed(fn, warmup, repeats, group):
+def timed(fn, warmup, repeats, group, device):
     times = []
     for i in range(warmup + repeats):
         dist.barrier(group=group)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
+        if device == "cpu":  # the dry run
+            t0 = time.perf_counter()
+            fn()
+            elapsed = 1e3 * (time.perf_counter() - t0)
+        else:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end)
         if i >= warmup:
-            times.append(start.elapsed_time(end))
+            times.append(elapsed)
     return dict(median=statistics.median(times), min=min(times), max=max(times))
 
 
@@ -127,19 +134,23 @@ def scale_run(P, N, layout, causal, args, group):
         w, r = geo(N)
         n, H, D = N // P, 12, 64
         torch.manual_seed(1000 + rank)
-        q, k, v, grad = (torch.randn(1, n, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        dev = args.device
+        dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # torch 1.13's gloo gathers no bf16
+        q, k, v, grad = (torch.randn(1, n, H, D, device=dev, dtype=dtype) for _ in range(4))
         q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
         module = dattn.RingDilatedAttention(w, r, group=group, layout=layout)
         flops = _C.forward_flops(w, r, "grouped", causal, 1, N, H, D) / P
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fwd = timed(lambda: module(q, k, v, is_causal=causal), args.warmup, args.repeats, group)
+        cuda = dev == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if cuda else 0
+        fwd = timed(lambda: module(q, k, v, is_causal=causal), args.warmup, args.repeats, group, args.device)
 
         def step():
             module(q, k, v, is_causal=causal).backward(grad)
-        both = timed(step, args.warmup, args.repeats, group)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        both = timed(step, args.warmup, args.repeats, group, args.device)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else 0.0
         sent = _ring_bytes(w, r, causal, layout, N, P, H, D, rank)
 
         # baseline: all-gather k and v, then one attention call of the local queries over all keys
@@ -148,20 +159,22 @@ def scale_run(P, N, layout, causal, args, group):
             dist.all_gather(parts[0], k.detach(), group=group)
             dist.all_gather(parts[1], v.detach(), group=group)
             keys, values = (torch.cat(x, dim=1) for x in parts)
-            merged = torch.zeros(1, n, H, D, device="cuda")
-            lse = torch.full((1, H, n), float("-inf"), device="cuda")
+            merged = torch.zeros(1, n, H, D, device=dev)
+            lse = torch.full((1, H, n), float("-inf"), device=dev)
             _C.ring_forward_step((rank * n, N, 0, N), _ops._view(q.detach()), _ops._view(keys), _ops._view(values),
                                  _ops._view(merged), _ops._view(lse), w, r, "grouped", causal, None, None, 0.0, 0,
                                  _ops._stream(q))
-        torch.cuda.reset_peak_memory_stats()
-        gathered = timed(allgather, args.warmup, args.repeats, group) if layout == "contiguous" else None
-        gathered_peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if gathered else None
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        gathered = timed(allgather, args.warmup, args.repeats, group, args.device) if layout == "contiguous" else None
+        gathered_peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if gathered and cuda else None
         row = dict(P=P, N=N, rows_per_gpu=n, layout=layout, causal=causal, segments=w, rates=r,
                    fwd_ms=fwd, fwd_bwd_ms=both, fwd_tflops=flops / fwd["median"] / 1e9,
                    fwd_bwd_tflops=3.5 * flops / both["median"] / 1e9, peak_mib=peak, bytes_sent_fwd=sent,
                    allgather_fwd_ms=gathered, allgather_peak_mib=gathered_peak)
         del q, k, v, grad
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     dist.barrier()
     return row
 
@@ -200,7 +213,7 @@ def print_scale(rows, args):
         return f"{t['median']:.2f} [{t['min']:.2f}–{t['max']:.2f}]"
 
     base = {(r["layout"], r["causal"]): r for r in rows if r["P"] == 1}
-    print(f"\n## Ring attention over NCCL, geo(N), bf16, grouped, B=1 H=12 D=64 ({torch.cuda.get_device_name()})\n")
+    print(f"\n## Ring attention over NCCL, geo(N), bf16, grouped, B=1 H=12 D=64 ({device_name(args.device)})\n")
     print("| P | N | N/P | layout | causal | fwd ms | fwd TFLOP/s/GPU | fwd+bwd ms | fwd+bwd TFLOP/s/GPU | "
           "vs P=1 (fwd / fwd+bwd) | peak MiB/GPU | sent MiB/GPU (fwd) | all-gather fwd ms | all-gather peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -229,11 +242,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                    help="cpu: the check over gloo, a dry run of this script on a machine without GPUs")
+                    help="cpu: over gloo, a dry run of this script on a machine without GPUs (small --rows-per-gpu)")
     args = ap.parse_args()
     if args.device == "cpu":
-        if args.what != "check":
-            sys.exit("--device cpu runs the check only")
         dist.init_process_group("gloo")
     else:
         if os.environ.get("NCCL_NVLS_ENABLE") != "0":

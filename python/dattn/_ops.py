@@ -171,10 +171,18 @@ def _view(t: Tensor):
     return (t.data_ptr(), _DTYPE_CODES[t.dtype], device_type, device_index, tuple(t.shape), tuple(t.stride()))
 
 
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream(t: Tensor) -> int:
     # CUDA: torch's current stream on the tensor's device (the C++ core makes that device current
-    # for the launch). CPU: no stream.
-    return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
+    # for the launch). CPU: no stream. The raw handle where torch offers it: a Stream object costs
+    # microseconds that show at small shapes.
+    if t.device.type != "cuda":
+        return 0
+    if _RAW_STREAM is not None:
+        return _RAW_STREAM(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return torch.cuda.current_stream(t.device).cuda_stream
 
 
 def _config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p, seed,

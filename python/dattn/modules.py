@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dattn import _ops
-from dattn.functional import dilated_attention, dilated_attention_qkvpacked
+from dattn.functional import dilated_attention
 from dattn.ring import check_group, ring_dilated_attention
 
 __all__ = ["DilatedAttention", "ImprovedDilatedAttention", "MultiheadDilatedAttention",
@@ -167,18 +167,29 @@ class MultiheadDilatedAttention(nn.Module):
         x = self.out_proj(x)
         return (x, None) if need_weights else x
 
-    def _attention_kwargs(self, is_causal, key_padding_mask):
-        return dict(is_causal=is_causal, scale=None, mode=self.mode, key_padding_mask=key_padding_mask,
-                    dropout_p=self.dropout if self.training else 0.0, use_tf32=self.use_tf32)
-
     def _attend(self, q, k, v, is_causal, key_padding_mask):
-        """Single-process attention, or the ring over self.group (then inputs are this rank's rows)."""
-        kwargs = self._attention_kwargs(is_causal, key_padding_mask)
-        if self.group is None:
-            return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, **kwargs)
-        del kwargs["use_tf32"]
-        return ring_dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, self.group, self.layout,
-                                      **kwargs)
+        """Single-process attention, or the ring over self.group (then inputs are this rank's rows).
+        The configuration was checked at construction and q, k, v come from the projections, so the
+        single-process call goes straight to the op (at small shapes the checks cost more than the
+        kernel)."""
+        dropout_p = self.dropout if self.training else 0.0
+        if self.group is not None:
+            return ring_dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, self.group, self.layout,
+                                          is_causal, None, self.mode, key_padding_mask, dropout_p)
+        _ops.check_key_padding_mask(key_padding_mask, q.size(0), q.size(1), q.device)
+        seed = _ops.draw_dropout_seed() if dropout_p > 0.0 else 0
+        return _ops.attention_forward(q, k, v, key_padding_mask, self.segment_lengths, self.dilation_rates, is_causal,
+                                      None, self.mode, dropout_p, seed, self.use_tf32)[0]
+
+    def _attend_packed(self, qkv, is_causal, key_padding_mask):
+        """_attend of a packed [B, N, 3, H, D] projection: strided q, k, v views, one packed gradient."""
+        if self.group is not None:
+            return self._attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal, key_padding_mask)
+        dropout_p = self.dropout if self.training else 0.0
+        _ops.check_key_padding_mask(key_padding_mask, qkv.size(0), qkv.size(1), qkv.device)
+        seed = _ops.draw_dropout_seed() if dropout_p > 0.0 else 0
+        return _ops.attention_qkvpacked_forward(qkv, key_padding_mask, self.segment_lengths, self.dilation_rates,
+                                                is_causal, None, self.mode, dropout_p, seed, self.use_tf32)[0]
 
     # ----------------------------------------------------------------------------------------
     def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
@@ -190,6 +201,12 @@ class MultiheadDilatedAttention(nn.Module):
         self._check_inputs(query, key, value, attn_mask, key_padding_mask)
         B, N, _ = query.shape
         heads = (B, N, self.num_heads, self.head_dim)
+        if key is query and value is query:  # self-attention: one product with the three weights stacked
+            projections = (self.q_proj, self.k_proj, self.v_proj)
+            weight = torch.cat([p.weight for p in projections])
+            bias = torch.cat([p.bias for p in projections]) if self.bias else None
+            qkv = F.linear(query, weight, bias).view(B, N, 3, self.num_heads, self.head_dim)
+            return self._finish(self._attend_packed(qkv, is_causal, key_padding_mask), need_weights)
         q = self.q_proj(query).view(heads)
         k = self.k_proj(key).view(heads)
         v = self.v_proj(value).view(heads)
@@ -246,13 +263,8 @@ class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
         self._check_inputs(query, key, value, attn_mask, key_padding_mask)
         B, N, _ = query.shape
         H, D, E = self.num_heads, self.head_dim, self.embed_dim
-        kwargs = self._attention_kwargs(is_causal, key_padding_mask)
         if key is query and value is query:
-            qkv = self.qkv_proj(query).view(B, N, 3, H, D)
-            if self.group is None:
-                x = dilated_attention_qkvpacked(qkv, self.segment_lengths, self.dilation_rates, **kwargs)
-            else:
-                x = self._attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal, key_padding_mask)
+            x = self._attend_packed(self.qkv_proj(query).view(B, N, 3, H, D), is_causal, key_padding_mask)
         elif key is value:
             q = self._project(query, slice(0, E)).view(B, N, H, D)
             kv = self._project(key, slice(E, 3 * E)).view(B, N, 2, H, D)

@@ -159,9 +159,9 @@ def test_fused_self_attention_uses_one_product_and_no_copy(monkeypatch):
         seen["qkv"] = qkv
         return real(qkv, *args, **kwargs)
 
-    import dattn.modules as modules
-    real = modules.dilated_attention_qkvpacked
-    monkeypatch.setattr(modules, "dilated_attention_qkvpacked", spy)
+    import dattn._ops as ops
+    real = ops.attention_qkvpacked_forward
+    monkeypatch.setattr(ops, "attention_qkvpacked_forward", spy)
     calls = []
     f.qkv_proj.register_forward_hook(lambda mod, inp, out: calls.append(out))
     f(randn(2, 32, E))
