@@ -35,18 +35,34 @@ class Communicator {
   virtual int rank() const = 0;
   virtual int size() const = 0;
   // Start sending or receiving `bytes` bytes to or from `peer`; a receive matches the send of the
-  // same tag. Buffers stay untouched by the caller until wait() on the returned request.
+  // same tag (NCCL, which has no tags: the next one between the two ranks). Buffers stay untouched
+  // by the caller until wait() on the returned request.
   virtual int isend(const void* data, std::size_t bytes, int peer, int tag) = 0;
   virtual int irecv(void* data, std::size_t bytes, int peer, int tag) = 0;
   virtual void wait(int request) = 0;
+  // Starts what was posted since the last flush as one group (NCCL: a ring's sends and receives
+  // must start together or every rank waits on its receive); the ring calls it after each step's
+  // posts. A no-op where posts start at once.
+  virtual void flush() {}
+  // CUDA rings: the stream their device buffers are written and read on. Transfers start after
+  // the work queued on it, and wait() makes later work on it wait for the transfer (NCCL without
+  // blocking the host; the in-process group by synchronising).
+  virtual void bind_stream(void* stream) { (void)stream; }
 };
 
-// `size` communicators of one process, for ring logic on one machine (one thread per rank).
+// `size` communicators of one process, for ring logic on one machine: one thread per rank, on
+// the CPU or, with device buffers and a stream each (bind_stream), on one GPU.
 std::vector<std::unique_ptr<Communicator>> make_in_process_group(int size);
 
 // A communicator over MPI (builds with DATTN_MPI; otherwise an Error): mpi_comm points to an
 // MPI_Comm, or is null for MPI_COMM_WORLD. The caller initialises and finalises MPI.
 std::unique_ptr<Communicator> make_mpi_communicator(void* mpi_comm = nullptr);
+
+// A communicator over NCCL (builds with DATTN_NCCL; otherwise an Error): nccl_comm points to an
+// ncclComm_t the caller created (ncclCommInitRank / ncclCommInitAll) and destroys. Transfers run on
+// a stream of the communicator's own, ordered against the bound stream by events, so they overlap
+// the kernels queued between post and wait.
+std::unique_ptr<Communicator> make_nccl_communicator(void* nccl_comm);
 
 // The entries of rank `source`'s keys and values that rank `dest`'s queries need, as
 // local_row·heads + head, ascending: a (row, head) travels when some branch selects that key for
@@ -71,12 +87,16 @@ struct RingStats {
 
 // Local tensors hold this rank's rows in ring_rows order: q, k, v, out, dout, dq, dk, dv
 // [B, N/P, H, D], lse [B, H, N/P]; config.key_padding_mask, if set, is sharded like q ([B, N/P]).
+// CPU tensors: the backward is two sweeps (ring_query_gradients, then ring_key_gradients). CUDA
+// tensors: everything runs on `stream` (a cudaStream_t, null for the default stream; it is bound
+// to comm) with the one-pass steps (ring_forward_step, ring_step_gradients: one sweep of keys
+// forward and back in the backward); RingStats then counts bytes and messages, not seconds.
 void ring_forward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t global_length,
                   const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
-                  const TensorView& lse, RingStats* stats = nullptr);
+                  const TensorView& lse, RingStats* stats = nullptr, void* stream = nullptr);
 void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t global_length,
                    const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                    const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
-                   const TensorView& dv, RingStats* stats = nullptr);
+                   const TensorView& dv, RingStats* stats = nullptr, void* stream = nullptr);
 
 }  // namespace dattn

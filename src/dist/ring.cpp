@@ -13,13 +13,17 @@
 #include "dattn/attention.hpp"
 #include "dattn/error.hpp"
 #include "dattn/ring.hpp"
+#include "dist/schedule.hpp"
 #include "validate.hpp"
 
 namespace dattn {
 namespace {
 
-using Rows = std::vector<std::pair<std::int64_t, std::int64_t>>;
-using Entries = std::vector<std::int64_t>;
+using detail::check_layout;
+using detail::Entries;
+using detail::Rows;
+using detail::Schedule;
+using detail::Step;
 using Clock = std::chrono::steady_clock;
 
 // Calls f(offset in from, offset in to) for every element of two views of one shape.
@@ -95,33 +99,6 @@ void unpack_add(const std::byte* in, const Entries& entries, const std::vector<T
       }
 }
 
-// Step t of one rank's schedule: its peers and what travels. Made when the step is posted, so a
-// rank keeps the entries of a few steps, never all P of them (O(N/P) memory).
-struct Step {
-  int dest, source;
-  Entries outgoing;  // this rank's entries that dest needs
-  Entries incoming;  // source's entries this rank needs
-};
-
-struct Schedule {
-  const DilatedConfig& config;
-  Layout layout;
-  std::int64_t N, H;
-  int P, rank;
-  Rows mine;
-
-  Schedule(const Communicator& comm, const DilatedConfig& c, Layout l, std::int64_t global_length, std::int64_t heads)
-      : config(c), layout(l), N(global_length), H(heads), P(comm.size()), rank(comm.rank()),
-        mine(ring_rows(N, P, rank, layout)) {}
-
-  Step step(int t) const {  // t = 0: this rank's own keys
-    const int dest = (rank + t) % P, source = (rank - t + P) % P;
-    Entries outgoing = ring_transfer_entries(config, layout, N, P, H, rank, dest);
-    Entries incoming = t == 0 ? outgoing : ring_transfer_entries(config, layout, N, P, H, source, rank);
-    return {dest, source, std::move(outgoing), std::move(incoming)};
-  }
-};
-
 struct Keys {
   TensorView k, v;
   std::optional<TensorView> mask;
@@ -190,17 +167,7 @@ void for_each_source(Communicator& comm, const Schedule& schedule, const Keys& o
 }
 
 DilatedConfig step_config(const DilatedConfig& config, const Keys& keys, std::int64_t offset, std::int64_t rows) {
-  DilatedConfig c = config;
-  c.key_padding_mask.reset();
-  if (keys.mask) c.key_padding_mask = keys.mask->narrow(1, offset, rows);
-  return c;
-}
-
-void check_layout(const TensorView& q, std::int64_t N, int P, int rank, Layout layout) {
-  std::int64_t rows = 0;
-  for (const auto& [begin, end] : ring_rows(N, P, rank, layout)) rows += end - begin;
-  if (q.rank != 4 || q.shape[1] != rows)
-    throw Error("q has shape " + q.shape_string() + "; expected " + std::to_string(rows) + " local rows (N / P)");
+  return detail::step_config(config, keys.mask, offset, rows);
 }
 
 // The heads of branch i and the offset each uses (SPEC.md: grouped, group i's heads with offset
@@ -320,10 +287,37 @@ std::vector<std::int64_t> ring_transfer_entries(const DilatedConfig& config, Lay
   return entries;
 }
 
+namespace {
+
+// CUDA tensors go to the CUDA engine; CPU tensors take no stream.
+bool on_cuda(const TensorView& q, void* stream) {
+  if (q.device.type == DeviceType::cuda) {
+#ifdef DATTN_WITH_CUDA
+    return true;
+#else
+    throw Error("q is on " + device_name(q.device) + " but this build has no CUDA backend; expected cpu tensors");
+#endif
+  }
+  if (stream != nullptr) throw Error("stream is set for cpu tensors; expected nullptr");
+  return false;
+}
+
+}  // namespace
+
 void ring_forward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N, const TensorView& q,
                   const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
-                  RingStats* stats) {
+                  RingStats* stats, void* stream) {
   check_layout(q, N, comm.size(), comm.rank(), layout);
+#ifdef DATTN_WITH_CUDA
+  if (on_cuda(q, stream)) {
+    RingStats local;
+    detail::ring_forward_cuda(comm, config, layout, N, q, k, v, out, lse, local, stream);
+    if (stats) *stats += local;
+    return;
+  }
+#else
+  on_cuda(q, stream);
+#endif
   const std::int64_t B = q.shape[0], n = q.shape[1], H = q.shape[2], D = q.shape[3];
   const Schedule schedule(comm, config, layout, N, H);
   RingStats local_stats;
@@ -358,9 +352,19 @@ void ring_forward(Communicator& comm, const DilatedConfig& config, Layout layout
 void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N, const TensorView& q,
                    const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
                    const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                   RingStats* stats) {
-  (void)out;  // the exact softmax correction comes from P and dP (ring_query_gradients), not from out
+                   RingStats* stats, void* stream) {
   check_layout(q, N, comm.size(), comm.rank(), layout);
+#ifdef DATTN_WITH_CUDA
+  if (on_cuda(q, stream)) {
+    RingStats local;
+    detail::ring_backward_cuda(comm, config, layout, N, q, k, v, out, lse, dout, dq, dk, dv, local, stream);
+    if (stats) *stats += local;
+    return;
+  }
+#else
+  on_cuda(q, stream);
+#endif
+  (void)out;  // the exact softmax correction comes from P and dP (ring_query_gradients), not from out
   const std::int64_t B = q.shape[0], n = q.shape[1], H = q.shape[2], D = q.shape[3];
   const Schedule schedule(comm, config, layout, N, H);
   RingStats local_stats;

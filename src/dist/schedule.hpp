@@ -1,0 +1,73 @@
+// The ring's schedule, shared by the CPU engine (ring.cpp) and the CUDA one (ring_cuda.cpp): at
+// step t a rank sends to rank + t and receives from rank − t the (row, head) entries the
+// receiver's queries need (ring_transfer_entries).
+#pragma once
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "dattn/error.hpp"
+#include "dattn/ring.hpp"
+
+namespace dattn::detail {
+
+using Rows = std::vector<std::pair<std::int64_t, std::int64_t>>;
+using Entries = std::vector<std::int64_t>;
+
+// Step t of one rank's schedule: its peers and what travels. Made when the step is posted, so a
+// rank keeps the entries of a few steps, never all P of them (O(N/P) memory).
+struct Step {
+  int dest, source;
+  Entries outgoing;  // this rank's entries that dest needs
+  Entries incoming;  // source's entries this rank needs
+};
+
+struct Schedule {
+  const DilatedConfig& config;
+  Layout layout;
+  std::int64_t N, H;
+  int P, rank;
+  Rows mine;
+
+  Schedule(const Communicator& comm, const DilatedConfig& c, Layout l, std::int64_t global_length, std::int64_t heads)
+      : config(c), layout(l), N(global_length), H(heads), P(comm.size()), rank(comm.rank()),
+        mine(ring_rows(N, P, rank, layout)) {}
+
+  Step step(int t) const {  // t = 0: this rank's own keys
+    const int dest = (rank + t) % P, source = (rank - t + P) % P;
+    Entries outgoing = ring_transfer_entries(config, layout, N, P, H, rank, dest);
+    Entries incoming = t == 0 ? outgoing : ring_transfer_entries(config, layout, N, P, H, source, rank);
+    return {dest, source, std::move(outgoing), std::move(incoming)};
+  }
+};
+
+// q holds this rank's rows: N/P of them.
+inline void check_layout(const TensorView& q, std::int64_t N, int P, int rank, Layout layout) {
+  std::int64_t rows = 0;
+  for (const auto& [begin, end] : ring_rows(N, P, rank, layout)) rows += end - begin;
+  if (q.rank != 4 || q.shape[1] != rows)
+    throw Error("q has shape " + q.shape_string() + "; expected " + std::to_string(rows) + " local rows (N / P)");
+}
+
+// The config of one step: the key padding mask narrowed to the step's keys (or none).
+inline DilatedConfig step_config(const DilatedConfig& config, const std::optional<TensorView>& mask, std::int64_t offset,
+                                 std::int64_t rows) {
+  DilatedConfig c = config;
+  c.key_padding_mask.reset();
+  if (mask) c.key_padding_mask = mask->narrow(1, offset, rows);
+  return c;
+}
+
+#ifdef DATTN_WITH_CUDA
+// ring_forward / ring_backward for CUDA tensors (ring_cuda.cpp).
+void ring_forward_cuda(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N,
+                       const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                       const TensorView& lse, RingStats& stats, void* stream);
+void ring_backward_cuda(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N,
+                        const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                        const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                        const TensorView& dv, RingStats& stats, void* stream);
+#endif
+
+}  // namespace dattn::detail
