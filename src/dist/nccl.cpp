@@ -38,7 +38,14 @@ class NcclCommunicator : public Communicator {
   explicit NcclCommunicator(ncclComm_t comm) : comm_(comm) {
     check(ncclCommUserRank(comm_, &rank_), "ncclCommUserRank");
     check(ncclCommCount(comm_, &size_), "ncclCommCount");
-    check(cudaStreamCreateWithFlags(&transfer_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    // The transfer stream lives on the communicator's device, whichever is current here.
+    int device = 0, current = 0;
+    check(ncclCommCuDevice(comm_, &device), "ncclCommCuDevice");
+    check(cudaGetDevice(&current), "cudaGetDevice");
+    check(cudaSetDevice(device), "cudaSetDevice");
+    const cudaError_t created = cudaStreamCreateWithFlags(&transfer_, cudaStreamNonBlocking);
+    cudaSetDevice(current);
+    check(created, "cudaStreamCreateWithFlags");
   }
   ~NcclCommunicator() override {
     done_.clear();

@@ -282,6 +282,7 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
   std::printf("device: %s x %d, %s\n", prop.name, devices, nccl ? "NCCL, one rank per GPU" : "in-process ranks on GPU 0");
+  std::fflush(stdout);
   Rng rng(seed);
   int passed = 0, failed = 0;
   for (int i = 0; i < cases; ++i) {
