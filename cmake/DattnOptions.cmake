@@ -44,8 +44,11 @@ macro(dattn_resolve_features)
   find_package(MPI QUIET COMPONENTS CXX)
   _dattn_decide(DATTN_MPI "${MPI_CXX_FOUND}" "MPI was not found (install libopenmpi-dev)")
 
-  find_path(DATTN_NCCL_INCLUDE nccl.h HINTS /usr/include /usr/local/cuda/include)
-  find_library(DATTN_NCCL_LIBRARY nccl HINTS /usr/lib/x86_64-linux-gnu /usr/local/cuda/lib64)
+  # DATTN_NCCL_ROOT (environment): a folder with include/nccl.h and lib/libnccl.so*, such as the
+  # nvidia-nccl wheel's that PyTorch ships.
+  find_path(DATTN_NCCL_INCLUDE nccl.h HINTS $ENV{DATTN_NCCL_ROOT}/include /usr/include /usr/local/cuda/include)
+  find_library(DATTN_NCCL_LIBRARY NAMES nccl libnccl.so.2
+               HINTS $ENV{DATTN_NCCL_ROOT}/lib /usr/lib/x86_64-linux-gnu /usr/local/cuda/lib64)
   if(DATTN_NCCL_INCLUDE AND DATTN_NCCL_LIBRARY AND DATTN_CUDA_ENABLED)
     set(_dattn_nccl_found TRUE)
   else()
