@@ -199,16 +199,7 @@ void ring_step_gradients(const DilatedConfig& config, const RingStep& step, cons
   Tensor sum_gk = Tensor::zeros({B, N, H, D}, DType::float32), sum_pk = Tensor::zeros({B, N, H, D}, DType::float32);
   Tensor step_delta = Tensor::zeros({B, H, N}, DType::float32);
   ring_query_gradients(config, step, q, k, v, dout, lse, {sum_gk, sum_pk, step_delta});
-  const double scale = config.scale.value_or(1.0 / std::sqrt(double(D)));
-  for (std::int64_t b = 0; b < B; ++b)
-    for (std::int64_t n = 0; n < N; ++n)
-      for (std::int64_t h = 0; h < H; ++h) {
-        const float row_delta = delta.ptr<float>()[(b * H + h) * N + n];
-        const float* g = sum_gk.data<float>() + ((b * N + n) * H + h) * D;
-        const float* f = sum_pk.data<float>() + ((b * N + n) * H + h) * D;
-        float* y = dq.ptr<float>() + b * dq.strides[0] + n * dq.strides[1] + h * dq.strides[2];
-        for (std::int64_t d = 0; d < D; ++d) y[d] += float(scale) * (g[d] - row_delta * f[d]);
-      }
+  detail::add_query_gradients(config.scale, {sum_gk, sum_pk, delta}, dq);
   ring_key_gradients(config, step, q, k, v, dout, lse, delta, dk, dv);
 }
 

@@ -223,6 +223,33 @@ void block_sparse_ring_key_gradients(const BlockSparseConfig& config, const Bloc
   cpu::backward(p);
 }
 
+void block_sparse_ring_forward_step(const BlockSparseConfig& config, const BlockSparseMask& mask, const RingStep& step,
+                                    const TensorView& q, const TensorView& k, const TensorView& v,
+                                    const TensorView& out, const TensorView& lse) {
+  detail::check_accumulator("out", out, q, q.shape[1]);
+  Tensor part = Tensor::empty({q.shape[0], q.shape[1], q.shape[2], q.shape[3]}, q.dtype);
+  Tensor part_lse = Tensor::empty({q.shape[0], q.shape[2], q.shape[1]}, DType::float32);
+  LaunchOptions options;
+  options.ring_step = step;
+  block_sparse_forward(config, mask, q, k, v, part, part_lse, options);
+  merge_partial(out, lse, part, part_lse);
+}
+
+void block_sparse_ring_step_gradients(const BlockSparseConfig& config, const BlockSparseMask& mask,
+                                      const RingStep& step, const TensorView& q, const TensorView& k,
+                                      const TensorView& v, const TensorView& dout, const TensorView& lse,
+                                      const TensorView& delta, const TensorView& dq, const TensorView& dk,
+                                      const TensorView& dv) {
+  detail::check_delta(delta, q);
+  detail::check_accumulator("dq", dq, q, q.shape[1]);
+  const std::int64_t B = q.shape[0], N = q.shape[1], H = q.shape[2], D = q.shape[3];
+  Tensor sum_gk = Tensor::zeros({B, N, H, D}, DType::float32), sum_pk = Tensor::zeros({B, N, H, D}, DType::float32);
+  Tensor step_delta = Tensor::zeros({B, H, N}, DType::float32);
+  block_sparse_ring_query_gradients(config, mask, step, q, k, v, dout, lse, {sum_gk, sum_pk, step_delta});
+  detail::add_query_gradients(config.scale, {sum_gk, sum_pk, delta}, dq);
+  block_sparse_ring_key_gradients(config, mask, step, q, k, v, dout, lse, delta, dk, dv);
+}
+
 Tensor local_window_pattern(std::int64_t num_blocks, std::int64_t window, std::int64_t block_size) {
   if (window < 0 || block_size < 1) throw Error("local_window: window must be >= 0 and block_size >= 1");
   Tensor mask = empty_pattern(num_blocks);

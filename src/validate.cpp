@@ -329,6 +329,21 @@ void finish_query_gradients(std::optional<double> scale, const RingQueryGradient
       }
 }
 
+void add_query_gradients(std::optional<double> scale, const RingQueryGradients& sums, const TensorView& dq) {
+  const TensorView& g = sums.sum_gk;
+  const std::int64_t B = g.shape[0], N = g.shape[1], H = g.shape[2], D = g.shape[3];
+  const double s = scale.value_or(1.0 / std::sqrt(double(D)));
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t n = 0; n < N; ++n)
+      for (std::int64_t h = 0; h < H; ++h) {
+        const float delta = sums.delta.ptr<float>()[(b * H + h) * N + n];
+        const float* gk = g.ptr<float>() + ((b * N + n) * H + h) * D;
+        const float* pk = sums.sum_pk.ptr<float>() + ((b * N + n) * H + h) * D;
+        float* y = dq.ptr<float>() + b * dq.strides[0] + n * dq.strides[1] + h * dq.strides[2];
+        for (std::int64_t d = 0; d < D; ++d) y[d] += float(s) * (gk[d] - delta * pk[d]);
+      }
+}
+
 void set_ring_query_pass(DilatedParams& p, const TensorView& dout, const RingQueryGradients& sums) {
   p.dout = operand(dout);
   p.dq = operand(sums.sum_gk);

@@ -52,6 +52,9 @@ bool use_reference(const LaunchOptions& options, DType dtype);
 void check_accumulator(const char* name, const TensorView& t, const TensorView& q, std::int64_t rows);
 void check_delta(const TensorView& delta, const TensorView& q);
 void finish_query_gradients(std::optional<double> scale, const RingQueryGradients& sums, const TensorView& dq);
+// The one-pass step's share of dq (float32 accumulator): dq += scale·(sum_gk − delta·sum_pk) with
+// the final delta (sums.delta), the step's sums contiguous.
+void add_query_gradients(std::optional<double> scale, const RingQueryGradients& sums, const TensorView& dq);
 // The params of a ring backward step: the query sweep (sums accumulated) or the key sweep (dk, dv).
 void set_ring_query_pass(DilatedParams& p, const TensorView& dout, const RingQueryGradients& sums);
 void set_ring_key_pass(DilatedParams& p, const TensorView& dout, const TensorView& delta, const TensorView& dk,

@@ -78,6 +78,17 @@ void block_sparse_ring_key_gradients(const BlockSparseConfig& config, const Bloc
                                      const TensorView& dout, const TensorView& lse, const TensorView& delta,
                                      const TensorView& dk, const TensorView& dv);
 
+// The one-pass ring steps of dattn/attention.hpp (ring_forward_step, ring_step_gradients) with a
+// block mask (block-aligned steps, CPU).
+void block_sparse_ring_forward_step(const BlockSparseConfig& config, const BlockSparseMask& mask, const RingStep& step,
+                                    const TensorView& q, const TensorView& k, const TensorView& v,
+                                    const TensorView& out, const TensorView& lse);
+void block_sparse_ring_step_gradients(const BlockSparseConfig& config, const BlockSparseMask& mask,
+                                      const RingStep& step, const TensorView& q, const TensorView& k,
+                                      const TensorView& v, const TensorView& dout, const TensorView& lse,
+                                      const TensorView& delta, const TensorView& dq, const TensorView& dk,
+                                      const TensorView& dv);
+
 // The named patterns of SPEC.md, as dense bool masks [num_blocks, num_blocks] shared by all heads.
 Tensor local_window_pattern(std::int64_t num_blocks, std::int64_t window, std::int64_t block_size);
 Tensor dilated_sparse_pattern(std::int64_t num_blocks, const std::vector<std::int64_t>& rates = {1, 2, 4});

@@ -15,7 +15,8 @@ from torch.autograd.function import once_differentiable
 
 from dattn import _C, _ops
 
-__all__ = ["RingDilatedAttention", "ring_dilated_attention", "shard_sequence", "unshard_sequence"]
+__all__ = ["RingDilatedAttention", "ring_dilated_attention", "ring_block_sparse_attention", "shard_sequence",
+           "unshard_sequence"]
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -64,15 +65,76 @@ def _transfer_entries(segment_lengths, dilation_rates, mode, causal, layout, N, 
                                                  H, source, dest), dtype=torch.int64)
 
 
+class _DilatedSteps:
+    """Dilated attention on the ring: the C++ one-pass steps, and as transfer entries the (row, head)
+    entries of the sender's keys that the receiver's queries select (ring_transfer_entries), so
+    only selected keys travel and pairs that share no segment exchange nothing."""
+
+    def __init__(self, segment_lengths, dilation_rates, mode, causal, scale, dropout_p, seed):
+        self.config = (list(segment_lengths), list(dilation_rates), mode, bool(causal), scale)
+        self.dropout = (float(dropout_p), int(seed))
+
+    def entries(self, layout, N, P, H, source, dest):
+        w, r, mode, causal, _ = self.config
+        return _transfer_entries(tuple(w), tuple(r), mode, causal, layout, N, P, H, source, dest)
+
+    def forward_step(self, step, q, k, v, out, lse, mask, stream):
+        _C.ring_forward_step(step, q, k, v, out, lse, *self.config, mask, *self.dropout, stream)
+
+    def step_gradients(self, step, q, k, v, dout, lse, delta, dq, dk, dv, mask, stream):
+        _C.ring_step_gradients(step, q, k, v, dout, lse, delta, dq, dk, dv, *self.config, mask, *self.dropout, stream)
+
+
+class _BlockSparseSteps:
+    """Block-sparse attention on the ring (CPU): a rank's whole key chunk travels to a rank whose
+    query blocks the mask lets see one of its key blocks (causal: one not after them), and steps
+    that no local query block needs move and compute nothing."""
+
+    def __init__(self, mask, block_size, causal, scale, dropout_p, seed):
+        self.mask, self.config = mask, (int(block_size), bool(causal), scale)
+        self.dropout = (float(dropout_p), int(seed))
+        self._needed = {}
+
+    def _needs(self, layout, N, P):
+        """The (source, dest) rank pairs with an allowed key block of source for a query block of dest."""
+        if (layout, N, P) not in self._needed:
+            block, causal = self.config[0], self.config[1]
+            owner = {}
+            for rank in range(P):
+                for b, e in _rows(N, P, rank, layout):
+                    for kb in range(b // block, e // block):
+                        owner[kb] = rank
+            offsets, columns, nqb = self.mask.row_offsets, self.mask.columns, self.mask.query_blocks
+            pairs = set()
+            for h in range(self.mask.heads):
+                for qb in range(nqb):
+                    row = h * (nqb + 1) + qb
+                    for kb in columns[offsets[row]:offsets[row + 1]]:
+                        if not (causal and kb > qb):
+                            pairs.add((owner[kb], owner[qb]))
+            self._needed[(layout, N, P)] = pairs
+        return self._needed[(layout, N, P)]
+
+    def entries(self, layout, N, P, H, source, dest):
+        n = N // P
+        return torch.arange(n * H) if (source, dest) in self._needs(layout, N, P) else torch.zeros(0, dtype=torch.int64)
+
+    def forward_step(self, step, q, k, v, out, lse, mask, stream):
+        _C.block_sparse_ring_forward_step(self.mask, step, q, k, v, out, lse, *self.config, mask, *self.dropout)
+
+    def step_gradients(self, step, q, k, v, dout, lse, delta, dq, dk, dv, mask, stream):
+        _C.block_sparse_ring_step_gradients(self.mask, step, q, k, v, dout, lse, delta, dq, dk, dv, *self.config, mask,
+                                            *self.dropout)
+
+
 class _Schedule:
-    """What travels at each step t (to rank + t, from rank − t): the (row, head) entries of the
-    sender's keys that the receiver's queries select (the C++ ring_transfer_entries), so only
-    selected keys travel and pairs that share no segment exchange nothing."""
+    """What travels at each step t (to rank + t, from rank − t): the entries of the sender's keys
+    (local_row·H + head) that the receiver's queries need, as the attention kind (ctx.kind) says."""
 
     def __init__(self, ctx, H, device):
         self.group, self.P, self.rank = ctx.group, dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        args = (tuple(ctx.segment_lengths), tuple(ctx.dilation_rates), ctx.mode, ctx.causal, ctx.layout, ctx.N, self.P, H)
-        self._entries = lambda source, dest: _transfer_entries(*args, source, dest).to(device, non_blocking=True)
+        self._entries = lambda source, dest: ctx.kind.entries(ctx.layout, ctx.N, self.P, H, source, dest).to(
+            device, non_blocking=True)
         self._cache = {}
 
     def entries(self, t):
@@ -139,25 +201,25 @@ class _Schedule:
 
 
 class _RingFunction(torch.autograd.Function):
+    """The ring of any attention kind (kind: _DilatedSteps or _BlockSparseSteps): forward steps merge
+    into float32 out and lse; the backward is one sweep with delta = rowsum(dout∘out)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, group, layout, segment_lengths, dilation_rates, is_causal, scale, mode,
-                dropout_p, seed):
+    def forward(ctx, q, k, v, key_padding_mask, group, layout, kind):
         P, rank = dist.get_world_size(group), dist.get_rank(group)
         B, n, H, D = q.shape
         N = n * P
-        ctx.group, ctx.layout, ctx.N = group, layout, N
-        ctx.segment_lengths, ctx.dilation_rates, ctx.mode = list(segment_lengths), list(dilation_rates), mode
-        ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = bool(is_causal), scale, float(dropout_p), int(seed)
+        ctx.group, ctx.layout, ctx.N, ctx.kind = group, layout, N, kind
         merged = torch.zeros(B, n, H, D, dtype=torch.float32, device=q.device)
         merged_lse = torch.full((B, H, n), float("-inf"), dtype=torch.float32, device=q.device)
         stream = _ops._stream(q)
 
         def forward_step(chunk, kv, key_at, k0, k1, step_mask):
             q0, q1, at = chunk
-            _C.ring_forward_step((q0, N, k0, k1), _ops._view(q[:, at:at + q1 - q0]),
-                                 _ops._view(kv[0, :, key_at:key_at + k1 - k0]), _ops._view(kv[1, :, key_at:key_at + k1 - k0]),
-                                 _ops._view(merged[:, at:at + q1 - q0]), _ops._view(merged_lse[:, :, at:at + q1 - q0]),
-                                 *_config(ctx), _mask_view(step_mask), ctx.dropout_p, ctx.seed, stream)
+            kind.forward_step((q0, N, k0, k1), _ops._view(q[:, at:at + q1 - q0]),
+                              _ops._view(kv[0, :, key_at:key_at + k1 - k0]), _ops._view(kv[1, :, key_at:key_at + k1 - k0]),
+                              _ops._view(merged[:, at:at + q1 - q0]), _ops._view(merged_lse[:, :, at:at + q1 - q0]),
+                              _mask_view(step_mask), stream)
 
         chunks = _query_chunks(N, P, rank, layout)
         for t, kv, block_mask in _Schedule(ctx, H, q.device).steps(*_own_keys(k, v, key_padding_mask)):
@@ -185,11 +247,11 @@ class _RingFunction(torch.autograd.Function):
         def gradient_step(chunk, kv, key_at, k0, k1, step_mask):
             q0, q1, at, chunk_lse, chunk_delta = chunk
             keys = slice(key_at, key_at + k1 - k0)
-            _C.ring_step_gradients((q0, N, k0, k1), _ops._view(q[:, at:at + q1 - q0]), _ops._view(kv[0, :, keys]),
-                                   _ops._view(kv[1, :, keys]), _ops._view(dout[:, at:at + q1 - q0]), _ops._view(chunk_lse),
-                                   _ops._view(chunk_delta), _ops._view(dq[:, at:at + q1 - q0]),
-                                   _ops._view(partial[0, :, keys]), _ops._view(partial[1, :, keys]), *_config(ctx),
-                                   _mask_view(step_mask), ctx.dropout_p, ctx.seed, stream)
+            ctx.kind.step_gradients((q0, N, k0, k1), _ops._view(q[:, at:at + q1 - q0]), _ops._view(kv[0, :, keys]),
+                                    _ops._view(kv[1, :, keys]), _ops._view(dout[:, at:at + q1 - q0]),
+                                    _ops._view(chunk_lse), _ops._view(chunk_delta), _ops._view(dq[:, at:at + q1 - q0]),
+                                    _ops._view(partial[0, :, keys]), _ops._view(partial[1, :, keys]),
+                                    _mask_view(step_mask), stream)
 
         schedule = _Schedule(ctx, H, q.device)
         for t, kv, block_mask in schedule.steps(*_own_keys(k, v, key_padding_mask)):
@@ -201,11 +263,7 @@ class _RingFunction(torch.autograd.Function):
                 dkv += partial
             else:  # also when rank − t's keys were not needed: rank + t may send this rank's back
                 schedule.return_gradients(t, partial, dkv)
-        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)) + (None,) * 10
-
-
-def _config(ctx):
-    return (ctx.segment_lengths, ctx.dilation_rates, ctx.mode, ctx.causal, ctx.scale)
+        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)) + (None,) * 4
 
 
 def _query_chunks(N, P, rank, layout):
@@ -270,8 +328,31 @@ def ring_dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Seq
         raise ValueError(f"q is on {q.device}; this dattn build has no CUDA kernels (expected cpu tensors)")
     _ops.check_key_padding_mask(key_padding_mask, q.size(0), q.size(1), q.device)
     seed = _group_seed(group, q.device) if dropout_p > 0.0 else 0
-    return _RingFunction.apply(q, k, v, key_padding_mask, group, layout, segment_lengths, dilation_rates,
-                               bool(is_causal), scale, mode, dropout_p, seed)
+    kind = _DilatedSteps(segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p, seed)
+    return _RingFunction.apply(q, k, v, key_padding_mask, group, layout, kind)
+
+
+def ring_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask, block_size: int, group,
+                                layout: str = "contiguous", is_causal: bool = False, scale: Optional[float] = None,
+                                key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
+    """Block-sparse attention of one sequence split over the ranks of ``group`` (CPU tensors,
+    gloo): ``mask`` is the ``BlockSparseMask`` of the whole sequence; every rank's chunk (N/P, or
+    N/2P zigzag) must be a multiple of ``block_size``. Returns this rank's rows, with autograd."""
+    _ops.check_attention_inputs(q, k, v)
+    _check_layout(layout)
+    if q.device.type != "cpu":
+        raise ValueError(f"q is on {q.device}; the block-sparse ring runs on cpu tensors (no CUDA block-sparse kernel yet)")
+    P = dist.get_world_size(group)
+    parts = 2 * P if layout == "zigzag" else P
+    chunk = q.size(1) * P // parts
+    if chunk % block_size != 0:
+        raise ValueError(f"each rank's chunk of {chunk} rows is not a multiple of block_size = {block_size}; expected "
+                         f"N / {parts} ({layout} layout) to be a multiple of it")
+    scale, dropout_p = _ops.check_scale(scale), _ops.check_dropout(dropout_p)
+    _ops.check_key_padding_mask(key_padding_mask, q.size(0), q.size(1), q.device)
+    seed = _group_seed(group, q.device) if dropout_p > 0.0 else 0
+    kind = _BlockSparseSteps(mask, block_size, is_causal, scale, dropout_p, seed)
+    return _RingFunction.apply(q, k, v, key_padding_mask, group, layout, kind)
 
 
 class RingDilatedAttention(nn.Module):

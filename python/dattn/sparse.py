@@ -131,16 +131,16 @@ class SparsePatternConfig:
 
 class BlockSparseRingDilatedAttention(nn.Module):
     """Block-sparse attention with the mask ``sparse_config`` names (the PyTorch library's class
-    and arguments). Single-process: the block-sparse ring is not built yet, so ``group`` must be None."""
+    and arguments). Single-process unless given ``group`` (a torch.distributed process group,
+    gloo, CPU tensors): then each rank passes its rows in ``layout`` and the mask of the whole
+    sequence runs on the ring (a key chunk travels only to ranks whose query blocks it serves)."""
 
     def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
                  sparse_config: Optional[SparsePatternConfig] = None, group=None, layout: str = "contiguous"):
         super().__init__()
         from dattn.ring import check_group
         check_group(group, layout)
-        if group is not None:
-            raise NotImplementedError("group is set, but the block-sparse ring (sequence-parallel) attention is not "
-                                      "implemented in dattn yet; expected group=None (single-process attention)")
+        self.group, self.layout = group, layout
         self.segment_lengths, self.dilation_rates = _ops.check_config(segment_lengths, dilation_rates)
         self.sparse_config = SparsePatternConfig() if sparse_config is None else sparse_config
         self._masks = {}
@@ -155,6 +155,15 @@ class BlockSparseRingDilatedAttention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,
                 return_attention_weights: bool = False, key_padding_mask: Optional[Tensor] = None):
         block = self.sparse_config.block_size
+        if self.group is not None:
+            if return_attention_weights:
+                raise ValueError("return_attention_weights=True with a group: the weights need the whole sequence on "
+                                 "one rank; expected False")
+            from dattn.ring import ring_block_sparse_attention
+            import torch.distributed as dist
+            mask = self.mask(q.size(1) * dist.get_world_size(self.group))
+            return ring_block_sparse_attention(q, k, v, mask, block, self.group, self.layout, is_causal,
+                                               key_padding_mask=key_padding_mask)
         mask = self.mask(q.size(1))
         out, lse = block_sparse_attention(q, k, v, mask, block, is_causal=is_causal,
                                           key_padding_mask=key_padding_mask, return_lse=True)

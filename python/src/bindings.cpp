@@ -326,6 +326,27 @@ NB_MODULE(_C, m) {
                                      reinterpret_cast<void*>(stream));
         });
 
+  m.def("block_sparse_ring_forward_step",
+        [](const dattn::BlockSparseMask& mask, const RingStepSpec& step, const ViewSpec& q, const ViewSpec& k,
+           const ViewSpec& v, const ViewSpec& out, const ViewSpec& lse, std::int64_t block_size, bool causal,
+           std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask, double dropout_p,
+           std::uint64_t seed) {
+          const auto config = block_sparse_config(block_size, causal, scale, key_padding_mask, dropout_p, seed);
+          dattn::block_sparse_ring_forward_step(config, mask, to_step(step), to_view(q, "q"), to_view(k, "k"),
+                                                to_view(v, "v"), to_view(out, "out"), to_view(lse, "lse"));
+        });
+  m.def("block_sparse_ring_step_gradients",
+        [](const dattn::BlockSparseMask& mask, const RingStepSpec& step, const ViewSpec& q, const ViewSpec& k,
+           const ViewSpec& v, const ViewSpec& dout, const ViewSpec& lse, const ViewSpec& delta, const ViewSpec& dq,
+           const ViewSpec& dk, const ViewSpec& dv, std::int64_t block_size, bool causal, std::optional<double> scale,
+           const std::optional<ViewSpec>& key_padding_mask, double dropout_p, std::uint64_t seed) {
+          const auto config = block_sparse_config(block_size, causal, scale, key_padding_mask, dropout_p, seed);
+          dattn::block_sparse_ring_step_gradients(config, mask, to_step(step), to_view(q, "q"), to_view(k, "k"),
+                                                  to_view(v, "v"), to_view(dout, "dout"), to_view(lse, "lse"),
+                                                  to_view(delta, "delta"), to_view(dq, "dq"), to_view(dk, "dk"),
+                                                  to_view(dv, "dv"));
+        });
+
   m.def("hilbert_grid_order", &dattn::hilbert_grid_order, "height"_a, "width"_a,
         "Token indices row * width + column in generalized Hilbert curve order.");
   m.def("hilbert_sequence_order", &dattn::hilbert_sequence_order, "length"_a,

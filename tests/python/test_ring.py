@@ -29,6 +29,18 @@ CASES = [
     dict(layout="zigzag", causal=False, mode="longnet", w=[3, 16, 40], r=[2, 4, 5], padding=True),
 ]
 B, N, H, D, E = 2, 32, 3, 8, 24
+# Block-sparse masks on the ring (blocks of 4 rows: every rank's chunk is a whole number of them).
+SPARSE_CASES = [
+    dict(layout="contiguous", causal=False, padding=False, config=("local_window", dict(window_size=8))),
+    dict(layout="zigzag", causal=True, padding=True, config=("dilated_sparse", dict(dilation_rates=[1, 3]))),
+    dict(layout="zigzag", causal=False, padding=False, config=("global_local", dict(window_size=8, global_tokens=1))),
+    dict(layout="contiguous", causal=True, padding=True, config=("local_window", dict(window_size=16))),
+]
+
+
+def _sparse_config(case):
+    name, kwargs = case["config"]
+    return dattn.SparsePatternConfig(name, block_size=4, **kwargs)
 
 
 def _inputs(i):
@@ -54,6 +66,20 @@ def _worker(rank, world, port, folder):
         out = module(*local, is_causal=case["causal"], key_padding_mask=local_padding)
         out.backward(dattn.shard_sequence(grad, rank, world, case["layout"]))
         torch.save({"out": out.detach(), "grads": [t.grad for t in local]}, os.path.join(folder, f"{i}-{rank}.pt"))
+    for i, case in enumerate(SPARSE_CASES):
+        q, k, v, grad, padding = _inputs(i)
+        if not case["padding"]:
+            padding = None
+        elif padding is None:
+            padding = torch.rand(B, N, generator=torch.Generator().manual_seed(i)) < 0.2
+        module = dattn.BlockSparseRingDilatedAttention([8], [1], _sparse_config(case), group=dist.group.WORLD,
+                                                       layout=case["layout"])
+        local = [dattn.shard_sequence(t, rank, world, case["layout"]).requires_grad_() for t in (q, k, v)]
+        local_padding = None if padding is None else dattn.shard_sequence(padding, rank, world, case["layout"])
+        out = module(*local, is_causal=case["causal"], key_padding_mask=local_padding)
+        out.backward(dattn.shard_sequence(grad, rank, world, case["layout"]))
+        torch.save({"out": out.detach(), "grads": [t.grad for t in local], "padding": padding},
+                   os.path.join(folder, f"s{i}-{rank}.pt"))
     # A multi-head module given the group: projections per rank, attention over the ring; with
     # dropout, rank 0's seed (drawn after the same torch.manual_seed) reaches every rank.
     for dropout in (0.0, 0.3):
@@ -89,6 +115,18 @@ def test_gloo_ring_equals_single_process(world):
             for j, (name, r64) in enumerate((("dq", q64.grad), ("dk", k64.grad), ("dv", v64.grad))):
                 got = dattn.unshard_sequence([p["grads"][j] for p in parts], case["layout"])
                 assert_close_bar(got, r64, torch.float32, f"case {i} {name}")
+        for i, case in enumerate(SPARSE_CASES):
+            q, k, v, grad, _ = _inputs(i)
+            parts = [torch.load(os.path.join(folder, f"s{i}-{r}.pt")) for r in range(world)]
+            q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+            ref = dattn.block_sparse_attention(q64, k64, v64, _sparse_config(case).dense_mask(N), 4,
+                                               is_causal=case["causal"], key_padding_mask=parts[0]["padding"])
+            ref.backward(grad.double())
+            out = dattn.unshard_sequence([p["out"] for p in parts], case["layout"])
+            assert_close_bar(out, ref, torch.float32, f"sparse case {i} out")
+            for j, (name, r64) in enumerate((("dq", q64.grad), ("dk", k64.grad), ("dv", v64.grad))):
+                got = dattn.unshard_sequence([p["grads"][j] for p in parts], case["layout"])
+                assert_close_bar(got, r64, torch.float32, f"sparse case {i} {name}")
         for dropout in (0.0, 0.3):
             module = _module(dropout).train().double()
             torch.manual_seed(5)
@@ -113,6 +151,18 @@ def test_transfer_entries_only_selected_keys():
     assert dattn._C.ring_transfer_entries(*args, 1, 0) == [h + 2 * row for row in range(1, 8, 4) for h in [1]]
     assert len(dattn._C.ring_transfer_entries(*args, 2, 2)) == 8 + 2  # own: every row of head 0, 2 of head 1
     assert dattn._C.ring_transfer_entries([4], [1], "grouped", False, "contiguous", 32, 4, 2, 0, 1) == []
+
+
+def test_block_sparse_ring_skips_steps_no_query_block_needs():
+    from dattn.ring import _BlockSparseSteps
+    # 8 blocks of 4 rows over 4 ranks (2 blocks each); a window of one block each side: rank p's
+    # queries need only ranks p - 1, p, p + 1, and causal ones only p - 1 and p.
+    mask = dattn.BlockSparseMask.from_dense(dattn._ops._view(dattn.local_window_mask(8, 12, 4).contiguous()))
+    pairs = _BlockSparseSteps(mask, 4, False, None, 0.0, 0)._needs("contiguous", 32, 4)
+    assert pairs == {(s, d) for s in range(4) for d in range(4) if abs(s - d) <= 1}
+    causal = _BlockSparseSteps(mask, 4, True, None, 0.0, 0)._needs("contiguous", 32, 4)
+    assert causal == {(s, d) for s in range(4) for d in range(4) if 0 <= d - s <= 1}
+    assert len(_BlockSparseSteps(mask, 4, True, None, 0.0, 0).entries("contiguous", 32, 4, 3, 3, 1)) == 0
 
 
 def test_shard_unshard_round_trip_and_errors():
