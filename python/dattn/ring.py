@@ -6,7 +6,7 @@ forward merges every step into float32 out and lse (ring_forward_step), the back
 (ring_step_gradients, with delta = rowsum(dout∘out)) whose dk, dv go back to the keys' owners."""
 
 import functools
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist

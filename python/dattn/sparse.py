@@ -2,7 +2,6 @@
 allowed key (not a softmax per block pair), with work growing with the allowed block pairs."""
 
 import math
-from functools import lru_cache
 from typing import Optional, Sequence, Union
 
 import torch
