@@ -7,6 +7,7 @@
 #include "cpu/cpu_attention.hpp"
 #ifdef DATTN_WITH_CUDA
 #include "cuda/cuda_attention.hpp"
+#include "cuda/ring_kernels.hpp"
 #endif
 #include "dattn/attention.hpp"
 #include "dattn/error.hpp"
@@ -96,9 +97,23 @@ void backward(const DilatedConfig& config, const TensorView& q, const TensorView
   DilatedParams p = make_params(config, q, k, v, out, lse, options);
   detail::set_gradients(p, dout, dq, dk, dv);
 #ifdef DATTN_WITH_CUDA
-  if (q.device.type == DeviceType::cuda) return cuda::backward(p);
+  if (q.device.type == DeviceType::cuda) {
+    if (options.workspace != nullptr && options.workspace_bytes >= backward_workspace_bytes(q)) {
+      if (reinterpret_cast<std::uintptr_t>(options.workspace) % 4 != 0)
+        throw Error("options.workspace is not 4-byte aligned; expected float32-aligned device memory");
+      auto* delta = static_cast<float*>(options.workspace);
+      cuda::row_dot(dout, out, delta, options.stream);
+      p.softmax_delta = delta;
+    }
+    return cuda::backward(p);
+  }
 #endif
   cpu::backward(p);
+}
+
+std::size_t backward_workspace_bytes(const TensorView& q) {
+  if (q.device.type != DeviceType::cuda || q.rank != 4) return 0;
+  return std::size_t(q.shape[0] * q.shape[1] * q.shape[2]) * sizeof(float);
 }
 
 void merge_partial(const TensorView& out, const TensorView& lse, const TensorView& step_out,

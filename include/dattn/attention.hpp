@@ -35,6 +35,9 @@ struct RingStep {
 struct LaunchOptions {
   Backend backend = Backend::automatic;
   void* stream = nullptr;  // cudaStream_t for CUDA tensors; must stay null for CPU tensors
+  // CUDA backward: device memory of at least backward_workspace_bytes(q) bytes lets the backward
+  // compute each row's delta = rowsum(dout∘out) once, in a pass before the kernel, instead of in
+  // every block that reads the row (faster). Without it the blocks compute it. Unused elsewhere.
   void* workspace = nullptr;
   std::size_t workspace_bytes = 0;
   std::optional<RingStep> ring_step;  // forward only (the ring backward has its own calls); CPU only for now
@@ -46,6 +49,10 @@ struct LaunchOptions {
 void forward(const DilatedConfig& config, const TensorView& q, const TensorView& k,
              const TensorView& v, const TensorView& out, const TensorView& lse,
              const LaunchOptions& options = {});
+
+// The workspace the backward can use (LaunchOptions::workspace): B·H·N float32 for CUDA tensors, 0
+// for CPU ones.
+std::size_t backward_workspace_bytes(const TensorView& q);
 
 // `out` and `lse` are those forward wrote for the same inputs.
 void backward(const DilatedConfig& config, const TensorView& q, const TensorView& k,

@@ -219,9 +219,15 @@ def _gradient(dout: Optional[Tensor], out: Tensor) -> Tensor:
 
 def _backward_views(dout, q, k, v, out, lse, dq, dk, dv, key_padding_mask, segment_lengths, dilation_rates,
                     is_causal, scale, mode, dropout_p, seed, use_tf32, position_index=None) -> None:
+    # CUDA: a [B, H, N] float32 workspace for the delta pass (the caching allocator makes it cheap,
+    # and it stays valid for the kernels queued on this stream).
+    workspace = torch.empty(q.size(0) * q.size(1) * q.size(2), dtype=torch.float32, device=q.device) \
+        if q.device.type == "cuda" else None
     _C.backward(_view(q), _view(k), _view(v), _view(out), _view(lse), _view(dout), _view(dq), _view(dk), _view(dv),
                 **_config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
-                               seed, use_tf32, _stream(q), position_index))
+                               seed, use_tf32, _stream(q), position_index),
+                workspace=0 if workspace is None else workspace.data_ptr(),
+                workspace_bytes=0 if workspace is None else 4 * workspace.numel())
 
 
 def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale,

@@ -147,8 +147,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
     def mask(self, seqlen: int) -> "BlockSparseMask":
         """The block mask for this sequence length, built once and kept."""
         if seqlen not in self._masks:
-            dense = self.sparse_config.dense_mask(seqlen, self.segment_lengths, self.dilation_rates)
-            self._masks[seqlen] = BlockSparseMask.from_dense(_ops._view(dense.contiguous()))
+            dense = self.sparse_config.dense_mask(seqlen, self.segment_lengths, self.dilation_rates).contiguous()
+            self._masks[seqlen] = BlockSparseMask.from_dense(_ops._view(dense))  # dense held while C++ reads it
         return self._masks[seqlen]
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,

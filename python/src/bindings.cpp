@@ -120,9 +120,11 @@ void backward(const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const Vie
               std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask,
               double dropout_p, std::uint64_t dropout_seed, std::uint64_t dropout_offset,
               bool use_tf32, const std::string& backend, std::uintptr_t stream,
-              const std::optional<ViewSpec>& position_index) {
-  const Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, key_padding_mask,
-                              dropout_p, dropout_seed, dropout_offset, use_tf32, backend, stream, position_index);
+              const std::optional<ViewSpec>& position_index, std::uintptr_t workspace, std::size_t workspace_bytes) {
+  Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, key_padding_mask,
+                        dropout_p, dropout_seed, dropout_offset, use_tf32, backend, stream, position_index);
+  call.options.workspace = reinterpret_cast<void*>(workspace);
+  call.options.workspace_bytes = workspace_bytes;
   const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
   const auto ov = to_view(out, "out"), lv = to_view(lse, "lse"), gv = to_view(dout, "dout");
   const auto dqv = to_view(dq, "dq"), dkv = to_view(dk, "dk"), dvv = to_view(dv, "dv");
@@ -218,8 +220,10 @@ NB_MODULE(_C, m) {
   m.def("backward", &backward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dout"_a, "dq"_a, "dk"_a,
         "dv"_a, "segment_lengths"_a, "dilation_rates"_a, "mode"_a, "causal"_a, "scale"_a.none(),
         "key_padding_mask"_a.none(), "dropout_p"_a, "dropout_seed"_a, "dropout_offset"_a,
-        "use_tf32"_a, "backend"_a, "stream"_a, "position_index"_a.none() = nb::none(),
-        "Writes dq, dk, dv given dout and the out and lse that forward wrote.");
+        "use_tf32"_a, "backend"_a, "stream"_a, "position_index"_a.none() = nb::none(), "workspace"_a = 0,
+        "workspace_bytes"_a = 0,
+        "Writes dq, dk, dv given dout and the out and lse that forward wrote (CUDA: a workspace of "
+        "B*H*N float32 lets it compute delta once, before the kernel).");
   m.def("forward_flops", &forward_flops, "segment_lengths"_a, "dilation_rates"_a, "mode"_a,
         "causal"_a, "batch"_a, "seqlen"_a, "heads"_a, "head_dim"_a,
         "Forward FLOPs as PERF.md counts them.");

@@ -430,9 +430,17 @@ Result run_case(const Case& c, cudaStream_t stream) {
   } else {
     dattn::forward(config, qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(), out.device_view(),
                    lse.device_view(), options);
+    // Half the cases give the backward its workspace (delta in a pass of its own), half not.
+    std::unique_ptr<Buffer> workspace;
+    if (c.seed % 2 == 0) {
+      workspace = std::make_unique<Buffer>(DType::float32, c.B * c.H * c.N);
+      options.workspace = workspace->device;
+      options.workspace_bytes = dattn::backward_workspace_bytes(qkv[0].device_view());
+    }
     dattn::backward(config, qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(), out.device_view(),
                     lse.device_view(), dout.device_view(), grads[0].device_view(), grads[1].device_view(),
                     grads[2].device_view(), options);
+    CUDA_OK(cudaStreamSynchronize(stream));  // before the workspace goes
   }
   for (auto& b : owner) b->download(stream);
   CUDA_OK(cudaStreamSynchronize(stream));
