@@ -24,6 +24,44 @@ struct Case {
   double dropout_p;
 };
 
+// The ring over an in-process group of P threads: each rank runs call(comm, its q, k, v, dout,
+// padding shard (or none), out, lse, dq, dk, dv); returns the gathered {out, lse, dq, dk, dv}.
+template <class RingCall>
+std::array<Tensor, 5> run_ring(int P, Layout layout, const std::vector<std::int64_t>& shape, DType dtype,
+                               const std::array<const Buffer*, 4>& inputs, const Tensor* padding, RingCall&& call) {
+  const std::int64_t B = shape[0], N = shape[1], H = shape[2], D = shape[3], n = N / P;
+  std::vector<std::array<Tensor, 5>> results(static_cast<std::size_t>(P));
+  auto group = dattn::make_in_process_group(P);
+  std::vector<std::thread> threads;
+  std::vector<std::string> errors(static_cast<std::size_t>(P));
+  for (int rank = 0; rank < P; ++rank)
+    threads.emplace_back([&, rank] {
+      try {
+        auto local = [&](const TensorView& global) { return dattn::shard_sequence(global, rank, P, layout, 1); };
+        const Tensor lq = local(inputs[0]->view()), lk = local(inputs[1]->view()), lv = local(inputs[2]->view()),
+                     ldout = local(inputs[3]->view());
+        const Tensor lmask = padding ? local(padding->view()) : Tensor();
+        auto& [lout, llse, ldq, ldk, ldv] = results[std::size_t(rank)];
+        lout = Tensor::empty({B, n, H, D}, dtype), llse = Tensor::empty({B, H, n}, DType::float32);
+        ldq = Tensor::empty({B, n, H, D}, dtype), ldk = Tensor::empty({B, n, H, D}, dtype);
+        ldv = Tensor::empty({B, n, H, D}, dtype);
+        call(*group[std::size_t(rank)], lq, lk, lv, ldout, padding ? std::optional<TensorView>(lmask.view()) : std::nullopt,
+             lout, llse, ldq, ldk, ldv);
+      } catch (const std::exception& e) {
+        errors[std::size_t(rank)] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (const auto& e : errors) EXPECT_EQ(e, "");
+  std::array<Tensor, 5> gathered;
+  for (int which = 0; which < 5; ++which) {
+    std::vector<TensorView> parts;
+    for (const auto& r : results) parts.push_back(r[std::size_t(which)].view());
+    gathered[std::size_t(which)] = dattn::unshard_sequence(parts, layout, which == 1 ? 2 : 1);
+  }
+  return gathered;
+}
+
 void run(const Case& c, DType dtype, Rng& rng) {
   SCOPED_TRACE(::testing::Message() << "N=" << c.N << " P=" << c.P << " zigzag=" << (c.layout == Layout::zigzag)
                                     << " causal=" << c.causal << " mode=" << int(c.mode) << " w0=" << c.w[0]
@@ -44,40 +82,16 @@ void run(const Case& c, DType dtype, Rng& rng) {
   if (c.padding)
     for (std::int64_t i = 0; i < padding.numel(); ++i) padding.data<std::uint8_t>()[i] = uniform(rng) < 0.2;
 
-  // Each rank's outputs: out, lse, dq, dk, dv; gathered with unshard_sequence afterwards.
-  std::vector<std::array<Tensor, 5>> results(std::size_t(c.P));
-  auto group = dattn::make_in_process_group(c.P);
-  std::vector<std::thread> threads;
-  std::vector<std::string> errors(std::size_t(c.P));
-  for (int rank = 0; rank < c.P; ++rank)
-    threads.emplace_back([&, rank] {
-      try {
-        const std::int64_t n = c.N / c.P;
-        auto local = [&](const TensorView& global, int dim = 1) {
-          return dattn::shard_sequence(global, rank, c.P, c.layout, dim);
-        };
-        const Tensor lq = local(q.view()), lk = local(k.view()), lv = local(v.view()), ldout = local(dout.view());
-        const Tensor lmask = local(padding.view());
+  const auto [out, lse, dq, dk, dv] = run_ring(
+      c.P, c.layout, shape, dtype, {&q, &k, &v, &dout}, c.padding ? &padding : nullptr,
+      [&](dattn::Communicator& comm, const Tensor& lq, const Tensor& lk, const Tensor& lv, const Tensor& ldout,
+          const std::optional<TensorView>& lmask, const Tensor& lout, const Tensor& llse, const Tensor& ldq,
+          const Tensor& ldk, const Tensor& ldv) {
         dattn::DilatedConfig mine = config;
-        if (c.padding) mine.key_padding_mask = lmask.view();
-        auto& [lout, llse, ldq, ldk, ldv] = results[std::size_t(rank)];
-        lout = Tensor::empty({c.B, n, c.H, c.D}, dtype), llse = Tensor::empty({c.B, c.H, n}, DType::float32);
-        ldq = Tensor::empty({c.B, n, c.H, c.D}, dtype), ldk = Tensor::empty({c.B, n, c.H, c.D}, dtype);
-        ldv = Tensor::empty({c.B, n, c.H, c.D}, dtype);
-        dattn::ring_forward(*group[std::size_t(rank)], mine, c.layout, c.N, lq, lk, lv, lout, llse);
-        dattn::ring_backward(*group[std::size_t(rank)], mine, c.layout, c.N, lq, lk, lv, lout, llse, ldout, ldq, ldk, ldv);
-      } catch (const std::exception& e) {
-        errors[std::size_t(rank)] = e.what();
-      }
-    });
-  for (auto& t : threads) t.join();
-  for (const auto& e : errors) ASSERT_EQ(e, "");
-  auto gathered = [&](int which, int dim = 1) {
-    std::vector<TensorView> parts;
-    for (const auto& r : results) parts.push_back(r[std::size_t(which)].view());
-    return dattn::unshard_sequence(parts, c.layout, dim);
-  };
-  const Tensor out = gathered(0), lse = gathered(1, 2), dq = gathered(2), dk = gathered(3), dv = gathered(4);
+        mine.key_padding_mask = lmask;
+        dattn::ring_forward(comm, mine, c.layout, c.N, lq, lk, lv, lout, llse);
+        dattn::ring_backward(comm, mine, c.layout, c.N, lq, lk, lv, lout, llse, ldout, ldq, ldk, ldv);
+      });
 
   dattn::DilatedConfig whole = config;
   if (c.padding) whole.key_padding_mask = padding.view();
@@ -147,6 +161,74 @@ std::vector<std::int64_t> needed_by_definition(const dattn::DilatedConfig& c, La
         if (needed) entries.push_back(local * H + h);
       }
   return entries;
+}
+
+// Block masks on the same engine: random masks (shared or per head, every density), causal, key
+// padding, both layouts; gathered results against the float64 block-sparse reference, and the
+// schedule skips the rank pairs no query block needs.
+TEST(RingTest, BlockSparseMasksOnTheRing) {
+  Rng rng(77);
+  std::uniform_int_distribution<int> pick(0, 1 << 20);
+  std::uniform_real_distribution<double> uniform;
+  for (int i = 0; i < 24; ++i) {
+    const int P = 1 + pick(rng) % 4;
+    const Layout layout = pick(rng) % 2 ? Layout::zigzag : Layout::contiguous;
+    const std::int64_t block = 1 + pick(rng) % 5, parts = layout == Layout::zigzag ? 2 * P : P;
+    const std::int64_t N = parts * block * (1 + pick(rng) % 3), B = 1 + pick(rng) % 2, H = 1 + pick(rng) % 3, D = 8;
+    const std::int64_t nb = N / block, mask_heads = pick(rng) % 2 ? H : 1;
+    const double density = std::vector<double>{0.1, 0.4, 1.0}[std::size_t(pick(rng) % 3)];
+    Tensor dense = Tensor::zeros({mask_heads, nb, nb}, DType::boolean);
+    for (std::int64_t e = 0; e < dense.numel(); ++e) dense.data<std::uint8_t>()[e] = uniform(rng) < density;
+    const dattn::BlockSparseMask mask = dattn::BlockSparseMask::from_dense(dense);
+    dattn::BlockSparseConfig config;
+    config.block_size = block;
+    config.causal = pick(rng) % 2;
+    const bool with_padding = pick(rng) % 3 == 0;
+    SCOPED_TRACE(::testing::Message() << "case " << i << " P=" << P << " N=" << N << " block=" << block
+                                      << " zigzag=" << (layout == Layout::zigzag) << " causal=" << config.causal);
+    const std::vector<std::int64_t> shape{B, N, H, D};
+    Buffer q = contiguous(shape, DType::float32), k = contiguous(shape, DType::float32),
+           v = contiguous(shape, DType::float32), dout = contiguous(shape, DType::float32);
+    for (const Buffer* b : {&q, &k, &v, &dout}) fill_normal(b->view(), rng);
+    Tensor padding = Tensor::zeros({B, N}, DType::boolean);
+    for (std::int64_t e = 0; e < padding.numel(); ++e) padding.data<std::uint8_t>()[e] = with_padding && uniform(rng) < 0.2;
+    const auto [out, lse, dq, dk, dv] = run_ring(
+        P, layout, shape, DType::float32, {&q, &k, &v, &dout}, with_padding ? &padding : nullptr,
+        [&](dattn::Communicator& comm, const Tensor& lq, const Tensor& lk, const Tensor& lv, const Tensor& ldout,
+            const std::optional<TensorView>& lmask, const Tensor& lout, const Tensor& llse, const Tensor& ldq,
+            const Tensor& ldk, const Tensor& ldv) {
+          dattn::BlockSparseConfig mine = config;
+          mine.key_padding_mask = lmask;
+          dattn::ring_forward(comm, mine, mask, layout, N, lq, lk, lv, lout, llse);
+          dattn::ring_backward(comm, mine, mask, layout, N, lq, lk, lv, lout, llse, ldout, ldq, ldk, ldv);
+        });
+    dattn::BlockSparseConfig whole = config;
+    if (with_padding) whole.key_padding_mask = padding.view();
+    Tensor ref = Tensor::empty(shape, DType::float64), ref_lse = Tensor::empty({B, H, N}, DType::float32);
+    Tensor dq64 = Tensor::empty(shape, DType::float64), dk64 = Tensor::empty(shape, DType::float64),
+           dv64 = Tensor::empty(shape, DType::float64);
+    const Tensor q64 = to_f64(q.view()), k64 = to_f64(k.view()), v64 = to_f64(v.view());
+    dattn::block_sparse_forward(whole, mask, q64, k64, v64, ref, ref_lse);
+    dattn::block_sparse_backward(whole, mask, q64, k64, v64, ref, ref_lse, to_f64(dout.view()), dq64, dk64, dv64);
+    const Tolerance tol = tolerance(DType::float32);
+    EXPECT_TRUE(close_rel_l2("out", out.view(), ref, tol.rel_l2));
+    EXPECT_TRUE(lse_close(lse.view(), ref_lse, tol.lse));
+    EXPECT_TRUE(close_rel_l2("dq", dq.view(), dq64, tol.rel_l2, ZeroReference::cancellation));
+    EXPECT_TRUE(close_rel_l2("dk", dk.view(), dk64, tol.rel_l2, ZeroReference::cancellation));
+    EXPECT_TRUE(close_rel_l2("dv", dv.view(), dv64, tol.rel_l2));
+  }
+  // The schedule: a window of one block each side over 4 ranks of 2 blocks skips far ranks.
+  Tensor window = Tensor::zeros({8, 8}, DType::boolean);
+  for (std::int64_t i = 0; i < 8; ++i)
+    for (std::int64_t j = std::max<std::int64_t>(0, i - 1); j <= std::min<std::int64_t>(7, i + 1); ++j)
+      window.data<std::uint8_t>()[i * 8 + j] = 1;
+  const dattn::BlockSparseMask local = dattn::BlockSparseMask::from_dense(window);
+  for (int s = 0; s < 4; ++s)
+    for (int d = 0; d < 4; ++d)
+      EXPECT_EQ(dattn::ring_block_sparse_entries(local, 4, false, Layout::contiguous, 32, 4, 3, s, d).size(),
+                std::abs(s - d) <= 1 ? 8u * 3u : 0u)
+          << s << " -> " << d;
+  EXPECT_THROW(dattn::ring_block_sparse_entries(local, 3, false, Layout::contiguous, 32, 4, 3, 0, 1), dattn::Error);
 }
 
 TEST(RingTest, TransferEntriesAreExactlyTheNeededKeys) {

@@ -15,6 +15,9 @@
 
 namespace dattn {
 
+struct BlockSparseConfig;
+class BlockSparseMask;
+
 enum class Layout { contiguous, zigzag };
 
 // The global row ranges [begin, end) a rank holds, in the order its local tensors hold them:
@@ -98,5 +101,21 @@ void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layou
                    const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                    const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
                    const TensorView& dv, RingStats* stats = nullptr, void* stream = nullptr);
+
+// Block-sparse attention on the same ring (CPU tensors): `mask` covers the whole sequence and every
+// rank's rows start and end on a block. A rank's whole key chunk travels to a rank some of whose
+// query blocks the mask lets see one of its key blocks (causal: one not after them); otherwise the
+// step moves and computes nothing. ring_block_sparse_entries is that schedule: all n·H entries of
+// source's keys, or none.
+std::vector<std::int64_t> ring_block_sparse_entries(const BlockSparseMask& mask, std::int64_t block_size, bool causal,
+                                                    Layout layout, std::int64_t global_length, int ranks,
+                                                    std::int64_t heads, int source, int dest);
+void ring_forward(Communicator& comm, const BlockSparseConfig& config, const BlockSparseMask& mask, Layout layout,
+                  std::int64_t global_length, const TensorView& q, const TensorView& k, const TensorView& v,
+                  const TensorView& out, const TensorView& lse, RingStats* stats = nullptr);
+void ring_backward(Communicator& comm, const BlockSparseConfig& config, const BlockSparseMask& mask, Layout layout,
+                   std::int64_t global_length, const TensorView& q, const TensorView& k, const TensorView& v,
+                   const TensorView& out, const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                   const TensorView& dk, const TensorView& dv, RingStats* stats = nullptr);
 
 }  // namespace dattn

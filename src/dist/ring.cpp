@@ -9,8 +9,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <optional>
 
 #include "dattn/attention.hpp"
+#include "dattn/block_sparse.hpp"
 #include "dattn/error.hpp"
 #include "dattn/ring.hpp"
 #include "dist/schedule.hpp"
@@ -166,8 +169,74 @@ void for_each_source(Communicator& comm, const Schedule& schedule, const Keys& o
   comm.wait(sends[1]);
 }
 
-DilatedConfig step_config(const DilatedConfig& config, const Keys& keys, std::int64_t offset, std::int64_t rows) {
-  return detail::step_config(config, keys.mask, offset, rows);
+// What the CPU engine runs at each step, for one attention kind (dilated or block-sparse): the
+// forward step and the backward's two sweeps. `mask` is the step's keys' padding mask, if any.
+using StepMask = std::optional<TensorView>;
+struct StepKernels {
+  std::function<void(const StepMask&, const RingStep&, const TensorView& q, const TensorView& k, const TensorView& v,
+                     const TensorView& out, const TensorView& lse)>
+      forward;
+  std::function<void(const StepMask&, const RingStep&, const TensorView& q, const TensorView& k, const TensorView& v,
+                     const TensorView& dout, const TensorView& lse, const RingQueryGradients& sums)>
+      query_gradients;
+  std::function<void(const RingQueryGradients& sums, const TensorView& dq)> finish;
+  std::function<void(const StepMask&, const RingStep&, const TensorView& q, const TensorView& k, const TensorView& v,
+                     const TensorView& dout, const TensorView& lse, const TensorView& delta, const TensorView& dk,
+                     const TensorView& dv)>
+      key_gradients;
+};
+
+StepMask step_mask(const Keys& keys, std::int64_t offset, std::int64_t rows) {
+  return keys.mask ? StepMask(keys.mask->narrow(1, offset, rows)) : std::nullopt;
+}
+
+StepKernels dilated_kernels(const DilatedConfig& config) {
+  auto with = [&config](const StepMask& mask) {
+    DilatedConfig c = config;
+    c.key_padding_mask = mask;
+    return c;
+  };
+  return {[with](const StepMask& m, const RingStep& s, const TensorView& q, const TensorView& k, const TensorView& v,
+                 const TensorView& out, const TensorView& lse) {
+            LaunchOptions options;
+            options.ring_step = s;
+            forward(with(m), q, k, v, out, lse, options);
+          },
+          [with](const StepMask& m, const RingStep& s, const TensorView& q, const TensorView& k, const TensorView& v,
+                 const TensorView& dout, const TensorView& lse, const RingQueryGradients& sums) {
+            ring_query_gradients(with(m), s, q, k, v, dout, lse, sums);
+          },
+          [&config](const RingQueryGradients& sums, const TensorView& dq) { ring_finish_query_gradients(config, sums, dq); },
+          [with](const StepMask& m, const RingStep& s, const TensorView& q, const TensorView& k, const TensorView& v,
+                 const TensorView& dout, const TensorView& lse, const TensorView& delta, const TensorView& dk,
+                 const TensorView& dv) { ring_key_gradients(with(m), s, q, k, v, dout, lse, delta, dk, dv); }};
+}
+
+StepKernels block_sparse_kernels(const BlockSparseConfig& config, const BlockSparseMask& block_mask) {
+  auto with = [&config](const StepMask& mask) {
+    BlockSparseConfig c = config;
+    c.key_padding_mask = mask;
+    return c;
+  };
+  return {[with, &block_mask](const StepMask& m, const RingStep& s, const TensorView& q, const TensorView& k,
+                              const TensorView& v, const TensorView& out, const TensorView& lse) {
+            LaunchOptions options;
+            options.ring_step = s;
+            block_sparse_forward(with(m), block_mask, q, k, v, out, lse, options);
+          },
+          [with, &block_mask](const StepMask& m, const RingStep& s, const TensorView& q, const TensorView& k,
+                              const TensorView& v, const TensorView& dout, const TensorView& lse,
+                              const RingQueryGradients& sums) {
+            block_sparse_ring_query_gradients(with(m), block_mask, s, q, k, v, dout, lse, sums);
+          },
+          [&config](const RingQueryGradients& sums, const TensorView& dq) {
+            block_sparse_ring_finish_query_gradients(config, sums, dq);
+          },
+          [with, &block_mask](const StepMask& m, const RingStep& s, const TensorView& q, const TensorView& k,
+                              const TensorView& v, const TensorView& dout, const TensorView& lse,
+                              const TensorView& delta, const TensorView& dk, const TensorView& dv) {
+            block_sparse_ring_key_gradients(with(m), block_mask, s, q, k, v, dout, lse, delta, dk, dv);
+          }};
 }
 
 // The heads of branch i and the offset each uses (SPEC.md: grouped, group i's heads with offset
@@ -304,38 +373,27 @@ bool on_cuda(const TensorView& q, void* stream) {
 
 }  // namespace
 
-void ring_forward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N, const TensorView& q,
-                  const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
-                  RingStats* stats, void* stream) {
-  check_layout(q, N, comm.size(), comm.rank(), layout);
-#ifdef DATTN_WITH_CUDA
-  if (on_cuda(q, stream)) {
-    RingStats local;
-    detail::ring_forward_cuda(comm, config, layout, N, q, k, v, out, lse, local, stream);
-    if (stats) *stats += local;
-    return;
-  }
-#else
-  on_cuda(q, stream);
-#endif
-  const std::int64_t B = q.shape[0], n = q.shape[1], H = q.shape[2], D = q.shape[3];
-  const Schedule schedule(comm, config, layout, N, H);
+namespace {
+
+// The CPU engine's forward: every step's partial result merged by log-sum-exp.
+void cpu_ring_forward(Communicator& comm, const Schedule& schedule, const StepKernels& kernels, const Keys& own,
+                      const TensorView& q, const TensorView& out, const TensorView& lse, RingStats* stats) {
+  const std::int64_t B = q.shape[0], n = q.shape[1], H = q.shape[2], D = q.shape[3], N = schedule.N;
   RingStats local_stats;
   Tensor merged = Tensor::zeros({B, n, H, D}, DType::float32), merged_lse = Tensor::empty({B, H, n}, DType::float32);
   for (std::int64_t i = 0; i < merged_lse.numel(); ++i) merged_lse.data<float>()[i] = -INFINITY;
   const std::int64_t chunk = schedule.mine[0].second - schedule.mine[0].first;  // every chunk has this length
   Tensor part = Tensor::empty({B, chunk, H, D}, q.dtype), part_lse = Tensor::empty({B, H, chunk}, DType::float32);
-  const Keys own{k, v, config.key_padding_mask};
   for_each_source(
       comm, schedule, own, 1, local_stats,
       [&](int source, const Keys& keys) {
         std::int64_t key_offset = 0;
-        for (const auto& [k0, k1] : ring_rows(N, comm.size(), source, layout)) {
+        for (const auto& [k0, k1] : ring_rows(N, comm.size(), source, schedule.layout)) {
           std::int64_t query_offset = 0;
           for (const auto& [q0, q1] : schedule.mine) {
-            forward(step_config(config, keys, key_offset, k1 - k0), q.narrow(1, query_offset, q1 - q0),
-                    keys.k.narrow(1, key_offset, k1 - k0), keys.v.narrow(1, key_offset, k1 - k0), part, part_lse,
-                    {.ring_step = RingStep{q0, N, k0, k1}});
+            kernels.forward(step_mask(keys, key_offset, k1 - k0), RingStep{q0, N, k0, k1},
+                            q.narrow(1, query_offset, q1 - q0), keys.k.narrow(1, key_offset, k1 - k0),
+                            keys.v.narrow(1, key_offset, k1 - k0), part, part_lse);
             merge_partial(merged.view().narrow(1, query_offset, q1 - q0),
                           merged_lse.view().narrow(2, query_offset, q1 - q0), part, part_lse);
             query_offset += q1 - q0;
@@ -349,26 +407,13 @@ void ring_forward(Communicator& comm, const DilatedConfig& config, Layout layout
   if (stats) *stats += local_stats;
 }
 
-void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N, const TensorView& q,
-                   const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
-                   const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                   RingStats* stats, void* stream) {
-  check_layout(q, N, comm.size(), comm.rank(), layout);
-#ifdef DATTN_WITH_CUDA
-  if (on_cuda(q, stream)) {
-    RingStats local;
-    detail::ring_backward_cuda(comm, config, layout, N, q, k, v, out, lse, dout, dq, dk, dv, local, stream);
-    if (stats) *stats += local;
-    return;
-  }
-#else
-  on_cuda(q, stream);
-#endif
-  (void)out;  // the exact softmax correction comes from P and dP (ring_query_gradients), not from out
-  const std::int64_t B = q.shape[0], n = q.shape[1], H = q.shape[2], D = q.shape[3];
-  const Schedule schedule(comm, config, layout, N, H);
+// The CPU engine's backward: the queries' sweep (dq, with the exact softmax correction from P and
+// dP rather than from out), then the keys' sweep whose dk, dv go back to the keys' owners.
+void cpu_ring_backward(Communicator& comm, const Schedule& schedule, const StepKernels& kernels, const Keys& own,
+                       const TensorView& q, const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                       const TensorView& dk, const TensorView& dv, RingStats* stats) {
+  const std::int64_t B = q.shape[0], n = q.shape[1], H = q.shape[2], D = q.shape[3], N = schedule.N;
   RingStats local_stats;
-  const Keys own{k, v, config.key_padding_mask};
 
   // Per query chunk: its lse (contiguous copy) and the sums of the query sweep.
   struct Chunk {
@@ -386,23 +431,23 @@ void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layou
   }
   auto pairs = [&](int source, const Keys& keys, auto&& fn) {
     std::int64_t key_offset = 0;
-    for (const auto& [k0, k1] : ring_rows(N, comm.size(), source, layout)) {
-      for (const Chunk& c : chunks) fn(c, step_config(config, keys, key_offset, k1 - k0), key_offset, k0, k1);
+    for (const auto& [k0, k1] : ring_rows(N, comm.size(), source, schedule.layout)) {
+      for (const Chunk& c : chunks) fn(c, step_mask(keys, key_offset, k1 - k0), key_offset, k0, k1);
       key_offset += k1 - k0;
     }
   };
   for_each_source(
       comm, schedule, own, 2, local_stats,
       [&](int source, const Keys& keys) {
-        pairs(source, keys, [&](const Chunk& c, const DilatedConfig& cfg, std::int64_t at, std::int64_t k0, std::int64_t k1) {
-          ring_query_gradients(cfg, RingStep{c.q0, N, k0, k1}, q.narrow(1, c.offset, c.q1 - c.q0),
-                               keys.k.narrow(1, at, k1 - k0), keys.v.narrow(1, at, k1 - k0),
-                               dout.narrow(1, c.offset, c.q1 - c.q0), c.lse, {c.sum_gk, c.sum_pk, c.delta});
+        pairs(source, keys, [&](const Chunk& c, const StepMask& m, std::int64_t at, std::int64_t k0, std::int64_t k1) {
+          kernels.query_gradients(m, RingStep{c.q0, N, k0, k1}, q.narrow(1, c.offset, c.q1 - c.q0),
+                                  keys.k.narrow(1, at, k1 - k0), keys.v.narrow(1, at, k1 - k0),
+                                  dout.narrow(1, c.offset, c.q1 - c.q0), c.lse, {c.sum_gk, c.sum_pk, c.delta});
         });
       },
       [](int, const Step&) {});
   for (const Chunk& c : chunks)
-    ring_finish_query_gradients(config, {c.sum_gk, c.sum_pk, c.delta}, dq.narrow(1, c.offset, c.q1 - c.q0));
+    kernels.finish({c.sum_gk, c.sum_pk, c.delta}, dq.narrow(1, c.offset, c.q1 - c.q0));
 
   // Key sweep: the gradients of the source's keys from this rank's queries go back to the source,
   // packed like its keys came; this rank's own key gradients arrive from each dest one step later.
@@ -425,11 +470,11 @@ void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layou
       comm, schedule, own, 3, local_stats,
       [&](int source, const Keys& keys) {
         std::memset(partial.data<std::byte>(), 0, partial.nbytes());
-        pairs(source, keys, [&](const Chunk& c, const DilatedConfig& cfg, std::int64_t at, std::int64_t k0, std::int64_t k1) {
-          ring_key_gradients(cfg, RingStep{c.q0, N, k0, k1}, q.narrow(1, c.offset, c.q1 - c.q0),
-                             keys.k.narrow(1, at, k1 - k0), keys.v.narrow(1, at, k1 - k0),
-                             dout.narrow(1, c.offset, c.q1 - c.q0), c.lse, c.delta,
-                             partial_grads[0].narrow(1, at, k1 - k0), partial_grads[1].narrow(1, at, k1 - k0));
+        pairs(source, keys, [&](const Chunk& c, const StepMask& m, std::int64_t at, std::int64_t k0, std::int64_t k1) {
+          kernels.key_gradients(m, RingStep{c.q0, N, k0, k1}, q.narrow(1, c.offset, c.q1 - c.q0),
+                                keys.k.narrow(1, at, k1 - k0), keys.v.narrow(1, at, k1 - k0),
+                                dout.narrow(1, c.offset, c.q1 - c.q0), c.lse, c.delta,
+                                partial_grads[0].narrow(1, at, k1 - k0), partial_grads[1].narrow(1, at, k1 - k0));
         });
       },
       [&](int t, const Step& s) {  // after step t's keys were used (or skipped)
@@ -462,6 +507,108 @@ void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layou
   convert(own_grads[0], dk);
   convert(own_grads[1], dv);
   if (stats) *stats += local_stats;
+}
+
+
+}  // namespace
+
+void ring_forward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N, const TensorView& q,
+                  const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
+                  RingStats* stats, void* stream) {
+  check_layout(q, N, comm.size(), comm.rank(), layout);
+#ifdef DATTN_WITH_CUDA
+  if (on_cuda(q, stream)) {
+    RingStats local;
+    detail::ring_forward_cuda(comm, config, layout, N, q, k, v, out, lse, local, stream);
+    if (stats) *stats += local;
+    return;
+  }
+#else
+  on_cuda(q, stream);
+#endif
+  cpu_ring_forward(comm, Schedule::dilated(comm, config, layout, N, q.shape[2]), dilated_kernels(config),
+                   Keys{k, v, config.key_padding_mask}, q, out, lse, stats);
+}
+
+void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N, const TensorView& q,
+                   const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
+                   const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                   RingStats* stats, void* stream) {
+  check_layout(q, N, comm.size(), comm.rank(), layout);
+#ifdef DATTN_WITH_CUDA
+  if (on_cuda(q, stream)) {
+    RingStats local;
+    detail::ring_backward_cuda(comm, config, layout, N, q, k, v, out, lse, dout, dq, dk, dv, local, stream);
+    if (stats) *stats += local;
+    return;
+  }
+#else
+  on_cuda(q, stream);
+#endif
+  (void)out;  // the CPU sweeps take the softmax correction from P and dP
+  cpu_ring_backward(comm, Schedule::dilated(comm, config, layout, N, q.shape[2]), dilated_kernels(config),
+                    Keys{k, v, config.key_padding_mask}, q, lse, dout, dq, dk, dv, stats);
+}
+
+std::vector<std::int64_t> ring_block_sparse_entries(const BlockSparseMask& mask, std::int64_t block_size, bool causal,
+                                                    Layout layout, std::int64_t N, int P, std::int64_t H, int source,
+                                                    int dest) {
+  if (block_size < 1) throw Error("block_size = " + std::to_string(block_size) + "; expected >= 1");
+  const Rows keys = ring_rows(N, P, source, layout), queries = ring_rows(N, P, dest, layout);
+  for (const Rows* rows : {&keys, &queries})
+    for (const auto& [b, e] : *rows)
+      if (b % block_size != 0 || e % block_size != 0)
+        throw Error("a rank's rows [" + std::to_string(b) + ", " + std::to_string(e) + ") do not start and end on a block of " +
+                    std::to_string(block_size) + "; expected N / P (N / 2P zigzag) to be a multiple of block_size");
+  std::int64_t n = 0;
+  for (const auto& [b, e] : keys) n += e - b;
+  const std::int64_t nqb = mask.query_blocks();
+  bool needed = false;
+  for (std::int64_t h = 0; h < mask.heads() && !needed; ++h)
+    for (const auto& [q0, q1] : queries)
+      for (std::int64_t qb = q0 / block_size; qb < q1 / block_size && !needed; ++qb) {
+        const std::int64_t row = h * (nqb + 1) + qb;
+        for (std::int64_t e = mask.row_offsets()[std::size_t(row)]; e < mask.row_offsets()[std::size_t(row) + 1]; ++e) {
+          const std::int64_t kb = mask.columns()[std::size_t(e)];
+          if (causal && kb > qb) continue;
+          for (const auto& [k0, k1] : keys)
+            if (kb * block_size >= k0 && kb * block_size < k1) needed = true;
+        }
+      }
+  std::vector<std::int64_t> entries;
+  if (needed)
+    for (std::int64_t i = 0; i < n * H; ++i) entries.push_back(i);
+  return entries;
+}
+
+void ring_forward(Communicator& comm, const BlockSparseConfig& config, const BlockSparseMask& mask, Layout layout,
+                  std::int64_t N, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                  const TensorView& lse, RingStats* stats) {
+  check_layout(q, N, comm.size(), comm.rank(), layout);
+  if (q.device.type != DeviceType::cpu)
+    throw Error("the block-sparse ring runs on cpu tensors (no CUDA block-sparse kernel yet); q is on " + device_name(q.device));
+  const std::int64_t H = q.shape[2];
+  const Schedule schedule(comm, layout, N, H, [&, H, P = comm.size()](int s, int d) {
+    return ring_block_sparse_entries(mask, config.block_size, config.causal, layout, N, P, H, s, d);
+  });
+  cpu_ring_forward(comm, schedule, block_sparse_kernels(config, mask), Keys{k, v, config.key_padding_mask}, q, out, lse,
+                   stats);
+}
+
+void ring_backward(Communicator& comm, const BlockSparseConfig& config, const BlockSparseMask& mask, Layout layout,
+                   std::int64_t N, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                   const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                   const TensorView& dv, RingStats* stats) {
+  (void)out;
+  check_layout(q, N, comm.size(), comm.rank(), layout);
+  if (q.device.type != DeviceType::cpu)
+    throw Error("the block-sparse ring runs on cpu tensors (no CUDA block-sparse kernel yet); q is on " + device_name(q.device));
+  const std::int64_t H = q.shape[2];
+  const Schedule schedule(comm, layout, N, H, [&, H, P = comm.size()](int s, int d) {
+    return ring_block_sparse_entries(mask, config.block_size, config.causal, layout, N, P, H, s, d);
+  });
+  cpu_ring_backward(comm, schedule, block_sparse_kernels(config, mask), Keys{k, v, config.key_padding_mask}, q, lse,
+                    dout, dq, dk, dv, stats);
 }
 
 }  // namespace dattn

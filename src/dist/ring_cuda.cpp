@@ -216,7 +216,7 @@ void ring_forward_cuda(Communicator& comm, const DilatedConfig& config, Layout l
   const DeviceOf device(q);
   comm.bind_stream(stream);
   const std::int64_t B = q.shape[0], n = q.shape[1], H = q.shape[2], D = q.shape[3];
-  const Schedule schedule(comm, config, layout, N, H);
+  const Schedule schedule = Schedule::dilated(comm, config, layout, N, H);
   const Device dev = device_of(q);
   DeviceMemory merged(std::size_t(B * n * H * D) * 4), merged_lse(std::size_t(B * H * n) * 4);
   const TensorView merged_view = device_view(merged.get(), DType::float32, {B, n, H, D}, dev);
@@ -251,7 +251,7 @@ void ring_backward_cuda(Communicator& comm, const DilatedConfig& config, Layout 
   const DeviceOf device(q);
   comm.bind_stream(stream);
   const std::int64_t B = q.shape[0], n = q.shape[1], H = q.shape[2], D = q.shape[3];
-  const Schedule schedule(comm, config, layout, N, H);
+  const Schedule schedule = Schedule::dilated(comm, config, layout, N, H);
   const Device dev = device_of(q);
   const std::size_t rows = std::size_t(B * n * H * D);
   DeviceMemory dq_sum(rows * 4), own_grads(2 * rows * 4), partial(2 * rows * 4), delta(std::size_t(B * H * n) * 4);

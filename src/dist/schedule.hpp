@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -23,21 +24,32 @@ struct Step {
   Entries incoming;  // source's entries this rank needs
 };
 
+// entries(source, dest): the entries (local_row·H + head) of source's keys that dest's queries
+// need, ascending; the attention kind decides (ring_transfer_entries for dilated attention).
 struct Schedule {
-  const DilatedConfig& config;
   Layout layout;
   std::int64_t N, H;
   int P, rank;
   Rows mine;
+  std::function<Entries(int, int)> entries;
 
-  Schedule(const Communicator& comm, const DilatedConfig& c, Layout l, std::int64_t global_length, std::int64_t heads)
-      : config(c), layout(l), N(global_length), H(heads), P(comm.size()), rank(comm.rank()),
-        mine(ring_rows(N, P, rank, layout)) {}
+  Schedule(const Communicator& comm, Layout l, std::int64_t global_length, std::int64_t heads,
+           std::function<Entries(int, int)> entries_of)
+      : layout(l), N(global_length), H(heads), P(comm.size()), rank(comm.rank()), mine(ring_rows(N, P, rank, layout)),
+        entries(std::move(entries_of)) {}
+
+  // Dilated attention's schedule: only the selected (row, head) entries travel.
+  static Schedule dilated(const Communicator& comm, const DilatedConfig& config, Layout l, std::int64_t global_length,
+                          std::int64_t heads) {
+    return Schedule(comm, l, global_length, heads, [&config, l, global_length, heads, P = comm.size()](int s, int d) {
+      return ring_transfer_entries(config, l, global_length, P, heads, s, d);
+    });
+  }
 
   Step step(int t) const {  // t = 0: this rank's own keys
     const int dest = (rank + t) % P, source = (rank - t + P) % P;
-    Entries outgoing = ring_transfer_entries(config, layout, N, P, H, rank, dest);
-    Entries incoming = t == 0 ? outgoing : ring_transfer_entries(config, layout, N, P, H, source, rank);
+    Entries outgoing = entries(rank, dest);
+    Entries incoming = t == 0 ? outgoing : entries(source, rank);
     return {dest, source, std::move(outgoing), std::move(incoming)};
   }
 };
