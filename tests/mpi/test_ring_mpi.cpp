@@ -1,6 +1,7 @@
-// Ring attention over MPI: every rank holds its rows, runs ring_forward and ring_backward, and
-// checks its rows against whole-sequence attention computed locally (small sizes) at the SPEC
-// bars. Rank 0 prints "N passed, M failed"; the exit status is nonzero on any failure.
+// Ring attention over MPI: every rank holds its rows, runs ring_forward and ring_backward
+// (dilated configurations, then random block-sparse masks), and checks its rows against
+// whole-sequence attention computed locally (small sizes) at the SPEC bars. Rank 0 prints
+// "N passed, M failed"; the exit status is nonzero on any failure.
 #include <mpi.h>
 
 #include <cmath>
@@ -51,6 +52,21 @@ int main(int argc, char** argv) {
   int passed = 0, failed = 0;
   std::mt19937_64 rng(99);  // the same on every rank: the same problems
   std::uniform_int_distribution<int> pick(0, 1 << 20);
+  // This rank's rows of the ring's results against the float64 whole-sequence reference.
+  auto check = [&](int i, std::int64_t N, Layout layout, DType dtype, const Tensor* got, const Tensor* ref) {
+    auto shard = [&](const Tensor& global) { return dattn::shard_sequence(global.view(), rank, P, layout); };
+    const double bar = dtype == DType::float32 ? 1e-5 : 1.5e-2;
+    double errors[4];
+    bool ok = true;
+    for (int j = 0; j < 4; ++j) ok = (errors[j] = relative_error(got[j], shard(ref[j]))) <= bar && ok;
+    int all_ok = ok;
+    MPI_Allreduce(MPI_IN_PLACE, &all_ok, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD);
+    (all_ok ? passed : failed)++;
+    if (!ok)
+      std::fprintf(stderr, "rank %d case %d (N=%ld, P=%d, %s): errors out %.2e dq %.2e dk %.2e dv %.2e > %.1e\n", rank, i,
+                   long(N), P, layout == Layout::zigzag ? "zigzag" : "contiguous", errors[0], errors[1], errors[2],
+                   errors[3], bar);
+  };
   for (int i = 0; i < 16; ++i) {
     const Layout layout = i % 2 ? Layout::zigzag : Layout::contiguous;
     const std::int64_t unit = layout == Layout::zigzag ? 2 * P : P;
@@ -88,18 +104,44 @@ int main(int argc, char** argv) {
     const Tensor q64 = to_f64(q), k64 = to_f64(k), v64 = to_f64(v);
     dattn::forward(config, q64, k64, v64, ref, ref_lse);
     dattn::backward(config, q64, k64, v64, ref, ref_lse, to_f64(dout), dq64, dk64, dv64);
-    const double bar = dtype == DType::float32 ? 1e-5 : 1.5e-2;
-    const double errors[] = {relative_error(out, shard(ref)), relative_error(dq, shard(dq64)),
-                             relative_error(dk, shard(dk64)), relative_error(dv, shard(dv64))};
-    bool ok = true;
-    for (double e : errors) ok = ok && e <= bar;
-    int all_ok = ok;
-    MPI_Allreduce(MPI_IN_PLACE, &all_ok, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD);
-    (all_ok ? passed : failed)++;
-    if (!ok)
-      std::fprintf(stderr, "rank %d case %d (N=%ld, P=%d, %s): errors out %.2e dq %.2e dk %.2e dv %.2e > %.1e\n", rank, i,
-                   long(N), P, layout == Layout::zigzag ? "zigzag" : "contiguous", errors[0], errors[1], errors[2],
-                   errors[3], bar);
+    const Tensor got[] = {std::move(out), std::move(dq), std::move(dk), std::move(dv)};
+    const Tensor refs[] = {std::move(ref), std::move(dq64), std::move(dk64), std::move(dv64)};
+    check(i, N, layout, dtype, got, refs);
+  }
+  for (int i = 16; i < 24; ++i) {  // block-sparse masks on the same ring
+    const Layout layout = i % 2 ? Layout::zigzag : Layout::contiguous;
+    const std::int64_t parts = layout == Layout::zigzag ? 2 * P : P, block = 1 + pick(rng) % 4;
+    const std::int64_t B = 1 + pick(rng) % 2, N = parts * block * (1 + pick(rng) % 3), H = 1 + pick(rng) % 3, D = 16;
+    const std::int64_t nb = N / block;
+    Tensor dense = Tensor::zeros({nb, nb}, DType::boolean);
+    for (std::int64_t e = 0; e < dense.numel(); ++e) dense.data<std::uint8_t>()[e] = pick(rng) % 3 == 0;
+    const dattn::BlockSparseMask mask = dattn::BlockSparseMask::from_dense(dense);
+    dattn::BlockSparseConfig config;
+    config.block_size = block;
+    config.causal = pick(rng) % 2;
+    const std::vector<std::int64_t> shape{B, N, H, D};
+    Tensor q = Tensor::empty(shape, DType::float32), k = Tensor::empty(shape, DType::float32),
+           v = Tensor::empty(shape, DType::float32), dout = Tensor::empty(shape, DType::float32);
+    std::normal_distribution<float> normal;
+    for (Tensor* t : {&q, &k, &v, &dout})
+      for (std::int64_t e = 0; e < t->numel(); ++e) t->data<float>()[e] = normal(rng);
+    auto shard = [&](const Tensor& global) { return dattn::shard_sequence(global.view(), rank, P, layout); };
+    const Tensor lq = shard(q), lk = shard(k), lv = shard(v), ldout = shard(dout);
+    const std::int64_t n = lq.view().shape[1];
+    Tensor out = Tensor::empty({B, n, H, D}, DType::float32), lse = Tensor::empty({B, H, n}, DType::float32);
+    Tensor dq = Tensor::empty({B, n, H, D}, DType::float32), dk = Tensor::empty({B, n, H, D}, DType::float32),
+           dv = Tensor::empty({B, n, H, D}, DType::float32);
+    dattn::ring_forward(*comm, config, mask, layout, N, lq, lk, lv, out, lse);
+    dattn::ring_backward(*comm, config, mask, layout, N, lq, lk, lv, out, lse, ldout, dq, dk, dv);
+    Tensor ref = Tensor::empty(shape, DType::float64), ref_lse = Tensor::empty({B, H, N}, DType::float32);
+    Tensor dq64 = Tensor::empty(shape, DType::float64), dk64 = Tensor::empty(shape, DType::float64),
+           dv64 = Tensor::empty(shape, DType::float64);
+    const Tensor q64 = to_f64(q), k64 = to_f64(k), v64 = to_f64(v);
+    dattn::block_sparse_forward(config, mask, q64, k64, v64, ref, ref_lse);
+    dattn::block_sparse_backward(config, mask, q64, k64, v64, ref, ref_lse, to_f64(dout), dq64, dk64, dv64);
+    const Tensor got[] = {std::move(out), std::move(dq), std::move(dk), std::move(dv)};
+    const Tensor refs[] = {std::move(ref), std::move(dq64), std::move(dk64), std::move(dv64)};
+    check(i, N, layout, DType::float32, got, refs);
   }
   if (rank == 0) std::printf("%d passed, %d failed\n", passed, failed);
   MPI_Finalize();
