@@ -3,7 +3,9 @@ torchrun. Rank 0 prints the results as markdown and writes --json.
 
   torchrun --nproc-per-node P bench/ring_gpu.py check   correctness: on random configurations
       (both modes, causal with both layouts, key padding, segments shorter and longer than N/P),
-      the gathered ring output and gradients against the single-GPU dattn result at SPEC.md's bars
+      the gathered ring output and gradients against the single-GPU dattn result at SPEC.md's bars;
+      then block-sparse masks (random density, shared or per head, and the named patterns through
+      BlockSparseRingDilatedAttention) on the same ring against single-GPU block_sparse_attention
   torchrun --nproc-per-node P bench/ring_gpu.py scale   PERF.md's geo(N), bf16, grouped mode: for
       every P' in 1, 2, 4, .. P (sub-groups of the first P' GPUs), per-GPU length fixed
       (--rows-per-gpu, 262144) and N fixed (--fixed-length, 1048576; P' >= 2), contiguous and
@@ -102,8 +104,61 @@ def check(args):
         log(f"{'ok' if ok else 'FAIL'} case {i}: P={P} N={N} B={B} H={H} w={w} r={r} {mode} causal={causal} {layout} "
             f"{rows[-1]['dtype']} padding={padding is not None}: rel. L2 vs single GPU out {errors[0]:.2e} "
             f"dq {errors[1]:.2e} dk {errors[2]:.2e} dv {errors[3]:.2e}")
-    log(f"\n{args.cases - failures} passed, {failures} failed (P = {P}, {device_name(args.device)})")
+    for i in range(args.sparse_cases):
+        ok, row = check_sparse(i, gen, args)
+        failures += not ok
+        rows.append(row)
+    total = args.cases + args.sparse_cases
+    log(f"\n{total - failures} passed, {failures} failed (P = {P}, {device_name(args.device)})")
     return rows, failures
+
+
+def check_sparse(i, gen, args):
+    """One block-sparse case on the ring: a random mask (even i) or a named pattern through the module."""
+    P, rank = dist.get_world_size(), dist.get_rank()
+    layout = ["contiguous", "zigzag"][i % 2]
+    causal = i % 4 >= 2
+    dtype = [torch.bfloat16, torch.float32][(i // 4) % 2]
+    unit = 2 * P if layout == "zigzag" else P
+    block = [16, 32, 64, 128][int(torch.randint(0, 4, (1,), generator=gen))]
+    N = unit * block * int(torch.randint(1, max(2, 4096 // (unit * block)) + 1, (1,), generator=gen))
+    B, H, D = int(torch.randint(1, 3, (1,), generator=gen)), int(torch.randint(2, 9, (1,), generator=gen)), 64
+    nb = N // block
+    padding = torch.rand(B, N, generator=gen) < 0.1 if i % 3 == 0 else None
+    q, k, v, grad = (torch.randn(B, N, H, D, generator=gen).to(args.device, dtype) for _ in range(4))
+    pad_dev = None if padding is None else padding.to(args.device)
+    local = [dattn.shard_sequence(t, rank, P, layout).detach().requires_grad_() for t in (q, k, v)]
+    local_pad = None if pad_dev is None else dattn.shard_sequence(pad_dev, rank, P, layout)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    if i % 2 == 0:
+        density = [0.05, 0.2, 0.5, 1.0][(i // 2) % 4]
+        shape = (H, nb, nb) if i % 4 == 0 else (nb, nb)
+        dense = torch.rand(shape, generator=gen) < density
+        what = f"random mask density={density} heads={dense.size(0) if dense.dim() == 3 else 1}"
+        ref = dattn.block_sparse_attention(*full, dense, block, is_causal=causal, key_padding_mask=pad_dev)
+        from dattn.ring import ring_block_sparse_attention
+        mask = dattn.BlockSparseMask.from_dense(_ops._view(dense.contiguous()))
+        out = ring_block_sparse_attention(*local, mask, block, dist.group.WORLD, layout, causal,
+                                          key_padding_mask=local_pad)
+    else:
+        pattern = ["local_window", "dilated_sparse", "global_local"][(i // 2) % 3]
+        what = f"pattern {pattern}"
+        config = dattn.SparsePatternConfig(pattern, block_size=block, window_size=4 * block)
+        ref = dattn.BlockSparseRingDilatedAttention([N], [1], config)(*full, is_causal=causal, key_padding_mask=pad_dev)
+        module = dattn.BlockSparseRingDilatedAttention([N], [1], config, group=dist.group.WORLD, layout=layout)
+        out = module(*local, is_causal=causal, key_padding_mask=local_pad)
+    ref.backward(grad)
+    out.backward(dattn.shard_sequence(grad, rank, P, layout))
+    got = [gather(out.detach(), layout)] + [gather(t.grad, layout) for t in local]
+    errors = [rel_err(a, b) for a, b in zip(got, [ref.detach()] + [t.grad for t in full])]
+    ok = all(e <= OUT_BAR[dtype] for e in errors)
+    row = dict(case=f"sparse {i}", P=P, N=N, B=B, H=H, block=block, mask=what, causal=causal, layout=layout,
+               dtype=str(dtype).replace("torch.", ""), padding=padding is not None,
+               errors=dict(zip(["out", "dq", "dk", "dv"], errors)), ok=ok)
+    log(f"{'ok' if ok else 'FAIL'} block-sparse case {i}: P={P} N={N} B={B} H={H} block={block} {what} "
+        f"causal={causal} {layout} {row['dtype']} padding={padding is not None}: rel. L2 vs single GPU out "
+        f"{errors[0]:.2e} dq {errors[1]:.2e} dk {errors[2]:.2e} dv {errors[3]:.2e}")
+    return ok, row
 
 
 def timed(fn, warmup, repeats, group, device):
@@ -235,6 +290,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=["check", "scale"])
     ap.add_argument("--cases", type=int, default=16)
+    ap.add_argument("--sparse-cases", type=int, default=12)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--rows-per-gpu", type=int, default=262144)
     ap.add_argument("--fixed-length", type=int, default=1048576)

@@ -7,7 +7,6 @@
 #include "cpu/cpu_attention.hpp"
 #ifdef DATTN_WITH_CUDA
 #include "cuda/cuda_attention.hpp"
-#include "cuda/ring_kernels.hpp"
 #endif
 #include "dattn/attention.hpp"
 #include "dattn/error.hpp"
@@ -29,7 +28,6 @@ DilatedParams make_params(const DilatedConfig& config, const TensorView& q, cons
                           const TensorView& v, const TensorView& out, const TensorView& lse,
                           const LaunchOptions& options) {
   DilatedParams p = detail::base_params(settings_of(config), q, k, v, out, lse, options);
-  p.mode = config.mode;
   p.mode = config.mode;
   p.causal = config.causal;
   p.use_tf32 = config.use_tf32;
@@ -98,13 +96,7 @@ void backward(const DilatedConfig& config, const TensorView& q, const TensorView
   detail::set_gradients(p, dout, dq, dk, dv);
 #ifdef DATTN_WITH_CUDA
   if (q.device.type == DeviceType::cuda) {
-    if (options.workspace != nullptr && options.workspace_bytes >= backward_workspace_bytes(q)) {
-      if (reinterpret_cast<std::uintptr_t>(options.workspace) % 4 != 0)
-        throw Error("options.workspace is not 4-byte aligned; expected float32-aligned device memory");
-      auto* delta = static_cast<float*>(options.workspace);
-      cuda::row_dot(dout, out, delta, options.stream);
-      p.softmax_delta = delta;
-    }
+    detail::set_backward_workspace(p, q, out, dout, options);
     return cuda::backward(p);
   }
 #endif

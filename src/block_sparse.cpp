@@ -8,6 +8,9 @@
 #include <string>
 
 #include "cpu/cpu_attention.hpp"
+#ifdef DATTN_WITH_CUDA
+#include "cuda/cuda_attention.hpp"
+#endif
 #include "dattn/error.hpp"
 #include "reference/block_sparse.hpp"
 #include "validate.hpp"
@@ -45,9 +48,9 @@ void check_mask_for(const BlockSparseConfig& config, const BlockSparseMask& mask
                 str(blocks) + " x " + str(blocks) + " (ceil(N / block_size) with N = " + str(N) + ")");
   if (mask.heads() != 1 && mask.heads() != q.shape[2])
     throw Error("block mask has " + str(mask.heads()) + " heads; expected 1 (shared) or H = " + str(q.shape[2]));
-  if (q.device.type != DeviceType::cpu)
-    throw Error("block-sparse attention got " + device_name(q.device) +
-                " tensors; expected cpu tensors (the GPU kernels do not take block masks yet)");
+  if (mask.device() != q.device)
+    throw Error("block mask is on " + device_name(mask.device()) + " and q on " + device_name(q.device) +
+                "; expected the mask on " + device_name(q.device) + " (BlockSparseMask::to_device)");
 }
 
 detail::CommonSettings settings_of(const BlockSparseConfig& config) {
@@ -63,10 +66,11 @@ detail::DilatedParams make_params(const BlockSparseConfig& config, const BlockSp
   p.query_blocks = mask.query_blocks();
   p.key_blocks = mask.key_blocks();
   p.block_mask_heads = mask.heads();
-  p.block_row_offsets = mask.row_offsets().data();
-  p.block_columns = mask.columns().data();
-  p.block_column_offsets = mask.column_offsets().data();
-  p.block_rows = mask.rows().data();
+  const BlockSparseMask::Arrays arrays = mask.arrays();
+  p.block_row_offsets = arrays.row_offsets;
+  p.block_columns = arrays.columns;
+  p.block_column_offsets = arrays.column_offsets;
+  p.block_rows = arrays.rows;
   return p;
 }
 
@@ -153,6 +157,30 @@ void BlockSparseMask::build_transpose() {
   }
 }
 
+BlockSparseMask BlockSparseMask::to_device(const Device& device) const {
+  BlockSparseMask m = *this;
+  m.device_ = device;
+  m.device_data_.reset();
+  if (device.type == DeviceType::cpu) return m;
+#ifdef DATTN_WITH_CUDA
+  std::vector<std::int64_t> packed;
+  for (const auto* part : {&row_offsets_, &columns_, &column_offsets_, &rows_})
+    packed.insert(packed.end(), part->begin(), part->end());
+  m.device_data_ = cuda::upload(packed, device.index);
+  return m;
+#else
+  throw Error("BlockSparseMask::to_device(" + device_name(device) + "): this build has no CUDA; expected cpu");
+#endif
+}
+
+BlockSparseMask::Arrays BlockSparseMask::arrays() const {
+  if (!device_data_) return {row_offsets_.data(), columns_.data(), column_offsets_.data(), rows_.data()};
+  const std::int64_t* row_offsets = device_data_.get();
+  const std::int64_t* columns = row_offsets + row_offsets_.size();
+  const std::int64_t* column_offsets = columns + columns_.size();
+  return {row_offsets, columns, column_offsets, column_offsets + column_offsets_.size()};
+}
+
 bool BlockSparseMask::allowed(std::int64_t head, std::int64_t query_block, std::int64_t key_block) const {
   const std::int64_t row = head * (query_blocks_ + 1) + query_block;
   return std::binary_search(columns_.begin() + row_offsets_[row], columns_.begin() + row_offsets_[row + 1], key_block);
@@ -165,7 +193,11 @@ void block_sparse_forward(const BlockSparseConfig& config, const BlockSparseMask
   check_mask_for(config, mask, q, options);
   if (options.position_index) throw Error("options.position_index is set; block-sparse attention takes no index map");
   if (detail::use_reference(options, q.dtype)) return reference::block_sparse_forward(config, mask, q, k, v, out, lse);
-  cpu::forward(make_params(config, mask, q, k, v, out, lse, options));
+  const detail::DilatedParams p = make_params(config, mask, q, k, v, out, lse, options);
+#ifdef DATTN_WITH_CUDA
+  if (q.device.type == DeviceType::cuda) return cuda::forward(p);
+#endif
+  cpu::forward(p);
 }
 
 void block_sparse_backward(const BlockSparseConfig& config, const BlockSparseMask& mask, const TensorView& q,
@@ -183,6 +215,12 @@ void block_sparse_backward(const BlockSparseConfig& config, const BlockSparseMas
     return reference::block_sparse_backward(config, mask, q, k, v, dout, dq, dk, dv);
   detail::DilatedParams p = make_params(config, mask, q, k, v, out, lse, options);
   detail::set_gradients(p, dout, dq, dk, dv);
+#ifdef DATTN_WITH_CUDA
+  if (q.device.type == DeviceType::cuda) {
+    detail::set_backward_workspace(p, q, out, dout, options);
+    return cuda::backward(p);
+  }
+#endif
   cpu::backward(p);
 }
 
@@ -225,12 +263,24 @@ void block_sparse_ring_key_gradients(const BlockSparseConfig& config, const Bloc
 
 void block_sparse_ring_forward_step(const BlockSparseConfig& config, const BlockSparseMask& mask, const RingStep& step,
                                     const TensorView& q, const TensorView& k, const TensorView& v,
-                                    const TensorView& out, const TensorView& lse) {
+                                    const TensorView& out, const TensorView& lse, void* stream) {
   detail::check_accumulator("out", out, q, q.shape[1]);
-  Tensor part = Tensor::empty({q.shape[0], q.shape[1], q.shape[2], q.shape[3]}, q.dtype);
-  Tensor part_lse = Tensor::empty({q.shape[0], q.shape[2], q.shape[1]}, DType::float32);
   LaunchOptions options;
   options.ring_step = step;
+  options.stream = stream;
+#ifdef DATTN_WITH_CUDA
+  if (q.device.type == DeviceType::cuda) {
+    TensorView like_q_out = out;  // check_inputs compares out with q: give it q's dtype
+    like_q_out.dtype = q.dtype;
+    detail::check_inputs(settings_of(config), q, k, v, like_q_out, lse, options);
+    check_mask_for(config, mask, q, options);
+    detail::DilatedParams p = make_params(config, mask, q, k, v, out, lse, options);
+    p.float32_outputs = true;
+    return cuda::forward(p);
+  }
+#endif
+  Tensor part = Tensor::empty({q.shape[0], q.shape[1], q.shape[2], q.shape[3]}, q.dtype);
+  Tensor part_lse = Tensor::empty({q.shape[0], q.shape[2], q.shape[1]}, DType::float32);
   block_sparse_forward(config, mask, q, k, v, part, part_lse, options);
   merge_partial(out, lse, part, part_lse);
 }
@@ -239,9 +289,27 @@ void block_sparse_ring_step_gradients(const BlockSparseConfig& config, const Blo
                                       const RingStep& step, const TensorView& q, const TensorView& k,
                                       const TensorView& v, const TensorView& dout, const TensorView& lse,
                                       const TensorView& delta, const TensorView& dq, const TensorView& dk,
-                                      const TensorView& dv) {
+                                      const TensorView& dv, void* stream) {
   detail::check_delta(delta, q);
   detail::check_accumulator("dq", dq, q, q.shape[1]);
+#ifdef DATTN_WITH_CUDA
+  if (q.device.type == DeviceType::cuda) {
+    LaunchOptions options;
+    options.ring_step = step;
+    options.stream = stream;
+    detail::check_inputs(settings_of(config), q, k, v, dout, lse, options);
+    check_mask_for(config, mask, q, options);
+    detail::check_accumulator("dk", dk, q, k.shape[1]);
+    detail::check_accumulator("dv", dv, q, k.shape[1]);
+    detail::DilatedParams p = make_params(config, mask, q, k, v, dout, lse, options);
+    detail::set_gradients(p, dout, dq, dk, dv);
+    p.out = {};  // not read: delta is given
+    p.softmax_delta = delta.ptr<float>();
+    p.float32_outputs = true;
+    return cuda::backward(p);
+  }
+#endif
+  if (stream != nullptr) throw Error("stream is set for cpu tensors; expected nullptr (streams are for CUDA tensors)");
   const std::int64_t B = q.shape[0], N = q.shape[1], H = q.shape[2], D = q.shape[3];
   Tensor sum_gk = Tensor::zeros({B, N, H, D}, DType::float32), sum_pk = Tensor::zeros({B, N, H, D}, DType::float32);
   Tensor step_delta = Tensor::zeros({B, H, N}, DType::float32);

@@ -8,8 +8,12 @@
 #include <utility>
 #include <vector>
 
+#include "dattn/attention.hpp"
 #include "dattn/error.hpp"
 #include "dattn/philox.hpp"
+#ifdef DATTN_WITH_CUDA
+#include "cuda/ring_kernels.hpp"
+#endif
 
 namespace dattn::detail {
 namespace {
@@ -361,6 +365,19 @@ void set_ring_key_pass(DilatedParams& p, const TensorView& dout, const TensorVie
   p.softmax_delta = delta.ptr<float>();
   p.accumulate = true;
   p.run_query_pass = false;
+}
+
+void set_backward_workspace(detail::DilatedParams& p, const TensorView& q, const TensorView& out, const TensorView& dout,
+                   const LaunchOptions& options) {
+#ifdef DATTN_WITH_CUDA
+  if (options.workspace == nullptr || options.workspace_bytes < backward_workspace_bytes(q)) return;
+  if (reinterpret_cast<std::uintptr_t>(options.workspace) % 4 != 0)
+    throw Error("options.workspace is not 4-byte aligned; expected float32-aligned device memory");
+  p.softmax_delta = static_cast<float*>(options.workspace);
+  cuda::row_dot(dout, out, p.softmax_delta, options.stream);
+#else
+  (void)p, (void)q, (void)out, (void)dout, (void)options;
+#endif
 }
 
 }  // namespace dattn::detail

@@ -46,6 +46,10 @@ void check_merge(const TensorView& out, const TensorView& lse, const TensorView&
 float load_float(const TensorView& t, std::int64_t offset);
 void store_float(const TensorView& t, std::int64_t offset, float x);
 bool use_reference(const LaunchOptions& options, DType dtype);
+// A CUDA backward with a large enough workspace: the delta pass into it (else each kernel block
+// computes delta itself).
+void set_backward_workspace(DilatedParams& p, const TensorView& q, const TensorView& out, const TensorView& dout,
+                            const LaunchOptions& options);
 
 // Ring backward steps: float32 accumulators [B, rows, H, D], the contiguous [B, H, N] delta, and
 // dq = scale·(sum_gk − delta·sum_pk) at the end of the query sweep.

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -36,8 +37,20 @@ class BlockSparseMask {
   const std::vector<std::int64_t>& column_offsets() const { return column_offsets_; }
   const std::vector<std::int64_t>& rows() const { return rows_; }
 
+  // A copy whose CSR and transpose also live in a CUDA device's memory (one upload, freed with the
+  // last copy): calls with CUDA tensors take a mask on their device, so no call copies the mask.
+  BlockSparseMask to_device(const Device& device) const;
+  Device device() const { return device_; }
+  // The arrays above in the memory of device() (the host vectors' data on the CPU).
+  struct Arrays {
+    const std::int64_t *row_offsets, *columns, *column_offsets, *rows;
+  };
+  Arrays arrays() const;
+
  private:
   void build_transpose();
+  Device device_{};
+  std::shared_ptr<const std::int64_t> device_data_;  // row_offsets, columns, column_offsets, rows, packed
   std::int64_t heads_ = 0, query_blocks_ = 0, key_blocks_ = 0;
   std::vector<std::int64_t> row_offsets_, columns_;  // global indices into columns_
   std::vector<std::int64_t> column_offsets_, rows_;  // the transpose
@@ -54,7 +67,7 @@ struct BlockSparseConfig {
 };
 
 // q, k, v, out: [B, N, H, D]; lse: [B, H, N]. The mask has ceil(N / block_size) query and key
-// blocks and 1 or H heads. The forward also runs ring steps (options.ring_step, as for dilated
+// blocks and 1 or H heads, and lies on q's device (CUDA tensors: BlockSparseMask::to_device). The forward also runs ring steps (options.ring_step, as for dilated
 // attention: the mask then covers global_length, and the query and key ranges start and end on
 // block boundaries); merge_partial combines them; the backward's ring steps are below.
 void block_sparse_forward(const BlockSparseConfig& config, const BlockSparseMask& mask, const TensorView& q,
@@ -79,15 +92,15 @@ void block_sparse_ring_key_gradients(const BlockSparseConfig& config, const Bloc
                                      const TensorView& dk, const TensorView& dv);
 
 // The one-pass ring steps of dattn/attention.hpp (ring_forward_step, ring_step_gradients) with a
-// block mask (block-aligned steps, CPU).
+// block mask (block-aligned steps; CPU, or CUDA with the mask on q's device, on `stream`).
 void block_sparse_ring_forward_step(const BlockSparseConfig& config, const BlockSparseMask& mask, const RingStep& step,
                                     const TensorView& q, const TensorView& k, const TensorView& v,
-                                    const TensorView& out, const TensorView& lse);
+                                    const TensorView& out, const TensorView& lse, void* stream = nullptr);
 void block_sparse_ring_step_gradients(const BlockSparseConfig& config, const BlockSparseMask& mask,
                                       const RingStep& step, const TensorView& q, const TensorView& k,
                                       const TensorView& v, const TensorView& dout, const TensorView& lse,
                                       const TensorView& delta, const TensorView& dq, const TensorView& dk,
-                                      const TensorView& dv);
+                                      const TensorView& dv, void* stream = nullptr);
 
 // The named patterns of SPEC.md, as dense bool masks [num_blocks, num_blocks] shared by all heads.
 Tensor local_window_pattern(std::int64_t num_blocks, std::int64_t window, std::int64_t block_size);

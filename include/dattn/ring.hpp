@@ -102,7 +102,8 @@ void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layou
                    const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
                    const TensorView& dv, RingStats* stats = nullptr, void* stream = nullptr);
 
-// Block-sparse attention on the same ring (CPU tensors): `mask` covers the whole sequence and every
+// Block-sparse attention on the same ring (CPU tensors, or CUDA ones with the mask on their device:
+// BlockSparseMask::to_device): `mask` covers the whole sequence and every
 // rank's rows start and end on a block. A rank's whole key chunk travels to a rank some of whose
 // query blocks the mask lets see one of its key blocks (causal: one not after them); otherwise the
 // step moves and computes nothing. ring_block_sparse_entries is that schedule: all n·H entries of
@@ -112,10 +113,10 @@ std::vector<std::int64_t> ring_block_sparse_entries(const BlockSparseMask& mask,
                                                     std::int64_t heads, int source, int dest);
 void ring_forward(Communicator& comm, const BlockSparseConfig& config, const BlockSparseMask& mask, Layout layout,
                   std::int64_t global_length, const TensorView& q, const TensorView& k, const TensorView& v,
-                  const TensorView& out, const TensorView& lse, RingStats* stats = nullptr);
+                  const TensorView& out, const TensorView& lse, RingStats* stats = nullptr, void* stream = nullptr);
 void ring_backward(Communicator& comm, const BlockSparseConfig& config, const BlockSparseMask& mask, Layout layout,
                    std::int64_t global_length, const TensorView& q, const TensorView& k, const TensorView& v,
                    const TensorView& out, const TensorView& lse, const TensorView& dout, const TensorView& dq,
-                   const TensorView& dk, const TensorView& dv, RingStats* stats = nullptr);
+                   const TensorView& dk, const TensorView& dv, RingStats* stats = nullptr, void* stream = nullptr);
 
 }  // namespace dattn

@@ -86,7 +86,7 @@ class _DilatedSteps:
 
 
 class _BlockSparseSteps:
-    """Block-sparse attention on the ring (CPU): a rank's whole key chunk travels to a rank whose
+    """Block-sparse attention on the ring: a rank's whole key chunk travels to a rank whose
     query blocks the mask lets see one of its key blocks (causal: one not after them), and steps
     that no local query block needs move and compute nothing."""
 
@@ -120,11 +120,11 @@ class _BlockSparseSteps:
         return torch.arange(n * H) if (source, dest) in self._needs(layout, N, P) else torch.zeros(0, dtype=torch.int64)
 
     def forward_step(self, step, q, k, v, out, lse, mask, stream):
-        _C.block_sparse_ring_forward_step(self.mask, step, q, k, v, out, lse, *self.config, mask, *self.dropout)
+        _C.block_sparse_ring_forward_step(self.mask, step, q, k, v, out, lse, *self.config, mask, *self.dropout, stream)
 
     def step_gradients(self, step, q, k, v, dout, lse, delta, dq, dk, dv, mask, stream):
         _C.block_sparse_ring_step_gradients(self.mask, step, q, k, v, dout, lse, delta, dq, dk, dv, *self.config, mask,
-                                            *self.dropout)
+                                            *self.dropout, stream)
 
 
 class _Schedule:
@@ -335,13 +335,15 @@ def ring_dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Seq
 def ring_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask, block_size: int, group,
                                 layout: str = "contiguous", is_causal: bool = False, scale: Optional[float] = None,
                                 key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
-    """Block-sparse attention of one sequence split over the ranks of ``group`` (CPU tensors,
-    gloo): ``mask`` is the ``BlockSparseMask`` of the whole sequence; every rank's chunk (N/P, or
-    N/2P zigzag) must be a multiple of ``block_size``. Returns this rank's rows, with autograd."""
+    """Block-sparse attention of one sequence split over the ranks of ``group`` (CPU tensors over
+    gloo, CUDA tensors over NCCL): ``mask`` is the ``BlockSparseMask`` of the whole sequence; every
+    rank's chunk (N/P, or N/2P zigzag) must be a multiple of ``block_size``. Returns this rank's
+    rows, with autograd."""
+    from dattn.sparse import mask_on
+
     _ops.check_attention_inputs(q, k, v)
     _check_layout(layout)
-    if q.device.type != "cpu":
-        raise ValueError(f"q is on {q.device}; the block-sparse ring runs on cpu tensors (no CUDA block-sparse kernel yet)")
+    mask = mask_on(mask, q.device)
     P = dist.get_world_size(group)
     parts = 2 * P if layout == "zigzag" else P
     chunk = q.size(1) * P // parts

@@ -43,13 +43,20 @@ def dilated_mask(seqlen: int, segment_lengths: Sequence[int], dilation_rates: Se
                     math.ceil(seqlen / block_size))
 
 
-def _as_mask(block_mask) -> "BlockSparseMask":
+def mask_on(mask: "BlockSparseMask", device: torch.device) -> "BlockSparseMask":
+    """``mask`` with its CSR arrays on ``device`` (a CUDA upload unless they are there already)."""
+    if device.type == "cpu" or mask.device == str(device):
+        return mask
+    return mask.to_cuda(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _as_mask(block_mask, device: torch.device) -> "BlockSparseMask":
     if isinstance(block_mask, BlockSparseMask):
-        return block_mask
+        return mask_on(block_mask, device)
     if not isinstance(block_mask, Tensor) or block_mask.dtype != torch.bool or block_mask.dim() not in (2, 3):
         raise TypeError("block_mask must be a bool tensor [nqb, nkb] or [H, nqb, nkb], or a dattn.BlockSparseMask")
     dense = block_mask.to("cpu").contiguous()
-    return BlockSparseMask.from_dense(_ops._view(dense))
+    return mask_on(BlockSparseMask.from_dense(_ops._view(dense)), device)
 
 
 class _BlockSparseFunction(torch.autograd.Function):
@@ -61,7 +68,7 @@ class _BlockSparseFunction(torch.autograd.Function):
         config = (block_size, bool(is_causal), scale,
                   None if key_padding_mask is None else _ops._view(key_padding_mask), float(dropout_p), int(seed))
         _C.block_sparse_forward(mask, _ops._view(q), _ops._view(k), _ops._view(v), _ops._view(out), _ops._view(lse),
-                                *config)
+                                *config, _ops._stream(q))
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
         ctx.mask, ctx.config = mask, (block_size, bool(is_causal), scale, float(dropout_p), int(seed))
         ctx.mark_non_differentiable(lse)
@@ -74,9 +81,14 @@ class _BlockSparseFunction(torch.autograd.Function):
         dout = _ops._gradient(grad_out, out)
         dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
         block_size, is_causal, scale, dropout_p, seed = ctx.config
+        # CUDA: a [B, H, N] float32 workspace for the delta pass, as the dilated backward takes.
+        workspace = torch.empty(q.size(0) * q.size(1) * q.size(2), dtype=torch.float32, device=q.device) \
+            if q.is_cuda else None
         _C.block_sparse_backward(ctx.mask, *(_ops._view(t) for t in (q, k, v, out, lse, dout, dq, dk, dv)),
                                  block_size, is_causal, scale,
-                                 None if key_padding_mask is None else _ops._view(key_padding_mask), dropout_p, seed)
+                                 None if key_padding_mask is None else _ops._view(key_padding_mask), dropout_p, seed,
+                                 _ops._stream(q), 0 if workspace is None else workspace.data_ptr(),
+                                 0 if workspace is None else 4 * workspace.numel())
         return (dq, dk, dv) + (None,) * 7
 
 
@@ -88,14 +100,12 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Union[Te
     allows (bool ``[nqb, nkb]`` or ``[H, nqb, nkb]``, or a prebuilt ``dattn.BlockSparseMask``, which
     keeps its CSR and transpose across calls). A row with nothing allowed gives 0 and lse −inf."""
     _ops.check_attention_inputs(q, k, v)
-    if q.device.type != "cpu":
-        raise ValueError(f"q is on {q.device}; block-sparse attention runs on cpu tensors so far")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size = {block_size!r}; expected an int >= 1")
     scale = _ops.check_scale(scale)
     dropout_p = _ops.check_dropout(dropout_p)
     _ops.check_key_padding_mask(key_padding_mask, q.size(0), q.size(1), q.device)
-    mask = _as_mask(block_mask)
+    mask = _as_mask(block_mask, q.device)
     seed = _ops.draw_dropout_seed() if dropout_p > 0.0 else 0
     out, lse = _BlockSparseFunction.apply(q, k, v, key_padding_mask, mask, block_size, is_causal, scale, dropout_p,
                                           seed)
@@ -130,9 +140,10 @@ class SparsePatternConfig:
 
 class BlockSparseRingDilatedAttention(nn.Module):
     """Block-sparse attention with the mask ``sparse_config`` names (the PyTorch library's class
-    and arguments). Single-process unless given ``group`` (a torch.distributed process group,
-    gloo, CPU tensors): then each rank passes its rows in ``layout`` and the mask of the whole
-    sequence runs on the ring (a key chunk travels only to ranks whose query blocks it serves)."""
+    and arguments). Single-process unless given ``group`` (a torch.distributed process group: gloo
+    for CPU tensors, NCCL for CUDA ones): then each rank passes its rows in ``layout`` and the mask
+    of the whole sequence runs on the ring (a key chunk travels only to ranks whose query blocks it
+    serves)."""
 
     def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
                  sparse_config: Optional[SparsePatternConfig] = None, group=None, layout: str = "contiguous"):
@@ -144,12 +155,14 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self.sparse_config = SparsePatternConfig() if sparse_config is None else sparse_config
         self._masks = {}
 
-    def mask(self, seqlen: int) -> "BlockSparseMask":
-        """The block mask for this sequence length, built once and kept."""
-        if seqlen not in self._masks:
-            dense = self.sparse_config.dense_mask(seqlen, self.segment_lengths, self.dilation_rates).contiguous()
-            self._masks[seqlen] = BlockSparseMask.from_dense(_ops._view(dense))  # dense held while C++ reads it
-        return self._masks[seqlen]
+    def mask(self, seqlen: int, device: torch.device = torch.device("cpu")) -> "BlockSparseMask":
+        """The block mask for this sequence length on ``device``, built (and uploaded) once and kept."""
+        if (seqlen, device) not in self._masks:
+            if seqlen not in self._masks:
+                dense = self.sparse_config.dense_mask(seqlen, self.segment_lengths, self.dilation_rates).contiguous()
+                self._masks[seqlen] = BlockSparseMask.from_dense(_ops._view(dense))  # dense held while C++ reads it
+            self._masks[(seqlen, device)] = mask_on(self._masks[seqlen], device)
+        return self._masks[(seqlen, device)]
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,
                 return_attention_weights: bool = False, key_padding_mask: Optional[Tensor] = None):
@@ -160,10 +173,10 @@ class BlockSparseRingDilatedAttention(nn.Module):
                                  "one rank; expected False")
             from dattn.ring import ring_block_sparse_attention
             import torch.distributed as dist
-            mask = self.mask(q.size(1) * dist.get_world_size(self.group))
+            mask = self.mask(q.size(1) * dist.get_world_size(self.group), q.device)
             return ring_block_sparse_attention(q, k, v, mask, block, self.group, self.layout, is_causal,
                                                key_padding_mask=key_padding_mask)
-        mask = self.mask(q.size(1))
+        mask = self.mask(q.size(1), q.device)
         out, lse = block_sparse_attention(q, k, v, mask, block, is_causal=is_causal,
                                           key_padding_mask=key_padding_mask, return_lse=True)
         if not return_attention_weights:

@@ -148,25 +148,32 @@ dattn::BlockSparseConfig block_sparse_config(std::int64_t block_size, bool causa
 void block_sparse_forward(const dattn::BlockSparseMask& mask, const ViewSpec& q, const ViewSpec& k, const ViewSpec& v,
                           const ViewSpec& out, const ViewSpec& lse, std::int64_t block_size, bool causal,
                           std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask,
-                          double dropout_p, std::uint64_t dropout_seed) {
+                          double dropout_p, std::uint64_t dropout_seed, std::uintptr_t stream) {
   const auto config = block_sparse_config(block_size, causal, scale, key_padding_mask, dropout_p, dropout_seed);
   const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
   const auto ov = to_view(out, "out"), lv = to_view(lse, "lse");
+  dattn::LaunchOptions options;
+  options.stream = reinterpret_cast<void*>(stream);
   nb::gil_scoped_release release;
-  dattn::block_sparse_forward(config, mask, qv, kv, vv, ov, lv);
+  dattn::block_sparse_forward(config, mask, qv, kv, vv, ov, lv, options);
 }
 
 void block_sparse_backward(const dattn::BlockSparseMask& mask, const ViewSpec& q, const ViewSpec& k,
                            const ViewSpec& v, const ViewSpec& out, const ViewSpec& lse, const ViewSpec& dout,
                            const ViewSpec& dq, const ViewSpec& dk, const ViewSpec& dv, std::int64_t block_size,
                            bool causal, std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask,
-                           double dropout_p, std::uint64_t dropout_seed) {
+                           double dropout_p, std::uint64_t dropout_seed, std::uintptr_t stream, std::uintptr_t workspace,
+                           std::size_t workspace_bytes) {
   const auto config = block_sparse_config(block_size, causal, scale, key_padding_mask, dropout_p, dropout_seed);
   const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
   const auto ov = to_view(out, "out"), lv = to_view(lse, "lse"), gv = to_view(dout, "dout");
   const auto dqv = to_view(dq, "dq"), dkv = to_view(dk, "dk"), dvv = to_view(dv, "dv");
+  dattn::LaunchOptions options;
+  options.stream = reinterpret_cast<void*>(stream);
+  options.workspace = reinterpret_cast<void*>(workspace);
+  options.workspace_bytes = workspace_bytes;
   nb::gil_scoped_release release;
-  dattn::block_sparse_backward(config, mask, qv, kv, vv, ov, lv, gv, dqv, dkv, dvv);
+  dattn::block_sparse_backward(config, mask, qv, kv, vv, ov, lv, gv, dqv, dkv, dvv, options);
 }
 
 // Ring steps (the backward's two sweeps), with the same configuration arguments as forward.
@@ -240,12 +247,18 @@ NB_MODULE(_C, m) {
       .def_prop_ro("key_blocks", &dattn::BlockSparseMask::key_blocks)
       .def_prop_ro("allowed_pairs", &dattn::BlockSparseMask::allowed_pairs)
       .def_prop_ro("row_offsets", &dattn::BlockSparseMask::row_offsets)
-      .def_prop_ro("columns", &dattn::BlockSparseMask::columns);
+      .def_prop_ro("columns", &dattn::BlockSparseMask::columns)
+      .def_prop_ro("device", [](const dattn::BlockSparseMask& mask) { return dattn::device_name(mask.device()); },
+                   "Where the CSR arrays live: 'cpu' or 'cuda:i'.")
+      .def("to_cuda", [](const dattn::BlockSparseMask& mask, int index) {
+        return mask.to_device({dattn::DeviceType::cuda, index});
+      }, "index"_a, "A copy whose CSR arrays also live on CUDA device `index` (uploaded once).");
   m.def("block_sparse_forward", &block_sparse_forward, "mask"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a,
-        "block_size"_a, "causal"_a, "scale"_a.none(), "key_padding_mask"_a.none(), "dropout_p"_a, "dropout_seed"_a);
+        "block_size"_a, "causal"_a, "scale"_a.none(), "key_padding_mask"_a.none(), "dropout_p"_a, "dropout_seed"_a,
+        "stream"_a = 0);
   m.def("block_sparse_backward", &block_sparse_backward, "mask"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dout"_a,
         "dq"_a, "dk"_a, "dv"_a, "block_size"_a, "causal"_a, "scale"_a.none(), "key_padding_mask"_a.none(),
-        "dropout_p"_a, "dropout_seed"_a);
+        "dropout_p"_a, "dropout_seed"_a, "stream"_a = 0, "workspace"_a = 0, "workspace_bytes"_a = 0);
   m.def("local_window_pattern", [](std::int64_t nb, std::int64_t window, std::int64_t block_size) {
     return flat(dattn::local_window_pattern(nb, window, block_size));
   }, "num_blocks"_a, "window"_a, "block_size"_a);
@@ -334,21 +347,23 @@ NB_MODULE(_C, m) {
         [](const dattn::BlockSparseMask& mask, const RingStepSpec& step, const ViewSpec& q, const ViewSpec& k,
            const ViewSpec& v, const ViewSpec& out, const ViewSpec& lse, std::int64_t block_size, bool causal,
            std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask, double dropout_p,
-           std::uint64_t seed) {
+           std::uint64_t seed, std::uintptr_t stream) {
           const auto config = block_sparse_config(block_size, causal, scale, key_padding_mask, dropout_p, seed);
           dattn::block_sparse_ring_forward_step(config, mask, to_step(step), to_view(q, "q"), to_view(k, "k"),
-                                                to_view(v, "v"), to_view(out, "out"), to_view(lse, "lse"));
+                                                to_view(v, "v"), to_view(out, "out"), to_view(lse, "lse"),
+                                                reinterpret_cast<void*>(stream));
         });
   m.def("block_sparse_ring_step_gradients",
         [](const dattn::BlockSparseMask& mask, const RingStepSpec& step, const ViewSpec& q, const ViewSpec& k,
            const ViewSpec& v, const ViewSpec& dout, const ViewSpec& lse, const ViewSpec& delta, const ViewSpec& dq,
            const ViewSpec& dk, const ViewSpec& dv, std::int64_t block_size, bool causal, std::optional<double> scale,
-           const std::optional<ViewSpec>& key_padding_mask, double dropout_p, std::uint64_t seed) {
+           const std::optional<ViewSpec>& key_padding_mask, double dropout_p, std::uint64_t seed,
+           std::uintptr_t stream) {
           const auto config = block_sparse_config(block_size, causal, scale, key_padding_mask, dropout_p, seed);
           dattn::block_sparse_ring_step_gradients(config, mask, to_step(step), to_view(q, "q"), to_view(k, "k"),
                                                   to_view(v, "v"), to_view(dout, "dout"), to_view(lse, "lse"),
                                                   to_view(delta, "delta"), to_view(dq, "dq"), to_view(dk, "dk"),
-                                                  to_view(dv, "dv"));
+                                                  to_view(dv, "dv"), reinterpret_cast<void*>(stream));
         });
 
   m.def("hilbert_grid_order", &dattn::hilbert_grid_order, "height"_a, "width"_a,

@@ -42,17 +42,17 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
 
   const std::int64_t shift = w.causal_shift;
   const Side& qs = w.query;
-  const std::int64_t q_begin = p.causal ? imax(0, w.tile_begin - shift) / BO * BO : 0;
+  const OtherTiles<BO> tiles = other_tiles<BO>(p, w);
   const bool delta_given = p.softmax_delta != nullptr;
-  if (w.tile_rows > 0 && q_begin < qs.length) {
+  if (w.tile_rows > 0 && tiles.count > 0) {
     load_rows<T, S, BW, D, kThreads>(sK, Shape::kOwnPlane, p.k, w, w.key, w.tile_begin, w.tile_rows);
     load_rows<T, S, BW, D, kThreads>(sV, Shape::kOwnPlane, p.v, w, w.key, w.tile_begin, w.tile_rows);
     for (int c = threadIdx.x; c < BW; c += kThreads)
       key_bias[c] = c < w.tile_rows && !key_padded(p, w.batch, w.row(w.key, w.tile_begin + c)) ? 0.0f : neg_inf();
-    const int num_tiles = int((qs.length - q_begin + BO - 1) / BO);
+    const int num_tiles = tiles.count;
     auto load_queries = [&](int tile, int stage) {
-      const std::int64_t j0 = q_begin + std::int64_t(tile) * BO;
-      const int valid = int(imin(BO, qs.length - j0));
+      const std::int64_t j0 = tiles.start(tile);
+      const int valid = tiles.valid(tile);
       load_rows<T, S, BO, D, kThreads>(other(stage, 0), Shape::kOtherPlane, p.q, w, qs, j0, valid);
       load_rows<T, S, BO, D, kThreads>(other(stage, 1), Shape::kOtherPlane, p.dout, w, qs, j0, valid);
       if (!delta_given) load_rows<T, S, BO, D, kThreads>(other(stage, 2), Shape::kOtherPlane, p.out, w, qs, j0, valid);
@@ -111,8 +111,8 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
                            Shape::kOwnPlane * 2, Shape::kOtherPlane * 2, kRowBytes);
       gemm_nt<M, S, D, BO>(dpt, smem_address(sV + warp * 16 * kStride), smem_address(other(stage, 1)),
                            Shape::kOwnPlane * 2, Shape::kOtherPlane * 2, kRowBytes);
-      const std::int64_t j0 = q_begin + std::int64_t(it) * BO;
-      const int valid_q = int(imin(BO, qs.length - j0));
+      const std::int64_t j0 = tiles.start(it);
+      const int valid_q = tiles.valid(it);
       const std::uint32_t keep = dropout ? dropout_bits<BO / 8>(p, w, kj[0], kj[1], j0, true) : 0u;
 #pragma unroll
       for (int n = 0; n < BO / 8; ++n)
@@ -176,16 +176,16 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
 
   const std::int64_t shift = w.causal_shift;
   const Side& qs = w.query;
-  const std::int64_t key_end = p.causal ? imin(w.key.length, w.tile_begin + w.tile_rows + shift) : w.key.length;
+  const OtherTiles<BO> tiles = other_tiles<BO>(p, w);
   const bool delta_given = p.softmax_delta != nullptr;
-  if (w.tile_rows > 0 && key_end > 0) {
+  if (w.tile_rows > 0 && tiles.count > 0) {
     load_rows<T, S, BW, D, kThreads>(sQ, Shape::kOwnPlane, p.q, w, qs, w.tile_begin, w.tile_rows);
     load_rows<T, S, BW, D, kThreads>(sdO, Shape::kOwnPlane, p.dout, w, qs, w.tile_begin, w.tile_rows);
     if (!delta_given) load_rows<T, S, BW, D, kThreads>(sO, Shape::kOwnPlane, p.out, w, qs, w.tile_begin, w.tile_rows);
-    const int num_tiles = int((key_end + BO - 1) / BO);
+    const int num_tiles = tiles.count;
     auto load_keys = [&](int tile, int stage) {
-      const std::int64_t k0 = std::int64_t(tile) * BO;
-      const int valid = int(imin(BO, key_end - k0));
+      const std::int64_t k0 = tiles.start(tile);
+      const int valid = tiles.valid(tile);
       load_rows<T, S, BO, D, kThreads>(other(stage, 0), Shape::kOtherPlane, p.k, w, w.key, k0, valid);
       load_rows<T, S, BO, D, kThreads>(other(stage, 1), Shape::kOtherPlane, p.v, w, w.key, k0, valid);
       for (int c = threadIdx.x; c < BO; c += kThreads)
@@ -230,7 +230,7 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
                            Shape::kOwnPlane * 2, Shape::kOtherPlane * 2, kRowBytes);
       gemm_nt<M, S, D, BO>(dp, smem_address(sdO + warp * 16 * kStride), smem_address(other(stage, 1)),
                            Shape::kOwnPlane * 2, Shape::kOtherPlane * 2, kRowBytes);
-      const std::int64_t k0 = std::int64_t(it) * BO;
+      const std::int64_t k0 = tiles.start(it);
       const float* bias = other_floats + stage * 3 * BO;
       const std::uint32_t keep = dropout ? dropout_bits<BO / 8>(p, w, qi[0], qi[1], k0, false) : 0u;
 #pragma unroll
@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(BackwardShape<D, S>::kThreads)
     backward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan) {
   extern __shared__ __align__(16) unsigned char smem[];
   BlockWork w;
-  if (!decode_block<BackwardShape<D, S>::kBlockOwn>(p, plan, w)) return;
+  if (!decode<BackwardShape<D, S>::kBlockOwn>(p, plan, w)) return;
   if (w.role == kDkDvRole) dkdv_block<T, D, S>(p, plan.accumulate, w, smem);
   else dq_block<T, D, S>(p, plan.accumulate, w, smem);
 }

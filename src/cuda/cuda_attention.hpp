@@ -2,11 +2,19 @@
 // Asynchronous on params.stream: no synchronisation, no allocation.
 #pragma once
 
+#include <cstdint>
+#include <memory>
+#include <vector>
+
 #include "params.hpp"
 
 namespace dattn::cuda {
 
 void forward(const detail::DilatedParams& params);
 void backward(const detail::DilatedParams& params);  // reads out and lse saved by forward
+
+// A copy of values in the memory of CUDA device `device`, freed with the last owner. Synchronous:
+// for what is uploaded once and used by many calls (block masks).
+std::shared_ptr<const std::int64_t> upload(const std::vector<std::int64_t>& values, int device);
 
 }  // namespace dattn::cuda

@@ -3,6 +3,7 @@
 // switch of the backend.
 #include <algorithm>
 #include <climits>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -57,6 +58,28 @@ LaunchPlan make_plan(const DilatedParams& p, int first, int last, std::vector<in
     plan.jobs[plan.num_jobs].block_begin = int(total);
     ++plan.num_jobs;
     total += e.blocks;
+    if (total > INT_MAX) throw Error("the problem needs more than 2^31 thread blocks in one launch; expected a smaller B, N or H");
+  }
+  plan.total_blocks = int(total);
+  return plan;
+}
+
+// Block-sparse attention: one job per role, a block per tile of one own block (query blocks, or
+// key blocks for dk/dv blocks, of the step's range) of one (batch, head).
+LaunchPlan make_sparse_plan(const DilatedParams& p, std::vector<int> roles, int block_rows, bool accumulate) {
+  LaunchPlan plan;
+  plan.accumulate = accumulate;
+  std::int64_t total = 0;
+  for (int role : roles) {
+    const bool keys = role == kDkDvRole;
+    const std::int64_t lo = keys ? p.key_begin : p.query_position, hi = keys ? p.key_end : p.query_position + p.seqlen;
+    Job& job = plan.jobs[plan.num_jobs++];
+    job.role = role;
+    job.tiles = int(ceil_div(std::min(p.block_size, hi - lo), block_rows));
+    job.first_segment = int(lo / p.block_size);
+    job.segments = int(ceil_div(hi, p.block_size) - lo / p.block_size);
+    job.block_begin = int(total);
+    total += std::int64_t(job.tiles) * job.segments * p.heads * p.batch;
     if (total > INT_MAX) throw Error("the problem needs more than 2^31 thread blocks in one launch; expected a smaller B, N or H");
   }
   plan.total_blocks = int(total);
@@ -133,6 +156,7 @@ void run_forward(const DilatedParams& p) {
   const auto stream = static_cast<cudaStream_t>(p.stream);
   constexpr int rows = ForwardShape<64, S>::kBlockM;  // the same for every head dim
   const bool ring = p.float32_outputs;                // ring steps merge into what is there
+  if (p.block_size > 0) return forward_launch<T, S>(p, make_sparse_plan(p, {kForwardRole}, rows, ring), stream);
   if (p.mode == Mode::grouped)
     return forward_launch<T, S>(p, make_plan(p, 0, p.num_branches, {kForwardRole}, rows, ring), stream);
   for (int i = 0; i < p.num_branches; ++i)
@@ -144,6 +168,8 @@ void run_backward(const DilatedParams& p) {
   const auto stream = static_cast<cudaStream_t>(p.stream);
   const int rows = p.head_dim > 64 ? BackwardShape<128, S>::kBlockOwn : BackwardShape<64, S>::kBlockOwn;
   const bool ring = p.float32_outputs;  // ring steps add into the accumulators
+  if (p.block_size > 0)
+    return backward_launch<T, S>(p, make_sparse_plan(p, {kDkDvRole, kDqRole}, rows, ring), stream);
   if (p.mode == Mode::grouped)
     return backward_launch<T, S>(p, make_plan(p, 0, p.num_branches, {kDkDvRole, kDqRole}, rows, ring), stream);
   for (int i = 0; i < p.num_branches; ++i)
@@ -155,8 +181,6 @@ void check_supported(const DilatedParams& p) {
   if (p.position_index != nullptr && p.causal)
     throw Error("options.position_index (Hilbert order) with causal = true is not implemented on CUDA yet (the "
                 "kernels skip key tiles by curve position); expected causal = false or cpu tensors");
-  if (p.block_size > 0)
-    throw Error("block-sparse attention is not implemented on CUDA yet; expected cpu tensors");
   const bool ring_step = p.query_position != 0 || p.global_length != p.seqlen || p.key_begin != 0 || p.key_end != p.seqlen;
   if (ring_step && !p.float32_outputs)
     throw Error("options.ring_step with CUDA tensors: forward writes no per-step output on CUDA; expected "
@@ -187,6 +211,25 @@ void check_position_index(const DilatedParams& p) {
 }
 
 }  // namespace
+
+std::shared_ptr<const std::int64_t> upload(const std::vector<std::int64_t>& values, int device) {
+  int previous = 0;
+  cudaGetDevice(&previous);
+  if (cudaSetDevice(device) != cudaSuccess)
+    throw Error("cannot use CUDA device " + std::to_string(device) + "; expected a device index below cudaGetDeviceCount");
+  std::int64_t* data = nullptr;
+  const std::size_t bytes = std::max<std::size_t>(1, values.size()) * sizeof(std::int64_t);
+  cudaError_t status = cudaMalloc(&data, bytes);
+  if (status == cudaSuccess && !values.empty())
+    status = cudaMemcpy(data, values.data(), values.size() * sizeof(std::int64_t), cudaMemcpyHostToDevice);
+  cudaSetDevice(previous);
+  if (status != cudaSuccess) {
+    cudaFree(data);
+    throw std::runtime_error(std::string("dattn: uploading ") + std::to_string(bytes) + " bytes to CUDA device " +
+                             std::to_string(device) + " failed: " + cudaGetErrorString(status));
+  }
+  return {data, [](const std::int64_t* x) { cudaFree(const_cast<std::int64_t*>(x)); }};
+}
 
 void forward(const DilatedParams& p) {
   check_supported(p);

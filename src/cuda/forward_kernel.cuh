@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
   float* sBias = reinterpret_cast<float*>(sV + kStages * Shape::kKvElems);  // [stage][BN]
 
   BlockWork w;
-  if (!decode_block<BM>(p, plan, w)) return;
+  if (!decode<BM>(p, plan, w)) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const std::int64_t qi[2] = {w.tile_begin + warp * 16 + g, w.tile_begin + warp * 16 + g + 8};
 
@@ -68,12 +68,12 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
   float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.0f, 0.0f};
 
   const std::int64_t shift = w.causal_shift;
-  const std::int64_t key_end = p.causal ? imin(w.key.length, w.tile_begin + w.tile_rows + shift) : w.key.length;
-  if (w.tile_rows > 0 && key_end > 0) {
-    const int num_tiles = int((key_end + BN - 1) / BN);
+  const OtherTiles<BN> tiles = other_tiles<BN>(p, w);
+  if (w.tile_rows > 0 && tiles.count > 0) {
+    const int num_tiles = tiles.count;
     auto load_kv = [&](int tile, int stage) {
-      const std::int64_t k0 = std::int64_t(tile) * BN;
-      const int valid = int(imin(BN, key_end - k0));
+      const std::int64_t k0 = tiles.start(tile);
+      const int valid = tiles.valid(tile);
       load_rows<T, S, BN, D, kThreads>(sK + stage * Shape::kKvElems, Shape::kKvPlane, p.k, w, w.key, k0, valid);
       load_rows<T, S, BN, D, kThreads>(sV + stage * Shape::kKvElems, Shape::kKvPlane, p.v, w, w.key, k0, valid);
       for (int c = threadIdx.x; c < BN; c += kThreads)
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
       }
 
       // Scale into the log2 domain, mask (padding, past the group, causal), online softmax.
-      const std::int64_t k0 = std::int64_t(it) * BN;
+      const std::int64_t k0 = tiles.start(it);
       const bool diagonal = p.causal && k0 + BN - 1 > w.tile_begin + warp * 16 + shift;
       const float* bias = sBias + stage * BN;
 #pragma unroll

@@ -32,6 +32,7 @@ struct BlockWork {
   std::int64_t region_begin = 0, region_end = 0;  // positions this block writes (not in ring steps)
   const std::int64_t* index = nullptr;            // Hilbert order: position -> original row, or none
   std::int64_t seqlen = 0;
+  std::int64_t mask_entry = 0;  // block-sparse: the own block's CSR row (or transposed column) index
   // Own rows: queries (forward, dq blocks) or keys (dk/dv blocks).
   __device__ const Side& own() const { return role == kDkDvRole ? key : query; }
   // The original position (dropout's and causality's) at an attention position. Positions past
@@ -97,6 +98,121 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
   work.region_begin = tile == 0 ? start : first + tile * kBlock * r;
   work.region_end = tile + 1 == tiles_here ? end : first + (tile + 1) * kBlock * r;
   return true;
+}
+
+// Block-sparse attention (p.block_size > 0): a block owns one tile of one block of its side
+// (query blocks for the forward and dq blocks, key blocks for dk/dv blocks), decoded from blockIdx.x
+// as for dilated attention with the blocks in place of segments. Both sides have stride 1; the
+// other side spans the step's whole range, and other_tiles() picks the allowed blocks from it.
+template <int kBlock>
+__device__ __forceinline__ bool decode_sparse_block(const detail::DilatedParams& p, const LaunchPlan& plan,
+                                                    BlockWork& work) {
+  const int block = int(blockIdx.x);
+  const Job& job = plan.num_jobs > 1 && block >= plan.jobs[1].block_begin ? plan.jobs[1] : plan.jobs[0];
+  std::int64_t local = block - job.block_begin;
+  const std::int64_t tile = local % job.tiles;
+  local /= job.tiles;
+  std::int64_t own_block = local % job.segments;
+  local /= job.segments;
+  // Causal: later query blocks see more keys, earlier key blocks more queries; the longest first.
+  if (p.causal && job.role != kDkDvRole) own_block = job.segments - 1 - own_block;
+  own_block += job.first_segment;
+  work.role = job.role;
+  work.seqlen = p.seqlen;
+  work.head = local % p.heads;
+  work.batch = local / p.heads;
+  work.stride = 1;
+  const std::int64_t bs = p.block_size, mask_head = p.block_mask_heads == 1 ? 0 : work.head;
+  const std::int64_t own_first = own_block * bs;
+  Side queries{p.query_position, p.seqlen, p.query_position}, keys{p.key_begin, p.key_end - p.key_begin, p.key_begin};
+  if (job.role == kDkDvRole) {
+    keys = {own_first, imin(bs, p.key_end - own_first), p.key_begin};
+    work.mask_entry = mask_head * (p.key_blocks + 1) + own_block;
+  } else {
+    queries = {own_first, imin(bs, p.query_position + p.seqlen - own_first), p.query_position};
+    work.mask_entry = mask_head * (p.query_blocks + 1) + own_block;
+  }
+  work.query = queries;
+  work.key = keys;
+  work.causal_shift = queries.first - keys.first;
+  work.tile_begin = tile * kBlock;
+  work.tile_rows = int(imin(kBlock, work.own().length - work.tile_begin));
+  if (work.tile_rows <= 0) return false;
+  work.region_begin = work.own().first + work.tile_begin;  // every row is selected: nothing to zero
+  work.region_end = work.region_begin + work.tile_rows;
+  return true;
+}
+
+template <int kBlock>
+__device__ __forceinline__ bool decode(const detail::DilatedParams& p, const LaunchPlan& plan, BlockWork& work) {
+  return p.block_size > 0 ? decode_sparse_block<kBlock>(p, plan, work) : decode_block<kBlock>(p, plan, work);
+}
+
+__device__ __forceinline__ const std::int64_t* lower_bound(const std::int64_t* first, const std::int64_t* last,
+                                                           std::int64_t value) {
+  while (first < last) {
+    const std::int64_t* mid = first + (last - first) / 2;
+    if (*mid < value) first = mid + 1;
+    else last = mid;
+  }
+  return first;
+}
+
+// The rows of the other side a block visits, as tiles of kRows (indices into that side). Dilated
+// attention: [begin, end). Block-sparse attention: the allowed blocks of the own block, each cut
+// into tiles; a tile of a block's short end (or past the sequence) has fewer or no valid rows.
+template <int kRows>
+struct OtherTiles {
+  int count = 0;
+  std::int64_t begin = 0, end = 0;       // dilated; block-sparse: end = the side's length
+  const std::int64_t* blocks = nullptr;  // block-sparse: allowed block indices, ascending
+  std::int64_t block_size = 0, side_first = 0;
+  int tiles_per_block = 1;
+
+  __device__ std::int64_t start(int it) const {
+    if (!blocks) return begin + std::int64_t(it) * kRows;
+    return blocks[it / tiles_per_block] * block_size - side_first + std::int64_t(it % tiles_per_block) * kRows;
+  }
+  __device__ int valid(int it) const {
+    const std::int64_t j0 = start(it);
+    const std::int64_t stop = blocks ? imin(end, (blocks[it / tiles_per_block] + 1) * block_size - side_first) : end;
+    return int(imax(0, imin(kRows, stop - j0)));
+  }
+};
+
+// The other side's tiles of a block's work. Causal attention skips what lies wholly past the
+// diagonal (keys after the own queries, queries before the own keys).
+template <int kRows>
+__device__ __forceinline__ OtherTiles<kRows> other_tiles(const detail::DilatedParams& p, const BlockWork& w) {
+  OtherTiles<kRows> tiles;
+  const bool keys_own = w.role == kDkDvRole;
+  const Side& other = keys_own ? w.query : w.key;
+  const std::int64_t shift = w.causal_shift;
+  if (p.block_size == 0) {
+    tiles.end = other.length;
+    if (p.causal && keys_own) tiles.begin = imax(0, w.tile_begin - shift) / kRows * kRows;
+    if (p.causal && !keys_own) tiles.end = imin(other.length, w.tile_begin + w.tile_rows + shift);
+    tiles.count = tiles.end > tiles.begin ? int((tiles.end - tiles.begin + kRows - 1) / kRows) : 0;
+    return tiles;
+  }
+  const std::int64_t bs = p.block_size;
+  const std::int64_t* offsets = keys_own ? p.block_column_offsets : p.block_row_offsets;
+  const std::int64_t* entries = keys_own ? p.block_rows : p.block_columns;
+  const std::int64_t* first = entries + offsets[w.mask_entry];
+  const std::int64_t* last = entries + offsets[w.mask_entry + 1];
+  std::int64_t lo = other.first / bs, hi = (other.first + other.length + bs - 1) / bs;  // the step's blocks
+  const Side& own = w.own();
+  if (p.causal && keys_own) lo = imax(lo, (own.first + w.tile_begin) / bs);
+  if (p.causal && !keys_own) hi = imin(hi, (own.first + w.tile_begin + w.tile_rows - 1) / bs + 1);
+  first = lower_bound(first, last, lo);
+  last = lower_bound(first, last, hi);
+  tiles.blocks = first;
+  tiles.block_size = bs;
+  tiles.side_first = other.first;
+  tiles.end = other.length;
+  tiles.tiles_per_block = int((bs + kRows - 1) / kRows);
+  tiles.count = int(last - first) * tiles.tiles_per_block;
+  return tiles;
 }
 
 template <class T>

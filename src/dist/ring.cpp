@@ -26,7 +26,10 @@ using detail::check_layout;
 using detail::Entries;
 using detail::Rows;
 using detail::Schedule;
+using detail::Keys;
 using detail::Step;
+using detail::StepMask;
+using detail::step_mask;
 using Clock = std::chrono::steady_clock;
 
 // Calls f(offset in from, offset in to) for every element of two views of one shape.
@@ -102,11 +105,6 @@ void unpack_add(const std::byte* in, const Entries& entries, const std::vector<T
       }
 }
 
-struct Keys {
-  TensorView k, v;
-  std::optional<TensorView> mask;
-};
-
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
 // Runs body(source, its keys) for every source whose keys this rank needs, its own first; after
@@ -171,7 +169,6 @@ void for_each_source(Communicator& comm, const Schedule& schedule, const Keys& o
 
 // What the CPU engine runs at each step, for one attention kind (dilated or block-sparse): the
 // forward step and the backward's two sweeps. `mask` is the step's keys' padding mask, if any.
-using StepMask = std::optional<TensorView>;
 struct StepKernels {
   std::function<void(const StepMask&, const RingStep&, const TensorView& q, const TensorView& k, const TensorView& v,
                      const TensorView& out, const TensorView& lse)>
@@ -185,10 +182,6 @@ struct StepKernels {
                      const TensorView& dv)>
       key_gradients;
 };
-
-StepMask step_mask(const Keys& keys, std::int64_t offset, std::int64_t rows) {
-  return keys.mask ? StepMask(keys.mask->narrow(1, offset, rows)) : std::nullopt;
-}
 
 StepKernels dilated_kernels(const DilatedConfig& config) {
   auto with = [&config](const StepMask& mask) {
@@ -238,6 +231,42 @@ StepKernels block_sparse_kernels(const BlockSparseConfig& config, const BlockSpa
             block_sparse_ring_key_gradients(with(m), block_mask, s, q, k, v, dout, lse, delta, dk, dv);
           }};
 }
+
+#ifdef DATTN_WITH_CUDA
+detail::CudaStepKernels dilated_cuda_kernels(const DilatedConfig& config) {
+  auto with = [&config](const StepMask& mask) {
+    DilatedConfig c = config;
+    c.key_padding_mask = mask;
+    return c;
+  };
+  return {[with](const StepMask& m, const RingStep& s, const TensorView& q, const TensorView& k, const TensorView& v,
+                 const TensorView& out, const TensorView& lse,
+                 void* stream) { ring_forward_step(with(m), s, q, k, v, out, lse, stream); },
+          [with](const StepMask& m, const RingStep& s, const TensorView& q, const TensorView& k, const TensorView& v,
+                 const TensorView& dout, const TensorView& lse, const TensorView& delta, const TensorView& dq,
+                 const TensorView& dk, const TensorView& dv, void* stream) {
+            ring_step_gradients(with(m), s, q, k, v, dout, lse, delta, dq, dk, dv, stream);
+          }};
+}
+
+detail::CudaStepKernels block_sparse_cuda_kernels(const BlockSparseConfig& config, const BlockSparseMask& block_mask) {
+  auto with = [&config](const StepMask& mask) {
+    BlockSparseConfig c = config;
+    c.key_padding_mask = mask;
+    return c;
+  };
+  return {[with, &block_mask](const StepMask& m, const RingStep& s, const TensorView& q, const TensorView& k,
+                              const TensorView& v, const TensorView& out, const TensorView& lse, void* stream) {
+            block_sparse_ring_forward_step(with(m), block_mask, s, q, k, v, out, lse, stream);
+          },
+          [with, &block_mask](const StepMask& m, const RingStep& s, const TensorView& q, const TensorView& k,
+                              const TensorView& v, const TensorView& dout, const TensorView& lse,
+                              const TensorView& delta, const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                              void* stream) {
+            block_sparse_ring_step_gradients(with(m), block_mask, s, q, k, v, dout, lse, delta, dq, dk, dv, stream);
+          }};
+}
+#endif
 
 // The heads of branch i and the offset each uses (SPEC.md: grouped, group i's heads with offset
 // i mod r; longnet, every head h with offset h mod r).
@@ -519,7 +548,8 @@ void ring_forward(Communicator& comm, const DilatedConfig& config, Layout layout
 #ifdef DATTN_WITH_CUDA
   if (on_cuda(q, stream)) {
     RingStats local;
-    detail::ring_forward_cuda(comm, config, layout, N, q, k, v, out, lse, local, stream);
+    detail::ring_forward_cuda(comm, Schedule::dilated(comm, config, layout, N, q.shape[2]), dilated_cuda_kernels(config),
+                              Keys{k, v, config.key_padding_mask}, q, out, lse, local, stream);
     if (stats) *stats += local;
     return;
   }
@@ -538,7 +568,9 @@ void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layou
 #ifdef DATTN_WITH_CUDA
   if (on_cuda(q, stream)) {
     RingStats local;
-    detail::ring_backward_cuda(comm, config, layout, N, q, k, v, out, lse, dout, dq, dk, dv, local, stream);
+    detail::ring_backward_cuda(comm, Schedule::dilated(comm, config, layout, N, q.shape[2]),
+                               dilated_cuda_kernels(config), Keys{k, v, config.key_padding_mask}, q, out, lse, dout, dq,
+                               dk, dv, local, stream);
     if (stats) *stats += local;
     return;
   }
@@ -583,14 +615,23 @@ std::vector<std::int64_t> ring_block_sparse_entries(const BlockSparseMask& mask,
 
 void ring_forward(Communicator& comm, const BlockSparseConfig& config, const BlockSparseMask& mask, Layout layout,
                   std::int64_t N, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
-                  const TensorView& lse, RingStats* stats) {
+                  const TensorView& lse, RingStats* stats, void* stream) {
   check_layout(q, N, comm.size(), comm.rank(), layout);
-  if (q.device.type != DeviceType::cpu)
-    throw Error("the block-sparse ring runs on cpu tensors (no CUDA block-sparse kernel yet); q is on " + device_name(q.device));
   const std::int64_t H = q.shape[2];
   const Schedule schedule(comm, layout, N, H, [&, H, P = comm.size()](int s, int d) {
     return ring_block_sparse_entries(mask, config.block_size, config.causal, layout, N, P, H, s, d);
   });
+#ifdef DATTN_WITH_CUDA
+  if (on_cuda(q, stream)) {
+    RingStats local;
+    detail::ring_forward_cuda(comm, schedule, block_sparse_cuda_kernels(config, mask), Keys{k, v, config.key_padding_mask},
+                              q, out, lse, local, stream);
+    if (stats) *stats += local;
+    return;
+  }
+#else
+  on_cuda(q, stream);
+#endif
   cpu_ring_forward(comm, schedule, block_sparse_kernels(config, mask), Keys{k, v, config.key_padding_mask}, q, out, lse,
                    stats);
 }
@@ -598,15 +639,24 @@ void ring_forward(Communicator& comm, const BlockSparseConfig& config, const Blo
 void ring_backward(Communicator& comm, const BlockSparseConfig& config, const BlockSparseMask& mask, Layout layout,
                    std::int64_t N, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                    const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
-                   const TensorView& dv, RingStats* stats) {
-  (void)out;
+                   const TensorView& dv, RingStats* stats, void* stream) {
   check_layout(q, N, comm.size(), comm.rank(), layout);
-  if (q.device.type != DeviceType::cpu)
-    throw Error("the block-sparse ring runs on cpu tensors (no CUDA block-sparse kernel yet); q is on " + device_name(q.device));
   const std::int64_t H = q.shape[2];
   const Schedule schedule(comm, layout, N, H, [&, H, P = comm.size()](int s, int d) {
     return ring_block_sparse_entries(mask, config.block_size, config.causal, layout, N, P, H, s, d);
   });
+#ifdef DATTN_WITH_CUDA
+  if (on_cuda(q, stream)) {
+    RingStats local;
+    detail::ring_backward_cuda(comm, schedule, block_sparse_cuda_kernels(config, mask),
+                               Keys{k, v, config.key_padding_mask}, q, out, lse, dout, dq, dk, dv, local, stream);
+    if (stats) *stats += local;
+    return;
+  }
+#else
+  on_cuda(q, stream);
+#endif
+  (void)out;  // the CPU sweeps take the softmax correction from P and dP
   cpu_ring_backward(comm, schedule, block_sparse_kernels(config, mask), Keys{k, v, config.key_padding_mask}, q, lse,
                     dout, dq, dk, dv, stats);
 }

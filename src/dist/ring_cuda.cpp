@@ -61,12 +61,6 @@ TensorView device_view(void* data, DType dtype, const std::vector<std::int64_t>&
   return make_view(data, dtype, shape, {}, device);
 }
 
-// The keys of one step: k, v [B, n, H, D] and the padding mask [B, n], if any.
-struct Keys {
-  TensorView k, v;
-  std::optional<TensorView> mask;
-};
-
 // A rank's keys on the move: two slots each way, so step t + 1 travels while step t computes.
 class KeyExchange {
  public:
@@ -204,35 +198,29 @@ void each_pair(const Schedule& schedule, int source, F&& fn) {
   }
 }
 
-Keys own_keys(const DilatedConfig& config, const TensorView& k, const TensorView& v) {
-  return {k, v, config.key_padding_mask};
-}
-
 }  // namespace
 
-void ring_forward_cuda(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N,
-                       const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
-                       const TensorView& lse, RingStats& stats, void* stream) {
+void ring_forward_cuda(Communicator& comm, const Schedule& schedule, const CudaStepKernels& kernels, const Keys& own,
+                       const TensorView& q, const TensorView& out, const TensorView& lse, RingStats& stats,
+                       void* stream) {
   const DeviceOf device(q);
   comm.bind_stream(stream);
-  const std::int64_t B = q.shape[0], n = q.shape[1], H = q.shape[2], D = q.shape[3];
-  const Schedule schedule = Schedule::dilated(comm, config, layout, N, H);
+  const std::int64_t B = q.shape[0], n = q.shape[1], H = q.shape[2], D = q.shape[3], N = schedule.N;
   const Device dev = device_of(q);
   DeviceMemory merged(std::size_t(B * n * H * D) * 4), merged_lse(std::size_t(B * H * n) * 4);
   const TensorView merged_view = device_view(merged.get(), DType::float32, {B, n, H, D}, dev);
   const TensorView merged_lse_view = device_view(merged_lse.get(), DType::float32, {B, H, n}, dev);
   cuda::fill(merged.get<float>(), B * n * H * D, 0.0f, stream);
   cuda::fill(merged_lse.get<float>(), B * H * n, -INFINITY, stream);
-  const Keys own = own_keys(config, k, v);
   KeyExchange exchange(comm, schedule, own, 1, stats, stream);
   for_each_source(
       exchange, schedule, own,
       [&](int, int source, const Keys& keys) {
         each_pair(schedule, source, [&](std::size_t, std::int64_t qa, std::int64_t q0, std::int64_t q1, std::int64_t ka,
                                         std::int64_t k0, std::int64_t k1) {
-          ring_forward_step(step_config(config, keys.mask, ka, k1 - k0), RingStep{q0, N, k0, k1}, q.narrow(1, qa, q1 - q0),
-                            keys.k.narrow(1, ka, k1 - k0), keys.v.narrow(1, ka, k1 - k0),
-                            merged_view.narrow(1, qa, q1 - q0), merged_lse_view.narrow(2, qa, q1 - q0), stream);
+          kernels.forward(step_mask(keys, ka, k1 - k0), RingStep{q0, N, k0, k1}, q.narrow(1, qa, q1 - q0),
+                          keys.k.narrow(1, ka, k1 - k0), keys.v.narrow(1, ka, k1 - k0),
+                          merged_view.narrow(1, qa, q1 - q0), merged_lse_view.narrow(2, qa, q1 - q0), stream);
         });
       },
       [](int) {});
@@ -244,14 +232,13 @@ void ring_forward_cuda(Communicator& comm, const DilatedConfig& config, Layout l
   cuda_check(cudaStreamSynchronize(cudaStream_t(stream)), "ring forward");  // before the buffers go
 }
 
-void ring_backward_cuda(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N,
-                        const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
-                        const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
-                        const TensorView& dv, RingStats& stats, void* stream) {
+void ring_backward_cuda(Communicator& comm, const Schedule& schedule, const CudaStepKernels& kernels, const Keys& own,
+                        const TensorView& q, const TensorView& out, const TensorView& lse, const TensorView& dout,
+                        const TensorView& dq, const TensorView& dk, const TensorView& dv, RingStats& stats,
+                        void* stream) {
   const DeviceOf device(q);
   comm.bind_stream(stream);
-  const std::int64_t B = q.shape[0], n = q.shape[1], H = q.shape[2], D = q.shape[3];
-  const Schedule schedule = Schedule::dilated(comm, config, layout, N, H);
+  const std::int64_t B = q.shape[0], n = q.shape[1], H = q.shape[2], D = q.shape[3], N = schedule.N;
   const Device dev = device_of(q);
   const std::size_t rows = std::size_t(B * n * H * D);
   DeviceMemory dq_sum(rows * 4), own_grads(2 * rows * 4), partial(2 * rows * 4), delta(std::size_t(B * H * n) * 4);
@@ -275,7 +262,6 @@ void ring_backward_cuda(Communicator& comm, const DilatedConfig& config, Layout 
       at += q1 - q0;
     }
   }
-  const Keys own = own_keys(config, k, v);
   KeyExchange exchange(comm, schedule, own, 2, stats, stream);
   for_each_source(
       exchange, schedule, own,
@@ -283,11 +269,10 @@ void ring_backward_cuda(Communicator& comm, const DilatedConfig& config, Layout 
         cuda::fill(partial.get<float>(), 2 * std::int64_t(rows), 0.0f, stream);
         each_pair(schedule, source, [&](std::size_t chunk, std::int64_t qa, std::int64_t q0, std::int64_t q1,
                                         std::int64_t ka, std::int64_t k0, std::int64_t k1) {
-          ring_step_gradients(step_config(config, keys.mask, ka, k1 - k0), RingStep{q0, N, k0, k1},
-                              q.narrow(1, qa, q1 - q0), keys.k.narrow(1, ka, k1 - k0), keys.v.narrow(1, ka, k1 - k0),
-                              dout.narrow(1, qa, q1 - q0), lse.narrow(2, qa, q1 - q0), deltas[chunk],
-                              dq_view.narrow(1, qa, q1 - q0), partial_k.narrow(1, ka, k1 - k0),
-                              partial_v.narrow(1, ka, k1 - k0), stream);
+          kernels.gradients(step_mask(keys, ka, k1 - k0), RingStep{q0, N, k0, k1}, q.narrow(1, qa, q1 - q0),
+                            keys.k.narrow(1, ka, k1 - k0), keys.v.narrow(1, ka, k1 - k0), dout.narrow(1, qa, q1 - q0),
+                            lse.narrow(2, qa, q1 - q0), deltas[chunk], dq_view.narrow(1, qa, q1 - q0),
+                            partial_k.narrow(1, ka, k1 - k0), partial_v.narrow(1, ka, k1 - k0), stream);
         });
       },
       [&](int t) {  // the step's key gradients go back to their owner; this rank's come from dest

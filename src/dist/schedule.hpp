@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -15,6 +16,18 @@ namespace dattn::detail {
 
 using Rows = std::vector<std::pair<std::int64_t, std::int64_t>>;
 using Entries = std::vector<std::int64_t>;
+
+// The keys of one step: k, v [B, n, H, D] and the padding mask [B, n], if any.
+struct Keys {
+  TensorView k, v;
+  std::optional<TensorView> mask;
+};
+
+// A step's keys' padding mask: rows [offset, offset + rows) of the keys' mask, if any.
+using StepMask = std::optional<TensorView>;
+inline StepMask step_mask(const Keys& keys, std::int64_t offset, std::int64_t rows) {
+  return keys.mask ? StepMask(keys.mask->narrow(1, offset, rows)) : std::nullopt;
+}
 
 // Step t of one rank's schedule: its peers and what travels. Made when the step is posted, so a
 // rank keeps the entries of a few steps, never all P of them (O(N/P) memory).
@@ -62,24 +75,27 @@ inline void check_layout(const TensorView& q, std::int64_t N, int P, int rank, L
     throw Error("q has shape " + q.shape_string() + "; expected " + std::to_string(rows) + " local rows (N / P)");
 }
 
-// The config of one step: the key padding mask narrowed to the step's keys (or none).
-inline DilatedConfig step_config(const DilatedConfig& config, const std::optional<TensorView>& mask, std::int64_t offset,
-                                 std::int64_t rows) {
-  DilatedConfig c = config;
-  c.key_padding_mask.reset();
-  if (mask) c.key_padding_mask = mask->narrow(1, offset, rows);
-  return c;
-}
-
 #ifdef DATTN_WITH_CUDA
-// ring_forward / ring_backward for CUDA tensors (ring_cuda.cpp).
-void ring_forward_cuda(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N,
-                       const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
-                       const TensorView& lse, RingStats& stats, void* stream);
-void ring_backward_cuda(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N,
-                        const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
-                        const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
-                        const TensorView& dv, RingStats& stats, void* stream);
+// What the CUDA engine (ring_cuda.cpp) runs at each step, for one attention kind (dilated or
+// block-sparse): the one-pass steps of ring_forward_step and ring_step_gradients.
+struct CudaStepKernels {
+  std::function<void(const StepMask&, const RingStep&, const TensorView& q, const TensorView& k, const TensorView& v,
+                     const TensorView& out, const TensorView& lse, void* stream)>
+      forward;
+  std::function<void(const StepMask&, const RingStep&, const TensorView& q, const TensorView& k, const TensorView& v,
+                     const TensorView& dout, const TensorView& lse, const TensorView& delta, const TensorView& dq,
+                     const TensorView& dk, const TensorView& dv, void* stream)>
+      gradients;
+};
+
+// ring_forward / ring_backward for CUDA tensors (ring_cuda.cpp), given own: this rank's keys.
+void ring_forward_cuda(Communicator& comm, const Schedule& schedule, const CudaStepKernels& kernels, const Keys& own,
+                       const TensorView& q, const TensorView& out, const TensorView& lse, RingStats& stats,
+                       void* stream);
+void ring_backward_cuda(Communicator& comm, const Schedule& schedule, const CudaStepKernels& kernels, const Keys& own,
+                        const TensorView& q, const TensorView& out, const TensorView& lse, const TensorView& dout,
+                        const TensorView& dq, const TensorView& dk, const TensorView& dv, RingStats& stats,
+                        void* stream);
 #endif
 
 }  // namespace dattn::detail

@@ -10,7 +10,8 @@
 // ring_step_gradients) and compare the merged results with the same reference.
 //
 // Usage: dattn-test-cuda [--cases N] [--seed S] [--max-n N] [--threads T] [--head-dims 16,64,...]
-//                        [--fixed-only | --random-only] [--verbose]
+//                        [--fixed-only | --random-only] [--block-sparse] [--verbose]
+// --block-sparse makes every random case a block-sparse one (for the sanitizers' few cases).
 // Prints one line per failure and "N passed, M failed"; exit 0 when all passed, 77 without a GPU.
 #include <cuda_runtime.h>
 
@@ -27,6 +28,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "dattn/dattn.hpp"
@@ -54,6 +56,10 @@ struct Case {
   bool hilbert = false;  // attend in the plain-sequence Hilbert order (position_index on the device)
   int ring_ranks = 0;    // > 0: the whole call as the ring steps of this many ranks (one-pass form)
   bool zigzag = false;
+  // Block-sparse attention (w, r unused): a random mask of `density` over blocks of block_size,
+  // [mask_heads, nb, nb] (mask_heads 1: shared by the heads).
+  std::int64_t block_size = 0, mask_heads = 1;
+  double density = 0;
 };
 
 std::string describe(const Case& c) {
@@ -75,10 +81,49 @@ std::string describe(const Case& c) {
   if (c.strided) s << " strided";
   if (c.hilbert) s << " hilbert";
   if (c.ring_ranks) s << " ring P=" << c.ring_ranks << (c.zigzag ? " zigzag" : " contiguous");
+  if (c.block_size) s << " block-sparse block=" << c.block_size << " density=" << c.density << " mask_heads=" << c.mask_heads;
   return s.str();
 }
 
 std::vector<std::int64_t> g_head_dims{16, 32, 64, 80, 96, 128};
+bool g_all_block_sparse = false;
+
+// Turns c into a block-sparse case: a block size from tiny to larger than the kernels' tiles, a
+// mask density from empty to full. Ring cases keep every rank's chunks on block boundaries.
+void make_block_sparse(Case& c, Rng& rng) {
+  static const std::int64_t sizes[] = {1, 5, 16, 17, 33, 64, 64, 100, 128, 128, 200};
+  static const double densities[] = {0.0, 0.1, 0.3, 0.5, 0.8, 1.0};
+  c.block_size = sizes[rng() % std::size(sizes)];
+  if (c.block_size < 16) c.N = std::min<std::int64_t>(c.N, 96);  // one tile per block: keep it small
+  c.density = densities[rng() % std::size(densities)];
+  c.mask_heads = chance(rng, 0.5) ? 1 : c.H;
+  if (c.ring_ranks > 0) {
+    const std::int64_t unit = (c.zigzag ? 2 * c.ring_ranks : c.ring_ranks) * c.block_size;
+    c.N = std::max(unit, c.N / unit * unit);
+  }
+  if (!c.padding.empty()) c.padding.resize(std::size_t(c.B * c.N), 0);
+}
+
+// The case's random block mask on the host (the device copy is mask.to_device).
+dattn::BlockSparseMask block_mask_of(const Case& c) {
+  const std::int64_t nb = (c.N + c.block_size - 1) / c.block_size;
+  dattn::Tensor dense = dattn::Tensor::zeros({c.mask_heads, nb, nb}, DType::boolean);
+  Rng rng(c.seed ^ 0x5eed);
+  for (std::int64_t i = 0; i < dense.numel(); ++i) dense.data<std::uint8_t>()[i] = chance(rng, c.density);
+  return dattn::BlockSparseMask::from_dense(dense.view());
+}
+
+dattn::BlockSparseConfig sparse_config_of(const Case& c, const dattn::DilatedConfig& config) {
+  dattn::BlockSparseConfig s;
+  s.block_size = c.block_size;
+  s.causal = config.causal;
+  s.scale = config.scale;
+  s.key_padding_mask = config.key_padding_mask;
+  s.dropout_p = config.dropout_p;
+  s.dropout_seed = config.dropout_seed;
+  s.dropout_offset = config.dropout_offset;
+  return s;
+}
 
 Case random_case(Rng& rng, std::int64_t max_n) {
   static const DType dtypes[] = {DType::bfloat16, DType::float16, DType::float32, DType::float32};
@@ -128,7 +173,7 @@ Case random_case(Rng& rng, std::int64_t max_n) {
   }
   c.fused_qkv = chance(rng, 0.25);
   c.strided = chance(rng, 0.35);
-  c.hilbert = !c.causal && chance(rng, 0.25);  // causal Hilbert order is refused on CUDA (a check below)
+  c.hilbert = !c.causal && !g_all_block_sparse && chance(rng, 0.25);  // causal Hilbert order is refused on CUDA (a check below)
   if (!c.hilbert && chance(rng, 0.25)) {
     c.ring_ranks = int(uniform(rng, 1, 4));
     c.zigzag = chance(rng, 0.5);
@@ -136,6 +181,7 @@ Case random_case(Rng& rng, std::int64_t max_n) {
     c.N = std::max(unit, c.N / unit * unit);
     if (!c.padding.empty()) c.padding.resize(std::size_t(c.B * c.N), 0);
   }
+  if (!c.hilbert && (g_all_block_sparse || chance(rng, 0.3))) make_block_sparse(c, rng);
   return c;
 }
 
@@ -306,7 +352,8 @@ View filled(std::vector<std::unique_ptr<Buffer>>& owner, const std::vector<std::
 // The whole call as c.ring_ranks ranks would run it: every (query chunk, key chunk) pair through
 // ring_forward_step into float32 out and lse, then ring_step_gradients with the merged lse and
 // delta = rowsum(dout∘out) into float32 dq, dk, dv. Returns {out, lse, dq, dk, dv} (downloaded).
-std::vector<View> run_ring_steps(const Case& c, const dattn::DilatedConfig& config, const std::vector<View>& qkv,
+std::vector<View> run_ring_steps(const Case& c, const dattn::DilatedConfig& config,
+                                 const dattn::BlockSparseMask* block_mask, const std::vector<View>& qkv,
                                  const View& dout, const std::optional<View>& mask,
                                  std::vector<std::unique_ptr<Buffer>>& owner, cudaStream_t stream) {
   const std::int64_t B = c.B, N = c.N, H = c.H, D = c.D;
@@ -327,8 +374,13 @@ std::vector<View> run_ring_steps(const Case& c, const dattn::DilatedConfig& conf
   auto rows = [](const View& v, std::int64_t a, std::int64_t b) { return v.device_view().narrow(1, a, b - a); };
   each_pair([&](const dattn::DilatedConfig& sc, dattn::RingStep step, std::int64_t q0, std::int64_t q1, std::int64_t k0,
                 std::int64_t k1) {
-    dattn::ring_forward_step(sc, step, rows(qkv[0], q0, q1), rows(qkv[1], k0, k1), rows(qkv[2], k0, k1),
-                             rows(out, q0, q1), lse.device_view().narrow(2, q0, q1 - q0), stream);
+    const auto args = std::tuple{step, rows(qkv[0], q0, q1), rows(qkv[1], k0, k1), rows(qkv[2], k0, k1),
+                                 rows(out, q0, q1), lse.device_view().narrow(2, q0, q1 - q0), stream};
+    if (block_mask)
+      std::apply([&](auto&&... a) { dattn::block_sparse_ring_forward_step(sparse_config_of(c, sc), *block_mask, a...); },
+                 args);
+    else
+      std::apply([&](auto&&... a) { dattn::ring_forward_step(sc, a...); }, args);
   });
   out.buffer->download(stream);
   lse.buffer->download(stream);
@@ -356,9 +408,15 @@ std::vector<View> run_ring_steps(const Case& c, const dattn::DilatedConfig& conf
     // each_pair visits a query chunk's pairs together, in ring_rows order
     if (q0 != previous_q0 && previous_q0 >= 0) ++chunk;
     previous_q0 = q0;
-    dattn::ring_step_gradients(sc, step, rows(qkv[0], q0, q1), rows(qkv[1], k0, k1), rows(qkv[2], k0, k1),
-                               rows(dout, q0, q1), lse.device_view().narrow(2, q0, q1 - q0),
-                               deltas[chunk].device_view(), rows(dq, q0, q1), rows(dk, k0, k1), rows(dv, k0, k1), stream);
+    const auto args = std::tuple{step, rows(qkv[0], q0, q1), rows(qkv[1], k0, k1), rows(qkv[2], k0, k1),
+                                 rows(dout, q0, q1), lse.device_view().narrow(2, q0, q1 - q0),
+                                 deltas[chunk].device_view(), rows(dq, q0, q1), rows(dk, k0, k1), rows(dv, k0, k1),
+                                 stream};
+    if (block_mask)
+      std::apply([&](auto&&... a) { dattn::block_sparse_ring_step_gradients(sparse_config_of(c, sc), *block_mask, a...); },
+                 args);
+    else
+      std::apply([&](auto&&... a) { dattn::ring_step_gradients(sc, a...); }, args);
   });
   return {out, lse, dq, dk, dv};
 }
@@ -422,14 +480,28 @@ Result run_case(const Case& c, cudaStream_t stream) {
     index_device->upload(stream);
     options.position_index = View{index_device.get(), 0, {c.N}, {1}}.device_view();
   }
+  std::optional<dattn::BlockSparseMask> block_mask, block_mask_device;
+  if (c.block_size > 0) {
+    block_mask = block_mask_of(c);
+    block_mask_device = block_mask->to_device(qkv[0].device_view().device);
+  }
+  auto attention_forward = [&](const auto&... a) {
+    if (block_mask) dattn::block_sparse_forward(sparse_config_of(c, config), *block_mask_device, a...);
+    else dattn::forward(config, a...);
+  };
+  auto attention_backward = [&](const auto&... a) {
+    if (block_mask) dattn::block_sparse_backward(sparse_config_of(c, config), *block_mask_device, a...);
+    else dattn::backward(config, a...);
+  };
   if (c.ring_ranks > 0) {
-    const std::vector<View> ring = run_ring_steps(c, config, qkv, dout, mask, owner, stream);
+    const std::vector<View> ring = run_ring_steps(c, config, block_mask ? &*block_mask_device : nullptr, qkv, dout,
+                                                  mask, owner, stream);
     out = ring[0];
     lse = ring[1];
     grads = {ring[2], ring[3], ring[4]};
   } else {
-    dattn::forward(config, qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(), out.device_view(),
-                   lse.device_view(), options);
+    attention_forward(qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(), out.device_view(),
+                      lse.device_view(), options);
     // Half the cases give the backward its workspace (delta in a pass of its own), half not.
     std::unique_ptr<Buffer> workspace;
     if (c.seed % 2 == 0) {
@@ -437,9 +509,9 @@ Result run_case(const Case& c, cudaStream_t stream) {
       options.workspace = workspace->device;
       options.workspace_bytes = dattn::backward_workspace_bytes(qkv[0].device_view());
     }
-    dattn::backward(config, qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(), out.device_view(),
-                    lse.device_view(), dout.device_view(), grads[0].device_view(), grads[1].device_view(),
-                    grads[2].device_view(), options);
+    attention_backward(qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(), out.device_view(),
+                       lse.device_view(), dout.device_view(), grads[0].device_view(), grads[1].device_view(),
+                       grads[2].device_view(), options);
     CUDA_OK(cudaStreamSynchronize(stream));  // before the workspace goes
   }
   for (auto& b : owner) b->download(stream);
@@ -462,8 +534,14 @@ Result run_case(const Case& c, cudaStream_t stream) {
   if (c.hilbert) ref_options.position_index = index_host.view();
   // lse in float64 precision: the reference writes float32 lse; recompute the float64 one from
   // out64's run is not exposed, so compare against the float32-rounded reference lse.
-  dattn::forward(ref_config, q64, k64, v64, out64, lse64, ref_options);
-  dattn::backward(ref_config, q64, k64, v64, out64, lse64, g64, dq64, dk64, dv64, ref_options);
+  if (block_mask) {
+    const dattn::BlockSparseConfig sc = sparse_config_of(c, ref_config);
+    dattn::block_sparse_forward(sc, *block_mask, q64, k64, v64, out64, lse64, ref_options);
+    dattn::block_sparse_backward(sc, *block_mask, q64, k64, v64, out64, lse64, g64, dq64, dk64, dv64, ref_options);
+  } else {
+    dattn::forward(ref_config, q64, k64, v64, out64, lse64, ref_options);
+    dattn::backward(ref_config, q64, k64, v64, out64, lse64, g64, dq64, dk64, dv64, ref_options);
+  }
   dattn::Tensor lse_ref = dattn::Tensor::empty(bhn, DType::float64);
   for (std::int64_t i = 0; i < lse64.numel(); ++i) lse_ref.data<double>()[i] = lse64.data<float>()[i];
 
@@ -568,7 +646,32 @@ std::vector<Case> fixed_cases() {
       for (std::size_t i = 0; i < c.padding.size(); i += 5) c.padding[i] = 1;
       cases.push_back(c);
     }
-  Case tf32 = cases[cases.size() - 10];
+  for (DType t : {DType::bfloat16, DType::float16, DType::float32})  // block-sparse, PERF.md's shapes scaled down
+    for (int variant = 0; variant < 4; ++variant) {
+      Case c;
+      c.seed = seed++;
+      c.dtype = t;
+      c.B = 2;
+      c.H = 4;
+      c.N = variant == 1 ? 1000 : 1024;
+      c.block_size = variant == 1 ? 128 : 64;
+      c.density = variant == 1 ? 0.5 : 0.3;
+      c.mask_heads = variant == 1 ? c.H : 1;
+      c.causal = variant >= 1;
+      if (variant == 1) {
+        c.padding.assign(std::size_t(c.B * c.N), 0);
+        for (std::size_t i = 0; i < c.padding.size(); i += 7) c.padding[i] = 1;
+        c.dropout_p = 0.2;
+        c.dropout_seed = 11;
+        c.strided = true;
+      }
+      if (variant >= 2) {
+        c.ring_ranks = 4;
+        c.zigzag = variant == 3;
+      }
+      cases.push_back(c);
+    }
+  Case tf32 = cases[cases.size() - 22];
   tf32.tf32 = true;
   cases.push_back(tf32);
   // Long groups (2048 selected rows, PERF.md's long configs' length): fp32 accumulation over many
@@ -623,6 +726,20 @@ int check_refusals() {
     failures += !ok;
   };
   expect_error("causal Hilbert order", true, "causal");
+  {  // a block mask on the host with CUDA tensors
+    const dattn::Tensor dense = dattn::Tensor::zeros({1, 1}, DType::boolean);
+    dattn::BlockSparseConfig config;
+    std::string message;
+    try {
+      dattn::block_sparse_forward(config, dattn::BlockSparseMask::from_dense(dense.view()), t[0].device_view(),
+                                  t[1].device_view(), t[2].device_view(), t[3].device_view(), lse.device_view());
+    } catch (const dattn::Error& e) {
+      message = e.what();
+    }
+    const bool ok = message.find("to_device") != std::string::npos;
+    std::printf("%s refusal: host block mask -> %s\n", ok ? "ok" : "FAIL", message.empty() ? "(no error)" : message.c_str());
+    failures += !ok;
+  }
   order[3] = order[4];
   expect_error("index map with a repeated row", false, "expected a permutation");
   CUDA_OK(cudaDeviceSynchronize());
@@ -649,6 +766,7 @@ int main(int argc, char** argv) {
     else if (a == "--fixed-only") fixed_only = true;
     else if (a == "--random-only") random_only = true;
     else if (a == "--verbose") verbose = true;
+    else if (a == "--block-sparse") g_all_block_sparse = true;
     else if (a == "--head-dims") {
       g_head_dims.clear();
       std::stringstream list(next());

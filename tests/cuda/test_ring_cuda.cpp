@@ -2,7 +2,8 @@
 // with its shard on the device and its own stream, run the ring; the gathered out, lse, dq, dk, dv
 // are compared with the float64 reference of the whole sequence at SPEC.md's bars. Random
 // configurations: both layouts and modes, causal, key padding, segments shorter than, equal to
-// and longer than N/P, bf16 and fp32.
+// and longer than N/P, bf16 and fp32; and block-sparse masks (random density, shared or per head,
+// blocks that tile each rank's rows).
 //
 // Usage: dattn-test-ring-cuda [--cases N] [--seed S] [--nccl]
 //   default: P = 1..4 in-process ranks (threads, make_in_process_group) on GPU 0
@@ -16,6 +17,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -37,6 +39,9 @@ struct Case {
   DType dtype = DType::bfloat16;
   std::int64_t B = 1, N = 64, H = 2, D = 64;
   std::vector<std::int64_t> w, r;
+  std::int64_t block_size = 0;  // > 0: block-sparse attention with a random mask (w, r unused)
+  double density = 0;
+  std::int64_t mask_heads = 1;
 };
 
 std::string describe(const Case& c) {
@@ -46,6 +51,7 @@ std::string describe(const Case& c) {
   s << "] " << (c.layout == Layout::zigzag ? "zigzag" : "contiguous") << " "
     << (c.mode == dattn::Mode::grouped ? "grouped" : "longnet") << " causal=" << c.causal << " padding=" << c.padding
     << " " << dattn::dtype_name(c.dtype);
+  if (c.block_size) s << " block-sparse block=" << c.block_size << " density=" << c.density << " mask_heads=" << c.mask_heads;
   return s.str();
 }
 
@@ -68,7 +74,30 @@ Case random_case(Rng& rng, int ranks) {
     c.w.push_back(w);
     c.r.push_back(uniform(rng, 1, std::min<std::int64_t>(w, 4)));
   }
+  if (chance(rng, 0.35)) {
+    static const std::int64_t sizes[] = {16, 32, 48, 64};
+    static const double densities[] = {0.1, 0.3, 0.6, 1.0};
+    c.block_size = sizes[rng() % 4];
+    c.density = densities[rng() % 4];
+    c.mask_heads = chance(rng, 0.5) ? 1 : c.H;
+    const std::int64_t step = unit * c.block_size;
+    c.N = step * uniform(rng, 1, std::max<std::int64_t>(1, 768 / step));
+  }
   return c;
+}
+
+dattn::BlockSparseMask random_block_mask(const Case& c, Rng& rng) {
+  const std::int64_t nb = c.N / c.block_size;
+  Tensor dense = Tensor::zeros({c.mask_heads, nb, nb}, DType::boolean);
+  for (std::int64_t i = 0; i < dense.numel(); ++i) dense.data<std::uint8_t>()[i] = chance(rng, c.density);
+  return dattn::BlockSparseMask::from_dense(dense.view());
+}
+
+dattn::BlockSparseConfig sparse_config(const Case& c) {
+  dattn::BlockSparseConfig config;
+  config.block_size = c.block_size;
+  config.causal = c.causal;
+  return config;
 }
 
 Tensor random_tensor(const std::vector<std::int64_t>& shape, DType dtype, Rng& rng) {
@@ -141,7 +170,7 @@ struct RankResult {
 };
 
 RankResult run_rank(const Case& c, dattn::Communicator& comm, int device, const std::vector<const Tensor*>& inputs,
-                    const Tensor* mask) {
+                    const Tensor* mask, const dattn::BlockSparseMask* block_mask) {
   RankResult result;
   try {
     CUDA_OK(cudaSetDevice(device));
@@ -165,9 +194,20 @@ RankResult run_rank(const Case& c, dattn::Communicator& comm, int device, const 
       mask_device.emplace(shard(*mask, 1), device);
       config.key_padding_mask = mask_device->view();
     }
-    dattn::ring_forward(comm, config, c.layout, c.N, q.view(), k.view(), v.view(), out.view(), lse.view(), nullptr, stream);
-    dattn::ring_backward(comm, config, c.layout, c.N, q.view(), k.view(), v.view(), out.view(), lse.view(), dout.view(),
-                         dq.view(), dk.view(), dv.view(), nullptr, stream);
+    if (block_mask) {
+      dattn::BlockSparseConfig sparse = sparse_config(c);
+      sparse.key_padding_mask = config.key_padding_mask;
+      const dattn::BlockSparseMask on_device = block_mask->to_device({dattn::DeviceType::cuda, device});
+      dattn::ring_forward(comm, sparse, on_device, c.layout, c.N, q.view(), k.view(), v.view(), out.view(), lse.view(),
+                          nullptr, stream);
+      dattn::ring_backward(comm, sparse, on_device, c.layout, c.N, q.view(), k.view(), v.view(), out.view(), lse.view(),
+                           dout.view(), dq.view(), dk.view(), dv.view(), nullptr, stream);
+    } else {
+      dattn::ring_forward(comm, config, c.layout, c.N, q.view(), k.view(), v.view(), out.view(), lse.view(), nullptr,
+                          stream);
+      dattn::ring_backward(comm, config, c.layout, c.N, q.view(), k.view(), v.view(), out.view(), lse.view(),
+                           dout.view(), dq.view(), dk.view(), dv.view(), nullptr, stream);
+    }
     CUDA_OK(cudaStreamSynchronize(stream));
     CUDA_OK(cudaStreamDestroy(stream));
     result.out = out.download(), result.lse = lse.download();
@@ -187,12 +227,14 @@ std::string run_case(const Case& c, std::vector<std::unique_ptr<dattn::Communica
   Tensor mask = Tensor::zeros({c.B, c.N}, DType::boolean);
   if (c.padding)
     for (std::int64_t i = 0; i < mask.numel(); ++i) mask.data<std::uint8_t>()[i] = chance(rng, 0.2);
+  std::optional<dattn::BlockSparseMask> block_mask;
+  if (c.block_size) block_mask = random_block_mask(c, rng);
   std::vector<RankResult> results(std::size_t(c.P));
   std::vector<std::thread> threads;
   for (int p = 0; p < c.P; ++p)
     threads.emplace_back([&, p] {
       results[std::size_t(p)] = run_rank(c, *comms[std::size_t(p)], one_gpu_each ? p : 0, {&q, &k, &v, &dout},
-                                         c.padding ? &mask : nullptr);
+                                         c.padding ? &mask : nullptr, block_mask ? &*block_mask : nullptr);
     });
   for (auto& t : threads) t.join();
   for (const RankResult& r : results)
@@ -209,8 +251,15 @@ std::string run_case(const Case& c, std::vector<std::unique_ptr<dattn::Communica
   Tensor out64 = Tensor::empty(shape, DType::float64), lse64 = Tensor::empty({c.B, c.H, c.N}, DType::float32);
   Tensor dq64 = Tensor::empty(shape, DType::float64), dk64 = Tensor::empty(shape, DType::float64),
          dv64 = Tensor::empty(shape, DType::float64);
-  dattn::forward(config, q64, k64, v64, out64, lse64);
-  dattn::backward(config, q64, k64, v64, out64, lse64, g64, dq64, dk64, dv64);
+  if (block_mask) {
+    dattn::BlockSparseConfig sparse = sparse_config(c);
+    sparse.key_padding_mask = config.key_padding_mask;
+    dattn::block_sparse_forward(sparse, *block_mask, q64, k64, v64, out64, lse64);
+    dattn::block_sparse_backward(sparse, *block_mask, q64, k64, v64, out64, lse64, g64, dq64, dk64, dv64);
+  } else {
+    dattn::forward(config, q64, k64, v64, out64, lse64);
+    dattn::backward(config, q64, k64, v64, out64, lse64, g64, dq64, dk64, dv64);
+  }
 
   auto gather = [&](Tensor RankResult::*field, int dim) {
     std::vector<TensorView> parts;

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dattn
-from helpers import OUT_BAR, assert_close_bar, assert_lse
+from helpers import OUT_BAR, assert_close_bar, assert_lse, requires_cuda
 from reference_attention import _masked_softmax_attention, dropout_keep
 
 
@@ -31,14 +31,15 @@ def reference(q, k, v, dense_mask, block_size, is_causal=False, key_padding_mask
     return torch.stack(outs, 2), torch.stack(lses, 1)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seed", range(6))
-def test_random_masks_match_reference(dtype, seed):
+def test_random_masks_match_reference(dtype, seed, device):
     g = torch.Generator().manual_seed(seed)
     B, H = 2, 3
-    N = int(torch.randint(1, 90, (1,), generator=g))
-    D = [16, 32, 7, 64][seed % 4]
-    block = int(torch.randint(1, 40, (1,), generator=g))
+    N = int(torch.randint(1, 90, (1,), generator=g)) * (4 if device == "cuda" else 1)
+    D = [16, 32, 7 if device == "cpu" else 128, 64][seed % 4]
+    block = int(torch.randint(1, 40, (1,), generator=g)) * (3 if device == "cuda" else 1)
     nb = math.ceil(N / block)
     density = [0.0, 0.3, 0.7, 1.0][seed % 4]
     shape = (H, nb, nb) if seed % 2 else (nb, nb)
@@ -46,18 +47,20 @@ def test_random_masks_match_reference(dtype, seed):
     causal = seed % 3 == 1
     padding = torch.rand(B, N, generator=g) < 0.2 if seed % 2 == 0 else None
     dropout_p = 0.25 if seed == 3 else 0.0
-    q, k, v = (torch.randn(B, N, H, D, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    q, k, v = (torch.randn(B, N, H, D, generator=g).to(dtype).to(device).requires_grad_() for _ in range(3))
     torch.manual_seed(100 + seed)
-    out, lse = dattn.block_sparse_attention(q, k, v, mask, block, is_causal=causal, key_padding_mask=padding,
+    out, lse = dattn.block_sparse_attention(q, k, v, mask, block, is_causal=causal,
+                                            key_padding_mask=None if padding is None else padding.to(device),
                                             dropout_p=dropout_p, return_lse=True)
+    assert out.device == q.device and lse.device == q.device
     torch.manual_seed(100 + seed)
     drop_seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if dropout_p > 0 else 0
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
     ref, ref_lse = reference(q64, k64, v64, mask, block, causal, padding, dropout_p, drop_seed)
     assert_close_bar(out, ref, dtype, "out")
     assert_lse(lse, ref_lse, dtype)
     grad = torch.randn(out.shape, generator=g)
-    out.backward(grad.to(dtype))
+    out.backward(grad.to(dtype).to(device))
     ref.backward(grad.double())
     for name, x, r in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
         if r.norm() == 0:

@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Block-sparse attention on the GPU: dattn beside FlexAttention with the same block mask and SDPA
+with a dense token mask (N = 2048 only), PERF.md's block-sparse shapes, in one run.
+
+Before timing, every implementation's output is compared with a float64 masked softmax on a
+slice of the heads (N = 2048: all of them); one that disagrees is marked wrong. Times are CUDA-event
+medians after warm-up (min, max too) over input sets rotated past L2, as in peers_gpu.py; FLOPs
+count the allowed token pairs (4·B·H·pairs·D; fwd+bwd 3.5×); peak MB is the allocator's peak
+above what was allocated before the inputs.
+
+Usage: sparse_gpu.py [--shapes n2048,n65536] [--json FILE] [--markdown FILE]
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers_gpu import Runner, rel_err  # noqa: E402
+
+import dattn  # noqa: E402
+from dattn.sparse import dilated_sparse_mask, local_window_mask  # noqa: E402
+
+SHAPES = {  # name: (B, N, H, D, block, [(pattern label, mask builder)], dtypes)
+    "n2048": (2, 2048, 12, 64, 64, [("local_window 256", lambda nb, bs: local_window_mask(nb, 256, bs))],
+              [torch.float32, torch.bfloat16]),
+    "n65536": (1, 65536, 12, 64, 128,
+               [("local_window 2048", lambda nb, bs: local_window_mask(nb, 2048, bs)),
+                ("dilated_sparse [1, 2, 4, 8, 16, 32]", lambda nb, bs: dilated_sparse_mask(nb, [1, 2, 4, 8, 16, 32]))],
+               [torch.bfloat16]),
+}
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+
+
+def allowed_pairs(blocks, N, bs):
+    sizes = torch.tensor([min(bs, N - i * bs) for i in range(blocks.size(0))], dtype=torch.float64)
+    return float(sizes @ blocks.double() @ sizes)
+
+
+def token_mask(blocks, N, bs, device, rows=None):
+    """The [len(rows), N] token mask of the block mask (rows: all by default)."""
+    rows = torch.arange(N, device=device) if rows is None else rows
+    return blocks.to(device)[rows // bs][:, torch.arange(N, device=device) // bs]
+
+
+def reference(q, k, v, tokens, rows):
+    """float64 masked softmax of the query rows `rows`, [B, N, H, D] in, [B, len(rows), H, D] out."""
+    q, k, v = (x.double().transpose(1, 2) for x in (q[:, rows], k, v))
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
+    return (torch.softmax(s.masked_fill(~tokens, float("-inf")), -1) @ v).transpose(1, 2)
+
+
+def make_flex(blocks, N, bs, device):
+    """flex_attention with dattn's block mask: the allowed blocks themselves as its BlockMask where
+    the block is flex's own (128), else a mask_mod over token positions."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    token_blocks = blocks.to(device)
+    if bs == 128:
+        counts = token_blocks.sum(-1, dtype=torch.int32)
+        order = torch.argsort((~token_blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        block_mask = BlockMask.from_kv_blocks(counts[None, None], order[None, None], BLOCK_SIZE=bs, seq_lengths=(N, N))
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return token_blocks[q_idx // bs, kv_idx // bs]
+
+        block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=N, KV_LEN=N, device=device, _compile=True)
+    compiled = torch.compile(flex_attention)
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)  # [B, H, N, D]
+
+
+def run_shape(name, args):
+    B, N, H, D, bs, patterns, dtypes = SHAPES[name]
+    nb = math.ceil(N / bs)
+    rows = []
+    for label, build in patterns:
+        blocks = build(nb, bs)
+        mask = dattn.BlockSparseMask.from_dense(dattn._ops._view(blocks.contiguous())).to_cuda(0)
+        flops = 4.0 * B * H * allowed_pairs(blocks, N, bs) * D
+        density = blocks.double().mean().item()
+        for dtype in dtypes:
+            c = dict(B=B, N=N, H=H, D=D)
+            R = Runner(c, dtype, args)
+            impls = {"dattn block_sparse_attention": ("bnhd", lambda q, k, v: dattn.block_sparse_attention(q, k, v, mask, bs))}
+            try:
+                flex = make_flex(blocks, N, bs, R.dev)
+                impls["FlexAttention, same block mask"] = ("bhnd", flex)
+            except Exception as e:  # noqa: BLE001 - reported, not fatal
+                rows.append(dict(impl="FlexAttention, same block mask", failed=str(e)[:160]))
+            if N <= 4096:
+                tokens = token_mask(blocks, N, bs, R.dev)
+                impls["SDPA with a dense token mask"] = (
+                    "bhnd", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=tokens))
+            # Check on a slice (N = 2048: everything): the masked softmax in float64 of the first and
+            # last 1024 query rows of one head.
+            heads = H if N <= 4096 else 1
+            check_rows = torch.arange(N, device=R.dev) if N <= 4096 else torch.cat(
+                [torch.arange(1024, device=R.dev), torch.arange(N - 1024, N, device=R.dev)])
+            q, k, v = R.inputs(seed=123)
+            with torch.no_grad():
+                ref = reference(q[:, :, :heads], k[:, :, :heads], v[:, :, :heads],
+                                token_mask(blocks, N, bs, R.dev, check_rows), check_rows)
+            errors = {}
+            for impl, (layout, fn) in impls.items():
+                try:
+                    with torch.no_grad():
+                        if layout == "bnhd":
+                            out = fn(q, k, v)
+                        else:
+                            out = fn(*(x.transpose(1, 2).contiguous() for x in (q, k, v))).transpose(1, 2)
+                    errors[impl] = rel_err(out[:, check_rows, :heads], ref)
+                except Exception as e:  # noqa: BLE001
+                    errors[impl] = f"{type(e).__name__}: {str(e)[:120]}"
+            del q, k, v, ref
+            torch.cuda.empty_cache()
+            for impl, (layout, fn) in impls.items():
+                row = dict(impl=impl, shape=name, pattern=label, density=density, dtype=str(dtype).split(".")[-1],
+                           B=B, N=N, H=H, D=D, block=bs, check_rel_err=errors[impl])
+                ok = isinstance(errors[impl], float) and errors[impl] <= 2 * TOLERANCE[dtype]
+                if not ok:
+                    row["wrong"] = True
+                    rows.append(row)
+                    print(f"  {impl} {label} {row['dtype']}: WRONG ({errors[impl]})", file=sys.stderr, flush=True)
+                    continue
+                try:
+                    row.update(R.measure(impl, lambda: [tuple(R.inputs(layout, grad=True, seed=s)) for s in range(R.sets)],
+                                         fn, flops))
+                except Exception as e:  # noqa: BLE001
+                    row["failed"] = f"{type(e).__name__}: {str(e)[:160]}"
+                rows.append(row)
+                print(f"  {impl} {label} {row['dtype']}: fwd {row.get('fwd', {}).get('ms')} ms, fwd+bwd "
+                      f"{row.get('fwdbwd', {}).get('ms')} ms, peak {row.get('peak_mb', 0):.0f} MB", file=sys.stderr,
+                      flush=True)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows, device):
+    lines = [f"# Block-sparse attention on {device}, {datetime.date.today()} (bench/gpu/sparse_gpu.py)", "",
+             "Medians of CUDA-event timings (min–max); TFLOP/s over allowed pairs (fwd+bwd 3.5× fwd); "
+             "check = relative error against a float64 masked softmax.", "",
+             "| impl | shape | pattern (density) | dtype | check | fwd ms (min–max) | fwd TFLOP/s | "
+             "fwd+bwd ms (min–max) | fwd+bwd TFLOP/s | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shape = f"B{r.get('B')} N{r.get('N')} H{r.get('H')} D{r.get('D')} block {r.get('block')}"
+        err = r.get("check_rel_err")
+        check = f"{err:.1e}" if isinstance(err, float) else str(err)
+        head = f"| {r['impl']} | {shape} | {r.get('pattern')} ({100 * r.get('density', 0):.1f}%) | {r.get('dtype')} | {check}"
+        if r.get("wrong") or r.get("failed"):
+            lines.append(head + f" | {'wrong' if r.get('wrong') else r['failed']} | | | | |")
+            continue
+        f, fb = r["fwd"], r["fwdbwd"]
+        lines.append(head + f" | {f['ms']:.3f} ({f['min']:.3f}–{f['max']:.3f}) | {r['flops'] / f['ms'] / 1e9:.0f} | "
+                     f"{fb['ms']:.3f} ({fb['min']:.3f}–{fb['max']:.3f}) | {3.5 * r['flops'] / fb['ms'] / 1e9:.0f} | "
+                     f"{r['peak_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="n2048,n65536")
+    ap.add_argument("--json")
+    ap.add_argument("--markdown")
+    args = ap.parse_args()
+    rows = []
+    for name in args.shapes.split(","):
+        rows += run_shape(name, args)
+    device = torch.cuda.get_device_name()
+    text = markdown(rows, device)
+    print(text)
+    if args.markdown:
+        open(args.markdown, "w").write(text)
+    if args.json:
+        json.dump(dict(device=device, date=str(datetime.date.today()), torch=torch.__version__, rows=rows),
+                  open(args.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
