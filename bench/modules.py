@@ -56,6 +56,31 @@ def timed_back_to_back(fn, device, warmup, repeats, inner=20):
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
 
 
+def timed_graph(fn, warmup, repeats, inner=20):
+    """GPU time per call of fn captured once in a CUDA graph and replayed `inner` times back to back
+    (CUDA events; no host dispatch in the measure: what each module asks of the GPU)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(3, warmup)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for i in range(warmup + repeats):
+        start.record()
+        for _ in range(inner):
+            graph.replay()
+        stop.record()
+        stop.synchronize()
+        if i >= warmup:
+            samples.append(start.elapsed_time(stop) / inner)
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
+
+
 def rel_err(x, ref):
     return ((x.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm()).item()
 
@@ -103,11 +128,24 @@ def main():
         def forward_backward():
             call().backward(gd)
 
-        rows.append({"module": name, "device": a.device, "dtype": a.dtype, "check_rel_err": error,
-                     "fwd_ms": timed(forward, a.device, a.warmup, a.repeats),
-                     "fwdbwd_ms": timed(forward_backward, a.device, a.warmup, a.repeats),
-                     "fwd_ms_back_to_back": timed_back_to_back(forward, a.device, a.warmup, a.repeats),
-                     "fwdbwd_ms_back_to_back": timed_back_to_back(forward_backward, a.device, a.warmup, a.repeats)})
+        def forward_backward_fresh():  # in a graph: gradients made anew each replay, as zero_grad(None) does
+            xd.grad = None
+            for q in module.parameters():
+                q.grad = None
+            call().backward(gd)
+
+        row = {"module": name, "device": a.device, "dtype": a.dtype, "check_rel_err": error,
+               "fwd_ms": timed(forward, a.device, a.warmup, a.repeats),
+               "fwdbwd_ms": timed(forward_backward, a.device, a.warmup, a.repeats),
+               "fwd_ms_back_to_back": timed_back_to_back(forward, a.device, a.warmup, a.repeats),
+               "fwdbwd_ms_back_to_back": timed_back_to_back(forward_backward, a.device, a.warmup, a.repeats)}
+        if a.device == "cuda":
+            for key, fn in (("fwd_ms_graph", forward), ("fwdbwd_ms_graph", forward_backward_fresh)):
+                try:
+                    row[key] = timed_graph(fn, a.warmup, a.repeats)
+                except Exception as e:  # noqa: BLE001 - a module that cannot be captured is reported
+                    row[key] = {"failed": f"{type(e).__name__}: {str(e)[:200]}"}
+        rows.append(row)
         print(f"{name}: done", file=sys.stderr)
 
     print(f"\n## Multi-head modules, seed config (B={B}, N={N}, E={E}, {HEADS} heads), {a.device}, {a.dtype}, "
@@ -117,11 +155,20 @@ def main():
     print("|---|---|---|---|---|---|")
 
     def cell(t):
+        if "failed" in t:
+            return f"failed: {t['failed']}"
         return f"{t['median']:.3g} [{t['min']:.3g}–{t['max']:.3g}]"
     for r in rows:
         check = "— (a different function: dense)" if r["check_rel_err"] is None else f"{r['check_rel_err']:.1e}"
         print(f"| {r['module']} | {cell(r['fwd_ms'])} | {cell(r['fwdbwd_ms'])} | {cell(r['fwd_ms_back_to_back'])} | "
               f"{cell(r['fwdbwd_ms_back_to_back'])} | {check} |")
+    if a.device == "cuda":
+        print("\n| module | fwd ms, CUDA graph | fwd+bwd ms, CUDA graph |")
+        print("|---|---|---|")
+        for r in rows:
+            print(f"| {r['module']} | {cell(r['fwd_ms_graph'])} | {cell(r['fwdbwd_ms_graph'])} |")
+        print("\nCUDA graph: each module's call (forward; forward + backward with fresh gradients) captured once "
+              "and replayed 20 times back to back, CUDA-event time per call: the GPU work without host dispatch.")
     print("\nms, median [min–max]. One call: synchronised before and after each call (the latency of one call, host "
           "dispatch included). Back to back: 20 calls between synchronisations, per call (a training loop's steady "
           "state). fwd+bwd: forward then out.backward(grad) of the module output, input gradient included. "

@@ -18,7 +18,7 @@ namespace dattn::cuda {
 // that a row attending a single key gets the exactly-zero gradient the reference gives it.
 inline constexpr float kSingleKey = 0.99999f;
 
-template <class T, int D, int S>
+template <class T, int D, int S, bool kSparse>
 __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool accumulate, const BlockWork& w,
                                            unsigned char* smem) {
   using Shape = BackwardShape<D, S>;
@@ -42,7 +42,7 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
 
   const std::int64_t shift = w.causal_shift;
   const Side& qs = w.query;
-  const OtherTiles<BO> tiles = other_tiles<BO>(p, w);
+  const auto tiles = other_tiles<BO, kSparse>(p, w);
   const bool delta_given = p.softmax_delta != nullptr;
   if (w.tile_rows > 0 && tiles.count > 0) {
     load_rows<T, S, BW, D, kThreads>(sK, Shape::kOwnPlane, p.k, w, w.key, w.tile_begin, w.tile_rows);
@@ -154,7 +154,7 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
   if (!accumulate) zero_unselected<T, D, kThreads>(p, w, &p.dk, &p.dv, false);
 }
 
-template <class T, int D, int S>
+template <class T, int D, int S, bool kSparse>
 __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool accumulate, const BlockWork& w,
                                          unsigned char* smem) {
   using Shape = BackwardShape<D, S>;
@@ -176,7 +176,7 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
 
   const std::int64_t shift = w.causal_shift;
   const Side& qs = w.query;
-  const OtherTiles<BO> tiles = other_tiles<BO>(p, w);
+  const auto tiles = other_tiles<BO, kSparse>(p, w);
   const bool delta_given = p.softmax_delta != nullptr;
   if (w.tile_rows > 0 && tiles.count > 0) {
     load_rows<T, S, BW, D, kThreads>(sQ, Shape::kOwnPlane, p.q, w, qs, w.tile_begin, w.tile_rows);
@@ -264,20 +264,20 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
   if (!accumulate) zero_unselected<T, D, kThreads>(p, w, &p.dq, nullptr, false);
 }
 
-template <class T, int D, int S>
+template <class T, int D, int S, bool kSparse>
 __global__ void __launch_bounds__(BackwardShape<D, S>::kThreads)
     backward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan) {
   extern __shared__ __align__(16) unsigned char smem[];
   BlockWork w;
-  if (!decode<BackwardShape<D, S>::kBlockOwn>(p, plan, w)) return;
-  if (w.role == kDkDvRole) dkdv_block<T, D, S>(p, plan.accumulate, w, smem);
-  else dq_block<T, D, S>(p, plan.accumulate, w, smem);
+  if (!decode<BackwardShape<D, S>::kBlockOwn, kSparse>(p, plan, w)) return;
+  if (w.role == kDkDvRole) dkdv_block<T, D, S, kSparse>(p, plan.accumulate, w, smem);
+  else dq_block<T, D, S, kSparse>(p, plan.accumulate, w, smem);
 }
 
 template <class T, int D, int S>
 void launch_backward(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream) {
   using Shape = BackwardShape<D, S>;
-  auto kernel = backward_kernel<T, D, S>;
+  auto kernel = params.block_size > 0 ? backward_kernel<T, D, S, true> : backward_kernel<T, D, S, false>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmemBytes)) != cudaSuccess)
     check_launch("backward (shared memory attribute)");
   kernel<<<plan.total_blocks, Shape::kThreads, Shape::kSmemBytes, stream>>>(params, plan);

@@ -43,7 +43,7 @@ __device__ __forceinline__ void zero_unselected(const detail::DilatedParams& p, 
   }
 }
 
-template <class T, int D, int S>
+template <class T, int D, int S, bool kSparse>
 __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
     forward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan) {
   using Shape = ForwardShape<D, S>;
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
   float* sBias = reinterpret_cast<float*>(sV + kStages * Shape::kKvElems);  // [stage][BN]
 
   BlockWork w;
-  if (!decode<BM>(p, plan, w)) return;
+  if (!decode<BM, kSparse>(p, plan, w)) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const std::int64_t qi[2] = {w.tile_begin + warp * 16 + g, w.tile_begin + warp * 16 + g + 8};
 
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
   float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.0f, 0.0f};
 
   const std::int64_t shift = w.causal_shift;
-  const OtherTiles<BN> tiles = other_tiles<BN>(p, w);
+  const auto tiles = other_tiles<BN, kSparse>(p, w);
   if (w.tile_rows > 0 && tiles.count > 0) {
     const int num_tiles = tiles.count;
     auto load_kv = [&](int tile, int stage) {
@@ -212,7 +212,7 @@ inline void check_launch(const char* what) {
 template <class T, int D, int S>
 void launch_forward(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream) {
   using Shape = ForwardShape<D, S>;
-  auto kernel = forward_kernel<T, D, S>;
+  auto kernel = params.block_size > 0 ? forward_kernel<T, D, S, true> : forward_kernel<T, D, S, false>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmemBytes)) != cudaSuccess)
     check_launch("forward (shared memory attribute)");
   kernel<<<plan.total_blocks, Shape::kThreads, Shape::kSmemBytes, stream>>>(params, plan);

@@ -143,9 +143,12 @@ __device__ __forceinline__ bool decode_sparse_block(const detail::DilatedParams&
   return true;
 }
 
-template <int kBlock>
+// kSparse (a compile-time switch, so that dilated attention's kernels carry none of it): block-sparse
+// attention's decode, else dilated attention's.
+template <int kBlock, bool kSparse>
 __device__ __forceinline__ bool decode(const detail::DilatedParams& p, const LaunchPlan& plan, BlockWork& work) {
-  return p.block_size > 0 ? decode_sparse_block<kBlock>(p, plan, work) : decode_block<kBlock>(p, plan, work);
+  if constexpr (kSparse) return decode_sparse_block<kBlock>(p, plan, work);
+  else return decode_block<kBlock>(p, plan, work);
 }
 
 __device__ __forceinline__ const std::int64_t* lower_bound(const std::int64_t* first, const std::int64_t* last,
@@ -161,57 +164,65 @@ __device__ __forceinline__ const std::int64_t* lower_bound(const std::int64_t* f
 // The rows of the other side a block visits, as tiles of kRows (indices into that side). Dilated
 // attention: [begin, end). Block-sparse attention: the allowed blocks of the own block, each cut
 // into tiles; a tile of a block's short end (or past the sequence) has fewer or no valid rows.
-template <int kRows>
-struct OtherTiles {
-  int count = 0;
-  std::int64_t begin = 0, end = 0;       // dilated; block-sparse: end = the side's length
-  const std::int64_t* blocks = nullptr;  // block-sparse: allowed block indices, ascending
-  std::int64_t block_size = 0, side_first = 0;
-  int tiles_per_block = 1;
+template <int kRows, bool kSparse>
+struct OtherTiles;
 
+template <int kRows>
+struct OtherTiles<kRows, false> {
+  int count = 0;
+  std::int64_t begin = 0, end = 0;
+  __device__ std::int64_t start(int it) const { return begin + std::int64_t(it) * kRows; }
+  __device__ int valid(int it) const { return int(imin(kRows, end - start(it))); }
+};
+
+template <int kRows>
+struct OtherTiles<kRows, true> {
+  int count = 0, tiles_per_block = 1;
+  std::int64_t end = 0;                  // the side's length
+  const std::int64_t* blocks = nullptr;  // allowed block indices, ascending
+  std::int64_t block_size = 0, side_first = 0;
   __device__ std::int64_t start(int it) const {
-    if (!blocks) return begin + std::int64_t(it) * kRows;
     return blocks[it / tiles_per_block] * block_size - side_first + std::int64_t(it % tiles_per_block) * kRows;
   }
   __device__ int valid(int it) const {
     const std::int64_t j0 = start(it);
-    const std::int64_t stop = blocks ? imin(end, (blocks[it / tiles_per_block] + 1) * block_size - side_first) : end;
+    const std::int64_t stop = imin(end, (blocks[it / tiles_per_block] + 1) * block_size - side_first);
     return int(imax(0, imin(kRows, stop - j0)));
   }
 };
 
 // The other side's tiles of a block's work. Causal attention skips what lies wholly past the
 // diagonal (keys after the own queries, queries before the own keys).
-template <int kRows>
-__device__ __forceinline__ OtherTiles<kRows> other_tiles(const detail::DilatedParams& p, const BlockWork& w) {
-  OtherTiles<kRows> tiles;
+template <int kRows, bool kSparse>
+__device__ __forceinline__ OtherTiles<kRows, kSparse> other_tiles(const detail::DilatedParams& p, const BlockWork& w) {
+  OtherTiles<kRows, kSparse> tiles;
   const bool keys_own = w.role == kDkDvRole;
   const Side& other = keys_own ? w.query : w.key;
-  const std::int64_t shift = w.causal_shift;
-  if (p.block_size == 0) {
+  if constexpr (!kSparse) {
+    const std::int64_t shift = w.causal_shift;
     tiles.end = other.length;
     if (p.causal && keys_own) tiles.begin = imax(0, w.tile_begin - shift) / kRows * kRows;
     if (p.causal && !keys_own) tiles.end = imin(other.length, w.tile_begin + w.tile_rows + shift);
     tiles.count = tiles.end > tiles.begin ? int((tiles.end - tiles.begin + kRows - 1) / kRows) : 0;
-    return tiles;
+  } else {
+    const std::int64_t bs = p.block_size;
+    const std::int64_t* offsets = keys_own ? p.block_column_offsets : p.block_row_offsets;
+    const std::int64_t* entries = keys_own ? p.block_rows : p.block_columns;
+    const std::int64_t* first = entries + offsets[w.mask_entry];
+    const std::int64_t* last = entries + offsets[w.mask_entry + 1];
+    std::int64_t lo = other.first / bs, hi = (other.first + other.length + bs - 1) / bs;  // the step's blocks
+    const Side& own = w.own();
+    if (p.causal && keys_own) lo = imax(lo, (own.first + w.tile_begin) / bs);
+    if (p.causal && !keys_own) hi = imin(hi, (own.first + w.tile_begin + w.tile_rows - 1) / bs + 1);
+    first = lower_bound(first, last, lo);
+    last = lower_bound(first, last, hi);
+    tiles.blocks = first;
+    tiles.block_size = bs;
+    tiles.side_first = other.first;
+    tiles.end = other.length;
+    tiles.tiles_per_block = int((bs + kRows - 1) / kRows);
+    tiles.count = int(last - first) * tiles.tiles_per_block;
   }
-  const std::int64_t bs = p.block_size;
-  const std::int64_t* offsets = keys_own ? p.block_column_offsets : p.block_row_offsets;
-  const std::int64_t* entries = keys_own ? p.block_rows : p.block_columns;
-  const std::int64_t* first = entries + offsets[w.mask_entry];
-  const std::int64_t* last = entries + offsets[w.mask_entry + 1];
-  std::int64_t lo = other.first / bs, hi = (other.first + other.length + bs - 1) / bs;  // the step's blocks
-  const Side& own = w.own();
-  if (p.causal && keys_own) lo = imax(lo, (own.first + w.tile_begin) / bs);
-  if (p.causal && !keys_own) hi = imin(hi, (own.first + w.tile_begin + w.tile_rows - 1) / bs + 1);
-  first = lower_bound(first, last, lo);
-  last = lower_bound(first, last, hi);
-  tiles.blocks = first;
-  tiles.block_size = bs;
-  tiles.side_first = other.first;
-  tiles.end = other.length;
-  tiles.tiles_per_block = int((bs + kRows - 1) / kRows);
-  tiles.count = int(last - first) * tiles.tiles_per_block;
   return tiles;
 }
 
