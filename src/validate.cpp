@@ -152,6 +152,9 @@ void check_inputs(const CommonSettings& settings, const TensorView& q, const Ten
                 ", but this build has no CUDA backend; expected cpu tensors (rebuild with DATTN_CUDA=ON)");
 #endif
     if (reference) throw Error("Backend::reference runs on the CPU; expected cpu tensors for it");
+    const std::int64_t rows = options.ring_step ? options.ring_step->global_length : q.shape[1];
+    if (rows > (std::int64_t(1) << 30))  // the kernels' row arithmetic is 32-bit
+      throw Error("the sequence has " + str(rows) + " rows; expected at most 2^30 on the GPU");
     const std::int64_t D = q.shape[3];
     if (D != 16 && D != 32 && D != 64 && D != 80 && D != 96 && D != 128)
       throw Error("head dim D = " + str(D) + " is not supported on the GPU; expected one of 16, 32, 64, 80, 96, 128");

@@ -28,8 +28,8 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
   std::uint16_t* sK = reinterpret_cast<std::uint16_t*>(smem);
   std::uint16_t* sV = sK + Shape::kOwnElems;
   std::uint16_t* sOther = sV + Shape::kOwnElems;  // [stage][Q, dO, O][plane][row][kStride]
-  float* key_bias = reinterpret_cast<float*>(sOther + kStages * 3 * Shape::kOtherElems);  // [BW]
-  float* other_floats = key_bias + Shape::kFloatsOwn;  // [stage][lse BO | delta BO | -]
+  float* own_key_bias = reinterpret_cast<float*>(sOther + kStages * 3 * Shape::kOtherElems);  // [BW]
+  float* other_floats = own_key_bias + Shape::kFloatsOwn;  // [stage][lse BO | delta BO | -]
   auto other = [&](int stage, int which) { return sOther + (stage * 3 + which) * Shape::kOtherElems; };
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -47,8 +47,7 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
   if (w.tile_rows > 0 && tiles.count > 0) {
     load_rows<T, S, BW, D, kThreads>(sK, Shape::kOwnPlane, p.k, w, w.key, w.tile_begin, w.tile_rows);
     load_rows<T, S, BW, D, kThreads>(sV, Shape::kOwnPlane, p.v, w, w.key, w.tile_begin, w.tile_rows);
-    for (int c = threadIdx.x; c < BW; c += kThreads)
-      key_bias[c] = c < w.tile_rows && !key_padded(p, w.batch, w.row(w.key, w.tile_begin + c)) ? 0.0f : neg_inf();
+    key_bias(p, w, w.tile_begin, w.tile_rows, BW, own_key_bias);
     const int num_tiles = tiles.count;
     auto load_queries = [&](int tile, int stage) {
       const std::int64_t j0 = tiles.start(tile);
@@ -98,8 +97,8 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
       }
       __syncthreads();
       if (it == 0) {
-        own_bias[0] = key_bias[warp * 16 + g];
-        own_bias[1] = key_bias[warp * 16 + g + 8];
+        own_bias[0] = own_key_bias[warp * 16 + g];
+        own_bias[1] = own_key_bias[warp * 16 + g + 8];
       }
 
       float st[BO / 8][4], dpt[BO / 8][4];
@@ -114,15 +113,16 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
       const std::int64_t j0 = tiles.start(it);
       const int valid_q = tiles.valid(it);
       const std::uint32_t keep = dropout ? dropout_bits<BO / 8>(p, w, kj[0], kj[1], j0, true) : 0u;
+      // Causal: query column col sees key row r iff col >= first[r]; else every column is in range.
+      const int first[2] = {p.causal ? int(imax(-1, kj[0] - shift - j0)) : 0,
+                            p.causal ? int(imax(-1, kj[1] - shift - j0)) : 0};
 #pragma unroll
       for (int n = 0; n < BO / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e >> 1, col = n * 8 + 2 * t + (e & 1);
-          const std::int64_t query = j0 + col;
           const float row_lse = lse[col];
-          const bool valid = col < valid_q && own_bias[r] == 0.0f && row_lse != neg_inf() &&
-                             !(p.causal && query + shift < kj[r]);
+          const bool valid = col < valid_q && own_bias[r] == 0.0f && row_lse != neg_inf() && col >= first[r];
           const float prob = valid ? fast_exp2(st[n][e] * scale_log2 - row_lse * kLog2e) : 0.0f;
           const float z = !dropout ? 1.0f : (keep >> (4 * n + e)) & 1u ? p.dropout_rescale : 0.0f;
           dpt[n][e] = prob >= kSingleKey ? 0.0f : prob * (dpt[n][e] * p.output_scale * z - delta[col]);
@@ -188,9 +188,7 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
       const int valid = tiles.valid(tile);
       load_rows<T, S, BO, D, kThreads>(other(stage, 0), Shape::kOtherPlane, p.k, w, w.key, k0, valid);
       load_rows<T, S, BO, D, kThreads>(other(stage, 1), Shape::kOtherPlane, p.v, w, w.key, k0, valid);
-      for (int c = threadIdx.x; c < BO; c += kThreads)
-        other_floats[stage * 3 * BO + c] =
-            c < valid && !key_padded(p, w.batch, w.row(w.key, k0 + c)) ? 0.0f : neg_inf();
+      key_bias(p, w, k0, valid, BO, other_floats + stage * 3 * BO);
     };
     load_keys(0, 0);
     cp_async_commit();
@@ -233,12 +231,15 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
       const std::int64_t k0 = tiles.start(it);
       const float* bias = other_floats + stage * 3 * BO;
       const std::uint32_t keep = dropout ? dropout_bits<BO / 8>(p, w, qi[0], qi[1], k0, false) : 0u;
+      // Causal: key column col is visible to query row r iff col <= last[r]; else every column is.
+      const int last[2] = {p.causal ? int(imin(BO, qi[0] + shift - k0)) : BO,
+                           p.causal ? int(imin(BO, qi[1] + shift - k0)) : BO};
 #pragma unroll
       for (int n = 0; n < BO / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e >> 1, col = n * 8 + 2 * t + (e & 1);
-          const bool valid = bias[col] == 0.0f && !(p.causal && k0 + col > qi[r] + shift);
+          const bool valid = bias[col] == 0.0f && col <= last[r];
           const float prob = valid ? fast_exp2(s[n][e] * scale_log2 - lse2[r]) : 0.0f;
           const float z = !dropout ? 1.0f : (keep >> (4 * n + e)) & 1u ? p.dropout_rescale : 0.0f;
           s[n][e] = prob >= kSingleKey ? 0.0f : prob * (dp[n][e] * p.output_scale * z - delta[r]);
@@ -267,6 +268,9 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
 template <class T, int D, int S, bool kSparse>
 __global__ void __launch_bounds__(BackwardShape<D, S>::kThreads)
     backward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan) {
+  static_assert(BackwardShape<D, S>::kThreads >= BackwardShape<D, S>::kBlockOther &&
+                    BackwardShape<D, S>::kThreads >= BackwardShape<D, S>::kBlockOwn,
+                "key_bias takes a thread per key row");
   extern __shared__ __align__(16) unsigned char smem[];
   BlockWork w;
   if (!decode<BackwardShape<D, S>::kBlockOwn, kSparse>(p, plan, w)) return;

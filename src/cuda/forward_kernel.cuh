@@ -50,6 +50,7 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
   using M = MmaType<T>;
   constexpr int BM = Shape::kBlockM, BN = Shape::kBlockN, kStride = Shape::kStride, kRowBytes = kStride * 2;
   constexpr int kThreads = Shape::kThreads, kStages = Shape::kStages;
+  static_assert(kThreads >= BN, "key_bias takes a thread per key column");
 
   extern __shared__ __align__(16) unsigned char smem[];
   std::uint16_t* sQ = reinterpret_cast<std::uint16_t*>(smem);
@@ -76,8 +77,7 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
       const int valid = tiles.valid(tile);
       load_rows<T, S, BN, D, kThreads>(sK + stage * Shape::kKvElems, Shape::kKvPlane, p.k, w, w.key, k0, valid);
       load_rows<T, S, BN, D, kThreads>(sV + stage * Shape::kKvElems, Shape::kKvPlane, p.v, w, w.key, k0, valid);
-      for (int c = threadIdx.x; c < BN; c += kThreads)
-        sBias[stage * BN + c] = c < valid && !key_padded(p, w.batch, w.row(w.key, k0 + c)) ? 0.0f : neg_inf();
+      key_bias(p, w, k0, valid, BN, sBias + stage * BN);
     };
     load_rows<T, S, BM, D, kThreads>(sQ, Shape::kQPlane, p.q, w, w.query, w.tile_begin, w.tile_rows);
     load_kv(0, 0);
@@ -115,17 +115,19 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
 
       // Scale into the log2 domain, mask (padding, past the group, causal), online softmax.
       const std::int64_t k0 = tiles.start(it);
-      const bool diagonal = p.causal && k0 + BN - 1 > w.tile_begin + warp * 16 + shift;
       const float* bias = sBias + stage * BN;
 #pragma unroll
       for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = n * 8 + 2 * t + (e & 1);
-          float x = s[n][e] * scale_log2 + bias[col];
-          if (diagonal && k0 + col > qi[e >> 1] + shift) x = neg_inf();
-          s[n][e] = x;
-        }
+        for (int e = 0; e < 4; ++e) s[n][e] = s[n][e] * scale_log2 + bias[n * 8 + 2 * t + (e & 1)];
+      if (p.causal && k0 + BN - 1 > w.tile_begin + warp * 16 + shift) {  // a tile on the diagonal
+        const int last[2] = {int(qi[0] + shift - k0), int(qi[1] + shift - k0)};  // the last visible column
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (n * 8 + 2 * t + (e & 1) > last[e >> 1]) s[n][e] = neg_inf();
+      }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float mx = neg_inf();

@@ -41,6 +41,12 @@ struct BlockWork {
   __device__ std::int64_t original(std::int64_t pos) const { return index && pos < seqlen ? index[pos] : pos; }
   __device__ std::int64_t position(const Side& s, std::int64_t j) const { return original(s.first + j * stride); }
   __device__ std::int64_t row(const Side& s, std::int64_t j) const { return position(s, j) - s.row_offset; }
+  // row() in 32-bit arithmetic, for the tile loads' inner loops (CUDA calls hold N <= 2^30 rows).
+  __device__ int row32(const Side& s, int j) const {
+    int pos = int(s.first) + j * int(stride);
+    if (index && pos < int(seqlen)) pos = int(index[pos]);
+    return pos - int(s.row_offset);
+  }
 };
 
 __device__ __forceinline__ std::int64_t imin(std::int64_t a, std::int64_t b) { return a < b ? a : b; }
@@ -243,9 +249,16 @@ __device__ __forceinline__ const float* delta_pointer(const detail::DilatedParam
   return p.softmax_delta + (batch * p.heads + head) * p.seqlen + row;
 }
 
-__device__ __forceinline__ bool key_padded(const detail::DilatedParams& p, std::int64_t batch, std::int64_t position) {
-  return p.key_padding_mask != nullptr &&
-         p.key_padding_mask[batch * p.mask_batch_stride + position * p.mask_row_stride] != 0;
+// The additive bias of a tile's `rows` key columns starting at side index j0 (0, or -inf for the
+// columns past `valid` and the padded keys), written by the first `rows` threads.
+__device__ __forceinline__ void key_bias(const detail::DilatedParams& p, const BlockWork& w, std::int64_t j0, int valid,
+                                         int rows, float* bias) {
+  const int c = threadIdx.x;
+  if (c >= rows) return;
+  bool keep = c < valid;
+  if (keep && p.key_padding_mask != nullptr)
+    keep = p.key_padding_mask[w.batch * p.mask_batch_stride + std::int64_t(w.row32(w.key, int(j0) + c)) * p.mask_row_stride] == 0;
+  bias[c] = keep ? 0.0f : neg_inf();
 }
 
 // Dropout keep bits of one warp's 16-row score tile in accumulator layout: bit 4n+e belongs to
@@ -326,15 +339,17 @@ template <class T, int S, int kRows, int D, int kThreads>
 __device__ __forceinline__ void load_rows(std::uint16_t* smem, int plane_elems, const detail::Operand& x,
                                           const BlockWork& w, const Side& side, std::int64_t j0, int valid) {
   constexpr int kStride = D + 8;
+  const T* base = static_cast<const T*>(x.data) + w.batch * x.batch_stride + w.head * x.head_stride;
+  const int first = int(j0);
   if constexpr (sizeof(T) == 2) {
     constexpr int kChunks = D / 8;  // 16-byte chunks per row
-    const std::uint32_t base = smem_address(smem);
+    const std::uint32_t smem_base = smem_address(smem);
 #pragma unroll
     for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
       const int row = c / kChunks, col = (c % kChunks) * 8;
       const bool ok = row < valid;
-      const T* src = ok ? row_pointer<const T>(x, w.batch, w.head, w.row(side, j0 + row)) + col : static_cast<const T*>(x.data);
-      cp_async_16(base + (row * kStride + col) * 2, src, ok);
+      const T* src = ok ? base + std::int64_t(w.row32(side, first + row)) * x.row_stride + col : base;
+      cp_async_16(smem_base + (row * kStride + col) * 2, src, ok);
     }
   } else {
     constexpr int kChunks = D / 4;
@@ -343,7 +358,7 @@ __device__ __forceinline__ void load_rows(std::uint16_t* smem, int plane_elems, 
       const int row = c / kChunks, col = (c % kChunks) * 4;
       float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
       if (row < valid)
-        v = *reinterpret_cast<const float4*>(row_pointer<const float>(x, w.batch, w.head, w.row(side, j0 + row)) + col);
+        v = *reinterpret_cast<const float4*>(base + std::int64_t(w.row32(side, first + row)) * x.row_stride + col);
       std::uint32_t lo[S], hi[S];
       split2<S>(v.x, v.y, lo);
       split2<S>(v.z, v.w, hi);
