@@ -63,7 +63,11 @@ def make_flex(blocks, N, bs, device):
     if bs == 128:
         counts = token_blocks.sum(-1, dtype=torch.int32)
         order = torch.argsort((~token_blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        block_mask = BlockMask.from_kv_blocks(counts[None, None], order[None, None], BLOCK_SIZE=bs, seq_lengths=(N, N))
+        try:
+            block_mask = BlockMask.from_kv_blocks(counts[None, None], order[None, None], BLOCK_SIZE=bs,
+                                                  seq_lengths=(N, N))
+        except TypeError:  # a torch without seq_lengths: N is a multiple of the block here
+            block_mask = BlockMask.from_kv_blocks(counts[None, None], order[None, None], BLOCK_SIZE=bs)
     else:
         def mask_mod(b, h, q_idx, kv_idx):
             return token_blocks[q_idx // bs, kv_idx // bs]
