@@ -166,6 +166,9 @@ def markdown(rows, device):
 
 
 def main():
+    # Every shape, dtype and grad mode is a recompile of flex_attention; past dynamo's default limit
+    # (8) it falls back to the unfused path that materialises N² scores.
+    torch._dynamo.config.recompile_limit = 64
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="n2048,n65536")
     ap.add_argument("--json")

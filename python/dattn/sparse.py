@@ -81,14 +81,12 @@ class _BlockSparseFunction(torch.autograd.Function):
         dout = _ops._gradient(grad_out, out)
         dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
         block_size, is_causal, scale, dropout_p, seed = ctx.config
-        # CUDA: a [B, H, N] float32 workspace for the delta pass, as the dilated backward takes.
-        workspace = torch.empty(q.size(0) * q.size(1) * q.size(2), dtype=torch.float32, device=q.device) \
-            if q.is_cuda else None
+        # No delta workspace (unlike the dilated backward): the kernel's blocks compute rowsum(dO∘O)
+        # themselves, which keeps the backward's peak memory at its inputs and gradients.
         _C.block_sparse_backward(ctx.mask, *(_ops._view(t) for t in (q, k, v, out, lse, dout, dq, dk, dv)),
                                  block_size, is_causal, scale,
                                  None if key_padding_mask is None else _ops._view(key_padding_mask), dropout_p, seed,
-                                 _ops._stream(q), 0 if workspace is None else workspace.data_ptr(),
-                                 0 if workspace is None else 4 * workspace.numel())
+                                 _ops._stream(q))
         return (dq, dk, dv) + (None,) * 7
 
 

@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -95,18 +96,31 @@ __global__ void convert_kernel(const float* from, Rows4 to) {
   for (std::int64_t d = threadIdx.x; d < to.D; d += blockDim.x) dst[d] = from_float<T>(from[row * to.D + d]);
 }
 
-// One warp per (b, n, h) row; delta laid out [B, H, N].
-template <class T>
-__global__ void row_dot_kernel(Rows4 dout, Rows4 out, float* delta, std::int64_t rows) {
-  const std::int64_t row = (blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x) / 32;
+// kLanes lanes per (b, n, h) row, each summing 16-byte chunks (rows 16-byte aligned; else kLanes =
+// 32 with one element at a time); delta laid out [B, H, N]. Rows are numbered with h fastest.
+template <class T, int kLanes, bool kVector>
+__global__ void row_dot_kernel(Rows4 dout, Rows4 out, float* delta, unsigned rows) {
+  const unsigned thread = blockIdx.x * blockDim.x + threadIdx.x, row = thread / kLanes, lane = thread % kLanes;
   if (row >= rows) return;
-  const std::int64_t h = row % out.H, n = row / out.H % out.N, b = row / (out.H * out.N);
+  const unsigned H = unsigned(out.H), N = unsigned(out.N), h = row % H, n = row / H % N, b = row / (H * N);
   const T* g = static_cast<const T*>(dout.data) + b * dout.s0 + n * dout.s1 + h * dout.s2;
   const T* o = static_cast<const T*>(out.data) + b * out.s0 + n * out.s1 + h * out.s2;
   float sum = 0.0f;
-  for (std::int64_t d = threadIdx.x % 32; d < out.D; d += 32) sum += to_float(g[d]) * to_float(o[d]);
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if (threadIdx.x % 32 == 0) delta[(b * out.H + h) * out.N + n] = sum;
+  if constexpr (kVector) {
+    constexpr int kPer = 16 / int(sizeof(T));
+    for (int d = int(lane) * kPer; d < int(out.D); d += kLanes * kPer) {
+      const uint4 gv = *reinterpret_cast<const uint4*>(g + d), ov = *reinterpret_cast<const uint4*>(o + d);
+      const T* ge = reinterpret_cast<const T*>(&gv);
+      const T* oe = reinterpret_cast<const T*>(&ov);
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) sum += to_float(ge[i]) * to_float(oe[i]);
+    }
+  } else {
+    for (int d = int(lane); d < int(out.D); d += kLanes) sum += to_float(g[d]) * to_float(o[d]);
+  }
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset, kLanes);
+  if (lane == 0) delta[(std::size_t(b) * H + h) * N + n] = sum;
 }
 
 template <class F>
@@ -191,10 +205,23 @@ void store_converted(const float* from, const TensorView& to, void* stream) {
 void row_dot(const TensorView& dout, const TensorView& out, float* delta, void* stream) {
   const std::int64_t rows = out.shape[0] * out.shape[1] * out.shape[2];
   if (rows == 0) return;
+  if (rows > std::int64_t(UINT32_MAX / 32)) throw Error("row_dot: " + std::to_string(rows) + " rows; expected fewer than 2^27");
+  auto aligned = [](const TensorView& x) {
+    const std::int64_t bytes = std::int64_t(dtype_size(x.dtype));
+    return reinterpret_cast<std::uintptr_t>(x.data) % 16 == 0 && (x.shape[3] * bytes) % 16 == 0 &&
+           (x.strides[0] * bytes) % 16 == 0 && (x.strides[1] * bytes) % 16 == 0 && (x.strides[2] * bytes) % 16 == 0;
+  };
+  const bool vector = aligned(dout) && aligned(out);
   by_float(out.dtype, [&](auto t) {
     using T = decltype(t);
-    row_dot_kernel<T><<<blocks((rows * 32 + kThreads - 1) / kThreads), kThreads, 0, as_stream(stream)>>>(
-        rows_of(dout), rows_of(out), delta, rows);
+    if (vector) {
+      constexpr int kLanes = 8;
+      row_dot_kernel<T, kLanes, true><<<blocks((rows * kLanes + kThreads - 1) / kThreads), kThreads, 0, as_stream(stream)>>>(
+          rows_of(dout), rows_of(out), delta, unsigned(rows));
+    } else {
+      row_dot_kernel<T, 32, false><<<blocks((rows * 32 + kThreads - 1) / kThreads), kThreads, 0, as_stream(stream)>>>(
+          rows_of(dout), rows_of(out), delta, unsigned(rows));
+    }
   });
   check("ring row dot");
 }
