@@ -84,6 +84,7 @@ struct DilatedParams {
   std::int64_t global_length = 0;
   std::int64_t key_begin = 0, key_end = 0;
   const std::int64_t* position_index = nullptr;  // Hilbert: curve position -> original position
+  bool position_index_checked = false;           // a device map the caller vouches for (no check)
   // Block-sparse attention (block_size > 0, no branches): CSR of the allowed key blocks of each
   // query block and its transpose, per head or shared (block_mask_heads == 1).
   std::int64_t block_size = 0, query_blocks = 0, key_blocks = 0, block_mask_heads = 0;

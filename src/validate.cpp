@@ -234,6 +234,7 @@ DilatedParams base_params(const CommonSettings& settings, const TensorView& q, c
   p.dropout_offset = settings.dropout_offset;
 
   if (options.position_index) p.position_index = options.position_index->ptr<std::int64_t>();
+  p.position_index_checked = options.position_index_checked;
   p.stream = options.stream;
   p.workspace = options.workspace;
   p.workspace_bytes = options.workspace_bytes;

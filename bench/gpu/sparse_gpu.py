@@ -8,7 +8,10 @@ medians after warm-up (min, max too) over input sets rotated past L2, as in peer
 count the allowed token pairs (4·B·H·pairs·D; fwd+bwd 3.5×); peak MB is the allocator's peak
 above what was allocated before the inputs.
 
-Usage: sparse_gpu.py [--shapes n2048,n65536] [--json FILE] [--markdown FILE]
+Then Hilbert-ordered dilated attention (the index map inside the kernels) beside the same call in
+row-major order, with the locality each order gives (mean grid extent of a segment's tokens).
+
+Usage: sparse_gpu.py [--shapes n2048,n65536] [--no-hilbert] [--json FILE] [--markdown FILE]
 """
 import argparse
 import datetime
@@ -143,6 +146,79 @@ def run_shape(name, args):
     return rows
 
 
+HILBERT = {  # name: (B, grid, H, D, segment_lengths, dilation_rates)
+    "seed": (2, (32, 64), 12, 64, [512, 1024, 2048], [1, 2, 4]),
+    "long64k": (1, (256, 256), 12, 64, [2048, 4096, 8192, 16384], [1, 2, 4, 8]),
+}
+
+
+def mean_extent(order, width, w, r):
+    """Mean bounding box (grid rows, grid columns) of the tokens one segment of a branch selects,
+    over the branches (branch i: offset i mod r_i), visiting the tokens in `order`."""
+    N = order.numel()
+    rows, cols, count = 0.0, 0.0, 0
+    for i, (wi, ri) in enumerate(zip(w, r)):
+        wi = min(wi, N)
+        sel = order.view(-1, wi)[:, i % ri::ri] if N % wi == 0 else None
+        if sel is None:
+            continue
+        y, x = sel // width, sel % width
+        rows += (y.max(1).values - y.min(1).values + 1).double().sum().item()
+        cols += (x.max(1).values - x.min(1).values + 1).double().sum().item()
+        count += sel.size(0)
+    return rows / count, cols / count
+
+
+def run_hilbert(args):
+    """Hilbert order (the index map inside the kernels) beside plain dilated attention, bf16."""
+    from dattn.hilbert import hilbert_order
+    rows = []
+    for name, (B, grid, H, D, w, r) in HILBERT.items():
+        N = grid[0] * grid[1]
+        order = hilbert_order(N, grid)
+        locality = dict(row_major=mean_extent(torch.arange(N), grid[1], w, r), hilbert=mean_extent(order, grid[1], w, r))
+        R = Runner(dict(B=B, N=N, H=H, D=D), torch.bfloat16, args)
+        flops = dattn._C.forward_flops(w, r, "grouped", False, B, N, H, D)
+        impls = {"dattn dilated_attention (row-major order)": lambda q, k, v: dattn.dilated_attention(q, k, v, w, r),
+                 "dattn hilbert_dilated_attention (index map)":
+                     lambda q, k, v: dattn.hilbert_dilated_attention(q, k, v, w, r, grid_shape=grid)}
+        # Check: the index map equals attention over permuted copies, put back in place.
+        q, k, v = R.inputs(seed=7)
+        idx = order.to(R.dev)
+        with torch.no_grad():
+            got = impls["dattn hilbert_dilated_attention (index map)"](q, k, v)
+            ref = torch.empty_like(got)
+            ref[:, idx] = dattn.dilated_attention(q[:, idx], k[:, idx], v[:, idx], w, r)
+        err = rel_err(got, ref)
+        del q, k, v, got, ref
+        for impl, fn in impls.items():
+            row = dict(impl=impl, shape=name, grid=list(grid), B=B, N=N, H=H, D=D, w=w, r=r, dtype="bfloat16",
+                       check_rel_err=err if "hilbert" in impl else None, locality=locality)
+            row.update(R.measure(impl, lambda: [tuple(R.inputs(grad=True, seed=s)) for s in range(R.sets)], fn, flops))
+            rows.append(row)
+            print(f"  {impl} {name}: fwd {row['fwd']['ms']:.3f} ms, fwd+bwd {row['fwdbwd']['ms']:.3f} ms",
+                  file=sys.stderr, flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def hilbert_markdown(rows):
+    lines = ["", "## Hilbert order beside row-major order (dilated attention, bf16, grouped mode)", "",
+             "| config | order | check | fwd ms (min–max) | fwd+bwd ms (min–max) | fwd cost | fwd+bwd cost | "
+             "segment extent (grid rows × cols) |", "|---|---|---|---|---|---|---|---|"]
+    for plain, hilbert in zip(rows[0::2], rows[1::2]):
+        for r, key in ((plain, "row_major"), (hilbert, "hilbert")):
+            f, fb = r["fwd"], r["fwdbwd"]
+            h, wdt = r["locality"][key]
+            check = "" if r["check_rel_err"] is None else f"{r['check_rel_err']:.1e}"
+            cost = ("", "") if r is plain else (f"{100 * (f['ms'] / plain['fwd']['ms'] - 1):+.1f}%",
+                                               f"{100 * (fb['ms'] / plain['fwdbwd']['ms'] - 1):+.1f}%")
+            lines.append(f"| {r['shape']} B{r['B']} grid {r['grid'][0]}×{r['grid'][1]} H{r['H']} D{r['D']} w={r['w']} "
+                         f"r={r['r']} | {key.replace('_', '-')} | {check} | {f['ms']:.3f} ({f['min']:.3f}–{f['max']:.3f}) | "
+                         f"{fb['ms']:.3f} ({fb['min']:.3f}–{fb['max']:.3f}) | {cost[0]} | {cost[1]} | {h:.1f} × {wdt:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows, device):
     lines = [f"# Block-sparse attention on {device}, {datetime.date.today()} (bench/gpu/sparse_gpu.py)", "",
              "Medians of CUDA-event timings (min–max); TFLOP/s over allowed pairs (fwd+bwd 3.5× fwd); "
@@ -171,19 +247,22 @@ def main():
     torch._dynamo.config.recompile_limit = 64
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="n2048,n65536")
+    ap.add_argument("--no-hilbert", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     args = ap.parse_args()
     rows = []
     for name in args.shapes.split(","):
         rows += run_shape(name, args)
+    hilbert = [] if args.no_hilbert else run_hilbert(args)
     device = torch.cuda.get_device_name()
-    text = markdown(rows, device)
+    text = markdown(rows, device) + (hilbert_markdown(hilbert) if hilbert else "")
     print(text)
     if args.markdown:
         open(args.markdown, "w").write(text)
     if args.json:
-        json.dump(dict(device=device, date=str(datetime.date.today()), torch=torch.__version__, rows=rows),
+        json.dump(dict(device=device, date=str(datetime.date.today()), torch=torch.__version__, rows=rows,
+                       hilbert=hilbert),
                   open(args.json, "w"), indent=1)
 
 

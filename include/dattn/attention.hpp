@@ -44,6 +44,10 @@ struct LaunchOptions {
   // Attend in this order: [N] int64, curve position -> original row (dattn/hilbert.hpp makes
   // Hilbert orders). Results stay in the original order; causal compares original positions.
   std::optional<TensorView> position_index;
+  // A device position_index is checked to be a permutation on every call, which copies it to the
+  // host and synchronises the stream; true skips that for a map the caller knows to be one (made
+  // by dattn/hilbert.hpp's functions, say). A host map is always checked (no synchronisation).
+  bool position_index_checked = false;
 };
 
 void forward(const DilatedConfig& config, const TensorView& q, const TensorView& k,

@@ -186,8 +186,10 @@ def _stream(t: Tensor) -> int:
 
 
 def _config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p, seed,
-                 use_tf32, stream, position_index=None):
-    return dict(segment_lengths=list(segment_lengths), dilation_rates=list(dilation_rates), mode=mode,
+                 use_tf32, stream, position_index=None, position_index_checked=False):
+    # position_index_checked: a CUDA index map dattn made itself (a Hilbert order), which the core
+    # then does not re-check (the check copies it to the host and synchronises).
+    return dict(position_index_checked=bool(position_index_checked) and position_index is not None,segment_lengths=list(segment_lengths), dilation_rates=list(dilation_rates), mode=mode,
                 causal=bool(is_causal), scale=scale,
                 key_padding_mask=None if key_padding_mask is None else _view(key_padding_mask),
                 dropout_p=float(dropout_p), dropout_seed=int(seed), dropout_offset=0,
@@ -196,13 +198,13 @@ def _config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, s
 
 
 def _forward_impl(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode,
-                   dropout_p, seed, use_tf32, position_index=None) -> Tuple[Tensor, Tensor]:
+                   dropout_p, seed, use_tf32, position_index=None, position_index_checked=False) -> Tuple[Tensor, Tensor]:
     B, N, H, D = q.shape
     out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     _C.forward(_view(q), _view(k), _view(v), _view(out), _view(lse),
                **_config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
-                              seed, use_tf32, _stream(q), position_index))
+                              seed, use_tf32, _stream(q), position_index, position_index_checked))
     return out, lse
 
 
@@ -218,26 +220,27 @@ def _gradient(dout: Optional[Tensor], out: Tensor) -> Tensor:
 
 
 def _backward_views(dout, q, k, v, out, lse, dq, dk, dv, key_padding_mask, segment_lengths, dilation_rates,
-                    is_causal, scale, mode, dropout_p, seed, use_tf32, position_index=None) -> None:
+                    is_causal, scale, mode, dropout_p, seed, use_tf32, position_index=None,
+                    position_index_checked=False) -> None:
     # CUDA: a [B, H, N] float32 workspace for the delta pass (the caching allocator makes it cheap,
     # and it stays valid for the kernels queued on this stream).
     workspace = torch.empty(q.size(0) * q.size(1) * q.size(2), dtype=torch.float32, device=q.device) \
         if q.device.type == "cuda" else None
     _C.backward(_view(q), _view(k), _view(v), _view(out), _view(lse), _view(dout), _view(dq), _view(dk), _view(dv),
                 **_config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
-                               seed, use_tf32, _stream(q), position_index),
+                               seed, use_tf32, _stream(q), position_index, position_index_checked),
                 workspace=0 if workspace is None else workspace.data_ptr(),
                 workspace_bytes=0 if workspace is None else 4 * workspace.numel())
 
 
 def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale,
-                   mode, dropout_p, seed, use_tf32, position_index=None):
+                   mode, dropout_p, seed, use_tf32, position_index=None, position_index_checked=False):
     dout = _gradient(dout, out)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _backward_views(dout, q, k, v, out, lse, dq, dk, dv, key_padding_mask, segment_lengths, dilation_rates,
-                    is_causal, scale, mode, dropout_p, seed, use_tf32, position_index)
+                    is_causal, scale, mode, dropout_p, seed, use_tf32, position_index, position_index_checked)
     return dq, dk, dv
 
 

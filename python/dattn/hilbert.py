@@ -27,6 +27,12 @@ def _order(seqlen: int, grid_shape: Optional[Tuple[int, int]]) -> Tensor:
     return torch.tensor(values, dtype=torch.int64)
 
 
+@lru_cache(maxsize=64)
+def _order_on(seqlen: int, grid_shape: Optional[Tuple[int, int]], device: torch.device) -> Tensor:
+    """hilbert_order on `device`, made once (no host-to-device copy per call)."""
+    return hilbert_order(seqlen, grid_shape).to(device)
+
+
 def hilbert_order(seqlen: int, grid_shape: Optional[Sequence[int]] = None) -> Tensor:
     """Original token indices in curve order, int64 ``[seqlen]``. With ``grid_shape=(H, W)`` the
     tokens are the grid's cells row by row (``H·W`` must equal ``seqlen``); without it they are laid
@@ -46,11 +52,12 @@ def hilbert_order(seqlen: int, grid_shape: Optional[Sequence[int]] = None) -> Te
 class _HilbertFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, order, segment_lengths, dilation_rates, is_causal, scale, mode,
-                dropout_p, seed):
+                dropout_p, seed, order_checked):
         out, lse = _ops._forward_impl(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale,
-                                      mode, dropout_p, seed, False, order)
+                                      mode, dropout_p, seed, False, order, order_checked)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, order)
         ctx.config = (segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p, seed, False)
+        ctx.order_checked = order_checked
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -59,8 +66,8 @@ class _HilbertFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, key_padding_mask, order = ctx.saved_tensors
         dq, dk, dv = _ops._backward_impl(grad_out, q, k, v, out, lse, key_padding_mask, *ctx.config,
-                                         position_index=order)
-        return (dq, dk, dv) + (None,) * 9
+                                         position_index=order, position_index_checked=ctx.order_checked)
+        return (dq, dk, dv) + (None,) * 10
 
 
 def hilbert_dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
@@ -76,14 +83,15 @@ def hilbert_dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: 
     scale = _ops.check_scale(scale)
     dropout_p = _ops.check_dropout(dropout_p)
     _ops.check_key_padding_mask(key_padding_mask, q.size(0), q.size(1), q.device)
+    order_checked = order is None  # dattn's own Hilbert order is a permutation: no per-call check
     if order is None:
-        order = hilbert_order(q.size(1), grid_shape)
+        order = _order_on(q.size(1), None if grid_shape is None else tuple(int(x) for x in grid_shape), q.device)
     elif not isinstance(order, Tensor) or order.dtype != torch.int64 or order.shape != (q.size(1),):
         raise ValueError(f"order must be an int64 tensor of shape [{q.size(1)}] (a permutation of range(N))")
     seed = _ops.draw_dropout_seed() if dropout_p > 0.0 else 0
     # On CUDA the index map lives on q's device (causal Hilbert order is refused there so far).
     out, lse = _HilbertFunction.apply(q, k, v, key_padding_mask, order.to(q.device).contiguous(), segment_lengths,
-                                      dilation_rates, bool(is_causal), scale, mode, dropout_p, seed)
+                                      dilation_rates, bool(is_causal), scale, mode, dropout_p, seed, order_checked)
     return (out, lse) if return_lse else out
 
 

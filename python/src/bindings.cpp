@@ -73,7 +73,7 @@ Call make_call(const std::vector<std::int64_t>& segment_lengths,
                std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask,
                double dropout_p, std::uint64_t dropout_seed, std::uint64_t dropout_offset,
                bool use_tf32, const std::string& backend, std::uintptr_t stream,
-               const std::optional<ViewSpec>& position_index) {
+               const std::optional<ViewSpec>& position_index, bool position_index_checked) {
   Call call;
   call.config.segment_lengths = segment_lengths;
   call.config.dilation_rates = dilation_rates;
@@ -87,7 +87,10 @@ Call make_call(const std::vector<std::int64_t>& segment_lengths,
   call.config.use_tf32 = use_tf32;
   call.options.backend = to_backend(backend);
   call.options.stream = reinterpret_cast<void*>(stream);
-  if (position_index) call.options.position_index = to_view(*position_index, "position_index");
+  if (position_index) {
+    call.options.position_index = to_view(*position_index, "position_index");
+    call.options.position_index_checked = position_index_checked;
+  }
   return call;
 }
 
@@ -103,9 +106,9 @@ void forward(const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const View
              std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask,
              double dropout_p, std::uint64_t dropout_seed, std::uint64_t dropout_offset, bool use_tf32,
              const std::string& backend, std::uintptr_t stream, const std::optional<ViewSpec>& position_index,
-             const std::optional<RingStepSpec>& ring_step) {
-  Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, key_padding_mask,
-                        dropout_p, dropout_seed, dropout_offset, use_tf32, backend, stream, position_index);
+             const std::optional<RingStepSpec>& ring_step, bool position_index_checked) {
+  Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, key_padding_mask, dropout_p,
+                        dropout_seed, dropout_offset, use_tf32, backend, stream, position_index, position_index_checked);
   if (ring_step) call.options.ring_step = to_step(*ring_step);
   const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
   const auto ov = to_view(out, "out"), lv = to_view(lse, "lse");
@@ -120,9 +123,10 @@ void backward(const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const Vie
               std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask,
               double dropout_p, std::uint64_t dropout_seed, std::uint64_t dropout_offset,
               bool use_tf32, const std::string& backend, std::uintptr_t stream,
-              const std::optional<ViewSpec>& position_index, std::uintptr_t workspace, std::size_t workspace_bytes) {
-  Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, key_padding_mask,
-                        dropout_p, dropout_seed, dropout_offset, use_tf32, backend, stream, position_index);
+              const std::optional<ViewSpec>& position_index, std::uintptr_t workspace, std::size_t workspace_bytes,
+              bool position_index_checked) {
+  Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, key_padding_mask, dropout_p,
+                        dropout_seed, dropout_offset, use_tf32, backend, stream, position_index, position_index_checked);
   call.options.workspace = reinterpret_cast<void*>(workspace);
   call.options.workspace_bytes = workspace_bytes;
   const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
@@ -182,7 +186,7 @@ dattn::DilatedConfig ring_config(const std::vector<std::int64_t>& segment_length
                                  std::optional<double> scale, const std::optional<ViewSpec>& key_padding_mask,
                                  double dropout_p, std::uint64_t dropout_seed) {
   return make_call(segment_lengths, dilation_rates, mode, causal, scale, key_padding_mask, dropout_p, dropout_seed, 0,
-                   false, "automatic", 0, std::nullopt)
+                   false, "automatic", 0, std::nullopt, false)
       .config;
 }
 
@@ -222,13 +226,13 @@ NB_MODULE(_C, m) {
   m.def("forward", &forward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "segment_lengths"_a,
         "dilation_rates"_a, "mode"_a, "causal"_a, "scale"_a.none(), "key_padding_mask"_a.none(),
         "dropout_p"_a, "dropout_seed"_a, "dropout_offset"_a, "use_tf32"_a, "backend"_a, "stream"_a,
-        "position_index"_a.none() = nb::none(), "ring_step"_a.none() = nb::none(),
+        "position_index"_a.none() = nb::none(), "ring_step"_a.none() = nb::none(), "position_index_checked"_a = false,
         "Writes out [B, N, H, D] and lse [B, H, N] (float32) of dilated attention (SPEC.md).");
   m.def("backward", &backward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dout"_a, "dq"_a, "dk"_a,
         "dv"_a, "segment_lengths"_a, "dilation_rates"_a, "mode"_a, "causal"_a, "scale"_a.none(),
         "key_padding_mask"_a.none(), "dropout_p"_a, "dropout_seed"_a, "dropout_offset"_a,
         "use_tf32"_a, "backend"_a, "stream"_a, "position_index"_a.none() = nb::none(), "workspace"_a = 0,
-        "workspace_bytes"_a = 0,
+        "workspace_bytes"_a = 0, "position_index_checked"_a = false,
         "Writes dq, dk, dv given dout and the out and lse that forward wrote (CUDA: a workspace of "
         "B*H*N float32 lets it compute delta once, before the kernel).");
   m.def("forward_flops", &forward_flops, "segment_lengths"_a, "dilation_rates"_a, "mode"_a,

@@ -193,7 +193,7 @@ void check_supported(const DilatedParams& p) {
 // A device index map must be a permutation of [0, N) like a host one (validate.cpp checks those):
 // copied to the host in stream order and checked once per call (a synchronisation).
 void check_position_index(const DilatedParams& p) {
-  if (p.position_index == nullptr) return;
+  if (p.position_index == nullptr || p.position_index_checked) return;
   std::vector<std::int64_t> index(std::size_t(p.seqlen));
   const auto stream = static_cast<cudaStream_t>(p.stream);
   if (cudaMemcpyAsync(index.data(), p.position_index, index.size() * sizeof(std::int64_t), cudaMemcpyDeviceToHost,
