@@ -89,7 +89,7 @@ def hilbert_dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: 
     elif not isinstance(order, Tensor) or order.dtype != torch.int64 or order.shape != (q.size(1),):
         raise ValueError(f"order must be an int64 tensor of shape [{q.size(1)}] (a permutation of range(N))")
     seed = _ops.draw_dropout_seed() if dropout_p > 0.0 else 0
-    # On CUDA the index map lives on q's device (causal Hilbert order is refused there so far).
+    # On CUDA the index map lives on q's device.
     out, lse = _HilbertFunction.apply(q, k, v, key_padding_mask, order.to(q.device).contiguous(), segment_lengths,
                                       dilation_rates, bool(is_causal), scale, mode, dropout_p, seed, order_checked)
     return (out, lse) if return_lse else out

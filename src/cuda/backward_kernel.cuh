@@ -18,7 +18,7 @@ namespace dattn::cuda {
 // that a row attending a single key gets the exactly-zero gradient the reference gives it.
 inline constexpr float kSingleKey = 0.99999f;
 
-template <class T, int D, int S, bool kSparse>
+template <class T, int D, int S, Walk kWalk>
 __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool accumulate, const BlockWork& w,
                                            unsigned char* smem) {
   using Shape = BackwardShape<D, S>;
@@ -42,8 +42,12 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
 
   const std::int64_t shift = w.causal_shift;
   const Side& qs = w.query;
-  const auto tiles = other_tiles<BO, kSparse>(p, w);
+  const auto tiles = other_tiles<BO, kWalk>(p, w);
   const bool delta_given = p.softmax_delta != nullptr;
+  // Causal attention under an index map compares original positions, element by element.
+  const bool causal_by_position = kWalk == Walk::indexed && p.causal;
+  const int key_position[2] = {causal_by_position ? w.position32(w.key, int(kj[0])) : 0,
+                               causal_by_position ? w.position32(w.key, int(kj[1])) : 0};
   if (w.tile_rows > 0 && tiles.count > 0) {
     load_rows<T, S, BW, D, kThreads>(sK, Shape::kOwnPlane, p.k, w, w.key, w.tile_begin, w.tile_rows);
     load_rows<T, S, BW, D, kThreads>(sV, Shape::kOwnPlane, p.v, w, w.key, w.tile_begin, w.tile_rows);
@@ -61,6 +65,8 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
         cp_async_4(smem_address(other_floats + stage * 3 * BO + c), lse_pointer(p, w.batch, w.head, row), ok);
         if (delta_given)
           cp_async_4(smem_address(other_floats + stage * 3 * BO + BO + c), delta_pointer(p, w.batch, w.head, row), ok);
+        if (causal_by_position)
+          reinterpret_cast<int*>(other_floats + stage * 3 * BO + 2 * BO)[c] = ok ? w.position32(qs, int(j0) + c) : 0;
       }
     };
     load_queries(0, 0);
@@ -85,6 +91,7 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
       __syncthreads();
       const float* lse = other_floats + stage * 3 * BO;
       float* delta = other_floats + stage * 3 * BO + BO;
+      const int* query_position = reinterpret_cast<const int*>(other_floats + stage * 3 * BO + 2 * BO);
       if (!delta_given && warp * 16 < BO) {  // delta = rowsum(dO∘O) of 16 queries per warp, as dPᵀ = V·dOᵀ is computed
         float d[2];
         diagonal_dot<M, S, D>(d, smem_address(other(stage, 2) + warp * 16 * kStride),
@@ -114,15 +121,17 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
       const int valid_q = tiles.valid(it);
       const std::uint32_t keep = dropout ? dropout_bits<BO / 8>(p, w, kj[0], kj[1], j0, true) : 0u;
       // Causal: query column col sees key row r iff col >= first[r]; else every column is in range.
-      const int first[2] = {p.causal ? int(imax(-1, kj[0] - shift - j0)) : 0,
-                            p.causal ? int(imax(-1, kj[1] - shift - j0)) : 0};
+      const bool causal_by_order = p.causal && !causal_by_position;  // side order is position order
+      const int first[2] = {causal_by_order ? int(imax(-1, kj[0] - shift - j0)) : 0,
+                            causal_by_order ? int(imax(-1, kj[1] - shift - j0)) : 0};
 #pragma unroll
       for (int n = 0; n < BO / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e >> 1, col = n * 8 + 2 * t + (e & 1);
           const float row_lse = lse[col];
-          const bool valid = col < valid_q && own_bias[r] == 0.0f && row_lse != neg_inf() && col >= first[r];
+          const bool valid = col < valid_q && own_bias[r] == 0.0f && row_lse != neg_inf() && col >= first[r] &&
+                             !(causal_by_position && query_position[col] < key_position[r]);
           const float prob = valid ? fast_exp2(st[n][e] * scale_log2 - row_lse * kLog2e) : 0.0f;
           const float z = !dropout ? 1.0f : (keep >> (4 * n + e)) & 1u ? p.dropout_rescale : 0.0f;
           dpt[n][e] = prob >= kSingleKey ? 0.0f : prob * (dpt[n][e] * p.output_scale * z - delta[col]);
@@ -154,7 +163,7 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
   if (!accumulate) zero_unselected<T, D, kThreads>(p, w, &p.dk, &p.dv, false);
 }
 
-template <class T, int D, int S, bool kSparse>
+template <class T, int D, int S, Walk kWalk>
 __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool accumulate, const BlockWork& w,
                                          unsigned char* smem) {
   using Shape = BackwardShape<D, S>;
@@ -176,8 +185,11 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
 
   const std::int64_t shift = w.causal_shift;
   const Side& qs = w.query;
-  const auto tiles = other_tiles<BO, kSparse>(p, w);
+  const auto tiles = other_tiles<BO, kWalk>(p, w);
   const bool delta_given = p.softmax_delta != nullptr;
+  const bool causal_by_position = kWalk == Walk::indexed && p.causal;
+  const int query_position[2] = {causal_by_position ? w.position32(qs, int(qi[0])) : 0,
+                                 causal_by_position ? w.position32(qs, int(qi[1])) : 0};
   if (w.tile_rows > 0 && tiles.count > 0) {
     load_rows<T, S, BW, D, kThreads>(sQ, Shape::kOwnPlane, p.q, w, qs, w.tile_begin, w.tile_rows);
     load_rows<T, S, BW, D, kThreads>(sdO, Shape::kOwnPlane, p.dout, w, qs, w.tile_begin, w.tile_rows);
@@ -188,7 +200,8 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
       const int valid = tiles.valid(tile);
       load_rows<T, S, BO, D, kThreads>(other(stage, 0), Shape::kOtherPlane, p.k, w, w.key, k0, valid);
       load_rows<T, S, BO, D, kThreads>(other(stage, 1), Shape::kOtherPlane, p.v, w, w.key, k0, valid);
-      key_bias(p, w, k0, valid, BO, other_floats + stage * 3 * BO);
+      key_bias(p, w, k0, valid, BO, other_floats + stage * 3 * BO,
+               causal_by_position ? reinterpret_cast<int*>(other_floats + stage * 3 * BO + BO) : nullptr);
     };
     load_keys(0, 0);
     cp_async_commit();
@@ -230,16 +243,19 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
                            Shape::kOwnPlane * 2, Shape::kOtherPlane * 2, kRowBytes);
       const std::int64_t k0 = tiles.start(it);
       const float* bias = other_floats + stage * 3 * BO;
+      const int* key_position = reinterpret_cast<const int*>(other_floats + stage * 3 * BO + BO);
       const std::uint32_t keep = dropout ? dropout_bits<BO / 8>(p, w, qi[0], qi[1], k0, false) : 0u;
       // Causal: key column col is visible to query row r iff col <= last[r]; else every column is.
-      const int last[2] = {p.causal ? int(imin(BO, qi[0] + shift - k0)) : BO,
-                           p.causal ? int(imin(BO, qi[1] + shift - k0)) : BO};
+      const bool causal_by_order = p.causal && !causal_by_position;  // side order is position order
+      const int last[2] = {causal_by_order ? int(imin(BO, qi[0] + shift - k0)) : BO,
+                           causal_by_order ? int(imin(BO, qi[1] + shift - k0)) : BO};
 #pragma unroll
       for (int n = 0; n < BO / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e >> 1, col = n * 8 + 2 * t + (e & 1);
-          const bool valid = bias[col] == 0.0f && col <= last[r];
+          const bool valid = bias[col] == 0.0f && col <= last[r] &&
+                             !(causal_by_position && key_position[col] > query_position[r]);
           const float prob = valid ? fast_exp2(s[n][e] * scale_log2 - lse2[r]) : 0.0f;
           const float z = !dropout ? 1.0f : (keep >> (4 * n + e)) & 1u ? p.dropout_rescale : 0.0f;
           s[n][e] = prob >= kSingleKey ? 0.0f : prob * (dp[n][e] * p.output_scale * z - delta[r]);
@@ -265,7 +281,7 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
   if (!accumulate) zero_unselected<T, D, kThreads>(p, w, &p.dq, nullptr, false);
 }
 
-template <class T, int D, int S, bool kSparse>
+template <class T, int D, int S, Walk kWalk>
 __global__ void __launch_bounds__(BackwardShape<D, S>::kThreads)
     backward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan) {
   static_assert(BackwardShape<D, S>::kThreads >= BackwardShape<D, S>::kBlockOther &&
@@ -273,15 +289,17 @@ __global__ void __launch_bounds__(BackwardShape<D, S>::kThreads)
                 "key_bias takes a thread per key row");
   extern __shared__ __align__(16) unsigned char smem[];
   BlockWork w;
-  if (!decode<BackwardShape<D, S>::kBlockOwn, kSparse>(p, plan, w)) return;
-  if (w.role == kDkDvRole) dkdv_block<T, D, S, kSparse>(p, plan.accumulate, w, smem);
-  else dq_block<T, D, S, kSparse>(p, plan.accumulate, w, smem);
+  if (!decode<BackwardShape<D, S>::kBlockOwn, kWalk>(p, plan, w)) return;
+  if (w.role == kDkDvRole) dkdv_block<T, D, S, kWalk>(p, plan.accumulate, w, smem);
+  else dq_block<T, D, S, kWalk>(p, plan.accumulate, w, smem);
 }
 
 template <class T, int D, int S>
 void launch_backward(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream) {
   using Shape = BackwardShape<D, S>;
-  auto kernel = params.block_size > 0 ? backward_kernel<T, D, S, true> : backward_kernel<T, D, S, false>;
+  auto kernel = params.block_size > 0              ? backward_kernel<T, D, S, Walk::sparse>
+                : params.position_index != nullptr ? backward_kernel<T, D, S, Walk::indexed>
+                                                   : backward_kernel<T, D, S, Walk::dilated>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmemBytes)) != cudaSuccess)
     check_launch("backward (shared memory attribute)");
   kernel<<<plan.total_blocks, Shape::kThreads, Shape::kSmemBytes, stream>>>(params, plan);

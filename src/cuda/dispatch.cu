@@ -178,9 +178,6 @@ void run_backward(const DilatedParams& p) {
 
 // Paths of later issues that the CUDA kernels do not read yet: refused, never ignored.
 void check_supported(const DilatedParams& p) {
-  if (p.position_index != nullptr && p.causal)
-    throw Error("options.position_index (Hilbert order) with causal = true is not implemented on CUDA yet (the "
-                "kernels skip key tiles by curve position); expected causal = false or cpu tensors");
   const bool ring_step = p.query_position != 0 || p.global_length != p.seqlen || p.key_begin != 0 || p.key_end != p.seqlen;
   if (ring_step && !p.float32_outputs)
     throw Error("options.ring_step with CUDA tensors: forward writes no per-step output on CUDA; expected "

@@ -43,7 +43,7 @@ __device__ __forceinline__ void zero_unselected(const detail::DilatedParams& p, 
   }
 }
 
-template <class T, int D, int S, bool kSparse>
+template <class T, int D, int S, Walk kWalk>
 __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
     forward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan) {
   using Shape = ForwardShape<D, S>;
@@ -57,9 +57,10 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
   std::uint16_t* sK = sQ + Shape::kQElems;  // [stage][plane][row][kStride]
   std::uint16_t* sV = sK + kStages * Shape::kKvElems;
   float* sBias = reinterpret_cast<float*>(sV + kStages * Shape::kKvElems);  // [stage][BN]
+  int* sKeyPosition = reinterpret_cast<int*>(sBias + kStages * BN);         // [stage][BN]
 
   BlockWork w;
-  if (!decode<BM, kSparse>(p, plan, w)) return;
+  if (!decode<BM, kWalk>(p, plan, w)) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const std::int64_t qi[2] = {w.tile_begin + warp * 16 + g, w.tile_begin + warp * 16 + g + 8};
 
@@ -69,7 +70,11 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
   float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.0f, 0.0f};
 
   const std::int64_t shift = w.causal_shift;
-  const auto tiles = other_tiles<BN, kSparse>(p, w);
+  const auto tiles = other_tiles<BN, kWalk>(p, w);
+  // Causal attention under an index map compares original positions, element by element.
+  const bool causal_by_position = kWalk == Walk::indexed && p.causal;
+  const int query_position[2] = {causal_by_position ? w.position32(w.query, int(qi[0])) : 0,
+                                 causal_by_position ? w.position32(w.query, int(qi[1])) : 0};
   if (w.tile_rows > 0 && tiles.count > 0) {
     const int num_tiles = tiles.count;
     auto load_kv = [&](int tile, int stage) {
@@ -77,7 +82,7 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
       const int valid = tiles.valid(tile);
       load_rows<T, S, BN, D, kThreads>(sK + stage * Shape::kKvElems, Shape::kKvPlane, p.k, w, w.key, k0, valid);
       load_rows<T, S, BN, D, kThreads>(sV + stage * Shape::kKvElems, Shape::kKvPlane, p.v, w, w.key, k0, valid);
-      key_bias(p, w, k0, valid, BN, sBias + stage * BN);
+      key_bias(p, w, k0, valid, BN, sBias + stage * BN, causal_by_position ? sKeyPosition + stage * BN : nullptr);
     };
     load_rows<T, S, BM, D, kThreads>(sQ, Shape::kQPlane, p.q, w, w.query, w.tile_begin, w.tile_rows);
     load_kv(0, 0);
@@ -120,7 +125,14 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
       for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[n][e] = s[n][e] * scale_log2 + bias[n * 8 + 2 * t + (e & 1)];
-      if (p.causal && k0 + BN - 1 > w.tile_begin + warp * 16 + shift) {  // a tile on the diagonal
+      if (causal_by_position) {
+        const int* key_position = sKeyPosition + stage * BN;
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (key_position[n * 8 + 2 * t + (e & 1)] > query_position[e >> 1]) s[n][e] = neg_inf();
+      } else if (p.causal && k0 + BN - 1 > w.tile_begin + warp * 16 + shift) {  // a tile on the diagonal
         const int last[2] = {int(qi[0] + shift - k0), int(qi[1] + shift - k0)};  // the last visible column
 #pragma unroll
         for (int n = 0; n < BN / 8; ++n)
@@ -214,7 +226,9 @@ inline void check_launch(const char* what) {
 template <class T, int D, int S>
 void launch_forward(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream) {
   using Shape = ForwardShape<D, S>;
-  auto kernel = params.block_size > 0 ? forward_kernel<T, D, S, true> : forward_kernel<T, D, S, false>;
+  auto kernel = params.block_size > 0              ? forward_kernel<T, D, S, Walk::sparse>
+                : params.position_index != nullptr ? forward_kernel<T, D, S, Walk::indexed>
+                                                   : forward_kernel<T, D, S, Walk::dilated>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmemBytes)) != cudaSuccess)
     check_launch("forward (shared memory attribute)");
   kernel<<<plan.total_blocks, Shape::kThreads, Shape::kSmemBytes, stream>>>(params, plan);

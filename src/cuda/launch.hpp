@@ -10,6 +10,11 @@
 
 namespace dattn::cuda {
 
+// What a kernel instance walks (a compile-time switch, so that each carries only its own work):
+// dilated attention's groups; the same through an index map (Hilbert order: every row address and
+// causal comparison goes through the map); block-sparse attention's allowed blocks.
+enum class Walk { dilated, indexed, sparse };
+
 enum Role : int {
   kForwardRole = 0,
   kDkDvRole = 1,  // backward: a block owns keys, loops over the query tiles that see them
@@ -47,8 +52,9 @@ struct ForwardShape {
   static constexpr int kStride = D + 8;        // shared-memory row, in 16-bit elements
   static constexpr int kQPlane = kBlockM * kStride, kKvPlane = kBlockN * kStride;
   static constexpr int kQElems = S * kQPlane, kKvElems = S * kKvPlane;  // one tile, all planes
+  // K, V tiles, then per stage the key bias and (causal under an index map) the keys' positions.
   static constexpr std::size_t kSmemBytes =
-      std::size_t(kQElems + 2 * kStages * kKvElems) * 2 + std::size_t(kStages * kBlockN) * 4;
+      std::size_t(kQElems + 2 * kStages * kKvElems) * 2 + std::size_t(2 * kStages * kBlockN) * 4;
 };
 
 template <int D, int S>

@@ -41,12 +41,13 @@ struct BlockWork {
   __device__ std::int64_t original(std::int64_t pos) const { return index && pos < seqlen ? index[pos] : pos; }
   __device__ std::int64_t position(const Side& s, std::int64_t j) const { return original(s.first + j * stride); }
   __device__ std::int64_t row(const Side& s, std::int64_t j) const { return position(s, j) - s.row_offset; }
-  // row() in 32-bit arithmetic, for the tile loads' inner loops (CUDA calls hold N <= 2^30 rows).
-  __device__ int row32(const Side& s, int j) const {
-    int pos = int(s.first) + j * int(stride);
-    if (index && pos < int(seqlen)) pos = int(index[pos]);
-    return pos - int(s.row_offset);
+  // position() and row() in 32-bit arithmetic, for the tiles' inner loops (CUDA calls hold N <= 2^30
+  // rows).
+  __device__ int position32(const Side& s, int j) const {
+    const int pos = int(s.first) + j * int(stride);
+    return index && pos < int(seqlen) ? int(index[pos]) : pos;
   }
+  __device__ int row32(const Side& s, int j) const { return position32(s, j) - int(s.row_offset); }
 };
 
 __device__ __forceinline__ std::int64_t imin(std::int64_t a, std::int64_t b) { return a < b ? a : b; }
@@ -149,12 +150,17 @@ __device__ __forceinline__ bool decode_sparse_block(const detail::DilatedParams&
   return true;
 }
 
-// kSparse (a compile-time switch, so that dilated attention's kernels carry none of it): block-sparse
-// attention's decode, else dilated attention's.
-template <int kBlock, bool kSparse>
+// The decode of an instance's walk. Only the indexed walk keeps the index map, so that the others'
+// row arithmetic has no lookup in it.
+template <int kBlock, Walk kWalk>
 __device__ __forceinline__ bool decode(const detail::DilatedParams& p, const LaunchPlan& plan, BlockWork& work) {
-  if constexpr (kSparse) return decode_sparse_block<kBlock>(p, plan, work);
-  else return decode_block<kBlock>(p, plan, work);
+  if constexpr (kWalk == Walk::sparse) {
+    return decode_sparse_block<kBlock>(p, plan, work);
+  } else {
+    const bool run = decode_block<kBlock>(p, plan, work);
+    if constexpr (kWalk == Walk::dilated) work.index = nullptr;
+    return run;
+  }
 }
 
 __device__ __forceinline__ const std::int64_t* lower_bound(const std::int64_t* first, const std::int64_t* last,
@@ -199,16 +205,18 @@ struct OtherTiles<kRows, true> {
 
 // The other side's tiles of a block's work. Causal attention skips what lies wholly past the
 // diagonal (keys after the own queries, queries before the own keys).
-template <int kRows, bool kSparse>
-__device__ __forceinline__ OtherTiles<kRows, kSparse> other_tiles(const detail::DilatedParams& p, const BlockWork& w) {
-  OtherTiles<kRows, kSparse> tiles;
+template <int kRows, Walk kWalk>
+__device__ __forceinline__ OtherTiles<kRows, kWalk == Walk::sparse> other_tiles(const detail::DilatedParams& p,
+                                                                              const BlockWork& w) {
+  OtherTiles<kRows, kWalk == Walk::sparse> tiles;
   const bool keys_own = w.role == kDkDvRole;
   const Side& other = keys_own ? w.query : w.key;
-  if constexpr (!kSparse) {
+  if constexpr (kWalk != Walk::sparse) {
     const std::int64_t shift = w.causal_shift;
+    const bool skip = p.causal && kWalk == Walk::dilated;  // an index map breaks the order of positions
     tiles.end = other.length;
-    if (p.causal && keys_own) tiles.begin = imax(0, w.tile_begin - shift) / kRows * kRows;
-    if (p.causal && !keys_own) tiles.end = imin(other.length, w.tile_begin + w.tile_rows + shift);
+    if (skip && keys_own) tiles.begin = imax(0, w.tile_begin - shift) / kRows * kRows;
+    if (skip && !keys_own) tiles.end = imin(other.length, w.tile_begin + w.tile_rows + shift);
     tiles.count = tiles.end > tiles.begin ? int((tiles.end - tiles.begin + kRows - 1) / kRows) : 0;
   } else {
     const std::int64_t bs = p.block_size;
@@ -250,15 +258,17 @@ __device__ __forceinline__ const float* delta_pointer(const detail::DilatedParam
 }
 
 // The additive bias of a tile's `rows` key columns starting at side index j0 (0, or -inf for the
-// columns past `valid` and the padded keys), written by the first `rows` threads.
+// columns past `valid` and the padded keys), written by the first `rows` threads; and, given
+// `positions`, the columns' original positions (causal attention under an index map compares them).
 __device__ __forceinline__ void key_bias(const detail::DilatedParams& p, const BlockWork& w, std::int64_t j0, int valid,
-                                         int rows, float* bias) {
+                                         int rows, float* bias, int* positions = nullptr) {
   const int c = threadIdx.x;
   if (c >= rows) return;
   bool keep = c < valid;
   if (keep && p.key_padding_mask != nullptr)
     keep = p.key_padding_mask[w.batch * p.mask_batch_stride + std::int64_t(w.row32(w.key, int(j0) + c)) * p.mask_row_stride] == 0;
   bias[c] = keep ? 0.0f : neg_inf();
+  if (positions) positions[c] = keep ? w.position32(w.key, int(j0) + c) : 0;
 }
 
 // Dropout keep bits of one warp's 16-row score tile in accumulator layout: bit 4n+e belongs to

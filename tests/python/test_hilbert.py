@@ -85,19 +85,18 @@ def test_hilbert_attention_module():
 
 @requires_cuda
 @pytest.mark.parametrize("mode", ["grouped", "longnet"])
-def test_cuda_hilbert_matches_float64(mode):
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_hilbert_matches_float64(mode, causal):
     torch.manual_seed(3)
     B, N, H, D = 2, 300, 4, 64
     q, k, v, grad = (torch.randn(B, N, H, D) for _ in range(4))
     module = dattn.HilbertDilatedAttention([64, 128], [1, 2], grid_shape=(15, 20), mode=mode)
     x64 = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = module(*x64)
+    ref = module(*x64, is_causal=causal)
     ref.backward(grad.double())
     xs = [t.cuda().to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
-    out = module(*xs)
+    out = module(*xs, is_causal=causal)
     out.backward(grad.cuda().to(torch.bfloat16))
     assert_close_bar(out, ref, torch.bfloat16, "out")
     for name, got, want in zip(("dq", "dk", "dv"), xs, x64):
         assert_close_bar(got.grad, want.grad, torch.bfloat16, name)
-    with pytest.raises(ValueError, match="causal = true is not implemented on CUDA"):
-        module(*xs, is_causal=True)
