@@ -56,8 +56,8 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
     auto load_queries = [&](int tile, int stage) {
       const std::int64_t j0 = tiles.start(tile);
       const int valid = tiles.valid(tile);
-      load_rows<T, S, BO, D, kThreads>(other(stage, 0), Shape::kOtherPlane, p.q, w, qs, j0, valid);
-      load_rows<T, S, BO, D, kThreads>(other(stage, 1), Shape::kOtherPlane, p.dout, w, qs, j0, valid);
+      load_row_pair<T, S, BO, D, kThreads>(other(stage, 0), other(stage, 1), Shape::kOtherPlane, p.q, p.dout, w, qs, j0,
+                                           valid);
       if (!delta_given) load_rows<T, S, BO, D, kThreads>(other(stage, 2), Shape::kOtherPlane, p.out, w, qs, j0, valid);
       for (int c = threadIdx.x; c < BO; c += kThreads) {
         const bool ok = c < valid;
@@ -198,8 +198,8 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
     auto load_keys = [&](int tile, int stage) {
       const std::int64_t k0 = tiles.start(tile);
       const int valid = tiles.valid(tile);
-      load_rows<T, S, BO, D, kThreads>(other(stage, 0), Shape::kOtherPlane, p.k, w, w.key, k0, valid);
-      load_rows<T, S, BO, D, kThreads>(other(stage, 1), Shape::kOtherPlane, p.v, w, w.key, k0, valid);
+      load_row_pair<T, S, BO, D, kThreads>(other(stage, 0), other(stage, 1), Shape::kOtherPlane, p.k, p.v, w, w.key, k0,
+                                           valid);
       key_bias(p, w, k0, valid, BO, other_floats + stage * 3 * BO,
                causal_by_position ? reinterpret_cast<int*>(other_floats + stage * 3 * BO + BO) : nullptr);
     };

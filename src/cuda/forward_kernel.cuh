@@ -80,8 +80,8 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
     auto load_kv = [&](int tile, int stage) {
       const std::int64_t k0 = tiles.start(tile);
       const int valid = tiles.valid(tile);
-      load_rows<T, S, BN, D, kThreads>(sK + stage * Shape::kKvElems, Shape::kKvPlane, p.k, w, w.key, k0, valid);
-      load_rows<T, S, BN, D, kThreads>(sV + stage * Shape::kKvElems, Shape::kKvPlane, p.v, w, w.key, k0, valid);
+      load_row_pair<T, S, BN, D, kThreads>(sK + stage * Shape::kKvElems, sV + stage * Shape::kKvElems, Shape::kKvPlane,
+                                           p.k, p.v, w, w.key, k0, valid);
       key_bias(p, w, k0, valid, BN, sBias + stage * BN, causal_by_position ? sKeyPosition + stage * BN : nullptr);
     };
     load_rows<T, S, BM, D, kThreads>(sQ, Shape::kQPlane, p.q, w, w.query, w.tile_begin, w.tile_rows);

@@ -379,4 +379,31 @@ __device__ __forceinline__ void load_rows(std::uint16_t* smem, int plane_elems, 
   }
 }
 
+// load_rows of two operands at the same rows (K and V, Q and dO): the row arithmetic, and an index
+// map's lookups, once for both.
+template <class T, int S, int kRows, int D, int kThreads>
+__device__ __forceinline__ void load_row_pair(std::uint16_t* smem_a, std::uint16_t* smem_b, int plane_elems,
+                                              const detail::Operand& a, const detail::Operand& b, const BlockWork& w,
+                                              const Side& side, std::int64_t j0, int valid) {
+  if constexpr (sizeof(T) != 2) {  // fp32: the split into planes is the work, not the addresses
+    load_rows<T, S, kRows, D, kThreads>(smem_a, plane_elems, a, w, side, j0, valid);
+    load_rows<T, S, kRows, D, kThreads>(smem_b, plane_elems, b, w, side, j0, valid);
+  } else {
+    constexpr int kStride = D + 8, kChunks = D / 8;
+    const T* base_a = static_cast<const T*>(a.data) + w.batch * a.batch_stride + w.head * a.head_stride;
+    const T* base_b = static_cast<const T*>(b.data) + w.batch * b.batch_stride + w.head * b.head_stride;
+    const std::uint32_t to_a = smem_address(smem_a), to_b = smem_address(smem_b);
+    const int first = int(j0);
+#pragma unroll
+    for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
+      const int row = c / kChunks, col = (c % kChunks) * 8;
+      const bool ok = row < valid;
+      const std::int64_t r = ok ? w.row32(side, first + row) : 0;
+      const std::uint32_t at = (row * kStride + col) * 2;
+      cp_async_16(to_a + at, base_a + r * a.row_stride + col, ok);
+      cp_async_16(to_b + at, base_b + r * b.row_stride + col, ok);
+    }
+  }
+}
+
 }  // namespace dattn::cuda
