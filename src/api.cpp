@@ -193,10 +193,7 @@ void ring_step_gradients(const DilatedConfig& config, const RingStep& step, cons
 #ifdef DATTN_WITH_CUDA
   if (q.device.type == DeviceType::cuda) {
     DilatedParams p = make_params(config, q, k, v, dout, lse, options);
-    detail::set_gradients(p, dout, dq, dk, dv);
-    p.out = {};  // not read: delta is given
-    p.softmax_delta = delta.ptr<float>();
-    p.float32_outputs = true;
+    detail::set_step_gradients(p, dout, delta, dq, dk, dv);
     return cuda::backward(p);
   }
 #endif

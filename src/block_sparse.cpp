@@ -302,10 +302,7 @@ void block_sparse_ring_step_gradients(const BlockSparseConfig& config, const Blo
     detail::check_accumulator("dk", dk, q, k.shape[1]);
     detail::check_accumulator("dv", dv, q, k.shape[1]);
     detail::DilatedParams p = make_params(config, mask, q, k, v, dout, lse, options);
-    detail::set_gradients(p, dout, dq, dk, dv);
-    p.out = {};  // not read: delta is given
-    p.softmax_delta = delta.ptr<float>();
-    p.float32_outputs = true;
+    detail::set_step_gradients(p, dout, delta, dq, dk, dv);
     return cuda::backward(p);
   }
 #endif

@@ -371,8 +371,16 @@ void set_ring_key_pass(DilatedParams& p, const TensorView& dout, const TensorVie
   p.run_query_pass = false;
 }
 
-void set_backward_workspace(detail::DilatedParams& p, const TensorView& q, const TensorView& out, const TensorView& dout,
-                   const LaunchOptions& options) {
+void set_step_gradients(DilatedParams& p, const TensorView& dout, const TensorView& delta, const TensorView& dq,
+                        const TensorView& dk, const TensorView& dv) {
+  set_gradients(p, dout, dq, dk, dv);
+  p.out = {};  // not read: delta is given
+  p.softmax_delta = delta.ptr<float>();
+  p.float32_outputs = true;
+}
+
+void set_backward_workspace(DilatedParams& p, const TensorView& q, const TensorView& out, const TensorView& dout,
+                            const LaunchOptions& options) {
 #ifdef DATTN_WITH_CUDA
   if (options.workspace == nullptr || options.workspace_bytes < backward_workspace_bytes(q)) return;
   if (reinterpret_cast<std::uintptr_t>(options.workspace) % 4 != 0)

@@ -46,6 +46,10 @@ void check_merge(const TensorView& out, const TensorView& lse, const TensorView&
 float load_float(const TensorView& t, std::int64_t offset);
 void store_float(const TensorView& t, std::int64_t offset, float x);
 bool use_reference(const LaunchOptions& options, DType dtype);
+// ring_step_gradients on CUDA: gradients added into float32 dq, dk, dv with the given delta (out is
+// not read).
+void set_step_gradients(DilatedParams& p, const TensorView& dout, const TensorView& delta, const TensorView& dq,
+                        const TensorView& dk, const TensorView& dv);
 // A CUDA backward with a large enough workspace: the delta pass into it (else each kernel block
 // computes delta itself).
 void set_backward_workspace(DilatedParams& p, const TensorView& q, const TensorView& out, const TensorView& dout,

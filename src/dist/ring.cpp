@@ -617,10 +617,7 @@ void ring_forward(Communicator& comm, const BlockSparseConfig& config, const Blo
                   std::int64_t N, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                   const TensorView& lse, RingStats* stats, void* stream) {
   check_layout(q, N, comm.size(), comm.rank(), layout);
-  const std::int64_t H = q.shape[2];
-  const Schedule schedule(comm, layout, N, H, [&, H, P = comm.size()](int s, int d) {
-    return ring_block_sparse_entries(mask, config.block_size, config.causal, layout, N, P, H, s, d);
-  });
+  const Schedule schedule = Schedule::block_sparse(comm, config, mask, layout, N, q.shape[2]);
 #ifdef DATTN_WITH_CUDA
   if (on_cuda(q, stream)) {
     RingStats local;
@@ -641,10 +638,7 @@ void ring_backward(Communicator& comm, const BlockSparseConfig& config, const Bl
                    const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
                    const TensorView& dv, RingStats* stats, void* stream) {
   check_layout(q, N, comm.size(), comm.rank(), layout);
-  const std::int64_t H = q.shape[2];
-  const Schedule schedule(comm, layout, N, H, [&, H, P = comm.size()](int s, int d) {
-    return ring_block_sparse_entries(mask, config.block_size, config.causal, layout, N, P, H, s, d);
-  });
+  const Schedule schedule = Schedule::block_sparse(comm, config, mask, layout, N, q.shape[2]);
 #ifdef DATTN_WITH_CUDA
   if (on_cuda(q, stream)) {
     RingStats local;

@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "dattn/block_sparse.hpp"
 #include "dattn/error.hpp"
 #include "dattn/ring.hpp"
 
@@ -57,6 +58,17 @@ struct Schedule {
     return Schedule(comm, l, global_length, heads, [&config, l, global_length, heads, P = comm.size()](int s, int d) {
       return ring_transfer_entries(config, l, global_length, P, heads, s, d);
     });
+  }
+
+  // Block-sparse attention's schedule: a key chunk travels whole to the ranks whose query blocks
+  // the mask lets see it.
+  static Schedule block_sparse(const Communicator& comm, const BlockSparseConfig& config, const BlockSparseMask& mask,
+                               Layout l, std::int64_t global_length, std::int64_t heads) {
+    return Schedule(comm, l, global_length, heads,
+                    [&config, &mask, l, global_length, heads, P = comm.size()](int s, int d) {
+                      return ring_block_sparse_entries(mask, config.block_size, config.causal, l, global_length, P,
+                                                       heads, s, d);
+                    });
   }
 
   Step step(int t) const {  // t = 0: this rank's own keys
