@@ -189,12 +189,13 @@ def _config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, s
                  use_tf32, stream, position_index=None, position_index_checked=False):
     # position_index_checked: a CUDA index map dattn made itself (a Hilbert order), which the core
     # then does not re-check (the check copies it to the host and synchronises).
-    return dict(position_index_checked=bool(position_index_checked) and position_index is not None,segment_lengths=list(segment_lengths), dilation_rates=list(dilation_rates), mode=mode,
+    return dict(segment_lengths=list(segment_lengths), dilation_rates=list(dilation_rates), mode=mode,
                 causal=bool(is_causal), scale=scale,
                 key_padding_mask=None if key_padding_mask is None else _view(key_padding_mask),
                 dropout_p=float(dropout_p), dropout_seed=int(seed), dropout_offset=0,
                 use_tf32=bool(use_tf32), backend="automatic", stream=stream,
-                position_index=None if position_index is None else _view(position_index))
+                position_index=None if position_index is None else _view(position_index),
+                position_index_checked=bool(position_index_checked) and position_index is not None)
 
 
 def _forward_impl(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode,
