@@ -500,7 +500,8 @@ void forward_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<
   std::fill(s.row_sum, s.row_sum + item.state_rows, 0.0f);
   for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) { forward_group(own, other, g, s); });
   for_each_region_row(p, item, [&](std::int64_t row, std::int64_t state) {
-    const bool attended = state >= 0 && s.row_sum[state] > 0.0f;
+    // A NaN sum (a NaN score in the row) counts as attended, so the row's out and lse are NaN.
+    const bool attended = state >= 0 && s.row_sum[state] != 0.0f;
     store_row<I, T>(p.out, item, row, attended ? s.acc + state * Dp : nullptr,
                     attended ? p.output_scale / s.row_sum[state] : 0.0f, D);
     p.lse[item.batch * p.lse_batch_stride + item.head * p.lse_head_stride + row * p.lse_row_stride] =

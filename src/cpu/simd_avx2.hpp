@@ -38,7 +38,9 @@ struct Avx2Isa {
   }
   static reg exp(reg x) {
     const reg underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    // Clamp with the bound first: max/min return their second operand when either is NaN, so a
+    // NaN score stays NaN (and poisons its row's sum) instead of becoming a probability of ~0.
+    x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
     const reg n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     reg t = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);

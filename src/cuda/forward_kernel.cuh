@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
     float sum = row_sum[r];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const bool attended = sum > 0.0f;
+    const bool attended = sum != 0.0f;  // a NaN sum (a NaN score) makes the row NaN, not empty
     inv[r] = attended ? 1.0f / sum : 0.0f;
     lse_row[r] = attended ? (row_max[r] + __log2f(sum)) * kLn2 : neg_inf();
     valid[r] = qi[r] < w.tile_begin + w.tile_rows;

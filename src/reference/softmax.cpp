@@ -36,8 +36,13 @@ void store(const TensorView& t, std::int64_t b, std::int64_t n, std::int64_t h, 
 }
 
 double log_sum_exp(const std::vector<double>& x) {
+  // A NaN score makes the row's softmax NaN (std::max would skip it, and an all-NaN row would
+  // pass for one that attends to nothing).
   double m = kNegInf;
-  for (double s : x) m = std::max(m, s);
+  for (double s : x) {
+    if (std::isnan(s)) return s;
+    m = std::max(m, s);
+  }
   if (m == kNegInf) return kNegInf;
   double sum = 0;
   for (double s : x) sum += std::exp(s - m);

@@ -745,6 +745,72 @@ int check_refusals() {
   return failures;
 }
 
+// A NaN in q or k: out and lse are NaN in exactly the rows where the float64 reference's are
+// (a NaN score must not pass for a masked one), and no gradient the reference makes NaN is finite.
+int check_nan_propagation() {
+  int failures = 0;
+  for (const DType dtype : {DType::bfloat16, DType::float32})
+    for (const dattn::Mode mode : {dattn::Mode::grouped, dattn::Mode::longnet})
+      for (const bool causal : {false, true})
+        for (const int poisoned : {0, 1}) {
+          std::vector<std::unique_ptr<Buffer>> owner;
+          Rng rng(31 + 2 * int(mode) + 4 * causal + 8 * poisoned);
+          const std::int64_t B = 1, N = 96, H = 2, D = 64;
+          std::vector<View> t;  // q, k, v, out, dout, dq, dk, dv
+          for (int i = 0; i < 8; ++i) t.push_back(make_buffer(owner, {B, N, H, D}, dtype, false, true, 8, rng));
+          const View lse = make_buffer(owner, {B, H, N}, DType::float32, false, false, 1, rng);
+          for (int i : {0, 1, 2, 4}) fill_normal(t[std::size_t(i)], rng);
+          const std::int64_t row = uniform(rng, 0, N - 1), head = uniform(rng, 0, H - 1);
+          store(t[std::size_t(poisoned)].buffer->host.data(), dtype, t[std::size_t(poisoned)].at({0, row, head, 5}),
+                std::nan(""));
+          for (auto& b : owner) b->upload(nullptr);
+          dattn::DilatedConfig config;
+          config.segment_lengths = {32, 96};
+          config.dilation_rates = {1, 3};
+          config.mode = mode;
+          config.causal = causal;
+          const auto device = [&](int i) { return t[std::size_t(i)].device_view(); };
+          dattn::forward(config, device(0), device(1), device(2), device(3), lse.device_view());
+          dattn::backward(config, device(0), device(1), device(2), device(3), lse.device_view(), device(4), device(5),
+                          device(6), device(7));
+          for (auto& b : owner) b->download(nullptr);
+          CUDA_OK(cudaDeviceSynchronize());
+          dattn::LaunchOptions reference;
+          reference.backend = dattn::Backend::reference;
+          std::vector<dattn::Tensor> ref;
+          for (int i = 0; i < 8; ++i) ref.push_back(to_f64(t[std::size_t(i)]));
+          const dattn::Tensor lse64 = dattn::Tensor::empty({B, H, N}, DType::float32);
+          dattn::forward(config, ref[0], ref[1], ref[2], ref[3], lse64, reference);
+          dattn::backward(config, ref[0], ref[1], ref[2], ref[3], lse64, ref[4], ref[5], ref[6], ref[7], reference);
+          std::ostringstream problems;
+          int reference_rows = 0;
+          for (int i : {3, 5, 6, 7})
+            for (std::int64_t n = 0; n < N; ++n)
+              for (std::int64_t h = 0; h < H; ++h) {
+                bool want = false, have = false;
+                for (std::int64_t d = 0; d < D; ++d) {
+                  want |= std::isnan(ref[std::size_t(i)].data<double>()[(n * H + h) * D + d]);
+                  have |= std::isnan(load(t[std::size_t(i)].buffer->host.data(), dtype, t[std::size_t(i)].at({0, n, h, d})));
+                }
+                if (i == 3) {
+                  reference_rows += want;
+                  const bool lse_want = std::isnan(lse64.data<float>()[h * N + n]);
+                  const bool lse_have = std::isnan(load(lse.buffer->host.data(), DType::float32, lse.at({0, h, n})));
+                  if (lse_want != lse_have) problems << " lse[" << h << ", " << n << "]";
+                }
+                const char* names[] = {"", "", "", "out", "", "dq", "dk", "dv"};
+                if (want != have && (want || i == 3)) problems << " " << names[i] << "[" << n << ", " << h << "]";
+              }
+          const bool ok = problems.str().empty() && reference_rows > 0;
+          std::printf("%s NaN in %c[%lld, %lld], %s %s%s: %d reference NaN rows%s%s\n", ok ? "ok" : "FAIL",
+                      "qk"[poisoned], static_cast<long long>(row), static_cast<long long>(head), dattn::dtype_name(dtype),
+                      mode == dattn::Mode::grouped ? "grouped" : "longnet", causal ? " causal" : "", reference_rows,
+                      problems.str().empty() ? "" : "; differs at", problems.str().c_str());
+          failures += !ok;
+        }
+  return failures;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -831,6 +897,7 @@ int main(int argc, char** argv) {
     std::printf("worst passing errors %-13s out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", kinds[k], worst[k][0],
                 worst[k][1], worst[k][2], worst[k][3], worst[k][4]);
   failed += check_refusals();
+  failed += check_nan_propagation();
   std::printf("%d passed, %d failed\n", passed.load(), failed.load());
   return failed == 0 ? 0 : 1;
 }
