@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "cpu/cpu_attention.hpp"
 #ifdef DATTN_WITH_CUDA
@@ -210,6 +211,9 @@ void ring_step_gradients(const DilatedConfig& config, const RingStep& step, cons
 double forward_flops(const DilatedConfig& config, std::int64_t batch, std::int64_t seqlen,
                      std::int64_t heads, std::int64_t head_dim) {
   detail::check_config(config);
+  for (const auto& [name, extent] : {std::pair{"batch", batch}, std::pair{"seqlen", seqlen}, std::pair{"heads", heads},
+                                     std::pair{"head_dim", head_dim}})
+    if (extent < 1) throw Error(std::string(name) + " = " + std::to_string(extent) + "; expected >= 1");
   const int groups = int(config.segment_lengths.size());
   double flops = 0;
   for (int i = 0; i < groups; ++i) {

@@ -96,6 +96,9 @@ TEST_P(Validation, SegmentAndRateLists) {
   a.config.segment_lengths = {4, 2}, a.config.dilation_rates = {1, 3};
   EXPECT_BOTH(a, "dilation_rates[1] = 3");
   EXPECT_DATTN_ERROR(dattn::forward_flops(a.config, B, N, H, D), "dilation_rates[1] = 3");
+  a.config = good_.config;
+  EXPECT_DATTN_ERROR(dattn::forward_flops(a.config, B, -N, H, D), "seqlen = -");
+  EXPECT_DATTN_ERROR(dattn::forward_flops(a.config, B, N, H, 0), "head_dim = 0");
 }
 
 TEST_P(Validation, ScaleAndDropout) {
