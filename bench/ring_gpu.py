@@ -137,7 +137,7 @@ def check_sparse(i, gen, args):
         what = f"random mask density={density} heads={dense.size(0) if dense.dim() == 3 else 1}"
         ref = dattn.block_sparse_attention(*full, dense, block, is_causal=causal, key_padding_mask=pad_dev)
         from dattn.ring import ring_block_sparse_attention
-        mask = dattn.BlockSparseMask.from_dense(_ops._view(dense.contiguous()))
+        mask = dattn.block_sparse_mask(dense)
         out = ring_block_sparse_attention(*local, mask, block, dist.group.WORLD, layout, causal,
                                           key_padding_mask=local_pad)
     else:

@@ -86,7 +86,7 @@ def run_shape(name, args):
     rows = []
     for label, build in patterns:
         blocks = build(nb, bs)
-        mask = dattn.BlockSparseMask.from_dense(dattn._ops._view(blocks.contiguous())).to_cuda(0)
+        mask = dattn.block_sparse_mask(blocks, "cuda:0")
         flops = 4.0 * B * H * allowed_pairs(blocks, N, bs) * D
         density = blocks.double().mean().item()
         for dtype in dtypes:

@@ -25,8 +25,8 @@ from dattn.modules import (DilatedAttention, ImprovedDilatedAttention, ImprovedM
                            MultiheadDilatedAttention)
 from dattn.ring import RingDilatedAttention, shard_sequence, unshard_sequence
 from dattn.sparse import (BlockSparseMask, BlockSparseRingDilatedAttention, SparsePatternConfig,
-                          block_sparse_attention, dilated_mask, dilated_sparse_mask, global_local_mask,
-                          local_window_mask)
+                          block_sparse_attention, block_sparse_mask, dilated_mask, dilated_sparse_mask,
+                          global_local_mask, local_window_mask)
 
 __version__ = _C.__version__
 has_cuda = _C.has_cuda
@@ -47,7 +47,8 @@ def forward_flops(segment_lengths, dilation_rates, batch, seqlen, heads, head_di
 __all__ = ["DilatedAttention", "ImprovedDilatedAttention", "MultiheadDilatedAttention",
            "ImprovedMultiheadDilatedAttention", "dilated_attention", "dilated_attention_qkvpacked",
            "forward_flops", "cpu_isa", "has_cuda", "HAS_CUSTOM_OPS", "__version__",
-           "block_sparse_attention", "BlockSparseMask", "SparsePatternConfig", "BlockSparseRingDilatedAttention",
+           "block_sparse_attention", "block_sparse_mask", "BlockSparseMask", "SparsePatternConfig",
+           "BlockSparseRingDilatedAttention",
            "local_window_mask", "dilated_sparse_mask", "global_local_mask", "dilated_mask",
            "hilbert_order", "hilbert_dilated_attention", "HilbertDilatedAttention", "HilbertAttention",
            "HilbertAttentionTritonFixed", "RingDilatedAttention", "shard_sequence", "unshard_sequence"]

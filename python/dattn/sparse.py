@@ -10,8 +10,9 @@ from torch.autograd.function import once_differentiable
 
 from dattn import _C, _ops
 
-__all__ = ["block_sparse_attention", "BlockSparseMask", "SparsePatternConfig", "BlockSparseRingDilatedAttention",
-           "local_window_mask", "dilated_sparse_mask", "global_local_mask", "dilated_mask"]
+__all__ = ["block_sparse_attention", "block_sparse_mask", "BlockSparseMask", "SparsePatternConfig",
+           "BlockSparseRingDilatedAttention", "local_window_mask", "dilated_sparse_mask", "global_local_mask",
+           "dilated_mask"]
 
 BlockSparseMask = _C.BlockSparseMask
 PATTERNS = ("local_window", "dilated_sparse", "global_local", "dilated")
@@ -50,13 +51,26 @@ def mask_on(mask: "BlockSparseMask", device: torch.device) -> "BlockSparseMask":
     return mask.to_cuda(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def block_sparse_mask(block_mask: Tensor, device: Optional[Union[str, torch.device]] = None) -> "BlockSparseMask":
+    """A ``dattn.BlockSparseMask`` from a bool block mask ``[nqb, nkb]`` or ``[H, nqb, nkb]``: the CSR
+    form and its transpose, built once, with its arrays on ``device`` (default: the mask's device),
+    for any number of ``block_sparse_attention`` calls."""
+    if not isinstance(block_mask, Tensor) or block_mask.dtype != torch.bool or block_mask.dim() not in (2, 3):
+        described = f"a {block_mask.dim()}-D {block_mask.dtype} tensor" if isinstance(block_mask, Tensor) \
+            else type(block_mask).__name__
+        raise TypeError(f"block_mask is {described}; expected a bool tensor [nqb, nkb] or [H, nqb, nkb]")
+    dense = block_mask.to("cpu").contiguous()
+    return mask_on(BlockSparseMask.from_dense(_ops._view(dense)),
+                   block_mask.device if device is None else torch.device(device))
+
+
 def _as_mask(block_mask, device: torch.device) -> "BlockSparseMask":
     if isinstance(block_mask, BlockSparseMask):
         return mask_on(block_mask, device)
-    if not isinstance(block_mask, Tensor) or block_mask.dtype != torch.bool or block_mask.dim() not in (2, 3):
-        raise TypeError("block_mask must be a bool tensor [nqb, nkb] or [H, nqb, nkb], or a dattn.BlockSparseMask")
-    dense = block_mask.to("cpu").contiguous()
-    return mask_on(BlockSparseMask.from_dense(_ops._view(dense)), device)
+    if not isinstance(block_mask, Tensor):
+        raise TypeError(f"block_mask is {type(block_mask).__name__}; expected a bool tensor [nqb, nkb] or "
+                        "[H, nqb, nkb], or a dattn.BlockSparseMask")
+    return block_sparse_mask(block_mask, device)
 
 
 class _BlockSparseFunction(torch.autograd.Function):
@@ -156,8 +170,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
         """The block mask for this sequence length on ``device``, built (and uploaded) once and kept."""
         if (seqlen, device) not in self._masks:
             if seqlen not in self._masks:
-                dense = self.sparse_config.dense_mask(seqlen, self.segment_lengths, self.dilation_rates).contiguous()
-                self._masks[seqlen] = BlockSparseMask.from_dense(_ops._view(dense))  # dense held while C++ reads it
+                self._masks[seqlen] = block_sparse_mask(
+                    self.sparse_config.dense_mask(seqlen, self.segment_lengths, self.dilation_rates))
             self._masks[(seqlen, device)] = mask_on(self._masks[seqlen], device)
         return self._masks[(seqlen, device)]
 

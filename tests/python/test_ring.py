@@ -162,8 +162,7 @@ def test_block_sparse_ring_skips_steps_no_query_block_needs():
     from dattn.ring import _BlockSparseSteps
     # 8 blocks of 4 rows over 4 ranks (2 blocks each); a window of one block each side: rank p's
     # queries need only ranks p - 1, p, p + 1, and causal ones only p - 1 and p.
-    dense = dattn.local_window_mask(8, 12, 4).contiguous()  # held: from_dense reads it through a pointer
-    mask = dattn.BlockSparseMask.from_dense(dattn._ops._view(dense))
+    mask = dattn.block_sparse_mask(dattn.local_window_mask(8, 12, 4))
     pairs = _BlockSparseSteps(mask, 4, False, None, 0.0, 0)._needs("contiguous", 32, 4)
     assert pairs == {(s, d) for s in range(4) for d in range(4) if abs(s - d) <= 1}
     causal = _BlockSparseSteps(mask, 4, True, None, 0.0, 0)._needs("contiguous", 32, 4)

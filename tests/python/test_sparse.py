@@ -69,6 +69,29 @@ def test_random_masks_match_reference(dtype, seed, device):
             assert_close_bar(x, r, dtype, name)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_prebuilt_mask_equals_the_bool_tensor(device):
+    g = torch.Generator().manual_seed(7)
+    B, N, H, D, block = 2, 40, 3, 16, 8
+    dense = torch.rand(H, 5, 5, generator=g) < 0.5
+    mask = dattn.block_sparse_mask(dense, device)
+    assert (mask.heads, mask.query_blocks, mask.key_blocks) == (H, 5, 5)
+    assert mask.allowed_pairs == int(dense.sum()) and mask.device == ("cpu" if device == "cpu" else "cuda:0")
+    q, k, v = (torch.randn(B, N, H, D, generator=g).to(device) for _ in range(3))
+    want = dattn.block_sparse_attention(q, k, v, dense, block, is_causal=True)
+    for _ in range(2):  # one mask, any number of calls
+        assert torch.equal(dattn.block_sparse_attention(q, k, v, mask, block, is_causal=True), want)
+
+
+def test_prebuilt_mask_refuses_what_is_not_a_bool_block_mask():
+    with pytest.raises(TypeError, match="block_mask is a 2-D torch.float32 tensor; expected a bool tensor"):
+        dattn.block_sparse_mask(torch.ones(2, 2))
+    with pytest.raises(TypeError, match="block_mask is a 4-D torch.bool tensor"):
+        dattn.block_sparse_mask(torch.ones(1, 1, 2, 2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="block_mask is list"):
+        dattn.block_sparse_attention(*(torch.randn(1, 8, 1, 4) for _ in range(3)), [[True]], 8)
+
+
 def test_gradcheck_float64():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 13, 2, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
