@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dattn
-from helpers import assert_close_bar, assert_lse, randn, rel_err
+from helpers import assert_close_bar, assert_lse, randn, rel_err, requires_cuda
 from reference_attention import dilated_attention_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -254,3 +254,21 @@ def test_forward_flops_matches_perf_md():
     # PERF.md: the `seed` config is 3.76 GFLOP forward in grouped mode.
     flops = dattn.forward_flops([512, 1024, 2048], [1, 2, 4], batch=2, seqlen=2048, heads=12, head_dim=64)
     assert abs(flops / 1e9 - 3.76) < 0.01
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("poisoned", ["q", "k"])
+def test_nan_reaches_exactly_the_rows_that_see_it(device, dtype, poisoned):
+    # Segments of 32, no dilation: a NaN in q[:, 37] spoils row 37 only, one in k[:, 37] every row of
+    # its segment (32..63); the other rows stay finite, and nothing passes for "attended nothing".
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 96, 2, 64, generator=g).to(dtype).to(device) for _ in range(3))
+    (q if poisoned == "q" else k)[0, 37, 1, 5] = float("nan")
+    out, lse = dattn.dilated_attention(q, k, v, [32], [1], return_lse=True)
+    rows = torch.isnan(out[0, :, 1]).any(-1).cpu()
+    expected = torch.zeros(96, dtype=torch.bool)
+    expected[slice(37, 38) if poisoned == "q" else slice(32, 64)] = True
+    assert torch.equal(rows, expected)
+    assert torch.equal(torch.isnan(lse[0, 1]).cpu(), expected)
+    assert torch.isfinite(out[0, :, 0]).all()  # the other head never meets the NaN
