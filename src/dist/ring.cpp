@@ -183,7 +183,7 @@ struct StepKernels {
       key_gradients;
 };
 
-StepKernels dilated_kernels(const DilatedConfig& config) {
+StepKernels step_kernels(const DilatedConfig& config) {
   auto with = [&config](const StepMask& mask) {
     DilatedConfig c = config;
     c.key_padding_mask = mask;
@@ -205,7 +205,7 @@ StepKernels dilated_kernels(const DilatedConfig& config) {
                  const TensorView& dv) { ring_key_gradients(with(m), s, q, k, v, dout, lse, delta, dk, dv); }};
 }
 
-StepKernels block_sparse_kernels(const BlockSparseConfig& config, const BlockSparseMask& block_mask) {
+StepKernels step_kernels(const BlockSparseConfig& config, const BlockSparseMask& block_mask) {
   auto with = [&config](const StepMask& mask) {
     BlockSparseConfig c = config;
     c.key_padding_mask = mask;
@@ -233,7 +233,7 @@ StepKernels block_sparse_kernels(const BlockSparseConfig& config, const BlockSpa
 }
 
 #ifdef DATTN_WITH_CUDA
-detail::CudaStepKernels dilated_cuda_kernels(const DilatedConfig& config) {
+detail::CudaStepKernels cuda_step_kernels(const DilatedConfig& config) {
   auto with = [&config](const StepMask& mask) {
     DilatedConfig c = config;
     c.key_padding_mask = mask;
@@ -249,7 +249,7 @@ detail::CudaStepKernels dilated_cuda_kernels(const DilatedConfig& config) {
           }};
 }
 
-detail::CudaStepKernels block_sparse_cuda_kernels(const BlockSparseConfig& config, const BlockSparseMask& block_mask) {
+detail::CudaStepKernels cuda_step_kernels(const BlockSparseConfig& config, const BlockSparseMask& block_mask) {
   auto with = [&config](const StepMask& mask) {
     BlockSparseConfig c = config;
     c.key_padding_mask = mask;
@@ -539,38 +539,35 @@ void cpu_ring_backward(Communicator& comm, const Schedule& schedule, const StepK
 }
 
 
-}  // namespace
-
-void ring_forward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N, const TensorView& q,
-                  const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
-                  RingStats* stats, void* stream) {
-  check_layout(q, N, comm.size(), comm.rank(), layout);
+// The engine the tensors' device picks, for either attention kind: `kind` is (config) or
+// (config, block mask), from which each engine's step kernels are made.
+template <class... Kind>
+void ring_forward_on_device(Communicator& comm, const Schedule& schedule, const Keys& keys, const TensorView& q,
+                            const TensorView& out, const TensorView& lse, RingStats* stats, void* stream,
+                            const Kind&... kind) {
 #ifdef DATTN_WITH_CUDA
   if (on_cuda(q, stream)) {
     RingStats local;
-    detail::ring_forward_cuda(comm, Schedule::dilated(comm, config, layout, N, q.shape[2]), dilated_cuda_kernels(config),
-                              Keys{k, v, config.key_padding_mask}, q, out, lse, local, stream);
+    detail::ring_forward_cuda(comm, schedule, cuda_step_kernels(kind...), keys, q, out, lse, local, stream);
     if (stats) *stats += local;
     return;
   }
 #else
   on_cuda(q, stream);
 #endif
-  cpu_ring_forward(comm, Schedule::dilated(comm, config, layout, N, q.shape[2]), dilated_kernels(config),
-                   Keys{k, v, config.key_padding_mask}, q, out, lse, stats);
+  cpu_ring_forward(comm, schedule, step_kernels(kind...), keys, q, out, lse, stats);
 }
 
-void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N, const TensorView& q,
-                   const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
-                   const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                   RingStats* stats, void* stream) {
-  check_layout(q, N, comm.size(), comm.rank(), layout);
+template <class... Kind>
+void ring_backward_on_device(Communicator& comm, const Schedule& schedule, const Keys& keys, const TensorView& q,
+                             const TensorView& out, const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                             const TensorView& dk, const TensorView& dv, RingStats* stats, void* stream,
+                             const Kind&... kind) {
 #ifdef DATTN_WITH_CUDA
   if (on_cuda(q, stream)) {
     RingStats local;
-    detail::ring_backward_cuda(comm, Schedule::dilated(comm, config, layout, N, q.shape[2]),
-                               dilated_cuda_kernels(config), Keys{k, v, config.key_padding_mask}, q, out, lse, dout, dq,
-                               dk, dv, local, stream);
+    detail::ring_backward_cuda(comm, schedule, cuda_step_kernels(kind...), keys, q, out, lse, dout, dq, dk, dv, local,
+                               stream);
     if (stats) *stats += local;
     return;
   }
@@ -578,8 +575,26 @@ void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layou
   on_cuda(q, stream);
 #endif
   (void)out;  // the CPU sweeps take the softmax correction from P and dP
-  cpu_ring_backward(comm, Schedule::dilated(comm, config, layout, N, q.shape[2]), dilated_kernels(config),
-                    Keys{k, v, config.key_padding_mask}, q, lse, dout, dq, dk, dv, stats);
+  cpu_ring_backward(comm, schedule, step_kernels(kind...), keys, q, lse, dout, dq, dk, dv, stats);
+}
+
+}  // namespace
+
+void ring_forward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N, const TensorView& q,
+                  const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
+                  RingStats* stats, void* stream) {
+  check_layout(q, N, comm.size(), comm.rank(), layout);
+  ring_forward_on_device(comm, Schedule::dilated(comm, config, layout, N, q.shape[2]),
+                         Keys{k, v, config.key_padding_mask}, q, out, lse, stats, stream, config);
+}
+
+void ring_backward(Communicator& comm, const DilatedConfig& config, Layout layout, std::int64_t N, const TensorView& q,
+                   const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
+                   const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                   RingStats* stats, void* stream) {
+  check_layout(q, N, comm.size(), comm.rank(), layout);
+  ring_backward_on_device(comm, Schedule::dilated(comm, config, layout, N, q.shape[2]),
+                          Keys{k, v, config.key_padding_mask}, q, out, lse, dout, dq, dk, dv, stats, stream, config);
 }
 
 std::vector<std::int64_t> ring_block_sparse_entries(const BlockSparseMask& mask, std::int64_t block_size, bool causal,
@@ -617,20 +632,8 @@ void ring_forward(Communicator& comm, const BlockSparseConfig& config, const Blo
                   std::int64_t N, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                   const TensorView& lse, RingStats* stats, void* stream) {
   check_layout(q, N, comm.size(), comm.rank(), layout);
-  const Schedule schedule = Schedule::block_sparse(comm, config, mask, layout, N, q.shape[2]);
-#ifdef DATTN_WITH_CUDA
-  if (on_cuda(q, stream)) {
-    RingStats local;
-    detail::ring_forward_cuda(comm, schedule, block_sparse_cuda_kernels(config, mask), Keys{k, v, config.key_padding_mask},
-                              q, out, lse, local, stream);
-    if (stats) *stats += local;
-    return;
-  }
-#else
-  on_cuda(q, stream);
-#endif
-  cpu_ring_forward(comm, schedule, block_sparse_kernels(config, mask), Keys{k, v, config.key_padding_mask}, q, out, lse,
-                   stats);
+  ring_forward_on_device(comm, Schedule::block_sparse(comm, config, mask, layout, N, q.shape[2]),
+                         Keys{k, v, config.key_padding_mask}, q, out, lse, stats, stream, config, mask);
 }
 
 void ring_backward(Communicator& comm, const BlockSparseConfig& config, const BlockSparseMask& mask, Layout layout,
@@ -638,21 +641,9 @@ void ring_backward(Communicator& comm, const BlockSparseConfig& config, const Bl
                    const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
                    const TensorView& dv, RingStats* stats, void* stream) {
   check_layout(q, N, comm.size(), comm.rank(), layout);
-  const Schedule schedule = Schedule::block_sparse(comm, config, mask, layout, N, q.shape[2]);
-#ifdef DATTN_WITH_CUDA
-  if (on_cuda(q, stream)) {
-    RingStats local;
-    detail::ring_backward_cuda(comm, schedule, block_sparse_cuda_kernels(config, mask),
-                               Keys{k, v, config.key_padding_mask}, q, out, lse, dout, dq, dk, dv, local, stream);
-    if (stats) *stats += local;
-    return;
-  }
-#else
-  on_cuda(q, stream);
-#endif
-  (void)out;  // the CPU sweeps take the softmax correction from P and dP
-  cpu_ring_backward(comm, schedule, block_sparse_kernels(config, mask), Keys{k, v, config.key_padding_mask}, q, lse,
-                    dout, dq, dk, dv, stats);
+  ring_backward_on_device(comm, Schedule::block_sparse(comm, config, mask, layout, N, q.shape[2]),
+                          Keys{k, v, config.key_padding_mask}, q, out, lse, dout, dq, dk, dv, stats, stream, config,
+                          mask);
 }
 
 }  // namespace dattn
