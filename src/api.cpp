@@ -109,6 +109,23 @@ std::size_t backward_workspace_bytes(const TensorView& q) {
   return std::size_t(q.shape[0] * q.shape[1] * q.shape[2]) * sizeof(float);
 }
 
+CudaKernels cuda_kernel_generation(const TensorView& q, bool backward, const LaunchOptions& options) {
+  if (q.device.type != DeviceType::cuda || q.rank != 4)
+    throw Error("q is not a [B, N, H, D] CUDA tensor; expected one (the kernel generation is a CUDA choice)");
+#ifdef DATTN_WITH_CUDA
+  DilatedParams p;
+  p.q.data = q.data;
+  p.dtype = q.dtype;
+  p.head_dim = q.shape[3];
+  p.cuda_kernels = options.cuda_kernels;
+  return cuda::kernel_generation(p, backward);
+#else
+  (void)backward;
+  (void)options;
+  throw Error("this build of dattn has no CUDA backend; expected one built with DATTN_CUDA=ON");
+#endif
+}
+
 void merge_partial(const TensorView& out, const TensorView& lse, const TensorView& step_out,
                    const TensorView& step_lse) {
   detail::check_merge(out, lse, step_out, step_lse);

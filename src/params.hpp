@@ -73,6 +73,7 @@ struct DilatedParams {
   bool float32_outputs = false;
 
   // GPU launch state (CUDA backend).
+  CudaKernels cuda_kernels = CudaKernels::automatic;
   void* stream = nullptr;
   void* workspace = nullptr;
   std::size_t workspace_bytes = 0;

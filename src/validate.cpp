@@ -236,6 +236,7 @@ DilatedParams base_params(const CommonSettings& settings, const TensorView& q, c
   if (options.position_index) p.position_index = options.position_index->ptr<std::int64_t>();
   p.position_index_checked = options.position_index_checked;
   p.stream = options.stream;
+  p.cuda_kernels = options.cuda_kernels;
   p.workspace = options.workspace;
   p.workspace_bytes = options.workspace_bytes;
   p.global_length = p.seqlen;

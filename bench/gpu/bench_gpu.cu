@@ -9,7 +9,9 @@
 // Prints a markdown table (stdout) and writes --json FILE.
 //
 // Usage: dattn-bench-gpu [--configs seed,long256k] [--dtypes bf16,fp16,fp32,tf32] [--repeats N]
-//                        [--warmup N] [--json FILE]
+//                        [--warmup N] [--json FILE] [--cuda-kernels auto,sm80,sm90]
+// --cuda-kernels times each listed kernel generation (LaunchOptions::cuda_kernels); the
+// implementation column names the generations that ran (forward/backward).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -215,7 +217,7 @@ void check_sampled_rows(const Config& c, dattn::DType t, const Tensors& x, doubl
 }
 
 struct Row {
-  std::string config, dtype;
+  std::string impl, config, dtype;
   double flops = 0;
   Timing fwd, fwdbwd;
   double peak_mb = 0;
@@ -223,7 +225,14 @@ struct Row {
   bool correct = true;
 };
 
-Row run(const Config& c, const DtypeChoice& dt, int warmup, int repeats) {
+dattn::CudaKernels kernels_by_name(const std::string& n) {
+  if (n == "auto") return dattn::CudaKernels::automatic;
+  if (n == "sm80") return dattn::CudaKernels::sm80;
+  if (n == "sm90") return dattn::CudaKernels::sm90;
+  throw std::invalid_argument("unknown kernel generation " + n + "; expected auto, sm80 or sm90");
+}
+
+Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int warmup, int repeats) {
   Row row;
   row.config = c.name;
   row.dtype = dt.label;
@@ -261,6 +270,11 @@ Row run(const Config& c, const DtypeChoice& dt, int warmup, int repeats) {
   CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   dattn::LaunchOptions options;
   options.stream = stream;
+  options.cuda_kernels = kernels_by_name(kernels);
+  row.impl = "dattn CUDA";
+  for (bool backward : {false, true})
+    row.impl += std::string(backward ? "/" : " ") +
+                (dattn::cuda_kernel_generation(view(x.q[0]), backward, options) == dattn::CudaKernels::sm90 ? "sm90" : "sm80");
   auto forward = [&](int s) { dattn::forward(config, view(x.q[s]), view(x.k[s]), view(x.v[s]), view(x.out), lse, options); };
   auto backward = [&](int s) {
     dattn::backward(config, view(x.q[s]), view(x.k[s]), view(x.v[s]), view(x.out), lse, view(x.dout[s]), view(x.dq),
@@ -338,7 +352,7 @@ Row run(const Config& c, const DtypeChoice& dt, int warmup, int repeats) {
 }  // namespace
 
 int main(int argc, char** argv) try {
-  std::vector<std::string> configs{"seed", "long256k"}, dtypes{"bf16", "fp16", "fp32", "tf32"};
+  std::vector<std::string> configs{"seed", "long256k"}, dtypes{"bf16", "fp16", "fp32", "tf32"}, kernels{"auto"};
   int warmup = 5, repeats = 20;
   std::string json_path;
   for (int i = 1; i < argc; ++i) {
@@ -352,6 +366,7 @@ int main(int argc, char** argv) try {
     else if (a == "--warmup") warmup = std::atoi(next().c_str());
     else if (a == "--repeats") repeats = std::atoi(next().c_str());
     else if (a == "--json") json_path = next();
+    else if (a == "--cuda-kernels") kernels = split(next());
     else throw std::invalid_argument("unknown argument " + a);
   }
   cudaDeviceProp prop{};
@@ -359,22 +374,24 @@ int main(int argc, char** argv) try {
   std::fprintf(stderr, "device: %s\n", prop.name);
   std::vector<Row> rows;
   for (const std::string& cn : configs)
-    for (const std::string& dn : dtypes) {
-      const Config c = config_by_name(cn);
-      const DtypeChoice dt = dtype_by_name(dn);
-      std::fprintf(stderr, "dattn %s %s ...\n", cn.c_str(), dt.label.c_str());
-      rows.push_back(run(c, dt, warmup, cn == "seed" ? std::max(repeats, 50) : repeats));
-    }
+    for (const std::string& dn : dtypes)
+      for (const std::string& kn : kernels) {
+        const Config c = config_by_name(cn);
+        const DtypeChoice dt = dtype_by_name(dn);
+        std::fprintf(stderr, "dattn %s %s (%s kernels) ...\n", cn.c_str(), dt.label.c_str(), kn.c_str());
+        rows.push_back(run(c, dt, kn, warmup, cn == "seed" ? std::max(repeats, 50) : repeats));
+      }
   std::printf("| implementation | config | dtype | fwd ms [min-max] | fwd TFLOP/s | fwd+bwd ms [min-max] | fwd+bwd TFLOP/s | peak MB | error out / lse / grads |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
   for (const Row& r : rows) {
     const std::string err = fmt("%.1e", r.err_out) + " / " + fmt("%.1e", r.err_lse) + " / " +
                             (r.err_grad < 0 ? std::string("(sampled)") : fmt("%.1e", r.err_grad));
     if (!r.correct) {
-      std::printf("| dattn CUDA | %s | %s | WRONG | — | WRONG | — | — | %s |\n", r.config.c_str(), r.dtype.c_str(), err.c_str());
+      std::printf("| %s | %s | %s | WRONG | — | WRONG | — | — | %s |\n", r.impl.c_str(), r.config.c_str(), r.dtype.c_str(),
+                  err.c_str());
       continue;
     }
-    std::printf("| dattn CUDA | %s | %s | %.3f [%.3f-%.3f] | %.1f | %.3f [%.3f-%.3f] | %.1f | %.0f | %s |\n", r.config.c_str(),
+    std::printf("| %s | %s | %s | %.3f [%.3f-%.3f] | %.1f | %.3f [%.3f-%.3f] | %.1f | %.0f | %s |\n", r.impl.c_str(), r.config.c_str(),
                 r.dtype.c_str(), r.fwd.median, r.fwd.min, r.fwd.max, r.flops / r.fwd.median / 1e9, r.fwdbwd.median,
                 r.fwdbwd.min, r.fwdbwd.max, 3.5 * r.flops / r.fwdbwd.median / 1e9, r.peak_mb, err.c_str());
   }
@@ -383,7 +400,7 @@ int main(int argc, char** argv) try {
     f << "{\"device\": \"" << prop.name << "\", \"rows\": [\n";
     for (std::size_t i = 0; i < rows.size(); ++i) {
       const Row& r = rows[i];
-      f << "  {\"impl\": \"dattn CUDA\", \"config\": \"" << r.config << "\", \"dtype\": \"" << r.dtype
+      f << "  {\"impl\": \"" << r.impl << "\", \"config\": \"" << r.config << "\", \"dtype\": \"" << r.dtype
         << "\", \"correct\": " << (r.correct ? "true" : "false") << ", \"flops\": " << r.flops
         << ", \"fwd_ms\": " << r.fwd.median << ", \"fwd_min\": " << r.fwd.min << ", \"fwd_max\": " << r.fwd.max
         << ", \"fwdbwd_ms\": " << r.fwdbwd.median << ", \"fwdbwd_min\": " << r.fwdbwd.min << ", \"fwdbwd_max\": " << r.fwdbwd.max

@@ -301,7 +301,8 @@ def dattn_rows(path):
     rows = []
     for r in data["rows"]:
         dtype = {"fp32 (use_tf32)": "fp32 (use_tf32)"}.get(r["dtype"], r["dtype"])
-        rows.append(dict(impl="**dattn CUDA**" if "tf32" not in dtype else "**dattn CUDA, use_tf32**", config=r["config"],
+        impl = r["impl"] + (", use_tf32" if "tf32" in dtype else "")
+        rows.append(dict(impl=f"**{impl}**", config=r["config"],
                          dtype="fp32" if "tf32" in dtype else dtype, correct=r["correct"], flops=r["flops"],
                          fwd=dict(ms=r["fwd_ms"], min=r["fwd_min"], max=r["fwd_max"]),
                          fwdbwd=dict(ms=r["fwdbwd_ms"], min=r["fwdbwd_min"], max=r["fwdbwd_max"]),

@@ -48,7 +48,13 @@ struct LaunchOptions {
   // host and synchronises the stream; true skips that for a map the caller knows to be one (made
   // by dattn/hilbert.hpp's functions, say). A host map is always checked (no synchronisation).
   bool position_index_checked = false;
+  CudaKernels cuda_kernels = CudaKernels::automatic;  // CUDA tensors: which kernel generation runs
 };
+
+// The CUDA kernel generation (sm80 or sm90) that forward (backward: `backward` true) runs for
+// CUDA tensors of q's dtype, head dim and device under options.cuda_kernels; an error where that
+// request cannot run (or q is not a CUDA tensor, or the build has no CUDA backend).
+CudaKernels cuda_kernel_generation(const TensorView& q, bool backward, const LaunchOptions& options = {});
 
 void forward(const DilatedConfig& config, const TensorView& q, const TensorView& k,
              const TensorView& v, const TensorView& out, const TensorView& lse,

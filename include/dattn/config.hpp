@@ -14,6 +14,12 @@ enum class Mode : std::uint8_t {
   longnet,  // every head in every branch, branches merged by their softmax denominators
 };
 
+// Which generation of CUDA kernels runs a call on CUDA tensors. automatic: the sm90 kernels
+// (Hopper's wgmma) where the build has them (DATTN_SM90), the device is compute capability 9.x and
+// they cover the call (bfloat16 or float16, head dim 64 or 128, forward), else the sm80 kernels.
+// sm90 asks for them and is an error where they cannot run; sm80 keeps the older kernels.
+enum class CudaKernels : std::uint8_t { automatic, sm80, sm90 };
+
 struct DilatedConfig {
   std::vector<std::int64_t> segment_lengths;  // w[i] >= 1
   std::vector<std::int64_t> dilation_rates;   // 1 <= r[i] <= w[i]

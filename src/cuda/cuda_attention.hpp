@@ -11,6 +11,8 @@
 namespace dattn::cuda {
 
 void forward(const detail::DilatedParams& params);
+// The generation forward (or backward) would run for these params: sm80 or sm90 (see CudaKernels).
+CudaKernels kernel_generation(const detail::DilatedParams& params, bool backward);
 void backward(const detail::DilatedParams& params);  // reads out and lse saved by forward
 
 // A copy of values in the memory of CUDA device `device`, freed with the last owner. Synchronous:

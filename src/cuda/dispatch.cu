@@ -149,18 +149,59 @@ void backward_launch(const DilatedParams& p, const LaunchPlan& plan, cudaStream_
   }
 }
 
-// Grouped mode: every head is in one branch, so one launch does all. Longnet mode: one launch per
-// branch, the later ones merging into (forward) or adding to (backward) what the earlier wrote.
+#ifdef DATTN_WITH_SM90
+template <class T>
+void forward_launch_sm90(const DilatedParams& p, const LaunchPlan& plan, cudaStream_t s) {
+#ifndef DATTN_CUDA_MINIMAL
+  if (p.head_dim == 128) return launch_forward_sm90<T, 128>(p, plan, s);
+#endif
+  return launch_forward_sm90<T, 64>(p, plan, s);  // kernel_generation admits these head dims only
+}
+#endif
+
+// The sm90 kernels cover 16-bit forward calls of head dim 64 or 128 on a device of compute
+// capability 9.x, in builds with DATTN_SM90.
+bool sm90_covers(const DilatedParams& p, bool backward) {
+#ifdef DATTN_WITH_SM90
+  if (backward || (p.dtype != DType::bfloat16 && p.dtype != DType::float16)) return false;
+#ifdef DATTN_CUDA_MINIMAL
+  if (p.head_dim != 64) return false;
+#else
+  if (p.head_dim != 64 && p.head_dim != 128) return false;
+#endif
+  int device = 0, major = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major == 9;
+#else
+  (void)p;
+  (void)backward;
+  return false;
+#endif
+}
+
+// One launch per branch group: grouped mode puts every head in one branch, so one launch does all;
+// longnet mode launches per branch, the later ones merging into (forward) or adding to (backward)
+// what the earlier wrote. Block-sparse attention is one launch.
+template <class Launch>
+void launch_forward_plans(const DilatedParams& p, int rows, Launch launch) {
+  const bool ring = p.float32_outputs;  // ring steps merge into what is there
+  if (p.block_size > 0) return launch(make_sparse_plan(p, {kForwardRole}, rows, ring));
+  if (p.mode == Mode::grouped) return launch(make_plan(p, 0, p.num_branches, {kForwardRole}, rows, ring));
+  for (int i = 0; i < p.num_branches; ++i) launch(make_plan(p, i, i + 1, {kForwardRole}, rows, ring || i > 0));
+}
+
 template <class T, int S>
 void run_forward(const DilatedParams& p) {
   const auto stream = static_cast<cudaStream_t>(p.stream);
-  constexpr int rows = ForwardShape<64, S>::kBlockM;  // the same for every head dim
-  const bool ring = p.float32_outputs;                // ring steps merge into what is there
-  if (p.block_size > 0) return forward_launch<T, S>(p, make_sparse_plan(p, {kForwardRole}, rows, ring), stream);
-  if (p.mode == Mode::grouped)
-    return forward_launch<T, S>(p, make_plan(p, 0, p.num_branches, {kForwardRole}, rows, ring), stream);
-  for (int i = 0; i < p.num_branches; ++i)
-    forward_launch<T, S>(p, make_plan(p, i, i + 1, {kForwardRole}, rows, ring || i > 0), stream);
+#ifdef DATTN_WITH_SM90
+  if constexpr (S == 1) {
+    if (kernel_generation(p, false) == CudaKernels::sm90)
+      return launch_forward_plans(p, Sm90ForwardShape<64>::kBlockM,
+                                  [&](const LaunchPlan& plan) { forward_launch_sm90<T>(p, plan, stream); });
+  }
+#endif
+  launch_forward_plans(p, ForwardShape<64, S>::kBlockM,  // the same rows for every head dim
+                       [&](const LaunchPlan& plan) { forward_launch<T, S>(p, plan, stream); });
 }
 
 template <class T, int S>
@@ -208,6 +249,21 @@ void check_position_index(const DilatedParams& p) {
 }
 
 }  // namespace
+
+CudaKernels kernel_generation(const DilatedParams& p, bool backward) {
+  const bool sm90 = sm90_covers(p, backward);
+  switch (p.cuda_kernels) {
+    case CudaKernels::automatic: return sm90 ? CudaKernels::sm90 : CudaKernels::sm80;
+    case CudaKernels::sm80: return CudaKernels::sm80;
+    case CudaKernels::sm90: break;
+  }
+  if (!sm90)
+    throw Error(std::string("options.cuda_kernels = sm90, but the sm90 kernels do not cover this call (") +
+                dtype_name(p.dtype) + ", head dim " + std::to_string(p.head_dim) + (backward ? ", backward" : ", forward") +
+                "); expected a build with DATTN_SM90, a device of compute capability 9.x, bfloat16 or float16, head dim "
+                "64 or 128, forward");
+  return CudaKernels::sm90;
+}
 
 std::shared_ptr<const std::int64_t> upload(const std::vector<std::int64_t>& values, int device) {
   int previous = 0;

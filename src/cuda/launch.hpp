@@ -72,8 +72,25 @@ struct BackwardShape {
                                             std::size_t(kFloatsOwn + kStages * kFloatsOther) * 4;
 };
 
+// The sm90 forward (wgmma, 16-bit types): two warpgroups of 64 query rows each share every key
+// tile; operands are read by wgmma from 128-byte swizzled shared memory, two stages of cp.async.
+template <int D>
+struct Sm90ForwardShape {
+  static constexpr int kWarpgroups = 2, kThreads = 128 * kWarpgroups;
+  static constexpr int kBlockM = 64 * kWarpgroups;  // query rows per block
+  static constexpr int kBlockN = 128;  // keys per tile
+  static constexpr int kStages = 2;
+  static constexpr int kMinBlocks = 1;  // blocks per SM the registers must allow
+  static constexpr int kQBytes = kBlockM * D * 2, kKvBytes = kBlockN * D * 2;
+  // 1024 bytes to align the tiles (wgmma's swizzle), Q, per stage K and V, then the key bias and
+  // the keys' positions per stage.
+  static constexpr std::size_t kSmemBytes = 1024 + kQBytes + 2 * kStages * kKvBytes + 2 * kStages * kBlockN * 4;
+};
+
 template <class T, int D, int S>
 void launch_forward(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream);
+template <class T, int D>
+void launch_forward_sm90(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream);
 template <class T, int D, int S>
 void launch_backward(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream);
 

@@ -343,9 +343,22 @@ __device__ __forceinline__ void zero_row_chunk(T* row, int chunk) {
 }
 
 // ---- tile loads: rows [j0, j0 + kRows) of one side of a group into shared memory ----
+// Two layouts of a 16-bit tile: rows padded to D + 8 elements (the mma.sync kernels' ldmatrix
+// reads), or the 128-byte swizzle that Hopper's wgmma reads: D/64 column blocks one after another,
+// each kRows rows of 128 bytes, the 16-byte chunk c of row r at chunk c ^ (r mod 8) of its row (the
+// eight rows of a core matrix then cover every bank; wgmma undoes the swizzle in hardware from
+// address bits 4–9, so the tile starts on a 1024-byte boundary).
+enum class TileLayout { padded, swizzled };
+
+template <TileLayout kLayout, int kRows, int D>
+__device__ __forceinline__ std::uint32_t tile_offset(int row, int chunk) {  // bytes; chunk of 16 bytes
+  if constexpr (kLayout == TileLayout::padded) return std::uint32_t((row * (D + 8) + chunk * 8) * 2);
+  else return std::uint32_t((chunk / 8) * kRows * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) << 4));
+}
+
 // 16-bit storage: cp.async, rows past `valid` zero-filled (never garbage: 0·NaN would poison P·V).
 // fp32 storage: loaded through registers and split into S bf16 planes.
-template <class T, int S, int kRows, int D, int kThreads>
+template <class T, int S, int kRows, int D, int kThreads, TileLayout kLayout = TileLayout::padded>
 __device__ __forceinline__ void load_rows(std::uint16_t* smem, int plane_elems, const detail::Operand& x,
                                           const BlockWork& w, const Side& side, std::int64_t j0, int valid) {
   constexpr int kStride = D + 8;
@@ -359,9 +372,10 @@ __device__ __forceinline__ void load_rows(std::uint16_t* smem, int plane_elems, 
       const int row = c / kChunks, col = (c % kChunks) * 8;
       const bool ok = row < valid;
       const T* src = ok ? base + std::int64_t(w.row32(side, first + row)) * x.row_stride + col : base;
-      cp_async_16(smem_base + (row * kStride + col) * 2, src, ok);
+      cp_async_16(smem_base + tile_offset<kLayout, kRows, D>(row, col / 8), src, ok);
     }
   } else {
+    static_assert(kLayout == TileLayout::padded, "fp32 tiles are split into padded bf16 planes");
     constexpr int kChunks = D / 4;
 #pragma unroll 4
     for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
@@ -381,7 +395,7 @@ __device__ __forceinline__ void load_rows(std::uint16_t* smem, int plane_elems, 
 
 // load_rows of two operands at the same rows (K and V, Q and dO): the row arithmetic, and an index
 // map's lookups, once for both.
-template <class T, int S, int kRows, int D, int kThreads>
+template <class T, int S, int kRows, int D, int kThreads, TileLayout kLayout = TileLayout::padded>
 __device__ __forceinline__ void load_row_pair(std::uint16_t* smem_a, std::uint16_t* smem_b, int plane_elems,
                                               const detail::Operand& a, const detail::Operand& b, const BlockWork& w,
                                               const Side& side, std::int64_t j0, int valid) {
@@ -389,7 +403,7 @@ __device__ __forceinline__ void load_row_pair(std::uint16_t* smem_a, std::uint16
     load_rows<T, S, kRows, D, kThreads>(smem_a, plane_elems, a, w, side, j0, valid);
     load_rows<T, S, kRows, D, kThreads>(smem_b, plane_elems, b, w, side, j0, valid);
   } else {
-    constexpr int kStride = D + 8, kChunks = D / 8;
+    constexpr int kChunks = D / 8;
     const T* base_a = static_cast<const T*>(a.data) + w.batch * a.batch_stride + w.head * a.head_stride;
     const T* base_b = static_cast<const T*>(b.data) + w.batch * b.batch_stride + w.head * b.head_stride;
     const std::uint32_t to_a = smem_address(smem_a), to_b = smem_address(smem_b);
@@ -399,7 +413,7 @@ __device__ __forceinline__ void load_row_pair(std::uint16_t* smem_a, std::uint16
       const int row = c / kChunks, col = (c % kChunks) * 8;
       const bool ok = row < valid;
       const std::int64_t r = ok ? w.row32(side, first + row) : 0;
-      const std::uint32_t at = (row * kStride + col) * 2;
+      const std::uint32_t at = tile_offset<kLayout, kRows, D>(row, col / 8);
       cp_async_16(to_a + at, base_a + r * a.row_stride + col, ok);
       cp_async_16(to_b + at, base_b + r * b.row_stride + col, ok);
     }

@@ -11,7 +11,10 @@
 //
 // Usage: dattn-test-cuda [--cases N] [--seed S] [--max-n N] [--threads T] [--head-dims 16,64,...]
 //                        [--fixed-only | --random-only] [--block-sparse] [--verbose]
+//                        [--cuda-kernels auto|sm80|sm90]
 // --block-sparse makes every random case a block-sparse one (for the sanitizers' few cases).
+// --cuda-kernels picks the kernel generation (LaunchOptions::cuda_kernels; ring steps always run
+// the automatic choice); every failure line and the summary name the generations that ran.
 // Prints one line per failure and "N passed, M failed"; exit 0 when all passed, 77 without a GPU.
 #include <cuda_runtime.h>
 
@@ -22,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <random>
@@ -38,6 +42,12 @@ namespace {
 
 using namespace dattn_gpu_test;
 
+
+dattn::CudaKernels g_cuda_kernels = dattn::CudaKernels::automatic;  // --cuda-kernels
+
+const char* generation_name(dattn::CudaKernels k) {
+  return k == dattn::CudaKernels::sm90 ? "sm90" : k == dattn::CudaKernels::sm80 ? "sm80" : "automatic";
+}
 
 // ---- a case ----
 struct Case {
@@ -424,6 +434,7 @@ std::vector<View> run_ring_steps(const Case& c, const dattn::DilatedConfig& conf
 struct Result {
   bool ok = true;
   std::string message;
+  std::string kernels;  // the kernel generations that ran: forward/backward, e.g. "sm90/sm80"
   double worst[5] = {0, 0, 0, 0, 0};  // out, lse, dq, dk, dv
 };
 
@@ -469,6 +480,9 @@ Result run_case(const Case& c, cudaStream_t stream) {
 
   dattn::LaunchOptions options;
   options.stream = stream;
+  options.cuda_kernels = c.ring_ranks > 0 ? dattn::CudaKernels::automatic : g_cuda_kernels;  // ring steps: automatic
+  result.kernels = std::string(generation_name(dattn::cuda_kernel_generation(qkv[0].device_view(), false, options))) +
+                   "/" + generation_name(dattn::cuda_kernel_generation(qkv[0].device_view(), true, options));
   std::unique_ptr<Buffer> index_device;
   dattn::Tensor index_host;
   if (c.hilbert) {
@@ -745,69 +759,100 @@ int check_refusals() {
   return failures;
 }
 
+// Whether some branch of head `head` selects position `n` (SPEC.md's dilated selection, whole
+// sequence, no index map): where the NaN check places its NaN on purpose.
+bool selects(const dattn::DilatedConfig& config, std::int64_t H, std::int64_t head, std::int64_t n) {
+  const std::int64_t G = std::int64_t(config.segment_lengths.size());
+  std::int64_t group_begin = 0;
+  for (std::int64_t i = 0; i < G; ++i) {
+    const std::int64_t group_heads = H / G + (i < H % G ? 1 : 0);
+    const bool takes_part = config.mode == dattn::Mode::longnet || (head >= group_begin && head < group_begin + group_heads);
+    group_begin += group_heads;
+    const std::int64_t w = config.segment_lengths[std::size_t(i)], r = config.dilation_rates[std::size_t(i)];
+    const std::int64_t offset = (config.mode == dattn::Mode::longnet ? head : i) % r;
+    if (takes_part && (n % w) % r == offset) return true;
+  }
+  return false;
+}
+
 // A NaN in q or k: out and lse are NaN in exactly the rows where the float64 reference's are
 // (a NaN score must not pass for a masked one), and no gradient the reference makes NaN is finite.
+// Each mode places the NaN twice on purpose: in a row its head's branches select (the reference
+// has NaN rows, the kernel must have the same) and in one they all skip (no NaN may appear).
 int check_nan_propagation() {
   int failures = 0;
   for (const DType dtype : {DType::bfloat16, DType::float32})
     for (const dattn::Mode mode : {dattn::Mode::grouped, dattn::Mode::longnet})
       for (const bool causal : {false, true})
-        for (const int poisoned : {0, 1}) {
-          std::vector<std::unique_ptr<Buffer>> owner;
-          Rng rng(31 + 2 * int(mode) + 4 * causal + 8 * poisoned);
-          const std::int64_t B = 1, N = 96, H = 2, D = 64;
-          std::vector<View> t;  // q, k, v, out, dout, dq, dk, dv
-          for (int i = 0; i < 8; ++i) t.push_back(make_buffer(owner, {B, N, H, D}, dtype, false, true, 8, rng));
-          const View lse = make_buffer(owner, {B, H, N}, DType::float32, false, false, 1, rng);
-          for (int i : {0, 1, 2, 4}) fill_normal(t[std::size_t(i)], rng);
-          const std::int64_t row = uniform(rng, 0, N - 1), head = uniform(rng, 0, H - 1);
-          store(t[std::size_t(poisoned)].buffer->host.data(), dtype, t[std::size_t(poisoned)].at({0, row, head, 5}),
-                std::nan(""));
-          for (auto& b : owner) b->upload(nullptr);
-          dattn::DilatedConfig config;
-          config.segment_lengths = {32, 96};
-          config.dilation_rates = {1, 3};
-          config.mode = mode;
-          config.causal = causal;
-          const auto device = [&](int i) { return t[std::size_t(i)].device_view(); };
-          dattn::forward(config, device(0), device(1), device(2), device(3), lse.device_view());
-          dattn::backward(config, device(0), device(1), device(2), device(3), lse.device_view(), device(4), device(5),
-                          device(6), device(7));
-          for (auto& b : owner) b->download(nullptr);
-          CUDA_OK(cudaDeviceSynchronize());
-          dattn::LaunchOptions reference;
-          reference.backend = dattn::Backend::reference;
-          std::vector<dattn::Tensor> ref;
-          for (int i = 0; i < 8; ++i) ref.push_back(to_f64(t[std::size_t(i)]));
-          const dattn::Tensor lse64 = dattn::Tensor::empty({B, H, N}, DType::float32);
-          dattn::forward(config, ref[0], ref[1], ref[2], ref[3], lse64, reference);
-          dattn::backward(config, ref[0], ref[1], ref[2], ref[3], lse64, ref[4], ref[5], ref[6], ref[7], reference);
-          std::ostringstream problems;
-          int reference_rows = 0;
-          for (int i : {3, 5, 6, 7})
+        for (const int poisoned : {0, 1})
+          for (const bool selected : {true, false}) {
+            std::vector<std::unique_ptr<Buffer>> owner;
+            Rng rng(31 + 2 * int(mode) + 4 * causal + 8 * poisoned + 16 * selected);
+            const std::int64_t B = 1, N = 96, H = 2, D = 64;
+            dattn::DilatedConfig config;
+            // Rates 2 and 3: in both modes each head has rows that no branch of it selects.
+            config.segment_lengths = {32, 96};
+            config.dilation_rates = {2, 3};
+            config.mode = mode;
+            config.causal = causal;
+            const std::int64_t head = uniform(rng, 0, H - 1);
+            std::vector<std::int64_t> rows;
             for (std::int64_t n = 0; n < N; ++n)
-              for (std::int64_t h = 0; h < H; ++h) {
-                bool want = false, have = false;
-                for (std::int64_t d = 0; d < D; ++d) {
-                  want |= std::isnan(ref[std::size_t(i)].data<double>()[(n * H + h) * D + d]);
-                  have |= std::isnan(load(t[std::size_t(i)].buffer->host.data(), dtype, t[std::size_t(i)].at({0, n, h, d})));
+              if (selects(config, H, head, n) == selected) rows.push_back(n);
+            const std::int64_t row = rows[std::size_t(uniform(rng, 0, std::int64_t(rows.size()) - 1))];
+            std::vector<View> t;  // q, k, v, out, dout, dq, dk, dv
+            for (int i = 0; i < 8; ++i) t.push_back(make_buffer(owner, {B, N, H, D}, dtype, false, true, 8, rng));
+            const View lse = make_buffer(owner, {B, H, N}, DType::float32, false, false, 1, rng);
+            for (int i : {0, 1, 2, 4}) fill_normal(t[std::size_t(i)], rng);
+            store(t[std::size_t(poisoned)].buffer->host.data(), dtype, t[std::size_t(poisoned)].at({0, row, head, 5}),
+                  std::nan(""));
+            for (auto& b : owner) b->upload(nullptr);
+            const auto device = [&](int i) { return t[std::size_t(i)].device_view(); };
+            dattn::forward(config, device(0), device(1), device(2), device(3), lse.device_view());
+            dattn::backward(config, device(0), device(1), device(2), device(3), lse.device_view(), device(4),
+                            device(5), device(6), device(7));
+            for (auto& b : owner) b->download(nullptr);
+            CUDA_OK(cudaDeviceSynchronize());
+            dattn::LaunchOptions reference;
+            reference.backend = dattn::Backend::reference;
+            std::vector<dattn::Tensor> ref;
+            for (int i = 0; i < 8; ++i) ref.push_back(to_f64(t[std::size_t(i)]));
+            const dattn::Tensor lse64 = dattn::Tensor::empty({B, H, N}, DType::float32);
+            dattn::forward(config, ref[0], ref[1], ref[2], ref[3], lse64, reference);
+            dattn::backward(config, ref[0], ref[1], ref[2], ref[3], lse64, ref[4], ref[5], ref[6], ref[7], reference);
+            std::ostringstream problems;
+            int reference_rows = 0;
+            for (int i : {3, 5, 6, 7})
+              for (std::int64_t n = 0; n < N; ++n)
+                for (std::int64_t h = 0; h < H; ++h) {
+                  bool want = false, have = false;
+                  for (std::int64_t d = 0; d < D; ++d) {
+                    want |= std::isnan(ref[std::size_t(i)].data<double>()[(n * H + h) * D + d]);
+                    have |= std::isnan(
+                        load(t[std::size_t(i)].buffer->host.data(), dtype, t[std::size_t(i)].at({0, n, h, d})));
+                  }
+                  if (i == 3) {
+                    reference_rows += want;
+                    const bool lse_want = std::isnan(lse64.data<float>()[h * N + n]);
+                    const bool lse_have = std::isnan(load(lse.buffer->host.data(), DType::float32, lse.at({0, h, n})));
+                    if (lse_want != lse_have) problems << " lse[" << h << ", " << n << "]";
+                  }
+                  const char* names[] = {"", "", "", "out", "", "dq", "dk", "dv"};
+                  // An unselected NaN must reach nothing; a selected one may spread to more
+                  // gradient rows than the reference's (a NaN value times a probability of 0).
+                  if (want != have && (want || i == 3 || !selected))
+                    problems << " " << names[i] << "[" << n << ", " << h << "]";
                 }
-                if (i == 3) {
-                  reference_rows += want;
-                  const bool lse_want = std::isnan(lse64.data<float>()[h * N + n]);
-                  const bool lse_have = std::isnan(load(lse.buffer->host.data(), DType::float32, lse.at({0, h, n})));
-                  if (lse_want != lse_have) problems << " lse[" << h << ", " << n << "]";
-                }
-                const char* names[] = {"", "", "", "out", "", "dq", "dk", "dv"};
-                if (want != have && (want || i == 3)) problems << " " << names[i] << "[" << n << ", " << h << "]";
-              }
-          const bool ok = problems.str().empty() && reference_rows > 0;
-          std::printf("%s NaN in %c[%lld, %lld], %s %s%s: %d reference NaN rows%s%s\n", ok ? "ok" : "FAIL",
-                      "qk"[poisoned], static_cast<long long>(row), static_cast<long long>(head), dattn::dtype_name(dtype),
-                      mode == dattn::Mode::grouped ? "grouped" : "longnet", causal ? " causal" : "", reference_rows,
-                      problems.str().empty() ? "" : "; differs at", problems.str().c_str());
-          failures += !ok;
-        }
+            // The reference itself must agree with the placement, or the check tests nothing.
+            const bool placement_ok = selected ? reference_rows > 0 : reference_rows == 0;
+            const bool ok = problems.str().empty() && placement_ok;
+            std::printf("%s NaN in %c[%lld, %lld] (%s row), %s %s%s: %d reference NaN rows%s%s\n", ok ? "ok" : "FAIL",
+                        "qk"[poisoned], static_cast<long long>(row), static_cast<long long>(head),
+                        selected ? "a selected" : "an unselected", dattn::dtype_name(dtype),
+                        mode == dattn::Mode::grouped ? "grouped" : "longnet", causal ? " causal" : "", reference_rows,
+                        problems.str().empty() ? "" : "; differs at", problems.str().c_str());
+            failures += !ok;
+          }
   return failures;
 }
 
@@ -832,6 +877,14 @@ int main(int argc, char** argv) {
     else if (a == "--random-only") random_only = true;
     else if (a == "--verbose") verbose = true;
     else if (a == "--block-sparse") g_all_block_sparse = true;
+    else if (a == "--cuda-kernels") {
+      const std::string k = next();
+      if (k != "auto" && k != "sm80" && k != "sm90") {
+        std::fprintf(stderr, "--cuda-kernels %s: expected auto, sm80 or sm90\n", k.c_str());
+        return 2;
+      }
+      g_cuda_kernels = k == "sm80" ? dattn::CudaKernels::sm80 : k == "sm90" ? dattn::CudaKernels::sm90 : dattn::CudaKernels::automatic;
+    }
     else if (a == "--head-dims") {
       g_head_dims.clear();
       std::stringstream list(next());
@@ -860,6 +913,7 @@ int main(int argc, char** argv) {
 
   std::atomic<int> next{0}, passed{0}, failed{0};
   std::mutex print;
+  std::map<std::string, int> kernels_ran;  // "forward/backward" generations -> cases
   double worst[4][5] = {};  // per kind (bf16, fp16, fp32, tf32): out, lse, dq, dk, dv
   auto kind_of = [](const Case& c) { return c.dtype == DType::bfloat16 ? 0 : c.dtype == DType::float16 ? 1 : c.tf32 ? 3 : 2; };
   auto worker = [&]() {
@@ -876,9 +930,10 @@ int main(int argc, char** argv) {
       }
       std::lock_guard<std::mutex> lock(print);
       (r.ok ? passed : failed)++;
+      kernels_ran[r.kernels.empty() ? "none (exception)" : r.kernels]++;
       if (!r.ok || verbose)
-        std::printf("%s case %d: %s\n    %s\n", r.ok ? "ok" : "FAIL", i, describe(cases[std::size_t(i)]).c_str(),
-                    r.message.c_str());
+        std::printf("%s case %d [%s]: %s\n    %s\n", r.ok ? "ok" : "FAIL", i, r.kernels.c_str(),
+                    describe(cases[std::size_t(i)]).c_str(), r.message.c_str());
       if (verbose && r.ok)
         std::printf("    errors out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", r.worst[0], r.worst[1], r.worst[2],
                     r.worst[3], r.worst[4]);
@@ -896,6 +951,8 @@ int main(int argc, char** argv) {
   for (int k = 0; k < 4; ++k)
     std::printf("worst passing errors %-13s out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", kinds[k], worst[k][0],
                 worst[k][1], worst[k][2], worst[k][3], worst[k][4]);
+  for (const auto& [kernels, count] : kernels_ran)
+    std::printf("kernel generations forward/backward %s: %d cases\n", kernels.c_str(), count);
   failed += check_refusals();
   failed += check_nan_propagation();
   std::printf("%d passed, %d failed\n", passed.load(), failed.load());

@@ -1,0 +1,153 @@
+// The forward's per-tile arithmetic, shared by the kernel generations (sm80's mma.sync kernel and
+// sm90's wgmma kernel): both hold a warp's 16 query rows (two per thread: qi[0] = row g and
+// qi[1] = row g + 8 of the warp, lane = 4g + t) in the accumulator layout, element [n][e] being
+// column 8n + 2t + (e & 1) of row qi[e >> 1].
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/launch.hpp"
+#include "cuda/mma.cuh"
+#include "cuda/work.cuh"
+
+namespace dattn::cuda {
+
+// Rows of [region_begin, region_end) that the block's branch does not select (the block's own
+// side): out (or the gradients) 0, lse -inf. Not in ring steps, which only add.
+template <class T, int D, int kThreads>
+__device__ __forceinline__ void zero_unselected(const detail::DilatedParams& p, const BlockWork& w,
+                                                const detail::Operand* a, const detail::Operand* b, bool lse) {
+  constexpr int kChunks = D * int(sizeof(T)) / 16;
+  const Side& own = w.own();
+  const std::int64_t rows = w.region_end - w.region_begin;
+  if (w.stride == 1 && w.region_begin == own.first + w.tile_begin && rows == w.tile_rows) return;
+  for (std::int64_t c = threadIdx.x; c < rows * kChunks; c += kThreads) {
+    const std::int64_t position = w.region_begin + c / kChunks;
+    const std::int64_t rel = position - own.first;
+    if (rel >= 0 && rel % w.stride == 0 && rel / w.stride < own.length) continue;
+    const int chunk = int(c % kChunks);
+    const std::int64_t row = w.original(position);
+    zero_row_chunk(row_pointer<T>(*a, w.batch, w.head, row), chunk);
+    if (b) zero_row_chunk(row_pointer<T>(*b, w.batch, w.head, row), chunk);
+    if (lse && chunk == 0) *lse_pointer(p, w.batch, w.head, row) = neg_inf();
+  }
+}
+
+// One tile of BN keys starting at side index k0 against the warp's rows (the first of them is
+// warp_row0): scale the scores into the log2 domain, mask them (the key bias: padding and columns
+// past the group; causality), update the online softmax (row_max, row_sum, and acc rescaled) and
+// leave the tile's probabilities in s, dropped out and rescaled when dropout is on.
+template <int BN, int D, Walk kWalk>
+__device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const BlockWork& w, float (&s)[BN / 8][4],
+                                           float (&acc)[D / 8][4], float (&row_max)[2], float (&row_sum)[2],
+                                           std::int64_t k0, std::int64_t warp_row0, const std::int64_t (&qi)[2],
+                                           const int (&query_position)[2], const float* bias,
+                                           const int* key_position, float scale_log2) {
+  const int t = threadIdx.x % 4;
+#pragma unroll
+  for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[n][e] = s[n][e] * scale_log2 + bias[n * 8 + 2 * t + (e & 1)];
+  if (kWalk == Walk::indexed && p.causal) {  // an index map: causality by original positions
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (key_position[n * 8 + 2 * t + (e & 1)] > query_position[e >> 1]) s[n][e] = neg_inf();
+  } else if (p.causal && k0 + BN - 1 > warp_row0 + w.causal_shift) {  // a tile on the diagonal
+    const int last[2] = {int(qi[0] + w.causal_shift - k0), int(qi[1] + w.causal_shift - k0)};  // last visible
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (n * 8 + 2 * t + (e & 1) > last[e >> 1]) s[n][e] = neg_inf();
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = neg_inf();
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float new_max = fmaxf(row_max[r], mx);
+    const float base = new_max == neg_inf() ? 0.0f : new_max;
+    const float correction = fast_exp2(row_max[r] - base);
+    row_max[r] = new_max;
+    float sum = 0.0f;
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+      s[n][2 * r] = fast_exp2(s[n][2 * r] - base);
+      s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - base);
+      sum += s[n][2 * r] + s[n][2 * r + 1];
+    }
+    row_sum[r] = row_sum[r] * correction + sum;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      acc[n][2 * r] *= correction;
+      acc[n][2 * r + 1] *= correction;
+    }
+  }
+  if (p.dropout_p > 0.0f) {
+#pragma unroll
+    for (int half = 0; half < (BN + 63) / 64; ++half) {  // dropout_bits covers 64 columns at most
+      constexpr int kBlocks = BN < 64 ? BN / 8 : 8;
+      const std::uint32_t keep = dropout_bits<kBlocks>(p, w, qi[0], qi[1], k0 + 64 * half, false);
+#pragma unroll
+      for (int n = 0; n < kBlocks; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          s[kBlocks * half + n][e] *= (keep >> (4 * n + e)) & 1u ? p.dropout_rescale : 0.0f;
+    }
+  }
+}
+
+// The epilogue of a block: normalise the warp's rows and write out and lse (or merge them into what
+// earlier branches wrote), then the zeros and -inf of the unselected rows of the block's region.
+template <class T, int D, int kThreads>
+__device__ __forceinline__ void write_forward_rows(const detail::DilatedParams& p, const LaunchPlan& plan,
+                                                   const BlockWork& w, const float (&acc)[D / 8][4],
+                                                   const float (&row_max)[2], const float (&row_sum)[2],
+                                                   const std::int64_t (&qi)[2]) {
+  const int t = threadIdx.x % 4;
+  float lse_row[2], inv[2], old_lse[2] = {neg_inf(), neg_inf()};
+  bool valid[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = row_sum[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const bool attended = sum != 0.0f;  // a NaN sum (a NaN score) makes the row NaN, not empty
+    inv[r] = attended ? 1.0f / sum : 0.0f;
+    lse_row[r] = attended ? (row_max[r] + __log2f(sum)) * kLn2 : neg_inf();
+    valid[r] = qi[r] < w.tile_begin + w.tile_rows;
+    if (plan.accumulate && valid[r]) old_lse[r] = *lse_pointer(p, w.batch, w.head, w.row(w.query, qi[r]));
+  }
+  __syncwarp();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (!valid[r]) continue;
+    const std::int64_t row = w.row(w.query, qi[r]);
+    float old_weight = 0.0f, new_weight = p.output_scale * inv[r], lse_new = lse_row[r];
+    if (plan.accumulate) {
+      if (lse_row[r] == neg_inf()) continue;  // this branch adds nothing to the row
+      if (old_lse[r] != neg_inf()) {
+        const float mx = fmaxf(old_lse[r], lse_row[r]);
+        lse_new = mx + logf(expf(old_lse[r] - mx) + expf(lse_row[r] - mx));
+        old_weight = expf(old_lse[r] - lse_new);
+        new_weight *= expf(lse_row[r] - lse_new);
+      }
+    }
+    auto store = [&](auto* dst) {
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n)
+        store2(dst + n * 8 + 2 * t, acc[n][2 * r] * new_weight, acc[n][2 * r + 1] * new_weight, old_weight);
+    };
+    if (p.float32_outputs) store(row_pointer<float>(p.out, w.batch, w.head, row));
+    else store(row_pointer<T>(p.out, w.batch, w.head, row));
+    if (t == 0) *lse_pointer(p, w.batch, w.head, row) = lse_new;
+  }
+  if (!plan.accumulate) zero_unselected<T, D, kThreads>(p, w, &p.out, nullptr, true);
+}
+
+
+}  // namespace dattn::cuda

@@ -1,0 +1,50 @@
+// Hopper's warpgroup matrix multiply (wgmma, sm_90a) for the sm90 kernels: shared-memory matrix
+// descriptors of the 128-byte swizzled tiles the loads write (TileLayout::swizzled, work.cuh),
+// and the instructions.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace dattn::cuda::sm90 {
+
+// A descriptor of the 128-byte swizzled layout (layout type 1). K-major operands (Q and K: the
+// reduction runs along the row): the leading offset is unused, the stride offset is 1024 bytes
+// from one group of 8 rows to the next. MN-major operands (V: the reduction runs over the rows):
+// the stride offset is 1024 bytes from one group of 8 rows (keys) to the next, the leading offset
+// the distance between 64-column blocks.
+__device__ __forceinline__ std::uint64_t descriptor(std::uint32_t smem_address, std::uint32_t leading_bytes,
+                                                    std::uint32_t stride_bytes) {
+  std::uint64_t d = 0;
+  d |= std::uint64_t((smem_address >> 4) & 0x3fff);
+  d |= std::uint64_t((leading_bytes >> 4) & 0x3fff) << 16;
+  d |= std::uint64_t((stride_bytes >> 4) & 0x3fff) << 32;
+  d |= std::uint64_t(1) << 62;
+  return d;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+// Keeps the compiler from moving reads or writes of accumulator registers across an asynchronous
+// wgmma (it sees the asm statement, not the hardware that writes them later).
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// wgmma.mma_async m64nNk16 with float32 accumulators, 16-bit inputs of type T. One warpgroup
+// issues it; its result registers follow the accumulator layout: register 4·n + e of a thread
+// (lane = 4g + t of warp w in the warpgroup) holds row 16w + g + 8·(e / 2), column 8n + 2t + e % 2.
+template <class T, int N>
+struct Wgmma;
+
+#include "cuda/sm90/wgmma_instructions.inc"
+
+}  // namespace dattn::cuda::sm90
