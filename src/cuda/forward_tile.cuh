@@ -102,8 +102,8 @@ __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const
 }
 
 // The epilogue of a block: normalise the warp's rows and write out and lse (or merge them into what
-// earlier branches wrote), then the zeros and -inf of the unselected rows of the block's region.
-template <class T, int D, int kThreads>
+// earlier branches wrote). The zeros and -inf of the unselected rows are zero_unselected's.
+template <class T, int D>
 __device__ __forceinline__ void write_forward_rows(const detail::DilatedParams& p, const LaunchPlan& plan,
                                                    const BlockWork& w, const float (&acc)[D / 8][4],
                                                    const float (&row_max)[2], const float (&row_sum)[2],
@@ -146,7 +146,6 @@ __device__ __forceinline__ void write_forward_rows(const detail::DilatedParams& 
     else store(row_pointer<T>(p.out, w.batch, w.head, row));
     if (t == 0) *lse_pointer(p, w.batch, w.head, row) = lse_new;
   }
-  if (!plan.accumulate) zero_unselected<T, D, kThreads>(p, w, &p.out, nullptr, true);
 }
 
 

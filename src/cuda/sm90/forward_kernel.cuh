@@ -129,7 +129,8 @@ __global__ void __launch_bounds__(Sm90ForwardShape<D>::kThreads, Sm90ForwardShap
       __syncthreads();  // the stage is refilled by the next iteration's prefetch
     }
   }
-  write_forward_rows<T, D, kThreads>(p, plan, w, acc, row_max, row_sum, qi);
+  write_forward_rows<T, D>(p, plan, w, acc, row_max, row_sum, qi);
+  if (!plan.accumulate) zero_unselected<T, D, kThreads>(p, w, &p.out, nullptr, true);
 #endif
 }
 
