@@ -97,8 +97,10 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
       }
 
       const std::int64_t k0 = tiles.start(it);
-      score_tile<BN, D, kWalk>(p, w, s, acc, row_max, row_sum, k0, w.tile_begin + warp * 16, qi, query_position,
-                               sBias + stage * BN, sKeyPosition + stage * BN, scale_log2);
+      float correction[2];
+      score_tile<BN, kWalk>(p, w, s, correction, row_max, row_sum, k0, w.tile_begin + warp * 16, qi, query_position,
+                            sBias + stage * BN, sKeyPosition + stage * BN, scale_log2);
+      rescale_rows<D>(acc, correction);
       gemm_pn<M, S, BN, D>(acc, s, smem_address(sV + stage * Shape::kKvElems), Shape::kKvPlane * 2, kRowBytes);
       __syncthreads();
     }

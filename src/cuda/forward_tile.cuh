@@ -35,11 +35,12 @@ __device__ __forceinline__ void zero_unselected(const detail::DilatedParams& p, 
 
 // One tile of BN keys starting at side index k0 against the warp's rows (the first of them is
 // warp_row0): scale the scores into the log2 domain, mask them (the key bias: padding and columns
-// past the group; causality), update the online softmax (row_max, row_sum, and acc rescaled) and
-// leave the tile's probabilities in s, dropped out and rescaled when dropout is on.
-template <int BN, int D, Walk kWalk>
+// past the group; causality), update the online softmax (row_max, row_sum, and the factor each row's
+// output accumulator is to be multiplied by) and leave the tile's probabilities in s, dropped out
+// and rescaled when dropout is on.
+template <int BN, Walk kWalk>
 __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const BlockWork& w, float (&s)[BN / 8][4],
-                                           float (&acc)[D / 8][4], float (&row_max)[2], float (&row_sum)[2],
+                                           float (&correction)[2], float (&row_max)[2], float (&row_sum)[2],
                                            std::int64_t k0, std::int64_t warp_row0, const std::int64_t (&qi)[2],
                                            const int (&query_position)[2], const float* bias,
                                            const int* key_position, float scale_log2) {
@@ -71,7 +72,7 @@ __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float new_max = fmaxf(row_max[r], mx);
     const float base = new_max == neg_inf() ? 0.0f : new_max;
-    const float correction = fast_exp2(row_max[r] - base);
+    correction[r] = fast_exp2(row_max[r] - base);
     row_max[r] = new_max;
     float sum = 0.0f;
 #pragma unroll
@@ -80,12 +81,7 @@ __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const
       s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - base);
       sum += s[n][2 * r] + s[n][2 * r + 1];
     }
-    row_sum[r] = row_sum[r] * correction + sum;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      acc[n][2 * r] *= correction;
-      acc[n][2 * r + 1] *= correction;
-    }
+    row_sum[r] = row_sum[r] * correction[r] + sum;
   }
   if (p.dropout_p > 0.0f) {
 #pragma unroll
@@ -99,6 +95,15 @@ __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const
           s[kBlocks * half + n][e] *= (keep >> (4 * n + e)) & 1u ? p.dropout_rescale : 0.0f;
     }
   }
+}
+
+// acc (a warp's rows of the output accumulator) times the rows' softmax corrections.
+template <int D>
+__device__ __forceinline__ void rescale_rows(float (&acc)[D / 8][4], const float (&correction)[2]) {
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] *= correction[e >> 1];
 }
 
 // The epilogue of a block: normalise the warp's rows and write out and lse (or merge them into what

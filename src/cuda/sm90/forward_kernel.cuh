@@ -123,8 +123,10 @@ __global__ void __launch_bounds__(Sm90ForwardShape<D>::kThreads, Sm90ForwardShap
 
       float s[BN / 8][4];
       scores<T, D, BM, BN>(s, q_tile, smem_address(sK + stage * Shape::kKvBytes));
-      score_tile<BN, D, kWalk>(p, w, s, acc, row_max, row_sum, tiles.start(it), warp_row0, qi, query_position,
-                               sBias + stage * BN, sKeyPosition + stage * BN, scale_log2);
+      float correction[2];
+      score_tile<BN, kWalk>(p, w, s, correction, row_max, row_sum, tiles.start(it), warp_row0, qi, query_position,
+                            sBias + stage * BN, sKeyPosition + stage * BN, scale_log2);
+      rescale_rows<D>(acc, correction);
       accumulate_pv<T, D, BN>(acc, s, smem_address(sV + stage * Shape::kKvBytes));
       __syncthreads();  // the stage is refilled by the next iteration's prefetch
     }
