@@ -72,19 +72,21 @@ struct BackwardShape {
                                             std::size_t(kFloatsOwn + kStages * kFloatsOther) * 4;
 };
 
-// The sm90 forward (wgmma, 16-bit types): two warpgroups of 64 query rows each share every key
-// tile; operands are read by wgmma from 128-byte swizzled shared memory, two stages of cp.async.
+// The sm90 forward (wgmma, 16-bit types): a producer warpgroup loads tiles into a ring of stages,
+// two consumer warpgroups of 64 query rows each share every key tile.
 template <int D>
 struct Sm90ForwardShape {
-  static constexpr int kWarpgroups = 2, kThreads = 128 * kWarpgroups;
-  static constexpr int kBlockM = 64 * kWarpgroups;  // query rows per block
-  static constexpr int kBlockN = 128;  // keys per tile
-  static constexpr int kStages = 2;
-  static constexpr int kMinBlocks = 1;  // blocks per SM the registers must allow
+  static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1);
+  static constexpr int kBlockM = 64 * kConsumers;  // query rows per block
+  static constexpr int kBlockN = 128;              // keys per tile
+  static constexpr int kStages = D <= 64 ? 4 : 2;
+  // setmaxnreg: the producer gives registers to the consumers (65536 per SM, one block).
+  static constexpr int kProducerRegisters = 56, kConsumerRegisters = 224;
   static constexpr int kQBytes = kBlockM * D * 2, kKvBytes = kBlockN * D * 2;
-  // 1024 bytes to align the tiles (wgmma's swizzle), Q, per stage K and V, then the key bias and
-  // the keys' positions per stage.
-  static constexpr std::size_t kSmemBytes = 1024 + kQBytes + 2 * kStages * kKvBytes + 2 * kStages * kBlockN * 4;
+  // 1024 bytes to align the tiles (wgmma's swizzle), Q, per stage K and V, the key bias and the
+  // keys' positions, then a full and an empty barrier per stage.
+  static constexpr std::size_t kSmemBytes =
+      1024 + kQBytes + 2 * kStages * kKvBytes + 2 * kStages * kBlockN * 4 + 2 * kStages * 8;
 };
 
 template <class T, int D, int S>

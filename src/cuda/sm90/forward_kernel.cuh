@@ -1,11 +1,15 @@
-// The sm90 forward (Hopper, sm_90a, 16-bit types): the sm80 kernel's walk and arithmetic (decode,
-// other_tiles, score_tile, write_forward_rows) with the two products on warpgroup MMA. A block owns
-// 128 selected query rows of one group, 64 per warpgroup; each key tile of 128 rows goes through
-// shared memory once for both warpgroups, loaded by cp.async two stages deep into wgmma's swizzled
-// layout. S = Q·Kᵀ reads Q and K from shared memory; O += P·V takes P from registers (the
-// accumulator layout of S is the A-fragment layout, so P never touches shared memory) and V from
-// shared memory MN-major. Every walk (dilated, index map, block-sparse) loads rows one by one, so
-// one kernel serves them all.
+// The sm90 forward (Hopper, sm_90a, 16-bit types): the walk and arithmetic of the sm80 kernel
+// (decode, other_tiles, score_tile, write_forward_rows) with the two products on warpgroup MMA, in
+// a warp-specialised block. Warpgroup 0 produces: it loads the block's 128 query rows and then
+// each key tile of 128 rows (K, V and the key bias) by cp.async into a ring of shared-memory
+// stages, in wgmma's 128-byte swizzled layout, and signals each stage full on an mbarrier when its
+// copies land; then it writes the unselected rows of the block's region. Warpgroups 1 and 2
+// consume, 64 query rows each: S = Q·Kᵀ from shared memory, the online softmax in registers, and
+// O += P·V with P from registers (the accumulator layout of S is wgmma's A-fragment layout) and V
+// MN-major from shared memory; a stage is handed back on its empty barrier when both are done
+// with it. Within a consumer, the next tile's S = Q·Kᵀ is issued before the previous tile's
+// P·V, so the softmax of one tile runs while the tensor cores do the other's product. Every walk
+// (dilated, index map, block-sparse) loads rows one by one, so one kernel serves them all.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -14,6 +18,7 @@
 #include "cuda/forward_kernel.cuh"
 #include "cuda/forward_tile.cuh"
 #include "cuda/launch.hpp"
+#include "cuda/sm90/sync.cuh"
 #include "cuda/sm90/wgmma.cuh"
 #include "cuda/work.cuh"
 
@@ -22,117 +27,174 @@ namespace dattn::cuda::sm90 {
 template <int N>
 using Flat = float[N];
 
-// S = Q·Kᵀ for the warpgroup's 64 rows against one key tile: D/16 steps of k16, both operands
-// K-major (a step advances 32 bytes inside the swizzled row, a 64-column block 128 bytes a row).
+// Issues S = Q·Kᵀ for the warpgroup's 64 rows against one key tile: D/16 steps of k16, both
+// operands K-major (a step advances 32 bytes inside the swizzled row; the 64-column block kk / 4
+// lies kRows·128 bytes on).
 template <class T, int D, int BM, int BN>
-__device__ __forceinline__ void scores(float (&s)[BN / 8][4], std::uint32_t q_tile, std::uint32_t k_tile) {
-  wgmma_fence();
+__device__ __forceinline__ void issue_scores(float (&s)[BN / 8][4], std::uint32_t q_tile, std::uint32_t k_tile) {
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    const std::uint32_t column = (kk % 4) * 32;  // inside the 64-column block kk / 4
+    const std::uint32_t column = (kk % 4) * 32;
     const std::uint64_t a = descriptor(q_tile + (kk / 4) * BM * 128 + column, 16, 1024);
     const std::uint64_t b = descriptor(k_tile + (kk / 4) * BN * 128 + column, 16, 1024);
     Wgmma<T, BN>::ss(reinterpret_cast<Flat<BN / 2>&>(s), a, b, kk > 0);
   }
-  wgmma_commit();
-  wgmma_wait<0>();
-  fence_registers(reinterpret_cast<Flat<BN / 2>&>(s));
 }
 
-// O += P·V: BN/16 steps of k16 keys. P's fragment for keys [16kk, 16kk + 16) is the thread's score
-// registers of column blocks 2kk and 2kk + 1; V is MN-major (rows are keys): a step advances 16
-// rows (2048 bytes), and the head dim's 64-column blocks lie BN rows apart.
-template <class T, int D, int BN>
-__device__ __forceinline__ void accumulate_pv(float (&acc)[D / 8][4], const float (&p)[BN / 8][4],
-                                              std::uint32_t v_tile) {
+// P (the probabilities of a tile, float32 in the accumulator layout) as wgmma A fragments: keys
+// [16kk, 16kk + 16) are the thread's registers of column blocks 2kk and 2kk + 1.
+template <class T, int BN>
+__device__ __forceinline__ void pack_probabilities(const float (&s)[BN / 8][4], std::uint32_t (&a)[BN / 16][4]) {
   using M = MmaType<T>;
-  std::uint32_t a[BN / 16][4];
 #pragma unroll
   for (int kk = 0; kk < BN / 16; ++kk) {
-    a[kk][0] = pack2<M>(p[2 * kk][0], p[2 * kk][1]);
-    a[kk][1] = pack2<M>(p[2 * kk][2], p[2 * kk][3]);
-    a[kk][2] = pack2<M>(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-    a[kk][3] = pack2<M>(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+    a[kk][0] = pack2<M>(s[2 * kk][0], s[2 * kk][1]);
+    a[kk][1] = pack2<M>(s[2 * kk][2], s[2 * kk][3]);
+    a[kk][2] = pack2<M>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[kk][3] = pack2<M>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
   }
-  fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
-  wgmma_fence();
+}
+
+// Issues O += P·V: BN/16 steps of k16 keys; V is MN-major (rows are keys): a step advances 16
+// rows (2048 bytes), and the head dim's 64-column blocks lie BN rows apart.
+template <class T, int D, int BN>
+__device__ __forceinline__ void issue_pv(float (&acc)[D / 8][4], const std::uint32_t (&a)[BN / 16][4],
+                                         std::uint32_t v_tile) {
 #pragma unroll
   for (int kk = 0; kk < BN / 16; ++kk)
     Wgmma<T, D>::rs(reinterpret_cast<Flat<D / 2>&>(acc), a[kk], descriptor(v_tile + kk * 16 * 128, BN * 128, 1024), 1);
-  wgmma_commit();
-  wgmma_wait<0>();
-  fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
 }
 
-__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-template <class T, int D, Walk kWalk>
-__global__ void __launch_bounds__(Sm90ForwardShape<D>::kThreads, Sm90ForwardShape<D>::kMinBlocks)
-    forward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The shared memory of a block: the query tile, then per stage K, V (swizzled), the key bias and
+// the keys' positions, then the stages' full and empty barriers.
+template <int D>
+struct Stages {
   using Shape = Sm90ForwardShape<D>;
-  constexpr int BM = Shape::kBlockM, BN = Shape::kBlockN, kThreads = Shape::kThreads;
+  unsigned char* q;
+  unsigned char* k;
+  unsigned char* v;
+  float* bias;
+  int* key_position;
+  std::uint64_t* full;
+  std::uint64_t* empty;
+  __device__ explicit Stages(unsigned char* raw) {
+    unsigned char* base = raw + ((1024 - smem_address(raw) % 1024) % 1024);
+    q = base;
+    k = q + Shape::kQBytes;
+    v = k + Shape::kStages * Shape::kKvBytes;
+    bias = reinterpret_cast<float*>(v + Shape::kStages * Shape::kKvBytes);
+    key_position = reinterpret_cast<int*>(bias + Shape::kStages * Shape::kBlockN);
+    full = reinterpret_cast<std::uint64_t*>(key_position + Shape::kStages * Shape::kBlockN);
+    empty = full + Shape::kStages;
+  }
+};
+
+// Warpgroup 0: every tile's loads, a stage at a time once the consumers have emptied it.
+template <class T, int D, Walk kWalk, class Tiles>
+__device__ __forceinline__ void produce(const detail::DilatedParams& p, const BlockWork& w, const Tiles& tiles,
+                                        int num_tiles, const Stages<D>& st) {
+  using Shape = Sm90ForwardShape<D>;
+  constexpr int BM = Shape::kBlockM, BN = Shape::kBlockN, kStages = Shape::kStages;
   constexpr TileLayout kSwizzled = TileLayout::swizzled;
+  const bool causal_by_position = kWalk == Walk::indexed && p.causal;
+  for (int it = 0; it < num_tiles; ++it) {
+    const int stage = it % kStages;
+    if (it >= kStages) barrier_wait(st.empty + stage, (it / kStages + 1) & 1);
+    if (it == 0)
+      load_rows<T, 1, BM, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.q), 0, p.q, w, w.query, w.tile_begin,
+                                            w.tile_rows);
+    const std::int64_t k0 = tiles.start(it);
+    const int valid = tiles.valid(it);
+    load_row_pair<T, 1, BN, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.k + stage * Shape::kKvBytes),
+                                              reinterpret_cast<std::uint16_t*>(st.v + stage * Shape::kKvBytes), 0, p.k,
+                                              p.v, w, w.key, k0, valid);
+    key_bias(p, w, k0, valid, BN, st.bias + stage * BN, causal_by_position ? st.key_position + stage * BN : nullptr);
+    cp_async_arrive(st.full + stage);  // the stage's copies, when they land
+    barrier_arrive(st.full + stage);   // this thread's plain stores (the key bias)
+  }
+}
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - smem_address(smem_raw) % 1024) % 1024);
-  unsigned char* sQ = smem;
-  unsigned char* sK = sQ + Shape::kQBytes;  // [stage][BN rows, swizzled]
-  unsigned char* sV = sK + Shape::kStages * Shape::kKvBytes;
-  float* sBias = reinterpret_cast<float*>(sV + Shape::kStages * Shape::kKvBytes);  // [stage][BN]
-  int* sKeyPosition = reinterpret_cast<int*>(sBias + Shape::kStages * BN);         // [stage][BN]
-
-  BlockWork w;
-  if (!decode<BM, kWalk>(p, plan, w)) return;
-  const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, g = threadIdx.x % 32 / 4;
+// Warpgroups 1 and 2: the online softmax over the key tiles of the stages, then the epilogue.
+template <class T, int D, Walk kWalk, class Tiles>
+__device__ __forceinline__ void consume(const detail::DilatedParams& p, const LaunchPlan& plan, const BlockWork& w,
+                                        const Tiles& tiles, int num_tiles, const Stages<D>& st) {
+  using Shape = Sm90ForwardShape<D>;
+  constexpr int BM = Shape::kBlockM, BN = Shape::kBlockN, kStages = Shape::kStages;
+  const int warpgroup = threadIdx.x / 128 - 1, warp = threadIdx.x / 32 % 4, g = threadIdx.x % 32 / 4;
   const std::int64_t warp_row0 = w.tile_begin + warpgroup * 64 + warp * 16;
   const std::int64_t qi[2] = {warp_row0 + g, warp_row0 + g + 8};
+  const bool causal_by_position = kWalk == Walk::indexed && p.causal;
+  const int query_position[2] = {causal_by_position ? w.position32(w.query, int(qi[0])) : 0,
+                                 causal_by_position ? w.position32(w.query, int(qi[1])) : 0};
+  const float scale_log2 = p.scale * kLog2e;
+  const std::uint32_t q_tile = smem_address(st.q) + warpgroup * 64 * 128;
 
   float acc[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
   float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.0f, 0.0f};
-
-  const auto tiles = other_tiles<BN, kWalk>(p, w);
-  const bool causal_by_position = kWalk == Walk::indexed && p.causal;
-  const int query_position[2] = {causal_by_position ? w.position32(w.query, int(qi[0])) : 0,
-                                 causal_by_position ? w.position32(w.query, int(qi[1])) : 0};
-  if (w.tile_rows > 0 && tiles.count > 0) {
-    auto load_kv = [&](int tile, int stage) {
-      const std::int64_t k0 = tiles.start(tile);
-      const int valid = tiles.valid(tile);
-      load_row_pair<T, 1, BN, D, kThreads, kSwizzled>(reinterpret_cast<std::uint16_t*>(sK + stage * Shape::kKvBytes),
-                                                      reinterpret_cast<std::uint16_t*>(sV + stage * Shape::kKvBytes), 0,
-                                                      p.k, p.v, w, w.key, k0, valid);
-      key_bias(p, w, k0, valid, BN, sBias + stage * BN, causal_by_position ? sKeyPosition + stage * BN : nullptr);
-    };
-    load_rows<T, 1, BM, D, kThreads, kSwizzled>(reinterpret_cast<std::uint16_t*>(sQ), 0, p.q, w, w.query, w.tile_begin,
-                                               w.tile_rows);
-    load_kv(0, 0);
-    cp_async_commit();
-
-    const float scale_log2 = p.scale * kLog2e;
-    const std::uint32_t q_tile = smem_address(sQ) + warpgroup * 64 * 128;
-    for (int it = 0; it < tiles.count; ++it) {
-      const int stage = it % 2;
-      if (it + 1 < tiles.count) load_kv(it + 1, (it + 1) % 2);
-      cp_async_commit();
-      cp_async_wait<1>();
-      fence_async_shared();  // cp.async wrote through the generic proxy; wgmma reads through the async one
-      __syncthreads();
-
-      float s[BN / 8][4];
-      scores<T, D, BM, BN>(s, q_tile, smem_address(sK + stage * Shape::kKvBytes));
-      float correction[2];
-      score_tile<BN, kWalk>(p, w, s, correction, row_max, row_sum, tiles.start(it), warp_row0, qi, query_position,
-                            sBias + stage * BN, sKeyPosition + stage * BN, scale_log2);
-      rescale_rows<D>(acc, correction);
-      accumulate_pv<T, D, BN>(acc, s, smem_address(sV + stage * Shape::kKvBytes));
-      __syncthreads();  // the stage is refilled by the next iteration's prefetch
-    }
+  std::uint32_t probabilities[BN / 16][4];  // the previous tile's P, waiting for its P·V
+  for (int it = 0; it < num_tiles; ++it) {
+    const int stage = it % kStages;
+    barrier_wait(st.full + stage, (it / kStages) & 1);
+    fence_async_shared();
+    float s[BN / 8][4];
+    fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+    wgmma_fence();
+    issue_scores<T, D, BM, BN>(s, q_tile, smem_address(st.k + stage * Shape::kKvBytes));
+    wgmma_commit();
+    const int previous = (it + kStages - 1) % kStages;
+    if (it > 0) issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + previous * Shape::kKvBytes));
+    wgmma_commit();
+    wgmma_wait<1>();  // the scores; the previous tile's P·V may still run
+    fence_registers(reinterpret_cast<Flat<BN / 2>&>(s));
+    // The softmax of this tile while the previous P·V runs; acc is rescaled once that is done.
+    float correction[2];
+    score_tile<BN, kWalk>(p, w, s, correction, row_max, row_sum, tiles.start(it), warp_row0, qi, query_position,
+                          st.bias + stage * BN, st.key_position + stage * BN, scale_log2);
+    wgmma_wait<0>();
+    fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+    if (it > 0) barrier_arrive(st.empty + previous);
+    rescale_rows<D>(acc, correction);
+    pack_probabilities<T, BN>(s, probabilities);
+  }
+  if (num_tiles > 0) {  // the last tile's P·V
+    fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+    wgmma_fence();
+    issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + (num_tiles - 1) % kStages * Shape::kKvBytes));
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
   }
   write_forward_rows<T, D>(p, plan, w, acc, row_max, row_sum, qi);
-  if (!plan.accumulate) zero_unselected<T, D, kThreads>(p, w, &p.out, nullptr, true);
+}
+
+template <class T, int D, Walk kWalk>
+__global__ void __launch_bounds__(Sm90ForwardShape<D>::kThreads, 1)
+    forward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Shape = Sm90ForwardShape<D>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Stages<D> st(smem_raw);
+  if (threadIdx.x == 0)
+    for (int s = 0; s < Shape::kStages; ++s) {
+      barrier_init(st.full + s, 128);  // the producer's threads
+      barrier_init(st.empty + s, 256);  // the consumers' threads
+    }
+  __syncthreads();
+
+  BlockWork w;
+  if (!decode<Shape::kBlockM, kWalk>(p, plan, w)) return;
+  const auto tiles = other_tiles<Shape::kBlockN, kWalk>(p, w);
+  const int num_tiles = w.tile_rows > 0 ? tiles.count : 0;
+  if (threadIdx.x < 128) {
+    registers_decrease<Shape::kProducerRegisters>();
+    produce<T, D, kWalk>(p, w, tiles, num_tiles, st);
+    if (!plan.accumulate) zero_unselected<T, D, 128>(p, w, &p.out, nullptr, true);
+  } else {
+    registers_increase<Shape::kConsumerRegisters>();
+    consume<T, D, kWalk>(p, plan, w, tiles, num_tiles, st);
+  }
 #endif
 }
 

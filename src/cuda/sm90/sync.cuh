@@ -1,0 +1,56 @@
+// Synchronisation of the sm90 kernels' warp-specialised blocks: shared-memory barriers (mbarrier)
+// between the producer warpgroup that loads tiles and the consumer warpgroups that use them, the
+// proxy fence that makes cp.async's writes visible to wgmma, and register reallocation.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/mma.cuh"
+
+namespace dattn::cuda::sm90 {
+
+// A barrier in shared memory that completes a phase when `count` threads have arrived.
+__device__ __forceinline__ void barrier_init(std::uint64_t* barrier, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(barrier)), "r"(count) : "memory");
+}
+
+// Arrive (release: this thread's earlier shared-memory writes are seen by whoever waits on the phase).
+__device__ __forceinline__ void barrier_arrive(std::uint64_t* barrier) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_address(barrier)) : "memory");
+}
+
+// Arrive when this thread's cp.async copies issued so far have landed (the barrier's pending
+// count is raised now and lowered then, so the phase also waits for them).
+__device__ __forceinline__ void cp_async_arrive(std::uint64_t* barrier) {
+  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(smem_address(barrier)) : "memory");
+}
+
+// Wait until the phase of parity `parity` has completed (acquire).
+__device__ __forceinline__ void barrier_wait(std::uint64_t* barrier, int parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait;\n"
+      "}\n" ::"r"(smem_address(barrier)),
+      "r"(parity)
+      : "memory");
+}
+
+// Orders this thread's generic-proxy shared-memory writes (cp.async, plain stores) before later
+// async-proxy reads (wgmma's operand fetches).
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Register reallocation between warpgroups (the kernel starts with a register cap: launch bounds
+// with one block per SM).
+template <int kRegisters>
+__device__ __forceinline__ void registers_decrease() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+template <int kRegisters>
+__device__ __forceinline__ void registers_increase() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+
+}  // namespace dattn::cuda::sm90
