@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from dattn import _C, _ops
+from dattn._block_mask import mask_on
 
 __all__ = ["RingDilatedAttention", "ring_dilated_attention", "ring_block_sparse_attention", "shard_sequence",
            "unshard_sequence"]
@@ -339,8 +340,6 @@ def ring_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask, block_siz
     gloo, CUDA tensors over NCCL): ``mask`` is the ``BlockSparseMask`` of the whole sequence; every
     rank's chunk (N/P, or N/2P zigzag) must be a multiple of ``block_size``. Returns this rank's
     rows, with autograd."""
-    from dattn.sparse import mask_on
-
     _ops.check_attention_inputs(q, k, v)
     _check_layout(layout)
     mask = mask_on(mask, q.device)

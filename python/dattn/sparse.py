@@ -5,16 +5,18 @@ import math
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from dattn import _C, _ops
+from dattn._block_mask import BlockSparseMask, mask_on
+from dattn.ring import check_group, ring_block_sparse_attention
 
 __all__ = ["block_sparse_attention", "block_sparse_mask", "BlockSparseMask", "SparsePatternConfig",
            "BlockSparseRingDilatedAttention", "local_window_mask", "dilated_sparse_mask", "global_local_mask",
            "dilated_mask"]
 
-BlockSparseMask = _C.BlockSparseMask
 PATTERNS = ("local_window", "dilated_sparse", "global_local", "dilated")
 
 
@@ -42,13 +44,6 @@ def dilated_mask(seqlen: int, segment_lengths: Sequence[int], dilation_rates: Se
     segment_lengths, dilation_rates = _ops.check_config(segment_lengths, dilation_rates)
     return _pattern(_C.dilated_pattern(seqlen, segment_lengths, dilation_rates, block_size),
                     math.ceil(seqlen / block_size))
-
-
-def mask_on(mask: "BlockSparseMask", device: torch.device) -> "BlockSparseMask":
-    """``mask`` with its CSR arrays on ``device`` (a CUDA upload unless they are there already)."""
-    if device.type == "cpu" or mask.device == str(device):
-        return mask
-    return mask.to_cuda(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def block_sparse_mask(block_mask: Tensor, device: Optional[Union[str, torch.device]] = None) -> "BlockSparseMask":
@@ -159,7 +154,6 @@ class BlockSparseRingDilatedAttention(nn.Module):
     def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
                  sparse_config: Optional[SparsePatternConfig] = None, group=None, layout: str = "contiguous"):
         super().__init__()
-        from dattn.ring import check_group
         check_group(group, layout)
         self.group, self.layout = group, layout
         self.segment_lengths, self.dilation_rates = _ops.check_config(segment_lengths, dilation_rates)
@@ -182,8 +176,6 @@ class BlockSparseRingDilatedAttention(nn.Module):
             if return_attention_weights:
                 raise ValueError("return_attention_weights=True with a group: the weights need the whole sequence on "
                                  "one rank; expected False")
-            from dattn.ring import ring_block_sparse_attention
-            import torch.distributed as dist
             mask = self.mask(q.size(1) * dist.get_world_size(self.group), q.device)
             return ring_block_sparse_attention(q, k, v, mask, block, self.group, self.layout, is_causal,
                                                key_padding_mask=key_padding_mask)

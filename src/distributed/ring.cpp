@@ -16,7 +16,7 @@
 #include "dattn/block_sparse.hpp"
 #include "dattn/error.hpp"
 #include "dattn/ring.hpp"
-#include "dist/schedule.hpp"
+#include "distributed/schedule.hpp"
 #include "validate.hpp"
 
 namespace dattn {
