@@ -1,4 +1,4 @@
-"""Ring (sequence-parallel) attention over a torch.distributed process group (SPEC.md "Ring
+"""Ring (sequence-parallel) attention over a torch.distributed process group (docs/semantics.md "Ring
 (sequence-parallel) attention"): gloo for CPU tensors, NCCL for CUDA ones. Each rank holds N/P
 tokens in the contiguous or zigzag layout; Python drives the schedule with point-to-point calls
 (rank t steps away, both directions) and runs each step with the C++ one-pass ring steps: the
@@ -298,7 +298,7 @@ def _each_pair(ctx, source, chunks, kv, block_mask, fn):
 
 
 def _group_seed(group, device) -> int:
-    """SPEC.md: the group's rank 0 draws the dropout seed and broadcasts it (on the tensors' device:
+    """docs/semantics.md: the group's rank 0 draws the dropout seed and broadcasts it (on the tensors' device:
     NCCL moves CUDA tensors only)."""
     seed = torch.tensor([_ops.draw_dropout_seed() if dist.get_rank(group) == 0 else 0], dtype=torch.int64,
                         device=device)

@@ -1,4 +1,4 @@
-"""Block-sparse attention (SPEC.md "Block-sparse attention"): one softmax per row over every
+"""Block-sparse attention (docs/semantics.md "Block-sparse attention"): one softmax per row over every
 allowed key (not a softmax per block pair), with work growing with the allowed block pairs."""
 
 import math
@@ -126,7 +126,16 @@ class SparsePatternConfig:
     def __init__(self, pattern_type: str = "local_window", block_size: int = 64, sparsity_ratio: float = 0.1,
                  window_size: int = 256, global_tokens: int = 1, dilation_rates: Optional[Sequence[int]] = None):
         if pattern_type not in PATTERNS:
-            raise ValueError(f"pattern_type = {pattern_type!r}; expected one of {', '.join(PATTERNS)}")
+            hint = " (dattn has no adaptive pattern: pass a fixed one or a bool block mask)" \
+                if pattern_type in ("adaptive", "learned") else ""
+            raise ValueError(f"pattern_type = {pattern_type!r}; expected one of {', '.join(PATTERNS)}{hint}")
+        for field, value in (("window_size", window_size), ("global_tokens", global_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{field} = {value!r}; expected an int >= 0")
+        if isinstance(sparsity_ratio, bool) or not isinstance(sparsity_ratio, (int, float)) \
+                or not 0.0 <= sparsity_ratio <= 1.0:
+            raise ValueError(f"sparsity_ratio = {sparsity_ratio!r}; expected a number in [0, 1] (it changes no "
+                             "pattern)")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size = {block_size!r}; expected an int >= 1")
         self.pattern_type, self.block_size, self.sparsity_ratio = pattern_type, block_size, sparsity_ratio
@@ -144,6 +153,25 @@ class SparsePatternConfig:
         return dilated_mask(seqlen, segment_lengths, dilation_rates, self.block_size)
 
 
+_CONFIG_FIELDS = ("pattern_type", "block_size", "sparsity_ratio", "window_size", "global_tokens", "dilation_rates")
+
+
+def as_sparse_config(sparse_config, name: str = "sparse_config") -> SparsePatternConfig:
+    """None (the default ``SparsePatternConfig()``), a ``SparsePatternConfig``, or a dict of its
+    arguments, checked now (an unknown key or a bad value is an error naming it)."""
+    if sparse_config is None:
+        return SparsePatternConfig()
+    if isinstance(sparse_config, SparsePatternConfig):
+        return sparse_config
+    if isinstance(sparse_config, dict):
+        unknown = sorted(set(sparse_config) - set(_CONFIG_FIELDS))
+        if unknown:
+            raise ValueError(f"{name} has key {unknown[0]!r}; expected keys among {', '.join(_CONFIG_FIELDS)}")
+        return SparsePatternConfig(**sparse_config)
+    raise TypeError(f"{name} is {type(sparse_config).__name__}; expected None, a dattn.SparsePatternConfig or a dict "
+                    "of its arguments")
+
+
 class BlockSparseRingDilatedAttention(nn.Module):
     """Block-sparse attention with the mask ``sparse_config`` names (the PyTorch library's class
     and arguments). Single-process unless given ``group`` (a torch.distributed process group: gloo
@@ -152,12 +180,12 @@ class BlockSparseRingDilatedAttention(nn.Module):
     serves)."""
 
     def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
-                 sparse_config: Optional[SparsePatternConfig] = None, group=None, layout: str = "contiguous"):
+                 sparse_config: Union[SparsePatternConfig, dict, None] = None, group=None, layout: str = "contiguous"):
         super().__init__()
         check_group(group, layout)
         self.group, self.layout = group, layout
         self.segment_lengths, self.dilation_rates = _ops.check_config(segment_lengths, dilation_rates)
-        self.sparse_config = SparsePatternConfig() if sparse_config is None else sparse_config
+        self.sparse_config = as_sparse_config(sparse_config)
         self._masks = {}
 
     def mask(self, seqlen: int, device: torch.device = torch.device("cpu")) -> "BlockSparseMask":
@@ -188,7 +216,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
 
 
 def _attention_weights(q, k, lse, mask, block, is_causal, key_padding_mask):
-    """SPEC.md: {"indices": [2, nnz], "values": [B, H, nnz, block, block] float32, "shape", "block_size"}.
+    """docs/semantics.md: {"indices": [2, nnz], "values": [B, H, nnz, block, block] float32, "shape", "block_size"}.
     The probabilities of the softmax (before dropout), 0 for masked pairs and past the sequence."""
     B, N, H, D = q.shape
     nb = mask.query_blocks
