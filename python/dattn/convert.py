@@ -80,6 +80,8 @@ def _multihead(module: nn.Module) -> nn.Module:
     qk_norms = "q_ln" in children or "k_ln" in children
     if qk_norms and not ("q_ln" in children and "k_ln" in children):
         raise ValueError(f"{type(module).__name__} has only one of q_ln, k_ln; expected both")
+    if qk_norms and "norm" in children:
+        raise ValueError(f"{type(module).__name__} has both norm and q_ln/k_ln; expected one of them")
     norm = children.get("q_ln") or children.get("norm")
     if "Improved" in type(module).__name__:
         _warn_once("improved")
@@ -87,7 +89,7 @@ def _multihead(module: nn.Module) -> nn.Module:
                      bias=out_proj.bias is not None, layer_norm=norm is not None,
                      layer_norm_eps=norm.eps if norm is not None else 1e-5,
                      gamma_init=float(_find(module, "gamma_init", default=1.0)),
-                     norm_style="longnet_pytorch" if qk_norms else "sub_ln", **_factory(module))
+                     norm_style="sub_ln" if "norm" in children else "longnet_pytorch", **_factory(module))
     cls = ImprovedMultiheadDilatedAttention if fused else MultiheadDilatedAttention
     return _load(cls(out_proj.in_features, int(num_heads), rates, segments, **arguments), module)
 
