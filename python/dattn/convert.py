@@ -106,6 +106,39 @@ def _block_sparse_core(module: nn.Module) -> nn.Module:
     return BlockSparseRingDilatedAttention(segments, rates, config)
 
 
+def _block_sparse_multihead(module: nn.Module) -> nn.Module:
+    """That library's block-sparse multi-head module: a fused qkv_projection.qkv_proj and
+    qkv_projection.out_proj, no LayerNorm (a LayerNorm after out_proj has no counterpart)."""
+    if getattr(module, "use_layer_norm", False) or hasattr(module, "layer_norm"):
+        raise NotImplementedError(f"from_longnet: {type(module).__name__} with use_layer_norm=True (a LayerNorm "
+                                  "after out_proj) has no counterpart in dattn; expected use_layer_norm=False")
+    dropout = _probability(_find(module, "dropout", default=0.0))
+    if dropout > 0.0:
+        raise NotImplementedError(f"from_longnet: {type(module).__name__} has dropout = {dropout} on its output; "
+                                  "dattn's dropout is attention dropout; expected dropout = 0")
+    projection = module.qkv_projection
+    E = projection.out_proj.in_features
+    core = _block_sparse_core(module.attention)
+    result = BlockSparseRingMultiheadDilatedAttention(
+        E, int(_find(module, "num_heads")), core.segment_lengths, core.dilation_rates,
+        bias=projection.out_proj.bias is not None, sparse_config=core.sparse_config, layer_norm=False,
+        batch_first=bool(getattr(module, "batch_first", True)), **_factory(module))
+
+    def rename(state):
+        renamed = {}
+        for key, value in state.items():
+            if key.startswith("qkv_projection.qkv_proj."):
+                leaf = key.rsplit(".", 1)[1]
+                for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                    renamed[f"{name}.{leaf}"] = value[i * E:(i + 1) * E]
+            elif key.startswith("qkv_projection.out_proj."):
+                renamed[key[len("qkv_projection."):]] = value
+            else:
+                renamed[key] = value
+        return renamed
+    return _load(result, module, rename)
+
+
 def _core(module: nn.Module) -> nn.Module:
     if "Improved" in type(module).__name__:
         _warn_once("improved")
@@ -169,11 +202,8 @@ def _convert(module: nn.Module) -> Optional[nn.Module]:
         return _long_net(module)
     if name in _LAYERS:
         return _layer(module, _LAYERS[name])
-    if name == "BlockSparseRingMultiheadDilatedAttention":
-        raise NotImplementedError("from_longnet: that library's BlockSparseRingMultiheadDilatedAttention "
-                                  "(qkv_projection with a LayerNorm after out_proj) has no weight-for-weight "
-                                  "counterpart; build dattn.BlockSparseRingMultiheadDilatedAttention and copy "
-                                  "q_proj / k_proj / v_proj / out_proj from its qkv_projection by hand")
+    if name == "BlockSparseRingMultiheadDilatedAttention" and "qkv_projection" in children:
+        return _block_sparse_multihead(module)
     if "out_proj" in children and ("qkv_proj" in children or "q_proj" in children):
         return _multihead(module)
     if "BlockSparse" in name and hasattr(module, "segment_lengths"):
@@ -186,7 +216,7 @@ def _convert(module: nn.Module) -> Optional[nn.Module]:
 def from_longnet(module: nn.Module) -> nn.Module:
     """dattn's equivalent of ``module``, a live module of the PyTorch LongNet library
     (``MultiheadDilatedAttention``, ``ImprovedMultiheadDilatedAttention``, ``DilatedAttention``,
-    ``ImprovedDilatedAttention``, the block-sparse core, ``DilatedTransformerEncoderLayer`` /
+    ``ImprovedDilatedAttention``, the block-sparse core and multi-head module, ``DilatedTransformerEncoderLayer`` /
     ``DecoderLayer``, ``LongNet``, ``LongNetLM``) or of any model containing them (a converted deep copy is
     returned; ``module`` is left unchanged). Weights are copied; the unfused module with ``q_ln``/``k_ln``
     becomes ``norm_style="longnet_pytorch"``. Where that library computes a different function (its

@@ -175,3 +175,45 @@ def randomise_(module: nn.Module, seed: int = 0) -> nn.Module:
             p.copy_(1 + 0.1 * noise if name.endswith("ln.weight") or ".norm" in name or name.startswith("norm")
                     else 0.3 * noise)
     return module
+
+
+class SparsePatternConfig:
+    def __init__(self, pattern_type="local_window", block_size=64, window_size=256):
+        self.pattern_type, self.block_size, self.window_size = pattern_type, block_size, window_size
+        self.sparsity_ratio, self.global_tokens, self.dilation_rates = 0.1, 1, None
+
+
+class BlockSparseRingDilatedAttention(nn.Module):
+    def __init__(self, segment_lengths, dilation_rates, sparse_config):
+        super().__init__()
+        self.segment_lengths, self.dilation_rates, self.sparse_config = segment_lengths, dilation_rates, sparse_config
+
+
+class FusedQKVProjection(nn.Module):
+    def __init__(self, E):
+        super().__init__()
+        self.qkv_proj, self.out_proj = nn.Linear(E, 3 * E), nn.Linear(E, E)
+
+
+class BlockSparseRingMultiheadDilatedAttention(nn.Module):
+    """qkv_projection (qkv_proj, out_proj) around the block-sparse core, no LayerNorm."""
+
+    def __init__(self, E, H, W, R, sparse_config):
+        super().__init__()
+        self.num_heads, self.dropout, self.batch_first, self.use_layer_norm = H, 0.0, True, False
+        self.qkv_projection = FusedQKVProjection(E)
+        self.attention = BlockSparseRingDilatedAttention(W, R, sparse_config)
+
+    def expected(self, x, is_causal=False):
+        """The local_window mask by hand (query block i sees key blocks i-half .. i+half), one softmax
+        per row over the allowed keys, then out_proj."""
+        from test_sparse import reference as block_sparse_reference
+
+        config, H = self.attention.sparse_config, self.num_heads
+        block, half = config.block_size, config.window_size // config.block_size // 2
+        nb = -(-x.size(1) // block)
+        blocks = torch.arange(nb)
+        mask = (blocks[None, :] >= blocks[:, None] - half) & (blocks[None, :] <= blocks[:, None] + half)
+        q, k, v = self.qkv_projection.qkv_proj(x).chunk(3, dim=-1)
+        a = block_sparse_reference(_heads(q, H), _heads(k, H), _heads(v, H), mask, block, is_causal)[0]
+        return self.qkv_projection.out_proj(a.reshape(x.shape))

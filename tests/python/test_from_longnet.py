@@ -100,3 +100,20 @@ def test_a_model_containing_library_modules_is_converted_inside_and_left_unchang
 def test_bad_input_is_named():
     with pytest.raises(TypeError, match="module is int"):
         dattn.from_longnet(3)
+
+
+def test_block_sparse_multihead_computes_one_softmax_per_row():
+    source = lib.randomise_(lib.BlockSparseRingMultiheadDilatedAttention(
+        E, H, [64], [1], lib.SparsePatternConfig(block_size=8, window_size=24)), seed=11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = dattn.from_longnet(source)
+    assert isinstance(converted, dattn.BlockSparseRingMultiheadDilatedAttention)
+    assert converted.sparse_config.block_size == 8 and converted.sparse_config.window_size == 24
+    x = x_of(n=44)
+    for is_causal in (False, True):
+        out, _ = converted(x, is_causal=is_causal)
+        assert rel_err(out, source.expected(x, is_causal)) < BAR
+    source.use_layer_norm = True
+    with pytest.raises(NotImplementedError, match="use_layer_norm=True"):
+        dattn.from_longnet(source)
