@@ -28,6 +28,12 @@ def _activation(activation) -> Callable[[Tensor], Tensor]:
     return activation
 
 
+def _attend(attention: nn.Module, query: Tensor, memory: Tensor, is_causal: bool) -> Tensor:
+    """The output of any of dattn's multi-head modules (the fused ones return (output, None))."""
+    result = attention(query, memory, memory, is_causal=is_causal)
+    return result[0] if isinstance(result, tuple) else result
+
+
 def _magneto_linear_(linear: nn.Linear, gain: float) -> None:
     nn.init.xavier_normal_(linear.weight, gain=gain)
     nn.init.zeros_(linear.bias)
@@ -65,7 +71,7 @@ class DilatedTransformerEncoderLayer(nn.Module):
 
     def forward(self, src: Tensor, is_causal: bool = False) -> Tensor:
         h = self.norm1(src)
-        x = src + self.dropout(self.self_attn(h, h, h, is_causal=is_causal))
+        x = src + self.dropout(_attend(self.self_attn, h, h, is_causal))
         return x + self._feedforward(x, self.norm2, self.norm3)
 
 
@@ -103,9 +109,9 @@ class DilatedTransformerDecoderLayer(nn.Module):
     def forward(self, tgt: Tensor, memory: Tensor, tgt_is_causal: bool = False,
                 memory_is_causal: bool = False) -> Tensor:
         h = self.norm1(tgt)
-        x = tgt + self.dropout(self.self_attn(h, h, h, is_causal=tgt_is_causal))
+        x = tgt + self.dropout(_attend(self.self_attn, h, h, tgt_is_causal))
         h = self.norm2(x)
-        x = x + self.dropout(self.multihead_attn(h, memory, memory, is_causal=memory_is_causal))
+        x = x + self.dropout(_attend(self.multihead_attn, h, memory, memory_is_causal))
         return x + self._feedforward(x, self.norm3, self.norm4)
 
 
