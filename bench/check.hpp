@@ -3,7 +3,7 @@
 //  - reduced check: the same call on a scaled-down problem (same B, H, D, dilation rates and
 //    N : segment-length ratios, N and every segment length divided by a power of two), compared
 //    over whole tensors with the library's float64 reference (Backend::reference on float64
-//    copies of the same inputs): exactly SPEC.md's accuracy measure.
+//    copies of the same inputs): exactly docs/semantics.md's accuracy measure.
 //  - spot check: at full size, sampled rows are recomputed in float64 from the SPEC formulas
 //    (SpotChecker below): for every branch one (batch, head, segment), its query rows (out, lse,
 //    dq) and key rows (dk, dv), plus rows the branch does not select. The spot checker is
@@ -46,7 +46,7 @@ Problem scaled_down(const Problem& p, std::int64_t factor);
 // brings the reference's work under `max_pairs`.
 std::int64_t reduction_factor(const Problem& p, double max_pairs);
 
-// Accuracy of one implementation against float64, as SPEC.md measures it.
+// Accuracy of one implementation against float64, as docs/semantics.md measures it.
 struct Errors {
   double out = 0, dq = 0, dk = 0, dv = 0;  // relative L2 (inf where ref is 0 and x is not)
   double lse = 0;                         // max |lse - ref| / max(1, |ref|) (inf on a -inf mismatch)
@@ -57,7 +57,7 @@ struct Errors {
   bool passes(dattn::DType dtype, std::string* why = nullptr) const;
 };
 
-// SPEC.md's bars (relative L2 for out and the gradients; lse tolerance).
+// docs/semantics.md's bars (relative L2 for out and the gradients; lse tolerance).
 double l2_bar(dattn::DType dtype);
 double lse_bar(dattn::DType dtype);
 
@@ -70,7 +70,7 @@ struct CallTensors {
 
 // A float64 copy of a contiguous float tensor of any dtype.
 dattn::Tensor to_float64(const dattn::Tensor& t);
-// SPEC.md's accuracy measure: ‖x − ref‖₂ / ‖ref‖₂ of x (any float dtype) against ref (float64),
+// docs/semantics.md's accuracy measure: ‖x − ref‖₂ / ‖ref‖₂ of x (any float dtype) against ref (float64),
 // both contiguous; 0 or inf where ref is 0, inf for a NaN.
 double rel_l2(const dattn::Tensor& x, const dattn::Tensor& ref);
 

@@ -1,7 +1,7 @@
 // dattn-bench: checks each implementation against the float64 reference, then times it.
 //
 // Prints (stdout) a markdown table: forward and forward+backward time (median [min-max] of
-// --repeats runs after --warmup), GFLOP/s (PERF.md's FLOP count, forward+backward 3.5x), the
+// --repeats runs after --warmup), GFLOP/s (docs/benchmarks.md's FLOP count, forward+backward 3.5x), the
 // percentage of the fp32 FMA peak this program measures itself, extra heap during the call and
 // the worst relative error; then ratio lines against the PyTorch peers run in the same process
 // tree (bench/peers.py). Progress goes to stderr; --json FILE writes everything.
@@ -585,7 +585,7 @@ std::vector<json> ratios(const std::vector<Row>& rows) {
 
 int run(int argc, char** argv) {
   CLI::App app{"dattn-bench: check each dilated-attention implementation against the float64 reference, "
-               "then time it beside the PyTorch peers (PERF.md)"};
+               "then time it beside the PyTorch peers (docs/benchmarks.md)"};
   std::string config = "all";
   std::vector<std::int64_t> ns;
   std::vector<std::string> dtype_names;
@@ -608,7 +608,7 @@ int run(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--n", ns,
                  "sequence length(s) of the long64k-shaped sweep (same segments and rates as long64k, B=1); "
-                 "default 4096,8192 (4096 with --quick); 16384 is PERF.md's CPU anchor shape")
+                 "default 4096,8192 (4096 with --quick); 16384 is docs/benchmarks.md's CPU anchor shape")
       ->delimiter(',');
   app.add_option("--dtype", dtype_names, "float32, bfloat16, float16 (comma list); default float32,bfloat16")
       ->delimiter(',');
@@ -648,7 +648,7 @@ int run(int argc, char** argv) {
   std::int64_t ring_rows = 4096;
   std::string ring_svg;
   app.add_option("--ring", ring_ranks,
-                 "ring attention over P in-process ranks (comma list, e.g. 2,4,8) on PERF.md's geo(N), beside an "
+                 "ring attention over P in-process ranks (comma list, e.g. 2,4,8) on docs/benchmarks.md's geo(N), beside an "
                  "all-gather of k, v; N = P x --ring-rows unless --n gives N; dtype bfloat16 unless --dtype")
       ->delimiter(',');
   app.add_option("--ring-rows", ring_rows, "rows per rank (N/P) of the --ring sweep")->capture_default_str();
@@ -659,7 +659,7 @@ int run(int argc, char** argv) {
       ->delimiter(',')
       ->check(CLI::IsMember({"block", "hilbert"}));
   app.add_flag("--sparse", sparse,
-               "block-sparse attention (PERF.md's N=2048 shape beside torch SDPA with a dense token mask, and "
+               "block-sparse attention (docs/benchmarks.md's N=2048 shape beside torch SDPA with a dense token mask, and "
                "N=16384) and Hilbert-ordered dilated attention beside row-major, instead of the dilated table");
   CLI11_PARSE(app, argc, argv);
   if (sparse) {
@@ -739,7 +739,7 @@ int run(int argc, char** argv) {
   s.peer_max_seconds = peer_max_seconds;
   s.perturb = perturb;
 
-  // Problems (PERF.md).
+  // Problems (docs/benchmarks.md).
   const dattn::Mode dmode = mode == "grouped" ? dattn::Mode::grouped : dattn::Mode::longnet;
   std::vector<Problem> problems;
   if (config == "seed" || config == "all") {
@@ -878,7 +878,7 @@ int run(int argc, char** argv) {
       "[2048,4096,8192,16384] rates [1,2,4,8] at the N shown; mode %s, not causal. Inputs fresh N(0,1).\n"
       "Times: steady clock, median [min–max] of %d runs after %d warm-up run(s) (for fwd+bwd the checked full-size "
       "call is the first); fwd+bwd = forward then backward. "
-      "GFLOP/s: PERF.md's count (4·B·H_i·pairs·D), fwd+bwd 3.5×; %% peak of the fp32 FMA peak measured above "
+      "GFLOP/s: docs/benchmarks.md's count (4·B·H_i·pairs·D), fwd+bwd 3.5×; %% peak of the fp32 FMA peak measured above "
       "(register-resident %s FMA loop on the same %d thread(s), best of samples taken at the start, before each "
       "dattn timing and at the end).\n"
       "Extra MB: heap high-water mark during the call above the heap before it (malloc interposed, OpenMP and "

@@ -1,5 +1,5 @@
 """Multi-head module rows (issue: Python package): dattn's MultiheadDilatedAttention (plain) and
-ImprovedMultiheadDilatedAttention (fused QKV) at PERF.md's seed config (B=2, N=2048, E=768,
+ImprovedMultiheadDilatedAttention (fused QKV) at docs/benchmarks.md's seed config (B=2, N=2048, E=768,
 12 heads, segments [512, 1024, 2048], rates [1, 2, 4]) beside torch.nn.MultiheadAttention (dense
 attention over the whole sequence: the module people would otherwise use), in one run, on the
 CPU or on a GPU (--device cuda). Every dattn module is first checked against the same module in
@@ -113,13 +113,14 @@ def main():
         error = None
         if not dense:  # the check: this module in float64 (the reference path) with the same weights
             ref64 = module.double()
-            ref = ref64(x.double()[:, :512])
+            # need_weights=True: both dattn modules then return (output, None)
+            ref = ref64(x.double()[:, :512], need_weights=True)[0]
             module = module.float()
-            error = rel_err(module.to(a.device)(x[:, :512].to(a.device)), ref)
+            error = rel_err(module.to(a.device)(x[:, :512].to(a.device), need_weights=True)[0], ref)
         module = module.to(a.device, dtype)
         xd = x.to(a.device, dtype).requires_grad_()
         gd = grad.to(a.device, dtype)
-        call = (lambda m=module: m(xd, xd, xd, need_weights=False)[0]) if dense else (lambda m=module: m(xd))
+        call = (lambda m=module: m(xd, xd, xd, need_weights=False)[0]) if dense else (lambda m=module: m(xd, need_weights=True)[0])
 
         def forward():
             with torch.no_grad():

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""PyTorch peers of dattn-bench (PERF.md "CPU"): dilated attention in grouped mode composed
+"""PyTorch peers of dattn-bench (docs/benchmarks.md "CPU"): dilated attention in grouped mode composed
 from library calls, group by group -- slice the rows each branch selects in each segment, run
 attention on them, scatter the result back and divide by G.
 
 Variants:
-  matmul  per-group matmul + softmax + matmul (works on torch 1.x; PERF.md's torch 1.13 anchor)
+  matmul  per-group matmul + softmax + matmul (works on torch 1.x; docs/benchmarks.md's torch 1.13 anchor)
   sdpa    per-group torch.nn.functional.scaled_dot_product_attention (torch >= 2.0)
 
 Run by dattn-bench as `python peers.py --spec SPEC.json`; prints one JSON object on stdout,
@@ -12,7 +12,7 @@ progress on stderr. Before a variant is timed on a problem and dtype it is check
 float64 torch computations of the same function: on the scaled-down problem of the spec over
 whole tensors (a dense masked softmax, written independently of the composition), and at full
 size on one random (batch, head, segment) per branch (the segment's attention in float64, with
-autograd for the gradients). A variant over SPEC.md's bars is reported as wrong and not timed.
+autograd for the gradients). A variant over docs/semantics.md's bars is reported as wrong and not timed.
 
 Extra memory is read from libdattn_memhook.so when dattn-bench preloads it (LD_PRELOAD): the
 heap high-water mark during the call above the heap before it, minus the bytes of what the

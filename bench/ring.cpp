@@ -1,5 +1,5 @@
 // dattn-bench --ring: ring attention (dattn::ring_forward / ring_backward) over P ranks that are
-// threads of this process (make_in_process_group), on PERF.md's geo(N): the largest segment spans
+// threads of this process (make_in_process_group), on docs/benchmarks.md's geo(N): the largest segment spans
 // the sequence, so keys must travel. Beside it, in the same run, what the LongNet reference code
 // does: every rank all-gathers k and v, then attends over the whole sequence. Reported per rank:
 // bytes sent, peak heap (the process's heap peak above the inputs and outputs, divided by P: the
@@ -146,7 +146,7 @@ void write_svg(const std::string& path, const std::vector<Row>& rows) {
 
 }  // namespace
 
-// PERF.md geo(N): segments 2048·4^k below N, then N; rates w / 2048.
+// docs/benchmarks.md geo(N): segments 2048·4^k below N, then N; rates w / 2048.
 dattn::DilatedConfig geo(std::int64_t N) {
   if (N < kBase || N % kBase != 0)
     throw std::runtime_error("geo(N) needs N a multiple of 2048; got N = " + std::to_string(N));

@@ -1,4 +1,4 @@
-// dattn-bench --ring: ring attention over P in-process ranks on PERF.md's geo(N) shapes.
+// dattn-bench --ring: ring attention over P in-process ranks on docs/benchmarks.md's geo(N) shapes.
 #pragma once
 
 #include <cstdint>
@@ -22,7 +22,7 @@ struct RingBenchSettings {
   std::string svg_path;                // plot of per-rank peak heap against N; empty: none
 };
 
-// PERF.md geo(N): segments 2048·4^k below N, then N; rates w / 2048 (N a multiple of 2048).
+// docs/benchmarks.md geo(N): segments 2048·4^k below N, then N; rates w / 2048 (N a multiple of 2048).
 dattn::DilatedConfig geo(std::int64_t N);
 
 // The LongNet reference code's approach, the baseline: every rank gathers all ranks' k and v

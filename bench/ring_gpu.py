@@ -3,10 +3,10 @@ torchrun. Rank 0 prints the results as markdown and writes --json.
 
   torchrun --nproc-per-node P bench/ring_gpu.py check   correctness: on random configurations
       (both modes, causal with both layouts, key padding, segments shorter and longer than N/P),
-      the gathered ring output and gradients against the single-GPU dattn result at SPEC.md's bars;
+      the gathered ring output and gradients against the single-GPU dattn result at docs/semantics.md's bars;
       then block-sparse masks (random density, shared or per head, and the named patterns through
       BlockSparseRingDilatedAttention) on the same ring against single-GPU block_sparse_attention
-  torchrun --nproc-per-node P bench/ring_gpu.py scale   PERF.md's geo(N), bf16, grouped mode: for
+  torchrun --nproc-per-node P bench/ring_gpu.py scale   docs/benchmarks.md's geo(N), bf16, grouped mode: for
       every P' in 1, 2, 4, .. P (sub-groups of the first P' GPUs), per-GPU length fixed
       (--rows-per-gpu, 262144) and N fixed (--fixed-length, 1048576; P' >= 2), contiguous and
       zigzag, causal and not: per-GPU forward and forward+backward time (median [min-max] of CUDA
@@ -28,7 +28,7 @@ import torch.distributed as dist
 import dattn
 from dattn import _C, _ops
 
-OUT_BAR = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}  # SPEC.md, relative L2
+OUT_BAR = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}  # docs/semantics.md, relative L2
 
 
 def geo(N):

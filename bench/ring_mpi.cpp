@@ -1,4 +1,4 @@
-// dattn-bench-ring-mpi: ring attention across MPI processes (one rank each) on PERF.md's geo(N),
+// dattn-bench-ring-mpi: ring attention across MPI processes (one rank each) on docs/benchmarks.md's geo(N),
 // beside the all-gather of k and v, so that per-rank heap, bytes and the time spent waiting for
 // messages are those of real processes and a real transport.
 //   mpirun -np P dattn-bench-ring-mpi [--rows N/P] [--repeats R] [--dtype bfloat16|float32]

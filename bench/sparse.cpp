@@ -1,8 +1,8 @@
 // dattn-bench --sparse: the sparse variants on the CPU.
-//  - Block-sparse attention at PERF.md's N = 2048 shape (B2 H12 D64, block 64, local_window 256)
+//  - Block-sparse attention at docs/benchmarks.md's N = 2048 shape (B2 H12 D64, block 64, local_window 256)
 //    beside torch's SDPA with the same mask as a dense token mask (bench/sparse_peers.py, run in
 //    the same process tree), and at a long shape scaled to this CPU (N = 16384, block 128,
-//    local_window 2048; PERF.md's is N = 65536, a GPU shape).
+//    local_window 2048; docs/benchmarks.md's is N = 65536, a GPU shape).
 //  - Hilbert order: dilated attention with the Hilbert index map beside the same call without
 //    it (the map's cost), and the locality that buys: the mean bounding box, on the 2-D grid, of
 //    the tokens one segment selects, row-major against Hilbert order.
@@ -265,7 +265,7 @@ json run_sparse_bench(const SparseBenchSettings& s) {
               locality["row_major"][1].get<double>(), locality["hilbert"][0].get<double>(), locality["hilbert"][1].get<double>());
   std::printf("Checks: every dattn row's forward and backward against the float64 reference over whole tensors "
               "(N16384: the same mask pattern at N = 4096; Hilbert: the seed config scaled to a 16 × 32 grid); the "
-              "SDPA peer's out against a float64 masked softmax. GFLOP/s: PERF.md's count over allowed pairs "
+              "SDPA peer's out against a float64 masked softmax. GFLOP/s: docs/benchmarks.md's count over allowed pairs "
               "(fwd+bwd 3.5×). Extra MB: heap high-water mark above the heap before the call.\n");
   return {{"rows", out}, {"locality", locality}};
 }

@@ -20,8 +20,10 @@ function(_dattn_decide name found why_missing)
 endfunction()
 
 macro(dattn_resolve_features)
-  # CUDA: AUTO needs nvcc and a visible GPU, so a GPU-less machine never compiles kernels it
-  # cannot run unless asked with DATTN_CUDA=ON.
+  # CUDA: AUTO needs nvcc and, while DATTN_CUDA_AUTO_REQUIRES_GPU is ON (plain CMake builds), a
+  # visible GPU, so a GPU-less machine never compiles kernels it cannot run unless asked with
+  # DATTN_CUDA=ON. The Python package (pyproject.toml) turns the GPU requirement off: with nvcc
+  # present its build has the CUDA backend, even in a container build with no GPU visible.
   include(CheckLanguage)
   check_language(CUDA)
   set(_dattn_gpu FALSE)
@@ -34,12 +36,25 @@ macro(dattn_resolve_features)
   endif()
   if(DATTN_CUDA STREQUAL "ON")
     set(_dattn_cuda_found ${CMAKE_CUDA_COMPILER})
-  elseif(CMAKE_CUDA_COMPILER AND _dattn_gpu)
+  elseif(CMAKE_CUDA_COMPILER AND (_dattn_gpu OR NOT DATTN_CUDA_AUTO_REQUIRES_GPU))
     set(_dattn_cuda_found TRUE)
   else()
     set(_dattn_cuda_found FALSE)
   endif()
   _dattn_decide(DATTN_CUDA "${_dattn_cuda_found}" "no CUDA compiler (nvcc) was found")
+
+  # BLAS (any vendor CMake's FindBLAS knows; BLA_VENDOR picks one) with cblas.h: the C++
+  # multi-head modules' projections. The Python package does not use them and builds without it.
+  find_package(BLAS QUIET)
+  set(_dattn_blas_found FALSE)
+  if(BLAS_FOUND)
+    find_path(DATTN_CBLAS_INCLUDE cblas.h PATH_SUFFIXES openblas blis flexiblas mkl
+              PATHS /usr/include/x86_64-linux-gnu /usr/include/aarch64-linux-gnu)
+    if(DATTN_CBLAS_INCLUDE)
+      set(_dattn_blas_found TRUE)
+    endif()
+  endif()
+  _dattn_decide(DATTN_BLAS "${_dattn_blas_found}" "no BLAS with cblas.h was found (install libopenblas-dev, or set BLA_VENDOR)")
 
   find_package(MPI QUIET COMPONENTS CXX)
   _dattn_decide(DATTN_MPI "${MPI_CXX_FOUND}" "MPI was not found (install libopenmpi-dev)")

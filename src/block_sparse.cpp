@@ -1,5 +1,5 @@
 // Block-sparse attention's API: the mask (CSR and its transpose), the named patterns of
-// SPEC.md, validation and dispatch. The kernels are the dilated kernels' tiles and softmax with
+// docs/semantics.md, validation and dispatch. The kernels are the dilated kernels' tiles and softmax with
 // groups made of allowed blocks (src/cpu/work.hpp).
 #include "dattn/block_sparse.hpp"
 

@@ -62,7 +62,7 @@ void check_attention_tensor(const char* name, const TensorView& t, const TensorV
                 " along D; expected 1 (the head dim must be contiguous)");
 }
 
-// SPEC.md "Tensors": GPU kernels load 16 bytes at a time.
+// docs/semantics.md "Tensors": GPU kernels load 16 bytes at a time.
 void check_cuda_alignment(const char* name, const TensorView& t) {
   const std::int64_t element = std::int64_t(dtype_size(t.dtype));
   if (reinterpret_cast<std::uintptr_t>(t.data) % 16 != 0)

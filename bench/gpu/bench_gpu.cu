@@ -1,4 +1,4 @@
-// dattn-bench-gpu: times the CUDA backend on PERF.md's configurations after checking it.
+// dattn-bench-gpu: times the CUDA backend on docs/benchmarks.md's configurations after checking it.
 //
 // For each (config, dtype): random normal inputs on the device (a Philox fill, never zeros),
 // correctness first (seed: the whole forward and backward against the float64 reference;
@@ -154,7 +154,7 @@ double rel_l2(const void* device, dattn::DType t, const dattn::Tensor& ref) {
 }
 
 // out and lse of `samples` random rows against float64 recomputation (grouped mode, not causal,
-// no mask, no dropout: PERF.md's configurations).
+// no mask, no dropout: docs/benchmarks.md's configurations).
 void check_sampled_rows(const Config& c, dattn::DType t, const Tensors& x, double& out_err, double& lse_err) {
   const std::size_t es = dattn::dtype_size(t);
   const std::int64_t G = std::int64_t(c.w.size());

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""PERF.md's PyTorch peers on the GPU, timed in the same run as dattn-bench-gpu, and the combined
+"""docs/benchmarks.md's PyTorch peers on the GPU, timed in the same run as dattn-bench-gpu, and the combined
 table: the peers' rows with dattn's rows (from dattn-bench-gpu --json) added, and the ratios.
 
-Peers (PERF.md "GPU anchors" and "Kernel-only bound"):
+Peers (docs/benchmarks.md "GPU anchors" and "Kernel-only bound"):
   per-group SDPA   slice each head group's dilated rows, SDPA, scatter back, divide by G
   kernel-only      the selected rows gathered once outside the timing; only SDPA is timed,
                    summed over branches, with each SDPA backend (cuDNN, flash, mem-efficient)

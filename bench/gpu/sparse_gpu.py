@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Block-sparse attention on the GPU: dattn beside FlexAttention with the same block mask and SDPA
-with a dense token mask (N = 2048 only), PERF.md's block-sparse shapes, in one run.
+with a dense token mask (N = 2048 only), docs/benchmarks.md's block-sparse shapes, in one run.
 
 Before timing, every implementation's output is compared with a float64 masked softmax on a
 slice of the heads (N = 2048: all of them); one that disagrees is marked wrong. Times are CUDA-event

@@ -1,7 +1,7 @@
 // Dilated attention: forward and backward, dispatched on device and dtype.
 //
 // q, k, v, out, dout, dq, dk, dv: [B, N, H, D], any strides with stride(D) == 1.
-// lse: [B, H, N] float32. See SPEC.md for exactly what is computed.
+// lse: [B, H, N] float32. See docs/semantics.md for exactly what is computed.
 #pragma once
 
 #include <cstddef>
@@ -110,7 +110,7 @@ void ring_step_gradients(const DilatedConfig& config, const RingStep& step, cons
                          const TensorView& v, const TensorView& dout, const TensorView& lse, const TensorView& delta,
                          const TensorView& dq, const TensorView& dk, const TensorView& dv, void* stream = nullptr);
 
-// Forward FLOPs as PERF.md counts them (4·B·H_i·pairs·D summed over branches and segments).
+// Forward FLOPs as docs/benchmarks.md counts them (4·B·H_i·pairs·D summed over branches and segments).
 double forward_flops(const DilatedConfig& config, std::int64_t batch, std::int64_t seqlen,
                      std::int64_t heads, std::int64_t head_dim);
 

@@ -1,4 +1,4 @@
-// Block-sparse attention (SPEC.md "Block-sparse attention"): tokens cut into blocks of
+// Block-sparse attention (docs/semantics.md "Block-sparse attention"): tokens cut into blocks of
 // block_size; a block mask says which (query block, key block) pairs are computed, and each row
 // is one softmax over all its allowed keys. Work grows with the allowed pairs, never with N².
 #pragma once
@@ -102,7 +102,7 @@ void block_sparse_ring_step_gradients(const BlockSparseConfig& config, const Blo
                                       const TensorView& delta, const TensorView& dq, const TensorView& dk,
                                       const TensorView& dv, void* stream = nullptr);
 
-// The named patterns of SPEC.md, as dense bool masks [num_blocks, num_blocks] shared by all heads.
+// The named patterns of docs/semantics.md, as dense bool masks [num_blocks, num_blocks] shared by all heads.
 Tensor local_window_pattern(std::int64_t num_blocks, std::int64_t window, std::int64_t block_size);
 Tensor dilated_sparse_pattern(std::int64_t num_blocks, const std::vector<std::int64_t>& rates = {1, 2, 4});
 Tensor global_local_pattern(std::int64_t num_blocks, std::int64_t window, std::int64_t global_blocks,

@@ -1,4 +1,4 @@
-// What a dilated attention call computes (SPEC.md "Dilated attention — configuration").
+// What a dilated attention call computes (docs/semantics.md "Dilated attention — configuration").
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// The generalized Hilbert curve (gilbert2d construction, SPEC.md "Hilbert-ordered attention").
+// The generalized Hilbert curve (gilbert2d construction, docs/semantics.md "Hilbert-ordered attention").
 #pragma once
 
 #include <cstdint>

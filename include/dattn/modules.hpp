@@ -1,4 +1,4 @@
-// Multi-head dilated attention modules for C++ users (SPEC.md "Multi-head modules"): input
+// Multi-head dilated attention modules for C++ users (docs/semantics.md "Multi-head modules"): input
 // projections, dilated attention, MAGNETO sub-LayerNorm, output projection; forward and backward.
 // float32 (the fused kernels) or float64 (the reference, for gradient checks) on the CPU.
 #pragma once

@@ -1,4 +1,4 @@
-// Philox4x32-10 (Salmon et al., Random123) and the attention-dropout keep decision of SPEC.md.
+// Philox4x32-10 (Salmon et al., Random123) and the attention-dropout keep decision of docs/semantics.md.
 // Header-only so CPU and CUDA kernels draw bit-identical masks.
 #pragma once
 

@@ -1,4 +1,4 @@
-// Ring (sequence-parallel) attention (SPEC.md "Ring (sequence-parallel) attention"): P ranks each
+// Ring (sequence-parallel) attention (docs/semantics.md "Ring (sequence-parallel) attention"): P ranks each
 // hold N/P rows of q, k, v in the contiguous or zigzag layout; keys and values travel between the
 // ranks that share a segment, partial results are merged by log-sum-exp, and the backward's dk, dv
 // travel back to their owners. No rank holds more than O(N/P) rows.

@@ -155,7 +155,7 @@ def _run_eagerly(fn):
 
 @_run_eagerly
 def draw_dropout_seed() -> int:
-    """SPEC.md: one draw per call on torch's default CPU generator, so torch.manual_seed repeats it."""
+    """docs/semantics.md: one draw per call on torch's default CPU generator, so torch.manual_seed repeats it."""
     return int(torch.randint(0, 2 ** 62, (1,)).item())
 
 
@@ -211,7 +211,7 @@ def _forward_impl(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is
 
 def _gradient(dout: Optional[Tensor], out: Tensor) -> Tensor:
     # Autograd may hand an expanded (zero-stride) or otherwise strided gradient, e.g. for out.sum();
-    # SPEC.md: the wrapper makes it contiguous instead of refusing it.
+    # docs/semantics.md: the wrapper makes it contiguous instead of refusing it.
     if dout is None:
         return torch.zeros_like(out, memory_format=torch.contiguous_format)
     dout = dout.contiguous()

@@ -1,4 +1,4 @@
-"""Functional forms (SPEC.md "Functional forms and return values")."""
+"""Functional forms (docs/semantics.md "Functional forms and return values")."""
 
 from typing import Optional, Sequence
 

@@ -1,4 +1,4 @@
-"""Hilbert-ordered dilated attention (SPEC.md "Hilbert-ordered attention").
+"""Hilbert-ordered dilated attention (docs/semantics.md "Hilbert-ordered attention").
 
 Tokens on a 2-D grid are attended in generalized Hilbert curve order, so a segment covers a
 compact 2-D region; results come back in the original order. The order is an index map inside

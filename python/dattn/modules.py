@@ -1,4 +1,4 @@
-"""Modules with the PyTorch LongNet library's names and arguments (SPEC.md "Multi-head modules",
+"""Modules with the PyTorch LongNet library's names and arguments (docs/semantics.md "Multi-head modules",
 "Functional forms and return values"), so swapping the import swaps the implementation."""
 
 from typing import Optional, Sequence
@@ -13,6 +13,8 @@ from dattn.ring import check_group, ring_dilated_attention
 
 __all__ = ["DilatedAttention", "ImprovedDilatedAttention", "MultiheadDilatedAttention",
            "ImprovedMultiheadDilatedAttention"]
+
+NORM_STYLES = ("sub_ln", "longnet_pytorch")
 
 def _check_group(group, layout) -> None:
     check_group(group, layout)
@@ -77,15 +79,19 @@ class MultiheadDilatedAttention(nn.Module):
     dilated attention (dropout ``dropout`` on the probabilities, training only), heads merged,
     sub-LayerNorm over E (``layer_norm``), then ``out_proj``. Parameters ``q_proj``, ``k_proj``,
     ``v_proj``, ``out_proj`` (Linear) and ``norm`` (LayerNorm, None without ``layer_norm``).
+
+    ``norm_style="longnet_pytorch"`` (with ``layer_norm``) instead normalises the projected q with
+    ``q_ln`` and k with ``k_ln`` before attention and applies ``q_ln`` again to the attention output
+    before ``out_proj`` (that library's unfused module, whose checkpoints then load strictly).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dilation_rates: Sequence[int], segment_lengths: Sequence[int],
                  dropout: float = 0.0, bias: bool = True, layer_norm: bool = True, layer_norm_eps: float = 1e-5,
                  gamma_init: float = 1.0, device=None, dtype=None, mode: str = "grouped", group=None,
-                 layout: str = "contiguous"):
+                 layout: str = "contiguous", *, norm_style: str = "sub_ln"):
         super().__init__()
         self._init_common(embed_dim, num_heads, dilation_rates, segment_lengths, dropout, bias, layer_norm,
-                          layer_norm_eps, gamma_init, mode, False, group, layout)
+                          layer_norm_eps, gamma_init, mode, False, group, layout, norm_style)
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
@@ -95,8 +101,11 @@ class MultiheadDilatedAttention(nn.Module):
 
     # -- shared by the fused variant ---------------------------------------------------------
     def _init_common(self, embed_dim, num_heads, dilation_rates, segment_lengths, dropout, bias, layer_norm,
-                     layer_norm_eps, gamma_init, mode, use_tf32, group, layout):
+                     layer_norm_eps, gamma_init, mode, use_tf32, group, layout, norm_style):
         _check_group(group, layout)
+        if norm_style not in NORM_STYLES:
+            raise ValueError(f"norm_style = {norm_style!r}; expected 'sub_ln' or 'longnet_pytorch'")
+        self.norm_style = norm_style
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} is {type(value).__name__}; expected an int")
@@ -120,7 +129,14 @@ class MultiheadDilatedAttention(nn.Module):
         self.layout = layout
 
     def _init_tail(self, factory):
-        self.norm = (nn.LayerNorm(self.embed_dim, eps=self.layer_norm_eps, **factory) if self.layer_norm else None)
+        def layer_norm():
+            return nn.LayerNorm(self.embed_dim, eps=self.layer_norm_eps, **factory)
+        if self.norm_style == "longnet_pytorch":
+            self.norm = None
+            self.q_ln = layer_norm() if self.layer_norm else None
+            self.k_ln = layer_norm() if self.layer_norm else None
+        else:
+            self.norm = layer_norm() if self.layer_norm else None
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=self.bias, **factory)
 
     def _reset_parameters(self) -> None:
@@ -135,8 +151,13 @@ class MultiheadDilatedAttention(nn.Module):
         nn.init.xavier_normal_(self.out_proj.weight, gain=self.gamma_init)
         if self.out_proj.bias is not None:
             nn.init.zeros_(self.out_proj.bias)
-        if self.norm is not None:
-            self.norm.reset_parameters()
+        for norm in (self.norm, getattr(self, "q_ln", None), getattr(self, "k_ln", None)):
+            if norm is not None:
+                norm.reset_parameters()
+
+    @property
+    def _normalises_qk(self) -> bool:
+        return self.norm_style == "longnet_pytorch" and self.layer_norm
 
     def _check_inputs(self, query, key, value, attn_mask, key_padding_mask):
         if attn_mask is not None:
@@ -164,6 +185,8 @@ class MultiheadDilatedAttention(nn.Module):
         x = x.reshape(B, N, self.embed_dim)
         if self.norm is not None:
             x = self.norm(x)
+        elif self._normalises_qk:
+            x = self.q_ln(x)
         x = self.out_proj(x)
         return (x, None) if need_weights else x
 
@@ -201,6 +224,11 @@ class MultiheadDilatedAttention(nn.Module):
         self._check_inputs(query, key, value, attn_mask, key_padding_mask)
         B, N, _ = query.shape
         heads = (B, N, self.num_heads, self.head_dim)
+        if self._normalises_qk:
+            q = self.q_ln(self.q_proj(query)).view(heads)
+            k = self.k_ln(self.k_proj(key)).view(heads)
+            v = self.v_proj(value).view(heads)
+            return self._finish(self._attend(q, k, v, is_causal, key_padding_mask), need_weights)
         if key is query and value is query:  # self-attention: one product with the three weights stacked
             projections = (self.q_proj, self.k_proj, self.v_proj)
             weight = torch.cat([p.weight for p in projections])
@@ -215,7 +243,8 @@ class MultiheadDilatedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dilation_rates={self.dilation_rates}, "
-                f"segment_lengths={self.segment_lengths}, dropout={self.dropout}, mode={self.mode!r}")
+                f"segment_lengths={self.segment_lengths}, dropout={self.dropout}, mode={self.mode!r}, "
+                f"norm_style={self.norm_style!r}")
 
 
 class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
@@ -229,10 +258,10 @@ class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
     def __init__(self, embed_dim: int, num_heads: int, dilation_rates: Sequence[int], segment_lengths: Sequence[int],
                  dropout: float = 0.0, bias: bool = True, layer_norm: bool = True, layer_norm_eps: float = 1e-5,
                  gamma_init: float = 1.0, device=None, dtype=None, mode: str = "grouped", use_tf32: bool = False,
-                 group=None, layout: str = "contiguous"):
+                 group=None, layout: str = "contiguous", *, norm_style: str = "sub_ln"):
         nn.Module.__init__(self)
         self._init_common(embed_dim, num_heads, dilation_rates, segment_lengths, dropout, bias, layer_norm,
-                          layer_norm_eps, gamma_init, mode, use_tf32, group, layout)
+                          layer_norm_eps, gamma_init, mode, use_tf32, group, layout, norm_style)
         factory = {"device": device, "dtype": dtype}
         self.qkv_proj = nn.Linear(embed_dim, 3 * embed_dim, bias=bias, **factory)
         self._init_tail(factory)
@@ -257,13 +286,18 @@ class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
     def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
                 attn_mask: Optional[Tensor] = None, is_causal: bool = False):
-        """Returns the output ``[B, N, E]``, or ``(output, None)`` with ``need_weights=True``."""
+        """Returns ``(output, None)`` whatever ``need_weights`` is (as that library's fused module does)."""
         key = query if key is None else key
         value = query if value is None else value
         self._check_inputs(query, key, value, attn_mask, key_padding_mask)
         B, N, _ = query.shape
         H, D, E = self.num_heads, self.head_dim, self.embed_dim
-        if key is query and value is query:
+        if self._normalises_qk:
+            q = self.q_ln(self._project(query, slice(0, E))).view(B, N, H, D)
+            k = self.k_ln(self._project(key, slice(E, 2 * E))).view(B, N, H, D)
+            v = self._project(value, slice(2 * E, 3 * E)).view(B, N, H, D)
+            x = self._attend(q, k, v, is_causal, key_padding_mask)
+        elif key is query and value is query:
             x = self._attend_packed(self.qkv_proj(query).view(B, N, 3, H, D), is_causal, key_padding_mask)
         elif key is value:
             q = self._project(query, slice(0, E)).view(B, N, H, D)
@@ -274,7 +308,7 @@ class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
             k = self._project(key, slice(E, 2 * E)).view(B, N, H, D)
             v = self._project(value, slice(2 * E, 3 * E)).view(B, N, H, D)
             x = self._attend(q, k, v, is_causal, key_padding_mask)
-        return self._finish(x, need_weights)
+        return self._finish(x, True)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", use_tf32={self.use_tf32}"

@@ -1,4 +1,4 @@
-"""Ring (sequence-parallel) attention over a torch.distributed process group (SPEC.md "Ring
+"""Ring (sequence-parallel) attention over a torch.distributed process group (docs/semantics.md "Ring
 (sequence-parallel) attention"): gloo for CPU tensors, NCCL for CUDA ones. Each rank holds N/P
 tokens in the contiguous or zigzag layout; Python drives the schedule with point-to-point calls
 (rank t steps away, both directions) and runs each step with the C++ one-pass ring steps: the
@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from dattn import _C, _ops
+from dattn._block_mask import mask_on
 
 __all__ = ["RingDilatedAttention", "ring_dilated_attention", "ring_block_sparse_attention", "shard_sequence",
            "unshard_sequence"]
@@ -297,7 +298,7 @@ def _each_pair(ctx, source, chunks, kv, block_mask, fn):
 
 
 def _group_seed(group, device) -> int:
-    """SPEC.md: the group's rank 0 draws the dropout seed and broadcasts it (on the tensors' device:
+    """docs/semantics.md: the group's rank 0 draws the dropout seed and broadcasts it (on the tensors' device:
     NCCL moves CUDA tensors only)."""
     seed = torch.tensor([_ops.draw_dropout_seed() if dist.get_rank(group) == 0 else 0], dtype=torch.int64,
                         device=device)
@@ -339,8 +340,6 @@ def ring_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask, block_siz
     gloo, CUDA tensors over NCCL): ``mask`` is the ``BlockSparseMask`` of the whole sequence; every
     rank's chunk (N/P, or N/2P zigzag) must be a multiple of ``block_size``. Returns this rank's
     rows, with autograd."""
-    from dattn.sparse import mask_on
-
     _ops.check_attention_inputs(q, k, v)
     _check_layout(layout)
     mask = mask_on(mask, q.device)

@@ -1,20 +1,22 @@
-"""Block-sparse attention (SPEC.md "Block-sparse attention"): one softmax per row over every
+"""Block-sparse attention (docs/semantics.md "Block-sparse attention"): one softmax per row over every
 allowed key (not a softmax per block pair), with work growing with the allowed block pairs."""
 
 import math
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from dattn import _C, _ops
+from dattn._block_mask import BlockSparseMask, mask_on
+from dattn.ring import check_group, ring_block_sparse_attention
 
 __all__ = ["block_sparse_attention", "block_sparse_mask", "BlockSparseMask", "SparsePatternConfig",
            "BlockSparseRingDilatedAttention", "local_window_mask", "dilated_sparse_mask", "global_local_mask",
            "dilated_mask"]
 
-BlockSparseMask = _C.BlockSparseMask
 PATTERNS = ("local_window", "dilated_sparse", "global_local", "dilated")
 
 
@@ -42,13 +44,6 @@ def dilated_mask(seqlen: int, segment_lengths: Sequence[int], dilation_rates: Se
     segment_lengths, dilation_rates = _ops.check_config(segment_lengths, dilation_rates)
     return _pattern(_C.dilated_pattern(seqlen, segment_lengths, dilation_rates, block_size),
                     math.ceil(seqlen / block_size))
-
-
-def mask_on(mask: "BlockSparseMask", device: torch.device) -> "BlockSparseMask":
-    """``mask`` with its CSR arrays on ``device`` (a CUDA upload unless they are there already)."""
-    if device.type == "cpu" or mask.device == str(device):
-        return mask
-    return mask.to_cuda(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def block_sparse_mask(block_mask: Tensor, device: Optional[Union[str, torch.device]] = None) -> "BlockSparseMask":
@@ -131,7 +126,16 @@ class SparsePatternConfig:
     def __init__(self, pattern_type: str = "local_window", block_size: int = 64, sparsity_ratio: float = 0.1,
                  window_size: int = 256, global_tokens: int = 1, dilation_rates: Optional[Sequence[int]] = None):
         if pattern_type not in PATTERNS:
-            raise ValueError(f"pattern_type = {pattern_type!r}; expected one of {', '.join(PATTERNS)}")
+            hint = " (dattn has no adaptive pattern: pass a fixed one or a bool block mask)" \
+                if pattern_type in ("adaptive", "learned") else ""
+            raise ValueError(f"pattern_type = {pattern_type!r}; expected one of {', '.join(PATTERNS)}{hint}")
+        for field, value in (("window_size", window_size), ("global_tokens", global_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{field} = {value!r}; expected an int >= 0")
+        if isinstance(sparsity_ratio, bool) or not isinstance(sparsity_ratio, (int, float)) \
+                or not 0.0 <= sparsity_ratio <= 1.0:
+            raise ValueError(f"sparsity_ratio = {sparsity_ratio!r}; expected a number in [0, 1] (it changes no "
+                             "pattern)")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size = {block_size!r}; expected an int >= 1")
         self.pattern_type, self.block_size, self.sparsity_ratio = pattern_type, block_size, sparsity_ratio
@@ -149,6 +153,25 @@ class SparsePatternConfig:
         return dilated_mask(seqlen, segment_lengths, dilation_rates, self.block_size)
 
 
+_CONFIG_FIELDS = ("pattern_type", "block_size", "sparsity_ratio", "window_size", "global_tokens", "dilation_rates")
+
+
+def as_sparse_config(sparse_config, name: str = "sparse_config") -> SparsePatternConfig:
+    """None (the default ``SparsePatternConfig()``), a ``SparsePatternConfig``, or a dict of its
+    arguments, checked now (an unknown key or a bad value is an error naming it)."""
+    if sparse_config is None:
+        return SparsePatternConfig()
+    if isinstance(sparse_config, SparsePatternConfig):
+        return sparse_config
+    if isinstance(sparse_config, dict):
+        unknown = sorted(set(sparse_config) - set(_CONFIG_FIELDS))
+        if unknown:
+            raise ValueError(f"{name} has key {unknown[0]!r}; expected keys among {', '.join(_CONFIG_FIELDS)}")
+        return SparsePatternConfig(**sparse_config)
+    raise TypeError(f"{name} is {type(sparse_config).__name__}; expected None, a dattn.SparsePatternConfig or a dict "
+                    "of its arguments")
+
+
 class BlockSparseRingDilatedAttention(nn.Module):
     """Block-sparse attention with the mask ``sparse_config`` names (the PyTorch library's class
     and arguments). Single-process unless given ``group`` (a torch.distributed process group: gloo
@@ -157,13 +180,12 @@ class BlockSparseRingDilatedAttention(nn.Module):
     serves)."""
 
     def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
-                 sparse_config: Optional[SparsePatternConfig] = None, group=None, layout: str = "contiguous"):
+                 sparse_config: Union[SparsePatternConfig, dict, None] = None, group=None, layout: str = "contiguous"):
         super().__init__()
-        from dattn.ring import check_group
         check_group(group, layout)
         self.group, self.layout = group, layout
         self.segment_lengths, self.dilation_rates = _ops.check_config(segment_lengths, dilation_rates)
-        self.sparse_config = SparsePatternConfig() if sparse_config is None else sparse_config
+        self.sparse_config = as_sparse_config(sparse_config)
         self._masks = {}
 
     def mask(self, seqlen: int, device: torch.device = torch.device("cpu")) -> "BlockSparseMask":
@@ -182,8 +204,6 @@ class BlockSparseRingDilatedAttention(nn.Module):
             if return_attention_weights:
                 raise ValueError("return_attention_weights=True with a group: the weights need the whole sequence on "
                                  "one rank; expected False")
-            from dattn.ring import ring_block_sparse_attention
-            import torch.distributed as dist
             mask = self.mask(q.size(1) * dist.get_world_size(self.group), q.device)
             return ring_block_sparse_attention(q, k, v, mask, block, self.group, self.layout, is_causal,
                                                key_padding_mask=key_padding_mask)
@@ -196,7 +216,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
 
 
 def _attention_weights(q, k, lse, mask, block, is_causal, key_padding_mask):
-    """SPEC.md: {"indices": [2, nnz], "values": [B, H, nnz, block, block] float32, "shape", "block_size"}.
+    """docs/semantics.md: {"indices": [2, nnz], "values": [B, H, nnz, block, block] float32, "shape", "block_size"}.
     The probabilities of the softmax (before dropout), 0 for masked pairs and past the sequence."""
     B, N, H, D = q.shape
     nb = mask.query_blocks

@@ -227,7 +227,7 @@ NB_MODULE(_C, m) {
         "dilation_rates"_a, "mode"_a, "causal"_a, "scale"_a.none(), "key_padding_mask"_a.none(),
         "dropout_p"_a, "dropout_seed"_a, "dropout_offset"_a, "use_tf32"_a, "backend"_a, "stream"_a,
         "position_index"_a.none() = nb::none(), "ring_step"_a.none() = nb::none(), "position_index_checked"_a = false,
-        "Writes out [B, N, H, D] and lse [B, H, N] (float32) of dilated attention (SPEC.md).");
+        "Writes out [B, N, H, D] and lse [B, H, N] (float32) of dilated attention (docs/semantics.md).");
   m.def("backward", &backward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dout"_a, "dq"_a, "dk"_a,
         "dv"_a, "segment_lengths"_a, "dilation_rates"_a, "mode"_a, "causal"_a, "scale"_a.none(),
         "key_padding_mask"_a.none(), "dropout_p"_a, "dropout_seed"_a, "dropout_offset"_a,
@@ -237,7 +237,7 @@ NB_MODULE(_C, m) {
         "B*H*N float32 lets it compute delta once, before the kernel).");
   m.def("forward_flops", &forward_flops, "segment_lengths"_a, "dilation_rates"_a, "mode"_a,
         "causal"_a, "batch"_a, "seqlen"_a, "heads"_a, "head_dim"_a,
-        "Forward FLOPs as PERF.md counts them.");
+        "Forward FLOPs as docs/benchmarks.md counts them.");
   m.attr("DTYPE_INT64") = int(dattn::DType::int64);
 
   nb::class_<dattn::BlockSparseMask>(m, "BlockSparseMask",
@@ -373,8 +373,19 @@ NB_MODULE(_C, m) {
   m.def("hilbert_grid_order", &dattn::hilbert_grid_order, "height"_a, "width"_a,
         "Token indices row * width + column in generalized Hilbert curve order.");
   m.def("hilbert_sequence_order", &dattn::hilbert_sequence_order, "length"_a,
-        "The plain-sequence layout of SPEC.md (width ceil(sqrt(N)), empty cells skipped).");
+        "The plain-sequence layout of docs/semantics.md (width ceil(sqrt(N)), empty cells skipped).");
 
   m.def("cpu_isa", [] { return std::string(dattn::cpu_isa_name(dattn::active_cpu_isa())); },
         "The SIMD path the CPU kernels run (DATTN_CPU_ISA forces one).");
+  m.def("cpu_isas_supported", [] {
+    std::vector<std::string> names;
+    for (auto isa : {dattn::CpuIsa::scalar, dattn::CpuIsa::avx2, dattn::CpuIsa::avx512}) {
+      if (dattn::cpu_supports(isa)) names.emplace_back(dattn::cpu_isa_name(isa));
+    }
+    return names;
+  }, "The compiled CPU SIMD paths this CPU can run.");
+  // What the build has (python/CMakeLists.txt passes these from the resolved CMake options).
+  m.attr("cuda_architectures") = std::string(DATTN_PYTHON_CUDA_ARCHS);
+  m.attr("has_mpi") = bool(DATTN_PYTHON_WITH_MPI);
+  m.attr("has_nccl") = bool(DATTN_PYTHON_WITH_NCCL);
 }

@@ -1,4 +1,4 @@
-// Data movement of the ring on the GPU (src/dist/ring_cuda.cpp): packing the (row, head) entries
+// Data movement of the ring on the GPU (src/distributed/ring_cuda.cpp): packing the (row, head) entries
 // that travel, unpacking them, and the float32 accumulators' fills and conversions; row_dot also
 // serves the backward's delta pass (api.cpp). All asynchronous on `stream`; sizes in elements.
 #pragma once

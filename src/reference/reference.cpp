@@ -1,5 +1,5 @@
 // Dilated attention written for reading, not speed: double precision, one query row at a time,
-// straight from SPEC.md. The forward computes each branch's softmax and combines them as the
+// straight from docs/semantics.md. The forward computes each branch's softmax and combines them as the
 // mode says (grouped: 1/G, longnet: the LSE merge); the backward uses the equivalent single
 // softmax over a multiset of keys (a key once per branch that selects it with the query).
 #include "reference/reference.hpp"

@@ -1,4 +1,4 @@
-// The plain, float64 implementation of SPEC.md: every test's ground truth. Works on any dtype
+// The plain, float64 implementation of docs/semantics.md: every test's ground truth. Works on any dtype
 // (loads convert to double), any strides, both modes, causal, key padding, dropout and a
 // position index map.
 #pragma once
@@ -10,7 +10,7 @@
 
 namespace dattn::reference {
 
-// position_index (curve position -> original position, [N]) attends in that order, as SPEC.md's
+// position_index (curve position -> original position, [N]) attends in that order, as docs/semantics.md's
 // Hilbert-ordered attention; null is the identity.
 void forward(const DilatedConfig& config, const TensorView& q, const TensorView& k,
              const TensorView& v, const TensorView& out, const TensorView& lse,

@@ -35,6 +35,15 @@ def unfused_weights(m):
             m.out_proj.weight, m.out_proj.bias)
 
 
+def out_of(result):
+    """The output tensor of either module: the fused one always returns (output, None)."""
+    if isinstance(result, tuple):
+        out, weights = result
+        assert weights is None
+        return out
+    return result
+
+
 def fused_from(unfused, **kwargs):
     f = dattn.ImprovedMultiheadDilatedAttention(E, H, R, W, **kwargs).to(unfused.out_proj.weight.dtype)
     with torch.no_grad():
@@ -59,10 +68,13 @@ def test_signatures_follow_spec():
     names = lambda f: list(inspect.signature(f).parameters)
     assert names(dattn.MultiheadDilatedAttention.__init__)[1:] == [
         "embed_dim", "num_heads", "dilation_rates", "segment_lengths", "dropout", "bias", "layer_norm",
-        "layer_norm_eps", "gamma_init", "device", "dtype", "mode", "group", "layout"]
+        "layer_norm_eps", "gamma_init", "device", "dtype", "mode", "group", "layout", "norm_style"]
     assert names(dattn.ImprovedMultiheadDilatedAttention.__init__)[1:] == [
         "embed_dim", "num_heads", "dilation_rates", "segment_lengths", "dropout", "bias", "layer_norm",
-        "layer_norm_eps", "gamma_init", "device", "dtype", "mode", "use_tf32", "group", "layout"]
+        "layer_norm_eps", "gamma_init", "device", "dtype", "mode", "use_tf32", "group", "layout", "norm_style"]
+    for cls in (dattn.MultiheadDilatedAttention, dattn.ImprovedMultiheadDilatedAttention):
+        norm_style = inspect.signature(cls.__init__).parameters["norm_style"]
+        assert norm_style.kind is inspect.Parameter.KEYWORD_ONLY and norm_style.default == "sub_ln"
     for cls in (dattn.MultiheadDilatedAttention, dattn.ImprovedMultiheadDilatedAttention):
         assert names(cls.forward)[1:] == ["query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
                                           "is_causal"]
@@ -105,7 +117,7 @@ def test_module_gradcheck(cls):
     x = torch.randn(1, 12, 8, dtype=torch.float64, requires_grad=True)
     mask = torch.zeros(1, 12, dtype=torch.bool)
     mask[0, -2:] = True
-    assert torch.autograd.gradcheck(lambda x: m(x, key_padding_mask=mask, is_causal=True), (x,))
+    assert torch.autograd.gradcheck(lambda x: out_of(m(x, key_padding_mask=mask, is_causal=True)), (x,))
 
 
 def test_float32_module_within_bar_of_float64():
@@ -133,7 +145,8 @@ def test_fused_equals_unfused(inputs, dtype):
     z = randn(2, 48, E, dtype=dtype, requires_grad=True)
     args = {"self": (x,), "kv-shared": (x, y, y), "all-different": (x, y, z)}[inputs]
     out_u = u(*args, is_causal=True)
-    out_f = f(*args, is_causal=True)
+    out_f, weights = f(*args, is_causal=True)
+    assert weights is None
     bar = 1e-12 if dtype == torch.float64 else 2e-6
     assert rel_err(out_f, out_u) < bar
     dout = randn(*out_u.shape, dtype=dtype)
@@ -187,7 +200,7 @@ def test_state_dict_round_trip(cls):
     m2 = cls(E, H, R, W)
     m2.load_state_dict(torch.load(buffer))
     x = randn(1, 32, E)
-    assert torch.equal(m(x), m2(x))
+    assert torch.equal(out_of(m(x)), out_of(m2(x)))
 
 
 @pytest.mark.parametrize("cls", [dattn.MultiheadDilatedAttention, dattn.ImprovedMultiheadDilatedAttention])
@@ -215,7 +228,7 @@ def test_no_bias_no_layer_norm():
         m = cls(E, H, R, W, bias=False, layer_norm=False)
         assert m.norm is None and m.out_proj.bias is None
         assert all("bias" not in k and "norm" not in k for k in m.state_dict())
-        assert m(randn(1, 16, E)).shape == (1, 16, E)
+        assert out_of(m(randn(1, 16, E))).shape == (1, 16, E)
 
 
 def test_need_weights_and_defaults():
@@ -225,12 +238,18 @@ def test_need_weights_and_defaults():
     assert isinstance(out, torch.Tensor) and out.shape == x.shape
     out2, weights = m(x, x, x, need_weights=True)
     assert weights is None and torch.equal(out, out2)
+    # The fused module always returns (output, None), as that library's does.
+    f = fused_from(m)
+    for need_weights in (False, True):
+        result = f(x, x, x, need_weights=need_weights)
+        assert isinstance(result, tuple) and len(result) == 2 and result[1] is None
+        assert rel_err(result[0], out) < 2e-6
 
 
 def test_device_and_dtype_arguments():
     m = dattn.ImprovedMultiheadDilatedAttention(E, H, R, W, device="cpu", dtype=torch.float64)
     assert all(p.dtype == torch.float64 for p in m.parameters())
-    assert m(torch.randn(1, 16, E, dtype=torch.float64)).dtype == torch.float64
+    assert m(torch.randn(1, 16, E, dtype=torch.float64))[0].dtype == torch.float64
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
@@ -241,7 +260,7 @@ def test_half_precision_module(dtype):
         pytest.skip(f"this torch has no CPU matrix product in {dtype}")
     m = dattn.ImprovedMultiheadDilatedAttention(E, H, R, W, dtype=dtype)
     x = randn(2, 32, E, dtype=dtype, requires_grad=True)
-    out = m(x)
+    out, _ = m(x)
     out.float().sum().backward()
     assert out.dtype == dtype and torch.isfinite(out).all() and torch.isfinite(x.grad).all()
 
@@ -256,16 +275,16 @@ def test_module_dropout_train_eval(cls):
     no_drop.load_state_dict(m.state_dict())
     x = randn(2, 32, E)
     m.eval()
-    assert torch.equal(m(x), no_drop(x))  # evaluation: no dropout
+    assert torch.equal(out_of(m(x)), out_of(no_drop(x)))  # evaluation: no dropout
     m.train()
     torch.manual_seed(11)
-    a = m(x)
+    a = out_of(m(x))
     torch.manual_seed(11)
-    b = m(x)
-    c = m(x)
+    b = out_of(m(x))
+    c = out_of(m(x))
     assert torch.equal(a, b)  # reproducible from torch.manual_seed
     assert not torch.equal(a, c)
-    assert rel_err(a, no_drop(x)) > 0.01
+    assert rel_err(a, out_of(no_drop(x))) > 0.01
 
 
 def test_module_dropout_uses_the_spec_seed():

@@ -13,7 +13,7 @@
 
 #include "cuda/ring_kernels.hpp"
 #include "dattn/attention.hpp"
-#include "dist/schedule.hpp"
+#include "distributed/schedule.hpp"
 
 namespace dattn::detail {
 namespace {

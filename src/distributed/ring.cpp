@@ -16,7 +16,7 @@
 #include "dattn/block_sparse.hpp"
 #include "dattn/error.hpp"
 #include "dattn/ring.hpp"
-#include "dist/schedule.hpp"
+#include "distributed/schedule.hpp"
 #include "validate.hpp"
 
 namespace dattn {
@@ -268,7 +268,7 @@ detail::CudaStepKernels cuda_step_kernels(const BlockSparseConfig& config, const
 }
 #endif
 
-// The heads of branch i and the offset each uses (SPEC.md: grouped, group i's heads with offset
+// The heads of branch i and the offset each uses (docs/semantics.md: grouped, group i's heads with offset
 // i mod r; longnet, every head h with offset h mod r).
 std::vector<std::pair<std::int64_t, std::int64_t>> branch_heads(const DilatedConfig& config, std::size_t i,
                                                                 std::int64_t H) {
