@@ -43,7 +43,7 @@ struct DilatedParams {
   bool causal = false;
   float scale = 1.0f;
   float output_scale = 1.0f;  // 1/G in grouped mode, 1 in longnet mode
-  bool use_tf32 = false;      // float32 on the GPU: the named fast path (SPEC.md's tf32 bar)
+  bool use_tf32 = false;      // float32 on the GPU: the named fast path (docs/semantics.md's tf32 bar)
 
   int num_branches = 0;
   Branch branches[kMaxBranches];

@@ -290,7 +290,7 @@ __device__ __forceinline__ std::uint32_t dropout_bits(const detail::DilatedParam
     const std::int64_t row = (e >> 1) ? row1 : row0, col = col0 + n * 8 + 2 * t + (e & 1);
     const std::int64_t query = w.position(w.query, rows_are_keys ? col : row);
     const std::int64_t key = w.position(w.key, rows_are_keys ? row : col);
-    // SPEC.md's keep decision (dattn::dropout_keep), with the word picked without indexing an array.
+    // The specified keep decision (dattn::dropout_keep, docs/semantics.md), with the word picked without indexing an array.
     const PhiloxWords words = philox4x32_10({{std::uint32_t(key >> 2), std::uint32_t(query), std::uint32_t(batch_head),
                                               std::uint32_t(p.dropout_offset)}},
                                             std::uint32_t(p.dropout_seed), std::uint32_t(p.dropout_seed >> 32));
