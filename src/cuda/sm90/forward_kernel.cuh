@@ -99,7 +99,12 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
   const bool causal_by_position = kWalk == Walk::indexed && p.causal;
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
-    if (it >= kStages) barrier_wait(st.empty + stage, (it / kStages + 1) & 1);
+    if (it >= kStages) {
+      barrier_wait(st.empty + stage, (it / kStages + 1) & 1);
+      // The phase this thread arrived at last time on this stage (complete: the consumers emptied
+      // it); every arrival is waited for, as compute-sanitizer's synccheck expects.
+      barrier_wait(st.full + stage, (it / kStages + 1) & 1);
+    }
     if (it == 0)
       load_rows<T, 1, BM, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.q), 0, p.q, w, w.query, w.tile_begin,
                                             w.tile_rows);
@@ -112,6 +117,8 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
     cp_async_arrive(st.full + stage);  // the stage's copies, when they land
     barrier_arrive(st.full + stage);   // this thread's plain stores (the key bias)
   }
+  for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it)
+    barrier_wait(st.full + it % kStages, (it / kStages) & 1);  // the last arrivals' phases
 }
 
 // Warpgroups 1 and 2: the online softmax over the key tiles of the stages, then the epilogue.
@@ -154,10 +161,13 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const La
                           st.bias + stage * BN, st.key_position + stage * BN, scale_log2);
     wgmma_wait<0>();
     fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+    if (it > kStages) barrier_wait(st.empty + previous, ((it - 1) / kStages + 1) & 1);  // the last arrival's phase
     if (it > 0) barrier_arrive(st.empty + previous);
     rescale_rows<D>(acc, correction);
     pack_probabilities<T, BN>(s, probabilities);
   }
+  for (int it = num_tiles - 1 > kStages ? num_tiles - 1 - kStages : 0; it < num_tiles - 1; ++it)
+    barrier_wait(st.empty + it % kStages, (it / kStages) & 1);  // the last arrivals' phases
   if (num_tiles > 0) {  // the last tile's P·V
     fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
     wgmma_fence();
