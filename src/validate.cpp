@@ -217,6 +217,8 @@ DilatedParams base_params(const CommonSettings& settings, const TensorView& q, c
   p.batch = q.shape[0];
   p.seqlen = q.shape[1];
   p.heads = q.shape[2];
+  p.kv_heads = k.shape[2];
+  p.k.head_group = p.v.head_group = p.heads / p.kv_heads;
   p.head_dim = q.shape[3];
   p.dtype = q.dtype;
   p.causal = settings.causal;
@@ -256,6 +258,7 @@ void set_gradients(DilatedParams& p, const TensorView& dout, const TensorView& d
   p.dq = operand(dq);
   p.dk = operand(dk);
   p.dv = operand(dv);
+  p.dk.head_group = p.dv.head_group = p.heads / p.kv_heads;
 }
 
 const std::int64_t* position_index_of(const LaunchOptions& options) {
@@ -366,6 +369,7 @@ void set_ring_key_pass(DilatedParams& p, const TensorView& dout, const TensorVie
   p.dout = operand(dout);
   p.dk = operand(dk);
   p.dv = operand(dv);
+  p.dk.head_group = p.dv.head_group = p.heads / p.kv_heads;
   p.softmax_delta = delta.ptr<float>();
   p.accumulate = true;
   p.run_query_pass = false;
