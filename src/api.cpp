@@ -88,7 +88,7 @@ void backward(const DilatedConfig& config, const TensorView& q, const TensorView
   check(config, q, k, v, out, lse, options);
   if (options.ring_step)
     throw Error("options.ring_step is set for backward; the ring step backward is not implemented yet");
-  detail::check_gradients(q, dout, dq, dk, dv);
+  detail::check_gradients(q, k, dout, dq, dk, dv);
   if (detail::use_reference(options, q.dtype)) {
     reference::backward(config, q, k, v, dout, dq, dk, dv, detail::position_index_of(options));
     return;
@@ -154,8 +154,8 @@ void ring_key_gradients(const DilatedConfig& config, const RingStep& step, const
   const LaunchOptions options{.ring_step = step};
   check(config, q, k, v, dout, lse, options);
   detail::check_delta(delta, q);
-  detail::check_accumulator("dk", dk, q, k.shape[1]);
-  detail::check_accumulator("dv", dv, q, k.shape[1]);
+  detail::check_accumulator("dk", dk, k, k.shape[1]);
+  detail::check_accumulator("dv", dv, k, k.shape[1]);
   if (q.device.type != DeviceType::cpu) throw Error("ring backward steps run on cpu tensors so far; q is on " + device_name(q.device));
   DilatedParams p = make_params(config, q, k, v, dout, lse, options);
   detail::set_ring_key_pass(p, dout, delta, dk, dv);
@@ -189,8 +189,8 @@ void ring_step_gradients(const DilatedConfig& config, const RingStep& step, cons
   check(config, q, k, v, dout, lse, options);
   detail::check_delta(delta, q);
   detail::check_accumulator("dq", dq, q, q.shape[1]);
-  detail::check_accumulator("dk", dk, q, k.shape[1]);
-  detail::check_accumulator("dv", dv, q, k.shape[1]);
+  detail::check_accumulator("dk", dk, k, k.shape[1]);
+  detail::check_accumulator("dv", dv, k, k.shape[1]);
 #ifdef DATTN_WITH_CUDA
   if (q.device.type == DeviceType::cuda) {
     DilatedParams p = make_params(config, q, k, v, dout, lse, options);

@@ -208,7 +208,7 @@ void block_sparse_backward(const BlockSparseConfig& config, const BlockSparseMas
     throw Error("options.ring_step is set for block_sparse_backward; expected no ring_step (a ring backward step is "
                 "block_sparse_ring_query_gradients and block_sparse_ring_key_gradients)");
   detail::check_inputs(settings_of(config), q, k, v, out, lse, options);
-  detail::check_gradients(q, dout, dq, dk, dv);
+  detail::check_gradients(q, k, dout, dq, dk, dv);
   check_mask_for(config, mask, q, options);
   if (options.position_index) throw Error("options.position_index is set; block-sparse attention takes no index map");
   if (detail::use_reference(options, q.dtype))
@@ -254,8 +254,8 @@ void block_sparse_ring_key_gradients(const BlockSparseConfig& config, const Bloc
   detail::check_inputs(settings_of(config), q, k, v, dout, lse, options);
   check_mask_for(config, mask, q, options);
   detail::check_delta(delta, q);
-  detail::check_accumulator("dk", dk, q, k.shape[1]);
-  detail::check_accumulator("dv", dv, q, k.shape[1]);
+  detail::check_accumulator("dk", dk, k, k.shape[1]);
+  detail::check_accumulator("dv", dv, k, k.shape[1]);
   detail::DilatedParams p = make_params(config, mask, q, k, v, dout, lse, options);
   detail::set_ring_key_pass(p, dout, delta, dk, dv);
   cpu::backward(p);
@@ -299,8 +299,8 @@ void block_sparse_ring_step_gradients(const BlockSparseConfig& config, const Blo
     options.stream = stream;
     detail::check_inputs(settings_of(config), q, k, v, dout, lse, options);
     check_mask_for(config, mask, q, options);
-    detail::check_accumulator("dk", dk, q, k.shape[1]);
-    detail::check_accumulator("dv", dv, q, k.shape[1]);
+    detail::check_accumulator("dk", dk, k, k.shape[1]);
+    detail::check_accumulator("dv", dv, k, k.shape[1]);
     detail::DilatedParams p = make_params(config, mask, q, k, v, dout, lse, options);
     detail::set_step_gradients(p, dout, delta, dq, dk, dv);
     return cuda::backward(p);

@@ -95,7 +95,7 @@ class _BlockSparseFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
         dout = _ops._gradient(grad_out, out)
-        dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+        dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         # No delta workspace (unlike the dilated backward): the kernel's blocks compute rowsum(dO∘O)
         # themselves, which keeps the backward's peak memory at its inputs and gradients.
         _C.block_sparse_backward(ctx.mask, *ctx.views, *(_ops._view(t) for t in (dout, dq, dk, dv)), *ctx.config,
