@@ -12,6 +12,7 @@
 #include "dattn/attention.hpp"
 #include "dattn/error.hpp"
 #include "params.hpp"
+#include "params_of.hpp"
 #include "reference/reference.hpp"
 #include "validate.hpp"
 
@@ -28,6 +29,20 @@ detail::CommonSettings settings_of(const DilatedConfig& config) {
 DilatedParams make_params(const DilatedConfig& config, const TensorView& q, const TensorView& k,
                           const TensorView& v, const TensorView& out, const TensorView& lse,
                           const LaunchOptions& options) {
+  return detail::dilated_params(config, q, k, v, out, lse, options);
+}
+
+void check(const DilatedConfig& config, const TensorView& q, const TensorView& k, const TensorView& v,
+           const TensorView& out, const TensorView& lse, const LaunchOptions& options) {
+  detail::check_config(config);
+  detail::check_inputs(settings_of(config), q, k, v, out, lse, options);
+}
+
+}  // namespace
+
+detail::DilatedParams detail::dilated_params(const DilatedConfig& config, const TensorView& q, const TensorView& k,
+                                             const TensorView& v, const TensorView& out, const TensorView& lse,
+                                             const LaunchOptions& options) {
   DilatedParams p = detail::base_params(settings_of(config), q, k, v, out, lse, options);
   p.mode = config.mode;
   p.causal = config.causal;
@@ -57,14 +72,6 @@ DilatedParams make_params(const DilatedConfig& config, const TensorView& q, cons
 
   return p;
 }
-
-void check(const DilatedConfig& config, const TensorView& q, const TensorView& k, const TensorView& v,
-           const TensorView& out, const TensorView& lse, const LaunchOptions& options) {
-  detail::check_config(config);
-  detail::check_inputs(settings_of(config), q, k, v, out, lse, options);
-}
-
-}  // namespace
 
 void forward(const DilatedConfig& config, const TensorView& q, const TensorView& k,
              const TensorView& v, const TensorView& out, const TensorView& lse,

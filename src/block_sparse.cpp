@@ -13,6 +13,7 @@
 #endif
 #include "dattn/error.hpp"
 #include "reference/block_sparse.hpp"
+#include "params_of.hpp"
 #include "validate.hpp"
 
 namespace dattn {
@@ -58,9 +59,12 @@ detail::CommonSettings settings_of(const BlockSparseConfig& config) {
           config.dropout_offset, false};
 }
 
-detail::DilatedParams make_params(const BlockSparseConfig& config, const BlockSparseMask& mask, const TensorView& q,
-                                  const TensorView& k, const TensorView& v, const TensorView& out,
-                                  const TensorView& lse, const LaunchOptions& options) {
+}  // namespace
+
+detail::DilatedParams detail::block_sparse_params(const BlockSparseConfig& config, const BlockSparseMask& mask,
+                                                  const TensorView& q, const TensorView& k, const TensorView& v,
+                                                  const TensorView& out, const TensorView& lse,
+                                                  const LaunchOptions& options) {
   detail::DilatedParams p = detail::base_params(settings_of(config), q, k, v, out, lse, options);
   p.block_size = config.block_size;
   p.query_blocks = mask.query_blocks();
@@ -72,6 +76,14 @@ detail::DilatedParams make_params(const BlockSparseConfig& config, const BlockSp
   p.block_column_offsets = arrays.column_offsets;
   p.block_rows = arrays.rows;
   return p;
+}
+
+namespace {
+
+detail::DilatedParams make_params(const BlockSparseConfig& config, const BlockSparseMask& mask, const TensorView& q,
+                                  const TensorView& k, const TensorView& v, const TensorView& out,
+                                  const TensorView& lse, const LaunchOptions& options) {
+  return detail::block_sparse_params(config, mask, q, k, v, out, lse, options);
 }
 
 }  // namespace

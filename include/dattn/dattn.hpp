@@ -9,3 +9,4 @@
 #include "dattn/philox.hpp"
 #include "dattn/ring.hpp"
 #include "dattn/tensor.hpp"
+#include "dattn/varlen.hpp"

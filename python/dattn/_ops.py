@@ -36,6 +36,7 @@ _DTYPE_CODES = {
     torch.float64: _C.DTYPE_FLOAT64,
     torch.bool: _C.DTYPE_BOOL,
     torch.int64: _C.DTYPE_INT64,
+    torch.int32: _C.DTYPE_INT32,
 }
 ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MODES = ("grouped", "longnet")

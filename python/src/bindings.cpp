@@ -37,9 +37,9 @@ using ViewSpec = std::tuple<std::uintptr_t, int, int, int, std::vector<std::int6
 
 dattn::TensorView to_view(const ViewSpec& spec, const char* name) {
   const auto& [data, dtype, device_type, device_index, shape, strides] = spec;
-  if (dtype < int(dattn::DType::float32) || dtype > int(dattn::DType::int64))
+  if (dtype < int(dattn::DType::float32) || dtype > int(dattn::DType::int32))
     throw dattn::Error(std::string(name) + " has dtype code " + std::to_string(dtype) +
-                       "; expected a dattn dtype code (0..5)");
+                       "; expected a dattn dtype code (0..6)");
   if (device_type != int(dattn::DeviceType::cpu) && device_type != int(dattn::DeviceType::cuda))
     throw dattn::Error(std::string(name) + " has device type code " + std::to_string(device_type) +
                        "; expected 0 (cpu) or 1 (cuda)");
@@ -239,6 +239,7 @@ NB_MODULE(_C, m) {
         "causal"_a, "batch"_a, "seqlen"_a, "heads"_a, "head_dim"_a,
         "Forward FLOPs as PERF.md counts them.");
   m.attr("DTYPE_INT64") = int(dattn::DType::int64);
+  m.attr("DTYPE_INT32") = int(dattn::DType::int32);
 
   nb::class_<dattn::BlockSparseMask>(m, "BlockSparseMask",
                                      "A block mask in CSR form with its transpose, built once per mask.")

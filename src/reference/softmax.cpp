@@ -18,7 +18,8 @@ double load(const TensorView& t, std::int64_t b, std::int64_t n, std::int64_t h,
     case DType::bfloat16: return bfloat16_to_float(t.ptr<std::uint16_t>()[i]);
     case DType::float16: return float16_to_float(t.ptr<std::uint16_t>()[i]);
     case DType::boolean:
-    case DType::int64: break;
+    case DType::int64:
+    case DType::int32: break;
   }
   return 0;
 }
@@ -31,7 +32,8 @@ void store(const TensorView& t, std::int64_t b, std::int64_t n, std::int64_t h, 
     case DType::bfloat16: t.ptr<std::uint16_t>()[i] = float_to_bfloat16(float(x)); break;
     case DType::float16: t.ptr<std::uint16_t>()[i] = float_to_float16(float(x)); break;
     case DType::boolean:
-    case DType::int64: break;
+    case DType::int64:
+    case DType::int32: break;
   }
 }
 
