@@ -27,6 +27,7 @@ from dattn.ring import RingDilatedAttention, shard_sequence, unshard_sequence
 from dattn.sparse import (BlockSparseMask, BlockSparseRingDilatedAttention, SparsePatternConfig,
                           block_sparse_attention, block_sparse_mask, dilated_mask, dilated_sparse_mask,
                           global_local_mask, local_window_mask)
+from dattn.varlen import block_sparse_attention_varlen, dilated_attention_varlen
 
 __version__ = _C.__version__
 has_cuda = _C.has_cuda
@@ -51,4 +52,5 @@ __all__ = ["DilatedAttention", "ImprovedDilatedAttention", "MultiheadDilatedAtte
            "BlockSparseRingDilatedAttention",
            "local_window_mask", "dilated_sparse_mask", "global_local_mask", "dilated_mask",
            "hilbert_order", "hilbert_dilated_attention", "HilbertDilatedAttention", "HilbertAttention",
-           "HilbertAttentionTritonFixed", "RingDilatedAttention", "shard_sequence", "unshard_sequence"]
+           "HilbertAttentionTritonFixed", "RingDilatedAttention", "shard_sequence", "unshard_sequence",
+           "dilated_attention_varlen", "block_sparse_attention_varlen"]

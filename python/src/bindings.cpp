@@ -26,6 +26,7 @@
 #include "dattn/cpu.hpp"
 #include "dattn/error.hpp"
 #include "dattn/tensor.hpp"
+#include "dattn/varlen.hpp"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -208,6 +209,84 @@ double forward_flops(const std::vector<std::int64_t>& segment_lengths,
   return dattn::forward_flops(config, batch, seqlen, heads, head_dim);
 }
 
+// Packed variable-length batches: the call's arguments plus (cu_seqlens, max_seqlen, validate).
+dattn::PackedSequences packed(const ViewSpec& cu_seqlens, std::int64_t max_seqlen, bool validate) {
+  return {to_view(cu_seqlens, "cu_seqlens"), max_seqlen, validate};
+}
+
+void forward_varlen(const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const ViewSpec& out, const ViewSpec& lse,
+                    const ViewSpec& cu_seqlens, std::int64_t max_seqlen, bool validate,
+                    const std::vector<std::int64_t>& segment_lengths, const std::vector<std::int64_t>& dilation_rates,
+                    const std::string& mode, bool causal, std::optional<double> scale, double dropout_p,
+                    std::uint64_t dropout_seed, const std::string& backend, std::uintptr_t stream) {
+  const Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, std::nullopt, dropout_p,
+                              dropout_seed, 0, false, backend, stream, std::nullopt, false);
+  const auto sequences = packed(cu_seqlens, max_seqlen, validate);
+  const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
+  const auto ov = to_view(out, "out"), lv = to_view(lse, "lse");
+  nb::gil_scoped_release release;
+  dattn::forward_varlen(call.config, sequences, qv, kv, vv, ov, lv, call.options);
+}
+
+void backward_varlen(const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const ViewSpec& out, const ViewSpec& lse,
+                     const ViewSpec& dout, const ViewSpec& dq, const ViewSpec& dk, const ViewSpec& dv,
+                     const ViewSpec& cu_seqlens, std::int64_t max_seqlen, bool validate,
+                     const std::vector<std::int64_t>& segment_lengths, const std::vector<std::int64_t>& dilation_rates,
+                     const std::string& mode, bool causal, std::optional<double> scale, double dropout_p,
+                     std::uint64_t dropout_seed, const std::string& backend, std::uintptr_t stream) {
+  const Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, std::nullopt, dropout_p,
+                              dropout_seed, 0, false, backend, stream, std::nullopt, false);
+  const auto sequences = packed(cu_seqlens, max_seqlen, validate);
+  const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
+  const auto ov = to_view(out, "out"), lv = to_view(lse, "lse"), gv = to_view(dout, "dout");
+  const auto dqv = to_view(dq, "dq"), dkv = to_view(dk, "dk"), dvv = to_view(dv, "dv");
+  nb::gil_scoped_release release;
+  dattn::backward_varlen(call.config, sequences, qv, kv, vv, ov, lv, gv, dqv, dkv, dvv, call.options);
+}
+
+// (pattern_type, window, global_blocks, rates) of a SparsePatternConfig without segments.
+using PatternSpec = std::tuple<std::string, std::int64_t, std::int64_t, std::vector<std::int64_t>>;
+dattn::SparsePattern to_pattern(const PatternSpec& spec) {
+  const auto& [type, window, global_blocks, rates] = spec;
+  dattn::SparsePattern pattern;
+  if (type == "local_window") pattern.kind = dattn::SparsePattern::Kind::local_window;
+  else if (type == "dilated_sparse") pattern.kind = dattn::SparsePattern::Kind::dilated_sparse;
+  else if (type == "global_local") pattern.kind = dattn::SparsePattern::Kind::global_local;
+  else throw dattn::Error("pattern_type = '" + type + "'; expected local_window, dilated_sparse or global_local");
+  pattern.window = window;
+  pattern.global_blocks = global_blocks;
+  pattern.rates = rates;
+  return pattern;
+}
+
+void block_sparse_forward_varlen(const PatternSpec& pattern, const ViewSpec& q, const ViewSpec& k, const ViewSpec& v,
+                                 const ViewSpec& out, const ViewSpec& lse, const ViewSpec& cu_seqlens,
+                                 std::int64_t max_seqlen, bool validate, std::int64_t block_size, bool causal,
+                                 std::optional<double> scale, double dropout_p, std::uint64_t dropout_seed) {
+  const auto config = block_sparse_config(block_size, causal, scale, std::nullopt, dropout_p, dropout_seed);
+  const auto sequences = packed(cu_seqlens, max_seqlen, validate);
+  const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
+  const auto ov = to_view(out, "out"), lv = to_view(lse, "lse");
+  const dattn::SparsePattern named = to_pattern(pattern);
+  nb::gil_scoped_release release;
+  dattn::block_sparse_forward_varlen(config, named, sequences, qv, kv, vv, ov, lv);
+}
+
+void block_sparse_backward_varlen(const PatternSpec& pattern, const ViewSpec& q, const ViewSpec& k, const ViewSpec& v,
+                                  const ViewSpec& out, const ViewSpec& lse, const ViewSpec& dout, const ViewSpec& dq,
+                                  const ViewSpec& dk, const ViewSpec& dv, const ViewSpec& cu_seqlens,
+                                  std::int64_t max_seqlen, bool validate, std::int64_t block_size, bool causal,
+                                  std::optional<double> scale, double dropout_p, std::uint64_t dropout_seed) {
+  const auto config = block_sparse_config(block_size, causal, scale, std::nullopt, dropout_p, dropout_seed);
+  const auto sequences = packed(cu_seqlens, max_seqlen, validate);
+  const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
+  const auto ov = to_view(out, "out"), lv = to_view(lse, "lse"), gv = to_view(dout, "dout");
+  const auto dqv = to_view(dq, "dq"), dkv = to_view(dk, "dk"), dvv = to_view(dv, "dv");
+  const dattn::SparsePattern named = to_pattern(pattern);
+  nb::gil_scoped_release release;
+  dattn::block_sparse_backward_varlen(config, named, sequences, qv, kv, vv, ov, lv, gv, dqv, dkv, dvv);
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -235,6 +314,19 @@ NB_MODULE(_C, m) {
         "workspace_bytes"_a = 0, "position_index_checked"_a = false,
         "Writes dq, dk, dv given dout and the out and lse that forward wrote (CUDA: a workspace of "
         "B*H*N float32 lets it compute delta once, before the kernel).");
+  m.def("forward_varlen", &forward_varlen, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "cu_seqlens"_a, "max_seqlen"_a,
+        "validate"_a, "segment_lengths"_a, "dilation_rates"_a, "mode"_a, "causal"_a, "scale"_a.none(), "dropout_p"_a,
+        "dropout_seed"_a, "backend"_a, "stream"_a,
+        "Dilated attention of a packed batch: out [T, H, D] and lse [H, T] of each sequence alone.");
+  m.def("backward_varlen", &backward_varlen, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dout"_a, "dq"_a, "dk"_a, "dv"_a,
+        "cu_seqlens"_a, "max_seqlen"_a, "validate"_a, "segment_lengths"_a, "dilation_rates"_a, "mode"_a, "causal"_a,
+        "scale"_a.none(), "dropout_p"_a, "dropout_seed"_a, "backend"_a, "stream"_a);
+  m.def("block_sparse_forward_varlen", &block_sparse_forward_varlen, "pattern"_a, "q"_a, "k"_a, "v"_a, "out"_a,
+        "lse"_a, "cu_seqlens"_a, "max_seqlen"_a, "validate"_a, "block_size"_a, "causal"_a, "scale"_a.none(),
+        "dropout_p"_a, "dropout_seed"_a);
+  m.def("block_sparse_backward_varlen", &block_sparse_backward_varlen, "pattern"_a, "q"_a, "k"_a, "v"_a, "out"_a,
+        "lse"_a, "dout"_a, "dq"_a, "dk"_a, "dv"_a, "cu_seqlens"_a, "max_seqlen"_a, "validate"_a, "block_size"_a,
+        "causal"_a, "scale"_a.none(), "dropout_p"_a, "dropout_seed"_a);
   m.def("forward_flops", &forward_flops, "segment_lengths"_a, "dilation_rates"_a, "mode"_a,
         "causal"_a, "batch"_a, "seqlen"_a, "heads"_a, "head_dim"_a,
         "Forward FLOPs as PERF.md counts them.");
