@@ -3,6 +3,7 @@
 #include "dattn/attention.hpp"
 #include "dattn/block_sparse.hpp"
 #include "dattn/config.hpp"
+#include "dattn/decode.hpp"
 #include "dattn/error.hpp"
 #include "dattn/hilbert.hpp"
 #include "dattn/modules.hpp"
