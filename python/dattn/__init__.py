@@ -18,6 +18,7 @@ except ImportError as error:  # pragma: no cover
 
 from dattn import _C
 from dattn._ops import HAS_CUSTOM_OPS
+from dattn.decode import KVCache, dilated_attention_with_kvcache
 from dattn.functional import dilated_attention, dilated_attention_qkvpacked
 from dattn.hilbert import (HilbertAttention, HilbertAttentionTritonFixed, HilbertDilatedAttention,
                            hilbert_dilated_attention, hilbert_order)
@@ -53,4 +54,4 @@ __all__ = ["DilatedAttention", "ImprovedDilatedAttention", "MultiheadDilatedAtte
            "local_window_mask", "dilated_sparse_mask", "global_local_mask", "dilated_mask",
            "hilbert_order", "hilbert_dilated_attention", "HilbertDilatedAttention", "HilbertAttention",
            "HilbertAttentionTritonFixed", "RingDilatedAttention", "shard_sequence", "unshard_sequence",
-           "dilated_attention_varlen", "block_sparse_attention_varlen"]
+           "dilated_attention_varlen", "block_sparse_attention_varlen", "dilated_attention_with_kvcache", "KVCache"]

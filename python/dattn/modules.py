@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dattn import _ops
+from dattn.decode import KVCache, dilated_attention_with_kvcache
 from dattn.functional import dilated_attention
 from dattn.ring import check_group, ring_dilated_attention
 
@@ -208,6 +209,36 @@ class MultiheadDilatedAttention(nn.Module):
         return _ops.attention_qkvpacked_forward(qkv, key_padding_mask, self.segment_lengths, self.dilation_rates,
                                                 is_causal, None, self.mode, dropout_p, seed, self.use_tf32)[0]
 
+    # -- incremental decoding ------------------------------------------------------------------
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty key/value cache of ``max_len`` tokens per sequence for ``decode``."""
+        weight = self.out_proj.weight
+        return KVCache(batch, max_len, self.num_kv_heads, self.head_dim, dtype=weight.dtype, device=weight.device)
+
+    def _project_step(self, x: Tensor):
+        """q [B, Tn, H, D] and k, v [B, Tn, Hkv, D] of the new tokens (self-attention)."""
+        B, Tn, _ = x.shape
+        q = self.q_proj(x).view(B, Tn, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, Tn, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, Tn, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def decode(self, x: Tensor, cache: KVCache) -> Tensor:
+        """Self-attention of the new tokens x ``[B, Tn, E]`` (causal) over the tokens the cache holds
+        and themselves: their keys and values go into ``cache``, whose ``seqlens`` grow by Tn. Equals
+        rows ``L - Tn .. L - 1`` of ``forward(whole sequence, is_causal=True)``. Inference only
+        (call it under ``torch.no_grad()``); single-process; attention dropout is not applied."""
+        if self.group is not None:
+            raise ValueError("decode with a process group; expected a single-process module (group=None)")
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache is {type(cache).__name__}; expected a dattn.KVCache (module.new_cache)")
+        self._check_inputs(x, x, x, None, None)
+        q, k, v = self._project_step(x)
+        out = dilated_attention_with_kvcache(q, cache.k, cache.v, cache.seqlens, self.segment_lengths,
+                                             self.dilation_rates, k_new=k, v_new=v, mode=self.mode)
+        cache.seqlens += x.size(1)
+        return self._finish(out, False)
+
     # ----------------------------------------------------------------------------------------
     def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
@@ -272,6 +303,9 @@ class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
             if self.qkv_proj.bias is not None:
                 nn.init.zeros_(self.qkv_proj.bias)
         self._reset_out_proj()
+
+    def _project_step(self, x: Tensor):
+        return self._split_heads(self.qkv_proj(x))
 
     def _project(self, x: Tensor, rows: slice) -> Tensor:
         bias = self.qkv_proj.bias

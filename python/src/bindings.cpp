@@ -23,6 +23,7 @@
 #include "dattn/hilbert.hpp"
 #include "dattn/ring.hpp"
 #include "dattn/config.hpp"
+#include "dattn/decode.hpp"
 #include "dattn/cpu.hpp"
 #include "dattn/error.hpp"
 #include "dattn/tensor.hpp"
@@ -287,6 +288,24 @@ void block_sparse_backward_varlen(const PatternSpec& pattern, const ViewSpec& q,
   dattn::block_sparse_backward_varlen(config, named, sequences, qv, kv, vv, ov, lv, gv, dqv, dkv, dvv);
 }
 
+void forward_with_kvcache(const ViewSpec& q, const ViewSpec& k_cache, const ViewSpec& v_cache,
+                          const ViewSpec& cache_seqlens, const std::optional<ViewSpec>& k_new,
+                          const std::optional<ViewSpec>& v_new, const ViewSpec& out, const ViewSpec& lse, bool validate,
+                          const std::vector<std::int64_t>& segment_lengths,
+                          const std::vector<std::int64_t>& dilation_rates, const std::string& mode,
+                          std::optional<double> scale, const std::string& backend, std::uintptr_t stream) {
+  const Call call = make_call(segment_lengths, dilation_rates, mode, true, scale, std::nullopt, 0.0, 0, 0, false,
+                              backend, stream, std::nullopt, false);
+  dattn::KeyValueCache cache{to_view(k_cache, "k_cache"), to_view(v_cache, "v_cache"),
+                             to_view(cache_seqlens, "cache_seqlens")};
+  if (k_new) cache.k_new = to_view(*k_new, "k_new");
+  if (v_new) cache.v_new = to_view(*v_new, "v_new");
+  cache.validate = validate;
+  const auto qv = to_view(q, "q"), ov = to_view(out, "out"), lv = to_view(lse, "lse");
+  nb::gil_scoped_release release;
+  dattn::forward_with_kvcache(call.config, cache, qv, ov, lv, call.options);
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -327,6 +346,10 @@ NB_MODULE(_C, m) {
   m.def("block_sparse_backward_varlen", &block_sparse_backward_varlen, "pattern"_a, "q"_a, "k"_a, "v"_a, "out"_a,
         "lse"_a, "dout"_a, "dq"_a, "dk"_a, "dv"_a, "cu_seqlens"_a, "max_seqlen"_a, "validate"_a, "block_size"_a,
         "causal"_a, "scale"_a.none(), "dropout_p"_a, "dropout_seed"_a);
+  m.def("forward_with_kvcache", &forward_with_kvcache, "q"_a, "k_cache"_a, "v_cache"_a, "cache_seqlens"_a,
+        "k_new"_a.none(), "v_new"_a.none(), "out"_a, "lse"_a, "validate"_a, "segment_lengths"_a, "dilation_rates"_a,
+        "mode"_a, "scale"_a.none(), "backend"_a, "stream"_a,
+        "Decoding with a key/value cache: out [B, Tn, H, D] and lse [B, H, Tn] of the new tokens (causal).");
   m.def("forward_flops", &forward_flops, "segment_lengths"_a, "dilation_rates"_a, "mode"_a,
         "causal"_a, "batch"_a, "seqlen"_a, "heads"_a, "head_dim"_a,
         "Forward FLOPs as PERF.md counts them.");
