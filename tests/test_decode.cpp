@@ -85,7 +85,7 @@ Decoded decode(const DecodeCase& c, const Tensor& q, const Tensor& k_cache, cons
   Decoded r{copy(k_cache), copy(v_cache), Tensor::empty({c.B, c.Tn, c.H, c.D}, dtype),
             Tensor::empty({c.B, c.H, c.Tn}, DType::float32)};
   const Tensor q_in = copy(q), k_in = copy(k_new), v_in = copy(v_new);
-  KeyValueCache cache{r.k_cache, r.v_cache, cached};
+  KeyValueCache cache{.k_cache = r.k_cache, .v_cache = r.v_cache, .cache_seqlens = cached};
   if (c.with_new) cache.k_new = k_in.view(), cache.v_new = v_in.view();
   dattn::forward_with_kvcache(c.config, cache, q_in, r.out, r.lse, {.backend = backend});
   return r;
@@ -112,11 +112,12 @@ TEST_P(DecodeTest, FusedMatchesReferenceAndTheWholeSequence) {
     EXPECT_TRUE(close_rel_l2("out", fused.out, ref.out, tol.rel_l2));
     EXPECT_TRUE(lse_close(fused.lse, ref.lse, tol.lse));
     EXPECT_TRUE(close_rel_l2("k_cache", fused.k_cache, ref.k_cache, 0.0));  // the new keys written, nothing else
-    if (c.with_new)
-      for (std::int64_t b = 0; b < c.B; ++b)
-        for (std::int64_t e = 0; e < c.Tn * c.Hkv * c.D; ++e)
-          ASSERT_EQ(load(fused.v_cache, (b * c.Nmax + c.cached[std::size_t(b)]) * c.Hkv * c.D + e),
-                    load(v_new, b * c.Tn * c.Hkv * c.D + e));
+    for (std::int64_t b = 0; c.with_new && b < c.B; ++b) {
+      for (std::int64_t e = 0; e < c.Tn * c.Hkv * c.D; ++e) {
+        ASSERT_EQ(load(fused.v_cache, (b * c.Nmax + c.cached[std::size_t(b)]) * c.Hkv * c.D + e),
+                  load(v_new, b * c.Tn * c.Hkv * c.D + e));
+      }
+    }
 
     // The fused whole-sequence call over each sequence's first L positions gives the same rows.
     for (std::int64_t b = 0; b < c.B; ++b) {
@@ -178,7 +179,7 @@ TEST(Decode, ErrorsBeforeTheCacheOrOutIsWritten) {
   config.segment_lengths = {4, 8}, config.dilation_rates = {1, 2}, config.causal = true;
   auto call = [&](std::vector<std::int32_t> lengths, bool with_new, const dattn::DilatedConfig& cfg = {}) {
     std::copy(lengths.begin(), lengths.end(), cached.data<std::int32_t>());
-    KeyValueCache cache{k_cache, v_cache, cached};
+    KeyValueCache cache{.k_cache = k_cache, .v_cache = v_cache, .cache_seqlens = cached};
     if (with_new) cache.k_new = k_new.view(), cache.v_new = v_new.view();
     return error_message([&] {
       dattn::forward_with_kvcache(cfg.segment_lengths.empty() ? config : cfg, cache, q, out, lse);
@@ -193,19 +194,20 @@ TEST(Decode, ErrorsBeforeTheCacheOrOutIsWritten) {
   EXPECT_THAT(call({3, 3}, false, other), HasSubstr("causal by definition"));
   other = config, other.dropout_p = 0.1;
   EXPECT_THAT(call({3, 3}, false, other), HasSubstr("dropout_p"));
-  KeyValueCache half{k_cache, v_cache, cached, k_new.view(), std::nullopt};
+  KeyValueCache half{.k_cache = k_cache, .v_cache = v_cache, .cache_seqlens = cached, .k_new = k_new.view()};
   EXPECT_THAT(error_message([&] { dattn::forward_with_kvcache(config, half, q, out, lse); }),
               HasSubstr("k_new is set but v_new is not"));
   const Tensor wrong_heads = Tensor::zeros({B, Nmax, 3, D}, DType::float32);
-  KeyValueCache three{wrong_heads, wrong_heads, cached};
+  KeyValueCache three{.k_cache = wrong_heads, .v_cache = wrong_heads, .cache_seqlens = cached};
   EXPECT_THAT(error_message([&] { dattn::forward_with_kvcache(config, three, q, out, lse); }),
               HasSubstr("k has 3 heads and q has H = 4"));
   const Tensor wide = Tensor::zeros({B}, DType::int64);
-  KeyValueCache int64_lengths{k_cache, v_cache, wide};
+  KeyValueCache int64_lengths{.k_cache = k_cache, .v_cache = v_cache, .cache_seqlens = wide};
   EXPECT_THAT(error_message([&] { dattn::forward_with_kvcache(config, int64_lengths, q, out, lse); }),
               HasSubstr("cache_seqlens has dtype int64; expected int32"));
   const Tensor short_new = Tensor::zeros({B, Tn - 1, Hkv, D}, DType::float32);
-  KeyValueCache bad_new{k_cache, v_cache, cached, short_new.view(), short_new.view()};
+  KeyValueCache bad_new{.k_cache = k_cache, .v_cache = v_cache, .cache_seqlens = cached, .k_new = short_new.view(),
+                        .v_new = short_new.view()};
   EXPECT_THAT(error_message([&] { dattn::forward_with_kvcache(config, bad_new, q, out, lse); }), HasSubstr("k_new has shape"));
   for (std::int64_t e = 0; e < k_cache.numel(); ++e) ASSERT_EQ(k_cache.data<float>()[e], k_before[std::size_t(e)]);
   for (std::int64_t e = 0; e < out.numel(); ++e) ASSERT_EQ(out.data<float>()[e], 0.0f);

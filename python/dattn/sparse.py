@@ -208,7 +208,8 @@ def _attention_weights(q, k, lse, mask, block, is_causal, key_padding_mask):
     padded = nb * block
     qp = torch.zeros(B, padded, H, D, dtype=torch.float32)
     kp = torch.zeros(B, padded, H, D, dtype=torch.float32)
-    qp[:, :N], kp[:, :N] = q.detach().float(), k.detach().float()
+    qp[:, :N] = q.detach().float()
+    kp[:, :N] = k.detach().float().repeat_interleave(H // k.size(2), dim=2)  # query head h reads head h // (H / Hkv)
     lp = torch.full((B, H, padded), float("inf"))
     lp[:, :, :N] = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
     qb = qp.view(B, nb, block, H, D)[:, rows]  # [B, nnz, block, H, D]

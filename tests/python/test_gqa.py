@@ -154,3 +154,17 @@ def test_module_num_kv_heads_errors():
     with pytest.raises(TypeError):  # keyword-only
         dattn.MultiheadDilatedAttention(32, 4, [1], [8], 0.0, True, True, 1e-5, 1.0, None, None, "grouped", None,
                                         "contiguous", 2)
+
+
+def test_block_sparse_module_weights():
+    """The module's attention weights with Hkv heads equal those with k, v repeated per query head."""
+    torch.manual_seed(2)
+    q = torch.randn(2, 100, 4, 16)
+    k, v = torch.randn(2, 100, 2, 16), torch.randn(2, 100, 2, 16)
+    module = dattn.BlockSparseRingDilatedAttention([64], [1], dattn.SparsePatternConfig("local_window", block_size=32,
+                                                                                        window_size=96))
+    out, weights = module(q, k, v, is_causal=True, return_attention_weights=True)
+    out_rep, weights_rep = module(q, k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2), is_causal=True,
+                                  return_attention_weights=True)
+    assert torch.allclose(out, out_rep, atol=1e-6)
+    assert torch.allclose(weights["values"], weights_rep["values"], atol=1e-6)
