@@ -26,12 +26,6 @@ detail::CommonSettings settings_of(const DilatedConfig& config) {
           config.dropout_seed, config.dropout_offset, config.use_tf32};
 }
 
-DilatedParams make_params(const DilatedConfig& config, const TensorView& q, const TensorView& k,
-                          const TensorView& v, const TensorView& out, const TensorView& lse,
-                          const LaunchOptions& options) {
-  return detail::dilated_params(config, q, k, v, out, lse, options);
-}
-
 void check(const DilatedConfig& config, const TensorView& q, const TensorView& k, const TensorView& v,
            const TensorView& out, const TensorView& lse, const LaunchOptions& options) {
   detail::check_config(config);
@@ -81,7 +75,7 @@ void forward(const DilatedConfig& config, const TensorView& q, const TensorView&
     reference::forward(config, q, k, v, out, lse, detail::position_index_of(options));
     return;
   }
-  const DilatedParams params = make_params(config, q, k, v, out, lse, options);
+  const DilatedParams params = detail::dilated_params(config, q, k, v, out, lse, options);
 #ifdef DATTN_WITH_CUDA
   if (q.device.type == DeviceType::cuda) return cuda::forward(params);
 #endif
@@ -100,7 +94,7 @@ void backward(const DilatedConfig& config, const TensorView& q, const TensorView
     reference::backward(config, q, k, v, dout, dq, dk, dv, detail::position_index_of(options));
     return;
   }
-  DilatedParams p = make_params(config, q, k, v, out, lse, options);
+  DilatedParams p = detail::dilated_params(config, q, k, v, out, lse, options);
   detail::set_gradients(p, dout, dq, dk, dv);
 #ifdef DATTN_WITH_CUDA
   if (q.device.type == DeviceType::cuda) {
@@ -146,7 +140,7 @@ void ring_query_gradients(const DilatedConfig& config, const RingStep& step, con
   detail::check_accumulator("sum_pk", sums.sum_pk, q, q.shape[1]);
   detail::check_delta(sums.delta, q);
   if (q.device.type != DeviceType::cpu) throw Error("ring backward steps run on cpu tensors so far; q is on " + device_name(q.device));
-  DilatedParams p = make_params(config, q, k, v, dout, lse, options);
+  DilatedParams p = detail::dilated_params(config, q, k, v, dout, lse, options);
   detail::set_ring_query_pass(p, dout, sums);
   cpu::backward(p);
 }
@@ -164,7 +158,7 @@ void ring_key_gradients(const DilatedConfig& config, const RingStep& step, const
   detail::check_accumulator("dk", dk, k, k.shape[1]);
   detail::check_accumulator("dv", dv, k, k.shape[1]);
   if (q.device.type != DeviceType::cpu) throw Error("ring backward steps run on cpu tensors so far; q is on " + device_name(q.device));
-  DilatedParams p = make_params(config, q, k, v, dout, lse, options);
+  DilatedParams p = detail::dilated_params(config, q, k, v, dout, lse, options);
   detail::set_ring_key_pass(p, dout, delta, dk, dv);
   cpu::backward(p);
 }
@@ -178,7 +172,7 @@ void ring_forward_step(const DilatedConfig& config, const RingStep& step, const 
   check(config, q, k, v, like_q_out, lse, options);
 #ifdef DATTN_WITH_CUDA
   if (q.device.type == DeviceType::cuda) {
-    DilatedParams p = make_params(config, q, k, v, out, lse, options);
+    DilatedParams p = detail::dilated_params(config, q, k, v, out, lse, options);
     p.float32_outputs = true;
     return cuda::forward(p);
   }
@@ -200,7 +194,7 @@ void ring_step_gradients(const DilatedConfig& config, const RingStep& step, cons
   detail::check_accumulator("dv", dv, k, k.shape[1]);
 #ifdef DATTN_WITH_CUDA
   if (q.device.type == DeviceType::cuda) {
-    DilatedParams p = make_params(config, q, k, v, dout, lse, options);
+    DilatedParams p = detail::dilated_params(config, q, k, v, dout, lse, options);
     detail::set_step_gradients(p, dout, delta, dq, dk, dv);
     return cuda::backward(p);
   }

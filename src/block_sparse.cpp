@@ -78,16 +78,6 @@ detail::DilatedParams detail::block_sparse_params(const BlockSparseConfig& confi
   return p;
 }
 
-namespace {
-
-detail::DilatedParams make_params(const BlockSparseConfig& config, const BlockSparseMask& mask, const TensorView& q,
-                                  const TensorView& k, const TensorView& v, const TensorView& out,
-                                  const TensorView& lse, const LaunchOptions& options) {
-  return detail::block_sparse_params(config, mask, q, k, v, out, lse, options);
-}
-
-}  // namespace
-
 BlockSparseMask BlockSparseMask::from_dense(const TensorView& mask) {
   if (mask.dtype != DType::boolean)
     throw Error(std::string("block mask has dtype ") + dtype_name(mask.dtype) + "; expected bool");
@@ -205,7 +195,7 @@ void block_sparse_forward(const BlockSparseConfig& config, const BlockSparseMask
   check_mask_for(config, mask, q, options);
   if (options.position_index) throw Error("options.position_index is set; block-sparse attention takes no index map");
   if (detail::use_reference(options, q.dtype)) return reference::block_sparse_forward(config, mask, q, k, v, out, lse);
-  const detail::DilatedParams p = make_params(config, mask, q, k, v, out, lse, options);
+  const detail::DilatedParams p = detail::block_sparse_params(config, mask, q, k, v, out, lse, options);
 #ifdef DATTN_WITH_CUDA
   if (q.device.type == DeviceType::cuda) return cuda::forward(p);
 #endif
@@ -225,7 +215,7 @@ void block_sparse_backward(const BlockSparseConfig& config, const BlockSparseMas
   if (options.position_index) throw Error("options.position_index is set; block-sparse attention takes no index map");
   if (detail::use_reference(options, q.dtype))
     return reference::block_sparse_backward(config, mask, q, k, v, dout, dq, dk, dv);
-  detail::DilatedParams p = make_params(config, mask, q, k, v, out, lse, options);
+  detail::DilatedParams p = detail::block_sparse_params(config, mask, q, k, v, out, lse, options);
   detail::set_gradients(p, dout, dq, dk, dv);
 #ifdef DATTN_WITH_CUDA
   if (q.device.type == DeviceType::cuda) {
@@ -247,7 +237,7 @@ void block_sparse_ring_query_gradients(const BlockSparseConfig& config, const Bl
   detail::check_accumulator("sum_gk", sums.sum_gk, q, q.shape[1]);
   detail::check_accumulator("sum_pk", sums.sum_pk, q, q.shape[1]);
   detail::check_delta(sums.delta, q);
-  detail::DilatedParams p = make_params(config, mask, q, k, v, dout, lse, options);
+  detail::DilatedParams p = detail::block_sparse_params(config, mask, q, k, v, dout, lse, options);
   detail::set_ring_query_pass(p, dout, sums);
   cpu::backward(p);
 }
@@ -268,7 +258,7 @@ void block_sparse_ring_key_gradients(const BlockSparseConfig& config, const Bloc
   detail::check_delta(delta, q);
   detail::check_accumulator("dk", dk, k, k.shape[1]);
   detail::check_accumulator("dv", dv, k, k.shape[1]);
-  detail::DilatedParams p = make_params(config, mask, q, k, v, dout, lse, options);
+  detail::DilatedParams p = detail::block_sparse_params(config, mask, q, k, v, dout, lse, options);
   detail::set_ring_key_pass(p, dout, delta, dk, dv);
   cpu::backward(p);
 }
@@ -286,7 +276,7 @@ void block_sparse_ring_forward_step(const BlockSparseConfig& config, const Block
     like_q_out.dtype = q.dtype;
     detail::check_inputs(settings_of(config), q, k, v, like_q_out, lse, options);
     check_mask_for(config, mask, q, options);
-    detail::DilatedParams p = make_params(config, mask, q, k, v, out, lse, options);
+    detail::DilatedParams p = detail::block_sparse_params(config, mask, q, k, v, out, lse, options);
     p.float32_outputs = true;
     return cuda::forward(p);
   }
@@ -313,7 +303,7 @@ void block_sparse_ring_step_gradients(const BlockSparseConfig& config, const Blo
     check_mask_for(config, mask, q, options);
     detail::check_accumulator("dk", dk, k, k.shape[1]);
     detail::check_accumulator("dv", dv, k, k.shape[1]);
-    detail::DilatedParams p = make_params(config, mask, q, k, v, dout, lse, options);
+    detail::DilatedParams p = detail::block_sparse_params(config, mask, q, k, v, dout, lse, options);
     detail::set_step_gradients(p, dout, delta, dq, dk, dv);
     return cuda::backward(p);
   }
