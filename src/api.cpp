@@ -12,6 +12,7 @@
 #include "dattn/attention.hpp"
 #include "dattn/error.hpp"
 #include "params.hpp"
+#include "params_of.hpp"
 #include "reference/reference.hpp"
 #include "validate.hpp"
 
@@ -25,9 +26,17 @@ detail::CommonSettings settings_of(const DilatedConfig& config) {
           config.dropout_seed, config.dropout_offset, config.use_tf32};
 }
 
-DilatedParams make_params(const DilatedConfig& config, const TensorView& q, const TensorView& k,
-                          const TensorView& v, const TensorView& out, const TensorView& lse,
-                          const LaunchOptions& options) {
+void check(const DilatedConfig& config, const TensorView& q, const TensorView& k, const TensorView& v,
+           const TensorView& out, const TensorView& lse, const LaunchOptions& options) {
+  detail::check_config(config);
+  detail::check_inputs(settings_of(config), q, k, v, out, lse, options);
+}
+
+}  // namespace
+
+detail::DilatedParams detail::dilated_params(const DilatedConfig& config, const TensorView& q, const TensorView& k,
+                                             const TensorView& v, const TensorView& out, const TensorView& lse,
+                                             const LaunchOptions& options) {
   DilatedParams p = detail::base_params(settings_of(config), q, k, v, out, lse, options);
   p.mode = config.mode;
   p.causal = config.causal;
@@ -58,14 +67,6 @@ DilatedParams make_params(const DilatedConfig& config, const TensorView& q, cons
   return p;
 }
 
-void check(const DilatedConfig& config, const TensorView& q, const TensorView& k, const TensorView& v,
-           const TensorView& out, const TensorView& lse, const LaunchOptions& options) {
-  detail::check_config(config);
-  detail::check_inputs(settings_of(config), q, k, v, out, lse, options);
-}
-
-}  // namespace
-
 void forward(const DilatedConfig& config, const TensorView& q, const TensorView& k,
              const TensorView& v, const TensorView& out, const TensorView& lse,
              const LaunchOptions& options) {
@@ -74,7 +75,7 @@ void forward(const DilatedConfig& config, const TensorView& q, const TensorView&
     reference::forward(config, q, k, v, out, lse, detail::position_index_of(options));
     return;
   }
-  const DilatedParams params = make_params(config, q, k, v, out, lse, options);
+  const DilatedParams params = detail::dilated_params(config, q, k, v, out, lse, options);
 #ifdef DATTN_WITH_CUDA
   if (q.device.type == DeviceType::cuda) return cuda::forward(params);
 #endif
@@ -88,12 +89,12 @@ void backward(const DilatedConfig& config, const TensorView& q, const TensorView
   check(config, q, k, v, out, lse, options);
   if (options.ring_step)
     throw Error("options.ring_step is set for backward; the ring step backward is not implemented yet");
-  detail::check_gradients(q, dout, dq, dk, dv);
+  detail::check_gradients(q, k, dout, dq, dk, dv);
   if (detail::use_reference(options, q.dtype)) {
     reference::backward(config, q, k, v, dout, dq, dk, dv, detail::position_index_of(options));
     return;
   }
-  DilatedParams p = make_params(config, q, k, v, out, lse, options);
+  DilatedParams p = detail::dilated_params(config, q, k, v, out, lse, options);
   detail::set_gradients(p, dout, dq, dk, dv);
 #ifdef DATTN_WITH_CUDA
   if (q.device.type == DeviceType::cuda) {
@@ -156,7 +157,7 @@ void ring_query_gradients(const DilatedConfig& config, const RingStep& step, con
   detail::check_accumulator("sum_pk", sums.sum_pk, q, q.shape[1]);
   detail::check_delta(sums.delta, q);
   if (q.device.type != DeviceType::cpu) throw Error("ring backward steps run on cpu tensors so far; q is on " + device_name(q.device));
-  DilatedParams p = make_params(config, q, k, v, dout, lse, options);
+  DilatedParams p = detail::dilated_params(config, q, k, v, dout, lse, options);
   detail::set_ring_query_pass(p, dout, sums);
   cpu::backward(p);
 }
@@ -171,10 +172,10 @@ void ring_key_gradients(const DilatedConfig& config, const RingStep& step, const
   const LaunchOptions options{.ring_step = step};
   check(config, q, k, v, dout, lse, options);
   detail::check_delta(delta, q);
-  detail::check_accumulator("dk", dk, q, k.shape[1]);
-  detail::check_accumulator("dv", dv, q, k.shape[1]);
+  detail::check_accumulator("dk", dk, k, k.shape[1]);
+  detail::check_accumulator("dv", dv, k, k.shape[1]);
   if (q.device.type != DeviceType::cpu) throw Error("ring backward steps run on cpu tensors so far; q is on " + device_name(q.device));
-  DilatedParams p = make_params(config, q, k, v, dout, lse, options);
+  DilatedParams p = detail::dilated_params(config, q, k, v, dout, lse, options);
   detail::set_ring_key_pass(p, dout, delta, dk, dv);
   cpu::backward(p);
 }
@@ -188,7 +189,7 @@ void ring_forward_step(const DilatedConfig& config, const RingStep& step, const 
   check(config, q, k, v, like_q_out, lse, options);
 #ifdef DATTN_WITH_CUDA
   if (q.device.type == DeviceType::cuda) {
-    DilatedParams p = make_params(config, q, k, v, out, lse, options);
+    DilatedParams p = detail::dilated_params(config, q, k, v, out, lse, options);
     p.float32_outputs = true;
     return cuda::forward(p);
   }
@@ -206,11 +207,11 @@ void ring_step_gradients(const DilatedConfig& config, const RingStep& step, cons
   check(config, q, k, v, dout, lse, options);
   detail::check_delta(delta, q);
   detail::check_accumulator("dq", dq, q, q.shape[1]);
-  detail::check_accumulator("dk", dk, q, k.shape[1]);
-  detail::check_accumulator("dv", dv, q, k.shape[1]);
+  detail::check_accumulator("dk", dk, k, k.shape[1]);
+  detail::check_accumulator("dv", dv, k, k.shape[1]);
 #ifdef DATTN_WITH_CUDA
   if (q.device.type == DeviceType::cuda) {
-    DilatedParams p = make_params(config, q, k, v, dout, lse, options);
+    DilatedParams p = detail::dilated_params(config, q, k, v, dout, lse, options);
     detail::set_step_gradients(p, dout, delta, dq, dk, dv);
     return cuda::backward(p);
   }

@@ -13,6 +13,7 @@
 #endif
 #include "dattn/error.hpp"
 #include "reference/block_sparse.hpp"
+#include "params_of.hpp"
 #include "validate.hpp"
 
 namespace dattn {
@@ -58,9 +59,12 @@ detail::CommonSettings settings_of(const BlockSparseConfig& config) {
           config.dropout_offset, false};
 }
 
-detail::DilatedParams make_params(const BlockSparseConfig& config, const BlockSparseMask& mask, const TensorView& q,
-                                  const TensorView& k, const TensorView& v, const TensorView& out,
-                                  const TensorView& lse, const LaunchOptions& options) {
+}  // namespace
+
+detail::DilatedParams detail::block_sparse_params(const BlockSparseConfig& config, const BlockSparseMask& mask,
+                                                  const TensorView& q, const TensorView& k, const TensorView& v,
+                                                  const TensorView& out, const TensorView& lse,
+                                                  const LaunchOptions& options) {
   detail::DilatedParams p = detail::base_params(settings_of(config), q, k, v, out, lse, options);
   p.block_size = config.block_size;
   p.query_blocks = mask.query_blocks();
@@ -73,8 +77,6 @@ detail::DilatedParams make_params(const BlockSparseConfig& config, const BlockSp
   p.block_rows = arrays.rows;
   return p;
 }
-
-}  // namespace
 
 BlockSparseMask BlockSparseMask::from_dense(const TensorView& mask) {
   if (mask.dtype != DType::boolean)
@@ -193,7 +195,7 @@ void block_sparse_forward(const BlockSparseConfig& config, const BlockSparseMask
   check_mask_for(config, mask, q, options);
   if (options.position_index) throw Error("options.position_index is set; block-sparse attention takes no index map");
   if (detail::use_reference(options, q.dtype)) return reference::block_sparse_forward(config, mask, q, k, v, out, lse);
-  const detail::DilatedParams p = make_params(config, mask, q, k, v, out, lse, options);
+  const detail::DilatedParams p = detail::block_sparse_params(config, mask, q, k, v, out, lse, options);
 #ifdef DATTN_WITH_CUDA
   if (q.device.type == DeviceType::cuda) return cuda::forward(p);
 #endif
@@ -208,12 +210,12 @@ void block_sparse_backward(const BlockSparseConfig& config, const BlockSparseMas
     throw Error("options.ring_step is set for block_sparse_backward; expected no ring_step (a ring backward step is "
                 "block_sparse_ring_query_gradients and block_sparse_ring_key_gradients)");
   detail::check_inputs(settings_of(config), q, k, v, out, lse, options);
-  detail::check_gradients(q, dout, dq, dk, dv);
+  detail::check_gradients(q, k, dout, dq, dk, dv);
   check_mask_for(config, mask, q, options);
   if (options.position_index) throw Error("options.position_index is set; block-sparse attention takes no index map");
   if (detail::use_reference(options, q.dtype))
     return reference::block_sparse_backward(config, mask, q, k, v, dout, dq, dk, dv);
-  detail::DilatedParams p = make_params(config, mask, q, k, v, out, lse, options);
+  detail::DilatedParams p = detail::block_sparse_params(config, mask, q, k, v, out, lse, options);
   detail::set_gradients(p, dout, dq, dk, dv);
 #ifdef DATTN_WITH_CUDA
   if (q.device.type == DeviceType::cuda) {
@@ -235,7 +237,7 @@ void block_sparse_ring_query_gradients(const BlockSparseConfig& config, const Bl
   detail::check_accumulator("sum_gk", sums.sum_gk, q, q.shape[1]);
   detail::check_accumulator("sum_pk", sums.sum_pk, q, q.shape[1]);
   detail::check_delta(sums.delta, q);
-  detail::DilatedParams p = make_params(config, mask, q, k, v, dout, lse, options);
+  detail::DilatedParams p = detail::block_sparse_params(config, mask, q, k, v, dout, lse, options);
   detail::set_ring_query_pass(p, dout, sums);
   cpu::backward(p);
 }
@@ -254,9 +256,9 @@ void block_sparse_ring_key_gradients(const BlockSparseConfig& config, const Bloc
   detail::check_inputs(settings_of(config), q, k, v, dout, lse, options);
   check_mask_for(config, mask, q, options);
   detail::check_delta(delta, q);
-  detail::check_accumulator("dk", dk, q, k.shape[1]);
-  detail::check_accumulator("dv", dv, q, k.shape[1]);
-  detail::DilatedParams p = make_params(config, mask, q, k, v, dout, lse, options);
+  detail::check_accumulator("dk", dk, k, k.shape[1]);
+  detail::check_accumulator("dv", dv, k, k.shape[1]);
+  detail::DilatedParams p = detail::block_sparse_params(config, mask, q, k, v, dout, lse, options);
   detail::set_ring_key_pass(p, dout, delta, dk, dv);
   cpu::backward(p);
 }
@@ -274,7 +276,7 @@ void block_sparse_ring_forward_step(const BlockSparseConfig& config, const Block
     like_q_out.dtype = q.dtype;
     detail::check_inputs(settings_of(config), q, k, v, like_q_out, lse, options);
     check_mask_for(config, mask, q, options);
-    detail::DilatedParams p = make_params(config, mask, q, k, v, out, lse, options);
+    detail::DilatedParams p = detail::block_sparse_params(config, mask, q, k, v, out, lse, options);
     p.float32_outputs = true;
     return cuda::forward(p);
   }
@@ -299,9 +301,9 @@ void block_sparse_ring_step_gradients(const BlockSparseConfig& config, const Blo
     options.stream = stream;
     detail::check_inputs(settings_of(config), q, k, v, dout, lse, options);
     check_mask_for(config, mask, q, options);
-    detail::check_accumulator("dk", dk, q, k.shape[1]);
-    detail::check_accumulator("dv", dv, q, k.shape[1]);
-    detail::DilatedParams p = make_params(config, mask, q, k, v, dout, lse, options);
+    detail::check_accumulator("dk", dk, k, k.shape[1]);
+    detail::check_accumulator("dv", dv, k, k.shape[1]);
+    detail::DilatedParams p = detail::block_sparse_params(config, mask, q, k, v, dout, lse, options);
     detail::set_step_gradients(p, dout, delta, dq, dk, dv);
     return cuda::backward(p);
   }

@@ -19,6 +19,9 @@ struct Operand {
   std::int64_t batch_stride = 0;
   std::int64_t row_stride = 0;
   std::int64_t head_stride = 0;
+  // Query heads per head of this operand: query head h reads head h / head_group. 1 for q, out,
+  // dout, dq; H / Hkv for k, v, dk, dv under grouped-query heads.
+  std::int64_t head_group = 1;
 };
 
 struct Branch {
@@ -38,6 +41,10 @@ struct DilatedParams {
   std::int64_t lse_batch_stride = 0, lse_head_stride = 0, lse_row_stride = 0;
 
   std::int64_t batch = 0, seqlen = 0, heads = 0, head_dim = 0;
+  // Grouped-query heads: k, v (and dk, dv) have kv_heads heads, H % kv_heads == 0; query head h
+  // reads key/value head h / (heads / kv_heads). Equal to heads without GQA.
+  std::int64_t kv_heads = 0;
+  std::int64_t kv_head(std::int64_t query_head) const { return query_head / (heads / kv_heads); }
   DType dtype = DType::float32;
   Mode mode = Mode::grouped;
   bool causal = false;
@@ -84,6 +91,18 @@ struct DilatedParams {
   std::int64_t query_position = 0;
   std::int64_t global_length = 0;
   std::int64_t key_begin = 0, key_end = 0;
+  // Packed variable-length batch: the operands are [T, H or Hkv, D] (batch_stride 0), sequence b
+  // is rows [cu_seqlens[b], cu_seqlens[b + 1]) and `batch` counts sequences; each is attended
+  // alone, as a batch of one of its own length. null: every sequence has seqlen rows.
+  const std::int32_t* cu_seqlens = nullptr;  // [batch + 1], on the host for the CPU kernels
+  std::int64_t max_seqlen = 0;               // >= the longest sequence
+  // The dropout counter's batch index b of batch row 0 (a varlen sequence run on its own passes
+  // its index in the packed batch).
+  std::int64_t dropout_batch_base = 0;
+  // Decoding with a cache: batch b's keys are rows [0, key_lengths[b]) of k, v ([B, Nmax, Hkv, D]
+  // caches) and its seqlen queries the last positions key_lengths[b] - seqlen .. key_lengths[b] - 1
+  // of that sequence (causal). null: the key range is [key_begin, key_end) for every batch.
+  const std::int32_t* key_lengths = nullptr;  // [batch], on the host for the CPU kernels
   const std::int64_t* position_index = nullptr;  // Hilbert: curve position -> original position
   bool position_index_checked = false;           // a device map the caller vouches for (no check)
   // Block-sparse attention (block_size > 0, no branches): CSR of the allowed key blocks of each

@@ -16,6 +16,7 @@ std::size_t dtype_size(DType dtype) {
     case DType::float64: return 8;
     case DType::boolean: return 1;
     case DType::int64: return 8;
+    case DType::int32: return 4;
   }
   return 0;
 }
@@ -28,6 +29,7 @@ const char* dtype_name(DType dtype) {
     case DType::float64: return "float64";
     case DType::boolean: return "bool";
     case DType::int64: return "int64";
+    case DType::int32: return "int32";
   }
   return "unknown";
 }

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -56,7 +57,7 @@ void check_attention_tensor(const char* name, const TensorView& t, const TensorV
   for (int d = 0; d < 4; ++d)
     if (t.shape[d] != like.shape[d])
       throw Error(std::string(name) + " has shape " + t.shape_string() + "; expected " +
-                  like.shape_string() + " (the shape of q)");
+                  like.shape_string() + " (the shape of q; k, v, dk and dv may have Hkv heads)");
   if (t.strides[3] != 1)
     throw Error(std::string(name) + " has stride " + str(t.strides[3]) +
                 " along D; expected 1 (the head dim must be contiguous)");
@@ -122,6 +123,15 @@ std::int64_t check_ring_step(const RingStep& step, const TensorView& q) {
   return step.key_end - step.key_begin;
 }
 
+std::int64_t check_kv_heads(const TensorView& q, const TensorView& k) {
+  if (k.rank != 4 || k.data == nullptr) return q.shape[2];  // check_attention_tensor names it
+  const std::int64_t H = q.shape[2], kv_heads = k.shape[2];
+  if (kv_heads < 1 || H % kv_heads != 0)
+    throw Error("k has " + str(kv_heads) + " heads and q has H = " + str(H) +
+                "; expected a number of key/value heads Hkv that divides H (grouped-query heads)");
+  return kv_heads;
+}
+
 void check_inputs(const CommonSettings& settings, const TensorView& q, const TensorView& k, const TensorView& v,
                   const TensorView& out, const TensorView& lse, const LaunchOptions& options) {
   if (settings.scale && !std::isfinite(*settings.scale))
@@ -135,9 +145,10 @@ void check_inputs(const CommonSettings& settings, const TensorView& q, const Ten
   if (q.dtype == DType::boolean)
     throw Error("q has dtype bool; expected float32, bfloat16, float16 or float64");
   check_attention_tensor("q", q, q);
-  // k and v hold the sequence's rows, or in a ring step the step's key rows.
+  // k and v hold the sequence's rows, or in a ring step the step's key rows, and Hkv heads.
   TensorView key_like = q;
   if (options.ring_step) key_like.shape[1] = check_ring_step(*options.ring_step, q);
+  key_like.shape[2] = check_kv_heads(q, k);
   check_attention_tensor("k", k, key_like);
   check_attention_tensor("v", v, key_like);
 
@@ -190,10 +201,10 @@ void check_inputs(const CommonSettings& settings, const TensorView& q, const Ten
   if (q.device.type == DeviceType::cuda) check_cuda_alignment("out", out);
 }
 
-void check_gradients(const TensorView& q, const TensorView& dout, const TensorView& dq, const TensorView& dk,
-                     const TensorView& dv) {
-  for (const auto& [name, t] : {std::pair{"dout", &dout}, {"dq", &dq}, {"dk", &dk}, {"dv", &dv}}) {
-    check_attention_tensor(name, *t, q);
+void check_gradients(const TensorView& q, const TensorView& k, const TensorView& dout, const TensorView& dq,
+                     const TensorView& dk, const TensorView& dv) {
+  for (const auto& [name, t, like] : {std::tuple{"dout", &dout, &q}, {"dq", &dq, &q}, {"dk", &dk, &k}, {"dv", &dv, &k}}) {
+    check_attention_tensor(name, *t, *like);
     if (q.device.type == DeviceType::cuda) check_cuda_alignment(name, *t);
   }
 }
@@ -217,6 +228,8 @@ DilatedParams base_params(const CommonSettings& settings, const TensorView& q, c
   p.batch = q.shape[0];
   p.seqlen = q.shape[1];
   p.heads = q.shape[2];
+  p.kv_heads = k.shape[2];
+  p.k.head_group = p.v.head_group = p.heads / p.kv_heads;
   p.head_dim = q.shape[3];
   p.dtype = q.dtype;
   p.causal = settings.causal;
@@ -257,6 +270,7 @@ void set_gradients(DilatedParams& p, const TensorView& dout, const TensorView& d
   p.dq = operand(dq);
   p.dk = operand(dk);
   p.dv = operand(dv);
+  p.dk.head_group = p.dv.head_group = p.heads / p.kv_heads;
 }
 
 const std::int64_t* position_index_of(const LaunchOptions& options) {
@@ -367,6 +381,7 @@ void set_ring_key_pass(DilatedParams& p, const TensorView& dout, const TensorVie
   p.dout = operand(dout);
   p.dk = operand(dk);
   p.dv = operand(dv);
+  p.dk.head_group = p.dv.head_group = p.heads / p.kv_heads;
   p.softmax_delta = delta.ptr<float>();
   p.accumulate = true;
   p.run_query_pass = false;

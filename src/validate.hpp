@@ -26,10 +26,13 @@ void check_config(const DilatedConfig& config);
 void check_attention_tensor(const char* name, const TensorView& t, const TensorView& like);
 void check_lse(const TensorView& lse, const TensorView& q);
 Operand operand(const TensorView& t);
+// The key/value heads Hkv of k (H % Hkv == 0, else an error naming both).
+std::int64_t check_kv_heads(const TensorView& q, const TensorView& k);
 // q, k, v, out and lse, the settings and the options; throws dattn::Error naming what is wrong.
 void check_inputs(const CommonSettings& settings, const TensorView& q, const TensorView& k, const TensorView& v,
                   const TensorView& out, const TensorView& lse, const LaunchOptions& options);
-void check_gradients(const TensorView& q, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+// dout, dq like q; dk, dv like k (Hkv heads).
+void check_gradients(const TensorView& q, const TensorView& k, const TensorView& dout, const TensorView& dq, const TensorView& dk,
                      const TensorView& dv);
 
 DilatedParams base_params(const CommonSettings& settings, const TensorView& q, const TensorView& k,

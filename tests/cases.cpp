@@ -94,12 +94,20 @@ Case random_case(Rng& rng, const CaseLimits& limits) {
   c.fused_qkv = chance(rng, 0.5);
   c.fused_dqkv = chance(rng, 0.3);
   c.strided = chance(rng, 0.5);
+  if (c.H > 1 && chance(rng, 0.35)) {  // grouped-query heads: k, v with a divisor Hkv < H of H heads
+    std::vector<std::int64_t> divisors;
+    for (std::int64_t d = 1; d < c.H; ++d)
+      if (c.H % d == 0) divisors.push_back(d);
+    c.kv_heads = divisors[rng() % divisors.size()];
+    c.fused_qkv = c.fused_dqkv = false;  // one [B, N, 3, H, D] buffer holds equal head counts only
+  }
   return c;
 }
 
 std::string describe(const Case& c) {
   std::ostringstream s;
-  s << "Case{seed=" << c.seed << "ull, B=" << c.B << ", N=" << c.N << ", H=" << c.H << ", D=" << c.D << ", w={";
+  s << "Case{seed=" << c.seed << "ull, B=" << c.B << ", N=" << c.N << ", H=" << c.H << ", D=" << c.D
+    << ", kv_heads=" << c.kv_heads << ", w={";
   for (std::size_t i = 0; i < c.w.size(); ++i) s << (i ? ", " : "") << c.w[i];
   s << "}, r={";
   for (std::size_t i = 0; i < c.r.size(); ++i) s << (i ? ", " : "") << c.r[i];
@@ -146,7 +154,7 @@ Problem64 make_problem64(const Case& c) {
   Rng rng(c.seed);
   Problem64 p;
   for (Tensor* t : {&p.q, &p.k, &p.v, &p.g}) {
-    *t = Tensor::empty({c.B, c.N, c.H, c.D}, DType::float64);
+    *t = Tensor::empty({c.B, c.N, t == &p.k || t == &p.v ? c.Hkv() : c.H, c.D}, DType::float64);
     fill_normal(*t, rng);
   }
   std::optional<dattn::TensorView> mask;
@@ -190,6 +198,7 @@ void Coverage::add(const Case& c) {
   fused_qkv += c.fused_qkv;
   strided += c.strided;
   position_index += !c.order.empty();
+  grouped_query += c.Hkv() != c.H;
 }
 
 std::string Coverage::missing() const {
@@ -212,6 +221,7 @@ std::string Coverage::missing() const {
   need(fused_qkv, "fused QKV views");
   need(strided, "strided outputs");
   need(position_index, "position_index");
+  need(grouped_query, "grouped-query heads");
   return m;
 }
 

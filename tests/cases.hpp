@@ -14,6 +14,7 @@ namespace dattn_test {
 struct Case {
   std::uint64_t seed = 0;  // draws the inputs and the random layouts
   std::int64_t B = 1, N = 1, H = 1, D = 16;
+  std::int64_t kv_heads = 0;  // k, v heads (grouped-query heads); 0 means H
   std::vector<std::int64_t> w{1}, r{1};
   dattn::Mode mode = dattn::Mode::grouped;
   bool causal = false;
@@ -25,6 +26,8 @@ struct Case {
   bool fused_qkv = false;   // q, k, v are select(2, i) of one [B, N, 3, H, D] buffer
   bool fused_dqkv = false;  // dq, dk, dv likewise
   bool strided = false;     // out, lse, dout, mask (and q, k, v when not fused) in random layouts
+
+  std::int64_t Hkv() const { return kv_heads > 0 ? kv_heads : H; }
 };
 
 // Limits keep one case cheap for the O(N^2 D) reference.
@@ -48,7 +51,7 @@ Problem64 make_problem64(const Case& c);
 struct Coverage {
   int n1 = 0, n_not_multiple = 0, w_over_n = 0, r_eq_w = 0, h_lt_g = 0, odd_d = 0, causal = 0;
   int grouped = 0, longnet = 0, padding = 0, empty_batch = 0, dropout = 0, fused_qkv = 0, strided = 0;
-  int position_index = 0;
+  int position_index = 0, grouped_query = 0;
   void add(const Case& c);
   std::string missing() const;  // empty when every feature was seen
 };

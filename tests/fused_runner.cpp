@@ -12,12 +12,14 @@ namespace {
 using dattn::Backend;
 using dattn::LaunchOptions;
 
-// Three [B, N, H, D] views: one fused buffer or three separate ones.
+// Views [B, N, H, D] (q) and [B, N, Hkv, D] (k, v): one fused buffer or three separate ones.
 std::vector<Buffer> attention_buffers(const Case& c, DType dtype, bool fused, Rng& rng) {
   if (fused) return {fused_qkv(c.B, c.N, c.H, c.D, dtype, rng)};
   std::vector<Buffer> buffers;
-  for (int i = 0; i < 3; ++i)
-    buffers.push_back(c.strided ? random_strided({c.B, c.N, c.H, c.D}, dtype, rng) : contiguous({c.B, c.N, c.H, c.D}, dtype));
+  for (int i = 0; i < 3; ++i) {
+    const std::vector<std::int64_t> shape{c.B, c.N, i == 0 ? c.H : c.Hkv(), c.D};
+    buffers.push_back(c.strided ? random_strided(shape, dtype, rng) : contiguous(shape, dtype));
+  }
   return buffers;
 }
 
@@ -45,7 +47,7 @@ const char* dtype_label(DType dtype) { return dattn::dtype_name(dtype); }
 std::string run_fused_case(const Case& c, DType dtype) {
   Rng rng(c.seed);
   std::ostringstream problems;
-  const std::vector<std::int64_t> bnhd{c.B, c.N, c.H, c.D}, bhn{c.B, c.H, c.N};
+  const std::vector<std::int64_t> bnhd{c.B, c.N, c.H, c.D}, bhn{c.B, c.H, c.N}, kv_bnhd{c.B, c.N, c.Hkv(), c.D};
   const auto expect = [&](const ::testing::AssertionResult& r) {
     if (!r) problems << r.message() << "\n";
   };
@@ -124,8 +126,8 @@ std::string run_fused_case(const Case& c, DType dtype) {
   backward_outputs.check_outside("backward", problems);
 
   const Tensor dout64 = to_f64(dout.view());
-  const Tensor dq64 = Tensor::empty(bnhd, DType::float64), dk64 = Tensor::empty(bnhd, DType::float64),
-               dv64 = Tensor::empty(bnhd, DType::float64);
+  const Tensor dq64 = Tensor::empty(bnhd, DType::float64), dk64 = Tensor::empty(kv_bnhd, DType::float64),
+               dv64 = Tensor::empty(kv_bnhd, DType::float64);
   dattn::backward(config, q64, k64, v64, out64, lse64, dout64, dq64, dk64, dv64, reference);
   expect(close_rel_l2("dq", dq, dq64, tol.rel_l2, ZeroReference::cancellation));
   expect(close_rel_l2("dk", dk, dk64, tol.rel_l2, ZeroReference::cancellation));

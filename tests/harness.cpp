@@ -65,6 +65,7 @@ double load(const TensorView& t, std::int64_t o) {
     case DType::float16: return dattn::float16_to_float(t.ptr<std::uint16_t>()[o]);
     case DType::boolean: return t.ptr<std::uint8_t>()[o] != 0 ? 1.0 : 0.0;
     case DType::int64: return double(t.ptr<std::int64_t>()[o]);
+    case DType::int32: return double(t.ptr<std::int32_t>()[o]);
   }
   return 0;
 }
@@ -77,6 +78,7 @@ void store(const TensorView& t, std::int64_t o, double x) {
     case DType::float16: t.ptr<std::uint16_t>()[o] = dattn::float_to_float16(float(x)); break;
     case DType::boolean: t.ptr<std::uint8_t>()[o] = x != 0 ? 1 : 0; break;
     case DType::int64: t.ptr<std::int64_t>()[o] = std::int64_t(x); break;
+    case DType::int32: t.ptr<std::int32_t>()[o] = std::int32_t(x); break;
   }
 }
 
@@ -131,6 +133,7 @@ void poison(const Buffer& b) {
     case DType::float16: std::fill_n(m.ptr<std::uint16_t>(), n, std::uint16_t(0x7e01)); break;
     case DType::boolean: std::fill_n(m.ptr<std::uint8_t>(), n, std::uint8_t(0xff)); break;
     case DType::int64: std::fill_n(m.ptr<std::int64_t>(), n, std::numeric_limits<std::int64_t>::min()); break;
+    case DType::int32: std::fill_n(m.ptr<std::int32_t>(), n, std::numeric_limits<std::int32_t>::min()); break;
   }
 }
 

@@ -19,14 +19,16 @@ struct SparseCase {
   double density;
   bool per_head, causal, padding;
   double dropout_p;
+  std::int64_t kv_heads = 0;  // k, v heads (grouped-query heads); 0 means H
 };
 
 void run_case(const SparseCase& c, DType dtype, Rng& rng) {
   SCOPED_TRACE(::testing::Message() << "B=" << c.B << " N=" << c.N << " H=" << c.H << " D=" << c.D
                                     << " block=" << c.block << " density=" << c.density << " per_head=" << c.per_head
                                     << " causal=" << c.causal << " padding=" << c.padding << " p=" << c.dropout_p
+                                    << " kv_heads=" << c.kv_heads
                                     << " dtype=" << dattn::dtype_name(dtype));
-  const std::vector<std::int64_t> shape{c.B, c.N, c.H, c.D};
+  const std::vector<std::int64_t> shape{c.B, c.N, c.H, c.D}, kv_shape{c.B, c.N, c.kv_heads ? c.kv_heads : c.H, c.D};
   const std::int64_t nb = (c.N + c.block - 1) / c.block;
   Tensor dense = c.per_head ? Tensor::zeros({c.H, nb, nb}, DType::boolean) : Tensor::zeros({nb, nb}, DType::boolean);
   std::uniform_real_distribution<double> uniform;
@@ -43,11 +45,13 @@ void run_case(const SparseCase& c, DType dtype, Rng& rng) {
     for (std::int64_t i = 0; i < padding.numel(); ++i) padding.data<std::uint8_t>()[i] = uniform(rng) < 0.25;
     config.key_padding_mask = padding.view();
   }
-  Buffer q = random_strided(shape, dtype, rng), k = random_strided(shape, dtype, rng), v = random_strided(shape, dtype, rng);
+  Buffer q = random_strided(shape, dtype, rng), k = random_strided(kv_shape, dtype, rng),
+         v = random_strided(kv_shape, dtype, rng);
   Buffer dout = random_strided(shape, dtype, rng);
   for (const Buffer* b : {&q, &k, &v, &dout}) fill_normal(b->view(), rng);
   Buffer out = random_strided(shape, dtype, rng), lse = random_strided({c.B, c.H, c.N}, DType::float32, rng, false);
-  Buffer dq = random_strided(shape, dtype, rng), dk = random_strided(shape, dtype, rng), dv = random_strided(shape, dtype, rng);
+  Buffer dq = random_strided(shape, dtype, rng), dk = random_strided(kv_shape, dtype, rng),
+         dv = random_strided(kv_shape, dtype, rng);
   for (const Buffer* b : {&out, &lse, &dq, &dk, &dv}) poison(*b);
   dattn::LaunchOptions fused{.backend = dattn::Backend::fused};
   dattn::block_sparse_forward(config, mask, q.view(), k.view(), v.view(), out.view(), lse.view(), fused);
@@ -56,8 +60,8 @@ void run_case(const SparseCase& c, DType dtype, Rng& rng) {
 
   const Tensor q64 = to_f64(q.view()), k64 = to_f64(k.view()), v64 = to_f64(v.view()), do64 = to_f64(dout.view());
   Tensor out64 = Tensor::empty(shape, DType::float64), lse64 = Tensor::empty({c.B, c.H, c.N}, DType::float32);
-  Tensor dq64 = Tensor::empty(shape, DType::float64), dk64 = Tensor::empty(shape, DType::float64),
-         dv64 = Tensor::empty(shape, DType::float64);
+  Tensor dq64 = Tensor::empty(shape, DType::float64), dk64 = Tensor::empty(kv_shape, DType::float64),
+         dv64 = Tensor::empty(kv_shape, DType::float64);
   dattn::block_sparse_forward(config, mask, q64, k64, v64, out64, lse64);
   dattn::block_sparse_backward(config, mask, q64, k64, v64, out64, lse64, do64, dq64, dk64, dv64);
   const Tolerance tol = tolerance(dtype);
@@ -89,6 +93,16 @@ TEST_P(BlockSparseTest, MatchesReferenceOnRandomMasks) {
     c.dropout_p = pick(rng) % 4 == 0 ? 0.3 : 0.0;
     run_case(c, GetParam(), rng);
   }
+}
+
+TEST_P(BlockSparseTest, GroupedQueryHeads) {  // k, v with Hkv heads; per-head masks follow the query head
+  Rng rng(1616);
+  for (const auto& [H, kv_heads] : {std::pair{4, 1}, std::pair{4, 2}, std::pair{6, 3}, std::pair{2, 1}})
+    for (const bool per_head : {false, true}) {
+      SparseCase c{2, 97, H, 16, 13, 0.5, per_head, per_head, !per_head, per_head ? 0.0 : 0.25};
+      c.kv_heads = kv_heads;
+      run_case(c, GetParam(), rng);
+    }
 }
 
 TEST_P(BlockSparseTest, LongRowsSpanSeveralChunks) {  // rows with more keys than one 256-row chunk

@@ -74,7 +74,7 @@ TEST(Harness, CasesAreDescribedCompletely) {
   Rng rng(3);
   const Case c = random_case(rng);
   const std::string d = describe(c);
-  for (const char* field : {"seed=", "B=", "N=", "H=", "D=", "w={", "r={", "mode=", "causal=", "scale=", "dropout_p=",
+  for (const char* field : {"seed=", "B=", "N=", "H=", "D=", "kv_heads=", "w={", "r={", "mode=", "causal=", "scale=", "dropout_p=",
                             "dropout_seed=", "dropout_offset=", "fused_qkv=", "fused_dqkv=", "strided=", "padding="})
     EXPECT_NE(d.find(field), std::string::npos) << field;
 }

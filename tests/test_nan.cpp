@@ -47,6 +47,7 @@ TEST_P(NanTest, PropagatesLikeTheReference) {
   for (int i = 0; i < 60; ++i) {
     Case c = random_case(rng, CaseLimits{.max_n = 40});
     c.strided = c.fused_qkv = c.fused_dqkv = false;  // contiguous q, k, v below
+    c.kv_heads = 0;                                   // with H heads each
     const auto poisoned = Poisoned(i % 3);
     const std::vector<std::int64_t> bnhd{c.B, c.N, c.H, c.D}, bhn{c.B, c.H, c.N};
     Rng draw(c.seed);

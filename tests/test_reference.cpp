@@ -22,18 +22,18 @@ double loss(const Problem64& p, const Case& c) {
 void check_gradients(const Case& c) {
   SCOPED_TRACE(describe(c));
   Problem64 p = make_problem64(c);
-  const std::vector<std::int64_t> shape{c.B, c.N, c.H, c.D};
+  const std::vector<std::int64_t> shape{c.B, c.N, c.H, c.D}, kv_shape{c.B, c.N, c.Hkv(), c.D};
   const Tensor out = Tensor::empty(shape, DType::float64), lse = Tensor::empty({c.B, c.H, c.N}, DType::float32);
   dattn::forward(p.config, p.q, p.k, p.v, out, lse, p.options);
-  const Tensor dq = Tensor::empty(shape, DType::float64), dk = Tensor::empty(shape, DType::float64),
-               dv = Tensor::empty(shape, DType::float64);
+  const Tensor dq = Tensor::empty(shape, DType::float64), dk = Tensor::empty(kv_shape, DType::float64),
+               dv = Tensor::empty(kv_shape, DType::float64);
   dattn::backward(p.config, p.q, p.k, p.v, out, lse, p.g, dq, dk, dv, p.options);
 
   const double eps = 1e-5;
   const std::pair<const Tensor*, const Tensor*> pairs[] = {{&p.q, &dq}, {&p.k, &dk}, {&p.v, &dv}};
   const char* names[] = {"dq", "dk", "dv"};
   for (int t = 0; t < 3; ++t) {
-    const Tensor numeric = Tensor::empty(shape, DType::float64);
+    const Tensor numeric = Tensor::empty(t == 0 ? shape : kv_shape, DType::float64);
     double* x = pairs[t].first->data<double>();
     for (std::int64_t i = 0; i < numeric.numel(); ++i) {
       const double saved = x[i];
@@ -115,6 +115,16 @@ TEST_P(ReferenceGradients, PositionIndexOrder) {
   c.order = {3, 7, 0, 9, 1, 4, 8, 2, 6, 5};
   c.dropout_p = 0.2, c.dropout_seed = 99;
   check_gradients(c);
+}
+
+// Grouped-query heads: dk, dv of a key/value head sum over the query heads that read it.
+TEST_P(ReferenceGradients, GroupedQueryHeads) {
+  for (const std::int64_t kv_heads : {1, 2}) {
+    Case c = base_case(GetParam());
+    c.H = 4, c.kv_heads = kv_heads, c.causal = kv_heads == 2;
+    c.dropout_p = 0.2, c.dropout_seed = 11;
+    check_gradients(c);
+  }
 }
 
 TEST_P(ReferenceGradients, RandomSmallConfigs) {

@@ -6,6 +6,7 @@
 
 #include <array>
 #include <thread>
+#include <tuple>
 
 #include "harness.hpp"
 
@@ -22,6 +23,7 @@ struct Case {
   Layout layout;
   int P;
   double dropout_p;
+  std::int64_t kv_heads = 0;  // k, v heads (grouped-query heads); 0 means H
 };
 
 // The ring over an in-process group of P threads: each rank runs call(comm, its q, k, v, dout,
@@ -30,6 +32,7 @@ template <class RingCall>
 std::array<Tensor, 5> run_ring(int P, Layout layout, const std::vector<std::int64_t>& shape, DType dtype,
                                const std::array<const Buffer*, 4>& inputs, const Tensor* padding, RingCall&& call) {
   const std::int64_t B = shape[0], N = shape[1], H = shape[2], D = shape[3], n = N / P;
+  const std::int64_t Hkv = inputs[1]->view().shape[2];
   std::vector<std::array<Tensor, 5>> results(static_cast<std::size_t>(P));
   auto group = dattn::make_in_process_group(P);
   std::vector<std::thread> threads;
@@ -43,8 +46,8 @@ std::array<Tensor, 5> run_ring(int P, Layout layout, const std::vector<std::int6
         const Tensor lmask = padding ? local(padding->view()) : Tensor();
         auto& [lout, llse, ldq, ldk, ldv] = results[std::size_t(rank)];
         lout = Tensor::empty({B, n, H, D}, dtype), llse = Tensor::empty({B, H, n}, DType::float32);
-        ldq = Tensor::empty({B, n, H, D}, dtype), ldk = Tensor::empty({B, n, H, D}, dtype);
-        ldv = Tensor::empty({B, n, H, D}, dtype);
+        ldq = Tensor::empty({B, n, H, D}, dtype), ldk = Tensor::empty({B, n, Hkv, D}, dtype);
+        ldv = Tensor::empty({B, n, Hkv, D}, dtype);
         call(*group[std::size_t(rank)], lq, lk, lv, ldout, padding ? std::optional<TensorView>(lmask.view()) : std::nullopt,
              lout, llse, ldq, ldk, ldv);
       } catch (const std::exception& e) {
@@ -63,11 +66,12 @@ std::array<Tensor, 5> run_ring(int P, Layout layout, const std::vector<std::int6
 }
 
 void run(const Case& c, DType dtype, Rng& rng) {
-  SCOPED_TRACE(::testing::Message() << "N=" << c.N << " P=" << c.P << " zigzag=" << (c.layout == Layout::zigzag)
+  SCOPED_TRACE(::testing::Message() << "N=" << c.N << " P=" << c.P << " H=" << c.H << " kv_heads=" << c.kv_heads
+                                    << " zigzag=" << (c.layout == Layout::zigzag)
                                     << " causal=" << c.causal << " mode=" << int(c.mode) << " w0=" << c.w[0]
                                     << " dtype=" << dattn::dtype_name(dtype));
-  const std::vector<std::int64_t> shape{c.B, c.N, c.H, c.D};
-  Buffer q = contiguous(shape, dtype), k = contiguous(shape, dtype), v = contiguous(shape, dtype),
+  const std::vector<std::int64_t> shape{c.B, c.N, c.H, c.D}, kv_shape{c.B, c.N, c.kv_heads ? c.kv_heads : c.H, c.D};
+  Buffer q = contiguous(shape, dtype), k = contiguous(kv_shape, dtype), v = contiguous(kv_shape, dtype),
          dout = contiguous(shape, dtype);
   for (const Buffer* b : {&q, &k, &v, &dout}) fill_normal(b->view(), rng);
   dattn::DilatedConfig config;
@@ -96,8 +100,8 @@ void run(const Case& c, DType dtype, Rng& rng) {
   dattn::DilatedConfig whole = config;
   if (c.padding) whole.key_padding_mask = padding.view();
   Tensor ref = Tensor::empty(shape, DType::float64), ref_lse = Tensor::empty({c.B, c.H, c.N}, DType::float32);
-  Tensor dq64 = Tensor::empty(shape, DType::float64), dk64 = Tensor::empty(shape, DType::float64),
-         dv64 = Tensor::empty(shape, DType::float64);
+  Tensor dq64 = Tensor::empty(shape, DType::float64), dk64 = Tensor::empty(kv_shape, DType::float64),
+         dv64 = Tensor::empty(kv_shape, DType::float64);
   const Tensor q64 = to_f64(q.view()), k64 = to_f64(k.view()), v64 = to_f64(v.view());
   dattn::forward(whole, q64, k64, v64, ref, ref_lse);
   dattn::backward(whole, q64, k64, v64, ref, ref_lse, to_f64(dout.view()), dq64, dk64, dv64);
@@ -132,6 +136,19 @@ TEST(RingTest, GatheredResultsEqualWholeSequenceAttention) {
     c.padding = pick(rng) % 3 == 0;
     c.dropout_p = pick(rng) % 4 == 0 ? 0.25 : 0.0;
     run(c, i % 4 == 3 ? DType::bfloat16 : DType::float32, rng);
+  }
+}
+
+// Grouped-query heads on the ring: k, v with Hkv heads, dk, dv summed over the query heads.
+TEST(RingTest, GroupedQueryHeads) {
+  Rng rng(16);
+  for (const auto& [H, kv_heads, P, layout] : {std::tuple{4, 2, 2, Layout::contiguous}, std::tuple{4, 1, 3, Layout::zigzag},
+                                               std::tuple{6, 3, 4, Layout::contiguous}}) {
+    Case c{1, 24 * std::int64_t(P), H, 16, {8, 20}, {1, 3}, dattn::Mode::grouped, true, true, layout, P, 0.2};
+    c.kv_heads = kv_heads;
+    run(c, DType::float32, rng);
+    c.mode = dattn::Mode::longnet, c.causal = false;
+    run(c, DType::float32, rng);
   }
 }
 

@@ -6,6 +6,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <tuple>
+
 #include "harness.hpp"
 
 namespace dattn_test {
@@ -23,13 +25,15 @@ struct RingCase {
   bool causal, zigzag, padding;
   int P;
   double dropout_p;
+  std::int64_t kv_heads = 0;  // k, v heads (grouped-query heads); 0 means H
 };
 
 void run(const RingCase& c, DType dtype, Rng& rng) {
-  SCOPED_TRACE(::testing::Message() << "N=" << c.N << " P=" << c.P << " zigzag=" << c.zigzag << " causal=" << c.causal
+  SCOPED_TRACE(::testing::Message() << "N=" << c.N << " P=" << c.P << " H=" << c.H << " kv_heads=" << c.kv_heads
+                                    << " zigzag=" << c.zigzag << " causal=" << c.causal
                                     << " mode=" << int(c.mode) << " w[0]=" << c.w[0] << " dtype=" << dattn::dtype_name(dtype));
-  const std::vector<std::int64_t> shape{c.B, c.N, c.H, c.D};
-  Buffer q = contiguous(shape, dtype), k = contiguous(shape, dtype), v = contiguous(shape, dtype);
+  const std::vector<std::int64_t> shape{c.B, c.N, c.H, c.D}, kv_shape{c.B, c.N, c.kv_heads ? c.kv_heads : c.H, c.D};
+  Buffer q = contiguous(shape, dtype), k = contiguous(kv_shape, dtype), v = contiguous(kv_shape, dtype);
   for (const Buffer* b : {&q, &k, &v}) fill_normal(b->view(), rng);
   dattn::DilatedConfig config;
   config.segment_lengths = c.w;
@@ -83,7 +87,8 @@ void run(const RingCase& c, DType dtype, Rng& rng) {
   // merged lse; dk and dv go back to the rows' owners (here: one global accumulator).
   Buffer dout = contiguous(shape, dtype);
   fill_normal(dout.view(), rng);
-  Tensor dq = Tensor::empty(shape, dtype), dk = Tensor::zeros(shape, DType::float32), dv = Tensor::zeros(shape, DType::float32);
+  Tensor dq = Tensor::empty(shape, dtype), dk = Tensor::zeros(kv_shape, DType::float32),
+         dv = Tensor::zeros(kv_shape, DType::float32);
   auto step_config = [&](std::int64_t k0, std::int64_t k1, Tensor& holder) {
     dattn::DilatedConfig s = config;
     if (c.padding) {
@@ -124,8 +129,8 @@ void run(const RingCase& c, DType dtype, Rng& rng) {
                                     dk.view().narrow(1, k0, k1 - k0), dv.view().narrow(1, k0, k1 - k0));
         }
     }
-  Tensor dq64 = Tensor::empty(shape, DType::float64), dk64 = Tensor::empty(shape, DType::float64),
-         dv64 = Tensor::empty(shape, DType::float64);
+  Tensor dq64 = Tensor::empty(shape, DType::float64), dk64 = Tensor::empty(kv_shape, DType::float64),
+         dv64 = Tensor::empty(kv_shape, DType::float64);
   dattn::backward(whole, to_f64(q.view()), to_f64(k.view()), to_f64(v.view()), ref, ref_lse, to_f64(dout.view()), dq64,
                   dk64, dv64);
   EXPECT_TRUE(close_rel_l2("ring dq", dq.view(), dq64, tol.rel_l2, ZeroReference::cancellation));
@@ -136,8 +141,8 @@ void run(const RingCase& c, DType dtype, Rng& rng) {
   // ring_step_gradients with delta = rowsum(dout∘out) gives all three gradients.
   Tensor out1 = Tensor::zeros(shape, DType::float32), lse1 = Tensor::empty({c.B, c.H, c.N}, DType::float32);
   for (std::int64_t i = 0; i < lse1.numel(); ++i) lse1.data<float>()[i] = -INFINITY;
-  Tensor dq1 = Tensor::zeros(shape, DType::float32), dk1 = Tensor::zeros(shape, DType::float32),
-         dv1 = Tensor::zeros(shape, DType::float32);
+  Tensor dq1 = Tensor::zeros(shape, DType::float32), dk1 = Tensor::zeros(kv_shape, DType::float32),
+         dv1 = Tensor::zeros(kv_shape, DType::float32);
   auto each_step = [&](auto&& fn) {
     for (int rank = 0; rank < c.P; ++rank)
       for (const auto& [q0, q1] : chunks_of(c.N, c.P, rank, c.zigzag))
@@ -178,6 +183,19 @@ void run(const RingCase& c, DType dtype, Rng& rng) {
   EXPECT_TRUE(close_rel_l2("one-pass dv", dv1.view(), dv64, tol.rel_l2));
 }
 
+// Grouped-query heads: the steps' dk, dv (accumulated per key range) sum over the query heads.
+TEST(RingStepTest, GroupedQueryHeads) {
+  Rng rng(16);
+  for (const auto& [H, kv_heads, P, zigzag] : {std::tuple{4, 2, 2, false}, std::tuple{4, 1, 3, true},
+                                               std::tuple{6, 3, 2, true}}) {
+    RingCase c{2, 24 * std::int64_t(P), H, 16, {8, 20}, {1, 3}, dattn::Mode::grouped, true, zigzag, true, P, 0.2};
+    c.kv_heads = kv_heads;
+    run(c, DType::float32, rng);
+    c.mode = dattn::Mode::longnet, c.causal = false;
+    run(c, DType::bfloat16, rng);
+  }
+}
+
 TEST(RingStepTest, MergedStepsEqualWholeSequenceAttention) {
   Rng rng(42);
   std::uniform_int_distribution<int> pick(0, 1 << 20);
@@ -201,6 +219,7 @@ TEST(RingStepTest, MergedStepsEqualWholeSequenceAttention) {
     c.causal = pick(rng) % 2;
     c.padding = pick(rng) % 3 == 0;
     c.dropout_p = pick(rng) % 4 == 0 ? 0.2 : 0.0;
+    if (c.H > 1 && pick(rng) % 3 == 0) c.kv_heads = c.H % 2 == 0 && pick(rng) % 2 ? c.H / 2 : 1;  // GQA, MQA
     run(c, i % 3 == 0 ? DType::bfloat16 : DType::float32, rng);
   }
 }

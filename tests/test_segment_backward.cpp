@@ -77,5 +77,37 @@ TEST(SegmentBackwardTest, MatchesReferenceOnLongSegments) {
   }
 }
 
+// Grouped-query heads on the one-pass path: every query head's dk, dv go to their own rows and are
+// summed per key/value head.
+TEST(SegmentBackwardTest, GroupedQueryHeads) {
+  Rng rng(32);
+  for (const std::int64_t kv_heads : {2, 1})
+    for (const bool causal : {false, true}) {
+      const std::int64_t B = 2, N = 256, H = 4, D = 16;
+      dattn::DilatedConfig config;
+      config.segment_lengths = {256, 128}, config.dilation_rates = {1, 2}, config.causal = causal;
+      SCOPED_TRACE(::testing::Message() << "Hkv=" << kv_heads << " causal=" << causal);
+      const std::vector<std::int64_t> shape{B, N, H, D}, kv_shape{B, N, kv_heads, D};
+      Buffer q = random_strided(shape, DType::float32, rng), k = random_strided(kv_shape, DType::float32, rng),
+             v = random_strided(kv_shape, DType::float32, rng), dout = random_strided(shape, DType::float32, rng);
+      for (const Buffer* b : {&q, &k, &v, &dout}) fill_normal(b->view(), rng);
+      Tensor out = Tensor::empty(shape, DType::float32), lse = Tensor::empty({B, H, N}, DType::float32);
+      Tensor dq = Tensor::empty(shape, DType::float32), dk = Tensor::empty(kv_shape, DType::float32),
+             dv = Tensor::empty(kv_shape, DType::float32);
+      dattn::forward(config, q.view(), k.view(), v.view(), out, lse);
+      dattn::backward(config, q.view(), k.view(), v.view(), out, lse, dout.view(), dq, dk, dv);
+      const Tensor q64 = to_f64(q.view()), k64 = to_f64(k.view()), v64 = to_f64(v.view());
+      Tensor out64 = Tensor::empty(shape, DType::float64), lse64 = Tensor::empty({B, H, N}, DType::float32);
+      Tensor dq64 = Tensor::empty(shape, DType::float64), dk64 = Tensor::empty(kv_shape, DType::float64),
+             dv64 = Tensor::empty(kv_shape, DType::float64);
+      dattn::forward(config, q64, k64, v64, out64, lse64);
+      dattn::backward(config, q64, k64, v64, out64, lse64, to_f64(dout.view()), dq64, dk64, dv64);
+      EXPECT_TRUE(close_rel_l2("out", out, out64, 1e-5));
+      EXPECT_TRUE(close_rel_l2("dq", dq, dq64, 1e-5, ZeroReference::cancellation));
+      EXPECT_TRUE(close_rel_l2("dk", dk, dk64, 1e-5, ZeroReference::cancellation));
+      EXPECT_TRUE(close_rel_l2("dv", dv, dv64, 1e-5));
+    }
+}
+
 }  // namespace
 }  // namespace dattn_test

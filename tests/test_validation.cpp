@@ -133,6 +133,24 @@ TEST_P(Validation, NullPointers) {
   EXPECT_BOTH(a, "key_padding_mask is null");
 }
 
+// Grouped-query heads: k, v (and dk, dv) may have Hkv heads with H % Hkv == 0, nothing else.
+TEST_P(Validation, KeyValueHeads) {
+  const Tensor q4 = Tensor::zeros({B, N, 4, D}, DType::float32), out4 = Tensor::zeros({B, N, 4, D}, DType::float32);
+  const Tensor lse4 = Tensor::zeros({B, 4, N}, DType::float32), kv3 = Tensor::zeros({B, N, 3, D}, DType::float32);
+  Args a = good_;
+  a.q = a.dout = a.dq = q4, a.out = out4, a.lse = lse4;
+  EXPECT_NO_THROW(a.forward());  // Hkv = 2 divides H = 4
+  EXPECT_NO_THROW(a.backward());
+  a.k = a.v = a.dk = a.dv = kv3;
+  EXPECT_BOTH(a, "k has 3 heads and q has H = 4");
+  a.k = a.v = k_;
+  a.dk = kv3;
+  EXPECT_DATTN_ERROR(a.backward(), "dk has shape");
+  a.dk = dk_;
+  a.v = kv3;
+  EXPECT_BOTH(a, "v has shape");
+}
+
 TEST_P(Validation, RankExtentAndDtypeOfQ) {
   Args a = good_;
   a.q = dattn::make_view(q_.view().data, DType::float32, {B, N, H * D});

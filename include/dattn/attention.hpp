@@ -1,6 +1,8 @@
 // Dilated attention: forward and backward, dispatched on device and dtype.
 //
-// q, k, v, out, dout, dq, dk, dv: [B, N, H, D], any strides with stride(D) == 1.
+// q, out, dout, dq: [B, N, H, D]; k, v, dk, dv: [B, N, Hkv, D] with H % Hkv == 0 (grouped-query
+// heads: query head h reads key/value head h / (H / Hkv); Hkv = H without); any strides with
+// stride(D) == 1. Grouped-query heads run on CPU tensors so far.
 // lse: [B, H, N] float32. See docs/semantics.md for exactly what is computed.
 #pragma once
 

@@ -66,8 +66,8 @@ struct BlockSparseConfig {
   std::uint64_t dropout_offset = 0;
 };
 
-// q, k, v, out: [B, N, H, D]; lse: [B, H, N]. The mask has ceil(N / block_size) query and key
-// blocks and 1 or H heads, and lies on q's device (CUDA tensors: BlockSparseMask::to_device). The forward also runs ring steps (options.ring_step, as for dilated
+// q, out: [B, N, H, D]; k, v: [B, N, Hkv, D] (H % Hkv == 0, as for dilated attention); lse:
+// [B, H, N]. The mask has ceil(N / block_size) query and key blocks and 1 or H (query) heads, and lies on q's device (CUDA tensors: BlockSparseMask::to_device). The forward also runs ring steps (options.ring_step, as for dilated
 // attention: the mask then covers global_length, and the query and key ranges start and end on
 // block boundaries); merge_partial combines them; the backward's ring steps are below.
 void block_sparse_forward(const BlockSparseConfig& config, const BlockSparseMask& mask, const TensorView& q,

@@ -3,6 +3,7 @@
 #include "dattn/attention.hpp"
 #include "dattn/block_sparse.hpp"
 #include "dattn/config.hpp"
+#include "dattn/decode.hpp"
 #include "dattn/error.hpp"
 #include "dattn/hilbert.hpp"
 #if defined(DATTN_WITH_CPP_MODULES)  // built with a BLAS (CMake option DATTN_BLAS)
@@ -11,3 +12,4 @@
 #include "dattn/philox.hpp"
 #include "dattn/ring.hpp"
 #include "dattn/tensor.hpp"
+#include "dattn/varlen.hpp"

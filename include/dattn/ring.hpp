@@ -90,6 +90,8 @@ struct RingStats {
 
 // Local tensors hold this rank's rows in ring_rows order: q, k, v, out, dout, dq, dk, dv
 // [B, N/P, H, D], lse [B, H, N/P]; config.key_padding_mask, if set, is sharded like q ([B, N/P]).
+// k, v, dk, dv may have Hkv heads (H % Hkv == 0; CPU tensors): they are repeated to H heads before
+// the ring starts (which then moves H heads of keys) and dk, dv summed back.
 // CPU tensors: the backward is two sweeps (ring_query_gradients, then ring_key_gradients). CUDA
 // tensors: everything runs on `stream` (a cudaStream_t, null for the default stream; it is bound
 // to comm) with the one-pass steps (ring_forward_step, ring_step_gradients: one sweep of keys

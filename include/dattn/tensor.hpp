@@ -12,7 +12,7 @@
 
 namespace dattn {
 
-enum class DType : std::uint8_t { float32, bfloat16, float16, float64, boolean, int64 };
+enum class DType : std::uint8_t { float32, bfloat16, float16, float64, boolean, int64, int32 };
 enum class DeviceType : std::uint8_t { cpu, cuda };
 
 struct Device {

@@ -19,6 +19,7 @@ except ImportError as error:  # pragma: no cover
 
 from dattn import _C
 from dattn._ops import HAS_CUSTOM_OPS
+from dattn.decode import KVCache, dilated_attention_with_kvcache
 from dattn.functional import dilated_attention, dilated_attention_qkvpacked
 from dattn.hilbert import (HilbertAttention, HilbertAttentionTritonFixed, HilbertDilatedAttention,
                            hilbert_dilated_attention, hilbert_order)
@@ -35,6 +36,7 @@ from dattn.factories import (OUT_OF_SCOPE, create_block_sparse_attention, create
                              create_multihead_block_sparse, create_multihead_dilated_attention,
                              get_block_sparse_preset)
 from dattn.convert import from_longnet
+from dattn.varlen import block_sparse_attention_varlen, dilated_attention_varlen
 
 __version__ = _C.__version__
 has_cuda = _C.has_cuda
@@ -73,7 +75,9 @@ __all__ = ["DilatedAttention", "ImprovedDilatedAttention", "MultiheadDilatedAtte
            "BlockSparseRingMultiheadDilatedAttention", "DilatedTransformerEncoderLayer",
            "DilatedTransformerDecoderLayer", "LongNet", "LongNetLM", "XPos", "create_dilated_attention",
            "create_multihead_dilated_attention", "create_block_sparse_attention", "create_multihead_block_sparse",
-           "get_block_sparse_preset", "from_longnet", "backends", *OUT_OF_SCOPE]
+           "get_block_sparse_preset", "from_longnet", "backends",
+           "dilated_attention_varlen", "block_sparse_attention_varlen", "dilated_attention_with_kvcache", "KVCache",
+           *OUT_OF_SCOPE]
 
 globals().update(OUT_OF_SCOPE)  # that library's names dattn does not provide: calling one names the alternative
 del OUT_OF_SCOPE

@@ -36,6 +36,7 @@ _DTYPE_CODES = {
     torch.float64: _C.DTYPE_FLOAT64,
     torch.bool: _C.DTYPE_BOOL,
     torch.int64: _C.DTYPE_INT64,
+    torch.int32: _C.DTYPE_INT32,
 }
 ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MODES = ("grouped", "longnet")
@@ -109,7 +110,8 @@ def _check_tensor(name: str, t) -> None:
 
 
 def check_attention_inputs(q, k, v) -> None:
-    """q, k, v: [B, N, H, D] of one float dtype, one device, one shape, stride 1 along D."""
+    """q: [B, N, H, D]; k, v: [B, N, Hkv, D] with H % Hkv == 0 (grouped-query heads; Hkv = H
+    without); one float dtype, one device, stride 1 along D."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
     if q.dim() != 4:
@@ -122,8 +124,11 @@ def check_attention_inputs(q, k, v) -> None:
             raise TypeError(f"{name} has dtype {t.dtype}; expected {q.dtype} (the dtype of q)")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}; expected {q.device} (the device of q)")
-        if t.shape != q.shape:
-            raise ValueError(f"{name} has shape {list(t.shape)}; expected {list(q.shape)} (the shape of q)")
+    check_kv_heads(q, k)
+    for name, t in (("k", k), ("v", v)):
+        expected = list(q.shape[:2]) + [k.size(2)] + [q.size(3)]
+        if list(t.shape) != expected:
+            raise ValueError(f"{name} has shape {list(t.shape)}; expected {expected} (q's B, N, D and k's Hkv heads)")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(3) != 1 and t.size(3) != 1:
             raise ValueError(f"{name} has stride {t.stride(3)} along D; expected 1 (the head dim must be "
@@ -132,6 +137,17 @@ def check_attention_inputs(q, k, v) -> None:
         raise ValueError(f"q has shape {list(q.shape)}; expected every extent >= 1")
     if q.device.type not in ("cpu", "cuda"):
         raise ValueError(f"q is on {q.device}; expected a cpu or cuda tensor")
+
+
+def check_kv_heads(q, k) -> int:
+    """The key/value heads Hkv of k: a divisor of q's H (query head h reads head h // (H / Hkv))."""
+    if k.dim() != q.dim():
+        raise ValueError(f"k has shape {list(k.shape)}; expected {q.dim()} dimensions like q {list(q.shape)}")
+    H, kv_heads = q.size(-2), k.size(-2)
+    if kv_heads < 1 or H % kv_heads != 0:
+        raise ValueError(f"k has {kv_heads} heads and q has H = {H}; expected a number of key/value heads Hkv "
+                         "that divides H (grouped-query heads)")
+    return kv_heads
 
 
 def check_key_padding_mask(mask, batch: int, seqlen: int, device) -> None:
@@ -238,8 +254,8 @@ def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, segment_lengths, d
                    mode, dropout_p, seed, use_tf32, position_index=None, position_index_checked=False):
     dout = _gradient(dout, out)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     _backward_views(dout, q, k, v, out, lse, dq, dk, dv, key_padding_mask, segment_lengths, dilation_rates,
                     is_causal, scale, mode, dropout_p, seed, use_tf32, position_index, position_index_checked)
     return dq, dk, dv
@@ -333,7 +349,7 @@ if HAS_CUSTOM_OPS:
     @_op_backward.register_fake
     def _(dout, q, k, v, out, lse, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode,
           dropout_p, seed, use_tf32):
-        return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _setup_forward(ctx, inputs, output):
         q, k, v, key_padding_mask = inputs[:4]

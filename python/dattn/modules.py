@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dattn import _ops
+from dattn.decode import KVCache, dilated_attention_with_kvcache
 from dattn.functional import dilated_attention
 from dattn.ring import check_group, ring_dilated_attention
 
@@ -88,20 +89,20 @@ class MultiheadDilatedAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, dilation_rates: Sequence[int], segment_lengths: Sequence[int],
                  dropout: float = 0.0, bias: bool = True, layer_norm: bool = True, layer_norm_eps: float = 1e-5,
                  gamma_init: float = 1.0, device=None, dtype=None, mode: str = "grouped", group=None,
-                 layout: str = "contiguous", *, norm_style: str = "sub_ln"):
+                 layout: str = "contiguous", *, norm_style: str = "sub_ln", num_kv_heads: Optional[int] = None):
         super().__init__()
         self._init_common(embed_dim, num_heads, dilation_rates, segment_lengths, dropout, bias, layer_norm,
-                          layer_norm_eps, gamma_init, mode, False, group, layout, norm_style)
+                          layer_norm_eps, gamma_init, mode, False, group, layout, norm_style, num_kv_heads)
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(embed_dim, self.kv_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(embed_dim, self.kv_dim, bias=bias, **factory)
         self._init_tail(factory)
         self._reset_parameters()
 
     # -- shared by the fused variant ---------------------------------------------------------
     def _init_common(self, embed_dim, num_heads, dilation_rates, segment_lengths, dropout, bias, layer_norm,
-                     layer_norm_eps, gamma_init, mode, use_tf32, group, layout, norm_style):
+                     layer_norm_eps, gamma_init, mode, use_tf32, group, layout, norm_style, num_kv_heads):
         _check_group(group, layout)
         if norm_style not in NORM_STYLES:
             raise ValueError(f"norm_style = {norm_style!r}; expected 'sub_ln' or 'longnet_pytorch'")
@@ -114,9 +115,18 @@ class MultiheadDilatedAttention(nn.Module):
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim = {embed_dim} is not divisible by num_heads = {num_heads}; expected a "
                              "multiple of num_heads")
+        if num_kv_heads is None:
+            num_kv_heads = num_heads
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int):
+            raise TypeError(f"num_kv_heads is {type(num_kv_heads).__name__}; expected an int or None (num_heads)")
+        if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_kv_heads = {num_kv_heads} does not divide num_heads = {num_heads}; expected a "
+                             "divisor of num_heads (grouped-query heads)")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
         self.head_dim = embed_dim // num_heads
+        self.kv_dim = num_kv_heads * self.head_dim  # rows of Wk and of Wv
         self.segment_lengths, self.dilation_rates = _ops.check_config(segment_lengths, dilation_rates)
         self.dropout = _ops.check_dropout(dropout, "dropout")
         self.bias = bool(bias)
@@ -129,12 +139,12 @@ class MultiheadDilatedAttention(nn.Module):
         self.layout = layout
 
     def _init_tail(self, factory):
-        def layer_norm():
-            return nn.LayerNorm(self.embed_dim, eps=self.layer_norm_eps, **factory)
+        def layer_norm(width=self.embed_dim):
+            return nn.LayerNorm(width, eps=self.layer_norm_eps, **factory)
         if self.norm_style == "longnet_pytorch":
             self.norm = None
             self.q_ln = layer_norm() if self.layer_norm else None
-            self.k_ln = layer_norm() if self.layer_norm else None
+            self.k_ln = layer_norm(self.kv_dim) if self.layer_norm else None  # over the key projection
         else:
             self.norm = layer_norm() if self.layer_norm else None
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=self.bias, **factory)
@@ -180,6 +190,14 @@ class MultiheadDilatedAttention(nn.Module):
                 raise TypeError(f"{name} has dtype {x.dtype}; expected {weight.dtype} (the dtype of the module's "
                                 "parameters)")
 
+    def _split_heads(self, qkv: Tensor):
+        """q [B, N, H, D], k and v [B, N, Hkv, D] as strided views of one [B, N, E + 2·Hkv·D] projection."""
+        E, KD, D = self.embed_dim, self.kv_dim, self.head_dim
+        q = qkv[..., :E].unflatten(-1, (self.num_heads, D))
+        k = qkv[..., E:E + KD].unflatten(-1, (self.num_kv_heads, D))
+        v = qkv[..., E + KD:].unflatten(-1, (self.num_kv_heads, D))
+        return q, k, v
+
     def _finish(self, x: Tensor, need_weights: bool):
         B, N = x.shape[:2]
         x = x.reshape(B, N, self.embed_dim)
@@ -214,6 +232,39 @@ class MultiheadDilatedAttention(nn.Module):
         return _ops.attention_qkvpacked_forward(qkv, key_padding_mask, self.segment_lengths, self.dilation_rates,
                                                 is_causal, None, self.mode, dropout_p, seed, self.use_tf32)[0]
 
+    # -- incremental decoding ------------------------------------------------------------------
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty key/value cache of ``max_len`` tokens per sequence for ``decode``."""
+        weight = self.out_proj.weight
+        return KVCache(batch, max_len, self.num_kv_heads, self.head_dim, dtype=weight.dtype, device=weight.device)
+
+    def _project_step(self, x: Tensor):
+        """q [B, Tn, H, D] and k, v [B, Tn, Hkv, D] of the new tokens (self-attention)."""
+        B, Tn, _ = x.shape
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self._normalises_qk:
+            q, k = self.q_ln(q), self.k_ln(k)
+        q = q.view(B, Tn, self.num_heads, self.head_dim)
+        k = k.view(B, Tn, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, Tn, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def decode(self, x: Tensor, cache: KVCache) -> Tensor:
+        """Self-attention of the new tokens x ``[B, Tn, E]`` (causal) over the tokens the cache holds
+        and themselves: their keys and values go into ``cache``, whose ``seqlens`` grow by Tn. Equals
+        rows ``L - Tn .. L - 1`` of ``forward(whole sequence, is_causal=True)``. Inference only
+        (call it under ``torch.no_grad()``); single-process; attention dropout is not applied."""
+        if self.group is not None:
+            raise ValueError("decode with a process group; expected a single-process module (group=None)")
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache is {type(cache).__name__}; expected a dattn.KVCache (module.new_cache)")
+        self._check_inputs(x, x, x, None, None)
+        q, k, v = self._project_step(x)
+        out = dilated_attention_with_kvcache(q, cache.k, cache.v, cache.seqlens, self.segment_lengths,
+                                             self.dilation_rates, k_new=k, v_new=v, mode=self.mode)
+        cache.seqlens += x.size(1)
+        return self._finish(out, False)
+
     # ----------------------------------------------------------------------------------------
     def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
@@ -223,32 +274,38 @@ class MultiheadDilatedAttention(nn.Module):
         value = query if value is None else value
         self._check_inputs(query, key, value, attn_mask, key_padding_mask)
         B, N, _ = query.shape
-        heads = (B, N, self.num_heads, self.head_dim)
+        heads, kv_heads = (B, N, self.num_heads, self.head_dim), (B, N, self.num_kv_heads, self.head_dim)
         if self._normalises_qk:
             q = self.q_ln(self.q_proj(query)).view(heads)
-            k = self.k_ln(self.k_proj(key)).view(heads)
-            v = self.v_proj(value).view(heads)
+            k = self.k_ln(self.k_proj(key)).view(kv_heads)
+            v = self.v_proj(value).view(kv_heads)
             return self._finish(self._attend(q, k, v, is_causal, key_padding_mask), need_weights)
         if key is query and value is query:  # self-attention: one product with the three weights stacked
             projections = (self.q_proj, self.k_proj, self.v_proj)
             weight = torch.cat([p.weight for p in projections])
             bias = torch.cat([p.bias for p in projections]) if self.bias else None
-            qkv = F.linear(query, weight, bias).view(B, N, 3, self.num_heads, self.head_dim)
-            return self._finish(self._attend_packed(qkv, is_causal, key_padding_mask), need_weights)
+            qkv = F.linear(query, weight, bias)
+            if self.num_kv_heads == self.num_heads:
+                qkv = qkv.view(B, N, 3, self.num_heads, self.head_dim)
+                return self._finish(self._attend_packed(qkv, is_causal, key_padding_mask), need_weights)
+            q, k, v = self._split_heads(qkv)
+            return self._finish(self._attend(q, k, v, is_causal, key_padding_mask), need_weights)
         q = self.q_proj(query).view(heads)
-        k = self.k_proj(key).view(heads)
-        v = self.v_proj(value).view(heads)
+        k = self.k_proj(key).view(kv_heads)
+        v = self.v_proj(value).view(kv_heads)
         x = self._attend(q, k, v, is_causal, key_padding_mask)
         return self._finish(x, need_weights)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dilation_rates={self.dilation_rates}, "
                 f"segment_lengths={self.segment_lengths}, dropout={self.dropout}, mode={self.mode!r}, "
-                f"norm_style={self.norm_style!r}")
+                f"norm_style={self.norm_style!r}" +
+                (f", num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""))
 
 
 class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
-    """``MultiheadDilatedAttention`` with one fused ``qkv_proj`` ``[3E, E]`` (rows Wq, Wk, Wv).
+    """``MultiheadDilatedAttention`` with one fused ``qkv_proj`` ``[3E, E]`` (rows Wq, Wk, Wv; with
+    ``num_kv_heads`` ``[E + 2·Hkv·D, E]``: rows Wq (E), Wk (Hkv·D), Wv (Hkv·D)).
 
     For self-attention (query, key and value the same tensor) one product makes the packed
     ``[B, N, 3, H, D]`` buffer and the kernels read q, k, v as strided views of it, no copy, and
@@ -258,26 +315,36 @@ class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
     def __init__(self, embed_dim: int, num_heads: int, dilation_rates: Sequence[int], segment_lengths: Sequence[int],
                  dropout: float = 0.0, bias: bool = True, layer_norm: bool = True, layer_norm_eps: float = 1e-5,
                  gamma_init: float = 1.0, device=None, dtype=None, mode: str = "grouped", use_tf32: bool = False,
-                 group=None, layout: str = "contiguous", *, norm_style: str = "sub_ln"):
+                 group=None, layout: str = "contiguous", *, norm_style: str = "sub_ln",
+                 num_kv_heads: Optional[int] = None):
         nn.Module.__init__(self)
         self._init_common(embed_dim, num_heads, dilation_rates, segment_lengths, dropout, bias, layer_norm,
-                          layer_norm_eps, gamma_init, mode, use_tf32, group, layout, norm_style)
+                          layer_norm_eps, gamma_init, mode, use_tf32, group, layout, norm_style, num_kv_heads)
         factory = {"device": device, "dtype": dtype}
-        self.qkv_proj = nn.Linear(embed_dim, 3 * embed_dim, bias=bias, **factory)
+        self.qkv_proj = nn.Linear(embed_dim, embed_dim + 2 * self.kv_dim, bias=bias, **factory)
         self._init_tail(factory)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        E = self.embed_dim
+        E, KD = self.embed_dim, self.kv_dim
         with torch.no_grad():
             w = self.qkv_proj.weight
-            # Each [E, E] slice initialised as its own matrix (same fan-in and fan-out as unfused).
+            # Each slice initialised as its own matrix (same fan-in and fan-out as unfused).
             nn.init.xavier_normal_(w[:E], gain=1.0)
-            nn.init.xavier_normal_(w[E:2 * E], gain=1.0)
-            nn.init.xavier_normal_(w[2 * E:], gain=self.gamma_init)
+            nn.init.xavier_normal_(w[E:E + KD], gain=1.0)
+            nn.init.xavier_normal_(w[E + KD:], gain=self.gamma_init)
             if self.qkv_proj.bias is not None:
                 nn.init.zeros_(self.qkv_proj.bias)
         self._reset_out_proj()
+
+    def _project_step(self, x: Tensor):
+        if self._normalises_qk:
+            B, Tn, _ = x.shape
+            E, KD, D = self.embed_dim, self.kv_dim, self.head_dim
+            q = self.q_ln(self._project(x, slice(0, E))).view(B, Tn, self.num_heads, D)
+            k = self.k_ln(self._project(x, slice(E, E + KD))).view(B, Tn, self.num_kv_heads, D)
+            return q, k, self._project(x, slice(E + KD, E + 2 * KD)).view(B, Tn, self.num_kv_heads, D)
+        return self._split_heads(self.qkv_proj(x))
 
     def _project(self, x: Tensor, rows: slice) -> Tensor:
         bias = self.qkv_proj.bias
@@ -291,22 +358,24 @@ class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
         value = query if value is None else value
         self._check_inputs(query, key, value, attn_mask, key_padding_mask)
         B, N, _ = query.shape
-        H, D, E = self.num_heads, self.head_dim, self.embed_dim
+        H, D, E, KD, Hkv = self.num_heads, self.head_dim, self.embed_dim, self.kv_dim, self.num_kv_heads
         if self._normalises_qk:
             q = self.q_ln(self._project(query, slice(0, E))).view(B, N, H, D)
-            k = self.k_ln(self._project(key, slice(E, 2 * E))).view(B, N, H, D)
-            v = self._project(value, slice(2 * E, 3 * E)).view(B, N, H, D)
+            k = self.k_ln(self._project(key, slice(E, E + KD))).view(B, N, Hkv, D)
+            v = self._project(value, slice(E + KD, E + 2 * KD)).view(B, N, Hkv, D)
             x = self._attend(q, k, v, is_causal, key_padding_mask)
-        elif key is query and value is query:
+        elif key is query and value is query and Hkv == H:
             x = self._attend_packed(self.qkv_proj(query).view(B, N, 3, H, D), is_causal, key_padding_mask)
+        elif key is query and value is query:
+            x = self._attend(*self._split_heads(self.qkv_proj(query)), is_causal, key_padding_mask)
         elif key is value:
             q = self._project(query, slice(0, E)).view(B, N, H, D)
-            kv = self._project(key, slice(E, 3 * E)).view(B, N, 2, H, D)
+            kv = self._project(key, slice(E, E + 2 * KD)).view(B, N, 2, Hkv, D)
             x = self._attend(q, kv.select(2, 0), kv.select(2, 1), is_causal, key_padding_mask)
         else:
             q = self._project(query, slice(0, E)).view(B, N, H, D)
-            k = self._project(key, slice(E, 2 * E)).view(B, N, H, D)
-            v = self._project(value, slice(2 * E, 3 * E)).view(B, N, H, D)
+            k = self._project(key, slice(E, E + KD)).view(B, N, Hkv, D)
+            v = self._project(value, slice(E + KD, E + 2 * KD)).view(B, N, Hkv, D)
             x = self._attend(q, k, v, is_causal, key_padding_mask)
         return self._finish(x, True)
 

@@ -306,6 +306,16 @@ def _group_seed(group, device) -> int:
     return int(seed.item())
 
 
+def _repeat_kv_heads(q, k, v):
+    """Grouped-query heads in the ring: k and v repeated to q's H heads (query head h reads head
+    h // (H / Hkv)), so every step sees one key head per query head; autograd sums the repeats'
+    gradients back into dk, dv. The ring then moves H heads of keys, not Hkv."""
+    group = q.size(2) // k.size(2)
+    if group == 1:
+        return k, v
+    return k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+
+
 def check_group(group, layout) -> None:
     """The trailing ``group=None, layout="contiguous"`` arguments of the modules."""
     _check_layout(layout)
@@ -330,7 +340,7 @@ def ring_dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Seq
     _ops.check_key_padding_mask(key_padding_mask, q.size(0), q.size(1), q.device)
     seed = _group_seed(group, q.device) if dropout_p > 0.0 else 0
     kind = _DilatedSteps(segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p, seed)
-    return _RingFunction.apply(q, k, v, key_padding_mask, group, layout, kind)
+    return _RingFunction.apply(q, *_repeat_kv_heads(q, k, v), key_padding_mask, group, layout, kind)
 
 
 def ring_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask, block_size: int, group,
@@ -353,7 +363,7 @@ def ring_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask, block_siz
     _ops.check_key_padding_mask(key_padding_mask, q.size(0), q.size(1), q.device)
     seed = _group_seed(group, q.device) if dropout_p > 0.0 else 0
     kind = _BlockSparseSteps(mask, block_size, is_causal, scale, dropout_p, seed)
-    return _RingFunction.apply(q, k, v, key_padding_mask, group, layout, kind)
+    return _RingFunction.apply(q, *_repeat_kv_heads(q, k, v), key_padding_mask, group, layout, kind)
 
 
 class RingDilatedAttention(nn.Module):

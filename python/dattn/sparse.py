@@ -90,7 +90,7 @@ class _BlockSparseFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
         dout = _ops._gradient(grad_out, out)
-        dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+        dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         # No delta workspace (unlike the dilated backward): the kernel's blocks compute rowsum(dO∘O)
         # themselves, which keeps the backward's peak memory at its inputs and gradients.
         _C.block_sparse_backward(ctx.mask, *ctx.views, *(_ops._view(t) for t in (dout, dq, dk, dv)), *ctx.config,
@@ -228,7 +228,8 @@ def _attention_weights(q, k, lse, mask, block, is_causal, key_padding_mask):
     padded = nb * block
     qp = torch.zeros(B, padded, H, D, dtype=torch.float32)
     kp = torch.zeros(B, padded, H, D, dtype=torch.float32)
-    qp[:, :N], kp[:, :N] = q.detach().float(), k.detach().float()
+    qp[:, :N] = q.detach().float()
+    kp[:, :N] = k.detach().float().repeat_interleave(H // k.size(2), dim=2)  # query head h reads head h // (H / Hkv)
     lp = torch.full((B, H, padded), float("inf"))
     lp[:, :, :N] = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
     qb = qp.view(B, nb, block, H, D)[:, rows]  # [B, nnz, block, H, D]

@@ -23,9 +23,11 @@
 #include "dattn/hilbert.hpp"
 #include "dattn/ring.hpp"
 #include "dattn/config.hpp"
+#include "dattn/decode.hpp"
 #include "dattn/cpu.hpp"
 #include "dattn/error.hpp"
 #include "dattn/tensor.hpp"
+#include "dattn/varlen.hpp"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -37,9 +39,9 @@ using ViewSpec = std::tuple<std::uintptr_t, int, int, int, std::vector<std::int6
 
 dattn::TensorView to_view(const ViewSpec& spec, const char* name) {
   const auto& [data, dtype, device_type, device_index, shape, strides] = spec;
-  if (dtype < int(dattn::DType::float32) || dtype > int(dattn::DType::int64))
+  if (dtype < int(dattn::DType::float32) || dtype > int(dattn::DType::int32))
     throw dattn::Error(std::string(name) + " has dtype code " + std::to_string(dtype) +
-                       "; expected a dattn dtype code (0..5)");
+                       "; expected a dattn dtype code (0..6)");
   if (device_type != int(dattn::DeviceType::cpu) && device_type != int(dattn::DeviceType::cuda))
     throw dattn::Error(std::string(name) + " has device type code " + std::to_string(device_type) +
                        "; expected 0 (cpu) or 1 (cuda)");
@@ -208,6 +210,102 @@ double forward_flops(const std::vector<std::int64_t>& segment_lengths,
   return dattn::forward_flops(config, batch, seqlen, heads, head_dim);
 }
 
+// Packed variable-length batches: the call's arguments plus (cu_seqlens, max_seqlen, validate).
+dattn::PackedSequences packed(const ViewSpec& cu_seqlens, std::int64_t max_seqlen, bool validate) {
+  return {to_view(cu_seqlens, "cu_seqlens"), max_seqlen, validate};
+}
+
+void forward_varlen(const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const ViewSpec& out, const ViewSpec& lse,
+                    const ViewSpec& cu_seqlens, std::int64_t max_seqlen, bool validate,
+                    const std::vector<std::int64_t>& segment_lengths, const std::vector<std::int64_t>& dilation_rates,
+                    const std::string& mode, bool causal, std::optional<double> scale, double dropout_p,
+                    std::uint64_t dropout_seed, const std::string& backend, std::uintptr_t stream) {
+  const Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, std::nullopt, dropout_p,
+                              dropout_seed, 0, false, backend, stream, std::nullopt, false);
+  const auto sequences = packed(cu_seqlens, max_seqlen, validate);
+  const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
+  const auto ov = to_view(out, "out"), lv = to_view(lse, "lse");
+  nb::gil_scoped_release release;
+  dattn::forward_varlen(call.config, sequences, qv, kv, vv, ov, lv, call.options);
+}
+
+void backward_varlen(const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const ViewSpec& out, const ViewSpec& lse,
+                     const ViewSpec& dout, const ViewSpec& dq, const ViewSpec& dk, const ViewSpec& dv,
+                     const ViewSpec& cu_seqlens, std::int64_t max_seqlen, bool validate,
+                     const std::vector<std::int64_t>& segment_lengths, const std::vector<std::int64_t>& dilation_rates,
+                     const std::string& mode, bool causal, std::optional<double> scale, double dropout_p,
+                     std::uint64_t dropout_seed, const std::string& backend, std::uintptr_t stream) {
+  const Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, std::nullopt, dropout_p,
+                              dropout_seed, 0, false, backend, stream, std::nullopt, false);
+  const auto sequences = packed(cu_seqlens, max_seqlen, validate);
+  const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
+  const auto ov = to_view(out, "out"), lv = to_view(lse, "lse"), gv = to_view(dout, "dout");
+  const auto dqv = to_view(dq, "dq"), dkv = to_view(dk, "dk"), dvv = to_view(dv, "dv");
+  nb::gil_scoped_release release;
+  dattn::backward_varlen(call.config, sequences, qv, kv, vv, ov, lv, gv, dqv, dkv, dvv, call.options);
+}
+
+// (pattern_type, window, global_blocks, rates) of a SparsePatternConfig without segments.
+using PatternSpec = std::tuple<std::string, std::int64_t, std::int64_t, std::vector<std::int64_t>>;
+dattn::SparsePattern to_pattern(const PatternSpec& spec) {
+  const auto& [type, window, global_blocks, rates] = spec;
+  dattn::SparsePattern pattern;
+  if (type == "local_window") pattern.kind = dattn::SparsePattern::Kind::local_window;
+  else if (type == "dilated_sparse") pattern.kind = dattn::SparsePattern::Kind::dilated_sparse;
+  else if (type == "global_local") pattern.kind = dattn::SparsePattern::Kind::global_local;
+  else throw dattn::Error("pattern_type = '" + type + "'; expected local_window, dilated_sparse or global_local");
+  pattern.window = window;
+  pattern.global_blocks = global_blocks;
+  pattern.rates = rates;
+  return pattern;
+}
+
+void block_sparse_forward_varlen(const PatternSpec& pattern, const ViewSpec& q, const ViewSpec& k, const ViewSpec& v,
+                                 const ViewSpec& out, const ViewSpec& lse, const ViewSpec& cu_seqlens,
+                                 std::int64_t max_seqlen, bool validate, std::int64_t block_size, bool causal,
+                                 std::optional<double> scale, double dropout_p, std::uint64_t dropout_seed) {
+  const auto config = block_sparse_config(block_size, causal, scale, std::nullopt, dropout_p, dropout_seed);
+  const auto sequences = packed(cu_seqlens, max_seqlen, validate);
+  const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
+  const auto ov = to_view(out, "out"), lv = to_view(lse, "lse");
+  const dattn::SparsePattern named = to_pattern(pattern);
+  nb::gil_scoped_release release;
+  dattn::block_sparse_forward_varlen(config, named, sequences, qv, kv, vv, ov, lv);
+}
+
+void block_sparse_backward_varlen(const PatternSpec& pattern, const ViewSpec& q, const ViewSpec& k, const ViewSpec& v,
+                                  const ViewSpec& out, const ViewSpec& lse, const ViewSpec& dout, const ViewSpec& dq,
+                                  const ViewSpec& dk, const ViewSpec& dv, const ViewSpec& cu_seqlens,
+                                  std::int64_t max_seqlen, bool validate, std::int64_t block_size, bool causal,
+                                  std::optional<double> scale, double dropout_p, std::uint64_t dropout_seed) {
+  const auto config = block_sparse_config(block_size, causal, scale, std::nullopt, dropout_p, dropout_seed);
+  const auto sequences = packed(cu_seqlens, max_seqlen, validate);
+  const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
+  const auto ov = to_view(out, "out"), lv = to_view(lse, "lse"), gv = to_view(dout, "dout");
+  const auto dqv = to_view(dq, "dq"), dkv = to_view(dk, "dk"), dvv = to_view(dv, "dv");
+  const dattn::SparsePattern named = to_pattern(pattern);
+  nb::gil_scoped_release release;
+  dattn::block_sparse_backward_varlen(config, named, sequences, qv, kv, vv, ov, lv, gv, dqv, dkv, dvv);
+}
+
+void forward_with_kvcache(const ViewSpec& q, const ViewSpec& k_cache, const ViewSpec& v_cache,
+                          const ViewSpec& cache_seqlens, const std::optional<ViewSpec>& k_new,
+                          const std::optional<ViewSpec>& v_new, const ViewSpec& out, const ViewSpec& lse, bool validate,
+                          const std::vector<std::int64_t>& segment_lengths,
+                          const std::vector<std::int64_t>& dilation_rates, const std::string& mode,
+                          std::optional<double> scale, const std::string& backend, std::uintptr_t stream) {
+  const Call call = make_call(segment_lengths, dilation_rates, mode, true, scale, std::nullopt, 0.0, 0, 0, false,
+                              backend, stream, std::nullopt, false);
+  dattn::KeyValueCache cache{to_view(k_cache, "k_cache"), to_view(v_cache, "v_cache"),
+                             to_view(cache_seqlens, "cache_seqlens")};
+  if (k_new) cache.k_new = to_view(*k_new, "k_new");
+  if (v_new) cache.v_new = to_view(*v_new, "v_new");
+  cache.validate = validate;
+  const auto qv = to_view(q, "q"), ov = to_view(out, "out"), lv = to_view(lse, "lse");
+  nb::gil_scoped_release release;
+  dattn::forward_with_kvcache(call.config, cache, qv, ov, lv, call.options);
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -235,10 +333,28 @@ NB_MODULE(_C, m) {
         "workspace_bytes"_a = 0, "position_index_checked"_a = false,
         "Writes dq, dk, dv given dout and the out and lse that forward wrote (CUDA: a workspace of "
         "B*H*N float32 lets it compute delta once, before the kernel).");
+  m.def("forward_varlen", &forward_varlen, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "cu_seqlens"_a, "max_seqlen"_a,
+        "validate"_a, "segment_lengths"_a, "dilation_rates"_a, "mode"_a, "causal"_a, "scale"_a.none(), "dropout_p"_a,
+        "dropout_seed"_a, "backend"_a, "stream"_a,
+        "Dilated attention of a packed batch: out [T, H, D] and lse [H, T] of each sequence alone.");
+  m.def("backward_varlen", &backward_varlen, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dout"_a, "dq"_a, "dk"_a, "dv"_a,
+        "cu_seqlens"_a, "max_seqlen"_a, "validate"_a, "segment_lengths"_a, "dilation_rates"_a, "mode"_a, "causal"_a,
+        "scale"_a.none(), "dropout_p"_a, "dropout_seed"_a, "backend"_a, "stream"_a);
+  m.def("block_sparse_forward_varlen", &block_sparse_forward_varlen, "pattern"_a, "q"_a, "k"_a, "v"_a, "out"_a,
+        "lse"_a, "cu_seqlens"_a, "max_seqlen"_a, "validate"_a, "block_size"_a, "causal"_a, "scale"_a.none(),
+        "dropout_p"_a, "dropout_seed"_a);
+  m.def("block_sparse_backward_varlen", &block_sparse_backward_varlen, "pattern"_a, "q"_a, "k"_a, "v"_a, "out"_a,
+        "lse"_a, "dout"_a, "dq"_a, "dk"_a, "dv"_a, "cu_seqlens"_a, "max_seqlen"_a, "validate"_a, "block_size"_a,
+        "causal"_a, "scale"_a.none(), "dropout_p"_a, "dropout_seed"_a);
+  m.def("forward_with_kvcache", &forward_with_kvcache, "q"_a, "k_cache"_a, "v_cache"_a, "cache_seqlens"_a,
+        "k_new"_a.none(), "v_new"_a.none(), "out"_a, "lse"_a, "validate"_a, "segment_lengths"_a, "dilation_rates"_a,
+        "mode"_a, "scale"_a.none(), "backend"_a, "stream"_a,
+        "Decoding with a key/value cache: out [B, Tn, H, D] and lse [B, H, Tn] of the new tokens (causal).");
   m.def("forward_flops", &forward_flops, "segment_lengths"_a, "dilation_rates"_a, "mode"_a,
         "causal"_a, "batch"_a, "seqlen"_a, "heads"_a, "head_dim"_a,
         "Forward FLOPs as docs/benchmarks.md counts them.");
   m.attr("DTYPE_INT64") = int(dattn::DType::int64);
+  m.attr("DTYPE_INT32") = int(dattn::DType::int32);
 
   nb::class_<dattn::BlockSparseMask>(m, "BlockSparseMask",
                                      "A block mask in CSR form with its transpose, built once per mask.")

@@ -87,7 +87,7 @@ struct SideView {
   }
   const T* row(const detail::Operand& x, std::int64_t j) const {
     return static_cast<const T*>(x.data) + item.batch * x.batch_stride + (original(j) - row_base) * x.row_stride +
-           item.head * x.head_stride;
+           item.head / x.head_group * x.head_stride;
   }
   // Index in the per-thread state of row j (own side only), and the state-row step between rows.
   std::int64_t state(std::int64_t j) const { return (position(j) - item.state_base) / item.state_stride; }
@@ -161,8 +161,8 @@ CausalPair record_pair(const SideView<I, T>& queries_view, std::int64_t q0, int 
 // The dropout factor of the recorded pair (query c, key i): 0 if dropped, 1/(1-p) if kept.
 template <class I>
 float dropout_factor(const detail::DilatedParams& p, const WorkItem& item, const Scratch<I>& s, int c, int i) {
-  return dropout_keep(p.dropout_seed, p.dropout_offset, item.batch * p.heads + item.head, s.query_original[c],
-                      s.key_original[i], p.dropout_threshold)
+  return dropout_keep(p.dropout_seed, p.dropout_offset, (p.dropout_batch_base + item.batch) * p.heads + item.head,
+                      s.query_original[c], s.key_original[i], p.dropout_threshold)
              ? p.dropout_rescale
              : 0.0f;
 }
@@ -482,13 +482,15 @@ template <class I>
 void accumulate_row(const detail::Operand& x, const WorkItem& item, std::int64_t row, const float* values, float scale,
                     int D) {
   if (!values) return;
-  float* dst = static_cast<float*>(x.data) + item.batch * x.batch_stride + row * x.row_stride + item.head * x.head_stride;
+  float* dst = static_cast<float*>(x.data) + item.batch * x.batch_stride + row * x.row_stride +
+               item.head / x.head_group * x.head_stride;
   for (int d = 0; d < D; ++d) dst[d] += scale * values[d];
 }
 
 template <class I, class T>
 void store_row(const detail::Operand& x, const WorkItem& item, std::int64_t row, const float* values, float scale, int D) {
-  T* dst = static_cast<T*>(x.data) + item.batch * x.batch_stride + row * x.row_stride + item.head * x.head_stride;
+  T* dst = static_cast<T*>(x.data) + item.batch * x.batch_stride + row * x.row_stride +
+               item.head / x.head_group * x.head_stride;
   for (int d = 0; d < D; ++d) Convert<I>::store(values ? scale * values[d] : 0.0f, dst + d);
 }
 

@@ -223,6 +223,14 @@ void check_supported(const DilatedParams& p) {
   if (ring_step && !p.float32_outputs)
     throw Error("options.ring_step with CUDA tensors: forward writes no per-step output on CUDA; expected "
                 "ring_forward_step (which merges the step into float32 out and lse) or cpu tensors");
+  if (p.kv_heads != p.heads)
+    throw Error("k and v have " + std::to_string(p.kv_heads) + " heads and q has " + std::to_string(p.heads) +
+                ": grouped-query heads are not yet supported on CUDA; expected k, v with H = " +
+                std::to_string(p.heads) + " heads or cpu tensors");
+  if (p.cu_seqlens != nullptr)
+    throw Error("cu_seqlens: packed variable-length batches are not yet supported on CUDA; expected cpu tensors");
+  if (p.key_lengths != nullptr)
+    throw Error("cache_seqlens: decoding with a key/value cache is not yet supported on CUDA; expected cpu tensors");
   if (!p.run_query_pass || !p.run_key_pass || p.accumulate)
     throw Error("the two-sweep ring backward steps (ring_query_gradients, ring_key_gradients) run on cpu tensors; "
                 "expected ring_step_gradients for CUDA tensors");

@@ -539,12 +539,49 @@ void cpu_ring_backward(Communicator& comm, const Schedule& schedule, const StepK
 }
 
 
+// Grouped-query heads in the ring: k and v repeated to q's H heads (query head h reads head
+// h / (H / Hkv)), so the schedule and the transfers see one key head per query head (the ring
+// moves H heads of keys, not Hkv); the repeats' gradients are summed back into dk, dv.
+struct RepeatedHeads {
+  Tensor k, v;
+  std::int64_t group = 1;
+
+  RepeatedHeads(const TensorView& q, const Keys& keys) {
+    if (keys.k.rank != 4 || keys.v.rank != 4 || keys.k.shape[2] == q.shape[2]) return;
+    const std::int64_t kv_heads = detail::check_kv_heads(q, keys.k);
+    if (q.device.type != DeviceType::cpu)
+      throw Error("k has " + std::to_string(kv_heads) + " heads and q has " + std::to_string(q.shape[2]) +
+                  ": grouped-query heads in the ring are not yet supported on CUDA; expected cpu tensors or k, v with "
+                  "H heads");
+    group = q.shape[2] / kv_heads;
+    k = repeat(keys.k), v = repeat(keys.v);
+  }
+  bool active() const { return group > 1; }
+  Tensor repeat(const TensorView& x) const {
+    Tensor full = Tensor::empty({x.shape[0], x.shape[1], x.shape[2] * group, x.shape[3]}, x.dtype);
+    for (std::int64_t h = 0; h < full.view().shape[2]; ++h) copy(x.select(2, h / group), full.view().select(2, h));
+    return full;
+  }
+  // x[:, :, g] = Σ over the repeats of g of full[:, :, h], in x's dtype.
+  void sum_into(const Tensor& full, const TensorView& x) const {
+    Tensor total = Tensor::zeros({x.shape[0], x.shape[1], x.shape[2], x.shape[3]}, DType::float32);
+    for (std::int64_t h = 0; h < full.view().shape[2]; ++h) {
+      const TensorView from = full.view().select(2, h), to = total.view().select(2, h / group);
+      for_each_pair(from, to, [&](std::int64_t a, std::int64_t b) { to.ptr<float>()[b] += detail::load_float(from, a); });
+    }
+    convert(total, x);
+  }
+};
+
 // The engine the tensors' device picks, for either attention kind: `kind` is (config) or
 // (config, block mask), from which each engine's step kernels are made.
 template <class... Kind>
 void ring_forward_on_device(Communicator& comm, const Schedule& schedule, const Keys& keys, const TensorView& q,
                             const TensorView& out, const TensorView& lse, RingStats* stats, void* stream,
                             const Kind&... kind) {
+  if (const RepeatedHeads repeated(q, keys); repeated.active())
+    return ring_forward_on_device(comm, schedule, Keys{repeated.k, repeated.v, keys.mask}, q, out, lse, stats, stream,
+                                  kind...);
 #ifdef DATTN_WITH_CUDA
   if (on_cuda(q, stream)) {
     RingStats local;
@@ -563,6 +600,16 @@ void ring_backward_on_device(Communicator& comm, const Schedule& schedule, const
                              const TensorView& out, const TensorView& lse, const TensorView& dout, const TensorView& dq,
                              const TensorView& dk, const TensorView& dv, RingStats* stats, void* stream,
                              const Kind&... kind) {
+  if (const RepeatedHeads repeated(q, keys); repeated.active()) {
+    detail::check_gradients(q, keys.k, dout, dq, dk, dv);
+    const Tensor dk_full = Tensor::empty({q.shape[0], q.shape[1], q.shape[2], q.shape[3]}, dk.dtype);
+    const Tensor dv_full = Tensor::empty({q.shape[0], q.shape[1], q.shape[2], q.shape[3]}, dv.dtype);
+    ring_backward_on_device(comm, schedule, Keys{repeated.k, repeated.v, keys.mask}, q, out, lse, dout, dq, dk_full,
+                            dv_full, stats, stream, kind...);
+    repeated.sum_into(dk_full, dk);
+    repeated.sum_into(dv_full, dv);
+    return;
+  }
 #ifdef DATTN_WITH_CUDA
   if (on_cuda(q, stream)) {
     RingStats local;

@@ -8,9 +8,10 @@
 namespace dattn::reference {
 namespace {
 
-Problem problem(const BlockSparseConfig& c, const TensorView& q) {
+Problem problem(const BlockSparseConfig& c, const TensorView& q, const TensorView& k, std::int64_t batch_base) {
   return {q.shape[0], q.shape[1], q.shape[2], q.shape[3], c.scale.value_or(1.0 / std::sqrt(double(q.shape[3]))),
-          c.causal, c.key_padding_mask, c.dropout_p, c.dropout_seed, c.dropout_offset, nullptr};
+          c.causal, c.key_padding_mask, c.dropout_p, c.dropout_seed, c.dropout_offset, nullptr, q.shape[2] / k.shape[2],
+          batch_base};
 }
 
 KeySets allowed_keys(const Problem& P, const BlockSparseMask& mask, std::int64_t block_size) {
@@ -26,15 +27,16 @@ KeySets allowed_keys(const Problem& P, const BlockSparseMask& mask, std::int64_t
 }  // namespace
 
 void block_sparse_forward(const BlockSparseConfig& config, const BlockSparseMask& mask, const TensorView& q,
-                          const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse) {
-  const Problem P = problem(config, q);
+                          const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
+                          std::int64_t dropout_batch_base) {
+  const Problem P = problem(config, q, k, dropout_batch_base);
   multiset_forward(P, allowed_keys(P, mask, config.block_size), 1.0, q, k, v, out, lse);
 }
 
 void block_sparse_backward(const BlockSparseConfig& config, const BlockSparseMask& mask, const TensorView& q,
                            const TensorView& k, const TensorView& v, const TensorView& dout, const TensorView& dq,
-                           const TensorView& dk, const TensorView& dv) {
-  const Problem P = problem(config, q);
+                           const TensorView& dk, const TensorView& dv, std::int64_t dropout_batch_base) {
+  const Problem P = problem(config, q, k, dropout_batch_base);
   multiset_backward(P, allowed_keys(P, mask, config.block_size), 1.0, q, k, v, dout, dq, dk, dv);
 }
 

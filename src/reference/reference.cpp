@@ -20,10 +20,12 @@ struct Dilated {
   Problem P;
   int G;
 
-  Dilated(const DilatedConfig& c, const TensorView& q, const std::int64_t* order)
+  Dilated(const DilatedConfig& c, const TensorView& q, const TensorView& k, const std::int64_t* order,
+          std::int64_t dropout_batch_base)
       : config(c),
         P{q.shape[0], q.shape[1], q.shape[2], q.shape[3], c.scale.value_or(1.0 / std::sqrt(double(q.shape[3]))),
-          c.causal, c.key_padding_mask, c.dropout_p, c.dropout_seed, c.dropout_offset, order},
+          c.causal, c.key_padding_mask, c.dropout_p, c.dropout_seed, c.dropout_offset, order,
+          q.shape[2] / k.shape[2], dropout_batch_base},
         G(int(c.segment_lengths.size())) {}
 
   // Grouped: head h belongs to the one group i whose contiguous head range holds it.
@@ -78,8 +80,8 @@ struct Dilated {
 
 void forward(const DilatedConfig& config, const TensorView& q, const TensorView& k,
              const TensorView& v, const TensorView& out, const TensorView& lse,
-             const std::int64_t* position_index) {
-  const Dilated A(config, q, position_index);
+             const std::int64_t* position_index, std::int64_t dropout_batch_base) {
+  const Dilated A(config, q, k, position_index, dropout_batch_base);
   const Problem& P = A.P;
   for (std::int64_t b = 0; b < P.B; ++b)
     for (std::int64_t h = 0; h < P.H; ++h)
@@ -97,7 +99,7 @@ void forward(const DilatedConfig& config, const TensorView& q, const TensorView&
           std::vector<double> branch_out(P.D, 0.0);
           for (std::size_t j = 0; j < keys.size(); ++j) {
             const double prob = std::exp(scores[j] - branch_lse) * P.dropout_factor(b, h, p, keys[j]);
-            for (std::int64_t d = 0; d < P.D; ++d) branch_out[d] += prob * load(v, b, P.original(keys[j]), h, d);
+            for (std::int64_t d = 0; d < P.D; ++d) branch_out[d] += prob * load(v, b, P.original(keys[j]), P.kv_head(h), d);
           }
           if (config.mode == Mode::grouped) {
             merged_lse = branch_lse;
@@ -120,8 +122,9 @@ void forward(const DilatedConfig& config, const TensorView& q, const TensorView&
 
 void backward(const DilatedConfig& config, const TensorView& q, const TensorView& k,
               const TensorView& v, const TensorView& dout, const TensorView& dq,
-              const TensorView& dk, const TensorView& dv, const std::int64_t* position_index) {
-  const Dilated A(config, q, position_index);
+              const TensorView& dk, const TensorView& dv, const std::int64_t* position_index,
+              std::int64_t dropout_batch_base) {
+  const Dilated A(config, q, k, position_index, dropout_batch_base);
   multiset_backward(
       A.P, [&](std::int64_t b, std::int64_t h, std::int64_t p) { return A.all_keys(b, h, p); }, A.output_scale(), q, k,
       v, dout, dq, dk, dv);

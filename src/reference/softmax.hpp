@@ -1,5 +1,6 @@
 // Pieces every reference variant shares: element access in double, and softmax attention of
-// each query over an explicit multiset of keys, forward and backward.
+// each query over an explicit multiset of keys, forward and backward. k, v (and dk, dv) may have
+// fewer heads than q (grouped-query heads): query head h reads key/value head h / kv_group.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +26,10 @@ struct Problem {
   double dropout_p;
   std::uint64_t dropout_seed, dropout_offset;
   const std::int64_t* order;  // position -> original row, or null for the identity
+  std::int64_t kv_group = 1;      // query heads per key/value head: head h reads k, v head h / kv_group
+  std::int64_t batch_base = 0;    // the dropout counter's b of batch row 0 (a varlen sequence's index)
+
+  std::int64_t kv_head(std::int64_t h) const { return h / kv_group; }
 
   std::int64_t original(std::int64_t p) const { return order ? order[p] : p; }
   bool padded(std::int64_t b, std::int64_t p) const;

@@ -68,13 +68,16 @@ def test_signatures_follow_spec():
     names = lambda f: list(inspect.signature(f).parameters)
     assert names(dattn.MultiheadDilatedAttention.__init__)[1:] == [
         "embed_dim", "num_heads", "dilation_rates", "segment_lengths", "dropout", "bias", "layer_norm",
-        "layer_norm_eps", "gamma_init", "device", "dtype", "mode", "group", "layout", "norm_style"]
+        "layer_norm_eps", "gamma_init", "device", "dtype", "mode", "group", "layout", "norm_style", "num_kv_heads"]
     assert names(dattn.ImprovedMultiheadDilatedAttention.__init__)[1:] == [
         "embed_dim", "num_heads", "dilation_rates", "segment_lengths", "dropout", "bias", "layer_norm",
-        "layer_norm_eps", "gamma_init", "device", "dtype", "mode", "use_tf32", "group", "layout", "norm_style"]
+        "layer_norm_eps", "gamma_init", "device", "dtype", "mode", "use_tf32", "group", "layout", "norm_style",
+        "num_kv_heads"]
     for cls in (dattn.MultiheadDilatedAttention, dattn.ImprovedMultiheadDilatedAttention):
         norm_style = inspect.signature(cls.__init__).parameters["norm_style"]
         assert norm_style.kind is inspect.Parameter.KEYWORD_ONLY and norm_style.default == "sub_ln"
+        kind = inspect.signature(cls.__init__).parameters["num_kv_heads"].kind
+        assert kind == inspect.Parameter.KEYWORD_ONLY
     for cls in (dattn.MultiheadDilatedAttention, dattn.ImprovedMultiheadDilatedAttention):
         assert names(cls.forward)[1:] == ["query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
                                           "is_causal"]

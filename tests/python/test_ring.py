@@ -22,9 +22,9 @@ def _free_port():
 
 CASES = [
     dict(layout="contiguous", causal=False, mode="grouped", w=[8, 16], r=[1, 2], padding=False),
-    dict(layout="zigzag", causal=True, mode="grouped", w=[6, 24], r=[1, 3], padding=True),
+    dict(layout="zigzag", causal=True, mode="grouped", w=[6, 24], r=[1, 3], padding=True, kv_heads=1),
     dict(layout="zigzag", causal=True, mode="longnet", w=[5, 32], r=[1, 2], padding=False),
-    dict(layout="contiguous", causal=True, mode="longnet", w=[12], r=[2], padding=True),
+    dict(layout="contiguous", causal=True, mode="longnet", w=[12], r=[2], padding=True, kv_heads=1),
     dict(layout="contiguous", causal=False, mode="grouped", w=[4, 32], r=[1, 4], padding=False),  # geo-like
     dict(layout="zigzag", causal=False, mode="longnet", w=[3, 16, 40], r=[2, 4, 5], padding=True),
 ]
@@ -44,8 +44,10 @@ def _sparse_config(case):
 
 
 def _inputs(i):
+    """q, k, v, dout and a padding mask of case i; k, v with the case's kv_heads (grouped-query heads)."""
     g = torch.Generator().manual_seed(i)
-    q, k, v, grad = (torch.randn(B, N, H, D, generator=g) for _ in range(4))
+    kv_heads = CASES[i].get("kv_heads", H)
+    q, k, v, grad = (torch.randn(B, N, H if j in (0, 3) else kv_heads, D, generator=g) for j in range(4))
     padding = torch.rand(B, N, generator=g) < 0.2 if CASES[i]["padding"] else None
     return q, k, v, grad, padding
 

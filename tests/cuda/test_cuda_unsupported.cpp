@@ -1,0 +1,114 @@
+// What the CUDA kernels do not compute yet is refused by name, before anything is written:
+// grouped-query heads (k, v with fewer heads than q), packed batches (cu_seqlens) and decoding with
+// a cache (cache_seqlens). A plain program (no GoogleTest on the GPU machine): exit 0 when every
+// call raised the expected dattn::Error, 1 otherwise, 77 without a CUDA device.
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "dattn/dattn.hpp"
+
+namespace {
+
+int failures = 0;
+
+void expect_refusal(const char* what, const std::string& needle, const std::function<void()>& call) {
+  try {
+    call();
+    std::printf("FAIL %s: no error; expected one containing '%s'\n", what, needle.c_str());
+  } catch (const dattn::Error& e) {
+    const std::string message = e.what();
+    if (message.find(needle) != std::string::npos && message.find("not yet supported on CUDA") != std::string::npos) {
+      std::printf("ok   %s: %s\n", what, e.what());
+      return;
+    }
+    std::printf("FAIL %s: '%s'; expected '%s' and 'not yet supported on CUDA'\n", what, e.what(), needle.c_str());
+  }
+  ++failures;
+}
+
+// Device memory of `bytes` bytes, each set to `byte`.
+struct DeviceBuffer {
+  void* data = nullptr;
+  DeviceBuffer(std::size_t bytes, int byte) {
+    cudaMalloc(&data, bytes);
+    cudaMemset(data, byte, bytes);
+  }
+  ~DeviceBuffer() { cudaFree(data); }
+  dattn::TensorView view(dattn::DType dtype, const std::vector<std::int64_t>& shape) const {
+    return dattn::make_view(data, dtype, shape, {}, {dattn::DeviceType::cuda, 0});
+  }
+};
+
+std::vector<unsigned char> host_copy(const DeviceBuffer& b, std::size_t bytes) {
+  std::vector<unsigned char> host(bytes);
+  cudaMemcpy(host.data(), b.data, bytes, cudaMemcpyDeviceToHost);
+  return host;
+}
+
+}  // namespace
+
+int main() {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("no CUDA device: skipped\n");
+    return 77;
+  }
+  using dattn::DType;
+  const std::int64_t B = 2, N = 64, H = 4, Hkv = 2, D = 64;
+  const std::size_t bytes = std::size_t(B * N * H * D) * 2;  // bfloat16
+  DeviceBuffer q(bytes, 0), k(bytes, 0), v(bytes, 0), out(bytes, 0x7f), lse(std::size_t(B * H * N) * 4, 0x7f);
+  DeviceBuffer dout(bytes, 0), dq(bytes, 0x7f), dk(bytes, 0x7f), dv(bytes, 0x7f), offsets(64, 0);
+  const auto qv = q.view(DType::bfloat16, {B, N, H, D}), kv = k.view(DType::bfloat16, {B, N, Hkv, D});
+  const auto vv = v.view(DType::bfloat16, {B, N, Hkv, D}), ov = out.view(DType::bfloat16, {B, N, H, D});
+  const auto lv = lse.view(DType::float32, {B, H, N});
+  const auto before = host_copy(out, bytes);
+
+  dattn::DilatedConfig config;
+  config.segment_lengths = {16, 32}, config.dilation_rates = {1, 2}, config.causal = true;
+  expect_refusal("dilated forward, Hkv < H", "heads", [&] { dattn::forward(config, qv, kv, vv, ov, lv); });
+  expect_refusal("dilated backward, Hkv < H", "heads", [&] {
+    dattn::backward(config, qv, kv, vv, ov, lv, dout.view(DType::bfloat16, {B, N, H, D}),
+                    dq.view(DType::bfloat16, {B, N, H, D}), dk.view(DType::bfloat16, {B, N, Hkv, D}),
+                    dv.view(DType::bfloat16, {B, N, Hkv, D}));
+  });
+  dattn::Tensor dense = dattn::Tensor::zeros({4, 4}, DType::boolean);
+  for (int i = 0; i < 4; ++i) dense.data<std::uint8_t>()[i * 5] = 1;
+  const auto mask = dattn::BlockSparseMask::from_dense(dense).to_device({dattn::DeviceType::cuda, 0});
+  dattn::BlockSparseConfig sparse;
+  sparse.block_size = 16;
+  expect_refusal("block-sparse forward, Hkv < H", "heads",
+                 [&] { dattn::block_sparse_forward(sparse, mask, qv, kv, vv, ov, lv); });
+
+  // Packed batch: q [T, H, D] = the first 2 * 64 rows, offsets {0, 64, 128} on the device.
+  const std::int32_t cu[3] = {0, 64, 128};
+  cudaMemcpy(offsets.data, cu, sizeof cu, cudaMemcpyHostToDevice);
+  const dattn::PackedSequences packed{offsets.view(DType::int32, {3}), 64};
+  const auto qp = q.view(DType::bfloat16, {B * N, H, D}), op = out.view(DType::bfloat16, {B * N, H, D});
+  const auto lp = lse.view(DType::float32, {H, B * N});
+  expect_refusal("forward_varlen", "cu_seqlens", [&] { dattn::forward_varlen(config, packed, qp, qp, qp, op, lp); });
+  dattn::SparsePattern pattern;
+  pattern.window = 32;
+  expect_refusal("block_sparse_forward_varlen", "cu_seqlens",
+                 [&] { dattn::block_sparse_forward_varlen(sparse, pattern, packed, qp, qp, qp, op, lp); });
+
+  // Decoding: q [B, 1, H, D] over caches [B, N, H, D] with one new key each; the cache stays as it was.
+  const auto cache_before = host_copy(k, bytes);
+  dattn::KeyValueCache cache{.k_cache = k.view(DType::bfloat16, {B, N, H, D}),
+                             .v_cache = v.view(DType::bfloat16, {B, N, H, D}),
+                             .cache_seqlens = offsets.view(DType::int32, {B})};
+  const auto new_rows = dout.view(DType::bfloat16, {B, 1, H, D});
+  cache.k_new = new_rows, cache.v_new = new_rows;
+  expect_refusal("forward_with_kvcache", "cache_seqlens", [&] {
+    dattn::forward_with_kvcache(config, cache, q.view(DType::bfloat16, {B, 1, H, D}),
+                                out.view(DType::bfloat16, {B, 1, H, D}), lse.view(DType::float32, {B, H, 1}));
+  });
+
+  if (host_copy(out, bytes) != before) std::printf("FAIL out was written by a refused call\n"), ++failures;
+  if (host_copy(k, bytes) != cache_before) std::printf("FAIL the cache was written by a refused call\n"), ++failures;
+  std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "passed", failures);
+  return failures ? 1 : 0;
+}
