@@ -15,7 +15,8 @@
 // --block-sparse makes every random case a block-sparse one (for the sanitizers' few cases).
 // --cuda-kernels picks the kernel generation (LaunchOptions::cuda_kernels; ring steps always run
 // the automatic choice); every failure line and the summary name the generations that ran.
-// Prints one line per failure and "N passed, M failed"; exit 0 when all passed, 77 without a GPU.
+// Prints a line per case (ok or FAIL, the kernel generations that ran it: forward/backward), the
+// failures' details, and "N passed, M failed"; exit 0 when all passed, 77 without a GPU.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -931,9 +932,10 @@ int main(int argc, char** argv) {
       std::lock_guard<std::mutex> lock(print);
       (r.ok ? passed : failed)++;
       kernels_ran[r.kernels.empty() ? "none (exception)" : r.kernels]++;
-      if (!r.ok || verbose)
-        std::printf("%s case %d [%s]: %s\n    %s\n", r.ok ? "ok" : "FAIL", i, r.kernels.c_str(),
-                    describe(cases[std::size_t(i)]).c_str(), r.message.c_str());
+      // Every case names the kernel generations (forward/backward) that ran it.
+      std::printf("%s case %d [%s]: %s\n", r.ok ? "ok" : "FAIL", i, r.kernels.c_str(),
+                  describe(cases[std::size_t(i)]).c_str());
+      if (!r.ok || verbose) std::printf("    %s\n", r.message.c_str());
       if (verbose && r.ok)
         std::printf("    errors out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", r.worst[0], r.worst[1], r.worst[2],
                     r.worst[3], r.worst[4]);
