@@ -128,6 +128,9 @@ def test_modules_take_num_kv_heads(cls):
     y = randn(2, 24, E, dtype=torch.float64)
     for key, value in ((x, x), (y, y), (y, x)):  # self-attention, shared key/value, separate
         out = m(x, key, value, is_causal=True)
+        if cls is dattn.ImprovedMultiheadDilatedAttention:
+            out, weights = out  # the fused module returns (output, None), as that library's does
+            assert weights is None
         # The same attention written out: projections, k, v repeated per query head, dattn without GQA.
         D = E // H
         if cls is dattn.ImprovedMultiheadDilatedAttention:
