@@ -1,10 +1,14 @@
 // Picks the SIMD level once per call: the best the CPU has, or the one DATTN_CPU_ISA forces.
 // Packed (varlen) and decode batches run sequence by sequence; grouped-query gradients are summed
 // over the query heads that share a key/value head.
+#include <omp.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "cpu/cpu_attention.hpp"
 #include "cpu/isa_kernels.hpp"
@@ -87,10 +91,14 @@ void move_to(detail::DilatedParams& s, std::int64_t batch, std::int64_t row, std
 // Varlen and decode calls run one sequence at a time, each as a call of one sequence: a varlen
 // sequence as a whole-sequence call of its own length, a decode sequence as a step whose queries
 // are the last rows of its first key_lengths[b] positions and whose keys are those positions.
+// Sequences run side by side (one thread each) when no one of them holds more than a thread's
+// share of the rows, else one after another with every thread on each.
 template <class Run>
 void run_per_sequence(const detail::DilatedParams& p, Run&& run) {
   if (p.cu_seqlens == nullptr && p.key_lengths == nullptr) return run(p);
   const std::int64_t element_size = std::int64_t(dtype_size(p.dtype));
+  std::vector<detail::DilatedParams> sequences;
+  std::int64_t rows = 0, longest = 0;
   for (std::int64_t b = 0; b < p.batch; ++b) {
     detail::DilatedParams s = p;
     s.batch = 1;
@@ -109,8 +117,17 @@ void run_per_sequence(const detail::DilatedParams& p, Run&& run) {
       s.global_length = s.key_end = p.key_lengths[b];
       s.query_position = s.global_length - p.seqlen;
     }
-    run(s);
+    rows += s.seqlen;
+    longest = std::max(longest, s.seqlen);
+    sequences.push_back(s);
   }
+  const int threads = omp_get_max_threads();
+  if (threads == 1 || longest * threads > rows) {
+    for (const detail::DilatedParams& s : sequences) run(s);
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 1)
+  for (std::size_t i = 0; i < sequences.size(); ++i) run(sequences[i]);  // nested regions run on one thread
 }
 
 // Under grouped-query heads the backward's dk, dv of each query head go to a [B, Nk, H, D]
