@@ -13,6 +13,7 @@
 #include "dattn/error.hpp"
 #include "dattn/philox.hpp"
 #ifdef DATTN_WITH_CUDA
+#include "cuda/cuda_attention.hpp"
 #include "cuda/ring_kernels.hpp"
 #endif
 
@@ -401,6 +402,7 @@ void set_backward_workspace(DilatedParams& p, const TensorView& q, const TensorV
   if (options.workspace == nullptr || options.workspace_bytes < backward_workspace_bytes(q)) return;
   if (reinterpret_cast<std::uintptr_t>(options.workspace) % 4 != 0)
     throw Error("options.workspace is not 4-byte aligned; expected float32-aligned device memory");
+  cuda::check_supported(p);  // before the workspace is written
   p.softmax_delta = static_cast<float*>(options.workspace);
   cuda::row_dot(dout, out, p.softmax_delta, options.stream);
 #else

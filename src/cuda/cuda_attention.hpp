@@ -10,6 +10,9 @@
 
 namespace dattn::cuda {
 
+// Throws dattn::Error for inputs the CUDA kernels do not compute (yet); forward and backward call it
+// first, and so does whatever writes caller-owned memory before them (the backward's workspace).
+void check_supported(const detail::DilatedParams& params);
 void forward(const detail::DilatedParams& params);
 // The generation forward (or backward) would run for these params: sm80 or sm90 (see CudaKernels).
 CudaKernels kernel_generation(const detail::DilatedParams& params, bool backward);

@@ -217,25 +217,6 @@ void run_backward(const DilatedParams& p) {
     backward_launch<T, S>(p, make_plan(p, i, i + 1, {kDkDvRole, kDqRole}, rows, ring || i > 0), stream);
 }
 
-// Paths of later issues that the CUDA kernels do not read yet: refused, never ignored.
-void check_supported(const DilatedParams& p) {
-  const bool ring_step = p.query_position != 0 || p.global_length != p.seqlen || p.key_begin != 0 || p.key_end != p.seqlen;
-  if (ring_step && !p.float32_outputs)
-    throw Error("options.ring_step with CUDA tensors: forward writes no per-step output on CUDA; expected "
-                "ring_forward_step (which merges the step into float32 out and lse) or cpu tensors");
-  if (p.kv_heads != p.heads)
-    throw Error("k and v have " + std::to_string(p.kv_heads) + " heads and q has " + std::to_string(p.heads) +
-                ": grouped-query heads are not yet supported on CUDA; expected k, v with H = " +
-                std::to_string(p.heads) + " heads or cpu tensors");
-  if (p.cu_seqlens != nullptr)
-    throw Error("cu_seqlens: packed variable-length batches are not yet supported on CUDA; expected cpu tensors");
-  if (p.key_lengths != nullptr)
-    throw Error("cache_seqlens: decoding with a key/value cache is not yet supported on CUDA; expected cpu tensors");
-  if (!p.run_query_pass || !p.run_key_pass || p.accumulate)
-    throw Error("the two-sweep ring backward steps (ring_query_gradients, ring_key_gradients) run on cpu tensors; "
-                "expected ring_step_gradients for CUDA tensors");
-}
-
 // A device index map must be a permutation of [0, N) like a host one (validate.cpp checks those):
 // copied to the host in stream order and checked once per call (a synchronisation).
 void check_position_index(const DilatedParams& p) {
@@ -271,6 +252,25 @@ CudaKernels kernel_generation(const DilatedParams& p, bool backward) {
                 "); expected a build with DATTN_SM90, a device of compute capability 9.x, bfloat16 or float16, head dim "
                 "64 or 128, forward");
   return CudaKernels::sm90;
+}
+
+// Paths of later issues that the CUDA kernels do not read yet: refused, never ignored.
+void check_supported(const DilatedParams& p) {
+  const bool ring_step = p.query_position != 0 || p.global_length != p.seqlen || p.key_begin != 0 || p.key_end != p.seqlen;
+  if (ring_step && !p.float32_outputs)
+    throw Error("options.ring_step with CUDA tensors: forward writes no per-step output on CUDA; expected "
+                "ring_forward_step (which merges the step into float32 out and lse) or cpu tensors");
+  if (p.kv_heads != p.heads)
+    throw Error("k and v have " + std::to_string(p.kv_heads) + " heads and q has " + std::to_string(p.heads) +
+                ": grouped-query heads are not yet supported on CUDA; expected k, v with H = " +
+                std::to_string(p.heads) + " heads or cpu tensors");
+  if (p.cu_seqlens != nullptr)
+    throw Error("cu_seqlens: packed variable-length batches are not yet supported on CUDA; expected cpu tensors");
+  if (p.key_lengths != nullptr)
+    throw Error("cache_seqlens: decoding with a key/value cache is not yet supported on CUDA; expected cpu tensors");
+  if (!p.run_query_pass || !p.run_key_pass || p.accumulate)
+    throw Error("the two-sweep ring backward steps (ring_query_gradients, ring_key_gradients) run on cpu tensors; "
+                "expected ring_step_gradients for CUDA tensors");
 }
 
 std::shared_ptr<const std::int64_t> upload(const std::vector<std::int64_t>& values, int device) {

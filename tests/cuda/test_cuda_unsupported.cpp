@@ -75,6 +75,21 @@ int main() {
                     dq.view(DType::bfloat16, {B, N, H, D}), dk.view(DType::bfloat16, {B, N, Hkv, D}),
                     dv.view(DType::bfloat16, {B, N, Hkv, D}));
   });
+  // With a workspace the backward computes delta into it first: refused before that write too.
+  const std::size_t workspace_bytes = dattn::backward_workspace_bytes(qv);
+  DeviceBuffer workspace(workspace_bytes, 0x7f);
+  expect_refusal("dilated backward with a workspace, Hkv < H", "heads", [&] {
+    dattn::LaunchOptions options;
+    options.workspace = workspace.data;
+    options.workspace_bytes = workspace_bytes;
+    dattn::backward(config, qv, kv, vv, ov, lv, dout.view(DType::bfloat16, {B, N, H, D}),
+                    dq.view(DType::bfloat16, {B, N, H, D}), dk.view(DType::bfloat16, {B, N, Hkv, D}),
+                    dv.view(DType::bfloat16, {B, N, Hkv, D}), options);
+  });
+  if (host_copy(workspace, workspace_bytes) != std::vector<unsigned char>(workspace_bytes, 0x7f)) {
+    std::printf("FAIL the refused backward wrote its workspace\n");
+    ++failures;
+  }
   dattn::Tensor dense = dattn::Tensor::zeros({4, 4}, DType::boolean);
   for (int i = 0; i < 4; ++i) dense.data<std::uint8_t>()[i * 5] = 1;
   const auto mask = dattn::BlockSparseMask::from_dense(dense).to_device({dattn::DeviceType::cuda, 0});
