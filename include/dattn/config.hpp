@@ -15,9 +15,10 @@ enum class Mode : std::uint8_t {
 };
 
 // Which generation of CUDA kernels runs a call on CUDA tensors. automatic: the sm90 kernels
-// (Hopper's wgmma) where the build has them (DATTN_SM90, on wherever 90a is built), the device is compute capability 9.x and
-// they cover the call (bfloat16 or float16, head dim 64 or 128, forward), else the sm80 kernels.
-// sm90 asks for them and is an error where they cannot run; sm80 keeps the older kernels.
+// (Hopper's wgmma) where the build has them (CMake option DATTN_SM90, off by default), the device
+// is compute capability 9.x and they cover the call (bfloat16 or float16, head dim 64 or 128,
+// forward), else the sm80 kernels. sm90 asks for them and is an error where they cannot run; sm80
+// keeps the older kernels.
 enum class CudaKernels : std::uint8_t { automatic, sm80, sm90 };
 
 struct DilatedConfig {
