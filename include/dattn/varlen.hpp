@@ -37,7 +37,7 @@ void backward_varlen(const DilatedConfig& config, const PackedSequences& sequenc
                      const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv,
                      const LaunchOptions& options = {});
 
-// A named block pattern of SPEC.md ("Block-sparse attention"), made for each sequence's length.
+// A named block pattern of docs/semantics.md ("Block-sparse attention"), made for each sequence's length.
 struct SparsePattern {
   enum class Kind : std::uint8_t { local_window, dilated_sparse, global_local, dilated };
   Kind kind = Kind::local_window;
