@@ -116,14 +116,7 @@ def check_attention_inputs(q, k, v) -> None:
         _check_tensor(name, t)
     if q.dim() != 4:
         raise ValueError(f"q has shape {list(q.shape)}; expected a 4-D [B, N, H, D] tensor")
-    if q.dtype not in ATTENTION_DTYPES:
-        raise TypeError(f"q has dtype {q.dtype}; expected torch.float32, torch.bfloat16 or torch.float16 "
-                        "(torch.float64 runs the reference implementation)")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}; expected {q.dtype} (the dtype of q)")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}; expected {q.device} (the device of q)")
+    check_dtypes_and_devices(q, k, v)
     check_kv_heads(q, k)
     for name, t in (("k", k), ("v", v)):
         expected = list(q.shape[:2]) + [k.size(2)] + [q.size(3)]
@@ -137,6 +130,18 @@ def check_attention_inputs(q, k, v) -> None:
         raise ValueError(f"q has shape {list(q.shape)}; expected every extent >= 1")
     if q.device.type not in ("cpu", "cuda"):
         raise ValueError(f"q is on {q.device}; expected a cpu or cuda tensor")
+
+
+def check_dtypes_and_devices(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """q of an attention dtype; k and v of q's dtype and on q's device."""
+    if q.dtype not in ATTENTION_DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; expected torch.float32, torch.bfloat16 or torch.float16 "
+                        "(torch.float64 runs the reference implementation)")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected {q.dtype} (the dtype of q)")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}; expected {q.device} (the device of q)")
 
 
 def check_kv_heads(q, k) -> int:

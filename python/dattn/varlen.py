@@ -21,14 +21,7 @@ def _check_packed(q, k, v, cu_seqlens, max_seqlen):
         if t.dim() != 3:
             raise ValueError(f"{name} has shape {list(t.shape)}; expected a 3-D [T, {'H' if name == 'q' else 'Hkv'}, D] "
                              "tensor (a packed batch)")
-    if q.dtype not in _ops.ATTENTION_DTYPES:
-        raise TypeError(f"q has dtype {q.dtype}; expected torch.float32, torch.bfloat16 or torch.float16 "
-                        "(torch.float64 runs the reference implementation)")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}; expected {q.dtype} (the dtype of q)")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}; expected {q.device} (the device of q)")
+    _ops.check_dtypes_and_devices(q, k, v)
     _ops.check_kv_heads(q, k)
     for name, t in (("k", k), ("v", v)):
         if list(t.shape) != [q.size(0), k.size(1), q.size(2)]:
