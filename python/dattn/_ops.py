@@ -50,6 +50,9 @@ def check_config(segment_lengths, dilation_rates) -> Tuple[List[int], List[int]]
     """Returns the two lists as lists of ints; raises TypeError/ValueError on a bad config."""
     lists = []
     for name, values in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
+        if type(values) in (list, tuple) and all(type(x) is int for x in values):  # the common case, fast
+            lists.append(list(values))
+            continue
         if isinstance(values, Tensor):
             values = values.tolist()
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
