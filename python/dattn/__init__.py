@@ -43,7 +43,7 @@ has_cuda = _C.has_cuda
 
 
 def cpu_isa() -> str:
-    """The SIMD path the CPU kernels run: 'avx512_bf16', 'avx512', 'avx2' or 'scalar' (DATTN_CPU_ISA forces one)."""
+    """The SIMD path the CPU kernels run: 'amx_bf16', 'avx512_bf16', 'avx512', 'avx2' or 'scalar' (DATTN_CPU_ISA forces one)."""
     return _C.cpu_isa()
 
 

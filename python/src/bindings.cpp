@@ -496,7 +496,7 @@ NB_MODULE(_C, m) {
   m.def("cpu_isas_supported", [] {
     std::vector<std::string> names;
     for (auto isa : {dattn::CpuIsa::scalar, dattn::CpuIsa::avx2, dattn::CpuIsa::avx512,
-                     dattn::CpuIsa::avx512_bf16}) {
+                     dattn::CpuIsa::avx512_bf16, dattn::CpuIsa::amx_bf16}) {
       if (dattn::cpu_supports(isa)) names.emplace_back(dattn::cpu_isa_name(isa));
     }
     return names;
