@@ -57,9 +57,14 @@ struct AmxBf16Isa : Avx512Isa {
     thread_local std::vector<std::uint32_t> a_pairs, b_pairs, staged;
     alignas(64) float block[16 * 32];
     const int pairs = (K + 1) / 2, p16 = (pairs + 15) / 16 * 16, m16 = (M + 15) / 16 * 16;
-    b_pairs.assign(std::size_t(p16) * N, 0u);
+    // Only the padding is zeroed: the tiles' pair rows past K (B) and columns past K, rows past M (A).
+    b_pairs.resize(std::size_t(p16) * N);
     dot_bf16::pack_row_pairs(b, ldb, K, N, b_pairs.data());
-    a_pairs.assign(std::size_t(m16) * p16, 0u);
+    std::fill(b_pairs.begin() + std::ptrdiff_t(pairs) * N, b_pairs.end(), 0u);
+    a_pairs.resize(std::size_t(m16) * p16);
+    for (int r = 0; r < M; ++r)
+      std::fill(a_pairs.begin() + std::ptrdiff_t(r) * p16 + pairs, a_pairs.begin() + std::ptrdiff_t(r + 1) * p16, 0u);
+    std::fill(a_pairs.begin() + std::ptrdiff_t(M) * p16, a_pairs.end(), 0u);
     if constexpr (TransposeA) {
       // a is [K × M] (pitch lda >= M rounded up to 16): pair its rows, then transpose to rows of M.
       staged.resize(std::size_t(pairs) * m16);
