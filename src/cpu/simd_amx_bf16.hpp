@@ -10,8 +10,8 @@ namespace dattn::cpu {
 
 namespace amx {
 
-// Every tile is 16 rows × 64 bytes: C as 16×16 float32, A as 16 rows × 16 bf16 pairs, B as 16
-// pair-rows × 16 columns.
+// Every tile is 16 rows × 64 bytes: C as 16×16 float32 (tiles 0-3), A as 16 rows × 16 bf16 pairs
+// (4, 5), B as 16 pair-rows × 16 columns (6, 7).
 struct alignas(64) TileConfig {
   std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
   std::uint16_t colsb[16] = {};
@@ -24,7 +24,7 @@ inline void configure_tiles() {
   thread_local bool configured = false;
   if (configured) return;
   TileConfig config;
-  for (int t = 0; t < 5; ++t) config.colsb[t] = 64, config.rows[t] = 16;
+  for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = 16;
   _tile_loadconfig(&config);
   configured = true;
 }
@@ -49,8 +49,8 @@ struct AmxBf16Isa : Avx512Isa {
 
   // gemm()'s contract (see gemm.hpp) on AMX. A becomes [M16 × P16] pairs and B [P16 × N] pairs
   // (M16, P16: M and the pair count rounded up to 16, zero-filled), in per-thread buffers; each
-  // 16 × 32 block of C is two tiles, through a float32 buffer for alpha, accumulation and rows
-  // past M.
+  // 32 × 32 block of C is four tiles (each A and B tile loaded serves two products), a last
+  // 16 × 32 block two; through a float32 buffer for alpha, accumulation and rows past M.
   template <bool Accumulate, bool TransposeA>
   static void tile_gemm(int M, int N, int K, const float* a, std::int64_t lda, const float* b, std::int64_t ldb,
                         float* c, std::int64_t ldc, float alpha) {
@@ -80,20 +80,35 @@ struct AmxBf16Isa : Avx512Isa {
     }
     amx::configure_tiles();
     const std::int64_t a_stride = std::int64_t(p16) * 4, b_stride = std::int64_t(N) * 4;
-    for (int m = 0; m < M; m += 16)
+    for (int m = 0; m < M; m += 32)
       for (int n = 0; n < N; n += 32) {
+        const bool two = m + 16 < M;  // a second row block of A
+        const std::uint32_t* a0 = a_pairs.data() + std::size_t(m) * p16;
         _tile_zero(0);
         _tile_zero(1);
+        if (two) {
+          _tile_zero(2);
+          _tile_zero(3);
+        }
         for (int p = 0; p < p16; p += 16) {
-          _tile_loadd(2, a_pairs.data() + std::size_t(m) * p16 + p, a_stride);
-          _tile_loadd(3, b_pairs.data() + std::size_t(p) * N + n, b_stride);
-          _tile_loadd(4, b_pairs.data() + std::size_t(p) * N + n + 16, b_stride);
-          _tile_dpbf16ps(0, 2, 3);
-          _tile_dpbf16ps(1, 2, 4);
+          _tile_loadd(6, b_pairs.data() + std::size_t(p) * N + n, b_stride);
+          _tile_loadd(7, b_pairs.data() + std::size_t(p) * N + n + 16, b_stride);
+          _tile_loadd(4, a0 + p, a_stride);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          if (two) {
+            _tile_loadd(5, a0 + 16 * p16 + p, a_stride);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
         }
         _tile_stored(0, block, 32 * 4);
         _tile_stored(1, block + 16, 32 * 4);
         amx::store_block<Accumulate>(block, std::min(16, M - m), c + std::int64_t(m) * ldc + n, ldc, alpha);
+        if (!two) continue;
+        _tile_stored(2, block, 32 * 4);
+        _tile_stored(3, block + 16, 32 * 4);
+        amx::store_block<Accumulate>(block, std::min(16, M - m - 16), c + std::int64_t(m + 16) * ldc + n, ldc, alpha);
       }
   }
 };
