@@ -238,6 +238,10 @@ Row run_dattn(const std::string& label, const char* isa, const Problem& problem,
   row.problem = problem;
   row.dtype = dtype;
   IsaScope isa_scope(isa);
+  // The bf16 levels run only bfloat16 data on their own kernels; say which kernels other rows ran.
+  const dattn::CpuIsa level = dattn::active_cpu_isa();
+  if ((level == dattn::CpuIsa::avx512_bf16 || level == dattn::CpuIsa::amx_bf16) && dtype != dattn::DType::bfloat16)
+    row.implementation = std::string("dattn fused (avx512 under ") + dattn::cpu_isa_name(level) + ")";
   dattn::LaunchOptions options;
   options.backend = dattn::Backend::fused;
   const std::string tag = "[" + problem.name + " N=" + std::to_string(problem.N) + " " +
