@@ -592,6 +592,20 @@ void dkdv_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>&
   });
 }
 
+// Per-thread state of an ISA (AMX's tile configuration), set up for one parallel region: every
+// GEMM runs inside one, and nothing of the state outlives the call.
+template <class I>
+struct ThreadState {
+  ThreadState() {
+    if constexpr (requires { I::begin_thread(); }) I::begin_thread();
+  }
+  ~ThreadState() {
+    if constexpr (requires { I::end_thread(); }) I::end_thread();
+  }
+  ThreadState(const ThreadState&) = delete;
+  ThreadState& operator=(const ThreadState&) = delete;
+};
+
 // Runs body(item, scratch) over all work items, dynamically scheduled, longest first.
 template <class I, class Body>
 void run_item_list(const detail::DilatedParams& p, const std::vector<WorkItem>& items, Body&& body) {
@@ -599,6 +613,7 @@ void run_item_list(const detail::DilatedParams& p, const std::vector<WorkItem>& 
   for (const WorkItem& item : items) state_rows = std::max(state_rows, item.state_rows);
 #pragma omp parallel
   {
+    const ThreadState<I> thread_state;
     Scratch<I> scratch(int(p.head_dim), state_rows);
 #pragma omp for schedule(dynamic, 1)
     for (std::size_t i = 0; i < items.size(); ++i) body(items[i], scratch);

@@ -18,15 +18,10 @@ struct alignas(64) TileConfig {
   std::uint8_t rows[16] = {};
 };
 
-// The tile configuration is per thread; it is loaded once and never released (nothing else in
-// the process uses tiles), so later calls on the thread skip it.
 inline void configure_tiles() {
-  thread_local bool configured = false;
-  if (configured) return;
   TileConfig config;
   for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = 16;
   _tile_loadconfig(&config);
-  configured = true;
 }
 
 // c[16 × 32] (rows < rows_used) = alpha·t (+ c).
@@ -46,6 +41,13 @@ void store_block(const float* t, int rows_used, float* c, std::int64_t ldc, floa
 struct AmxBf16Isa : Avx512Isa {
   static constexpr bool dot_bf16 = true;
   using Exact = Avx512Isa;  // the float32 GEMMs, for products whose bf16 rounding would not hold the bar
+
+  // The tile configuration is per thread and is set for each kernel call's parallel region, then
+  // released: other libraries in the process (oneDNN under PyTorch) run their own configurations
+  // on the same threads and release them, and a tile instruction under a released configuration
+  // is an illegal instruction (seen in the Python tests; tests/test_amx.cpp).
+  static void begin_thread() { amx::configure_tiles(); }
+  static void end_thread() { _tile_release(); }
 
   // gemm()'s contract (see gemm.hpp) on AMX. A becomes [M16 × P16] pairs and B [P16 × N] pairs
   // (M16, P16: M and the pair count rounded up to 16, zero-filled), in per-thread buffers; each
@@ -78,7 +80,6 @@ struct AmxBf16Isa : Avx512Isa {
         std::copy(staged.begin() + std::ptrdiff_t(r) * pairs, staged.begin() + std::ptrdiff_t(r + 1) * pairs,
                   a_pairs.begin() + std::ptrdiff_t(r) * p16);
     }
-    amx::configure_tiles();
     const std::int64_t a_stride = std::int64_t(p16) * 4, b_stride = std::int64_t(N) * 4;
     for (int m = 0; m < M; m += 32)
       for (int n = 0; n < N; n += 32) {
