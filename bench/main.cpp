@@ -238,6 +238,10 @@ Row run_dattn(const std::string& label, const char* isa, const Problem& problem,
   row.problem = problem;
   row.dtype = dtype;
   IsaScope isa_scope(isa);
+  // The bf16 levels run only bfloat16 data on their own kernels; say which kernels other rows ran.
+  const dattn::CpuIsa level = dattn::active_cpu_isa();
+  if ((level == dattn::CpuIsa::avx512_bf16 || level == dattn::CpuIsa::amx_bf16) && dtype != dattn::DType::bfloat16)
+    row.implementation = std::string("dattn fused (avx512 under ") + dattn::cpu_isa_name(level) + ")";
   dattn::LaunchOptions options;
   options.backend = dattn::Backend::fused;
   const std::string tag = "[" + problem.name + " N=" + std::to_string(problem.N) + " " +
@@ -515,7 +519,14 @@ std::string mb_cell(double bytes) {
 
 constexpr double kBusy = 0.05;  // a row is marked when others took more than 5% of the CPUs
 
-void print_table(const std::vector<Row>& rows, double peak) {
+// The peak a row is rated against: bfloat16 rows against the higher of the bf16 dot-product and
+// the fp32 FMA peaks (the bf16 kernels may use either; on some CPUs vdpbf16ps does fewer FLOPs per
+// cycle than fp32 FMAs, and a % of the lower peak would pass 100), other rows the fp32 FMA peak.
+double row_peak(const Row& r, double fp32_peak, double bf16_peak) {
+  return r.dtype == dattn::DType::bfloat16 ? std::max(bf16_peak, fp32_peak) : fp32_peak;
+}
+
+void print_table(const std::vector<Row>& rows, double fp32_peak, double bf16_peak) {
   std::printf("| implementation | config | dtype | N | fwd ms (median [min–max]) | fwd GFLOP/s | %% peak | "
               "fwd+bwd ms | fwd+bwd GFLOP/s | %% peak | extra MB (fwd / fwd+bwd) | max rel err |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
@@ -536,6 +547,7 @@ void print_table(const std::vector<Row>& rows, double peak) {
       continue;
     }
     const double g1 = flops / r.fwd->median * 1e-6, g2 = 3.5 * flops / r.fwdbwd->median * 1e-6;
+    const double peak = row_peak(r, fp32_peak, bf16_peak);
     std::printf("%s | %s | %s | %s | %s | %s | %s / %s | %s |\n", ms_cell(*r.fwd).c_str(), sig3(g1).c_str(),
                 sig3(100 * g1 / peak).c_str(), ms_cell(*r.fwdbwd).c_str(), sig3(g2).c_str(),
                 sig3(100 * g2 / peak).c_str(), mb_cell(r.fwd_extra_bytes).c_str(),
@@ -622,8 +634,8 @@ int run(int argc, char** argv) {
   app.add_flag("--no-peers", no_peers, "do not run the PyTorch peers");
   app.add_flag("--quick", quick,
                "a short run: seed and long64k shapes at N=4096, float32 (unless --n or --dtype say otherwise)");
-  app.add_option("--isa", isa, "CPU kernels to bench: auto (the library's choice), scalar, avx2, avx512 or all supported")
-      ->check(CLI::IsMember({"auto", "scalar", "avx2", "avx512", "all"}))
+  app.add_option("--isa", isa, "CPU kernels to bench: auto (the library's choice), scalar, avx2, avx512, avx512_bf16, amx_bf16 or all supported")
+      ->check(CLI::IsMember({"auto", "scalar", "avx2", "avx512", "avx512_bf16", "amx_bf16", "all"}))
       ->capture_default_str();
   app.add_option("--peer-python", peer_pythons,
                  "Python interpreter(s) for bench/peers.py (default: /usr/bin/python3 and $DATTN_TORCH2_PYTHON or "
@@ -770,12 +782,13 @@ int run(int argc, char** argv) {
 
   // Implementations.
   std::vector<std::pair<std::string, const char*>> impls;  // label, forced ISA
-  const char* isa_names[] = {"scalar", "avx2", "avx512"};
-  const dattn::CpuIsa isa_values[] = {dattn::CpuIsa::scalar, dattn::CpuIsa::avx2, dattn::CpuIsa::avx512};
+  const char* isa_names[] = {"scalar", "avx2", "avx512", "avx512_bf16", "amx_bf16"};
+  const dattn::CpuIsa isa_values[] = {dattn::CpuIsa::scalar, dattn::CpuIsa::avx2, dattn::CpuIsa::avx512,
+                                      dattn::CpuIsa::avx512_bf16, dattn::CpuIsa::amx_bf16};
   if (isa == "auto") {
     impls.push_back({std::string("dattn fused (") + dattn::cpu_isa_name(dattn::active_cpu_isa()) + ")", nullptr});
   } else {
-    for (int i = 0; i < 3; ++i)
+    for (int i = 0; i < 5; ++i)
       if ((isa == "all" || isa == isa_names[i])) {
         if (!dattn::cpu_supports(isa_values[i])) {
           if (isa != "all") {
@@ -800,6 +813,11 @@ int run(int argc, char** argv) {
   progress("measured fp32 FMA peak: %.1f GFLOP/s (%s, %d threads); sampled again before each timing, the best "
            "sample is used\n",
            peak.gflops, peak.isa.c_str(), threads);
+  PeakResult bf16_peak = measure_dot_bf16_peak(threads);
+  std::vector<double> bf16_peak_samples{bf16_peak.gflops};
+  if (bf16_peak.gflops > 0)
+    progress("measured bf16 dot-product peak: %.1f GFLOP/s (vdpbf16ps, %d threads); sampled again at the end\n",
+             bf16_peak.gflops, threads);
 
   std::vector<Row> rows;
   for (const Problem& p : problems)
@@ -837,6 +855,14 @@ int run(int argc, char** argv) {
   peak.gflops = *std::max_element(peak_samples.begin(), peak_samples.end());
   progress("fp32 FMA peak: best of %zu samples %.1f GFLOP/s (lowest %.1f)\n", peak_samples.size(), peak.gflops,
            *std::min_element(peak_samples.begin(), peak_samples.end()));
+  if (bf16_peak.gflops > 0) {
+    bf16_peak_samples.push_back(measure_dot_bf16_peak(threads).gflops);
+    bf16_peak.gflops = *std::max_element(bf16_peak_samples.begin(), bf16_peak_samples.end());
+  }
+  std::string bf16_peak_text = ", no bf16 dot-product instruction (bf16 rows' % peak is of fp32)";
+  if (bf16_peak.gflops > 0)
+    bf16_peak_text = ", bf16 dot-product peak " + fmt("%.1f", bf16_peak.gflops) + " GFLOP/s (vdpbf16ps; bf16 rows' % peak " +
+                     (bf16_peak.gflops > peak.gflops ? "is of this one)" : "is of the higher fp32 peak)");
   const double load_end = load_average();
 
   // Table, grouped by problem and dtype.
@@ -847,10 +873,11 @@ int run(int argc, char** argv) {
         if (r.problem.name == p.name && r.problem.N == p.N && r.dtype == dtype) ordered.push_back(r);
   const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
 
-  std::printf("\n## dattn-bench: %s, %d thread(s), measured fp32 FMA peak %.1f GFLOP/s (%s), load average %.2f / %.2f "
-              "(start / end)\n\n",
-              cpu_model().c_str(), threads, peak.gflops, peak.isa.c_str(), load_start, load_end);
-  print_table(ordered, peak.gflops);
+  std::printf("\n## dattn-bench: %s, %d thread(s), measured fp32 FMA peak %.1f GFLOP/s (%s)%s, load average %.2f / "
+              "%.2f (start / end)\n\n",
+              cpu_model().c_str(), threads, peak.gflops, peak.isa.c_str(), bf16_peak_text.c_str(), load_start,
+              load_end);
+  print_table(ordered, peak.gflops, bf16_peak.gflops);
   const auto ratio_list = ratios(ordered);
   if (!ratio_list.empty()) std::printf("\n");
   for (const json& r : ratio_list) {
@@ -880,7 +907,8 @@ int run(int argc, char** argv) {
       "call is the first); fwd+bwd = forward then backward. "
       "GFLOP/s: docs/benchmarks.md's count (4·B·H_i·pairs·D), fwd+bwd 3.5×; %% peak of the fp32 FMA peak measured above "
       "(register-resident %s FMA loop on the same %d thread(s), best of samples taken at the start, before each "
-      "dattn timing and at the end).\n"
+      "dattn timing and at the end); bf16 rows of the higher of that and the bf16 dot-product peak where the CPU has vdpbf16ps "
+      "(register-resident loop of it, 2 FLOPs per product, best of the start and end samples).\n"
       "Extra MB: heap high-water mark during the call above the heap before it (malloc interposed, OpenMP and "
       "library scratch included; mmap'd memory and stacks are not), outputs and lse excluded (preallocated for "
       "dattn; subtracted for the peers), max over all runs.\n"
@@ -904,6 +932,8 @@ int run(int argc, char** argv) {
                     {"peak_gflops_fp32", peak.gflops},
                     {"peak_isa", peak.isa},
                     {"peak_samples_gflops", peak_samples},
+                    {"peak_gflops_bf16_dot", bf16_peak.gflops > 0 ? json(bf16_peak.gflops) : json(nullptr)},
+                    {"peak_bf16_dot_samples_gflops", bf16_peak_samples},
                     {"load_average_start", load_start},
                     {"load_average_end", load_end}};
     j["settings"] = {{"repeats", repeats}, {"warmup", warmup}, {"seed", seed}, {"mode", mode}, {"check_pairs", max_check_pairs},
@@ -925,8 +955,10 @@ int run(int argc, char** argv) {
         row["fwdbwd_ms"] = stat_json(*r.fwdbwd);
         row["fwd_gflops"] = flops / r.fwd->median * 1e-6;
         row["fwdbwd_gflops"] = 3.5 * flops / r.fwdbwd->median * 1e-6;
-        row["fwd_pct_peak"] = 100 * flops / r.fwd->median * 1e-6 / peak.gflops;
-        row["fwdbwd_pct_peak"] = 100 * 3.5 * flops / r.fwdbwd->median * 1e-6 / peak.gflops;
+        const double rated = row_peak(r, peak.gflops, bf16_peak.gflops);
+        row["pct_peak_of"] = rated == peak.gflops ? "fp32_fma" : "bf16_dot";
+        row["fwd_pct_peak"] = 100 * flops / r.fwd->median * 1e-6 / rated;
+        row["fwdbwd_pct_peak"] = 100 * 3.5 * flops / r.fwdbwd->median * 1e-6 / rated;
         row["fwd_extra_mb"] = std::isnan(r.fwd_extra_bytes) ? json(nullptr) : json(r.fwd_extra_bytes / 1048576.0);
         row["fwdbwd_extra_mb"] =
             std::isnan(r.fwdbwd_extra_bytes) ? json(nullptr) : json(r.fwdbwd_extra_bytes / 1048576.0);

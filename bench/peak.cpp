@@ -1,4 +1,4 @@
-// The measured fp32 FMA peak: each of `threads` OpenMP threads runs the widest loop the CPU
+// The measured fp32 FMA and bf16 dot-product peaks: each of `threads` OpenMP threads runs the widest loop the CPU
 // supports for a fixed count; the best of several timed trials (after a warm-up) is reported.
 #include "peak.hpp"
 
@@ -23,20 +23,9 @@ double fma_loop_scalar(long iterations, float* sink) {
   return double(iterations) * 4 * 32 * 2;
 }
 
-PeakResult measure_fma_peak(int threads, int trials, double trial_seconds) {
-  PeakResult result;
-  result.threads = threads;
-  double (*loop)(long, float*) = fma_loop_scalar;
-  result.isa = "scalar";
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) {
-    loop = fma_loop_avx512;
-    result.isa = "avx512";
-  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    loop = fma_loop_avx2;
-    result.isa = "avx2+fma";
-  }
+namespace {
 
+double best_gflops(double (*loop)(long, float*), int threads, int trials, double trial_seconds) {
   // Calibrate on one thread to ~trial_seconds per trial, then run all threads together.
   std::vector<float> sinks(std::size_t(threads) * 16);
   long iterations = 1 << 16;
@@ -59,7 +48,36 @@ PeakResult measure_fma_peak(int threads, int trials, double trial_seconds) {
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (trial > 0) best = std::max(best, flops / s * 1e-9);
   }
-  result.gflops = best;
+  return best;
+}
+
+}  // namespace
+
+PeakResult measure_fma_peak(int threads, int trials, double trial_seconds) {
+  PeakResult result;
+  result.threads = threads;
+  double (*loop)(long, float*) = fma_loop_scalar;
+  result.isa = "scalar";
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) {
+    loop = fma_loop_avx512;
+    result.isa = "avx512";
+  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    loop = fma_loop_avx2;
+    result.isa = "avx2+fma";
+  }
+  result.gflops = best_gflops(loop, threads, trials, trial_seconds);
+  return result;
+}
+
+PeakResult measure_dot_bf16_peak(int threads, int trials, double trial_seconds) {
+  PeakResult result;
+  result.threads = threads;
+  result.isa = "none";
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx512bf16")) return result;
+  result.isa = "avx512_bf16";
+  result.gflops = best_gflops(dot_bf16_loop_avx512, threads, trials, trial_seconds);
   return result;
 }
 

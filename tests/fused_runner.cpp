@@ -139,6 +139,9 @@ void FusedTest::SetUp() {
   if (!dattn::cpu_supports(isa()))
     GTEST_SKIP() << "the " << dattn::cpu_isa_name(isa())
                  << " path is untested on this CPU (it lacks the instructions)";
+  if ((isa() == dattn::CpuIsa::avx512_bf16 || isa() == dattn::CpuIsa::amx_bf16) && dtype() != DType::bfloat16)
+    GTEST_SKIP() << dtype_label(dtype()) << " data run the avx512 kernels under " << dattn::cpu_isa_name(isa())
+                 << " (dispatch.cpp): the avx512 instance tests them";
   ::setenv("DATTN_CPU_ISA", dattn::cpu_isa_name(isa()), 1);
   ASSERT_EQ(dattn::active_cpu_isa(), isa()) << "DATTN_CPU_ISA=" << dattn::cpu_isa_name(isa()) << " was not honoured";
 }

@@ -39,7 +39,8 @@ std::string fused_test_name(const ::testing::TestParamInfo<FusedTest::ParamType>
       ::testing::Combine(::testing::Values(dattn::DType::float32, dattn::DType::bfloat16,       \
                                            dattn::DType::float16),                              \
                          ::testing::Values(dattn::CpuIsa::scalar, dattn::CpuIsa::avx2,          \
-                                           dattn::CpuIsa::avx512)),                             \
+                                           dattn::CpuIsa::avx512, dattn::CpuIsa::avx512_bf16,   \
+                                           dattn::CpuIsa::amx_bf16)),                           \
       ::dattn_test::fused_test_name)
 
 }  // namespace dattn_test

@@ -43,7 +43,8 @@ has_cuda = _C.has_cuda
 
 
 def cpu_isa() -> str:
-    """The SIMD path the CPU kernels run: 'avx512', 'avx2' or 'scalar' (DATTN_CPU_ISA forces one)."""
+    """The SIMD path the CPU kernels run: 'amx_bf16', 'avx512_bf16', 'avx512', 'avx2' or 'scalar'
+    (DATTN_CPU_ISA forces one; the bf16 levels run only bfloat16 data on their own kernels)."""
     return _C.cpu_isa()
 
 

@@ -495,7 +495,8 @@ NB_MODULE(_C, m) {
         "The SIMD path the CPU kernels run (DATTN_CPU_ISA forces one).");
   m.def("cpu_isas_supported", [] {
     std::vector<std::string> names;
-    for (auto isa : {dattn::CpuIsa::scalar, dattn::CpuIsa::avx2, dattn::CpuIsa::avx512}) {
+    for (auto isa : {dattn::CpuIsa::scalar, dattn::CpuIsa::avx2, dattn::CpuIsa::avx512,
+                     dattn::CpuIsa::avx512_bf16, dattn::CpuIsa::amx_bf16}) {
       if (dattn::cpu_supports(isa)) names.emplace_back(dattn::cpu_isa_name(isa));
     }
     return names;

@@ -112,6 +112,30 @@ struct SideView {
   }
 };
 
+// Where the GEMMs round their operands to bf16 (I::dot_bf16), q·scale and dout·output_scale
+// would be rounded once more than the bf16 inputs (up to 2^-9 relative, as much as SPEC's lse
+// bar): there q and dout are packed unscaled and the scales multiply the float32 products.
+struct OperandScales {
+  float q, dout;              // applied when packing
+  float q_product, dout_product;  // applied to every product with a q or dout operand
+};
+template <class I>
+OperandScales operand_scales(const detail::DilatedParams& p) {
+  if constexpr (requires { I::dot_bf16; }) return {1.0f, 1.0f, p.scale, p.output_scale};
+  else return {p.scale, p.output_scale, 1.0f, 1.0f};
+}
+
+// The ISA whose GEMMs keep float32 operands: I itself unless I rounds them to bf16 (I::Exact).
+template <class I>
+struct ExactGemm {
+  using type = I;
+};
+template <class I>
+  requires requires { typename I::Exact; }
+struct ExactGemm<I> {
+  using type = typename I::Exact;
+};
+
 // 0 for a usable key, -inf for a padded key or a padding column.
 template <class I, class T>
 void pack_key_bias(const SideView<I, T>& keys_view, std::int64_t j0, int keys, int padded_keys, float* bias) {
@@ -184,7 +208,7 @@ void forward_tile(const SideView<I, T>& queries_view, Scratch<I>& s, const float
   using reg = typename I::reg;
   const detail::DilatedParams& p = queries_view.p;
   const int Dp = s.padded_d, Qp = padded<I>(queries);
-  gemm<I, false>(keys, Qp, Dp, s.tile_rows_a, Dp, q_cols, kOwnPitch, s.scores, Qp);
+  gemm<I, false>(keys, Qp, Dp, s.tile_rows_a, Dp, q_cols, kOwnPitch, s.scores, Qp, operand_scales<I>(p).q_product);
   for (int i = 0; i < keys; ++i) {
     float* row = s.scores + i * Qp;
     if (s.tile_bias[i] != 0.0f)
@@ -240,7 +264,7 @@ void forward_group(const SideView<I, T>& own, const SideView<I, T>& other, const
   const std::int64_t diagonal = causal_diagonal(own, other);
   for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
     const int chunk = int(std::min(kChunkRows, g.end - c0));
-    own.pack_own(p.q, c0, chunk, p.scale, s.own_a);
+    own.pack_own(p.q, c0, chunk, operand_scales<I>(p).q, s.own_a);
     const std::int64_t key_end =
         diagonal == kNoDiagonal ? g.other_length : std::clamp<std::int64_t>(diagonal + c0 + chunk, 0, g.other_length);
     for (std::int64_t k0 = 0; k0 < key_end; k0 += kTileRows) {
@@ -314,16 +338,19 @@ void softmax_gradient_key_rows(const detail::DilatedParams& p, const WorkItem& i
 // G = P∘Z∘dP. Since dS = P∘(Z∘dP − delta) with delta = Σ_j G_j, one sweep accumulates
 // E = Σ_j G_j·k_j, F = Σ_j P_j·k_j and delta, and dq = scale·(E − delta·F) at the end: delta comes
 // from the same float32 P and dP as the rest (a query with one key gets dq = 0 exactly), not
-// from the rounded out, and no second sweep is needed.
+// from the rounded out, and no second sweep is needed. E and F take float32 GEMMs even where the
+// others round to bf16: E − delta·F cancels where a query has few keys, and bf16 rounding of G and
+// P (up to 2^-9 each) grew past the bf16 bar there (dq relative L2 up to 2.4e-2 on random cases).
 template <class I, class T>
 void dq_group(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
   const detail::DilatedParams& p = own.p;
   const int Dp = s.padded_d;
+  const OperandScales scales = operand_scales<I>(p);
   const std::int64_t diagonal = causal_diagonal(own, other);
   for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
     const int chunk = int(std::min(kChunkRows, g.end - c0));
-    own.pack_own(p.q, c0, chunk, p.scale, s.own_a);
-    own.pack_own(p.dout, c0, chunk, p.output_scale, s.own_b);
+    own.pack_own(p.q, c0, chunk, scales.q, s.own_a);
+    own.pack_own(p.dout, c0, chunk, scales.dout, s.own_b);
     pack_lse_delta(own, c0, chunk, padded<I>(chunk), s.own_lse, s.own_delta, false);  // delta 0: dS becomes G
     const std::int64_t key_end =
         diagonal == kNoDiagonal ? g.other_length : std::clamp<std::int64_t>(diagonal + c0 + chunk, 0, g.other_length);
@@ -337,8 +364,9 @@ void dq_group(const SideView<I, T>& own, const SideView<I, T>& other, const Grou
         const CausalPair pair = record_pair(own, q0, queries, other, k0, keys, s);
         if (pair == CausalPair::skipped) continue;
         const std::int64_t at = q0 - c0, state = own.state(q0), ldc = own.state_step() * Dp;
-        gemm<I, false>(keys, Qp, Dp, s.tile_rows_a, Dp, s.own_a + at, kOwnPitch, s.scores, Qp);
-        gemm<I, false>(keys, Qp, Dp, s.tile_rows_b, Dp, s.own_b + at, kOwnPitch, s.grad_scores, Qp);
+        gemm<I, false>(keys, Qp, Dp, s.tile_rows_a, Dp, s.own_a + at, kOwnPitch, s.scores, Qp, scales.q_product);
+        gemm<I, false>(keys, Qp, Dp, s.tile_rows_b, Dp, s.own_b + at, kOwnPitch, s.grad_scores, Qp,
+                       scales.dout_product);
         softmax_gradient_key_rows(p, own.item, s, s.tile_bias, s.own_lse + at, s.own_delta + at, keys, queries, Qp,
                                   pair == CausalPair::masked);
         for (int c = 0; c < Qp; c += I::width) {  // delta += column sums of G
@@ -347,8 +375,9 @@ void dq_group(const SideView<I, T>& own, const SideView<I, T>& other, const Grou
           I::store(s.column_max + c, sum);
         }
         for (int c = 0; c < queries; ++c) s.row_delta[state + c * own.state_step()] += s.column_max[c];
-        gemm<I, true, true>(queries, Dp, keys, s.grad_scores, Qp, s.tile_rows_a, Dp, s.acc + state * Dp, ldc);
-        gemm<I, true, true>(queries, Dp, keys, s.scores, Qp, s.tile_rows_a, Dp, s.acc2 + state * Dp, ldc);
+        using Exact = typename ExactGemm<I>::type;
+        gemm<Exact, true, true>(queries, Dp, keys, s.grad_scores, Qp, s.tile_rows_a, Dp, s.acc + state * Dp, ldc);
+        gemm<Exact, true, true>(queries, Dp, keys, s.scores, Qp, s.tile_rows_a, Dp, s.acc2 + state * Dp, ldc);
       }
     }
   }
@@ -360,6 +389,7 @@ template <class I, class T>
 void dkdv_group(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
   const detail::DilatedParams& p = own.p;
   const int Dp = s.padded_d;
+  const OperandScales scales = operand_scales<I>(p);
   const std::int64_t diagonal = causal_diagonal(own, other);
   for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
     const int chunk = int(std::min(kChunkRows, g.end - c0));
@@ -369,20 +399,23 @@ void dkdv_group(const SideView<I, T>& own, const SideView<I, T>& other, const Gr
     const std::int64_t query_begin = diagonal == kNoDiagonal ? 0 : std::max<std::int64_t>(0, diagonal + c0);
     for (std::int64_t q0 = query_begin; q0 < g.other_length; q0 += kTileRows) {
       const int queries = int(std::min(kTileRows, g.other_length - q0));
-      other.pack_tile(p.q, q0, queries, p.scale, s.tile_rows_a);
-      other.pack_tile(p.dout, q0, queries, p.output_scale, s.tile_rows_b);
+      other.pack_tile(p.q, q0, queries, scales.q, s.tile_rows_a);
+      other.pack_tile(p.dout, q0, queries, scales.dout, s.tile_rows_b);
       pack_lse_delta(other, q0, queries, queries, s.tile_lse, s.tile_delta, true);
       for (std::int64_t k0 = c0; k0 < c0 + chunk; k0 += kTileRows) {
         const int keys = int(std::min(kTileRows, c0 + chunk - k0)), Kp = padded<I>(keys);
         const CausalPair pair = record_pair(other, q0, queries, own, k0, keys, s);
         if (pair == CausalPair::skipped) continue;
         const std::int64_t at = k0 - c0, state = own.state(k0) * Dp, ldc = own.state_step() * Dp;
-        gemm<I, false>(queries, Kp, Dp, s.tile_rows_a, Dp, s.own_a + at, kOwnPitch, s.scores, Kp);
-        gemm<I, false>(queries, Kp, Dp, s.tile_rows_b, Dp, s.own_b + at, kOwnPitch, s.grad_scores, Kp);
+        gemm<I, false>(queries, Kp, Dp, s.tile_rows_a, Dp, s.own_a + at, kOwnPitch, s.scores, Kp, scales.q_product);
+        gemm<I, false>(queries, Kp, Dp, s.tile_rows_b, Dp, s.own_b + at, kOwnPitch, s.grad_scores, Kp,
+                       scales.dout_product);
         softmax_gradient_query_rows(p, own.item, s, s.own_bias + at, s.tile_lse, s.tile_delta, queries, keys, Kp,
                                     pair == CausalPair::masked);
-        gemm<I, true, true>(keys, Dp, queries, s.scores, Kp, s.tile_rows_b, Dp, s.acc2 + state, ldc);
-        gemm<I, true, true>(keys, Dp, queries, s.grad_scores, Kp, s.tile_rows_a, Dp, s.acc + state, ldc);
+        gemm<I, true, true>(keys, Dp, queries, s.scores, Kp, s.tile_rows_b, Dp, s.acc2 + state, ldc,
+                            scales.dout_product);
+        gemm<I, true, true>(keys, Dp, queries, s.grad_scores, Kp, s.tile_rows_a, Dp, s.acc + state, ldc,
+                            scales.q_product);
       }
     }
   }
@@ -559,6 +592,20 @@ void dkdv_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>&
   });
 }
 
+// Per-thread state of an ISA (AMX's tile configuration), set up for one parallel region: every
+// GEMM runs inside one, and nothing of the state outlives the call.
+template <class I>
+struct ThreadState {
+  ThreadState() {
+    if constexpr (requires { I::begin_thread(); }) I::begin_thread();
+  }
+  ~ThreadState() {
+    if constexpr (requires { I::end_thread(); }) I::end_thread();
+  }
+  ThreadState(const ThreadState&) = delete;
+  ThreadState& operator=(const ThreadState&) = delete;
+};
+
 // Runs body(item, scratch) over all work items, dynamically scheduled, longest first.
 template <class I, class Body>
 void run_item_list(const detail::DilatedParams& p, const std::vector<WorkItem>& items, Body&& body) {
@@ -566,6 +613,7 @@ void run_item_list(const detail::DilatedParams& p, const std::vector<WorkItem>& 
   for (const WorkItem& item : items) state_rows = std::max(state_rows, item.state_rows);
 #pragma omp parallel
   {
+    const ThreadState<I> thread_state;
     Scratch<I> scratch(int(p.head_dim), state_rows);
 #pragma omp for schedule(dynamic, 1)
     for (std::size_t i = 0; i < items.size(); ++i) body(items[i], scratch);

@@ -2,6 +2,8 @@
 // Packed (varlen) and decode batches run sequence by sequence; grouped-query gradients are summed
 // over the query heads that share a key/value head.
 #include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -18,6 +20,23 @@
 #include "validate.hpp"
 
 namespace dattn {
+namespace {
+
+// Linux enables AMX tile data per process on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); without it the first tile instruction kills the process. Asked once.
+bool amx_permitted() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  static const bool granted = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return granted;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
 
 bool cpu_supports(CpuIsa isa) {
   switch (isa) {
@@ -28,6 +47,10 @@ bool cpu_supports(CpuIsa isa) {
       return cpu_supports(CpuIsa::avx2) && __builtin_cpu_supports("avx512f") &&
              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl");
+    case CpuIsa::avx512_bf16: return cpu_supports(CpuIsa::avx512) && __builtin_cpu_supports("avx512bf16");
+    case CpuIsa::amx_bf16:
+      return cpu_supports(CpuIsa::avx512_bf16) && __builtin_cpu_supports("amx-tile") &&
+             __builtin_cpu_supports("amx-bf16") && amx_permitted();
   }
   return false;
 }
@@ -37,6 +60,8 @@ const char* cpu_isa_name(CpuIsa isa) {
     case CpuIsa::scalar: return "scalar";
     case CpuIsa::avx2: return "avx2";
     case CpuIsa::avx512: return "avx512";
+    case CpuIsa::avx512_bf16: return "avx512_bf16";
+    case CpuIsa::amx_bf16: return "amx_bf16";
   }
   return "unknown";
 }
@@ -44,15 +69,21 @@ const char* cpu_isa_name(CpuIsa isa) {
 CpuIsa active_cpu_isa() {
   const char* forced = std::getenv("DATTN_CPU_ISA");
   if (forced && *forced) {
-    for (CpuIsa isa : {CpuIsa::scalar, CpuIsa::avx2, CpuIsa::avx512})
+    for (CpuIsa isa : {CpuIsa::scalar, CpuIsa::avx2, CpuIsa::avx512, CpuIsa::avx512_bf16, CpuIsa::amx_bf16})
       if (std::string(forced) == cpu_isa_name(isa)) {
         if (!cpu_supports(isa))
           throw Error(std::string("DATTN_CPU_ISA=") + forced + " but this CPU lacks " + forced +
+                      (isa == CpuIsa::amx_bf16 ? " (or the kernel refused the AMX tile state)" : "") +
                       "; expected one of the supported paths or unset");
         return isa;
       }
-    throw Error(std::string("DATTN_CPU_ISA=") + forced + "; expected scalar, avx2 or avx512");
+    throw Error(std::string("DATTN_CPU_ISA=") + forced + "; expected scalar, avx2, avx512, avx512_bf16 or amx_bf16");
   }
+  // amx_bf16 is the default where the CPU (and kernel) allow it: its tests pass at SPEC's bfloat16
+  // bar on such a CPU and it beat avx512 there. avx512_bf16 is never picked by default: on that
+  // CPU vdpbf16ps ran at half the fp32 FMA rate in FLOPs and its kernels were slower than avx512;
+  // a CPU where it wins (Zen 4 is expected to be one) must be measured before it is preferred.
+  if (cpu_supports(CpuIsa::amx_bf16)) return CpuIsa::amx_bf16;
   if (cpu_supports(CpuIsa::avx512)) return CpuIsa::avx512;
   if (cpu_supports(CpuIsa::avx2)) return CpuIsa::avx2;
   return CpuIsa::scalar;
@@ -61,8 +92,14 @@ CpuIsa active_cpu_isa() {
 namespace cpu {
 namespace {
 
+// Under avx512_bf16 and amx_bf16 only bfloat16 data take the bf16-operand kernels: float32 and float16 inputs
+// would lose precision to bf16 operands, so they run the avx512 kernels.
 void forward_isa(const detail::DilatedParams& params) {
   switch (active_cpu_isa()) {
+    case CpuIsa::avx512_bf16:
+      return params.dtype == DType::bfloat16 ? forward_avx512_bf16(params) : forward_avx512(params);
+    case CpuIsa::amx_bf16:
+      return params.dtype == DType::bfloat16 ? forward_amx_bf16(params) : forward_avx512(params);
     case CpuIsa::avx512: return forward_avx512(params);
     case CpuIsa::avx2: return forward_avx2(params);
     case CpuIsa::scalar: return forward_scalar(params);
@@ -71,6 +108,10 @@ void forward_isa(const detail::DilatedParams& params) {
 
 void backward_isa(const detail::DilatedParams& params) {
   switch (active_cpu_isa()) {
+    case CpuIsa::avx512_bf16:
+      return params.dtype == DType::bfloat16 ? backward_avx512_bf16(params) : backward_avx512(params);
+    case CpuIsa::amx_bf16:
+      return params.dtype == DType::bfloat16 ? backward_amx_bf16(params) : backward_avx512(params);
     case CpuIsa::avx512: return backward_avx512(params);
     case CpuIsa::avx2: return backward_avx2(params);
     case CpuIsa::scalar: return backward_scalar(params);
