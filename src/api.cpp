@@ -127,6 +127,16 @@ CudaKernels cuda_kernel_generation(const TensorView& q, bool backward, const Lau
 #endif
 }
 
+std::vector<CudaKernels> cuda_kernel_generations_built() {
+#if defined(DATTN_WITH_SM90)
+  return {CudaKernels::sm80, CudaKernels::sm90};
+#elif defined(DATTN_WITH_CUDA)
+  return {CudaKernels::sm80};
+#else
+  return {};
+#endif
+}
+
 void merge_partial(const TensorView& out, const TensorView& lse, const TensorView& step_out,
                    const TensorView& step_lse) {
   detail::check_merge(out, lse, step_out, step_lse);

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "dattn/config.hpp"
 #include "dattn/tensor.hpp"
@@ -57,6 +58,10 @@ struct LaunchOptions {
 // CUDA tensors of q's dtype, head dim and device under options.cuda_kernels; an error where that
 // request cannot run (or q is not a CUDA tensor, or the build has no CUDA backend).
 CudaKernels cuda_kernel_generation(const TensorView& q, bool backward, const LaunchOptions& options = {});
+
+// The CUDA kernel generations this build has: none without the CUDA backend, sm80, and sm90 where
+// it was built with DATTN_SM90.
+std::vector<CudaKernels> cuda_kernel_generations_built();
 
 void forward(const DilatedConfig& config, const TensorView& q, const TensorView& k,
              const TensorView& v, const TensorView& out, const TensorView& lse,

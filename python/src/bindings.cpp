@@ -503,6 +503,12 @@ NB_MODULE(_C, m) {
   }, "The compiled CPU SIMD paths this CPU can run.");
   // What the build has (python/CMakeLists.txt passes these from the resolved CMake options).
   m.attr("cuda_architectures") = std::string(DATTN_PYTHON_CUDA_ARCHS);
+  m.def("cuda_kernel_generations", [] {
+    std::vector<std::string> names;
+    for (const dattn::CudaKernels k : dattn::cuda_kernel_generations_built())
+      names.push_back(k == dattn::CudaKernels::sm90 ? "sm90" : "sm80");
+    return names;
+  });
   m.attr("has_mpi") = bool(DATTN_PYTHON_WITH_MPI);
   m.attr("has_nccl") = bool(DATTN_PYTHON_WITH_NCCL);
 }

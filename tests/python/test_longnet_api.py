@@ -188,6 +188,8 @@ def test_longnet_gradcheck():
 
 def test_backends_report():
     info = dattn.backends()
-    assert set(info) == {"cpu_isas", "cpu_isa", "cuda", "cuda_architectures", "cuda_device_visible", "mpi", "nccl"}
+    assert set(info) == {"cpu_isas", "cpu_isa", "cuda", "cuda_architectures", "cuda_device_visible", "cuda_kernels",
+                         "mpi", "nccl"}
+    assert (info["cuda_kernels"] != []) == info["cuda"] and set(info["cuda_kernels"]) <= {"sm80", "sm90"}
     assert "scalar" in info["cpu_isas"] and info["cpu_isa"] in info["cpu_isas"]
     assert info["cuda"] == dattn.has_cuda and (info["cuda_architectures"] != []) == info["cuda"]
