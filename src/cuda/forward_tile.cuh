@@ -43,12 +43,20 @@ __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const
                                            float (&correction)[2], float (&row_max)[2], float (&row_sum)[2],
                                            std::int64_t k0, std::int64_t warp_row0, const std::int64_t (&qi)[2],
                                            const int (&query_position)[2], const float* bias,
-                                           const int* key_position, float scale_log2) {
+                                           const int* key_position, float scale_log2,
+                                           bool masked_columns = true) {
   const int t = threadIdx.x % 4;
+  if (masked_columns) {
 #pragma unroll
-  for (int n = 0; n < BN / 8; ++n)
+    for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) s[n][e] = s[n][e] * scale_log2 + bias[n * 8 + 2 * t + (e & 1)];
+      for (int e = 0; e < 4; ++e) s[n][e] = s[n][e] * scale_log2 + bias[n * 8 + 2 * t + (e & 1)];
+  } else {  // every key of the tile valid and unpadded: the bias is all zeros
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] *= scale_log2;
+  }
   if (kWalk == Walk::indexed && p.causal) {  // an index map: causality by original positions
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n)

@@ -84,9 +84,9 @@ struct Sm90ForwardShape {
   static constexpr int kProducerRegisters = 56, kConsumerRegisters = 224;
   static constexpr int kQBytes = kBlockM * D * 2, kKvBytes = kBlockN * D * 2;
   // 1024 bytes to align the tiles (wgmma's swizzle), Q, per stage K and V, the key bias and the
-  // keys' positions, then a full and an empty barrier per stage.
+  // keys' positions, then three barriers per stage (full, keys, empty).
   static constexpr std::size_t kSmemBytes =
-      1024 + kQBytes + 2 * kStages * kKvBytes + 2 * kStages * kBlockN * 4 + 2 * kStages * 8;
+      1024 + kQBytes + 2 * kStages * kKvBytes + 2 * kStages * kBlockN * 4 + 3 * kStages * 8;
 };
 
 template <class T, int D, int S>

@@ -66,7 +66,9 @@ __device__ __forceinline__ void issue_pv(float (&acc)[D / 8][4], const std::uint
 }
 
 // The shared memory of a block: the query tile, then per stage K, V (swizzled), the key bias and
-// the keys' positions, then the stages' full and empty barriers.
+// the keys' positions, then the stages' barriers: `full` completes when the stage's copies have
+// landed, `keys` when the producer's plain stores (the key bias and positions) are done, `empty`
+// when both consumers are done with the stage. Each thread arrives once per phase on each.
 template <int D>
 struct Stages {
   using Shape = Sm90ForwardShape<D>;
@@ -76,6 +78,7 @@ struct Stages {
   float* bias;
   int* key_position;
   std::uint64_t* full;
+  std::uint64_t* keys;
   std::uint64_t* empty;
   __device__ explicit Stages(unsigned char* raw) {
     unsigned char* base = raw + ((1024 - smem_address(raw) % 1024) % 1024);
@@ -85,7 +88,8 @@ struct Stages {
     bias = reinterpret_cast<float*>(v + Shape::kStages * Shape::kKvBytes);
     key_position = reinterpret_cast<int*>(bias + Shape::kStages * Shape::kBlockN);
     full = reinterpret_cast<std::uint64_t*>(key_position + Shape::kStages * Shape::kBlockN);
-    empty = full + Shape::kStages;
+    keys = full + Shape::kStages;
+    empty = keys + Shape::kStages;
   }
 };
 
@@ -104,6 +108,7 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
       // The phase this thread arrived at last time on this stage (complete: the consumers emptied
       // it); every arrival is waited for, as compute-sanitizer's synccheck expects.
       barrier_wait(st.full + stage, (it / kStages + 1) & 1);
+      barrier_wait(st.keys + stage, (it / kStages + 1) & 1);
     }
     if (it == 0)
       load_rows<T, 1, BM, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.q), 0, p.q, w, w.query, w.tile_begin,
@@ -115,10 +120,12 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
                                               p.v, w, w.key, k0, valid);
     key_bias(p, w, k0, valid, BN, st.bias + stage * BN, causal_by_position ? st.key_position + stage * BN : nullptr);
     cp_async_arrive(st.full + stage);  // the stage's copies, when they land
-    barrier_arrive(st.full + stage);   // this thread's plain stores (the key bias)
+    barrier_arrive(st.keys + stage);   // this thread's plain stores (the key bias)
   }
-  for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it)
+  for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it) {
     barrier_wait(st.full + it % kStages, (it / kStages) & 1);  // the last arrivals' phases
+    barrier_wait(st.keys + it % kStages, (it / kStages) & 1);
+  }
 }
 
 // Warpgroups 1 and 2: the online softmax over the key tiles of the stages, then the epilogue.
@@ -144,6 +151,7 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const La
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
     barrier_wait(st.full + stage, (it / kStages) & 1);
+    barrier_wait(st.keys + stage, (it / kStages) & 1);
     fence_async_shared();
     float s[BN / 8][4];
     fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
@@ -157,8 +165,9 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const La
     fence_registers(reinterpret_cast<Flat<BN / 2>&>(s));
     // The softmax of this tile while the previous P·V runs; acc is rescaled once that is done.
     float correction[2];
+    const bool masked_columns = tiles.valid(it) < BN || p.key_padding_mask != nullptr;
     score_tile<BN, kWalk>(p, w, s, correction, row_max, row_sum, tiles.start(it), warp_row0, qi, query_position,
-                          st.bias + stage * BN, st.key_position + stage * BN, scale_log2);
+                          st.bias + stage * BN, st.key_position + stage * BN, scale_log2, masked_columns);
     wgmma_wait<0>();
     fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
     if (it > kStages) barrier_wait(st.empty + previous, ((it - 1) / kStages + 1) & 1);  // the last arrival's phase
@@ -188,7 +197,8 @@ __global__ void __launch_bounds__(Sm90ForwardShape<D>::kThreads, 1)
   const Stages<D> st(smem_raw);
   if (threadIdx.x == 0)
     for (int s = 0; s < Shape::kStages; ++s) {
-      barrier_init(st.full + s, 128);  // the producer's threads
+      barrier_init(st.full + s, 128);  // the producer's threads, when their copies land
+      barrier_init(st.keys + s, 128);  // the producer's threads
       barrier_init(st.empty + s, 256);  // the consumers' threads
     }
   __syncthreads();

@@ -19,10 +19,10 @@ __device__ __forceinline__ void barrier_arrive(std::uint64_t* barrier) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_address(barrier)) : "memory");
 }
 
-// Arrive when this thread's cp.async copies issued so far have landed (the barrier's pending
-// count is raised now and lowered then, so the phase also waits for them).
+// Arrive when this thread's cp.async copies issued so far have landed: the arrival counts toward
+// the barrier's count (noinc), so each thread arrives once per phase.
 __device__ __forceinline__ void cp_async_arrive(std::uint64_t* barrier) {
-  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(smem_address(barrier)) : "memory");
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_address(barrier)) : "memory");
 }
 
 // Wait until the phase of parity `parity` has completed (acquire).
