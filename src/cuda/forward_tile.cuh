@@ -46,17 +46,21 @@ __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const
                                            const int* key_position, float scale_log2,
                                            bool masked_columns = true) {
   const int t = threadIdx.x % 4;
+  // Every key of the tile valid and unpadded (the bias all zeros) and a positive scale: the raw
+  // scores stay as they are, the max is scaled once per row and the scale goes into the exp2's FFMA.
+  const bool fold = !masked_columns && scale_log2 > 0.0f;
   if (masked_columns) {
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[n][e] = s[n][e] * scale_log2 + bias[n * 8 + 2 * t + (e & 1)];
-  } else {  // every key of the tile valid and unpadded: the bias is all zeros
+  } else if (!fold) {
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[n][e] *= scale_log2;
   }
+  const float factor = fold ? scale_log2 : 1.0f;
   if (kWalk == Walk::indexed && p.causal) {  // an index map: causality by original positions
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n)
@@ -78,15 +82,15 @@ __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const
     for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float new_max = fmaxf(row_max[r], mx);
+    const float new_max = fmaxf(row_max[r], mx * factor);
     const float base = new_max == neg_inf() ? 0.0f : new_max;
     correction[r] = fast_exp2(row_max[r] - base);
     row_max[r] = new_max;
     float sum = 0.0f;
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n) {
-      s[n][2 * r] = fast_exp2(s[n][2 * r] - base);
-      s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - base);
+      s[n][2 * r] = fast_exp2(fmaf(s[n][2 * r], factor, -base));
+      s[n][2 * r + 1] = fast_exp2(fmaf(s[n][2 * r + 1], factor, -base));
       sum += s[n][2 * r] + s[n][2 * r + 1];
     }
     row_sum[r] = row_sum[r] * correction[r] + sum;
