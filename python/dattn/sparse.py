@@ -91,10 +91,13 @@ class _BlockSparseFunction(torch.autograd.Function):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
         dout = _ops._gradient(grad_out, out)
         dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-        # No delta workspace (unlike the dilated backward): the kernel's blocks compute rowsum(dO∘O)
-        # themselves, which keeps the backward's peak memory at its inputs and gradients.
+        # CUDA: a [B, H, N] float32 workspace for the delta pass, as the dilated backward's (the sm90
+        # kernels read delta from it; the sm80 ones then skip recomputing it in every block).
+        workspace = torch.empty(q.size(0) * q.size(1) * q.size(2), dtype=torch.float32, device=q.device) \
+            if q.device.type == "cuda" else None
         _C.block_sparse_backward(ctx.mask, *ctx.views, *(_ops._view(t) for t in (dout, dq, dk, dv)), *ctx.config,
-                                 _ops._stream(q))
+                                 _ops._stream(q), workspace=0 if workspace is None else workspace.data_ptr(),
+                                 workspace_bytes=0 if workspace is None else 4 * workspace.numel())
         return (dq, dk, dv) + (None,) * 7
 
 

@@ -9,14 +9,10 @@
 // into what the launches before wrote.
 #pragma once
 
+#include "cuda/backward_tile.cuh"
 #include "cuda/forward_kernel.cuh"
 
 namespace dattn::cuda {
-
-// A probability this close to 1 leaves the rest of its row below fp32 resolution, so its dS =
-// P·(dP − delta) is 0 up to rounding (exactly 0 when the row attends one key): it is set to 0, so
-// that a row attending a single key gets the exactly-zero gradient the reference gives it.
-inline constexpr float kSingleKey = 0.99999f;
 
 template <class T, int D, int S, Walk kWalk>
 __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool accumulate, const BlockWork& w,
@@ -40,7 +36,6 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
 
-  const std::int64_t shift = w.causal_shift;
   const Side& qs = w.query;
   const auto tiles = other_tiles<BO, kWalk>(p, w);
   const bool delta_given = p.softmax_delta != nullptr;
@@ -72,8 +67,6 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
     load_queries(0, 0);
     cp_async_commit();
 
-    const float scale_log2 = p.scale * kLog2e;
-    const bool dropout = p.dropout_p > 0.0f;
     float own_bias[2] = {0.0f, 0.0f};
     for (int it = 0; it < num_tiles; ++it) {
       const int stage = kStages == 2 ? it % 2 : 0;
@@ -117,49 +110,15 @@ __device__ __forceinline__ void dkdv_block(const detail::DilatedParams& p, bool 
                            Shape::kOwnPlane * 2, Shape::kOtherPlane * 2, kRowBytes);
       gemm_nt<M, S, D, BO>(dpt, smem_address(sV + warp * 16 * kStride), smem_address(other(stage, 1)),
                            Shape::kOwnPlane * 2, Shape::kOtherPlane * 2, kRowBytes);
-      const std::int64_t j0 = tiles.start(it);
-      const int valid_q = tiles.valid(it);
-      const std::uint32_t keep = dropout ? dropout_bits<BO / 8>(p, w, kj[0], kj[1], j0, true) : 0u;
-      // Causal: query column col sees key row r iff col >= first[r]; else every column is in range.
-      const bool causal_by_order = p.causal && !causal_by_position;  // side order is position order
-      const int first[2] = {causal_by_order ? int(imax(-1, kj[0] - shift - j0)) : 0,
-                            causal_by_order ? int(imax(-1, kj[1] - shift - j0)) : 0};
-#pragma unroll
-      for (int n = 0; n < BO / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = e >> 1, col = n * 8 + 2 * t + (e & 1);
-          const float row_lse = lse[col];
-          const bool valid = col < valid_q && own_bias[r] == 0.0f && row_lse != neg_inf() && col >= first[r] &&
-                             !(causal_by_position && query_position[col] < key_position[r]);
-          const float prob = valid ? fast_exp2(st[n][e] * scale_log2 - row_lse * kLog2e) : 0.0f;
-          const float z = !dropout ? 1.0f : (keep >> (4 * n + e)) & 1u ? p.dropout_rescale : 0.0f;
-          dpt[n][e] = prob >= kSingleKey ? 0.0f : prob * (dpt[n][e] * p.output_scale * z - delta[col]);
-          st[n][e] = prob * z;
-        }
+      key_tile_gradients<BO, kWalk>(p, w, st, dpt, kj, own_bias, key_position, tiles.start(it), tiles.valid(it), lse,
+                                    delta, query_position);
       gemm_pn<M, S, BO, D>(dv, st, smem_address(other(stage, 1)), Shape::kOtherPlane * 2, kRowBytes);
       gemm_pn<M, S, BO, D>(dk, dpt, smem_address(other(stage, 0)), Shape::kOtherPlane * 2, kRowBytes);
       __syncthreads();
     }
   }
 
-  const float old_weight = accumulate ? 1.0f : 0.0f;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (kj[r] >= w.tile_begin + w.tile_rows) continue;
-    const std::int64_t row = w.row(w.key, kj[r]);
-    auto store = [&](auto* dk_row, auto* dv_row) {
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        store2(dk_row + n * 8 + 2 * t, dk[n][2 * r] * p.scale, dk[n][2 * r + 1] * p.scale, old_weight);
-        store2(dv_row + n * 8 + 2 * t, dv[n][2 * r] * p.output_scale, dv[n][2 * r + 1] * p.output_scale, old_weight);
-      }
-    };
-    if (p.float32_outputs)
-      store(row_pointer<float>(p.dk, w.batch, w.head, row), row_pointer<float>(p.dv, w.batch, w.head, row));
-    else
-      store(row_pointer<T>(p.dk, w.batch, w.head, row), row_pointer<T>(p.dv, w.batch, w.head, row));
-  }
+  write_gradient_rows<T, D>(p, w, w.key, kj, accumulate, p.dk, dk, p.scale, &p.dv, &dv, p.output_scale);
   if (!accumulate) zero_unselected<T, D, kThreads>(p, w, &p.dk, &p.dv, false);
 }
 
@@ -177,13 +136,12 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
   float* other_floats = reinterpret_cast<float*>(sOther + kStages * 3 * Shape::kOtherElems) + Shape::kFloatsOwn;
   auto other = [&](int stage, int which) { return sOther + (stage * 3 + which) * Shape::kOtherElems; };
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
   const std::int64_t qi[2] = {w.tile_begin + warp * 16 + g, w.tile_begin + warp * 16 + g + 8};
   float dq[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
 
-  const std::int64_t shift = w.causal_shift;
   const Side& qs = w.query;
   const auto tiles = other_tiles<BO, kWalk>(p, w);
   const bool delta_given = p.softmax_delta != nullptr;
@@ -206,17 +164,9 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
     load_keys(0, 0);
     cp_async_commit();
 
-    float lse2[2], delta[2] = {0.0f, 0.0f};  // lse in log2 units (+inf: the row attends nothing)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const bool own = qi[r] < w.tile_begin + w.tile_rows;
-      const float x = own ? *lse_pointer(p, w.batch, w.head, w.row(qs, qi[r])) : neg_inf();
-      lse2[r] = x == neg_inf() ? pos_inf() : x * kLog2e;
-      if (delta_given && own) delta[r] = *delta_pointer(p, w.batch, w.head, w.row(qs, qi[r]));
-    }
+    float lse2[2], delta[2];
+    query_rows_lse(p, w, qi, lse2, delta);
 
-    const float scale_log2 = p.scale * kLog2e;
-    const bool dropout = p.dropout_p > 0.0f;
     for (int it = 0; it < num_tiles; ++it) {
       const int stage = kStages == 2 ? it % 2 : 0;
       if constexpr (kStages == 2) {
@@ -241,43 +191,15 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
                            Shape::kOwnPlane * 2, Shape::kOtherPlane * 2, kRowBytes);
       gemm_nt<M, S, D, BO>(dp, smem_address(sdO + warp * 16 * kStride), smem_address(other(stage, 1)),
                            Shape::kOwnPlane * 2, Shape::kOtherPlane * 2, kRowBytes);
-      const std::int64_t k0 = tiles.start(it);
       const float* bias = other_floats + stage * 3 * BO;
       const int* key_position = reinterpret_cast<const int*>(other_floats + stage * 3 * BO + BO);
-      const std::uint32_t keep = dropout ? dropout_bits<BO / 8>(p, w, qi[0], qi[1], k0, false) : 0u;
-      // Causal: key column col is visible to query row r iff col <= last[r]; else every column is.
-      const bool causal_by_order = p.causal && !causal_by_position;  // side order is position order
-      const int last[2] = {causal_by_order ? int(imin(BO, qi[0] + shift - k0)) : BO,
-                           causal_by_order ? int(imin(BO, qi[1] + shift - k0)) : BO};
-#pragma unroll
-      for (int n = 0; n < BO / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = e >> 1, col = n * 8 + 2 * t + (e & 1);
-          const bool valid = bias[col] == 0.0f && col <= last[r] &&
-                             !(causal_by_position && key_position[col] > query_position[r]);
-          const float prob = valid ? fast_exp2(s[n][e] * scale_log2 - lse2[r]) : 0.0f;
-          const float z = !dropout ? 1.0f : (keep >> (4 * n + e)) & 1u ? p.dropout_rescale : 0.0f;
-          s[n][e] = prob >= kSingleKey ? 0.0f : prob * (dp[n][e] * p.output_scale * z - delta[r]);
-        }
+      query_tile_gradients<BO, kWalk>(p, w, s, dp, qi, lse2, delta, query_position, tiles.start(it), bias, key_position);
       gemm_pn<M, S, BO, D>(dq, s, smem_address(other(stage, 0)), Shape::kOtherPlane * 2, kRowBytes);
       __syncthreads();
     }
   }
 
-  const float old_weight = accumulate ? 1.0f : 0.0f;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (qi[r] >= w.tile_begin + w.tile_rows) continue;
-    auto store = [&](auto* dq_row) {
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n)
-        store2(dq_row + n * 8 + 2 * t, dq[n][2 * r] * p.scale, dq[n][2 * r + 1] * p.scale, old_weight);
-    };
-    const std::int64_t row = w.row(qs, qi[r]);
-    if (p.float32_outputs) store(row_pointer<float>(p.dq, w.batch, w.head, row));
-    else store(row_pointer<T>(p.dq, w.batch, w.head, row));
-  }
+  write_gradient_rows<T, D>(p, w, w.query, qi, accumulate, p.dq, dq, p.scale, nullptr, nullptr, 0.0f);
   if (!accumulate) zero_unselected<T, D, kThreads>(p, w, &p.dq, nullptr, false);
 }
 

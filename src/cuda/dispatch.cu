@@ -157,13 +157,22 @@ void forward_launch_sm90(const DilatedParams& p, const LaunchPlan& plan, cudaStr
 #endif
   return launch_forward_sm90<T, 64>(p, plan, s);  // kernel_generation admits these head dims only
 }
+
+template <class T>
+void backward_launch_sm90(const DilatedParams& p, const LaunchPlan& plan, cudaStream_t s) {
+#ifndef DATTN_CUDA_MINIMAL
+  if (p.head_dim == 128) return launch_backward_sm90<T, 128>(p, plan, s);
+#endif
+  return launch_backward_sm90<T, 64>(p, plan, s);
+}
 #endif
 
-// The sm90 kernels cover 16-bit forward calls of head dim 64 or 128 on a device of compute
-// capability 9.x, in builds with DATTN_SM90.
+// The sm90 kernels cover 16-bit calls of head dim 64 or 128 on a device of compute capability 9.x,
+// in builds with DATTN_SM90; a backward needs delta given (the workspace pass, or a ring step's).
 bool sm90_covers(const DilatedParams& p, bool backward) {
 #ifdef DATTN_WITH_SM90
-  if (backward || (p.dtype != DType::bfloat16 && p.dtype != DType::float16)) return false;
+  if (p.dtype != DType::bfloat16 && p.dtype != DType::float16) return false;
+  if (backward && p.softmax_delta == nullptr) return false;
 #ifdef DATTN_CUDA_MINIMAL
   if (p.head_dim != 64) return false;
 #else
@@ -204,17 +213,27 @@ void run_forward(const DilatedParams& p) {
                        [&](const LaunchPlan& plan) { forward_launch<T, S>(p, plan, stream); });
 }
 
+// As launch_forward_plans, for the backward's two roles (each later launch adds to the gradients).
+template <class Launch>
+void launch_backward_plans(const DilatedParams& p, int rows, Launch launch) {
+  const bool ring = p.float32_outputs;  // ring steps add into the accumulators
+  if (p.block_size > 0) return launch(make_sparse_plan(p, {kDkDvRole, kDqRole}, rows, ring));
+  if (p.mode == Mode::grouped) return launch(make_plan(p, 0, p.num_branches, {kDkDvRole, kDqRole}, rows, ring));
+  for (int i = 0; i < p.num_branches; ++i) launch(make_plan(p, i, i + 1, {kDkDvRole, kDqRole}, rows, ring || i > 0));
+}
+
 template <class T, int S>
 void run_backward(const DilatedParams& p) {
   const auto stream = static_cast<cudaStream_t>(p.stream);
+#ifdef DATTN_WITH_SM90
+  if constexpr (S == 1) {
+    if (kernel_generation(p, true) == CudaKernels::sm90)
+      return launch_backward_plans(p, Sm90BackwardShape<64>::kBlockOwn,
+                                   [&](const LaunchPlan& plan) { backward_launch_sm90<T>(p, plan, stream); });
+  }
+#endif
   const int rows = p.head_dim > 64 ? BackwardShape<128, S>::kBlockOwn : BackwardShape<64, S>::kBlockOwn;
-  const bool ring = p.float32_outputs;  // ring steps add into the accumulators
-  if (p.block_size > 0)
-    return backward_launch<T, S>(p, make_sparse_plan(p, {kDkDvRole, kDqRole}, rows, ring), stream);
-  if (p.mode == Mode::grouped)
-    return backward_launch<T, S>(p, make_plan(p, 0, p.num_branches, {kDkDvRole, kDqRole}, rows, ring), stream);
-  for (int i = 0; i < p.num_branches; ++i)
-    backward_launch<T, S>(p, make_plan(p, i, i + 1, {kDkDvRole, kDqRole}, rows, ring || i > 0), stream);
+  launch_backward_plans(p, rows, [&](const LaunchPlan& plan) { backward_launch<T, S>(p, plan, stream); });
 }
 
 // A device index map must be a permutation of [0, N) like a host one (validate.cpp checks those):
@@ -250,7 +269,7 @@ CudaKernels kernel_generation(const DilatedParams& p, bool backward) {
     throw Error(std::string("options.cuda_kernels = sm90, but the sm90 kernels do not cover this call (") +
                 dtype_name(p.dtype) + ", head dim " + std::to_string(p.head_dim) + (backward ? ", backward" : ", forward") +
                 "); expected a build with DATTN_SM90, a device of compute capability 9.x, bfloat16 or float16, head dim "
-                "64 or 128, forward");
+                "64 or 128, and for a backward options.workspace of backward_workspace_bytes(q) bytes");
   return CudaKernels::sm90;
 }
 

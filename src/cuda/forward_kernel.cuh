@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
 
   BlockWork w;
   if (!decode<BM, kWalk>(p, plan, w)) return;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
   const std::int64_t qi[2] = {w.tile_begin + warp * 16 + g, w.tile_begin + warp * 16 + g + 8};
 
   float acc[D / 8][4];

@@ -89,11 +89,30 @@ struct Sm90ForwardShape {
       1024 + kQBytes + 2 * kStages * kKvBytes + 2 * kStages * kBlockN * 4 + 3 * kStages * 8;
 };
 
+// The sm90 backward (wgmma, 16-bit types): the forward's block shape, 128 own rows (keys for dk/dv
+// blocks, queries for dq blocks; 64 per consumer warpgroup) against 64-row tiles of the other side.
+template <int D>
+struct Sm90BackwardShape {
+  static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1);
+  static constexpr int kBlockOwn = 64 * kConsumers;
+  static constexpr int kBlockOther = 64;
+  static constexpr int kStages = 2;
+  // A consumer of a dk/dv block holds dK and dV (D/2 registers each) and Sᵀ, dPᵀ (32 each).
+  static constexpr int kProducerRegisters = 56, kConsumerRegisters = 224;
+  static constexpr int kOwnBytes = kBlockOwn * D * 2, kOtherBytes = kBlockOther * D * 2;
+  // 1024 bytes to align the tiles, the two own tiles, per stage the other side's two tiles and
+  // three float columns, the own keys' bias, then three barriers per stage.
+  static constexpr std::size_t kSmemBytes = 1024 + 2 * kOwnBytes + 2 * kStages * kOtherBytes +
+                                            (3 * kStages * kBlockOther + kBlockOwn) * 4 + 3 * kStages * 8;
+};
+
 template <class T, int D, int S>
 void launch_forward(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream);
 template <class T, int D>
 void launch_forward_sm90(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream);
 template <class T, int D, int S>
 void launch_backward(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream);
+template <class T, int D>
+void launch_backward_sm90(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream);
 
 }  // namespace dattn::cuda

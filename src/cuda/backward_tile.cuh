@@ -1,0 +1,129 @@
+// The backward's per-tile arithmetic, shared by the kernel generations (sm80's mma.sync kernel and
+// sm90's wgmma kernel): both hold a warp's 16 own rows (two per thread: row g and row g + 8 of the
+// warp, lane = 4g + t) against a tile of BO rows of the other side in the accumulator layout,
+// element [n][e] being column 8n + 2t + (e & 1) of own row e >> 1.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/launch.hpp"
+#include "cuda/mma.cuh"
+#include "cuda/work.cuh"
+
+namespace dattn::cuda {
+
+// A probability this close to 1 leaves the rest of its row below fp32 resolution, so its dS =
+// P·(dP − delta) is 0 up to rounding (exactly 0 when the row attends one key): it is set to 0, so
+// that a row attending a single key gets the exactly-zero gradient the reference gives it.
+inline constexpr float kSingleKey = 0.99999f;
+
+// A dk/dv block's tile: own rows are the warp's keys kj, columns the BO queries from side index j0
+// (valid_q of them real). In: st = K·Qᵀ and dpt = V·dOᵀ, raw. Out: st = P∘Z (for dV += st·dO) and
+// dpt = dS = P∘(Z∘dP − delta) (for dK += dpt·Q). lse, delta and (causal under an index map) the
+// queries' positions are per column; own_bias is 0 for a valid, unpadded key.
+template <int BO, Walk kWalk>
+__device__ __forceinline__ void key_tile_gradients(const detail::DilatedParams& p, const BlockWork& w,
+                                                   float (&st)[BO / 8][4], float (&dpt)[BO / 8][4],
+                                                   const std::int64_t (&kj)[2], const float (&own_bias)[2],
+                                                   const int (&key_position)[2], std::int64_t j0, int valid_q,
+                                                   const float* lse, const float* delta, const int* query_position) {
+  const int t = threadIdx.x % 4;
+  const float scale_log2 = p.scale * kLog2e;
+  const bool dropout = p.dropout_p > 0.0f;
+  const bool causal_by_position = kWalk == Walk::indexed && p.causal;
+  const std::uint32_t keep = dropout ? dropout_bits<BO / 8>(p, w, kj[0], kj[1], j0, true) : 0u;
+  // Causal: query column col sees key row r iff col >= first[r]; else every column is in range.
+  const bool causal_by_order = p.causal && !causal_by_position;  // side order is position order
+  const int first[2] = {causal_by_order ? int(imax(-1, kj[0] - w.causal_shift - j0)) : 0,
+                        causal_by_order ? int(imax(-1, kj[1] - w.causal_shift - j0)) : 0};
+#pragma unroll
+  for (int n = 0; n < BO / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = e >> 1, col = n * 8 + 2 * t + (e & 1);
+      const float row_lse = lse[col];
+      const bool valid = col < valid_q && own_bias[r] == 0.0f && row_lse != neg_inf() && col >= first[r] &&
+                         !(causal_by_position && query_position[col] < key_position[r]);
+      const float prob = valid ? fast_exp2(st[n][e] * scale_log2 - row_lse * kLog2e) : 0.0f;
+      const float z = !dropout ? 1.0f : (keep >> (4 * n + e)) & 1u ? p.dropout_rescale : 0.0f;
+      dpt[n][e] = prob >= kSingleKey ? 0.0f : prob * (dpt[n][e] * p.output_scale * z - delta[col]);
+      st[n][e] = prob * z;
+    }
+}
+
+// A dq block's tile: own rows are the warp's queries qi (lse2: their lse in log2 units, +inf for a
+// row that attends nothing; delta theirs), columns the BO keys from side index k0 (bias 0 for a
+// valid, unpadded key; key_position for causal attention under an index map). In: s = Q·Kᵀ and
+// dp = dO·Vᵀ, raw. Out: s = dS (for dQ += s·K).
+template <int BO, Walk kWalk>
+__device__ __forceinline__ void query_tile_gradients(const detail::DilatedParams& p, const BlockWork& w,
+                                                     float (&s)[BO / 8][4], const float (&dp)[BO / 8][4],
+                                                     const std::int64_t (&qi)[2], const float (&lse2)[2],
+                                                     const float (&delta)[2], const int (&query_position)[2],
+                                                     std::int64_t k0, const float* bias, const int* key_position) {
+  const int t = threadIdx.x % 4;
+  const float scale_log2 = p.scale * kLog2e;
+  const bool dropout = p.dropout_p > 0.0f;
+  const bool causal_by_position = kWalk == Walk::indexed && p.causal;
+  const std::uint32_t keep = dropout ? dropout_bits<BO / 8>(p, w, qi[0], qi[1], k0, false) : 0u;
+  // Causal: key column col is visible to query row r iff col <= last[r]; else every column is.
+  const bool causal_by_order = p.causal && !causal_by_position;  // side order is position order
+  const int last[2] = {causal_by_order ? int(imin(BO, qi[0] + w.causal_shift - k0)) : BO,
+                       causal_by_order ? int(imin(BO, qi[1] + w.causal_shift - k0)) : BO};
+#pragma unroll
+  for (int n = 0; n < BO / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = e >> 1, col = n * 8 + 2 * t + (e & 1);
+      const bool valid = bias[col] == 0.0f && col <= last[r] &&
+                         !(causal_by_position && key_position[col] > query_position[r]);
+      const float prob = valid ? fast_exp2(s[n][e] * scale_log2 - lse2[r]) : 0.0f;
+      const float z = !dropout ? 1.0f : (keep >> (4 * n + e)) & 1u ? p.dropout_rescale : 0.0f;
+      s[n][e] = prob >= kSingleKey ? 0.0f : prob * (dp[n][e] * p.output_scale * z - delta[r]);
+    }
+}
+
+// The rows' lse in log2 units (+inf for a row that attends nothing, so that every probability is
+// 0) and, given, their softmax delta; own[r] is false for rows past the block's tile.
+__device__ __forceinline__ void query_rows_lse(const detail::DilatedParams& p, const BlockWork& w,
+                                               const std::int64_t (&qi)[2], float (&lse2)[2], float (&delta)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool own = qi[r] < w.tile_begin + w.tile_rows;
+    const std::int64_t row = own ? w.row(w.query, qi[r]) : 0;
+    const float x = own ? *lse_pointer(p, w.batch, w.head, row) : neg_inf();
+    lse2[r] = x == neg_inf() ? pos_inf() : x * kLog2e;
+    delta[r] = p.softmax_delta != nullptr && own ? *delta_pointer(p, w.batch, w.head, row) : 0.0f;
+  }
+}
+
+// Writes (or, accumulating, adds into) the warp's own rows of one or two gradients: row r of the
+// thread is own index rows[r] of side `side`; values are scaled by scale_a and scale_b.
+template <class T, int D>
+__device__ __forceinline__ void write_gradient_rows(const detail::DilatedParams& p, const BlockWork& w,
+                                                    const Side& side, const std::int64_t (&rows)[2], bool accumulate,
+                                                    const detail::Operand& a, const float (&acc_a)[D / 8][4],
+                                                    float scale_a, const detail::Operand* b,
+                                                    const float (*acc_b)[D / 8][4], float scale_b) {
+  const int t = threadIdx.x % 4;
+  const float old_weight = accumulate ? 1.0f : 0.0f;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] >= w.tile_begin + w.tile_rows) continue;
+    const std::int64_t row = w.row(side, rows[r]);
+    auto store = [&](auto* a_row, auto* b_row) {
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        store2(a_row + n * 8 + 2 * t, acc_a[n][2 * r] * scale_a, acc_a[n][2 * r + 1] * scale_a, old_weight);
+        if (b_row)
+          store2(b_row + n * 8 + 2 * t, (*acc_b)[n][2 * r] * scale_b, (*acc_b)[n][2 * r + 1] * scale_b, old_weight);
+      }
+    };
+    if (p.float32_outputs)
+      store(row_pointer<float>(a, w.batch, w.head, row), b ? row_pointer<float>(*b, w.batch, w.head, row) : nullptr);
+    else
+      store(row_pointer<T>(a, w.batch, w.head, row), b ? row_pointer<T>(*b, w.batch, w.head, row) : nullptr);
+  }
+}
+
+}  // namespace dattn::cuda

@@ -1,0 +1,286 @@
+// The sm90 backward (Hopper, sm_90a, 16-bit types): the sm80 backward's two kinds of block
+// (backward_kernel.cuh: dk/dv blocks own keys and loop over the query tiles that see them, dq
+// blocks own queries and loop over key tiles; every gradient row written by one block, no atomics)
+// with the products on warpgroup MMA, in the forward's warp-specialised shape. Warpgroup 0
+// produces: it loads the block's 128 own rows (K and V, or Q and dO) with the first tile, then each
+// 64-row tile of the other side (Q, dO, lse and delta, or K, V and the key bias) by cp.async into a
+// ring of stages in wgmma's 128-byte swizzled layout, and writes the unselected rows of the
+// block's region. Warpgroups 1 and 2 consume, 64 own rows each:
+//   dk/dv: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ from shared memory; dV += (P∘Z)ᵀ·dO and dK += dSᵀ·Q with the
+//          left operand in registers and Q, dO MN-major;
+//   dq:    S = Q·Kᵀ and dP = dO·Vᵀ; dQ += dS·K, K MN-major.
+// delta = rowsum(dO∘O) is given (the backward's workspace pass, or the ring's), never recomputed.
+#pragma once
+
+#include "cuda/backward_tile.cuh"
+#include "cuda/sm90/forward_kernel.cuh"
+
+namespace dattn::cuda::sm90 {
+
+// The shared memory of a backward block: the own tiles, per stage the other side's two tiles and
+// three float columns of its rows (lse, delta, positions; or key bias, positions), the own keys'
+// bias, then the stages' barriers, as in the forward (full: copies landed; keys: the producer's
+// plain stores; empty: both consumers done).
+template <int D>
+struct BackwardStages {
+  using Shape = Sm90BackwardShape<D>;
+  unsigned char* own_a;    // K (dk/dv blocks) or Q (dq blocks)
+  unsigned char* own_b;    // V or dO
+  unsigned char* other_a;  // per stage: Q or K
+  unsigned char* other_b;  // per stage: dO or V
+  float* floats;           // per stage [3][kBlockOther]
+  float* own_bias;         // [kBlockOwn]
+  std::uint64_t* full;
+  std::uint64_t* keys;
+  std::uint64_t* empty;
+  __device__ explicit BackwardStages(unsigned char* raw) {
+    unsigned char* base = raw + ((1024 - smem_address(raw) % 1024) % 1024);
+    own_a = base;
+    own_b = own_a + Shape::kOwnBytes;
+    other_a = own_b + Shape::kOwnBytes;
+    other_b = other_a + Shape::kStages * Shape::kOtherBytes;
+    floats = reinterpret_cast<float*>(other_b + Shape::kStages * Shape::kOtherBytes);
+    own_bias = floats + Shape::kStages * 3 * Shape::kBlockOther;
+    full = reinterpret_cast<std::uint64_t*>(own_bias + Shape::kBlockOwn);
+    keys = full + Shape::kStages;
+    empty = keys + Shape::kStages;
+  }
+  __device__ unsigned char* a(int stage) const { return other_a + stage * Shape::kOtherBytes; }
+  __device__ unsigned char* b(int stage) const { return other_b + stage * Shape::kOtherBytes; }
+  __device__ float* column(int stage, int which) const { return floats + (stage * 3 + which) * Shape::kBlockOther; }
+};
+
+// Warpgroup 0: the own tiles with the first stage, then every tile of the other side.
+template <class T, int D, Walk kWalk, class Tiles>
+__device__ __forceinline__ void produce_backward(const detail::DilatedParams& p, const BlockWork& w, const Tiles& tiles,
+                                                 int num_tiles, const BackwardStages<D>& st) {
+  using Shape = Sm90BackwardShape<D>;
+  constexpr int BW = Shape::kBlockOwn, BO = Shape::kBlockOther, kStages = Shape::kStages;
+  constexpr TileLayout kSwizzled = TileLayout::swizzled;
+  const bool keys_own = w.role == kDkDvRole;
+  const bool causal_by_position = kWalk == Walk::indexed && p.causal;
+  const Side own = keys_own ? w.key : w.query;  // copies: registers, not w's local memory
+  const Side other = keys_own ? w.query : w.key;
+  for (int it = 0; it < num_tiles; ++it) {
+    const int stage = it % kStages;
+    if (it >= kStages) {  // the consumers emptied the stage; this thread's last arrivals completed
+      barrier_wait(st.empty + stage, (it / kStages + 1) & 1);
+      barrier_wait(st.full + stage, (it / kStages + 1) & 1);
+      barrier_wait(st.keys + stage, (it / kStages + 1) & 1);
+    }
+    if (it == 0) {
+      load_row_pair<T, 1, BW, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.own_a),
+                                                reinterpret_cast<std::uint16_t*>(st.own_b), 0, keys_own ? p.k : p.q,
+                                                keys_own ? p.v : p.dout, w, own, w.tile_begin, w.tile_rows);
+      if (keys_own) key_bias(p, w, w.tile_begin, w.tile_rows, BW, st.own_bias);
+    }
+    const std::int64_t j0 = tiles.start(it);
+    const int valid = tiles.valid(it);
+    load_row_pair<T, 1, BO, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.a(stage)),
+                                              reinterpret_cast<std::uint16_t*>(st.b(stage)), 0, keys_own ? p.q : p.k,
+                                              keys_own ? p.dout : p.v, w, other, j0, valid);
+    if (keys_own) {
+      const int c = threadIdx.x;
+      if (c < BO) {
+        const bool ok = c < valid;
+        const std::int64_t row = ok ? w.row(other, j0 + c) : 0;
+        cp_async_4(smem_address(st.column(stage, 0) + c), lse_pointer(p, w.batch, w.head, row), ok);
+        cp_async_4(smem_address(st.column(stage, 1) + c), delta_pointer(p, w.batch, w.head, row), ok);
+        if (causal_by_position)
+          reinterpret_cast<int*>(st.column(stage, 2))[c] = ok ? w.position32(other, int(j0) + c) : 0;
+      }
+    } else {
+      key_bias(p, w, j0, valid, BO, st.column(stage, 0),
+               causal_by_position ? reinterpret_cast<int*>(st.column(stage, 1)) : nullptr);
+    }
+    cp_async_arrive(st.full + stage);
+    barrier_arrive(st.keys + stage);
+  }
+  for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it) {
+    barrier_wait(st.full + it % kStages, (it / kStages) & 1);  // the last arrivals' phases
+    barrier_wait(st.keys + it % kStages, (it / kStages) & 1);
+  }
+}
+
+// Issues C = A·Bᵀ for the warpgroup's 64 own rows (A: the own tile, 128 rows a column block)
+// against a 64-row tile of the other side (B), both K-major.
+template <class T, int D>
+__device__ __forceinline__ void issue_products(float (&c)[Sm90BackwardShape<D>::kBlockOther / 8][4], std::uint32_t a,
+                                               std::uint32_t b) {
+  issue_scores<T, D, Sm90BackwardShape<D>::kBlockOwn, Sm90BackwardShape<D>::kBlockOther>(c, a, b);
+}
+
+// A consumer's wait for a stage, and its hand-back (first waiting for the phase of its previous
+// arrival on that stage, as compute-sanitizer's synccheck expects).
+template <int D>
+__device__ __forceinline__ void wait_stage(const BackwardStages<D>& st, int it) {
+  constexpr int kStages = Sm90BackwardShape<D>::kStages;
+  barrier_wait(st.full + it % kStages, (it / kStages) & 1);
+  barrier_wait(st.keys + it % kStages, (it / kStages) & 1);
+  fence_async_shared();
+}
+template <int D>
+__device__ __forceinline__ void release_stage(const BackwardStages<D>& st, int it) {
+  constexpr int kStages = Sm90BackwardShape<D>::kStages;
+  if (it >= kStages) barrier_wait(st.empty + it % kStages, (it / kStages + 1) & 1);
+  barrier_arrive(st.empty + it % kStages);
+}
+template <int D>
+__device__ __forceinline__ void drain_stages(const BackwardStages<D>& st, int num_tiles) {
+  constexpr int kStages = Sm90BackwardShape<D>::kStages;
+  for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it)
+    barrier_wait(st.empty + it % kStages, (it / kStages) & 1);
+}
+
+// Warpgroups 1 and 2 of a dk/dv block: 64 keys each.
+template <class T, int D, Walk kWalk, class Tiles>
+__device__ __forceinline__ void consume_keys(const detail::DilatedParams& p, bool accumulate, const BlockWork& w,
+                                             const Tiles& tiles, int num_tiles, const BackwardStages<D>& st) {
+  constexpr int BO = Sm90BackwardShape<D>::kBlockOther;
+  const int warpgroup = threadIdx.x / 128 - 1, warp = threadIdx.x / 32 % 4, g = threadIdx.x % 32 / 4;
+  const int own_row = warpgroup * 64 + warp * 16 + g;  // of the block's tile
+  const std::int64_t kj[2] = {w.tile_begin + own_row, w.tile_begin + own_row + 8};
+  const bool causal_by_position = kWalk == Walk::indexed && p.causal;
+  const int key_position[2] = {causal_by_position ? w.position32(w.key, int(kj[0])) : 0,
+                               causal_by_position ? w.position32(w.key, int(kj[1])) : 0};
+  const std::uint32_t own_k = smem_address(st.own_a) + warpgroup * 64 * 128;
+  const std::uint32_t own_v = smem_address(st.own_b) + warpgroup * 64 * 128;
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
+  float own_bias[2] = {0.0f, 0.0f};
+  for (int it = 0; it < num_tiles; ++it) {
+    const int stage = it % Sm90BackwardShape<D>::kStages;
+    wait_stage(st, it);
+    if (it == 0) {
+      own_bias[0] = st.own_bias[own_row];
+      own_bias[1] = st.own_bias[own_row + 8];
+    }
+    const std::uint32_t q_tile = smem_address(st.a(stage)), dout_tile = smem_address(st.b(stage));
+    float s[BO / 8][4], dp[BO / 8][4];
+    wgmma_fence();
+    issue_products<T, D>(s, own_k, q_tile);
+    issue_products<T, D>(dp, own_v, dout_tile);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(reinterpret_cast<Flat<BO / 2>&>(s));
+    fence_registers(reinterpret_cast<Flat<BO / 2>&>(dp));
+    key_tile_gradients<BO, kWalk>(p, w, s, dp, kj, own_bias, key_position, tiles.start(it), tiles.valid(it),
+                                  st.column(stage, 0), st.column(stage, 1),
+                                  reinterpret_cast<const int*>(st.column(stage, 2)));
+    std::uint32_t probabilities[BO / 16][4], scores_gradient[BO / 16][4];
+    pack_probabilities<T, BO>(s, probabilities);
+    pack_probabilities<T, BO>(dp, scores_gradient);
+    fence_registers(reinterpret_cast<Flat<D / 2>&>(dv));
+    fence_registers(reinterpret_cast<Flat<D / 2>&>(dk));
+    wgmma_fence();
+    issue_pv<T, D, BO>(dv, probabilities, dout_tile);
+    issue_pv<T, D, BO>(dk, scores_gradient, q_tile);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(reinterpret_cast<Flat<D / 2>&>(dv));
+    fence_registers(reinterpret_cast<Flat<D / 2>&>(dk));
+    release_stage(st, it);
+  }
+  drain_stages(st, num_tiles);
+  write_gradient_rows<T, D>(p, w, w.key, kj, accumulate, p.dk, dk, p.scale, &p.dv, &dv, p.output_scale);
+}
+
+// Warpgroups 1 and 2 of a dq block: 64 queries each.
+template <class T, int D, Walk kWalk, class Tiles>
+__device__ __forceinline__ void consume_queries(const detail::DilatedParams& p, bool accumulate, const BlockWork& w,
+                                                const Tiles& tiles, int num_tiles, const BackwardStages<D>& st) {
+  constexpr int BO = Sm90BackwardShape<D>::kBlockOther;
+  const int warpgroup = threadIdx.x / 128 - 1, warp = threadIdx.x / 32 % 4, g = threadIdx.x % 32 / 4;
+  const int own_row = warpgroup * 64 + warp * 16 + g;
+  const std::int64_t qi[2] = {w.tile_begin + own_row, w.tile_begin + own_row + 8};
+  const bool causal_by_position = kWalk == Walk::indexed && p.causal;
+  const int query_position[2] = {causal_by_position ? w.position32(w.query, int(qi[0])) : 0,
+                                 causal_by_position ? w.position32(w.query, int(qi[1])) : 0};
+  float lse2[2], delta[2];
+  query_rows_lse(p, w, qi, lse2, delta);
+  const std::uint32_t own_q = smem_address(st.own_a) + warpgroup * 64 * 128;
+  const std::uint32_t own_dout = smem_address(st.own_b) + warpgroup * 64 * 128;
+  float dq[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+  for (int it = 0; it < num_tiles; ++it) {
+    const int stage = it % Sm90BackwardShape<D>::kStages;
+    wait_stage(st, it);
+    const std::uint32_t k_tile = smem_address(st.a(stage)), v_tile = smem_address(st.b(stage));
+    float s[BO / 8][4], dp[BO / 8][4];
+    wgmma_fence();
+    issue_products<T, D>(s, own_q, k_tile);
+    issue_products<T, D>(dp, own_dout, v_tile);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(reinterpret_cast<Flat<BO / 2>&>(s));
+    fence_registers(reinterpret_cast<Flat<BO / 2>&>(dp));
+    query_tile_gradients<BO, kWalk>(p, w, s, dp, qi, lse2, delta, query_position, tiles.start(it),
+                                    st.column(stage, 0), reinterpret_cast<const int*>(st.column(stage, 1)));
+    std::uint32_t scores_gradient[BO / 16][4];
+    pack_probabilities<T, BO>(s, scores_gradient);
+    fence_registers(reinterpret_cast<Flat<D / 2>&>(dq));
+    wgmma_fence();
+    issue_pv<T, D, BO>(dq, scores_gradient, k_tile);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(reinterpret_cast<Flat<D / 2>&>(dq));
+    release_stage(st, it);
+  }
+  drain_stages(st, num_tiles);
+  write_gradient_rows<T, D>(p, w, w.query, qi, accumulate, p.dq, dq, p.scale, nullptr, nullptr, 0.0f);
+}
+
+template <class T, int D, Walk kWalk>
+__global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
+    backward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Shape = Sm90BackwardShape<D>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const BackwardStages<D> st(smem_raw);
+  if (threadIdx.x == 0)
+    for (int s = 0; s < Shape::kStages; ++s) {
+      barrier_init(st.full + s, 128);
+      barrier_init(st.keys + s, 128);
+      barrier_init(st.empty + s, 256);
+    }
+  __syncthreads();
+
+  BlockWork w;
+  if (!decode<Shape::kBlockOwn, kWalk>(p, plan, w)) return;
+  const auto tiles = other_tiles<Shape::kBlockOther, kWalk>(p, w);
+  const int num_tiles = w.tile_rows > 0 ? tiles.count : 0;
+  const bool keys_own = w.role == kDkDvRole;
+  if (threadIdx.x < 128) {
+    registers_decrease<Shape::kProducerRegisters>();
+    produce_backward<T, D, kWalk>(p, w, tiles, num_tiles, st);
+    if (!plan.accumulate)
+      zero_unselected<T, D, 128>(p, w, keys_own ? &p.dk : &p.dq, keys_own ? &p.dv : nullptr, false);
+  } else {
+    registers_increase<Shape::kConsumerRegisters>();
+    if (keys_own) consume_keys<T, D, kWalk>(p, plan.accumulate, w, tiles, num_tiles, st);
+    else consume_queries<T, D, kWalk>(p, plan.accumulate, w, tiles, num_tiles, st);
+  }
+#endif
+}
+
+}  // namespace dattn::cuda::sm90
+
+namespace dattn::cuda {
+
+template <class T, int D>
+void launch_backward_sm90(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream) {
+  using Shape = Sm90BackwardShape<D>;
+  auto kernel = params.block_size > 0              ? sm90::backward_kernel<T, D, Walk::sparse>
+                : params.position_index != nullptr ? sm90::backward_kernel<T, D, Walk::indexed>
+                                                   : sm90::backward_kernel<T, D, Walk::dilated>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmemBytes)) != cudaSuccess)
+    check_launch("sm90 backward (shared memory attribute)");
+  kernel<<<plan.total_blocks, Shape::kThreads, Shape::kSmemBytes, stream>>>(params, plan);
+  check_launch("sm90 backward");
+}
+
+}  // namespace dattn::cuda
