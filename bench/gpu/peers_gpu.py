@@ -16,7 +16,9 @@ per-group composition and FlexAttention are checked against each other (they com
 function) and a peer that disagrees is marked wrong.
 
 Usage: peers_gpu.py [--configs seed,long256k] [--dtypes bf16,fp32] [--dattn-json FILE]
-                    [--json FILE] [--markdown FILE] [--long-flex] [--peer-timeout S]
+                    [--json FILE] [--markdown FILE] [--long-flex] [--peer-timeout S] [--python-dattn]
+--python-dattn adds dattn.dilated_attention called from Python (the installed package) as a row of
+its own, timed like the peers in this process (host work included).
 """
 import argparse
 import datetime
@@ -230,6 +232,20 @@ def run_config(cname, dname, args):
     del q, k, v, ref
     torch.cuda.empty_cache()
 
+    if args.python_dattn:  # dattn from Python, in this process, with the same timing as the peers
+        def dattn_python():
+            import dattn
+            q, k, v = R.inputs(seed=123)
+            with torch.no_grad():
+                err = rel_err(dattn.dilated_attention(q, k, v, c["w"], c["r"]), per_group(q, k, v, c))
+            del q, k, v
+            tol = 1e-5 if dtype == torch.float32 else 1.5e-2 if dtype == torch.bfloat16 else 3e-3
+            add(R.measure("**dattn.dilated_attention (Python)**", lambda: [tuple(R.inputs(grad=True, seed=s))
+                                                                    for s in range(R.sets)],
+                          lambda q, k, v: dattn.dilated_attention(q, k, v, c["w"], c["r"]), flops),
+                correct=err <= 2 * tol, error_vs_per_group=err)
+        attempt("dattn.dilated_attention (Python)", dattn_python)
+
     attempt("per-group SDPA (slice, SDPA, scatter)", lambda: add(R.measure(
         "per-group SDPA (slice, SDPA, scatter)",
         lambda: [tuple(R.inputs(grad=True, seed=s)) for s in range(R.sets)],
@@ -339,6 +355,8 @@ def main():
     ap.add_argument("--long-flex", action="store_true",
                     help="also FlexAttention at long configs (its block mask and compile take minutes there)")
     ap.add_argument("--peer-timeout", type=int, default=150, help="seconds allowed to one peer")
+    ap.add_argument("--python-dattn", action="store_true",
+                    help="also time dattn.dilated_attention from Python in this process (the installed package)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
