@@ -193,7 +193,8 @@ __device__ __forceinline__ void dq_block(const detail::DilatedParams& p, bool ac
                            Shape::kOwnPlane * 2, Shape::kOtherPlane * 2, kRowBytes);
       const float* bias = other_floats + stage * 3 * BO;
       const int* key_position = reinterpret_cast<const int*>(other_floats + stage * 3 * BO + BO);
-      query_tile_gradients<BO, kWalk>(p, w, s, dp, qi, lse2, delta, query_position, tiles.start(it), bias, key_position);
+      query_tile_gradients<BO, kWalk>(p, w, s, dp, qi, lse2, delta, query_position, tiles.start(it), tiles.valid(it), bias,
+                                      key_position);
       gemm_pn<M, S, BO, D>(dq, s, smem_address(other(stage, 0)), Shape::kOtherPlane * 2, kRowBytes);
       __syncthreads();
     }

@@ -218,7 +218,7 @@ __device__ __forceinline__ void consume_queries(const detail::DilatedParams& p, 
     wgmma_wait<0>();
     fence_registers(reinterpret_cast<Flat<BO / 2>&>(s));
     fence_registers(reinterpret_cast<Flat<BO / 2>&>(dp));
-    query_tile_gradients<BO, kWalk>(p, w, s, dp, qi, lse2, delta, query_position, tiles.start(it),
+    query_tile_gradients<BO, kWalk>(p, w, s, dp, qi, lse2, delta, query_position, tiles.start(it), tiles.valid(it),
                                     st.column(stage, 0), reinterpret_cast<const int*>(st.column(stage, 1)));
     std::uint32_t scores_gradient[BO / 16][4];
     pack_probabilities<T, BO>(s, scores_gradient);
