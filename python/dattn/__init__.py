@@ -52,7 +52,7 @@ def backends() -> dict:
     """What this install has: ``cpu_isas`` (the compiled SIMD paths this CPU can run), ``cpu_isa``
     (the one in use), ``cuda`` (bool), ``cuda_architectures`` (list of str, e.g. ['80', '90a']),
     ``cuda_device_visible`` (bool), ``cuda_kernels`` (the CUDA kernel generations built: 'sm80', and
-    'sm90' for the Hopper forward kernels of a DATTN_SM90 build), ``mpi`` and ``nccl`` (bool: the C++
+    'sm90' for the Hopper kernels of a DATTN_SM90 build), ``mpi`` and ``nccl`` (bool: the C++
     ring communicators)."""
     archs = [a for a in _C.cuda_architectures.split(",") if a]
     return {"cpu_isas": list(_C.cpu_isas_supported()), "cpu_isa": _C.cpu_isa(), "cuda": bool(_C.has_cuda),
