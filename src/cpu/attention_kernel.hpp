@@ -257,6 +257,10 @@ void forward_tile(const SideView<I, T>& queries_view, Scratch<I>& s, const float
   gemm<I, true, true>(queries, Dp, keys, s.scores, Qp, s.tile_rows_b, Dp, s.acc + state0 * Dp, state_step * Dp);
 }
 
+// The amx_bf16 group loops, with queries as rows (amx_attention.hpp).
+template <class I, class T>
+void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s);
+
 // Forward over one group: own side queries, other side keys.
 template <class I, class T>
 void forward_group(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
@@ -533,7 +537,10 @@ void forward_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<
   std::fill(s.acc, s.acc + item.state_rows * Dp, 0.0f);
   std::fill(s.row_max, s.row_max + item.state_rows, kNegInf);
   std::fill(s.row_sum, s.row_sum + item.state_rows, 0.0f);
-  for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) { forward_group(own, other, g, s); });
+  for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) {
+    if constexpr (requires { I::amx_tiles; }) forward_group_amx(own, other, g, s);
+    else forward_group(own, other, g, s);
+  });
   for_each_region_row(p, item, [&](std::int64_t row, std::int64_t state) {
     // A NaN sum (a NaN score in the row) counts as attended, so the row's out and lse are NaN.
     const bool attended = state >= 0 && s.row_sum[state] != 0.0f;

@@ -40,6 +40,7 @@ void store_block(const float* t, int rows_used, float* c, std::int64_t ldc, floa
 
 struct AmxBf16Isa : Avx512Isa {
   static constexpr bool dot_bf16 = true;
+  static constexpr bool amx_tiles = true;  // the group loops of amx_attention.hpp
   using Exact = Avx512Isa;  // the float32 GEMMs, for products whose bf16 rounding would not hold the bar
 
   // The tile configuration is per thread and is set for each kernel call's parallel region, then

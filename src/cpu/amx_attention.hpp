@@ -1,0 +1,223 @@
+// The amx_bf16 kernels' own group loops: queries as rows, operands packed from the bf16 tensors
+// straight into AMX's layouts (A: rows of bf16 pairs along the reduced dimension; B: pair-rows,
+// one column per output column), each once per tile or chunk rather than once per product, and
+// probabilities written as bf16 by the softmax itself. Included by kernels_amx_bf16.cpp after
+// attention_kernel.hpp, under its target pragma.
+#pragma once
+
+#include "cpu/attention_kernel.hpp"
+
+namespace dattn::cpu {
+
+namespace amx {
+
+inline int round_up(int n, int step) { return (n + step - 1) / step * step; }
+
+// c[M × N] (=, or += with Accumulate) a[M × pairs]·b[pairs × N], pitches in elements; M and N
+// multiples of 32, pairs of 16 (the buffers are zero-padded). Each 32 × 32 block of C is four
+// tiles; each A and B tile loaded serves two products.
+template <bool Accumulate>
+void product(int M, int N, int pairs, const std::uint32_t* a, std::int64_t a_pitch, const std::uint32_t* b,
+             std::int64_t b_pitch, float* c, std::int64_t ldc) {
+  const std::int64_t as = a_pitch * 4, bs = b_pitch * 4, cs = ldc * 4;
+  for (int m = 0; m < M; m += 32)
+    for (int n = 0; n < N; n += 32) {
+      float* c0 = c + m * ldc + n;
+      float* c1 = c0 + 16 * ldc;
+      if constexpr (Accumulate) {
+        _tile_loadd(0, c0, cs);
+        _tile_loadd(1, c0 + 16, cs);
+        _tile_loadd(2, c1, cs);
+        _tile_loadd(3, c1 + 16, cs);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      const std::uint32_t* a0 = a + m * a_pitch;
+      for (int k = 0; k < pairs; k += 16) {
+        _tile_loadd(4, a0 + k, as);
+        _tile_loadd(6, b + k * b_pitch + n, bs);
+        _tile_loadd(7, b + k * b_pitch + n + 16, bs);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(5, a0 + 16 * a_pitch + k, as);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c0, cs);
+      _tile_stored(1, c0 + 16, cs);
+      _tile_stored(2, c1, cs);
+      _tile_stored(3, c1 + 16, cs);
+    }
+}
+
+// dst[c·dp + r] = src[r·sp + c] for a 16 × 16 block of 32-bit words (a pair of bf16 each).
+inline void transpose_block(const std::uint32_t* src, std::int64_t sp, std::uint32_t* dst, std::int64_t dp) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * sp);
+  for (int i = 0; i < 16; i += 2) {  // lane L of t[i], t[i+1]: rows i, i+1 at columns 4L..4L+3
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // lane L of r[g + e]: rows g..g+3 at column 4L + e
+    r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {  // a 4 × 4 transpose of 128-bit lanes
+    const __m512i c0 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x44), c1 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xee);
+    const __m512i c2 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x44),
+                  c3 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xee);
+    _mm512_storeu_si512(dst + e * dp, _mm512_shuffle_i32x4(c0, c2, 0x88));
+    _mm512_storeu_si512(dst + (4 + e) * dp, _mm512_shuffle_i32x4(c0, c2, 0xdd));
+    _mm512_storeu_si512(dst + (8 + e) * dp, _mm512_shuffle_i32x4(c1, c3, 0x88));
+    _mm512_storeu_si512(dst + (12 + e) * dp, _mm512_shuffle_i32x4(c1, c3, 0xdd));
+  }
+}
+
+// dst[c·dp + r] = src[r·sp + c] for r < rows, c < cols (both multiples of 16).
+inline void transpose(const std::uint32_t* src, std::int64_t sp, int rows, int cols, std::uint32_t* dst,
+                      std::int64_t dp) {
+  for (int r = 0; r < rows; r += 16)
+    for (int c = 0; c < cols; c += 16) transpose_block(src + r * sp + c, sp, dst + c * dp + r, dp);
+}
+
+// An A operand: row i of the source (i < rows, its D bf16 values) as row i of dst [padded_rows ×
+// pairs] (pairs along D), zero past D and past rows.
+template <class RowFn>
+void pack_rows(RowFn&& row, int rows, int padded_rows, int D, int pairs, std::uint32_t* dst) {
+  constexpr int kAhead = 4;
+  for (int i = 0; i < std::min(kAhead, rows); ++i) prefetch_row(row(i), D);
+  for (int i = 0; i < padded_rows; ++i) {
+    if (i + kAhead < rows) prefetch_row(row(i + kAhead), D);
+    std::uint16_t* d = reinterpret_cast<std::uint16_t*>(dst + std::int64_t(i) * pairs);
+    const int n = i < rows ? D : 0;
+    if (n) std::memcpy(d, row(i), std::size_t(n) * 2);
+    std::fill(d + n, d + 2 * pairs, std::uint16_t(0));
+  }
+}
+
+// A B operand with pairs along the source rows: dst[p·width + d] = (row 2p [d], row 2p+1 [d]) for
+// p < padded_rows / 2 (padded_rows even), d < width (a multiple of 32); zero past D and past rows.
+template <class RowFn>
+void pack_row_pairs(RowFn&& row, int rows, int padded_rows, int D, int width, std::uint32_t* dst) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                      37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int i = 0; i < padded_rows; i += 2, dst += width) {
+    const void* even = i < rows ? static_cast<const void*>(row(i)) : nullptr;
+    const void* odd = i + 1 < rows ? static_cast<const void*>(row(i + 1)) : nullptr;
+    for (int d = 0; d < width; d += 32) {
+      const __mmask32 mask = D - d >= 32 ? ~__mmask32(0) : D > d ? __mmask32((1u << (D - d)) - 1) : 0;
+      const __m512i x = even ? _mm512_maskz_loadu_epi16(mask, static_cast<const std::uint16_t*>(even) + d)
+                             : _mm512_setzero_si512();
+      const __m512i y = odd ? _mm512_maskz_loadu_epi16(mask, static_cast<const std::uint16_t*>(odd) + d)
+                            : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + d, _mm512_permutex2var_epi16(x, lo, y));
+      _mm512_storeu_si512(dst + d + 16, _mm512_permutex2var_epi16(x, hi, y));
+    }
+  }
+}
+
+// 32 float32 values as 32 bf16 (round to nearest even), in order: one row of pairs.
+inline void store_bf16(const float* x, std::uint32_t* dst) {
+  _mm512_storeu_si512(dst, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + 16), _mm512_loadu_ps(x))));
+}
+
+// Per-thread buffers of the packed operands, grown once to the largest shapes.
+struct Buffers {
+  std::vector<std::uint32_t> own_a, tile_rows, tile_b, tile_c, probs;
+  std::vector<float> product;
+};
+inline Buffers& buffers() {
+  thread_local Buffers b;
+  return b;
+}
+inline std::uint32_t* sized(std::vector<std::uint32_t>& v, std::int64_t n) {
+  if (v.size() < std::size_t(n)) v.resize(std::size_t(n));
+  return v.data();
+}
+
+}  // namespace amx
+
+// Forward over one group on AMX: S = Q·Kᵀ with one row per query, the online softmax row by row
+// (P to bf16 as it is made), then O += P·V through a float32 product buffer.
+template <class I, class T>
+void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
+  static_assert(std::is_same_v<T, BFloat16>);
+  using reg = typename I::reg;
+  const detail::DilatedParams& p = own.p;
+  const int D = int(p.head_dim), Dp = s.padded_d, pairs = amx::round_up((D + 1) / 2, 16);
+  const int C = int(kChunkRows), Tr = int(kTileRows);
+  amx::Buffers& b = amx::buffers();
+  std::uint32_t* q_rows = amx::sized(b.own_a, std::int64_t(C) * pairs);
+  std::uint32_t* k_rows = amx::sized(b.tile_rows, std::int64_t(Tr) * pairs);
+  std::uint32_t* k_cols = amx::sized(b.tile_b, std::int64_t(pairs) * Tr);
+  std::uint32_t* v_pairs = amx::sized(b.tile_c, std::int64_t(Tr / 2) * Dp);
+  std::uint32_t* probs = amx::sized(b.probs, std::int64_t(Tr) * Tr / 2);
+  if (b.product.size() < std::size_t(Tr) * Dp) b.product.resize(std::size_t(Tr) * Dp);
+  float* pv = b.product.data();
+  const std::int64_t diagonal = causal_diagonal(own, other);
+  for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
+    const int chunk = int(std::min(kChunkRows, g.end - c0));
+    amx::pack_rows([&](int i) { return own.row(p.q, c0 + i); }, chunk, amx::round_up(chunk, 32), D, pairs, q_rows);
+    const std::int64_t key_end =
+        diagonal == kNoDiagonal ? g.other_length : std::clamp<std::int64_t>(diagonal + c0 + chunk, 0, g.other_length);
+    for (std::int64_t k0 = 0; k0 < key_end; k0 += kTileRows) {
+      const int keys = int(std::min(kTileRows, key_end - k0)), Kp = amx::round_up(keys, 32);
+      auto key_row = [&](int i) { return other.row(p.k, k0 + i); };
+      amx::pack_rows(key_row, keys, Kp, D, pairs, k_rows);
+      amx::transpose(k_rows, pairs, Kp, pairs, k_cols, Kp);
+      amx::pack_row_pairs([&](int i) { return other.row(p.v, k0 + i); }, keys, Kp, D, Dp, v_pairs);
+      pack_key_bias(other, k0, keys, Kp, s.tile_bias);
+      for (std::int64_t q0 = c0; q0 < c0 + chunk; q0 += kTileRows) {
+        const int queries = int(std::min(kTileRows, c0 + chunk - q0)), Qp = amx::round_up(queries, 32);
+        const CausalPair pair = record_pair(own, q0, queries, other, k0, keys, s);
+        if (pair == CausalPair::skipped) continue;
+        amx::product<false>(Qp, Kp, pairs, q_rows + (q0 - c0) * pairs, pairs, k_cols, Kp, s.scores, Kp);
+        const std::int64_t state0 = own.state(q0), state_step = own.state_step();
+        const reg scale = I::set1(p.scale);
+        for (int i = 0; i < queries; ++i) {
+          float* row = s.scores + i * Kp;
+          for (int c = 0; c < Kp; c += I::width)
+            I::store(row + c, I::fmadd(scale, I::load(row + c), I::load(s.tile_bias + c)));
+          if (pair == CausalPair::masked)  // keys after the query
+            for (int c = 0; c < keys; ++c)
+              if (s.key_original[c] > s.query_original[i]) row[c] = kNegInf;
+          reg top = I::set1(kNegInf);
+          for (int c = 0; c < Kp; c += I::width) top = I::max(top, I::load(row + c));
+          float& m = s.row_max[state0 + i * state_step];
+          const float row_top = std::max(m, I::reduce_max(top));
+          const float shift = row_top == kNegInf ? 0.0f : row_top;
+          s.column_correction[i] = std::exp(m - shift);
+          m = row_top;
+          const reg shift_v = I::set1(shift);
+          reg sum = I::zero();
+          for (int c = 0; c < Kp; c += I::width) {
+            const reg e = I::exp(I::sub(I::load(row + c), shift_v));
+            I::store(row + c, e);
+            sum = I::add(sum, e);
+          }
+          float& row_sum = s.row_sum[state0 + i * state_step];
+          row_sum = row_sum * s.column_correction[i] + I::reduce_add(sum);
+          if (p.dropout_p > 0.0f)
+            for (int c = 0; c < keys; ++c) row[c] *= dropout_factor(p, own.item, s, i, c);
+          for (int c = 0; c < Kp; c += 32) amx::store_bf16(row + c, probs + i * (Kp / 2) + c / 2);
+        }
+        std::fill(probs + queries * (Kp / 2), probs + Qp * (Kp / 2), 0u);
+        amx::product<false>(Qp, Dp, Kp / 2, probs, Kp / 2, v_pairs, Dp, pv, Dp);
+        for (int i = 0; i < queries; ++i) {
+          float* acc = s.acc + (state0 + i * state_step) * Dp;
+          const reg correction = I::set1(s.column_correction[i]);
+          for (int d = 0; d < Dp; d += I::width)
+            I::store(acc + d, I::fmadd(correction, I::load(acc + d), I::load(pv + i * Dp + d)));
+        }
+      }
+    }
+  }
+}
+
+}  // namespace dattn::cpu
