@@ -127,16 +127,33 @@ inline void store_bf16(const float* x, std::uint32_t* dst) {
   _mm512_storeu_si512(dst, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + 16), _mm512_loadu_ps(x))));
 }
 
+// 32 float32 values x as hi + lo, each 32 bf16 in order: x − hi − lo is within 2^-16 of |x|'s
+// bf16 rounding step, so a product of hi and lo with bf16 data is about float32-accurate.
+inline void store_bf16_split(const float* x, std::uint32_t* hi, std::uint32_t* lo) {
+  const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+  const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x1, x0));
+  const __m512 h0 = _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_castsi512_si256(h)));
+  const __m512 h1 = _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_extracti64x4_epi64(h, 1)));
+  _mm512_storeu_si512(hi, h);
+  _mm512_storeu_si512(lo, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0))));
+}
+
+// scale·s where bias is 0, else bias (-inf: a padded key or a padding column, NaN scores too).
+inline __m512 biased(__m512 scale, __m512 s, __m512 bias) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(bias, _mm512_setzero_ps(), _CMP_EQ_OQ), bias, _mm512_mul_ps(scale, s));
+}
+
 // Per-thread buffers of the packed operands, grown once to the largest shapes.
 struct Buffers {
-  std::vector<std::uint32_t> own_a, tile_rows, tile_b, tile_c, probs;
-  std::vector<float> product;
+  std::vector<std::uint32_t> own_a, own_b, tile_rows, tile_b, tile_c, tile_d, probs, grads;
+  std::vector<float> product, product_b;
 };
 inline Buffers& buffers() {
   thread_local Buffers b;
   return b;
 }
-inline std::uint32_t* sized(std::vector<std::uint32_t>& v, std::int64_t n) {
+template <class X>
+X* sized(std::vector<X>& v, std::int64_t n) {
   if (v.size() < std::size_t(n)) v.resize(std::size_t(n));
   return v.data();
 }
@@ -158,8 +175,7 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
   std::uint32_t* k_cols = amx::sized(b.tile_b, std::int64_t(pairs) * Tr);
   std::uint32_t* v_pairs = amx::sized(b.tile_c, std::int64_t(Tr / 2) * Dp);
   std::uint32_t* probs = amx::sized(b.probs, std::int64_t(Tr) * Tr / 2);
-  if (b.product.size() < std::size_t(Tr) * Dp) b.product.resize(std::size_t(Tr) * Dp);
-  float* pv = b.product.data();
+  float* pv = amx::sized(b.product, std::int64_t(Tr) * Dp);
   const std::int64_t diagonal = causal_diagonal(own, other);
   for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
     const int chunk = int(std::min(kChunkRows, g.end - c0));
@@ -183,7 +199,7 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
         for (int i = 0; i < queries; ++i) {
           float* row = s.scores + i * Kp;
           for (int c = 0; c < Kp; c += I::width)
-            I::store(row + c, I::fmadd(scale, I::load(row + c), I::load(s.tile_bias + c)));
+            I::store(row + c, amx::biased(scale, I::load(row + c), I::load(s.tile_bias + c)));
           if (pair == CausalPair::masked)  // keys after the query
             for (int c = 0; c < keys; ++c)
               if (s.key_original[c] > s.query_original[i]) row[c] = kNegInf;
@@ -215,6 +231,186 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
           for (int d = 0; d < Dp; d += I::width)
             I::store(acc + d, I::fmadd(correction, I::load(acc + d), I::load(pv + i * Dp + d)));
         }
+      }
+    }
+  }
+}
+
+// dq pass over one group on AMX (own side queries), queries as rows: S = Q·Kᵀ and dP = dO·Vᵀ give
+// P and G = P∘Z∘dP row by row (delta += Σ_j G_j), then E += G·K and F += P·K as in dq_group. E and
+// F need float32 accuracy (see dq_group): G and P enter as bf16 hi + lo against K stacked twice,
+// one product of twice the depth with E's and F's rows stacked, [G_hi G_lo; P_hi P_lo]·[K; K].
+template <class I, class T>
+void dq_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
+  static_assert(std::is_same_v<T, BFloat16>);
+  using reg = typename I::reg;
+  const detail::DilatedParams& p = own.p;
+  const int D = int(p.head_dim), Dp = s.padded_d, pairs = amx::round_up((D + 1) / 2, 16);
+  const int C = int(kChunkRows), Tr = int(kTileRows);
+  const OperandScales scales = operand_scales<I>(p);
+  amx::Buffers& b = amx::buffers();
+  std::uint32_t* q_rows = amx::sized(b.own_a, std::int64_t(C) * pairs);
+  std::uint32_t* dout_rows = amx::sized(b.own_b, std::int64_t(C) * pairs);
+  std::uint32_t* rows = amx::sized(b.tile_rows, std::int64_t(Tr) * pairs);
+  std::uint32_t* k_cols = amx::sized(b.tile_b, std::int64_t(pairs) * Tr);
+  std::uint32_t* v_cols = amx::sized(b.tile_c, std::int64_t(pairs) * Tr);
+  std::uint32_t* k_twice = amx::sized(b.tile_d, std::int64_t(Tr) * Dp);
+  std::uint32_t* split = amx::sized(b.probs, std::int64_t(2 * Tr) * Tr);
+  float* ef = amx::sized(b.product, std::int64_t(2 * Tr) * Dp);
+  const std::int64_t diagonal = causal_diagonal(own, other);
+  for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
+    const int chunk = int(std::min(kChunkRows, g.end - c0)), padded_chunk = amx::round_up(chunk, 32);
+    amx::pack_rows([&](int i) { return own.row(p.q, c0 + i); }, chunk, padded_chunk, D, pairs, q_rows);
+    amx::pack_rows([&](int i) { return own.row(p.dout, c0 + i); }, chunk, padded_chunk, D, pairs, dout_rows);
+    pack_lse_delta(own, c0, chunk, padded_chunk, s.own_lse, s.own_delta, false);
+    const std::int64_t key_end =
+        diagonal == kNoDiagonal ? g.other_length : std::clamp<std::int64_t>(diagonal + c0 + chunk, 0, g.other_length);
+    for (std::int64_t k0 = 0; k0 < key_end; k0 += kTileRows) {
+      const int keys = int(std::min(kTileRows, key_end - k0)), Kp = amx::round_up(keys, 32);
+      auto key_row = [&](int i) { return other.row(p.k, k0 + i); };
+      amx::pack_rows(key_row, keys, Kp, D, pairs, rows);
+      amx::transpose(rows, pairs, Kp, pairs, k_cols, Kp);
+      amx::pack_rows([&](int i) { return other.row(p.v, k0 + i); }, keys, Kp, D, pairs, rows);
+      amx::transpose(rows, pairs, Kp, pairs, v_cols, Kp);
+      amx::pack_row_pairs(key_row, keys, Kp, D, Dp, k_twice);
+      std::copy(k_twice, k_twice + (Kp / 2) * Dp, k_twice + (Kp / 2) * Dp);
+      pack_key_bias(other, k0, keys, Kp, s.tile_bias);
+      for (std::int64_t q0 = c0; q0 < c0 + chunk; q0 += kTileRows) {
+        const int queries = int(std::min(kTileRows, c0 + chunk - q0)), Qp = amx::round_up(queries, 32);
+        const CausalPair pair = record_pair(own, q0, queries, other, k0, keys, s);
+        if (pair == CausalPair::skipped) continue;
+        const std::int64_t at = q0 - c0, state0 = own.state(q0), state_step = own.state_step();
+        amx::product<false>(Qp, Kp, pairs, q_rows + at * pairs, pairs, k_cols, Kp, s.scores, Kp);
+        amx::product<false>(Qp, Kp, pairs, dout_rows + at * pairs, pairs, v_cols, Kp, s.grad_scores, Kp);
+        const reg scale = I::set1(scales.q_product), dout_scale = I::set1(scales.dout_product);
+        for (int i = 0; i < Qp; ++i) {
+          float* prob = s.scores + i * Kp;
+          float* grad = s.grad_scores + i * Kp;
+          std::uint32_t* g_split = split + std::int64_t(i) * Kp;
+          std::uint32_t* p_split = split + std::int64_t(Qp + i) * Kp;
+          if (i >= queries) {
+            std::fill(g_split, g_split + Kp, 0u);
+            std::fill(p_split, p_split + Kp, 0u);
+            continue;
+          }
+          const reg shift = I::set1(s.own_lse[at + i]);
+          for (int c = 0; c < Kp; c += I::width)
+            I::store(prob + c, I::exp(I::sub(amx::biased(scale, I::load(prob + c), I::load(s.tile_bias + c)), shift)));
+          if (pair == CausalPair::masked)  // keys after the query
+            for (int c = 0; c < keys; ++c)
+              if (s.key_original[c] > s.query_original[i]) prob[c] = 0.0f;
+          if (p.dropout_p > 0.0f)
+            for (int c = 0; c < keys; ++c) grad[c] *= dropout_factor(p, own.item, s, i, c);
+          reg sum = I::zero();
+          for (int c = 0; c < Kp; c += I::width) {
+            const reg x = I::mul(I::load(prob + c), I::mul(dout_scale, I::load(grad + c)));
+            I::store(grad + c, x);
+            sum = I::add(sum, x);
+          }
+          s.row_delta[state0 + i * state_step] += I::reduce_add(sum);
+          for (int c = 0; c < Kp; c += 32) {
+            amx::store_bf16_split(grad + c, g_split + c / 2, g_split + Kp / 2 + c / 2);
+            amx::store_bf16_split(prob + c, p_split + c / 2, p_split + Kp / 2 + c / 2);
+          }
+        }
+        amx::product<false>(2 * Qp, Dp, Kp, split, Kp, k_twice, Dp, ef, Dp);
+        for (int i = 0; i < queries; ++i) {
+          float* e = s.acc + (state0 + i * state_step) * Dp;
+          float* f = s.acc2 + (state0 + i * state_step) * Dp;
+          for (int d = 0; d < Dp; d += I::width) {
+            I::store(e + d, I::add(I::load(e + d), I::load(ef + i * Dp + d)));
+            I::store(f + d, I::add(I::load(f + d), I::load(ef + (Qp + i) * Dp + d)));
+          }
+        }
+      }
+    }
+  }
+}
+
+// dk/dv pass over one group on AMX (own side keys), queries as rows: S = Q·Kᵀ, dP = dO·Vᵀ, then
+// dVᵀ += dOᵀ·(P∘Z) and dKᵀ += Qᵀ·dS with the chunk's dKᵀ and dVᵀ accumulated in tiles' float32
+// layout [Dp × chunk]: Qᵀ and dOᵀ are packed once per query tile, P and dS as pairs of query rows.
+template <class I, class T>
+void dkdv_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
+  static_assert(std::is_same_v<T, BFloat16>);
+  using reg = typename I::reg;
+  const detail::DilatedParams& p = own.p;
+  const int D = int(p.head_dim), Dp = s.padded_d, pairs = amx::round_up((D + 1) / 2, 16);
+  const int C = int(kChunkRows), Tr = int(kTileRows);
+  const OperandScales scales = operand_scales<I>(p);
+  amx::Buffers& b = amx::buffers();
+  std::uint32_t* rows = amx::sized(b.tile_rows, std::int64_t(C) * std::max(pairs, Dp));
+  std::uint32_t* k_cols = amx::sized(b.own_a, std::int64_t(pairs) * C);
+  std::uint32_t* v_cols = amx::sized(b.own_b, std::int64_t(pairs) * C);
+  std::uint32_t* q_rows = amx::sized(b.tile_b, std::int64_t(Tr) * pairs);
+  std::uint32_t* dout_rows = amx::sized(b.tile_c, std::int64_t(Tr) * pairs);
+  std::uint32_t* q_t = amx::sized(b.tile_d, std::int64_t(Dp) * Tr);  // Qᵀ then dOᵀ, [Dp × Tr/2] each
+  std::uint32_t* dout_t = q_t + std::int64_t(Dp) * Tr / 2;
+  std::uint32_t* prob_pairs = amx::sized(b.probs, std::int64_t(Tr / 2) * Tr);
+  std::uint32_t* grad_pairs = amx::sized(b.grads, std::int64_t(Tr / 2) * Tr);
+  float* dk_t = amx::sized(b.product, std::int64_t(Dp) * C);
+  float* dv_t = amx::sized(b.product_b, std::int64_t(Dp) * C);
+  const std::int64_t diagonal = causal_diagonal(own, other);
+  for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
+    const int chunk = int(std::min(kChunkRows, g.end - c0)), Cp = amx::round_up(chunk, 32);
+    amx::pack_rows([&](int i) { return own.row(p.k, c0 + i); }, chunk, Cp, D, pairs, rows);
+    amx::transpose(rows, pairs, Cp, pairs, k_cols, Cp);
+    amx::pack_rows([&](int i) { return own.row(p.v, c0 + i); }, chunk, Cp, D, pairs, rows);
+    amx::transpose(rows, pairs, Cp, pairs, v_cols, Cp);
+    pack_key_bias(own, c0, chunk, Cp, s.own_bias);
+    std::fill(dk_t, dk_t + std::int64_t(Dp) * Cp, 0.0f);
+    std::fill(dv_t, dv_t + std::int64_t(Dp) * Cp, 0.0f);
+    const std::int64_t query_begin = diagonal == kNoDiagonal ? 0 : std::max<std::int64_t>(0, diagonal + c0);
+    for (std::int64_t q0 = query_begin; q0 < g.other_length; q0 += kTileRows) {
+      const int queries = int(std::min(kTileRows, g.other_length - q0)), Qp = amx::round_up(queries, 32);
+      auto query_row = [&](int i) { return other.row(p.q, q0 + i); };
+      auto dout_row = [&](int i) { return other.row(p.dout, q0 + i); };
+      amx::pack_rows(query_row, queries, Qp, D, pairs, q_rows);
+      amx::pack_rows(dout_row, queries, Qp, D, pairs, dout_rows);
+      amx::pack_row_pairs(query_row, queries, Qp, D, Dp, rows);
+      amx::transpose(rows, Dp, Qp / 2, Dp, q_t, Qp / 2);
+      amx::pack_row_pairs(dout_row, queries, Qp, D, Dp, rows);
+      amx::transpose(rows, Dp, Qp / 2, Dp, dout_t, Qp / 2);
+      pack_lse_delta(other, q0, queries, Qp, s.tile_lse, s.tile_delta, true);
+      for (std::int64_t k0 = c0; k0 < c0 + chunk; k0 += kTileRows) {
+        const int keys = int(std::min(kTileRows, c0 + chunk - k0)), Kp = amx::round_up(keys, 32);
+        const CausalPair pair = record_pair(other, q0, queries, own, k0, keys, s);
+        if (pair == CausalPair::skipped) continue;
+        const std::int64_t at = k0 - c0;
+        amx::product<false>(Qp, Kp, pairs, q_rows, pairs, k_cols + at, Cp, s.scores, Kp);
+        amx::product<false>(Qp, Kp, pairs, dout_rows, pairs, v_cols + at, Cp, s.grad_scores, Kp);
+        const reg scale = I::set1(scales.q_product), dout_scale = I::set1(scales.dout_product);
+        for (int i = 0; i < Qp; ++i) {  // rows past the queries: lse +inf and delta 0 give zeros
+          float* prob = s.scores + i * Kp;
+          float* grad = s.grad_scores + i * Kp;
+          if (p.dropout_p > 0.0f && i < queries)
+            for (int c = 0; c < keys; ++c) grad[c] *= (s.dropout_row[c] = dropout_factor(p, own.item, s, i, c));
+          const reg shift = I::set1(s.tile_lse[i]), correction = I::set1(s.tile_delta[i]);
+          for (int c = 0; c < Kp; c += I::width) {
+            const reg pr =
+                I::exp(I::sub(amx::biased(scale, I::load(prob + c), I::load(s.own_bias + at + c)), shift));
+            I::store(prob + c, pr);
+            I::store(grad + c, I::mul(pr, I::sub(I::mul(dout_scale, I::load(grad + c)), correction)));
+          }
+          if (i >= queries) continue;
+          if (pair == CausalPair::masked)  // keys after the query
+            for (int c = 0; c < keys; ++c)
+              if (s.key_original[c] > s.query_original[i]) prob[c] = grad[c] = 0.0f;
+          if (p.dropout_p > 0.0f)
+            for (int c = 0; c < keys; ++c) prob[c] *= s.dropout_row[c];
+        }
+        dot_bf16::pack_row_pairs(s.scores, Kp, Qp, Kp, prob_pairs);
+        dot_bf16::pack_row_pairs(s.grad_scores, Kp, Qp, Kp, grad_pairs);
+        amx::product<true>(Dp, Kp, Qp / 2, dout_t, Qp / 2, prob_pairs, Kp, dv_t + at, Cp);
+        amx::product<true>(Dp, Kp, Qp / 2, q_t, Qp / 2, grad_pairs, Kp, dk_t + at, Cp);
+      }
+    }
+    for (int i = 0; i < chunk; ++i) {
+      float* dk = s.acc + (own.state(c0 + i)) * Dp;
+      float* dv = s.acc2 + (own.state(c0 + i)) * Dp;
+      for (int d = 0; d < Dp; ++d) {
+        dk[d] += scales.q_product * dk_t[std::int64_t(d) * Cp + i];
+        dv[d] += scales.dout_product * dv_t[std::int64_t(d) * Cp + i];
       }
     }
   }

@@ -260,6 +260,10 @@ void forward_tile(const SideView<I, T>& queries_view, Scratch<I>& s, const float
 // The amx_bf16 group loops, with queries as rows (amx_attention.hpp).
 template <class I, class T>
 void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s);
+template <class I, class T>
+void dq_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s);
+template <class I, class T>
+void dkdv_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s);
 
 // Forward over one group: own side queries, other side keys.
 template <class I, class T>
@@ -559,7 +563,8 @@ void dq_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>& s
   std::fill(s.acc2, s.acc2 + item.state_rows * Dp, 0.0f);
   std::fill(s.row_delta, s.row_delta + item.state_rows, 0.0f);
   for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) {
-    dq_group(own, other, g, s);
+    if constexpr (requires { I::amx_tiles; }) dq_group_amx(own, other, g, s);
+    else dq_group(own, other, g, s);
   });
   float* delta = p.softmax_delta + (item.batch * p.heads + item.head) * p.seqlen;
   if (p.accumulate) {  // a ring step: add E, F and delta for the caller to finish
@@ -587,7 +592,10 @@ void dkdv_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>&
   const int Dp = s.padded_d;
   std::fill(s.acc, s.acc + item.state_rows * Dp, 0.0f);
   std::fill(s.acc2, s.acc2 + item.state_rows * Dp, 0.0f);
-  for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) { dkdv_group(own, other, g, s); });
+  for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) {
+    if constexpr (requires { I::amx_tiles; }) dkdv_group_amx(own, other, g, s);
+    else dkdv_group(own, other, g, s);
+  });
   for_each_region_row(p, item, [&](std::int64_t row, std::int64_t state) {
     if (p.accumulate) {  // a ring step
       accumulate_row<I>(p.dk, item, row, state >= 0 ? s.acc + state * Dp : nullptr, 1.0f, int(p.head_dim));
