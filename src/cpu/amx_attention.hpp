@@ -107,7 +107,10 @@ void pack_row_pairs(RowFn&& row, int rows, int padded_rows, int D, int width, st
   const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
                                       37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  constexpr int kAhead = 4;
+  for (int i = 0; i < std::min(kAhead, rows); ++i) prefetch_row(row(i), D);
   for (int i = 0; i < padded_rows; i += 2, dst += width) {
+    for (int j = i + kAhead; j < std::min(i + kAhead + 2, rows); ++j) prefetch_row(row(j), D);
     const void* even = i < rows ? static_cast<const void*>(row(i)) : nullptr;
     const void* odd = i + 1 < rows ? static_cast<const void*>(row(i + 1)) : nullptr;
     for (int d = 0; d < width; d += 32) {
@@ -146,7 +149,7 @@ inline __m512 biased(__m512 scale, __m512 s, __m512 bias) {
 // Per-thread buffers of the packed operands, grown once to the largest shapes.
 struct Buffers {
   std::vector<std::uint32_t> own_a, own_b, tile_rows, tile_b, tile_c, tile_d, probs, grads;
-  std::vector<float> product, product_b;
+  std::vector<float> product, product_b, row_values;
 };
 inline Buffers& buffers() {
   thread_local Buffers b;
@@ -176,6 +179,8 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
   std::uint32_t* v_pairs = amx::sized(b.tile_c, std::int64_t(Tr / 2) * Dp);
   std::uint32_t* probs = amx::sized(b.probs, std::int64_t(Tr) * Tr / 2);
   float* pv = amx::sized(b.product, std::int64_t(Tr) * Dp);
+  float* old_max = amx::sized(b.row_values, 4 * std::int64_t(Tr));  // per query of a tile
+  float *shift = old_max + Tr, *sums = shift + Tr, *correction = sums + Tr;
   const std::int64_t diagonal = causal_diagonal(own, other);
   for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
     const int chunk = int(std::min(kChunkRows, g.end - c0));
@@ -198,38 +203,60 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
         const reg scale = I::set1(p.scale);
         for (int i = 0; i < queries; ++i) {
           float* row = s.scores + i * Kp;
-          for (int c = 0; c < Kp; c += I::width)
-            I::store(row + c, amx::biased(scale, I::load(row + c), I::load(s.tile_bias + c)));
-          if (pair == CausalPair::masked)  // keys after the query
+          reg top = I::set1(kNegInf);
+          for (int c = 0; c < Kp; c += I::width) {
+            const reg x = amx::biased(scale, I::load(row + c), I::load(s.tile_bias + c));
+            I::store(row + c, x);
+            top = I::max(top, x);
+          }
+          if (pair == CausalPair::masked) {  // keys after the query
             for (int c = 0; c < keys; ++c)
               if (s.key_original[c] > s.query_original[i]) row[c] = kNegInf;
-          reg top = I::set1(kNegInf);
-          for (int c = 0; c < Kp; c += I::width) top = I::max(top, I::load(row + c));
-          float& m = s.row_max[state0 + i * state_step];
-          const float row_top = std::max(m, I::reduce_max(top));
-          const float shift = row_top == kNegInf ? 0.0f : row_top;
-          s.column_correction[i] = std::exp(m - shift);
-          m = row_top;
-          const reg shift_v = I::set1(shift);
-          reg sum = I::zero();
-          for (int c = 0; c < Kp; c += I::width) {
-            const reg e = I::exp(I::sub(I::load(row + c), shift_v));
-            I::store(row + c, e);
-            sum = I::add(sum, e);
+            top = I::set1(kNegInf);
+            for (int c = 0; c < Kp; c += I::width) top = I::max(top, I::load(row + c));
           }
-          float& row_sum = s.row_sum[state0 + i * state_step];
-          row_sum = row_sum * s.column_correction[i] + I::reduce_add(sum);
-          if (p.dropout_p > 0.0f)
+          float& m = s.row_max[state0 + i * state_step];
+          old_max[i] = m;
+          m = std::max(m, I::reduce_max(top));
+          shift[i] = m == kNegInf ? 0.0f : m;
+          const reg shift_v = I::set1(shift[i]);
+          std::uint32_t* prob_row = probs + i * (Kp / 2);
+          reg sum = I::zero();
+          for (int c = 0; c < Kp; c += 2 * I::width) {
+            const reg e0 = I::exp(I::sub(I::load(row + c), shift_v)), e1 = I::exp(I::sub(I::load(row + c + 16), shift_v));
+            sum = I::add(sum, I::add(e0, e1));
+            I::store(row + c, e0);
+            I::store(row + c + 16, e1);
+            _mm512_storeu_si512(prob_row + c / 2, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+          }
+          sums[i] = I::reduce_add(sum);
+          if (p.dropout_p > 0.0f) {
             for (int c = 0; c < keys; ++c) row[c] *= dropout_factor(p, own.item, s, i, c);
-          for (int c = 0; c < Kp; c += 32) amx::store_bf16(row + c, probs + i * (Kp / 2) + c / 2);
+            for (int c = 0; c < Kp; c += 32) amx::store_bf16(row + c, prob_row + c / 2);
+          }
+        }
+        std::fill(old_max + queries, old_max + Qp, 0.0f);
+        std::fill(shift + queries, shift + Qp, 0.0f);
+        for (int i = 0; i < queries; i += I::width)  // exp(old max − new max) of 16 rows at once
+          I::store(correction + i, I::exp(I::sub(I::load(old_max + i), I::load(shift + i))));
+        for (int i = 0; i < queries; ++i) {
+          float& row_sum = s.row_sum[state0 + i * state_step];
+          row_sum = row_sum * correction[i] + sums[i];
         }
         std::fill(probs + queries * (Kp / 2), probs + Qp * (Kp / 2), 0u);
+        if (state_step == 1 && queries == Qp) {  // O accumulates in the tiles, its rows rescaled first
+          float* acc = s.acc + state0 * Dp;
+          for (int i = 0; i < queries; ++i)
+            if (correction[i] != 1.0f)
+              for (int d = 0; d < Dp; d += I::width) I::store(acc + i * Dp + d, I::mul(I::set1(correction[i]), I::load(acc + i * Dp + d)));
+          amx::product<true>(Qp, Dp, Kp / 2, probs, Kp / 2, v_pairs, Dp, acc, Dp);
+          continue;
+        }
         amx::product<false>(Qp, Dp, Kp / 2, probs, Kp / 2, v_pairs, Dp, pv, Dp);
         for (int i = 0; i < queries; ++i) {
           float* acc = s.acc + (state0 + i * state_step) * Dp;
-          const reg correction = I::set1(s.column_correction[i]);
-          for (int d = 0; d < Dp; d += I::width)
-            I::store(acc + d, I::fmadd(correction, I::load(acc + d), I::load(pv + i * Dp + d)));
+          const reg c = I::set1(correction[i]);
+          for (int d = 0; d < Dp; d += I::width) I::store(acc + d, I::fmadd(c, I::load(acc + d), I::load(pv + i * Dp + d)));
         }
       }
     }
@@ -312,6 +339,11 @@ void dq_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const 
             amx::store_bf16_split(grad + c, g_split + c / 2, g_split + Kp / 2 + c / 2);
             amx::store_bf16_split(prob + c, p_split + c / 2, p_split + Kp / 2 + c / 2);
           }
+        }
+        if (state_step == 1 && queries == Qp) {  // E and F accumulate in the tiles
+          amx::product<true>(Qp, Dp, Kp, split, Kp, k_twice, Dp, s.acc + state0 * Dp, Dp);
+          amx::product<true>(Qp, Dp, Kp, split + std::int64_t(Qp) * Kp, Kp, k_twice, Dp, s.acc2 + state0 * Dp, Dp);
+          continue;
         }
         amx::product<false>(2 * Qp, Dp, Kp, split, Kp, k_twice, Dp, ef, Dp);
         for (int i = 0; i < queries; ++i) {
