@@ -141,10 +141,31 @@ inline void store_bf16_split(const float* x, std::uint32_t* hi, std::uint32_t* l
   _mm512_storeu_si512(lo, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0))));
 }
 
-// scale·s where bias is 0, else bias (-inf: a padded key or a padding column, NaN scores too).
-inline __m512 biased(__m512 scale, __m512 s, __m512 bias) {
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(bias, _mm512_setzero_ps(), _CMP_EQ_OQ), bias, _mm512_mul_ps(scale, s));
+// One mask per 16 keys of a tile: set where the key bias is 0 (a usable key).
+inline void key_masks(const float* bias, int keys, __mmask16* masks) {
+  for (int c = 0; c < keys; c += 16)
+    masks[c / 16] = _mm512_cmp_ps_mask(_mm512_loadu_ps(bias + c), _mm512_setzero_ps(), _CMP_EQ_OQ);
 }
+
+// scale·s for a usable key, else -inf (a padded key or a padding column, whatever its score).
+inline __m512 masked_score(__mmask16 usable, __m512 scale, __m512 s) {
+  return _mm512_mask_mul_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), usable, scale, s);
+}
+
+// exp(x − shift) as 2^y with y = x·log2 e − shift_log2 (shift_log2 = shift·log2 e; one FMA): y is
+// split exactly into n + f, |f| <= 1/2, and 2^f is its degree-6 Taylor polynomial (relative error
+// below 1.2e-7). y below -126, a masked score of -inf included, gives exactly 0; a NaN stays NaN.
+inline __m512 exp_shifted(__m512 x, __m512 shift_log2) {
+  const __m512 y = _mm512_fmsub_ps(x, _mm512_set1_ps(1.44269504f), shift_log2);
+  const __mmask16 kept = _mm512_cmp_ps_mask(y, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, n);
+  constexpr float c[] = {1.5403530e-4f, 1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f, 2.4022651e-1f, 6.9314718e-1f, 1.0f};
+  __m512 p = _mm512_set1_ps(c[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
+  return _mm512_maskz_scalef_ps(kept, p, n);
+}
+inline __m512 log2e_times(float x) { return _mm512_set1_ps(x * 1.44269504f); }
 
 // Per-thread buffers of the packed operands, grown once to the largest shapes.
 struct Buffers {
@@ -194,6 +215,8 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
       amx::transpose(k_rows, pairs, Kp, pairs, k_cols, Kp);
       amx::pack_row_pairs([&](int i) { return other.row(p.v, k0 + i); }, keys, Kp, D, Dp, v_pairs);
       pack_key_bias(other, k0, keys, Kp, s.tile_bias);
+      __mmask16 usable[kTileRows / 16];
+      amx::key_masks(s.tile_bias, Kp, usable);
       for (std::int64_t q0 = c0; q0 < c0 + chunk; q0 += kTileRows) {
         const int queries = int(std::min(kTileRows, c0 + chunk - q0)), Qp = amx::round_up(queries, 32);
         const CausalPair pair = record_pair(own, q0, queries, other, k0, keys, s);
@@ -205,7 +228,7 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
           float* row = s.scores + i * Kp;
           reg top = I::set1(kNegInf);
           for (int c = 0; c < Kp; c += I::width) {
-            const reg x = amx::biased(scale, I::load(row + c), I::load(s.tile_bias + c));
+            const reg x = amx::masked_score(usable[c / 16], scale, I::load(row + c));
             I::store(row + c, x);
             top = I::max(top, x);
           }
@@ -219,11 +242,11 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
           old_max[i] = m;
           m = std::max(m, I::reduce_max(top));
           shift[i] = m == kNegInf ? 0.0f : m;
-          const reg shift_v = I::set1(shift[i]);
+          const reg shift_v = amx::log2e_times(shift[i]);
           std::uint32_t* prob_row = probs + i * (Kp / 2);
           reg sum = I::zero();
           for (int c = 0; c < Kp; c += 2 * I::width) {
-            const reg e0 = I::exp(I::sub(I::load(row + c), shift_v)), e1 = I::exp(I::sub(I::load(row + c + 16), shift_v));
+            const reg e0 = amx::exp_shifted(I::load(row + c), shift_v), e1 = amx::exp_shifted(I::load(row + c + 16), shift_v);
             sum = I::add(sum, I::add(e0, e1));
             I::store(row + c, e0);
             I::store(row + c + 16, e1);
@@ -238,7 +261,7 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
         std::fill(old_max + queries, old_max + Qp, 0.0f);
         std::fill(shift + queries, shift + Qp, 0.0f);
         for (int i = 0; i < queries; i += I::width)  // exp(old max − new max) of 16 rows at once
-          I::store(correction + i, I::exp(I::sub(I::load(old_max + i), I::load(shift + i))));
+          I::store(correction + i, amx::exp_shifted(I::load(old_max + i), I::mul(I::load(shift + i), I::set1(1.44269504f))));
         for (int i = 0; i < queries; ++i) {
           float& row_sum = s.row_sum[state0 + i * state_step];
           row_sum = row_sum * correction[i] + sums[i];
@@ -302,6 +325,8 @@ void dq_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const 
       amx::pack_row_pairs(key_row, keys, Kp, D, Dp, k_twice);
       std::copy(k_twice, k_twice + (Kp / 2) * Dp, k_twice + (Kp / 2) * Dp);
       pack_key_bias(other, k0, keys, Kp, s.tile_bias);
+      __mmask16 usable[kTileRows / 16];
+      amx::key_masks(s.tile_bias, Kp, usable);
       for (std::int64_t q0 = c0; q0 < c0 + chunk; q0 += kTileRows) {
         const int queries = int(std::min(kTileRows, c0 + chunk - q0)), Qp = amx::round_up(queries, 32);
         const CausalPair pair = record_pair(own, q0, queries, other, k0, keys, s);
@@ -320,9 +345,9 @@ void dq_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const 
             std::fill(p_split, p_split + Kp, 0u);
             continue;
           }
-          const reg shift = I::set1(s.own_lse[at + i]);
+          const reg shift = amx::log2e_times(s.own_lse[at + i]);
           for (int c = 0; c < Kp; c += I::width)
-            I::store(prob + c, I::exp(I::sub(amx::biased(scale, I::load(prob + c), I::load(s.tile_bias + c)), shift)));
+            I::store(prob + c, amx::exp_shifted(amx::masked_score(usable[c / 16], scale, I::load(prob + c)), shift));
           if (pair == CausalPair::masked)  // keys after the query
             for (int c = 0; c < keys; ++c)
               if (s.key_original[c] > s.query_original[i]) prob[c] = 0.0f;
@@ -409,6 +434,8 @@ void dkdv_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, cons
         const CausalPair pair = record_pair(other, q0, queries, own, k0, keys, s);
         if (pair == CausalPair::skipped) continue;
         const std::int64_t at = k0 - c0;
+        __mmask16 usable[kTileRows / 16];
+        amx::key_masks(s.own_bias + at, Kp, usable);
         amx::product<false>(Qp, Kp, pairs, q_rows, pairs, k_cols + at, Cp, s.scores, Kp);
         amx::product<false>(Qp, Kp, pairs, dout_rows, pairs, v_cols + at, Cp, s.grad_scores, Kp);
         const reg scale = I::set1(scales.q_product), dout_scale = I::set1(scales.dout_product);
@@ -417,10 +444,9 @@ void dkdv_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, cons
           float* grad = s.grad_scores + i * Kp;
           if (p.dropout_p > 0.0f && i < queries)
             for (int c = 0; c < keys; ++c) grad[c] *= (s.dropout_row[c] = dropout_factor(p, own.item, s, i, c));
-          const reg shift = I::set1(s.tile_lse[i]), correction = I::set1(s.tile_delta[i]);
+          const reg shift = amx::log2e_times(s.tile_lse[i]), correction = I::set1(s.tile_delta[i]);
           for (int c = 0; c < Kp; c += I::width) {
-            const reg pr =
-                I::exp(I::sub(amx::biased(scale, I::load(prob + c), I::load(s.own_bias + at + c)), shift));
+            const reg pr = amx::exp_shifted(amx::masked_score(usable[c / 16], scale, I::load(prob + c)), shift);
             I::store(prob + c, pr);
             I::store(grad + c, I::mul(pr, I::sub(I::mul(dout_scale, I::load(grad + c)), correction)));
           }
