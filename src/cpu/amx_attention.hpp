@@ -167,25 +167,58 @@ inline __m512 exp_shifted(__m512 x, __m512 shift_log2) {
 }
 inline __m512 log2e_times(float x) { return _mm512_set1_ps(x * 1.44269504f); }
 
-// Per-thread buffers of the packed operands, grown once to the largest shapes.
-struct Buffers {
-  std::vector<std::uint32_t> own_a, own_b, tile_rows, tile_b, tile_c, tile_d, probs, grads;
-  std::vector<float> product, product_b, row_values;
-};
-inline Buffers& buffers() {
-  thread_local Buffers b;
-  return b;
-}
 template <class X>
 X* sized(std::vector<X>& v, std::int64_t n) {
   if (v.size() < std::size_t(n)) v.resize(std::size_t(n));
   return v.data();
 }
 
+// The packed tiles of a group's other side, kept while the group's own tiles meet them in turn: a
+// tile is packed on first use, and again only where a causal chunk cuts it differently. A group
+// whose tiles would pass kBytes has one slot, packed on every use.
+struct TileCache {
+  static constexpr std::int64_t kBytes = std::int64_t(1) << 20;
+  std::vector<std::uint32_t> words;
+  std::vector<std::int64_t> first;  // per slot: the first row packed there and the row count, or -1
+  std::vector<int> rows;
+  std::int64_t tile_words = 0;
+  bool kept = false;
+
+  void reset(std::int64_t other_length, std::int64_t words_per_tile) {
+    const std::int64_t tiles = (other_length + kTileRows - 1) / kTileRows;
+    kept = tiles * words_per_tile * 4 <= kBytes;
+    tile_words = words_per_tile;
+    const std::int64_t slots = kept ? tiles : 1;
+    sized(words, slots * words_per_tile);
+    first.assign(std::size_t(slots), -1);
+    rows.assign(std::size_t(slots), -1);
+  }
+  // The packed words of rows [j0, j0 + n), and whether they must be packed now.
+  std::uint32_t* slot(std::int64_t j0, int n, bool& pack) {
+    const std::size_t at = kept ? std::size_t(j0 / kTileRows) : 0;
+    pack = !kept || first[at] != j0 || rows[at] != n;
+    first[at] = j0;
+    rows[at] = n;
+    return words.data() + std::int64_t(at) * tile_words;
+  }
+};
+
+// Per-thread buffers of the packed operands, grown once to the largest shapes.
+struct Buffers {
+  std::vector<std::uint32_t> own_a, own_b, tile_rows, tile_b, tile_c, tile_d, probs, grads;
+  std::vector<float> product, product_b, row_values;
+  TileCache tiles;
+};
+inline Buffers& buffers() {
+  thread_local Buffers b;
+  return b;
+}
+
 }  // namespace amx
 
 // Forward over one group on AMX: S = Q·Kᵀ with one row per query, the online softmax row by row
-// (P to bf16 as it is made), then O += P·V through a float32 product buffer.
+// (P to bf16 as it is made), then O += P·V in the tiles (through a float32 buffer where the tile's
+// rows are not consecutive state rows).
 template <class I, class T>
 void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
   static_assert(std::is_same_v<T, BFloat16>);
@@ -196,24 +229,31 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
   amx::Buffers& b = amx::buffers();
   std::uint32_t* q_rows = amx::sized(b.own_a, std::int64_t(C) * pairs);
   std::uint32_t* k_rows = amx::sized(b.tile_rows, std::int64_t(Tr) * pairs);
-  std::uint32_t* k_cols = amx::sized(b.tile_b, std::int64_t(pairs) * Tr);
-  std::uint32_t* v_pairs = amx::sized(b.tile_c, std::int64_t(Tr / 2) * Dp);
+  const std::int64_t k_words = std::int64_t(pairs) * Tr;  // a tile: Kᵀ [pairs × Kp], then V [Kp/2 × Dp]
+  b.tiles.reset(g.other_length, k_words + std::int64_t(Tr / 2) * Dp);
   std::uint32_t* probs = amx::sized(b.probs, std::int64_t(Tr) * Tr / 2);
   float* pv = amx::sized(b.product, std::int64_t(Tr) * Dp);
   float* old_max = amx::sized(b.row_values, 4 * std::int64_t(Tr));  // per query of a tile
   float *shift = old_max + Tr, *sums = shift + Tr, *correction = sums + Tr;
   const std::int64_t diagonal = causal_diagonal(own, other);
-  for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
-    const int chunk = int(std::min(kChunkRows, g.end - c0));
+  // One query tile at a time meets every key tile while its O stays in L1, if the packed key tiles
+  // are kept; else a chunk of query tiles meets each key tile, packed once per chunk.
+  const std::int64_t chunk_rows = b.tiles.kept ? kTileRows : kChunkRows;
+  for (std::int64_t c0 = g.begin; c0 < g.end; c0 += chunk_rows) {
+    const int chunk = int(std::min(chunk_rows, g.end - c0));
     amx::pack_rows([&](int i) { return own.row(p.q, c0 + i); }, chunk, amx::round_up(chunk, 32), D, pairs, q_rows);
     const std::int64_t key_end =
         diagonal == kNoDiagonal ? g.other_length : std::clamp<std::int64_t>(diagonal + c0 + chunk, 0, g.other_length);
     for (std::int64_t k0 = 0; k0 < key_end; k0 += kTileRows) {
       const int keys = int(std::min(kTileRows, key_end - k0)), Kp = amx::round_up(keys, 32);
-      auto key_row = [&](int i) { return other.row(p.k, k0 + i); };
-      amx::pack_rows(key_row, keys, Kp, D, pairs, k_rows);
-      amx::transpose(k_rows, pairs, Kp, pairs, k_cols, Kp);
-      amx::pack_row_pairs([&](int i) { return other.row(p.v, k0 + i); }, keys, Kp, D, Dp, v_pairs);
+      bool pack;
+      std::uint32_t* k_cols = b.tiles.slot(k0, keys, pack);
+      std::uint32_t* v_pairs = k_cols + k_words;
+      if (pack) {
+        amx::pack_rows([&](int i) { return other.row(p.k, k0 + i); }, keys, Kp, D, pairs, k_rows);
+        amx::transpose(k_rows, pairs, Kp, pairs, k_cols, Kp);
+        amx::pack_row_pairs([&](int i) { return other.row(p.v, k0 + i); }, keys, Kp, D, Dp, v_pairs);
+      }
       pack_key_bias(other, k0, keys, Kp, s.tile_bias);
       __mmask16 usable[kTileRows / 16];
       amx::key_masks(s.tile_bias, Kp, usable);
@@ -302,14 +342,14 @@ void dq_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const 
   std::uint32_t* q_rows = amx::sized(b.own_a, std::int64_t(C) * pairs);
   std::uint32_t* dout_rows = amx::sized(b.own_b, std::int64_t(C) * pairs);
   std::uint32_t* rows = amx::sized(b.tile_rows, std::int64_t(Tr) * pairs);
-  std::uint32_t* k_cols = amx::sized(b.tile_b, std::int64_t(pairs) * Tr);
-  std::uint32_t* v_cols = amx::sized(b.tile_c, std::int64_t(pairs) * Tr);
-  std::uint32_t* k_twice = amx::sized(b.tile_d, std::int64_t(Tr) * Dp);
+  const std::int64_t k_words = std::int64_t(pairs) * Tr;  // a tile: Kᵀ, Vᵀ [pairs × Kp], then [K; K] [Kp × Dp]
+  b.tiles.reset(g.other_length, 2 * k_words + std::int64_t(Tr) * Dp);
   std::uint32_t* split = amx::sized(b.probs, std::int64_t(2 * Tr) * Tr);
   float* ef = amx::sized(b.product, std::int64_t(2 * Tr) * Dp);
   const std::int64_t diagonal = causal_diagonal(own, other);
-  for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
-    const int chunk = int(std::min(kChunkRows, g.end - c0)), padded_chunk = amx::round_up(chunk, 32);
+  const std::int64_t chunk_rows = b.tiles.kept ? kTileRows : kChunkRows;  // as in forward_group_amx
+  for (std::int64_t c0 = g.begin; c0 < g.end; c0 += chunk_rows) {
+    const int chunk = int(std::min(chunk_rows, g.end - c0)), padded_chunk = amx::round_up(chunk, 32);
     amx::pack_rows([&](int i) { return own.row(p.q, c0 + i); }, chunk, padded_chunk, D, pairs, q_rows);
     amx::pack_rows([&](int i) { return own.row(p.dout, c0 + i); }, chunk, padded_chunk, D, pairs, dout_rows);
     pack_lse_delta(own, c0, chunk, padded_chunk, s.own_lse, s.own_delta, false);
@@ -317,13 +357,18 @@ void dq_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const 
         diagonal == kNoDiagonal ? g.other_length : std::clamp<std::int64_t>(diagonal + c0 + chunk, 0, g.other_length);
     for (std::int64_t k0 = 0; k0 < key_end; k0 += kTileRows) {
       const int keys = int(std::min(kTileRows, key_end - k0)), Kp = amx::round_up(keys, 32);
-      auto key_row = [&](int i) { return other.row(p.k, k0 + i); };
-      amx::pack_rows(key_row, keys, Kp, D, pairs, rows);
-      amx::transpose(rows, pairs, Kp, pairs, k_cols, Kp);
-      amx::pack_rows([&](int i) { return other.row(p.v, k0 + i); }, keys, Kp, D, pairs, rows);
-      amx::transpose(rows, pairs, Kp, pairs, v_cols, Kp);
-      amx::pack_row_pairs(key_row, keys, Kp, D, Dp, k_twice);
-      std::copy(k_twice, k_twice + (Kp / 2) * Dp, k_twice + (Kp / 2) * Dp);
+      bool pack;
+      std::uint32_t* k_cols = b.tiles.slot(k0, keys, pack);
+      std::uint32_t *v_cols = k_cols + k_words, *k_twice = v_cols + k_words;
+      if (pack) {
+        auto key_row = [&](int i) { return other.row(p.k, k0 + i); };
+        amx::pack_rows(key_row, keys, Kp, D, pairs, rows);
+        amx::transpose(rows, pairs, Kp, pairs, k_cols, Kp);
+        amx::pack_rows([&](int i) { return other.row(p.v, k0 + i); }, keys, Kp, D, pairs, rows);
+        amx::transpose(rows, pairs, Kp, pairs, v_cols, Kp);
+        amx::pack_row_pairs(key_row, keys, Kp, D, Dp, k_twice);
+        std::copy(k_twice, k_twice + (Kp / 2) * Dp, k_twice + (Kp / 2) * Dp);
+      }
       pack_key_bias(other, k0, keys, Kp, s.tile_bias);
       __mmask16 usable[kTileRows / 16];
       amx::key_masks(s.tile_bias, Kp, usable);
