@@ -264,7 +264,14 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
         amx::product<false>(Qp, Kp, pairs, q_rows + (q0 - c0) * pairs, pairs, k_cols, Kp, s.scores, Kp);
         const std::int64_t state0 = own.state(q0), state_step = own.state_step();
         const reg scale = I::set1(p.scale);
+        // The next key tile's rows, where it is yet to be packed: their loads overlap the softmax.
+        const std::int64_t next = k0 + kTileRows;
+        const int ahead = next < key_end && (c0 == g.begin || !b.tiles.kept) ? int(std::min(kTileRows, key_end - next)) : 0;
         for (int i = 0; i < queries; ++i) {
+          if (i < ahead) {
+            prefetch_row(other.row(p.k, next + i), D);
+            prefetch_row(other.row(p.v, next + i), D);
+          }
           float* row = s.scores + i * Kp;
           reg top = I::set1(kNegInf);
           for (int c = 0; c < Kp; c += I::width) {
@@ -380,7 +387,13 @@ void dq_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const 
         amx::product<false>(Qp, Kp, pairs, q_rows + at * pairs, pairs, k_cols, Kp, s.scores, Kp);
         amx::product<false>(Qp, Kp, pairs, dout_rows + at * pairs, pairs, v_cols, Kp, s.grad_scores, Kp);
         const reg scale = I::set1(scales.q_product), dout_scale = I::set1(scales.dout_product);
+        const std::int64_t next = k0 + kTileRows;  // as in forward_group_amx
+        const int ahead = next < key_end && (c0 == g.begin || !b.tiles.kept) ? int(std::min(kTileRows, key_end - next)) : 0;
         for (int i = 0; i < Qp; ++i) {
+          if (i < ahead) {
+            prefetch_row(other.row(p.k, next + i), D);
+            prefetch_row(other.row(p.v, next + i), D);
+          }
           float* prob = s.scores + i * Kp;
           float* grad = s.grad_scores + i * Kp;
           std::uint32_t* g_split = split + std::int64_t(i) * Kp;
@@ -484,7 +497,16 @@ void dkdv_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, cons
         amx::product<false>(Qp, Kp, pairs, q_rows, pairs, k_cols + at, Cp, s.scores, Kp);
         amx::product<false>(Qp, Kp, pairs, dout_rows, pairs, v_cols + at, Cp, s.grad_scores, Kp);
         const reg scale = I::set1(scales.q_product), dout_scale = I::set1(scales.dout_product);
+        // The next query tile's rows, packed after this chunk's last key tile: their loads overlap.
+        const std::int64_t next = q0 + kTileRows;
+        const int ahead = k0 + kTileRows >= c0 + chunk && next < g.other_length
+                              ? int(std::min(kTileRows, g.other_length - next))
+                              : 0;
         for (int i = 0; i < Qp; ++i) {  // rows past the queries: lse +inf and delta 0 give zeros
+          if (i < ahead) {
+            prefetch_row(other.row(p.q, next + i), D);
+            prefetch_row(other.row(p.dout, next + i), D);
+          }
           float* prob = s.scores + i * Kp;
           float* grad = s.grad_scores + i * Kp;
           if (p.dropout_p > 0.0f && i < queries)
