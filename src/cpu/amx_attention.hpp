@@ -1,7 +1,8 @@
 // The amx_bf16 kernels' own group loops: queries as rows, operands packed from the bf16 tensors
 // straight into AMX's layouts (A: rows of bf16 pairs along the reduced dimension; B: pair-rows,
-// one column per output column), each once per tile or chunk rather than once per product, and
-// probabilities written as bf16 by the softmax itself. Included by kernels_amx_bf16.cpp after
+// one column per output column), each once per tile or chunk rather than once per product (a
+// group's key tiles once per group where they fit TileCache), and probabilities written as bf16
+// by the softmax itself. Included by kernels_amx_bf16.cpp after
 // attention_kernel.hpp, under its target pragma.
 #pragma once
 
@@ -130,8 +131,8 @@ inline void store_bf16(const float* x, std::uint32_t* dst) {
   _mm512_storeu_si512(dst, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + 16), _mm512_loadu_ps(x))));
 }
 
-// 32 float32 values x as hi + lo, each 32 bf16 in order: x − hi − lo is within 2^-16 of |x|'s
-// bf16 rounding step, so a product of hi and lo with bf16 data is about float32-accurate.
+// 32 float32 values x as hi + lo, each 32 bf16 in order: |x − hi − lo| <= 2^-18·|x|, so products
+// of hi and lo with bf16 data are nearly float32-accurate.
 inline void store_bf16_split(const float* x, std::uint32_t* hi, std::uint32_t* lo) {
   const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
   const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x1, x0));
@@ -336,7 +337,8 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
 // dq pass over one group on AMX (own side queries), queries as rows: S = Q·Kᵀ and dP = dO·Vᵀ give
 // P and G = P∘Z∘dP row by row (delta += Σ_j G_j), then E += G·K and F += P·K as in dq_group. E and
 // F need float32 accuracy (see dq_group): G and P enter as bf16 hi + lo against K stacked twice,
-// one product of twice the depth with E's and F's rows stacked, [G_hi G_lo; P_hi P_lo]·[K; K].
+// [G_hi G_lo]·[K; K] and [P_hi P_lo]·[K; K] (one product with the rows stacked where they go
+// through a float32 buffer).
 template <class I, class T>
 void dq_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
   static_assert(std::is_same_v<T, BFloat16>);

@@ -648,11 +648,12 @@ void forward_typed(const detail::DilatedParams& p) {
 // The dq pass runs first: it computes each row's softmax delta, which the dk/dv pass reads.
 template <class I, class T>
 void backward_typed(const detail::DilatedParams& params) {
-  if (std::is_same_v<T, float> && segment_backward_applies(params, kSegmentBackwardMinRows)) {
-    run_item_list<I>(params, make_segment_items(params),
-                     [&](const WorkItem& item, Scratch<I>& s) { segment_backward_item<I, T>(params, item, s); });
-    return;  // the one-pass backward keeps its deltas per item: no [B, H, N] buffer
-  }
+  if constexpr (std::is_same_v<T, float>)
+    if (segment_backward_applies(params, kSegmentBackwardMinRows)) {
+      run_item_list<I>(params, make_segment_items(params),
+                       [&](const WorkItem& item, Scratch<I>& s) { segment_backward_item<I, T>(params, item, s); });
+      return;  // the one-pass backward keeps its deltas per item: no [B, H, N] buffer
+    }
   std::vector<float> softmax_delta;
   detail::DilatedParams p = params;
   if (!p.softmax_delta) {
