@@ -168,6 +168,30 @@ inline __m512 exp_shifted(__m512 x, __m512 shift_log2) {
 }
 inline __m512 log2e_times(float x) { return _mm512_set1_ps(x * 1.44269504f); }
 
+// One forward row of V·16 scores, held in registers: masked and scaled, its maximum folded into m
+// (the old one kept in old_max, the exponent's shift in shift), exp(x − shift) written as bf16
+// pairs to probs. Returns the row's sum.
+template <int V>
+float softmax_row(const float* row, const __mmask16* usable, __m512 scale, float& m, float& old_max, float& shift,
+                  std::uint32_t* probs) {
+  __m512 x[V], top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int v = 0; v < V; ++v) {
+    x[v] = masked_score(usable[v], scale, _mm512_loadu_ps(row + 16 * v));
+    top = _mm512_max_ps(top, x[v]);
+  }
+  old_max = m;
+  m = std::max(m, _mm512_reduce_max_ps(top));
+  shift = m == -std::numeric_limits<float>::infinity() ? 0.0f : m;
+  const __m512 shift_log2 = log2e_times(shift);
+  __m512 sum = _mm512_setzero_ps();
+  for (int v = 0; v < V; v += 2) {
+    const __m512 e0 = exp_shifted(x[v], shift_log2), e1 = exp_shifted(x[v + 1], shift_log2);
+    sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+    _mm512_storeu_si512(probs + 8 * v, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
 template <class X>
 X* sized(std::vector<X>& v, std::int64_t n) {
   if (v.size() < std::size_t(n)) v.resize(std::size_t(n));
@@ -274,6 +298,13 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
             prefetch_row(other.row(p.v, next + i), D);
           }
           float* row = s.scores + i * Kp;
+          float& m = s.row_max[state0 + i * state_step];
+          std::uint32_t* prob_row = probs + i * (Kp / 2);
+          if (pair != CausalPair::masked && p.dropout_p == 0.0f) {  // most rows
+            sums[i] = Kp == 64 ? amx::softmax_row<4>(row, usable, scale, m, old_max[i], shift[i], prob_row)
+                               : amx::softmax_row<2>(row, usable, scale, m, old_max[i], shift[i], prob_row);
+            continue;
+          }
           reg top = I::set1(kNegInf);
           for (int c = 0; c < Kp; c += I::width) {
             const reg x = amx::masked_score(usable[c / 16], scale, I::load(row + c));
@@ -286,12 +317,10 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
             top = I::set1(kNegInf);
             for (int c = 0; c < Kp; c += I::width) top = I::max(top, I::load(row + c));
           }
-          float& m = s.row_max[state0 + i * state_step];
           old_max[i] = m;
           m = std::max(m, I::reduce_max(top));
           shift[i] = m == kNegInf ? 0.0f : m;
           const reg shift_v = amx::log2e_times(shift[i]);
-          std::uint32_t* prob_row = probs + i * (Kp / 2);
           reg sum = I::zero();
           for (int c = 0; c < Kp; c += 2 * I::width) {
             const reg e0 = amx::exp_shifted(I::load(row + c), shift_v), e1 = amx::exp_shifted(I::load(row + c + 16), shift_v);
