@@ -257,6 +257,14 @@ void forward_tile(const SideView<I, T>& queries_view, Scratch<I>& s, const float
   gemm<I, true, true>(queries, Dp, keys, s.scores, Qp, s.tile_rows_b, Dp, s.acc + state0 * Dp, state_step * Dp);
 }
 
+// The amx_bf16 group loops, with queries as rows (amx_attention.hpp).
+template <class I, class T>
+void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s);
+template <class I, class T>
+void dq_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s);
+template <class I, class T>
+void dkdv_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s);
+
 // Forward over one group: own side queries, other side keys.
 template <class I, class T>
 void forward_group(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
@@ -533,7 +541,10 @@ void forward_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<
   std::fill(s.acc, s.acc + item.state_rows * Dp, 0.0f);
   std::fill(s.row_max, s.row_max + item.state_rows, kNegInf);
   std::fill(s.row_sum, s.row_sum + item.state_rows, 0.0f);
-  for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) { forward_group(own, other, g, s); });
+  for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) {
+    if constexpr (requires { I::amx_tiles; }) forward_group_amx(own, other, g, s);
+    else forward_group(own, other, g, s);
+  });
   for_each_region_row(p, item, [&](std::int64_t row, std::int64_t state) {
     // A NaN sum (a NaN score in the row) counts as attended, so the row's out and lse are NaN.
     const bool attended = state >= 0 && s.row_sum[state] != 0.0f;
@@ -552,7 +563,8 @@ void dq_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>& s
   std::fill(s.acc2, s.acc2 + item.state_rows * Dp, 0.0f);
   std::fill(s.row_delta, s.row_delta + item.state_rows, 0.0f);
   for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) {
-    dq_group(own, other, g, s);
+    if constexpr (requires { I::amx_tiles; }) dq_group_amx(own, other, g, s);
+    else dq_group(own, other, g, s);
   });
   float* delta = p.softmax_delta + (item.batch * p.heads + item.head) * p.seqlen;
   if (p.accumulate) {  // a ring step: add E, F and delta for the caller to finish
@@ -580,7 +592,10 @@ void dkdv_item(const detail::DilatedParams& p, const WorkItem& item, Scratch<I>&
   const int Dp = s.padded_d;
   std::fill(s.acc, s.acc + item.state_rows * Dp, 0.0f);
   std::fill(s.acc2, s.acc2 + item.state_rows * Dp, 0.0f);
-  for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) { dkdv_group(own, other, g, s); });
+  for_each_group_view<I, T>(p, item, [&](const auto& own, const auto& other, const Group& g) {
+    if constexpr (requires { I::amx_tiles; }) dkdv_group_amx(own, other, g, s);
+    else dkdv_group(own, other, g, s);
+  });
   for_each_region_row(p, item, [&](std::int64_t row, std::int64_t state) {
     if (p.accumulate) {  // a ring step
       accumulate_row<I>(p.dk, item, row, state >= 0 ? s.acc + state * Dp : nullptr, 1.0f, int(p.head_dim));
@@ -633,11 +648,12 @@ void forward_typed(const detail::DilatedParams& p) {
 // The dq pass runs first: it computes each row's softmax delta, which the dk/dv pass reads.
 template <class I, class T>
 void backward_typed(const detail::DilatedParams& params) {
-  if (std::is_same_v<T, float> && segment_backward_applies(params, kSegmentBackwardMinRows)) {
-    run_item_list<I>(params, make_segment_items(params),
-                     [&](const WorkItem& item, Scratch<I>& s) { segment_backward_item<I, T>(params, item, s); });
-    return;  // the one-pass backward keeps its deltas per item: no [B, H, N] buffer
-  }
+  if constexpr (std::is_same_v<T, float>)
+    if (segment_backward_applies(params, kSegmentBackwardMinRows)) {
+      run_item_list<I>(params, make_segment_items(params),
+                       [&](const WorkItem& item, Scratch<I>& s) { segment_backward_item<I, T>(params, item, s); });
+      return;  // the one-pass backward keeps its deltas per item: no [B, H, N] buffer
+    }
   std::vector<float> softmax_delta;
   detail::DilatedParams p = params;
   if (!p.softmax_delta) {

@@ -17,6 +17,7 @@
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c")
 #include "cpu/simd_amx_bf16.hpp"
 #include "cpu/attention_kernel.hpp"
+#include "cpu/amx_attention.hpp"
 
 namespace dattn::cpu {
 

@@ -1,0 +1,575 @@
+// The amx_bf16 kernels' own group loops: queries as rows, operands packed from the bf16 tensors
+// straight into AMX's layouts (A: rows of bf16 pairs along the reduced dimension; B: pair-rows,
+// one column per output column), each once per tile or chunk rather than once per product (a
+// group's key tiles once per group where they fit TileCache), and probabilities written as bf16
+// by the softmax itself. Included by kernels_amx_bf16.cpp after
+// attention_kernel.hpp, under its target pragma.
+#pragma once
+
+#include "cpu/attention_kernel.hpp"
+
+namespace dattn::cpu {
+
+namespace amx {
+
+inline int round_up(int n, int step) { return (n + step - 1) / step * step; }
+
+// c[M × N] (=, or += with Accumulate) a[M × pairs]·b[pairs × N], pitches in elements; M and N
+// multiples of 32, pairs of 16 (the buffers are zero-padded). Each 32 × 32 block of C is four
+// tiles; each A and B tile loaded serves two products.
+template <bool Accumulate>
+void product(int M, int N, int pairs, const std::uint32_t* a, std::int64_t a_pitch, const std::uint32_t* b,
+             std::int64_t b_pitch, float* c, std::int64_t ldc) {
+  const std::int64_t as = a_pitch * 4, bs = b_pitch * 4, cs = ldc * 4;
+  for (int m = 0; m < M; m += 32)
+    for (int n = 0; n < N; n += 32) {
+      float* c0 = c + m * ldc + n;
+      float* c1 = c0 + 16 * ldc;
+      if constexpr (Accumulate) {
+        _tile_loadd(0, c0, cs);
+        _tile_loadd(1, c0 + 16, cs);
+        _tile_loadd(2, c1, cs);
+        _tile_loadd(3, c1 + 16, cs);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      const std::uint32_t* a0 = a + m * a_pitch;
+      for (int k = 0; k < pairs; k += 16) {
+        _tile_loadd(4, a0 + k, as);
+        _tile_loadd(6, b + k * b_pitch + n, bs);
+        _tile_loadd(7, b + k * b_pitch + n + 16, bs);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(5, a0 + 16 * a_pitch + k, as);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c0, cs);
+      _tile_stored(1, c0 + 16, cs);
+      _tile_stored(2, c1, cs);
+      _tile_stored(3, c1 + 16, cs);
+    }
+}
+
+// dst[c·dp + r] = src[r·sp + c] for a 16 × 16 block of 32-bit words (a pair of bf16 each).
+inline void transpose_block(const std::uint32_t* src, std::int64_t sp, std::uint32_t* dst, std::int64_t dp) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * sp);
+  for (int i = 0; i < 16; i += 2) {  // lane L of t[i], t[i+1]: rows i, i+1 at columns 4L..4L+3
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // lane L of r[g + e]: rows g..g+3 at column 4L + e
+    r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {  // a 4 × 4 transpose of 128-bit lanes
+    const __m512i c0 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x44), c1 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xee);
+    const __m512i c2 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x44),
+                  c3 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xee);
+    _mm512_storeu_si512(dst + e * dp, _mm512_shuffle_i32x4(c0, c2, 0x88));
+    _mm512_storeu_si512(dst + (4 + e) * dp, _mm512_shuffle_i32x4(c0, c2, 0xdd));
+    _mm512_storeu_si512(dst + (8 + e) * dp, _mm512_shuffle_i32x4(c1, c3, 0x88));
+    _mm512_storeu_si512(dst + (12 + e) * dp, _mm512_shuffle_i32x4(c1, c3, 0xdd));
+  }
+}
+
+// dst[c·dp + r] = src[r·sp + c] for r < rows, c < cols (both multiples of 16).
+inline void transpose(const std::uint32_t* src, std::int64_t sp, int rows, int cols, std::uint32_t* dst,
+                      std::int64_t dp) {
+  for (int r = 0; r < rows; r += 16)
+    for (int c = 0; c < cols; c += 16) transpose_block(src + r * sp + c, sp, dst + c * dp + r, dp);
+}
+
+// An A operand: row i of the source (i < rows, its D bf16 values) as row i of dst [padded_rows ×
+// pairs] (pairs along D), zero past D and past rows.
+template <class RowFn>
+void pack_rows(RowFn&& row, int rows, int padded_rows, int D, int pairs, std::uint32_t* dst) {
+  constexpr int kAhead = 4;
+  for (int i = 0; i < std::min(kAhead, rows); ++i) prefetch_row(row(i), D);
+  for (int i = 0; i < padded_rows; ++i) {
+    if (i + kAhead < rows) prefetch_row(row(i + kAhead), D);
+    std::uint16_t* d = reinterpret_cast<std::uint16_t*>(dst + std::int64_t(i) * pairs);
+    const int n = i < rows ? D : 0;
+    if (n) std::memcpy(d, row(i), std::size_t(n) * 2);
+    std::fill(d + n, d + 2 * pairs, std::uint16_t(0));
+  }
+}
+
+// A B operand with pairs along the source rows: dst[p·width + d] = (row 2p [d], row 2p+1 [d]) for
+// p < padded_rows / 2 (padded_rows even), d < width (a multiple of 32); zero past D and past rows.
+template <class RowFn>
+void pack_row_pairs(RowFn&& row, int rows, int padded_rows, int D, int width, std::uint32_t* dst) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                      37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  constexpr int kAhead = 4;
+  for (int i = 0; i < std::min(kAhead, rows); ++i) prefetch_row(row(i), D);
+  for (int i = 0; i < padded_rows; i += 2, dst += width) {
+    for (int j = i + kAhead; j < std::min(i + kAhead + 2, rows); ++j) prefetch_row(row(j), D);
+    const void* even = i < rows ? static_cast<const void*>(row(i)) : nullptr;
+    const void* odd = i + 1 < rows ? static_cast<const void*>(row(i + 1)) : nullptr;
+    for (int d = 0; d < width; d += 32) {
+      const __mmask32 mask = D - d >= 32 ? ~__mmask32(0) : D > d ? __mmask32((1u << (D - d)) - 1) : 0;
+      const __m512i x = even ? _mm512_maskz_loadu_epi16(mask, static_cast<const std::uint16_t*>(even) + d)
+                             : _mm512_setzero_si512();
+      const __m512i y = odd ? _mm512_maskz_loadu_epi16(mask, static_cast<const std::uint16_t*>(odd) + d)
+                            : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + d, _mm512_permutex2var_epi16(x, lo, y));
+      _mm512_storeu_si512(dst + d + 16, _mm512_permutex2var_epi16(x, hi, y));
+    }
+  }
+}
+
+// 32 float32 values as 32 bf16 (round to nearest even), in order: one row of pairs.
+inline void store_bf16(const float* x, std::uint32_t* dst) {
+  _mm512_storeu_si512(dst, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + 16), _mm512_loadu_ps(x))));
+}
+
+// 32 float32 values x as hi + lo, each 32 bf16 in order: |x − hi − lo| <= 2^-18·|x|, so products
+// of hi and lo with bf16 data are nearly float32-accurate.
+inline void store_bf16_split(const float* x, std::uint32_t* hi, std::uint32_t* lo) {
+  const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+  const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x1, x0));
+  const __m512 h0 = _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_castsi512_si256(h)));
+  const __m512 h1 = _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_extracti64x4_epi64(h, 1)));
+  _mm512_storeu_si512(hi, h);
+  _mm512_storeu_si512(lo, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0))));
+}
+
+// One mask per 16 keys of a tile: set where the key bias is 0 (a usable key).
+inline void key_masks(const float* bias, int keys, __mmask16* masks) {
+  for (int c = 0; c < keys; c += 16)
+    masks[c / 16] = _mm512_cmp_ps_mask(_mm512_loadu_ps(bias + c), _mm512_setzero_ps(), _CMP_EQ_OQ);
+}
+
+// scale·s for a usable key, else -inf (a padded key or a padding column, whatever its score).
+inline __m512 masked_score(__mmask16 usable, __m512 scale, __m512 s) {
+  return _mm512_mask_mul_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), usable, scale, s);
+}
+
+// exp(x − shift) as 2^y with y = x·log2 e − shift_log2 (shift_log2 = shift·log2 e; one FMA): y is
+// split exactly into n + f, |f| <= 1/2, and 2^f is its degree-6 Taylor polynomial (relative error
+// below 1.2e-7). y below -126, a masked score of -inf included, gives exactly 0; a NaN stays NaN.
+inline __m512 exp_shifted(__m512 x, __m512 shift_log2) {
+  const __m512 y = _mm512_fmsub_ps(x, _mm512_set1_ps(1.44269504f), shift_log2);
+  const __mmask16 kept = _mm512_cmp_ps_mask(y, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, n);
+  constexpr float c[] = {1.5403530e-4f, 1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f, 2.4022651e-1f, 6.9314718e-1f, 1.0f};
+  __m512 p = _mm512_set1_ps(c[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
+  return _mm512_maskz_scalef_ps(kept, p, n);
+}
+inline __m512 log2e_times(float x) { return _mm512_set1_ps(x * 1.44269504f); }
+
+// One forward row of V·16 scores, held in registers: masked and scaled, its maximum folded into m
+// (the old one kept in old_max, the exponent's shift in shift), exp(x − shift) written as bf16
+// pairs to probs. Returns the row's sum.
+template <int V>
+float softmax_row(const float* row, const __mmask16* usable, __m512 scale, float& m, float& old_max, float& shift,
+                  std::uint32_t* probs) {
+  __m512 x[V], top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int v = 0; v < V; ++v) {
+    x[v] = masked_score(usable[v], scale, _mm512_loadu_ps(row + 16 * v));
+    top = _mm512_max_ps(top, x[v]);
+  }
+  old_max = m;
+  m = std::max(m, _mm512_reduce_max_ps(top));
+  shift = m == -std::numeric_limits<float>::infinity() ? 0.0f : m;
+  const __m512 shift_log2 = log2e_times(shift);
+  __m512 sum = _mm512_setzero_ps();
+  for (int v = 0; v < V; v += 2) {
+    const __m512 e0 = exp_shifted(x[v], shift_log2), e1 = exp_shifted(x[v + 1], shift_log2);
+    sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+    _mm512_storeu_si512(probs + 8 * v, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+template <class X>
+X* sized(std::vector<X>& v, std::int64_t n) {
+  if (v.size() < std::size_t(n)) v.resize(std::size_t(n));
+  return v.data();
+}
+
+// The packed tiles of a group's other side, kept while the group's own tiles meet them in turn: a
+// tile is packed on first use, and again only where a causal chunk cuts it differently. A group
+// whose tiles would pass kBytes has one slot, packed on every use.
+struct TileCache {
+  static constexpr std::int64_t kBytes = std::int64_t(1) << 20;
+  std::vector<std::uint32_t> words;
+  std::vector<std::int64_t> first;  // per slot: the first row packed there and the row count, or -1
+  std::vector<int> rows;
+  std::int64_t tile_words = 0;
+  bool kept = false;
+
+  void reset(std::int64_t other_length, std::int64_t words_per_tile) {
+    const std::int64_t tiles = (other_length + kTileRows - 1) / kTileRows;
+    kept = tiles * words_per_tile * 4 <= kBytes;
+    tile_words = words_per_tile;
+    const std::int64_t slots = kept ? tiles : 1;
+    sized(words, slots * words_per_tile);
+    first.assign(std::size_t(slots), -1);
+    rows.assign(std::size_t(slots), -1);
+  }
+  // The packed words of rows [j0, j0 + n), and whether they must be packed now.
+  std::uint32_t* slot(std::int64_t j0, int n, bool& pack) {
+    const std::size_t at = kept ? std::size_t(j0 / kTileRows) : 0;
+    pack = !kept || first[at] != j0 || rows[at] != n;
+    first[at] = j0;
+    rows[at] = n;
+    return words.data() + std::int64_t(at) * tile_words;
+  }
+};
+
+// Per-thread buffers of the packed operands, grown once to the largest shapes.
+struct Buffers {
+  std::vector<std::uint32_t> own_a, own_b, tile_rows, tile_b, tile_c, tile_d, probs, grads;
+  std::vector<float> product, product_b, row_values;
+  TileCache tiles;
+};
+inline Buffers& buffers() {
+  thread_local Buffers b;
+  return b;
+}
+
+}  // namespace amx
+
+// Forward over one group on AMX: S = Q·Kᵀ with one row per query, the online softmax row by row
+// (P to bf16 as it is made), then O += P·V in the tiles (through a float32 buffer where the tile's
+// rows are not consecutive state rows).
+template <class I, class T>
+void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
+  static_assert(std::is_same_v<T, BFloat16>);
+  using reg = typename I::reg;
+  const detail::DilatedParams& p = own.p;
+  const int D = int(p.head_dim), Dp = s.padded_d, pairs = amx::round_up((D + 1) / 2, 16);
+  const int C = int(kChunkRows), Tr = int(kTileRows);
+  amx::Buffers& b = amx::buffers();
+  std::uint32_t* q_rows = amx::sized(b.own_a, std::int64_t(C) * pairs);
+  std::uint32_t* k_rows = amx::sized(b.tile_rows, std::int64_t(Tr) * pairs);
+  const std::int64_t k_words = std::int64_t(pairs) * Tr;  // a tile: Kᵀ [pairs × Kp], then V [Kp/2 × Dp]
+  b.tiles.reset(g.other_length, k_words + std::int64_t(Tr / 2) * Dp);
+  std::uint32_t* probs = amx::sized(b.probs, std::int64_t(Tr) * Tr / 2);
+  float* pv = amx::sized(b.product, std::int64_t(Tr) * Dp);
+  float* old_max = amx::sized(b.row_values, 4 * std::int64_t(Tr));  // per query of a tile
+  float *shift = old_max + Tr, *sums = shift + Tr, *correction = sums + Tr;
+  const std::int64_t diagonal = causal_diagonal(own, other);
+  // One query tile at a time meets every key tile while its O stays in L1, if the packed key tiles
+  // are kept; else a chunk of query tiles meets each key tile, packed once per chunk.
+  const std::int64_t chunk_rows = b.tiles.kept ? kTileRows : kChunkRows;
+  for (std::int64_t c0 = g.begin; c0 < g.end; c0 += chunk_rows) {
+    const int chunk = int(std::min(chunk_rows, g.end - c0));
+    amx::pack_rows([&](int i) { return own.row(p.q, c0 + i); }, chunk, amx::round_up(chunk, 32), D, pairs, q_rows);
+    const std::int64_t key_end =
+        diagonal == kNoDiagonal ? g.other_length : std::clamp<std::int64_t>(diagonal + c0 + chunk, 0, g.other_length);
+    for (std::int64_t k0 = 0; k0 < key_end; k0 += kTileRows) {
+      const int keys = int(std::min(kTileRows, key_end - k0)), Kp = amx::round_up(keys, 32);
+      bool pack;
+      std::uint32_t* k_cols = b.tiles.slot(k0, keys, pack);
+      std::uint32_t* v_pairs = k_cols + k_words;
+      if (pack) {
+        amx::pack_rows([&](int i) { return other.row(p.k, k0 + i); }, keys, Kp, D, pairs, k_rows);
+        amx::transpose(k_rows, pairs, Kp, pairs, k_cols, Kp);
+        amx::pack_row_pairs([&](int i) { return other.row(p.v, k0 + i); }, keys, Kp, D, Dp, v_pairs);
+      }
+      pack_key_bias(other, k0, keys, Kp, s.tile_bias);
+      __mmask16 usable[kTileRows / 16];
+      amx::key_masks(s.tile_bias, Kp, usable);
+      for (std::int64_t q0 = c0; q0 < c0 + chunk; q0 += kTileRows) {
+        const int queries = int(std::min(kTileRows, c0 + chunk - q0)), Qp = amx::round_up(queries, 32);
+        const CausalPair pair = record_pair(own, q0, queries, other, k0, keys, s);
+        if (pair == CausalPair::skipped) continue;
+        amx::product<false>(Qp, Kp, pairs, q_rows + (q0 - c0) * pairs, pairs, k_cols, Kp, s.scores, Kp);
+        const std::int64_t state0 = own.state(q0), state_step = own.state_step();
+        const reg scale = I::set1(p.scale);
+        // The next key tile's rows, where it is yet to be packed: their loads overlap the softmax.
+        const std::int64_t next = k0 + kTileRows;
+        const int ahead = next < key_end && (c0 == g.begin || !b.tiles.kept) ? int(std::min(kTileRows, key_end - next)) : 0;
+        for (int i = 0; i < queries; ++i) {
+          if (i < ahead) {
+            prefetch_row(other.row(p.k, next + i), D);
+            prefetch_row(other.row(p.v, next + i), D);
+          }
+          float* row = s.scores + i * Kp;
+          float& m = s.row_max[state0 + i * state_step];
+          std::uint32_t* prob_row = probs + i * (Kp / 2);
+          if (pair != CausalPair::masked && p.dropout_p == 0.0f) {  // most rows
+            sums[i] = Kp == 64 ? amx::softmax_row<4>(row, usable, scale, m, old_max[i], shift[i], prob_row)
+                               : amx::softmax_row<2>(row, usable, scale, m, old_max[i], shift[i], prob_row);
+            continue;
+          }
+          reg top = I::set1(kNegInf);
+          for (int c = 0; c < Kp; c += I::width) {
+            const reg x = amx::masked_score(usable[c / 16], scale, I::load(row + c));
+            I::store(row + c, x);
+            top = I::max(top, x);
+          }
+          if (pair == CausalPair::masked) {  // keys after the query
+            for (int c = 0; c < keys; ++c)
+              if (s.key_original[c] > s.query_original[i]) row[c] = kNegInf;
+            top = I::set1(kNegInf);
+            for (int c = 0; c < Kp; c += I::width) top = I::max(top, I::load(row + c));
+          }
+          old_max[i] = m;
+          m = std::max(m, I::reduce_max(top));
+          shift[i] = m == kNegInf ? 0.0f : m;
+          const reg shift_v = amx::log2e_times(shift[i]);
+          reg sum = I::zero();
+          for (int c = 0; c < Kp; c += 2 * I::width) {
+            const reg e0 = amx::exp_shifted(I::load(row + c), shift_v), e1 = amx::exp_shifted(I::load(row + c + 16), shift_v);
+            sum = I::add(sum, I::add(e0, e1));
+            I::store(row + c, e0);
+            I::store(row + c + 16, e1);
+            _mm512_storeu_si512(prob_row + c / 2, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+          }
+          sums[i] = I::reduce_add(sum);
+          if (p.dropout_p > 0.0f) {
+            for (int c = 0; c < keys; ++c) row[c] *= dropout_factor(p, own.item, s, i, c);
+            for (int c = 0; c < Kp; c += 32) amx::store_bf16(row + c, prob_row + c / 2);
+          }
+        }
+        std::fill(old_max + queries, old_max + Qp, 0.0f);
+        std::fill(shift + queries, shift + Qp, 0.0f);
+        for (int i = 0; i < queries; i += I::width)  // exp(old max − new max) of 16 rows at once
+          I::store(correction + i, amx::exp_shifted(I::load(old_max + i), I::mul(I::load(shift + i), I::set1(1.44269504f))));
+        for (int i = 0; i < queries; ++i) {
+          float& row_sum = s.row_sum[state0 + i * state_step];
+          row_sum = row_sum * correction[i] + sums[i];
+        }
+        std::fill(probs + queries * (Kp / 2), probs + Qp * (Kp / 2), 0u);
+        if (state_step == 1 && queries == Qp) {  // O accumulates in the tiles, its rows rescaled first
+          float* acc = s.acc + state0 * Dp;
+          for (int i = 0; i < queries; ++i)
+            if (correction[i] != 1.0f)
+              for (int d = 0; d < Dp; d += I::width) I::store(acc + i * Dp + d, I::mul(I::set1(correction[i]), I::load(acc + i * Dp + d)));
+          amx::product<true>(Qp, Dp, Kp / 2, probs, Kp / 2, v_pairs, Dp, acc, Dp);
+          continue;
+        }
+        amx::product<false>(Qp, Dp, Kp / 2, probs, Kp / 2, v_pairs, Dp, pv, Dp);
+        for (int i = 0; i < queries; ++i) {
+          float* acc = s.acc + (state0 + i * state_step) * Dp;
+          const reg c = I::set1(correction[i]);
+          for (int d = 0; d < Dp; d += I::width) I::store(acc + d, I::fmadd(c, I::load(acc + d), I::load(pv + i * Dp + d)));
+        }
+      }
+    }
+  }
+}
+
+// dq pass over one group on AMX (own side queries), queries as rows: S = Q·Kᵀ and dP = dO·Vᵀ give
+// P and G = P∘Z∘dP row by row (delta += Σ_j G_j), then E += G·K and F += P·K as in dq_group. E and
+// F need float32 accuracy (see dq_group): G and P enter as bf16 hi + lo against K stacked twice,
+// [G_hi G_lo]·[K; K] and [P_hi P_lo]·[K; K] (one product with the rows stacked where they go
+// through a float32 buffer).
+template <class I, class T>
+void dq_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
+  static_assert(std::is_same_v<T, BFloat16>);
+  using reg = typename I::reg;
+  const detail::DilatedParams& p = own.p;
+  const int D = int(p.head_dim), Dp = s.padded_d, pairs = amx::round_up((D + 1) / 2, 16);
+  const int C = int(kChunkRows), Tr = int(kTileRows);
+  const OperandScales scales = operand_scales<I>(p);
+  amx::Buffers& b = amx::buffers();
+  std::uint32_t* q_rows = amx::sized(b.own_a, std::int64_t(C) * pairs);
+  std::uint32_t* dout_rows = amx::sized(b.own_b, std::int64_t(C) * pairs);
+  std::uint32_t* rows = amx::sized(b.tile_rows, std::int64_t(Tr) * pairs);
+  const std::int64_t k_words = std::int64_t(pairs) * Tr;  // a tile: Kᵀ, Vᵀ [pairs × Kp], then [K; K] [Kp × Dp]
+  b.tiles.reset(g.other_length, 2 * k_words + std::int64_t(Tr) * Dp);
+  std::uint32_t* split = amx::sized(b.probs, std::int64_t(2 * Tr) * Tr);
+  float* ef = amx::sized(b.product, std::int64_t(2 * Tr) * Dp);
+  const std::int64_t diagonal = causal_diagonal(own, other);
+  const std::int64_t chunk_rows = b.tiles.kept ? kTileRows : kChunkRows;  // as in forward_group_amx
+  for (std::int64_t c0 = g.begin; c0 < g.end; c0 += chunk_rows) {
+    const int chunk = int(std::min(chunk_rows, g.end - c0)), padded_chunk = amx::round_up(chunk, 32);
+    amx::pack_rows([&](int i) { return own.row(p.q, c0 + i); }, chunk, padded_chunk, D, pairs, q_rows);
+    amx::pack_rows([&](int i) { return own.row(p.dout, c0 + i); }, chunk, padded_chunk, D, pairs, dout_rows);
+    pack_lse_delta(own, c0, chunk, padded_chunk, s.own_lse, s.own_delta, false);
+    const std::int64_t key_end =
+        diagonal == kNoDiagonal ? g.other_length : std::clamp<std::int64_t>(diagonal + c0 + chunk, 0, g.other_length);
+    for (std::int64_t k0 = 0; k0 < key_end; k0 += kTileRows) {
+      const int keys = int(std::min(kTileRows, key_end - k0)), Kp = amx::round_up(keys, 32);
+      bool pack;
+      std::uint32_t* k_cols = b.tiles.slot(k0, keys, pack);
+      std::uint32_t *v_cols = k_cols + k_words, *k_twice = v_cols + k_words;
+      if (pack) {
+        auto key_row = [&](int i) { return other.row(p.k, k0 + i); };
+        amx::pack_rows(key_row, keys, Kp, D, pairs, rows);
+        amx::transpose(rows, pairs, Kp, pairs, k_cols, Kp);
+        amx::pack_rows([&](int i) { return other.row(p.v, k0 + i); }, keys, Kp, D, pairs, rows);
+        amx::transpose(rows, pairs, Kp, pairs, v_cols, Kp);
+        amx::pack_row_pairs(key_row, keys, Kp, D, Dp, k_twice);
+        std::copy(k_twice, k_twice + (Kp / 2) * Dp, k_twice + (Kp / 2) * Dp);
+      }
+      pack_key_bias(other, k0, keys, Kp, s.tile_bias);
+      __mmask16 usable[kTileRows / 16];
+      amx::key_masks(s.tile_bias, Kp, usable);
+      for (std::int64_t q0 = c0; q0 < c0 + chunk; q0 += kTileRows) {
+        const int queries = int(std::min(kTileRows, c0 + chunk - q0)), Qp = amx::round_up(queries, 32);
+        const CausalPair pair = record_pair(own, q0, queries, other, k0, keys, s);
+        if (pair == CausalPair::skipped) continue;
+        const std::int64_t at = q0 - c0, state0 = own.state(q0), state_step = own.state_step();
+        amx::product<false>(Qp, Kp, pairs, q_rows + at * pairs, pairs, k_cols, Kp, s.scores, Kp);
+        amx::product<false>(Qp, Kp, pairs, dout_rows + at * pairs, pairs, v_cols, Kp, s.grad_scores, Kp);
+        const reg scale = I::set1(scales.q_product), dout_scale = I::set1(scales.dout_product);
+        const std::int64_t next = k0 + kTileRows;  // as in forward_group_amx
+        const int ahead = next < key_end && (c0 == g.begin || !b.tiles.kept) ? int(std::min(kTileRows, key_end - next)) : 0;
+        for (int i = 0; i < Qp; ++i) {
+          if (i < ahead) {
+            prefetch_row(other.row(p.k, next + i), D);
+            prefetch_row(other.row(p.v, next + i), D);
+          }
+          float* prob = s.scores + i * Kp;
+          float* grad = s.grad_scores + i * Kp;
+          std::uint32_t* g_split = split + std::int64_t(i) * Kp;
+          std::uint32_t* p_split = split + std::int64_t(Qp + i) * Kp;
+          if (i >= queries) {
+            std::fill(g_split, g_split + Kp, 0u);
+            std::fill(p_split, p_split + Kp, 0u);
+            continue;
+          }
+          const reg shift = amx::log2e_times(s.own_lse[at + i]);
+          for (int c = 0; c < Kp; c += I::width)
+            I::store(prob + c, amx::exp_shifted(amx::masked_score(usable[c / 16], scale, I::load(prob + c)), shift));
+          if (pair == CausalPair::masked)  // keys after the query
+            for (int c = 0; c < keys; ++c)
+              if (s.key_original[c] > s.query_original[i]) prob[c] = 0.0f;
+          if (p.dropout_p > 0.0f)
+            for (int c = 0; c < keys; ++c) grad[c] *= dropout_factor(p, own.item, s, i, c);
+          reg sum = I::zero();
+          for (int c = 0; c < Kp; c += I::width) {
+            const reg x = I::mul(I::load(prob + c), I::mul(dout_scale, I::load(grad + c)));
+            I::store(grad + c, x);
+            sum = I::add(sum, x);
+          }
+          s.row_delta[state0 + i * state_step] += I::reduce_add(sum);
+          for (int c = 0; c < Kp; c += 32) {
+            amx::store_bf16_split(grad + c, g_split + c / 2, g_split + Kp / 2 + c / 2);
+            amx::store_bf16_split(prob + c, p_split + c / 2, p_split + Kp / 2 + c / 2);
+          }
+        }
+        if (state_step == 1 && queries == Qp) {  // E and F accumulate in the tiles
+          amx::product<true>(Qp, Dp, Kp, split, Kp, k_twice, Dp, s.acc + state0 * Dp, Dp);
+          amx::product<true>(Qp, Dp, Kp, split + std::int64_t(Qp) * Kp, Kp, k_twice, Dp, s.acc2 + state0 * Dp, Dp);
+          continue;
+        }
+        amx::product<false>(2 * Qp, Dp, Kp, split, Kp, k_twice, Dp, ef, Dp);
+        for (int i = 0; i < queries; ++i) {
+          float* e = s.acc + (state0 + i * state_step) * Dp;
+          float* f = s.acc2 + (state0 + i * state_step) * Dp;
+          for (int d = 0; d < Dp; d += I::width) {
+            I::store(e + d, I::add(I::load(e + d), I::load(ef + i * Dp + d)));
+            I::store(f + d, I::add(I::load(f + d), I::load(ef + (Qp + i) * Dp + d)));
+          }
+        }
+      }
+    }
+  }
+}
+
+// dk/dv pass over one group on AMX (own side keys), queries as rows: S = Q·Kᵀ, dP = dO·Vᵀ, then
+// dVᵀ += dOᵀ·(P∘Z) and dKᵀ += Qᵀ·dS with the chunk's dKᵀ and dVᵀ accumulated in tiles' float32
+// layout [Dp × chunk]: Qᵀ and dOᵀ are packed once per query tile, P and dS as pairs of query rows.
+template <class I, class T>
+void dkdv_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
+  static_assert(std::is_same_v<T, BFloat16>);
+  using reg = typename I::reg;
+  const detail::DilatedParams& p = own.p;
+  const int D = int(p.head_dim), Dp = s.padded_d, pairs = amx::round_up((D + 1) / 2, 16);
+  const int C = int(kChunkRows), Tr = int(kTileRows);
+  const OperandScales scales = operand_scales<I>(p);
+  amx::Buffers& b = amx::buffers();
+  std::uint32_t* rows = amx::sized(b.tile_rows, std::int64_t(C) * std::max(pairs, Dp));
+  std::uint32_t* k_cols = amx::sized(b.own_a, std::int64_t(pairs) * C);
+  std::uint32_t* v_cols = amx::sized(b.own_b, std::int64_t(pairs) * C);
+  std::uint32_t* q_rows = amx::sized(b.tile_b, std::int64_t(Tr) * pairs);
+  std::uint32_t* dout_rows = amx::sized(b.tile_c, std::int64_t(Tr) * pairs);
+  std::uint32_t* q_t = amx::sized(b.tile_d, std::int64_t(Dp) * Tr);  // Qᵀ then dOᵀ, [Dp × Tr/2] each
+  std::uint32_t* dout_t = q_t + std::int64_t(Dp) * Tr / 2;
+  std::uint32_t* prob_pairs = amx::sized(b.probs, std::int64_t(Tr / 2) * Tr);
+  std::uint32_t* grad_pairs = amx::sized(b.grads, std::int64_t(Tr / 2) * Tr);
+  float* dk_t = amx::sized(b.product, std::int64_t(Dp) * C);
+  float* dv_t = amx::sized(b.product_b, std::int64_t(Dp) * C);
+  const std::int64_t diagonal = causal_diagonal(own, other);
+  for (std::int64_t c0 = g.begin; c0 < g.end; c0 += kChunkRows) {
+    const int chunk = int(std::min(kChunkRows, g.end - c0)), Cp = amx::round_up(chunk, 32);
+    amx::pack_rows([&](int i) { return own.row(p.k, c0 + i); }, chunk, Cp, D, pairs, rows);
+    amx::transpose(rows, pairs, Cp, pairs, k_cols, Cp);
+    amx::pack_rows([&](int i) { return own.row(p.v, c0 + i); }, chunk, Cp, D, pairs, rows);
+    amx::transpose(rows, pairs, Cp, pairs, v_cols, Cp);
+    pack_key_bias(own, c0, chunk, Cp, s.own_bias);
+    std::fill(dk_t, dk_t + std::int64_t(Dp) * Cp, 0.0f);
+    std::fill(dv_t, dv_t + std::int64_t(Dp) * Cp, 0.0f);
+    const std::int64_t query_begin = diagonal == kNoDiagonal ? 0 : std::max<std::int64_t>(0, diagonal + c0);
+    for (std::int64_t q0 = query_begin; q0 < g.other_length; q0 += kTileRows) {
+      const int queries = int(std::min(kTileRows, g.other_length - q0)), Qp = amx::round_up(queries, 32);
+      auto query_row = [&](int i) { return other.row(p.q, q0 + i); };
+      auto dout_row = [&](int i) { return other.row(p.dout, q0 + i); };
+      amx::pack_rows(query_row, queries, Qp, D, pairs, q_rows);
+      amx::pack_rows(dout_row, queries, Qp, D, pairs, dout_rows);
+      amx::pack_row_pairs(query_row, queries, Qp, D, Dp, rows);
+      amx::transpose(rows, Dp, Qp / 2, Dp, q_t, Qp / 2);
+      amx::pack_row_pairs(dout_row, queries, Qp, D, Dp, rows);
+      amx::transpose(rows, Dp, Qp / 2, Dp, dout_t, Qp / 2);
+      pack_lse_delta(other, q0, queries, Qp, s.tile_lse, s.tile_delta, true);
+      for (std::int64_t k0 = c0; k0 < c0 + chunk; k0 += kTileRows) {
+        const int keys = int(std::min(kTileRows, c0 + chunk - k0)), Kp = amx::round_up(keys, 32);
+        const CausalPair pair = record_pair(other, q0, queries, own, k0, keys, s);
+        if (pair == CausalPair::skipped) continue;
+        const std::int64_t at = k0 - c0;
+        __mmask16 usable[kTileRows / 16];
+        amx::key_masks(s.own_bias + at, Kp, usable);
+        amx::product<false>(Qp, Kp, pairs, q_rows, pairs, k_cols + at, Cp, s.scores, Kp);
+        amx::product<false>(Qp, Kp, pairs, dout_rows, pairs, v_cols + at, Cp, s.grad_scores, Kp);
+        const reg scale = I::set1(scales.q_product), dout_scale = I::set1(scales.dout_product);
+        // The next query tile's rows, packed after this chunk's last key tile: their loads overlap.
+        const std::int64_t next = q0 + kTileRows;
+        const int ahead = k0 + kTileRows >= c0 + chunk && next < g.other_length
+                              ? int(std::min(kTileRows, g.other_length - next))
+                              : 0;
+        for (int i = 0; i < Qp; ++i) {  // rows past the queries: lse +inf and delta 0 give zeros
+          if (i < ahead) {
+            prefetch_row(other.row(p.q, next + i), D);
+            prefetch_row(other.row(p.dout, next + i), D);
+          }
+          float* prob = s.scores + i * Kp;
+          float* grad = s.grad_scores + i * Kp;
+          if (p.dropout_p > 0.0f && i < queries)
+            for (int c = 0; c < keys; ++c) grad[c] *= (s.dropout_row[c] = dropout_factor(p, own.item, s, i, c));
+          const reg shift = amx::log2e_times(s.tile_lse[i]), correction = I::set1(s.tile_delta[i]);
+          for (int c = 0; c < Kp; c += I::width) {
+            const reg pr = amx::exp_shifted(amx::masked_score(usable[c / 16], scale, I::load(prob + c)), shift);
+            I::store(prob + c, pr);
+            I::store(grad + c, I::mul(pr, I::sub(I::mul(dout_scale, I::load(grad + c)), correction)));
+          }
+          if (i >= queries) continue;
+          if (pair == CausalPair::masked)  // keys after the query
+            for (int c = 0; c < keys; ++c)
+              if (s.key_original[c] > s.query_original[i]) prob[c] = grad[c] = 0.0f;
+          if (p.dropout_p > 0.0f)
+            for (int c = 0; c < keys; ++c) prob[c] *= s.dropout_row[c];
+        }
+        dot_bf16::pack_row_pairs(s.scores, Kp, Qp, Kp, prob_pairs);
+        dot_bf16::pack_row_pairs(s.grad_scores, Kp, Qp, Kp, grad_pairs);
+        amx::product<true>(Dp, Kp, Qp / 2, dout_t, Qp / 2, prob_pairs, Kp, dv_t + at, Cp);
+        amx::product<true>(Dp, Kp, Qp / 2, q_t, Qp / 2, grad_pairs, Kp, dk_t + at, Cp);
+      }
+    }
+    for (int i = 0; i < chunk; ++i) {
+      float* dk = s.acc + (own.state(c0 + i)) * Dp;
+      float* dv = s.acc2 + (own.state(c0 + i)) * Dp;
+      for (int d = 0; d < Dp; ++d) {
+        dk[d] += scales.q_product * dk_t[std::int64_t(d) * Cp + i];
+        dv[d] += scales.dout_product * dv_t[std::int64_t(d) * Cp + i];
+      }
+    }
+  }
+}
+
+}  // namespace dattn::cpu
