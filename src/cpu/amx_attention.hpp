@@ -170,15 +170,15 @@ inline __m512 log2e_times(float x) { return _mm512_set1_ps(x * 1.44269504f); }
 
 // 2^y where kept and y >= -126, else 0, with a degree-3 polynomial for 2^f (relative error below
 // 7.5e-5): for the forward's probabilities, which become bf16 operands (relative rounding up to
-// 2^-9) and whose float32 sum, made of these same values, enters lse (bar 1e-3).
+// 2^-9) and whose float32 sum, made of these same values, enters lse (bar 1e-3). f = y − floor(y)
+// in one instruction (vreduceps), and vscalefps multiplies by 2^floor(y) itself.
 inline __m512 exp2_coarse(__mmask16 kept, __m512 y) {
   kept = _mm512_mask_cmp_ps_mask(kept, y, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
-  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(y, n);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(5.51716685e-2f), f, _mm512_set1_ps(2.42611140e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93260968e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.99928057e-1f));
-  return _mm512_maskz_scalef_ps(kept, p, n);
+  const __m512 f = _mm512_reduce_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(7.80245215e-2f), f, _mm512_set1_ps(2.26067171e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.95833504e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.99925196e-1f));
+  return _mm512_maskz_scalef_ps(kept, p, y);
 }
 
 // Two rows of 16 float32 values as 16 bf16 pairs (row0[c], row1[c]): one pair-row of a B operand.
@@ -224,10 +224,12 @@ struct TileCache {
   }
 };
 
-// Per-thread buffers of the packed operands, grown once to the largest shapes.
+// Per-thread buffers of the packed operands, grown once to the largest shapes. The forward's Qᵀ and
+// Oᵀ have their own (own_cols, own_acc): taking the backward's own_b and product for them made the
+// backward 5-8 % slower at N = 16384 (2 threads), only the heap layout having changed.
 struct Buffers {
-  std::vector<std::uint32_t> own_a, own_b, tile_rows, tile_b, tile_c, tile_d, probs, grads;
-  std::vector<float> product, product_b, row_values;
+  std::vector<std::uint32_t> own_a, own_b, own_cols, tile_rows, tile_b, tile_c, tile_d, probs, grads;
+  std::vector<float> product, product_b, own_acc, row_values;
   TileCache tiles;
 };
 inline Buffers& buffers() {
@@ -251,12 +253,12 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
   constexpr int kBlocks = int(kTileRows) / 16;  // 16-query column blocks of a tile
   amx::Buffers& b = amx::buffers();
   std::uint32_t* q_rows = amx::sized(b.own_a, std::int64_t(C) * pairs);
-  std::uint32_t* q_cols = amx::sized(b.own_b, std::int64_t(pairs) * C);  // Qᵀ pairs [pairs × Cp]
+  std::uint32_t* q_cols = amx::sized(b.own_cols, std::int64_t(pairs) * C);  // Qᵀ pairs [pairs × Cp]
   std::uint32_t* v_rows = amx::sized(b.tile_rows, std::int64_t(Tr / 2) * std::max(Dp, 2 * pairs));
   const std::int64_t k_words = std::int64_t(Tr) * pairs;  // a tile: K [Kp × pairs], then Vᵀ [Dp × Kp/2]
   b.tiles.reset(g.other_length, k_words + std::int64_t(Dp) * (Tr / 2));
   std::uint32_t* probs = amx::sized(b.probs, std::int64_t(Tr / 2) * Tr);  // Pᵀ pairs [Kp/2 × Qp]
-  float* acc_t = amx::sized(b.product, std::int64_t(Dp) * C);           // Oᵀ [Dp × Cp]
+  float* acc_t = amx::sized(b.own_acc, std::int64_t(Dp) * C);          // Oᵀ [Dp × Cp]
   float* column_max = amx::sized(b.row_values, 3 * std::int64_t(C));
   float *column_sum = column_max + C, *correction = column_sum + C;
   __mmask16 key_keep[kTileRows * kBlocks], pair_keep[kTileRows * kBlocks];
