@@ -302,6 +302,7 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
       pack_key_bias(other, k0, keys, Kp, s.tile_bias);
       for (int i = 0; i < Kp; ++i)
         std::fill(key_keep + i * kBlocks, key_keep + (i + 1) * kBlocks, __mmask16(s.tile_bias[i] == 0.0f ? 0xffff : 0));
+      const bool all_keys = keys == Kp && std::all_of(s.tile_bias, s.tile_bias + Kp, [](float x) { return x == 0.0f; });
       for (std::int64_t q0 = c0; q0 < c0 + chunk; q0 += kTileRows) {
         const int queries = int(std::min(kTileRows, c0 + chunk - q0)), Qp = amx::round_up(queries, 32);
         const CausalPair pair = record_pair(own, q0, queries, other, k0, keys, s);
@@ -325,6 +326,7 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
         const int ahead = next < key_end && (c0 == g.begin || !b.tiles.kept) ? int(std::min(kTileRows, key_end - next)) : 0;
         const int ahead_step = (ahead + Qp / 16 - 1) / (Qp / 16);  // spread over the column blocks
         const bool dropout = p.dropout_p > 0.0f;
+        const bool unmasked = all_keys && pair != CausalPair::masked && p.scale > 0.0f;
         for (int cb = 0; cb < Qp / 16; ++cb) {
           for (int i = cb * ahead_step; i < std::min(ahead, (cb + 1) * ahead_step); ++i) {
             prefetch_row(other.row(p.k, next + i), D);
@@ -332,10 +334,16 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
           }
           const float* column = s.scores + 16 * cb;
           __m512 top[4] = {neg_inf, neg_inf, neg_inf, neg_inf};
-          for (int i = 0; i < Kp; i += 4)
-            for (int r = 0; r < 4; ++r)
-              top[r] = _mm512_max_ps(top[r], _mm512_mask_mul_ps(neg_inf, keep[(i + r) * kBlocks + cb], scale,
-                                                                _mm512_loadu_ps(column + (i + r) * Qp)));
+          if (unmasked) {  // every key usable and scale > 0: the maximum of the raw scores, scaled once
+            for (int i = 0; i < Kp; i += 4)
+              for (int r = 0; r < 4; ++r) top[r] = _mm512_max_ps(top[r], _mm512_loadu_ps(column + (i + r) * Qp));
+            for (int r = 0; r < 4; ++r) top[r] = _mm512_mul_ps(scale, top[r]);
+          } else {
+            for (int i = 0; i < Kp; i += 4)
+              for (int r = 0; r < 4; ++r)
+                top[r] = _mm512_max_ps(top[r], _mm512_mask_mul_ps(neg_inf, keep[(i + r) * kBlocks + cb], scale,
+                                                                  _mm512_loadu_ps(column + (i + r) * Qp)));
+          }
           // The column's shift moves only where the tile's maximum passes it by more than kSlack, so
           // that most tiles rescale nothing: probabilities stay below e^kSlack, lse = shift + log sum.
           constexpr float kSlack = 8.0f;
