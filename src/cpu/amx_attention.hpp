@@ -262,6 +262,8 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
   float* column_max = amx::sized(b.row_values, 3 * std::int64_t(C));
   float *column_sum = column_max + C, *correction = column_sum + C;
   __mmask16 key_keep[kTileRows * kBlocks], pair_keep[kTileRows * kBlocks];
+  int keep_keys = -1;  // the key count key_keep was built for without a padding mask, else -1
+  bool all_keys = false;
   const std::int64_t diagonal = causal_diagonal(own, other);
   const std::int64_t state_step = own.state_step();
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -299,10 +301,15 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
         amx::pack_row_pairs([&](int i) { return other.row(p.v, k0 + i); }, keys, Kp, D, Dp, v_rows);
         amx::transpose(v_rows, Dp, Kp / 2, Dp, v_cols, Kp / 2);
       }
-      pack_key_bias(other, k0, keys, Kp, s.tile_bias);
-      for (int i = 0; i < Kp; ++i)
-        std::fill(key_keep + i * kBlocks, key_keep + (i + 1) * kBlocks, __mmask16(s.tile_bias[i] == 0.0f ? 0xffff : 0));
-      const bool all_keys = keys == Kp && std::all_of(s.tile_bias, s.tile_bias + Kp, [](float x) { return x == 0.0f; });
+      // Each key row's mask over the column blocks: all set for a usable key. Without a padding
+      // mask it depends on the key count alone, so it is rebuilt only where that changes.
+      if (p.key_padding_mask || keys != keep_keys) {
+        pack_key_bias(other, k0, keys, Kp, s.tile_bias);
+        for (int i = 0; i < Kp; ++i)
+          std::fill(key_keep + i * kBlocks, key_keep + (i + 1) * kBlocks, __mmask16(s.tile_bias[i] == 0.0f ? 0xffff : 0));
+        all_keys = keys == Kp && std::all_of(s.tile_bias, s.tile_bias + Kp, [](float x) { return x == 0.0f; });
+        keep_keys = p.key_padding_mask ? -1 : keys;
+      }
       for (std::int64_t q0 = c0; q0 < c0 + chunk; q0 += kTileRows) {
         const int queries = int(std::min(kTileRows, c0 + chunk - q0)), Qp = amx::round_up(queries, 32);
         const CausalPair pair = record_pair(own, q0, queries, other, k0, keys, s);
