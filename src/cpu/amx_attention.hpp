@@ -259,8 +259,8 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
   b.tiles.reset(g.other_length, k_words + std::int64_t(Dp) * (Tr / 2));
   std::uint32_t* probs = amx::sized(b.probs, std::int64_t(Tr / 2) * Tr);  // Pᵀ pairs [Kp/2 × Qp]
   float* acc_t = amx::sized(b.own_acc, std::int64_t(Dp) * C);          // Oᵀ [Dp × Cp]
-  float* column_max = amx::sized(b.row_values, 3 * std::int64_t(C));
-  float *column_sum = column_max + C, *correction = column_sum + C;
+  float* column_max = amx::sized(b.row_values, 2 * std::int64_t(C));
+  float* column_sum = column_max + C;
   __mmask16 key_keep[kTileRows * kBlocks], pair_keep[kTileRows * kBlocks];
   int keep_keys = -1;  // the key count key_keep was built for without a padding mask, else -1
   bool all_keys = false;
@@ -340,43 +340,63 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
             prefetch_row(other.row(p.v, next + i), D);
           }
           const float* column = s.scores + 16 * cb;
-          __m512 top[4] = {neg_inf, neg_inf, neg_inf, neg_inf};
-          if (unmasked) {  // every key usable and scale > 0: the maximum of the raw scores, scaled once
-            for (int i = 0; i < Kp; i += 4)
-              for (int r = 0; r < 4; ++r) top[r] = _mm512_max_ps(top[r], _mm512_loadu_ps(column + (i + r) * Qp));
-            for (int r = 0; r < 4; ++r) top[r] = _mm512_mul_ps(scale, top[r]);
-          } else {
-            for (int i = 0; i < Kp; i += 4)
-              for (int r = 0; r < 4; ++r)
-                top[r] = _mm512_max_ps(top[r], _mm512_mask_mul_ps(neg_inf, keep[(i + r) * kBlocks + cb], scale,
-                                                                  _mm512_loadu_ps(column + (i + r) * Qp)));
-          }
+          // exp(scale·S − shift) of the block as Pᵀ pair-rows, returning its sum; with Track, the
+          // maximum of the raw scores too (unmasked tiles only).
+          auto exp_pass = [&]<bool Track>(__m512 shift_log2, __m512* raw_top) {
+            __m512 sum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int i = 0; i < Kp; i += 2) {
+              __m512 e[2];
+              for (int r = 0; r < 2; ++r) {
+                const __m512 x = _mm512_loadu_ps(column + (i + r) * Qp);
+                if constexpr (Track) raw_top[r] = _mm512_max_ps(raw_top[r], x);
+                e[r] = amx::exp2_coarse(keep[(i + r) * kBlocks + cb], _mm512_fmsub_ps(x, scale_log2, shift_log2));
+                sum[r] = _mm512_add_ps(sum[r], e[r]);
+                if (dropout) _mm512_storeu_ps(s.scores + (i + r) * Qp + 16 * cb, e[r]);
+              }
+              _mm512_storeu_si512(probs + (i / 2) * Qp + 16 * cb, amx::interleave_bf16(e[0], e[1]));
+            }
+            return _mm512_add_ps(sum[0], sum[1]);
+          };
           // The column's shift moves only where the tile's maximum passes it by more than kSlack, so
           // that most tiles rescale nothing: probabilities stay below e^kSlack, lse = shift + log sum.
           constexpr float kSlack = 8.0f;
           const __m512 old_max = _mm512_loadu_ps(column_max + at + 16 * cb);
-          const __m512 top_all = _mm512_max_ps(_mm512_max_ps(top[0], top[1]), _mm512_max_ps(top[2], top[3]));
-          const __mmask16 grow =
-              _mm512_cmp_ps_mask(top_all, _mm512_add_ps(old_max, _mm512_set1_ps(kSlack)), _CMP_GT_OQ);
+          const __m512 limit = _mm512_add_ps(old_max, _mm512_set1_ps(kSlack));
+          float* l = column_sum + at + 16 * cb;
+          __m512 top_all;
+          if (unmasked && !dropout && _mm512_cmp_ps_mask(old_max, neg_inf, _CMP_NEQ_UQ) == 0xffff) {
+            // Every column has a shift: the exponentials with it in one pass, the maximum beside
+            // them; only a block whose maximum passes the limit (rare after the first tiles) is redone.
+            __m512 raw_top[2] = {neg_inf, neg_inf};
+            const __m512 sum =
+                exp_pass.template operator()<true>(_mm512_mul_ps(old_max, _mm512_set1_ps(1.44269504f)), raw_top);
+            top_all = _mm512_mul_ps(scale, _mm512_max_ps(raw_top[0], raw_top[1]));
+            if (!_mm512_cmp_ps_mask(top_all, limit, _CMP_GT_OQ)) {
+              _mm512_storeu_ps(l, _mm512_add_ps(_mm512_loadu_ps(l), sum));
+              continue;
+            }
+          } else {
+            __m512 top[4] = {neg_inf, neg_inf, neg_inf, neg_inf};
+            if (unmasked) {  // every key usable and scale > 0: the maximum of the raw scores, scaled once
+              for (int i = 0; i < Kp; i += 4)
+                for (int r = 0; r < 4; ++r) top[r] = _mm512_max_ps(top[r], _mm512_loadu_ps(column + (i + r) * Qp));
+              for (int r = 0; r < 4; ++r) top[r] = _mm512_mul_ps(scale, top[r]);
+            } else {
+              for (int i = 0; i < Kp; i += 4)
+                for (int r = 0; r < 4; ++r)
+                  top[r] = _mm512_max_ps(top[r], _mm512_mask_mul_ps(neg_inf, keep[(i + r) * kBlocks + cb], scale,
+                                                                    _mm512_loadu_ps(column + (i + r) * Qp)));
+            }
+            top_all = _mm512_max_ps(_mm512_max_ps(top[0], top[1]), _mm512_max_ps(top[2], top[3]));
+          }
+          const __mmask16 grow = _mm512_cmp_ps_mask(top_all, limit, _CMP_GT_OQ);
           const __m512 new_max = _mm512_mask_mov_ps(old_max, grow, top_all);
           _mm512_storeu_ps(column_max + at + 16 * cb, new_max);
           const __m512 shift = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(new_max, neg_inf, _CMP_NEQ_UQ), new_max);
           const __m512 shift_log2 = _mm512_mul_ps(shift, _mm512_set1_ps(1.44269504f));
           const __m512 fix = _mm512_mask_mov_ps(_mm512_set1_ps(1.0f), grow, amx::exp_shifted(old_max, shift_log2));
-          _mm512_storeu_ps(correction + 16 * cb, fix);
-          __m512 sum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-          for (int i = 0; i < Kp; i += 2) {
-            __m512 e[2];
-            for (int r = 0; r < 2; ++r) {
-              const __m512 y = _mm512_fmsub_ps(_mm512_loadu_ps(column + (i + r) * Qp), scale_log2, shift_log2);
-              e[r] = amx::exp2_coarse(keep[(i + r) * kBlocks + cb], y);
-              sum[r] = _mm512_add_ps(sum[r], e[r]);
-              if (dropout) _mm512_storeu_ps(s.scores + (i + r) * Qp + 16 * cb, e[r]);
-            }
-            _mm512_storeu_si512(probs + (i / 2) * Qp + 16 * cb, amx::interleave_bf16(e[0], e[1]));
-          }
-          float* l = column_sum + at + 16 * cb;
-          _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), fix, _mm512_add_ps(sum[0], sum[1])));
+          const __m512 sum = exp_pass.template operator()<false>(shift_log2, nullptr);
+          _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), fix, sum));
           if (grow)
             for (int d = 0; d < Dp; ++d) {
               float* a = acc_t + std::int64_t(d) * Cp + at + 16 * cb;
