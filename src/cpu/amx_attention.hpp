@@ -1,9 +1,9 @@
-// The amx_bf16 kernels' own group loops: queries as rows, operands packed from the bf16 tensors
-// straight into AMX's layouts (A: rows of bf16 pairs along the reduced dimension; B: pair-rows,
-// one column per output column), each once per tile or chunk rather than once per product (a
-// group's key tiles once per group where they fit TileCache), and probabilities written as bf16
-// by the softmax itself. Included by kernels_amx_bf16.cpp after
-// attention_kernel.hpp, under its target pragma.
+// The amx_bf16 kernels' own group loops (the forward with keys as rows, dq and dk/dv with queries
+// as rows), operands packed from the bf16 tensors straight into AMX's layouts (A: rows of bf16
+// pairs along the reduced dimension; B: pair-rows, one column per output column), each once per
+// tile or chunk rather than once per product (a group's key tiles once per group where they fit
+// TileCache), and probabilities written as bf16 by the softmax itself. Included by
+// kernels_amx_bf16.cpp after attention_kernel.hpp, under its target pragma.
 #pragma once
 
 #include "cpu/attention_kernel.hpp"
