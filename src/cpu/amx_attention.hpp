@@ -1,9 +1,9 @@
-// The amx_bf16 kernels' own group loops: queries as rows, operands packed from the bf16 tensors
-// straight into AMX's layouts (A: rows of bf16 pairs along the reduced dimension; B: pair-rows,
-// one column per output column), each once per tile or chunk rather than once per product (a
-// group's key tiles once per group where they fit TileCache), and probabilities written as bf16
-// by the softmax itself. Included by kernels_amx_bf16.cpp after
-// attention_kernel.hpp, under its target pragma.
+// The amx_bf16 kernels' own group loops (the forward with keys as rows, dq and dk/dv with queries
+// as rows), operands packed from the bf16 tensors straight into AMX's layouts (A: rows of bf16
+// pairs along the reduced dimension; B: pair-rows, one column per output column), each once per
+// tile or chunk rather than once per product (a group's key tiles once per group where they fit
+// TileCache), and probabilities written as bf16 by the softmax itself. Included by
+// kernels_amx_bf16.cpp after attention_kernel.hpp, under its target pragma.
 #pragma once
 
 #include "cpu/attention_kernel.hpp"
@@ -168,28 +168,24 @@ inline __m512 exp_shifted(__m512 x, __m512 shift_log2) {
 }
 inline __m512 log2e_times(float x) { return _mm512_set1_ps(x * 1.44269504f); }
 
-// One forward row of V·16 scores, held in registers: masked and scaled, its maximum folded into m
-// (the old one kept in old_max, the exponent's shift in shift), exp(x − shift) written as bf16
-// pairs to probs. Returns the row's sum.
-template <int V>
-float softmax_row(const float* row, const __mmask16* usable, __m512 scale, float& m, float& old_max, float& shift,
-                  std::uint32_t* probs) {
-  __m512 x[V], top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int v = 0; v < V; ++v) {
-    x[v] = masked_score(usable[v], scale, _mm512_loadu_ps(row + 16 * v));
-    top = _mm512_max_ps(top, x[v]);
-  }
-  old_max = m;
-  m = std::max(m, _mm512_reduce_max_ps(top));
-  shift = m == -std::numeric_limits<float>::infinity() ? 0.0f : m;
-  const __m512 shift_log2 = log2e_times(shift);
-  __m512 sum = _mm512_setzero_ps();
-  for (int v = 0; v < V; v += 2) {
-    const __m512 e0 = exp_shifted(x[v], shift_log2), e1 = exp_shifted(x[v + 1], shift_log2);
-    sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-    _mm512_storeu_si512(probs + 8 * v, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
-  }
-  return _mm512_reduce_add_ps(sum);
+// 2^y where kept and y >= -126, else 0, with a degree-3 polynomial for 2^f (relative error below
+// 7.5e-5): for the forward's probabilities, which become bf16 operands (relative rounding up to
+// 2^-9) and whose float32 sum, made of these same values, enters lse (bar 1e-3). f = y − floor(y)
+// in one instruction (vreduceps), and vscalefps multiplies by 2^floor(y) itself.
+inline __m512 exp2_coarse(__mmask16 kept, __m512 y) {
+  kept = _mm512_mask_cmp_ps_mask(kept, y, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  const __m512 f = _mm512_reduce_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(7.80245215e-2f), f, _mm512_set1_ps(2.26067171e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.95833504e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.99925196e-1f));
+  return _mm512_maskz_scalef_ps(kept, p, y);
+}
+
+// Two rows of 16 float32 values as 16 bf16 pairs (row0[c], row1[c]): one pair-row of a B operand.
+inline __m512i interleave_bf16(__m512 row0, __m512 row1) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(order, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(row1, row0)));
 }
 
 template <class X>
@@ -228,10 +224,12 @@ struct TileCache {
   }
 };
 
-// Per-thread buffers of the packed operands, grown once to the largest shapes.
+// Per-thread buffers of the packed operands, grown once to the largest shapes. The forward's Qᵀ and
+// Oᵀ have their own (own_cols, own_acc): taking the backward's own_b and product for them made the
+// backward 5-8 % slower at N = 16384 (2 threads), only the heap layout having changed.
 struct Buffers {
-  std::vector<std::uint32_t> own_a, own_b, tile_rows, tile_b, tile_c, tile_d, probs, grads;
-  std::vector<float> product, product_b, row_values;
+  std::vector<std::uint32_t> own_a, own_b, own_cols, tile_rows, tile_b, tile_c, tile_d, probs, grads;
+  std::vector<float> product, product_b, own_acc, row_values;
   TileCache tiles;
 };
 inline Buffers& buffers() {
@@ -241,124 +239,191 @@ inline Buffers& buffers() {
 
 }  // namespace amx
 
-// Forward over one group on AMX: S = Q·Kᵀ with one row per query, the online softmax row by row
-// (P to bf16 as it is made), then O += P·V in the tiles (through a float32 buffer where the tile's
-// rows are not consecutive state rows).
+// Forward over one group on AMX, keys as rows: Sᵀ = K·Qᵀ, the online softmax of each query (a
+// column: its max and sum are vertical, 16 queries per vector), Pᵀ written as bf16 pair-rows by
+// the softmax itself, then Oᵀ += Vᵀ·Pᵀ in the tiles. A chunk's Oᵀ, max and sum live in chunk-local
+// buffers ([Dp × chunk], per-column scaling is one vector multiply) and go back to the state rows
+// at the chunk's end.
 template <class I, class T>
 void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, const Group& g, Scratch<I>& s) {
   static_assert(std::is_same_v<T, BFloat16>);
-  using reg = typename I::reg;
   const detail::DilatedParams& p = own.p;
   const int D = int(p.head_dim), Dp = s.padded_d, pairs = amx::round_up((D + 1) / 2, 16);
   const int C = int(kChunkRows), Tr = int(kTileRows);
+  constexpr int kBlocks = int(kTileRows) / 16;  // 16-query column blocks of a tile
   amx::Buffers& b = amx::buffers();
   std::uint32_t* q_rows = amx::sized(b.own_a, std::int64_t(C) * pairs);
-  std::uint32_t* k_rows = amx::sized(b.tile_rows, std::int64_t(Tr) * pairs);
-  const std::int64_t k_words = std::int64_t(pairs) * Tr;  // a tile: Kᵀ [pairs × Kp], then V [Kp/2 × Dp]
-  b.tiles.reset(g.other_length, k_words + std::int64_t(Tr / 2) * Dp);
-  std::uint32_t* probs = amx::sized(b.probs, std::int64_t(Tr) * Tr / 2);
-  float* pv = amx::sized(b.product, std::int64_t(Tr) * Dp);
-  float* old_max = amx::sized(b.row_values, 4 * std::int64_t(Tr));  // per query of a tile
-  float *shift = old_max + Tr, *sums = shift + Tr, *correction = sums + Tr;
+  std::uint32_t* q_cols = amx::sized(b.own_cols, std::int64_t(pairs) * C);  // Qᵀ pairs [pairs × Cp]
+  std::uint32_t* v_rows = amx::sized(b.tile_rows, std::int64_t(Tr / 2) * std::max(Dp, 2 * pairs));
+  const std::int64_t k_words = std::int64_t(Tr) * pairs;  // a tile: K [Kp × pairs], then Vᵀ [Dp × Kp/2]
+  b.tiles.reset(g.other_length, k_words + std::int64_t(Dp) * (Tr / 2));
+  std::uint32_t* probs = amx::sized(b.probs, std::int64_t(Tr / 2) * Tr);  // Pᵀ pairs [Kp/2 × Qp]
+  float* acc_t = amx::sized(b.own_acc, std::int64_t(Dp) * C);          // Oᵀ [Dp × Cp]
+  float* column_max = amx::sized(b.row_values, 2 * std::int64_t(C));
+  float* column_sum = column_max + C;
+  __mmask16 key_keep[kTileRows * kBlocks], pair_keep[kTileRows * kBlocks];
+  int keep_keys = -1;  // the key count key_keep was built for without a padding mask, else -1
+  bool all_keys = false;
   const std::int64_t diagonal = causal_diagonal(own, other);
-  // One query tile at a time meets every key tile while its O stays in L1, if the packed key tiles
+  const std::int64_t state_step = own.state_step();
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 scale = _mm512_set1_ps(p.scale), scale_log2 = _mm512_set1_ps(p.scale * 1.44269504f);
+  // One query tile at a time meets every key tile while its Oᵀ stays in L1, if the packed key tiles
   // are kept; else a chunk of query tiles meets each key tile, packed once per chunk.
   const std::int64_t chunk_rows = b.tiles.kept ? kTileRows : kChunkRows;
   for (std::int64_t c0 = g.begin; c0 < g.end; c0 += chunk_rows) {
-    const int chunk = int(std::min(chunk_rows, g.end - c0));
-    amx::pack_rows([&](int i) { return own.row(p.q, c0 + i); }, chunk, amx::round_up(chunk, 32), D, pairs, q_rows);
+    const int chunk = int(std::min(chunk_rows, g.end - c0)), Cp = amx::round_up(chunk, 32);
+    amx::pack_rows([&](int i) { return own.row(p.q, c0 + i); }, chunk, Cp, D, pairs, q_rows);
+    amx::transpose(q_rows, pairs, Cp, pairs, q_cols, Cp);
+    const std::int64_t state0 = own.state(c0);
+    const bool contiguous = state_step == 1 && chunk % 16 == 0;
+    if (contiguous) {
+      amx::transpose(reinterpret_cast<const std::uint32_t*>(s.acc + state0 * Dp), Dp, chunk, Dp,
+                     reinterpret_cast<std::uint32_t*>(acc_t), Cp);
+    } else {
+      for (int i = 0; i < chunk; ++i)
+        for (int d = 0; d < Dp; ++d) acc_t[std::int64_t(d) * Cp + i] = s.acc[(state0 + i * state_step) * Dp + d];
+    }
+    for (int d = 0; d < Dp; ++d) std::fill(acc_t + std::int64_t(d) * Cp + chunk, acc_t + std::int64_t(d) * Cp + Cp, 0.0f);
+    for (int i = 0; i < Cp; ++i) {
+      column_max[i] = i < chunk ? s.row_max[state0 + i * state_step] : -std::numeric_limits<float>::infinity();
+      column_sum[i] = i < chunk ? s.row_sum[state0 + i * state_step] : 0.0f;
+    }
     const std::int64_t key_end =
         diagonal == kNoDiagonal ? g.other_length : std::clamp<std::int64_t>(diagonal + c0 + chunk, 0, g.other_length);
     for (std::int64_t k0 = 0; k0 < key_end; k0 += kTileRows) {
       const int keys = int(std::min(kTileRows, key_end - k0)), Kp = amx::round_up(keys, 32);
       bool pack;
-      std::uint32_t* k_cols = b.tiles.slot(k0, keys, pack);
-      std::uint32_t* v_pairs = k_cols + k_words;
+      std::uint32_t* k_rows = b.tiles.slot(k0, keys, pack);
+      std::uint32_t* v_cols = k_rows + k_words;
       if (pack) {
         amx::pack_rows([&](int i) { return other.row(p.k, k0 + i); }, keys, Kp, D, pairs, k_rows);
-        amx::transpose(k_rows, pairs, Kp, pairs, k_cols, Kp);
-        amx::pack_row_pairs([&](int i) { return other.row(p.v, k0 + i); }, keys, Kp, D, Dp, v_pairs);
+        amx::pack_row_pairs([&](int i) { return other.row(p.v, k0 + i); }, keys, Kp, D, Dp, v_rows);
+        amx::transpose(v_rows, Dp, Kp / 2, Dp, v_cols, Kp / 2);
       }
-      pack_key_bias(other, k0, keys, Kp, s.tile_bias);
-      __mmask16 usable[kTileRows / 16];
-      amx::key_masks(s.tile_bias, Kp, usable);
+      // Each key row's mask over the column blocks: all set for a usable key. Without a padding
+      // mask it depends on the key count alone, so it is rebuilt only where that changes.
+      if (p.key_padding_mask || keys != keep_keys) {
+        pack_key_bias(other, k0, keys, Kp, s.tile_bias);
+        for (int i = 0; i < Kp; ++i)
+          std::fill(key_keep + i * kBlocks, key_keep + (i + 1) * kBlocks, __mmask16(s.tile_bias[i] == 0.0f ? 0xffff : 0));
+        all_keys = keys == Kp && std::all_of(s.tile_bias, s.tile_bias + Kp, [](float x) { return x == 0.0f; });
+        keep_keys = p.key_padding_mask ? -1 : keys;
+      }
       for (std::int64_t q0 = c0; q0 < c0 + chunk; q0 += kTileRows) {
         const int queries = int(std::min(kTileRows, c0 + chunk - q0)), Qp = amx::round_up(queries, 32);
         const CausalPair pair = record_pair(own, q0, queries, other, k0, keys, s);
         if (pair == CausalPair::skipped) continue;
-        amx::product<false>(Qp, Kp, pairs, q_rows + (q0 - c0) * pairs, pairs, k_cols, Kp, s.scores, Kp);
-        const std::int64_t state0 = own.state(q0), state_step = own.state_step();
-        const reg scale = I::set1(p.scale);
+        const int at = int(q0 - c0);
+        amx::product<false>(Kp, Qp, pairs, k_rows, pairs, q_cols + at, Cp, s.scores, Qp);
+        const __mmask16* keep = key_keep;
+        if (pair == CausalPair::masked) {  // queries before the key
+          for (int i = 0; i < Kp; ++i)
+            for (int cb = 0; cb < Qp / 16; ++cb) {
+              __mmask16 m = key_keep[i * kBlocks + cb];
+              for (int c = 0; c < 16; ++c)
+                if (16 * cb + c < queries && s.key_original[std::min(i, keys - 1)] > s.query_original[16 * cb + c])
+                  m &= __mmask16(~(1u << c));
+              pair_keep[i * kBlocks + cb] = m;
+            }
+          keep = pair_keep;
+        }
         // The next key tile's rows, where it is yet to be packed: their loads overlap the softmax.
         const std::int64_t next = k0 + kTileRows;
         const int ahead = next < key_end && (c0 == g.begin || !b.tiles.kept) ? int(std::min(kTileRows, key_end - next)) : 0;
-        for (int i = 0; i < queries; ++i) {
-          if (i < ahead) {
+        const int ahead_step = (ahead + Qp / 16 - 1) / (Qp / 16);  // spread over the column blocks
+        const bool dropout = p.dropout_p > 0.0f;
+        const bool unmasked = all_keys && pair != CausalPair::masked && p.scale > 0.0f;
+        for (int cb = 0; cb < Qp / 16; ++cb) {
+          for (int i = cb * ahead_step; i < std::min(ahead, (cb + 1) * ahead_step); ++i) {
             prefetch_row(other.row(p.k, next + i), D);
             prefetch_row(other.row(p.v, next + i), D);
           }
-          float* row = s.scores + i * Kp;
-          float& m = s.row_max[state0 + i * state_step];
-          std::uint32_t* prob_row = probs + i * (Kp / 2);
-          if (pair != CausalPair::masked && p.dropout_p == 0.0f) {  // most rows
-            sums[i] = Kp == 64 ? amx::softmax_row<4>(row, usable, scale, m, old_max[i], shift[i], prob_row)
-                               : amx::softmax_row<2>(row, usable, scale, m, old_max[i], shift[i], prob_row);
-            continue;
+          const float* column = s.scores + 16 * cb;
+          // exp(scale·S − shift) of the block as Pᵀ pair-rows, returning its sum; with Track, the
+          // maximum of the raw scores too (unmasked tiles only).
+          auto exp_pass = [&]<bool Track>(__m512 shift_log2, __m512* raw_top) {
+            __m512 sum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int i = 0; i < Kp; i += 2) {
+              __m512 e[2];
+              for (int r = 0; r < 2; ++r) {
+                const __m512 x = _mm512_loadu_ps(column + (i + r) * Qp);
+                if constexpr (Track) raw_top[r] = _mm512_max_ps(raw_top[r], x);
+                e[r] = amx::exp2_coarse(keep[(i + r) * kBlocks + cb], _mm512_fmsub_ps(x, scale_log2, shift_log2));
+                sum[r] = _mm512_add_ps(sum[r], e[r]);
+                if (dropout) _mm512_storeu_ps(s.scores + (i + r) * Qp + 16 * cb, e[r]);
+              }
+              _mm512_storeu_si512(probs + (i / 2) * Qp + 16 * cb, amx::interleave_bf16(e[0], e[1]));
+            }
+            return _mm512_add_ps(sum[0], sum[1]);
+          };
+          // The column's shift moves only where the tile's maximum passes it by more than kSlack, so
+          // that most tiles rescale nothing: probabilities stay below e^kSlack, lse = shift + log sum.
+          constexpr float kSlack = 8.0f;
+          const __m512 old_max = _mm512_loadu_ps(column_max + at + 16 * cb);
+          const __m512 limit = _mm512_add_ps(old_max, _mm512_set1_ps(kSlack));
+          float* l = column_sum + at + 16 * cb;
+          __m512 top_all;
+          if (unmasked && !dropout && _mm512_cmp_ps_mask(old_max, neg_inf, _CMP_NEQ_UQ) == 0xffff) {
+            // Every column has a shift: the exponentials with it in one pass, the maximum beside
+            // them; only a block whose maximum passes the limit (rare after the first tiles) is redone.
+            __m512 raw_top[2] = {neg_inf, neg_inf};
+            const __m512 sum =
+                exp_pass.template operator()<true>(_mm512_mul_ps(old_max, _mm512_set1_ps(1.44269504f)), raw_top);
+            top_all = _mm512_mul_ps(scale, _mm512_max_ps(raw_top[0], raw_top[1]));
+            if (!_mm512_cmp_ps_mask(top_all, limit, _CMP_GT_OQ)) {
+              _mm512_storeu_ps(l, _mm512_add_ps(_mm512_loadu_ps(l), sum));
+              continue;
+            }
+          } else {
+            __m512 top[4] = {neg_inf, neg_inf, neg_inf, neg_inf};
+            if (unmasked) {  // every key usable and scale > 0: the maximum of the raw scores, scaled once
+              for (int i = 0; i < Kp; i += 4)
+                for (int r = 0; r < 4; ++r) top[r] = _mm512_max_ps(top[r], _mm512_loadu_ps(column + (i + r) * Qp));
+              for (int r = 0; r < 4; ++r) top[r] = _mm512_mul_ps(scale, top[r]);
+            } else {
+              for (int i = 0; i < Kp; i += 4)
+                for (int r = 0; r < 4; ++r)
+                  top[r] = _mm512_max_ps(top[r], _mm512_mask_mul_ps(neg_inf, keep[(i + r) * kBlocks + cb], scale,
+                                                                    _mm512_loadu_ps(column + (i + r) * Qp)));
+            }
+            top_all = _mm512_max_ps(_mm512_max_ps(top[0], top[1]), _mm512_max_ps(top[2], top[3]));
           }
-          reg top = I::set1(kNegInf);
-          for (int c = 0; c < Kp; c += I::width) {
-            const reg x = amx::masked_score(usable[c / 16], scale, I::load(row + c));
-            I::store(row + c, x);
-            top = I::max(top, x);
-          }
-          if (pair == CausalPair::masked) {  // keys after the query
-            for (int c = 0; c < keys; ++c)
-              if (s.key_original[c] > s.query_original[i]) row[c] = kNegInf;
-            top = I::set1(kNegInf);
-            for (int c = 0; c < Kp; c += I::width) top = I::max(top, I::load(row + c));
-          }
-          old_max[i] = m;
-          m = std::max(m, I::reduce_max(top));
-          shift[i] = m == kNegInf ? 0.0f : m;
-          const reg shift_v = amx::log2e_times(shift[i]);
-          reg sum = I::zero();
-          for (int c = 0; c < Kp; c += 2 * I::width) {
-            const reg e0 = amx::exp_shifted(I::load(row + c), shift_v), e1 = amx::exp_shifted(I::load(row + c + 16), shift_v);
-            sum = I::add(sum, I::add(e0, e1));
-            I::store(row + c, e0);
-            I::store(row + c + 16, e1);
-            _mm512_storeu_si512(prob_row + c / 2, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
-          }
-          sums[i] = I::reduce_add(sum);
-          if (p.dropout_p > 0.0f) {
-            for (int c = 0; c < keys; ++c) row[c] *= dropout_factor(p, own.item, s, i, c);
-            for (int c = 0; c < Kp; c += 32) amx::store_bf16(row + c, prob_row + c / 2);
-          }
+          const __mmask16 grow = _mm512_cmp_ps_mask(top_all, limit, _CMP_GT_OQ);
+          const __m512 new_max = _mm512_mask_mov_ps(old_max, grow, top_all);
+          _mm512_storeu_ps(column_max + at + 16 * cb, new_max);
+          const __m512 shift = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(new_max, neg_inf, _CMP_NEQ_UQ), new_max);
+          const __m512 shift_log2 = _mm512_mul_ps(shift, _mm512_set1_ps(1.44269504f));
+          const __m512 fix = _mm512_mask_mov_ps(_mm512_set1_ps(1.0f), grow, amx::exp_shifted(old_max, shift_log2));
+          const __m512 sum = exp_pass.template operator()<false>(shift_log2, nullptr);
+          _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), fix, sum));
+          if (grow)
+            for (int d = 0; d < Dp; ++d) {
+              float* a = acc_t + std::int64_t(d) * Cp + at + 16 * cb;
+              _mm512_storeu_ps(a, _mm512_mul_ps(fix, _mm512_loadu_ps(a)));
+            }
         }
-        std::fill(old_max + queries, old_max + Qp, 0.0f);
-        std::fill(shift + queries, shift + Qp, 0.0f);
-        for (int i = 0; i < queries; i += I::width)  // exp(old max − new max) of 16 rows at once
-          I::store(correction + i, amx::exp_shifted(I::load(old_max + i), I::mul(I::load(shift + i), I::set1(1.44269504f))));
-        for (int i = 0; i < queries; ++i) {
-          float& row_sum = s.row_sum[state0 + i * state_step];
-          row_sum = row_sum * correction[i] + sums[i];
+        if (dropout) {
+          for (int i = 0; i < keys; ++i)
+            for (int c = 0; c < queries; ++c) s.scores[i * Qp + c] *= dropout_factor(p, own.item, s, c, i);
+          for (int i = 0; i < Kp; i += 2)
+            for (int c = 0; c < Qp; c += 16)
+              _mm512_storeu_si512(probs + (i / 2) * Qp + c, amx::interleave_bf16(_mm512_loadu_ps(s.scores + i * Qp + c),
+                                                                                 _mm512_loadu_ps(s.scores + (i + 1) * Qp + c)));
         }
-        std::fill(probs + queries * (Kp / 2), probs + Qp * (Kp / 2), 0u);
-        if (state_step == 1 && queries == Qp) {  // O accumulates in the tiles, its rows rescaled first
-          float* acc = s.acc + state0 * Dp;
-          for (int i = 0; i < queries; ++i)
-            if (correction[i] != 1.0f)
-              for (int d = 0; d < Dp; d += I::width) I::store(acc + i * Dp + d, I::mul(I::set1(correction[i]), I::load(acc + i * Dp + d)));
-          amx::product<true>(Qp, Dp, Kp / 2, probs, Kp / 2, v_pairs, Dp, acc, Dp);
-          continue;
-        }
-        amx::product<false>(Qp, Dp, Kp / 2, probs, Kp / 2, v_pairs, Dp, pv, Dp);
-        for (int i = 0; i < queries; ++i) {
-          float* acc = s.acc + (state0 + i * state_step) * Dp;
-          const reg c = I::set1(correction[i]);
-          for (int d = 0; d < Dp; d += I::width) I::store(acc + d, I::fmadd(c, I::load(acc + d), I::load(pv + i * Dp + d)));
-        }
+        amx::product<true>(Dp, Qp, Kp / 2, v_cols, Kp / 2, probs, Qp, acc_t + at, Cp);
       }
+    }
+    if (contiguous) {
+      amx::transpose(reinterpret_cast<const std::uint32_t*>(acc_t), Cp, Dp, chunk,
+                     reinterpret_cast<std::uint32_t*>(s.acc + state0 * Dp), Dp);
+    } else {
+      for (int i = 0; i < chunk; ++i)
+        for (int d = 0; d < Dp; ++d) s.acc[(state0 + i * state_step) * Dp + d] = acc_t[std::int64_t(d) * Cp + i];
+    }
+    for (int i = 0; i < chunk; ++i) {
+      s.row_max[state0 + i * state_step] = column_max[i];
+      s.row_sum[state0 + i * state_step] = column_sum[i];
     }
   }
 }
