@@ -302,7 +302,10 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
       b.tiles.kept && !p.causal && !p.key_padding_mask && p.dropout_p == 0.0f;
   const int span = wide ? 2 : 1;
   std::uint32_t* probs = amx::sized(b.probs, std::int64_t(span * Tr / 2) * Tr);  // Pᵀ pairs [Kp/2 × Qp]
-  float* scores = wide ? amx::sized(b.product, std::int64_t(2 * Tr) * Tr) : s.scores;
+  // Sᵀ [Kp × Qp]: wide, its 2·Tr² floats run on into grad_scores, which the forward leaves unused.
+  float* scores = wide && s.grad_scores != s.scores + std::int64_t(Tr) * Tr
+                      ? amx::sized(b.product, std::int64_t(2 * Tr) * Tr)
+                      : s.scores;
   float* acc_t = amx::sized(b.own_acc, std::int64_t(Dp) * C);          // Oᵀ [Dp × Cp]
   float* column_max = amx::sized(b.row_values, 2 * std::int64_t(C));
   float* column_sum = column_max + C;
