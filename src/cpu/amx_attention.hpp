@@ -54,6 +54,44 @@ void product(int M, int N, int pairs, const std::uint32_t* a, std::int64_t a_pit
     }
 }
 
+// c[M × N] += a0[M × pairs0]·b0[pairs0 × N] + a1[M × pairs1]·b1[pairs1 × N] (pairs1 may be 0), as
+// product<true> with C loaded and stored once for both.
+inline void product_two(int M, int N, int pairs0, const std::uint32_t* a0, std::int64_t a0_pitch, const std::uint32_t* b0,
+                        std::int64_t b0_pitch, int pairs1, const std::uint32_t* a1, std::int64_t a1_pitch,
+                        const std::uint32_t* b1, std::int64_t b1_pitch, float* c, std::int64_t ldc) {
+  const std::int64_t cs = ldc * 4;
+  for (int m = 0; m < M; m += 32)
+    for (int n = 0; n < N; n += 32) {
+      float* c0 = c + m * ldc + n;
+      float* c1 = c0 + 16 * ldc;
+      _tile_loadd(0, c0, cs);
+      _tile_loadd(1, c0 + 16, cs);
+      _tile_loadd(2, c1, cs);
+      _tile_loadd(3, c1 + 16, cs);
+      for (int seg = 0; seg < 2; ++seg) {
+        const int pairs = seg ? pairs1 : pairs0;
+        const std::int64_t a_pitch = seg ? a1_pitch : a0_pitch, b_pitch = seg ? b1_pitch : b0_pitch;
+        const std::int64_t as = a_pitch * 4, bs = b_pitch * 4;
+        const std::uint32_t* a = (seg ? a1 : a0) + m * a_pitch;
+        const std::uint32_t* b = seg ? b1 : b0;
+        for (int k = 0; k < pairs; k += 16) {
+          _tile_loadd(4, a + k, as);
+          _tile_loadd(6, b + k * b_pitch + n, bs);
+          _tile_loadd(7, b + k * b_pitch + n + 16, bs);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_loadd(5, a + 16 * a_pitch + k, as);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, c0, cs);
+      _tile_stored(1, c0 + 16, cs);
+      _tile_stored(2, c1, cs);
+      _tile_stored(3, c1 + 16, cs);
+    }
+}
+
 // dst[c·dp + r] = src[r·sp + c] for a 16 × 16 block of 32-bit words (a pair of bf16 each).
 inline void transpose_block(const std::uint32_t* src, std::int64_t sp, std::uint32_t* dst, std::int64_t dp) {
   __m512i r[16], t[16];
@@ -257,11 +295,21 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
   std::uint32_t* v_rows = amx::sized(b.tile_rows, std::int64_t(Tr / 2) * std::max(Dp, 2 * pairs));
   const std::int64_t k_words = std::int64_t(Tr) * pairs;  // a tile: K [Kp × pairs], then Vᵀ [Dp × Kp/2]
   b.tiles.reset(g.other_length, k_words + std::int64_t(Dp) * (Tr / 2));
-  std::uint32_t* probs = amx::sized(b.probs, std::int64_t(Tr / 2) * Tr);  // Pᵀ pairs [Kp/2 × Qp]
+  // Wide: two key tiles per step (their Pᵀ in one softmax pass, Oᵀ loaded and stored once per 128
+  // keys), where the key tiles are kept and no key is masked but by its count: no causal mask,
+  // padding mask or dropout.
+  const bool wide =
+      b.tiles.kept && !p.causal && !p.key_padding_mask && p.dropout_p == 0.0f;
+  const int span = wide ? 2 : 1;
+  std::uint32_t* probs = amx::sized(b.probs, std::int64_t(span * Tr / 2) * Tr);  // Pᵀ pairs [Kp/2 × Qp]
+  // Sᵀ [Kp × Qp]: wide, its 2·Tr² floats run on into grad_scores, which the forward leaves unused.
+  float* scores = wide && s.grad_scores != s.scores + std::int64_t(Tr) * Tr
+                      ? amx::sized(b.product, std::int64_t(2 * Tr) * Tr)
+                      : s.scores;
   float* acc_t = amx::sized(b.own_acc, std::int64_t(Dp) * C);          // Oᵀ [Dp × Cp]
   float* column_max = amx::sized(b.row_values, 2 * std::int64_t(C));
   float* column_sum = column_max + C;
-  __mmask16 key_keep[kTileRows * kBlocks], pair_keep[kTileRows * kBlocks];
+  __mmask16 key_keep[2 * kTileRows * kBlocks], pair_keep[kTileRows * kBlocks];
   int keep_keys = -1;  // the key count key_keep was built for without a padding mask, else -1
   bool all_keys = false;
   const std::int64_t diagonal = causal_diagonal(own, other);
@@ -291,19 +339,36 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
     }
     const std::int64_t key_end =
         diagonal == kNoDiagonal ? g.other_length : std::clamp<std::int64_t>(diagonal + c0 + chunk, 0, g.other_length);
-    for (std::int64_t k0 = 0; k0 < key_end; k0 += kTileRows) {
-      const int keys = int(std::min(kTileRows, key_end - k0)), Kp = amx::round_up(keys, 32);
-      bool pack;
-      std::uint32_t* k_rows = b.tiles.slot(k0, keys, pack);
-      std::uint32_t* v_cols = k_rows + k_words;
-      if (pack) {
-        amx::pack_rows([&](int i) { return other.row(p.k, k0 + i); }, keys, Kp, D, pairs, k_rows);
-        amx::pack_row_pairs([&](int i) { return other.row(p.v, k0 + i); }, keys, Kp, D, Dp, v_rows);
-        amx::transpose(v_rows, Dp, Kp / 2, Dp, v_cols, Kp / 2);
+    for (std::int64_t k0 = 0; k0 < key_end; k0 += span * kTileRows) {
+      // keys0 in the first tile (Kp0 padded), keys1 in the second (wide only; 0 if none).
+      const int keys0 = int(std::min(kTileRows, key_end - k0)), Kp0 = amx::round_up(keys0, 32);
+      const int keys1 = wide ? int(std::clamp<std::int64_t>(key_end - k0 - kTileRows, 0, kTileRows)) : 0;
+      const int Kp1 = amx::round_up(keys1, 32), keys = keys0 + keys1, Kp = Kp0 + Kp1;
+      std::uint32_t *k_rows = nullptr, *v_cols = nullptr, *k_rows1 = nullptr, *v_cols1 = nullptr;
+      for (int t = 0; t < (keys1 ? 2 : 1); ++t) {
+        const std::int64_t t0 = k0 + t * kTileRows;
+        const int tk = t ? keys1 : keys0, tKp = t ? Kp1 : Kp0;
+        bool pack;
+        std::uint32_t* kr = b.tiles.slot(t0, tk, pack);
+        std::uint32_t* vc = kr + k_words;
+        if (pack) {
+          amx::pack_rows([&](int i) { return other.row(p.k, t0 + i); }, tk, tKp, D, pairs, kr);
+          amx::pack_row_pairs([&](int i) { return other.row(p.v, t0 + i); }, tk, tKp, D, Dp, v_rows);
+          amx::transpose(v_rows, Dp, tKp / 2, Dp, vc, tKp / 2);
+        }
+        (t ? k_rows1 : k_rows) = kr;
+        (t ? v_cols1 : v_cols) = vc;
       }
       // Each key row's mask over the column blocks: all set for a usable key. Without a padding
       // mask it depends on the key count alone, so it is rebuilt only where that changes.
-      if (p.key_padding_mask || keys != keep_keys) {
+      if (wide) {
+        if (keys != keep_keys) {
+          for (int i = 0; i < Kp; ++i)
+            std::fill(key_keep + i * kBlocks, key_keep + (i + 1) * kBlocks, __mmask16(i < keys ? 0xffff : 0));
+          all_keys = keys == Kp;
+          keep_keys = keys;
+        }
+      } else if (p.key_padding_mask || keys != keep_keys) {
         pack_key_bias(other, k0, keys, Kp, s.tile_bias);
         for (int i = 0; i < Kp; ++i)
           std::fill(key_keep + i * kBlocks, key_keep + (i + 1) * kBlocks, __mmask16(s.tile_bias[i] == 0.0f ? 0xffff : 0));
@@ -315,7 +380,8 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
         const CausalPair pair = record_pair(own, q0, queries, other, k0, keys, s);
         if (pair == CausalPair::skipped) continue;
         const int at = int(q0 - c0);
-        amx::product<false>(Kp, Qp, pairs, k_rows, pairs, q_cols + at, Cp, s.scores, Qp);
+        amx::product<false>(Kp0, Qp, pairs, k_rows, pairs, q_cols + at, Cp, scores, Qp);
+        if (keys1) amx::product<false>(Kp1, Qp, pairs, k_rows1, pairs, q_cols + at, Cp, scores + Kp0 * Qp, Qp);
         const __mmask16* keep = key_keep;
         if (pair == CausalPair::masked) {  // queries before the key
           for (int i = 0; i < Kp; ++i)
@@ -329,8 +395,9 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
           keep = pair_keep;
         }
         // The next key tile's rows, where it is yet to be packed: their loads overlap the softmax.
-        const std::int64_t next = k0 + kTileRows;
-        const int ahead = next < key_end && (c0 == g.begin || !b.tiles.kept) ? int(std::min(kTileRows, key_end - next)) : 0;
+        const std::int64_t next = k0 + span * kTileRows;
+        const int ahead =
+            next < key_end && (c0 == g.begin || !b.tiles.kept) ? int(std::min(span * kTileRows, key_end - next)) : 0;
         const int ahead_step = (ahead + Qp / 16 - 1) / (Qp / 16);  // spread over the column blocks
         const bool dropout = p.dropout_p > 0.0f;
         const bool unmasked = all_keys && pair != CausalPair::masked && p.scale > 0.0f;
@@ -339,7 +406,7 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
             prefetch_row(other.row(p.k, next + i), D);
             prefetch_row(other.row(p.v, next + i), D);
           }
-          const float* column = s.scores + 16 * cb;
+          const float* column = scores + 16 * cb;
           // exp(scale·S − shift) of the block as Pᵀ pair-rows, returning its sum; with Track, the
           // maximum of the raw scores too (unmasked tiles only).
           auto exp_pass = [&]<bool Track>(__m512 shift_log2, __m512* raw_top) {
@@ -351,7 +418,7 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
                 if constexpr (Track) raw_top[r] = _mm512_max_ps(raw_top[r], x);
                 e[r] = amx::exp2_coarse(keep[(i + r) * kBlocks + cb], _mm512_fmsub_ps(x, scale_log2, shift_log2));
                 sum[r] = _mm512_add_ps(sum[r], e[r]);
-                if (dropout) _mm512_storeu_ps(s.scores + (i + r) * Qp + 16 * cb, e[r]);
+                if (dropout) _mm512_storeu_ps(scores + (i + r) * Qp + 16 * cb, e[r]);
               }
               _mm512_storeu_si512(probs + (i / 2) * Qp + 16 * cb, amx::interleave_bf16(e[0], e[1]));
             }
@@ -405,13 +472,17 @@ void forward_group_amx(const SideView<I, T>& own, const SideView<I, T>& other, c
         }
         if (dropout) {
           for (int i = 0; i < keys; ++i)
-            for (int c = 0; c < queries; ++c) s.scores[i * Qp + c] *= dropout_factor(p, own.item, s, c, i);
+            for (int c = 0; c < queries; ++c) scores[i * Qp + c] *= dropout_factor(p, own.item, s, c, i);
           for (int i = 0; i < Kp; i += 2)
             for (int c = 0; c < Qp; c += 16)
-              _mm512_storeu_si512(probs + (i / 2) * Qp + c, amx::interleave_bf16(_mm512_loadu_ps(s.scores + i * Qp + c),
-                                                                                 _mm512_loadu_ps(s.scores + (i + 1) * Qp + c)));
+              _mm512_storeu_si512(probs + (i / 2) * Qp + c, amx::interleave_bf16(_mm512_loadu_ps(scores + i * Qp + c),
+                                                                                 _mm512_loadu_ps(scores + (i + 1) * Qp + c)));
         }
-        amx::product<true>(Dp, Qp, Kp / 2, v_cols, Kp / 2, probs, Qp, acc_t + at, Cp);
+        if (keys1)
+          amx::product_two(Dp, Qp, Kp0 / 2, v_cols, Kp0 / 2, probs, Qp, Kp1 / 2, v_cols1, Kp1 / 2,
+                           probs + std::int64_t(Kp0 / 2) * Qp, Qp, acc_t + at, Cp);
+        else
+          amx::product<true>(Dp, Qp, Kp / 2, v_cols, Kp / 2, probs, Qp, acc_t + at, Cp);
       }
     }
     if (contiguous) {
