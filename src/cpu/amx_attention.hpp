@@ -14,43 +14,58 @@ namespace amx {
 
 inline int round_up(int n, int step) { return (n + step - 1) / step * step; }
 
+// The 32 × 32 block of C at c0 (rows 0-15) and c1 (rows 16-31) in tiles 0-3, and back.
+inline void load_block(const float* c0, const float* c1, std::int64_t cs) {
+  _tile_loadd(0, c0, cs);
+  _tile_loadd(1, c0 + 16, cs);
+  _tile_loadd(2, c1, cs);
+  _tile_loadd(3, c1 + 16, cs);
+}
+inline void store_block(float* c0, float* c1, std::int64_t cs) {
+  _tile_stored(0, c0, cs);
+  _tile_stored(1, c0 + 16, cs);
+  _tile_stored(2, c1, cs);
+  _tile_stored(3, c1 + 16, cs);
+}
+
+// Tiles 0-3 += a[32 rows from a0 × pairs]·b[pairs × columns n .. n + 31]; each A and B tile loaded
+// serves two products.
+inline void accumulate_block(const std::uint32_t* a0, std::int64_t a_pitch, const std::uint32_t* b,
+                             std::int64_t b_pitch, int n, int pairs) {
+  const std::int64_t as = a_pitch * 4, bs = b_pitch * 4;
+  for (int k = 0; k < pairs; k += 16) {
+    _tile_loadd(4, a0 + k, as);
+    _tile_loadd(6, b + k * b_pitch + n, bs);
+    _tile_loadd(7, b + k * b_pitch + n + 16, bs);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, a0 + 16 * a_pitch + k, as);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
 // c[M × N] (=, or += with Accumulate) a[M × pairs]·b[pairs × N], pitches in elements; M and N
 // multiples of 32, pairs of 16 (the buffers are zero-padded). Each 32 × 32 block of C is four
-// tiles; each A and B tile loaded serves two products.
+// tiles.
 template <bool Accumulate>
 void product(int M, int N, int pairs, const std::uint32_t* a, std::int64_t a_pitch, const std::uint32_t* b,
              std::int64_t b_pitch, float* c, std::int64_t ldc) {
-  const std::int64_t as = a_pitch * 4, bs = b_pitch * 4, cs = ldc * 4;
+  const std::int64_t cs = ldc * 4;
   for (int m = 0; m < M; m += 32)
     for (int n = 0; n < N; n += 32) {
       float* c0 = c + m * ldc + n;
       float* c1 = c0 + 16 * ldc;
       if constexpr (Accumulate) {
-        _tile_loadd(0, c0, cs);
-        _tile_loadd(1, c0 + 16, cs);
-        _tile_loadd(2, c1, cs);
-        _tile_loadd(3, c1 + 16, cs);
+        load_block(c0, c1, cs);
       } else {
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
       }
-      const std::uint32_t* a0 = a + m * a_pitch;
-      for (int k = 0; k < pairs; k += 16) {
-        _tile_loadd(4, a0 + k, as);
-        _tile_loadd(6, b + k * b_pitch + n, bs);
-        _tile_loadd(7, b + k * b_pitch + n + 16, bs);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_loadd(5, a0 + 16 * a_pitch + k, as);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      _tile_stored(0, c0, cs);
-      _tile_stored(1, c0 + 16, cs);
-      _tile_stored(2, c1, cs);
-      _tile_stored(3, c1 + 16, cs);
+      accumulate_block(a + m * a_pitch, a_pitch, b, b_pitch, n, pairs);
+      store_block(c0, c1, cs);
     }
 }
 
@@ -64,31 +79,10 @@ inline void product_two(int M, int N, int pairs0, const std::uint32_t* a0, std::
     for (int n = 0; n < N; n += 32) {
       float* c0 = c + m * ldc + n;
       float* c1 = c0 + 16 * ldc;
-      _tile_loadd(0, c0, cs);
-      _tile_loadd(1, c0 + 16, cs);
-      _tile_loadd(2, c1, cs);
-      _tile_loadd(3, c1 + 16, cs);
-      for (int seg = 0; seg < 2; ++seg) {
-        const int pairs = seg ? pairs1 : pairs0;
-        const std::int64_t a_pitch = seg ? a1_pitch : a0_pitch, b_pitch = seg ? b1_pitch : b0_pitch;
-        const std::int64_t as = a_pitch * 4, bs = b_pitch * 4;
-        const std::uint32_t* a = (seg ? a1 : a0) + m * a_pitch;
-        const std::uint32_t* b = seg ? b1 : b0;
-        for (int k = 0; k < pairs; k += 16) {
-          _tile_loadd(4, a + k, as);
-          _tile_loadd(6, b + k * b_pitch + n, bs);
-          _tile_loadd(7, b + k * b_pitch + n + 16, bs);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_loadd(5, a + 16 * a_pitch + k, as);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-      }
-      _tile_stored(0, c0, cs);
-      _tile_stored(1, c0 + 16, cs);
-      _tile_stored(2, c1, cs);
-      _tile_stored(3, c1 + 16, cs);
+      load_block(c0, c1, cs);
+      accumulate_block(a0 + m * a0_pitch, a0_pitch, b0, b0_pitch, n, pairs0);
+      accumulate_block(a1 + m * a1_pitch, a1_pitch, b1, b1_pitch, n, pairs1);
+      store_block(c0, c1, cs);
     }
 }
 
