@@ -119,9 +119,6 @@ CudaKernels cuda_kernel_generation(const TensorView& q, bool backward, const Lau
   p.dtype = q.dtype;
   p.head_dim = q.shape[3];
   p.cuda_kernels = options.cuda_kernels;
-  // The sm90 backward reads delta from the workspace (backward() computes it there first).
-  if (backward && options.workspace != nullptr && options.workspace_bytes >= backward_workspace_bytes(q))
-    p.softmax_delta = static_cast<float*>(options.workspace);
   return cuda::kernel_generation(p, backward);
 #else
   (void)backward;

@@ -40,8 +40,7 @@ struct LaunchOptions {
   void* stream = nullptr;  // cudaStream_t for CUDA tensors; must stay null for CPU tensors
   // CUDA backward: device memory of at least backward_workspace_bytes(q) bytes lets the backward
   // compute each row's delta = rowsum(dout∘out) once, in a pass before the kernel, instead of in
-  // every block that reads the row (faster); the sm90 (Hopper) backward kernels run only with it
-  // (without it a Hopper backward runs the sm80 kernels: cuda_kernel_generation says which).
+  // every block that reads the row (faster). Without it the blocks compute it. Unused elsewhere.
   void* workspace = nullptr;
   std::size_t workspace_bytes = 0;
   std::optional<RingStep> ring_step;  // forward only (the ring backward has its own calls); CPU only for now

@@ -127,6 +127,29 @@ __device__ __forceinline__ void query_rows_lse(const detail::DilatedParams& p, c
   }
 }
 
+// The part of delta = rowsum(dO∘O) of the row at index j of `side` that part `part` of kParts adds
+// (D / kParts elements from global memory, 16 bytes at a time; the caller sums the parts). For
+// backward calls without a given delta (no workspace): the sm90 kernels compute it in the block.
+template <class T, int D, int kParts>
+__device__ __forceinline__ float row_delta_part(const detail::DilatedParams& p, const BlockWork& w, const Side& side,
+                                                std::int64_t j, int part) {
+  constexpr int kElems = D / kParts;
+  static_assert(kElems % 8 == 0, "16-byte loads");
+  const std::int64_t row = w.row(side, j);
+  const T* dout = row_pointer<T>(p.dout, w.batch, w.head, row) + part * kElems;
+  const T* out = row_pointer<T>(p.out, w.batch, w.head, row) + part * kElems;
+  float sum = 0.0f;
+#pragma unroll
+  for (int c = 0; c < kElems; c += 8) {
+    const uint4 gv = *reinterpret_cast<const uint4*>(dout + c), ov = *reinterpret_cast<const uint4*>(out + c);
+    const T* g = reinterpret_cast<const T*>(&gv);
+    const T* o = reinterpret_cast<const T*>(&ov);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sum += to_float(g[i]) * to_float(o[i]);
+  }
+  return sum;
+}
+
 // Writes (or, accumulating, adds into) the warp's own rows of one or two gradients: row r of the
 // thread is own index rows[r] of side `side`; values are scaled by scale_a and scale_b.
 template <class T, int D>

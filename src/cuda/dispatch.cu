@@ -168,11 +168,10 @@ void backward_launch_sm90(const DilatedParams& p, const LaunchPlan& plan, cudaSt
 #endif
 
 // The sm90 kernels cover 16-bit calls of head dim 64 or 128 on a device of compute capability 9.x,
-// in builds with DATTN_SM90; a backward needs delta given (the workspace pass, or a ring step's).
-bool sm90_covers(const DilatedParams& p, bool backward) {
+// in builds with DATTN_SM90.
+bool sm90_covers(const DilatedParams& p) {
 #ifdef DATTN_WITH_SM90
   if (p.dtype != DType::bfloat16 && p.dtype != DType::float16) return false;
-  if (backward && p.softmax_delta == nullptr) return false;
 #ifdef DATTN_CUDA_MINIMAL
   if (p.head_dim != 64) return false;
 #else
@@ -183,7 +182,6 @@ bool sm90_covers(const DilatedParams& p, bool backward) {
          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major == 9;
 #else
   (void)p;
-  (void)backward;
   return false;
 #endif
 }
@@ -259,7 +257,7 @@ void check_position_index(const DilatedParams& p) {
 }  // namespace
 
 CudaKernels kernel_generation(const DilatedParams& p, bool backward) {
-  const bool sm90 = sm90_covers(p, backward);
+  const bool sm90 = sm90_covers(p);
   switch (p.cuda_kernels) {
     case CudaKernels::automatic: return sm90 ? CudaKernels::sm90 : CudaKernels::sm80;
     case CudaKernels::sm80: return CudaKernels::sm80;
@@ -269,7 +267,7 @@ CudaKernels kernel_generation(const DilatedParams& p, bool backward) {
     throw Error(std::string("options.cuda_kernels = sm90, but the sm90 kernels do not cover this call (") +
                 dtype_name(p.dtype) + ", head dim " + std::to_string(p.head_dim) + (backward ? ", backward" : ", forward") +
                 "); expected a build with DATTN_SM90, a device of compute capability 9.x, bfloat16 or float16, head dim "
-                "64 or 128, and for a backward options.workspace of backward_workspace_bytes(q) bytes");
+                "64 or 128");
   return CudaKernels::sm90;
 }
 

@@ -13,9 +13,8 @@
 //                        [--fixed-only | --random-only] [--block-sparse] [--verbose]
 //                        [--cuda-kernels auto|sm80|sm90]
 // --block-sparse makes every random case a block-sparse one (for the sanitizers' few cases).
-// --cuda-kernels picks the kernel generation (LaunchOptions::cuda_kernels; sm90 forces the forward
-// and the backward of the cases that give it a workspace, which the sm90 backward needs; ring steps
-// always run the automatic choice); every case line and the summary name the generations that ran.
+// --cuda-kernels picks the kernel generation (LaunchOptions::cuda_kernels; ring steps always run the
+// automatic choice); every case line and the summary name the generations that ran.
 // Prints a line per case (ok or FAIL, the kernel generations that ran it: forward/backward), the
 // failures' details, and "N passed, M failed"; exit 0 when all passed, 77 without a GPU.
 #include <cuda_runtime.h>
@@ -46,12 +45,6 @@ using namespace dattn_gpu_test;
 
 
 dattn::CudaKernels g_cuda_kernels = dattn::CudaKernels::automatic;  // --cuda-kernels
-
-// The generation a backward asks for under --cuda-kernels: the sm90 backward reads delta from the
-// workspace, so --cuda-kernels sm90 forces it only where the backward has one.
-dattn::CudaKernels backward_kernels(bool workspace) {
-  return g_cuda_kernels == dattn::CudaKernels::sm90 && !workspace ? dattn::CudaKernels::automatic : g_cuda_kernels;
-}
 
 const char* generation_name(dattn::CudaKernels k) {
   return k == dattn::CudaKernels::sm90 ? "sm90" : k == dattn::CudaKernels::sm80 ? "sm80" : "automatic";
@@ -490,15 +483,14 @@ Result run_case(const Case& c, cudaStream_t stream) {
   options.stream = stream;
   options.cuda_kernels = c.ring_ranks > 0 ? dattn::CudaKernels::automatic : g_cuda_kernels;  // ring steps: automatic
   dattn::LaunchOptions backward_options = options;
-  // Half the cases give the backward its workspace (delta in a pass of its own), half not; ring
-  // steps read the ring's delta, as with a workspace.
+  // Half the cases give the backward its workspace (delta in a pass of its own), half not (the
+  // kernels compute it in the blocks).
   std::unique_ptr<Buffer> workspace;
-  if (c.ring_ranks > 0 || c.seed % 2 == 0) {
+  if (c.ring_ranks == 0 && c.seed % 2 == 0) {
     workspace = std::make_unique<Buffer>(DType::float32, c.B * c.H * c.N);
     backward_options.workspace = workspace->device;
     backward_options.workspace_bytes = dattn::backward_workspace_bytes(qkv[0].device_view());
   }
-  if (c.ring_ranks == 0) backward_options.cuda_kernels = backward_kernels(workspace != nullptr);
   result.kernels = std::string(generation_name(dattn::cuda_kernel_generation(qkv[0].device_view(), false, options))) +
                    "/" + generation_name(dattn::cuda_kernel_generation(qkv[0].device_view(), true, backward_options));
   std::unique_ptr<Buffer> index_device;
@@ -826,14 +818,13 @@ int check_nan_propagation() {
             dattn::LaunchOptions options;
             options.cuda_kernels = g_cuda_kernels;
             dattn::forward(config, device(0), device(1), device(2), device(3), lse.device_view(), options);
-            // Causal checks give the backward a workspace (the sm90 backward's condition), the others not.
+            // Causal checks give the backward a workspace (delta in a pass of its own), the others not.
             std::unique_ptr<Buffer> workspace;
             if (causal) {
               workspace = std::make_unique<Buffer>(DType::float32, B * H * N);
               options.workspace = workspace->device;
               options.workspace_bytes = dattn::backward_workspace_bytes(device(0));
             }
-            options.cuda_kernels = backward_kernels(causal);
             dattn::backward(config, device(0), device(1), device(2), device(3), lse.device_view(), device(4),
                             device(5), device(6), device(7), options);
             for (auto& b : owner) b->download(nullptr);

@@ -9,7 +9,9 @@
 //   dk/dv: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ from shared memory; dV += (P∘Z)ᵀ·dO and dK += dSᵀ·Q with the
 //          left operand in registers and Q, dO MN-major;
 //   dq:    S = Q·Kᵀ and dP = dO·Vᵀ; dQ += dS·K, K MN-major.
-// delta = rowsum(dO∘O) is given (the backward's workspace pass, or the ring's), never recomputed.
+// delta = rowsum(dO∘O) is read where it is given (the backward's workspace pass, or the ring's);
+// without it the producer computes it for each tile of queries (dk/dv blocks) and the consumers
+// for their own rows (dq blocks), from dO and O in global memory.
 #pragma once
 
 #include "cuda/backward_tile.cuh"
@@ -59,6 +61,7 @@ __device__ __forceinline__ void produce_backward(const detail::DilatedParams& p,
   constexpr TileLayout kSwizzled = TileLayout::swizzled;
   const bool keys_own = w.role == kDkDvRole;
   const bool causal_by_position = kWalk == Walk::indexed && p.causal;
+  const bool delta_given = p.softmax_delta != nullptr;
   const Side own = keys_own ? w.key : w.query;  // copies: registers, not w's local memory
   const Side other = keys_own ? w.query : w.key;
   for (int it = 0; it < num_tiles; ++it) {
@@ -85,9 +88,17 @@ __device__ __forceinline__ void produce_backward(const detail::DilatedParams& p,
         const bool ok = c < valid;
         const std::int64_t row = ok ? w.row(other, j0 + c) : 0;
         cp_async_4(smem_address(st.column(stage, 0) + c), lse_pointer(p, w.batch, w.head, row), ok);
-        cp_async_4(smem_address(st.column(stage, 1) + c), delta_pointer(p, w.batch, w.head, row), ok);
+        if (delta_given)
+          cp_async_4(smem_address(st.column(stage, 1) + c), delta_pointer(p, w.batch, w.head, row), ok);
         if (causal_by_position)
           reinterpret_cast<int*>(st.column(stage, 2))[c] = ok ? w.position32(other, int(j0) + c) : 0;
+      }
+      if (!delta_given) {  // two threads a row; a plain store, released by the keys barrier
+        static_assert(2 * BO == 128, "two producer threads per query row");
+        const int row = threadIdx.x / 2, part = threadIdx.x % 2;
+        float sum = row < valid ? row_delta_part<T, D, 2>(p, w, other, j0 + row, part) : 0.0f;
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        if (part == 0) st.column(stage, 1)[row] = sum;
       }
     } else {
       key_bias(p, w, j0, valid, BO, st.column(stage, 0),
@@ -201,6 +212,16 @@ __device__ __forceinline__ void consume_queries(const detail::DilatedParams& p, 
                                  causal_by_position ? w.position32(w.query, int(qi[1])) : 0};
   float lse2[2], delta[2];
   query_rows_lse(p, w, qi, lse2, delta);
+  if (p.softmax_delta == nullptr) {  // the four threads of a row's quad take a quarter of D each
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool own = qi[r] < w.tile_begin + w.tile_rows;
+      float sum = own ? row_delta_part<T, D, 4>(p, w, w.query, qi[r], threadIdx.x % 4) : 0.0f;
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      delta[r] = sum;
+    }
+  }
   const std::uint32_t own_q = smem_address(st.own_a) + warpgroup * 64 * 128;
   const std::uint32_t own_dout = smem_address(st.own_b) + warpgroup * 64 * 128;
   float dq[D / 8][4];
