@@ -213,8 +213,8 @@ __global__ void __launch_bounds__(BackwardShape<D, S>::kThreads)
   extern __shared__ __align__(16) unsigned char smem[];
   BlockWork w;
   if (!decode<BackwardShape<D, S>::kBlockOwn, kWalk>(p, plan, w)) return;
-  if (w.role == kDkDvRole) dkdv_block<T, D, S, kWalk>(p, plan.accumulate, w, smem);
-  else dq_block<T, D, S, kWalk>(p, plan.accumulate, w, smem);
+  if (w.role == kDkDvRole) dkdv_block<T, D, S, kWalk>(p, w.accumulate, w, smem);
+  else dq_block<T, D, S, kWalk>(p, w.accumulate, w, smem);
 }
 
 template <class T, int D, int S>

@@ -22,12 +22,33 @@ using detail::DilatedParams;
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
+// The query heads of a launch: every head, or (the backward under grouped-query heads) those with
+// h mod step == phase, one of each key/value head's group, so that no two blocks write one dk row.
+struct HeadFilter {
+  int phase = 0, step = 1;
+};
+
+// Heads [first, first + count) that pass the filter, as the job's head_first/head_count/head_step.
+bool filter_heads(Job& job, std::int64_t first, std::int64_t count, HeadFilter heads) {
+  const std::int64_t h0 = first + ((heads.phase - first % heads.step) % heads.step + heads.step) % heads.step;
+  job.head_first = int(h0);
+  job.head_step = heads.step;
+  job.head_count = h0 < first + count ? int((first + count - h0 + heads.step - 1) / heads.step) : 0;
+  return job.head_count > 0;
+}
+
+// Whether a job adds into what is there: the launch's `accumulate`, and dk/dv blocks after the
+// first head phase (the earlier phases wrote the same key/value heads' rows).
+bool job_accumulates(int role, bool accumulate, HeadFilter heads) {
+  return accumulate || (role == kDkDvRole && heads.phase > 0);
+}
+
 // Jobs for branches [first, last) in each of `roles`, tiles of `block_rows` own rows (queries, or
 // keys for dk/dv blocks: in a ring step, the segments that meet the local queries or the step's
 // keys). Sorted by the selected length of the branch's segments (each block's work grows with it),
 // longest first; among equals the order of `roles` is kept (dk/dv blocks, which do more, first).
 LaunchPlan make_plan(const DilatedParams& p, int first, int last, std::vector<int> roles, int block_rows,
-                     bool accumulate) {
+                     bool accumulate, HeadFilter heads = {}) {
   struct Entry {
     Job job;
     std::int64_t length, blocks;
@@ -47,11 +68,12 @@ LaunchPlan make_plan(const DilatedParams& p, int first, int last, std::vector<in
       job.tiles = int(std::max<std::int64_t>(1, ceil_div(length, block_rows)));
       job.first_segment = int(lo / w);
       job.segments = int((hi - 1) / w - lo / w + 1);
-      entries.push_back({job, length, std::int64_t(job.tiles) * job.segments * br.head_count * p.batch});
+      job.accumulate = job_accumulates(role, accumulate, heads);
+      if (!filter_heads(job, br.first_head, br.head_count, heads)) continue;
+      entries.push_back({job, length, std::int64_t(job.tiles) * job.segments * job.head_count * p.batch});
     }
   std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.length > b.length; });
   LaunchPlan plan;
-  plan.accumulate = accumulate;
   std::int64_t total = 0;
   for (const Entry& e : entries) {
     plan.jobs[plan.num_jobs] = e.job;
@@ -66,9 +88,9 @@ LaunchPlan make_plan(const DilatedParams& p, int first, int last, std::vector<in
 
 // Block-sparse attention: one job per role, a block per tile of one own block (query blocks, or
 // key blocks for dk/dv blocks, of the step's range) of one (batch, head).
-LaunchPlan make_sparse_plan(const DilatedParams& p, std::vector<int> roles, int block_rows, bool accumulate) {
+LaunchPlan make_sparse_plan(const DilatedParams& p, std::vector<int> roles, int block_rows, bool accumulate,
+                            HeadFilter heads = {}) {
   LaunchPlan plan;
-  plan.accumulate = accumulate;
   std::int64_t total = 0;
   for (int role : roles) {
     const bool keys = role == kDkDvRole;
@@ -79,7 +101,9 @@ LaunchPlan make_sparse_plan(const DilatedParams& p, std::vector<int> roles, int 
     job.first_segment = int(lo / p.block_size);
     job.segments = int(ceil_div(hi, p.block_size) - lo / p.block_size);
     job.block_begin = int(total);
-    total += std::int64_t(job.tiles) * job.segments * p.heads * p.batch;
+    job.accumulate = job_accumulates(role, accumulate, heads);
+    filter_heads(job, 0, p.heads, heads);  // every phase < step <= H holds a head
+    total += std::int64_t(job.tiles) * job.segments * job.head_count * p.batch;
     if (total > INT_MAX) throw Error("the problem needs more than 2^31 thread blocks in one launch; expected a smaller B, N or H");
   }
   plan.total_blocks = int(total);
@@ -212,12 +236,26 @@ void run_forward(const DilatedParams& p) {
 }
 
 // As launch_forward_plans, for the backward's two roles (each later launch adds to the gradients).
+// Under grouped-query heads one launch per query head of a key/value head's group (heads.phase):
+// the query heads of one key/value head add into its dk, dv rows one launch after another.
 template <class Launch>
 void launch_backward_plans(const DilatedParams& p, int rows, Launch launch) {
   const bool ring = p.float32_outputs;  // ring steps add into the accumulators
-  if (p.block_size > 0) return launch(make_sparse_plan(p, {kDkDvRole, kDqRole}, rows, ring));
-  if (p.mode == Mode::grouped) return launch(make_plan(p, 0, p.num_branches, {kDkDvRole, kDqRole}, rows, ring));
-  for (int i = 0; i < p.num_branches; ++i) launch(make_plan(p, i, i + 1, {kDkDvRole, kDqRole}, rows, ring || i > 0));
+  const int group = int(p.heads / p.kv_heads);
+  auto run = [&](const LaunchPlan& plan) {
+    if (plan.total_blocks > 0) launch(plan);
+  };
+  for (int phase = 0; phase < group; ++phase) {
+    const HeadFilter heads{phase, group};
+    if (p.block_size > 0) {
+      run(make_sparse_plan(p, {kDkDvRole, kDqRole}, rows, ring, heads));
+    } else if (p.mode == Mode::grouped) {
+      run(make_plan(p, 0, p.num_branches, {kDkDvRole, kDqRole}, rows, ring, heads));
+    } else {
+      for (int i = 0; i < p.num_branches; ++i)
+        run(make_plan(p, i, i + 1, {kDkDvRole, kDqRole}, rows, ring || i > 0, heads));
+    }
+  }
 }
 
 template <class T, int S>
@@ -277,9 +315,9 @@ void check_supported(const DilatedParams& p) {
   if (ring_step && !p.float32_outputs)
     throw Error("options.ring_step with CUDA tensors: forward writes no per-step output on CUDA; expected "
                 "ring_forward_step (which merges the step into float32 out and lse) or cpu tensors");
-  if (p.kv_heads != p.heads)
+  if (p.kv_heads != p.heads && ring_step)
     throw Error("k and v have " + std::to_string(p.kv_heads) + " heads and q has " + std::to_string(p.heads) +
-                ": grouped-query heads are not yet supported on CUDA; expected k, v with H = " +
+                ": grouped-query heads are not yet supported in ring steps on CUDA; expected k, v with H = " +
                 std::to_string(p.heads) + " heads or cpu tensors");
   if (p.cu_seqlens != nullptr)
     throw Error("cu_seqlens: packed variable-length batches are not yet supported on CUDA; expected cpu tensors");

@@ -106,8 +106,8 @@ __global__ void __launch_bounds__(ForwardShape<D, S>::kThreads)
     }
   }
 
-  write_forward_rows<T, D>(p, plan, w, acc, row_max, row_sum, qi);
-  if (!plan.accumulate) zero_unselected<T, D, kThreads>(p, w, &p.out, nullptr, true);
+  write_forward_rows<T, D>(p, w, acc, row_max, row_sum, qi);
+  if (!w.accumulate) zero_unselected<T, D, kThreads>(p, w, &p.out, nullptr, true);
 }
 
 inline void check_launch(const char* what) {

@@ -121,8 +121,8 @@ __device__ __forceinline__ void rescale_rows(float (&acc)[D / 8][4], const float
 // The epilogue of a block: normalise the warp's rows and write out and lse (or merge them into what
 // earlier branches wrote). The zeros and -inf of the unselected rows are zero_unselected's.
 template <class T, int D>
-__device__ __forceinline__ void write_forward_rows(const detail::DilatedParams& p, const LaunchPlan& plan,
-                                                   const BlockWork& w, const float (&acc)[D / 8][4],
+__device__ __forceinline__ void write_forward_rows(const detail::DilatedParams& p, const BlockWork& w,
+                                                   const float (&acc)[D / 8][4],
                                                    const float (&row_max)[2], const float (&row_sum)[2],
                                                    const std::int64_t (&qi)[2]) {
   const int t = threadIdx.x % 4;
@@ -137,7 +137,7 @@ __device__ __forceinline__ void write_forward_rows(const detail::DilatedParams& 
     inv[r] = attended ? 1.0f / sum : 0.0f;
     lse_row[r] = attended ? (row_max[r] + __log2f(sum)) * kLn2 : neg_inf();
     valid[r] = qi[r] < w.tile_begin + w.tile_rows;
-    if (plan.accumulate && valid[r]) old_lse[r] = *lse_pointer(p, w.batch, w.head, w.row(w.query, qi[r]));
+    if (w.accumulate && valid[r]) old_lse[r] = *lse_pointer(p, w.batch, w.head, w.row(w.query, qi[r]));
   }
   __syncwarp();
 #pragma unroll
@@ -145,7 +145,7 @@ __device__ __forceinline__ void write_forward_rows(const detail::DilatedParams& 
     if (!valid[r]) continue;
     const std::int64_t row = w.row(w.query, qi[r]);
     float old_weight = 0.0f, new_weight = p.output_scale * inv[r], lse_new = lse_row[r];
-    if (plan.accumulate) {
+    if (w.accumulate) {
       if (lse_row[r] == neg_inf()) continue;  // this branch adds nothing to the row
       if (old_lse[r] != neg_inf()) {
         const float mx = fmaxf(old_lse[r], lse_row[r]);

@@ -21,8 +21,10 @@ enum Role : int {
   kDqRole = 2,    // backward: a block owns queries, loops over the key tiles they see
 };
 
-// Blocks [block_begin, block_begin + tiles·segments·heads·batch) of a launch work on one branch in
-// one role; a block decodes to (batch, head, segment, tile) with the tile fastest.
+// Blocks [block_begin, block_begin + tiles·segments·head_count·batch) of a launch work on one
+// branch in one role; a block decodes to (batch, head, segment, tile) with the tile fastest, head
+// head_first + i·head_step for i < head_count (a step above 1: one query head of each key/value
+// head group, so that no two blocks of a launch write the same dk, dv rows).
 struct Job {
   int branch = 0;
   int role = kForwardRole;
@@ -30,14 +32,16 @@ struct Job {
   int segments = 1;       // segments that hold own rows (a ring step's own rows meet a few)
   int first_segment = 0;
   int block_begin = 0;
+  int head_first = 0, head_count = 1, head_step = 1;
+  // longnet mode after the first branch, ring steps, and dk/dv of grouped-query heads after the
+  // first launch: merge into out/lse (forward) or add into the gradients instead of writing, and
+  // leave unselected rows alone.
+  bool accumulate = false;
 };
 
 struct LaunchPlan {
   int num_jobs = 0;
   int total_blocks = 0;
-  // longnet mode, every branch after the first, and every ring step: merge into out/lse (forward)
-  // or add into dq/dk/dv (backward) instead of writing, and leave unselected rows alone.
-  bool accumulate = false;
   Job jobs[2 * detail::kMaxBranches];
 };
 

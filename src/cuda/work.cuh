@@ -23,7 +23,8 @@ struct Side {
 
 struct BlockWork {
   int branch = 0, role = 0;
-  std::int64_t batch = 0, head = 0;
+  bool accumulate = false;         // the job's: add into what is there (see Job)
+  std::int64_t batch = 0, head = 0;  // head: a query head (k, v, dk, dv: operand_head maps it)
   std::int64_t stride = 1;         // dilation rate r
   Side query, key;                 // equal except in ring steps
   std::int64_t causal_shift = 0;   // causal: key j is visible to query i iff j <= i + causal_shift
@@ -85,8 +86,9 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
   work.index = p.position_index;
   work.seqlen = p.seqlen;
   work.role = job.role;
-  work.head = br.first_head + local % br.head_count;
-  work.batch = local / br.head_count;
+  work.accumulate = job.accumulate;
+  work.head = job.head_first + local % job.head_count * job.head_step;
+  work.batch = local / job.head_count;
   const std::int64_t w = br.segment_length, r = br.dilation_rate;
   const std::int64_t o = br.offset_from_head ? work.head % r : br.group_offset;
   const std::int64_t start = segment * w, end = imin(start + w, p.global_length), first = start + o;
@@ -96,7 +98,7 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
   work.key = select_side(first, r, imax(start, p.key_begin), imin(end, p.key_end), p.key_begin);
   work.causal_shift = (work.query.first - work.key.first) / r;  // exact: both are first mod r
   const std::int64_t length = work.own().length;
-  if (length == 0 && plan.accumulate) return false;  // nothing to add (a ring step, or a later branch)
+  if (length == 0 && job.accumulate) return false;  // nothing to add (a ring step, or a later branch)
   const std::int64_t tiles_here = length > 0 ? (length + kBlock - 1) / kBlock : 1;
   if (tile >= tiles_here) return false;
   work.tile_begin = tile * kBlock;
@@ -125,9 +127,10 @@ __device__ __forceinline__ bool decode_sparse_block(const detail::DilatedParams&
   if (p.causal && job.role != kDkDvRole) own_block = job.segments - 1 - own_block;
   own_block += job.first_segment;
   work.role = job.role;
+  work.accumulate = job.accumulate;
   work.seqlen = p.seqlen;
-  work.head = local % p.heads;
-  work.batch = local / p.heads;
+  work.head = job.head_first + local % job.head_count * job.head_step;
+  work.batch = local / job.head_count;
   work.stride = 1;
   const std::int64_t bs = p.block_size, mask_head = p.block_mask_heads == 1 ? 0 : work.head;
   const std::int64_t own_first = own_block * bs;
@@ -240,10 +243,17 @@ __device__ __forceinline__ OtherTiles<kRows, kWalk == Walk::sparse> other_tiles(
   return tiles;
 }
 
+// The head of operand x that query head `head` reads or writes (grouped-query heads: k, v, dk, dv
+// have one head per head_group query heads).
+__device__ __forceinline__ std::int64_t operand_head(const detail::Operand& x, std::int64_t head) {
+  return x.head_group == 1 ? head : head / x.head_group;
+}
+
 template <class T>
 __device__ __forceinline__ T* row_pointer(const detail::Operand& x, std::int64_t batch, std::int64_t head,
                                           std::int64_t position) {
-  return static_cast<T*>(x.data) + batch * x.batch_stride + position * x.row_stride + head * x.head_stride;
+  return static_cast<T*>(x.data) + batch * x.batch_stride + position * x.row_stride +
+         operand_head(x, head) * x.head_stride;
 }
 
 __device__ __forceinline__ float* lse_pointer(const detail::DilatedParams& p, std::int64_t batch, std::int64_t head,
@@ -362,7 +372,7 @@ template <class T, int S, int kRows, int D, int kThreads, TileLayout kLayout = T
 __device__ __forceinline__ void load_rows(std::uint16_t* smem, int plane_elems, const detail::Operand& x,
                                           const BlockWork& w, const Side& side, std::int64_t j0, int valid) {
   constexpr int kStride = D + 8;
-  const T* base = static_cast<const T*>(x.data) + w.batch * x.batch_stride + w.head * x.head_stride;
+  const T* base = static_cast<const T*>(x.data) + w.batch * x.batch_stride + operand_head(x, w.head) * x.head_stride;
   const int first = int(j0);
   if constexpr (sizeof(T) == 2) {
     constexpr int kChunks = D / 8;  // 16-byte chunks per row
@@ -404,8 +414,8 @@ __device__ __forceinline__ void load_row_pair(std::uint16_t* smem_a, std::uint16
     load_rows<T, S, kRows, D, kThreads>(smem_b, plane_elems, b, w, side, j0, valid);
   } else {
     constexpr int kChunks = D / 8;
-    const T* base_a = static_cast<const T*>(a.data) + w.batch * a.batch_stride + w.head * a.head_stride;
-    const T* base_b = static_cast<const T*>(b.data) + w.batch * b.batch_stride + w.head * b.head_stride;
+    const T* base_a = static_cast<const T*>(a.data) + w.batch * a.batch_stride + operand_head(a, w.head) * a.head_stride;
+    const T* base_b = static_cast<const T*>(b.data) + w.batch * b.batch_stride + operand_head(b, w.head) * b.head_stride;
     const std::uint32_t to_a = smem_address(smem_a), to_b = smem_address(smem_b);
     const int first = int(j0);
 #pragma unroll

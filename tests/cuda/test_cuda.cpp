@@ -56,6 +56,7 @@ struct Case {
   DType dtype = DType::bfloat16;
   bool tf32 = false;
   std::int64_t B = 1, N = 1, H = 1, D = 64;
+  std::int64_t Hkv = 0;  // key/value heads (grouped-query heads: a divisor of H); 0 means H
   std::vector<std::int64_t> w{1}, r{1};
   dattn::Mode mode = dattn::Mode::grouped;
   bool causal = false;
@@ -76,7 +77,9 @@ struct Case {
 std::string describe(const Case& c) {
   std::ostringstream s;
   s << "seed=" << c.seed << " dtype=" << dattn::dtype_name(c.dtype) << (c.tf32 ? "(tf32)" : "") << " B=" << c.B
-    << " N=" << c.N << " H=" << c.H << " D=" << c.D << " w=[";
+    << " N=" << c.N << " H=" << c.H << " D=" << c.D;
+  if (c.Hkv) s << " Hkv=" << c.Hkv;
+  s << " w=[";
   for (std::size_t i = 0; i < c.w.size(); ++i) s << (i ? "," : "") << c.w[i];
   s << "] r=[";
   for (std::size_t i = 0; i < c.r.size(); ++i) s << (i ? "," : "") << c.r[i];
@@ -193,6 +196,13 @@ Case random_case(Rng& rng, std::int64_t max_n) {
     if (!c.padding.empty()) c.padding.resize(std::size_t(c.B * c.N), 0);
   }
   if (!c.hilbert && (g_all_block_sparse || chance(rng, 0.3))) make_block_sparse(c, rng);
+  // Grouped-query heads (not with a fused qkv buffer, nor in ring steps, which CUDA refuses).
+  if (c.H > 1 && !c.fused_qkv && c.ring_ranks == 0 && chance(rng, 0.3)) {
+    std::vector<std::int64_t> divisors;
+    for (std::int64_t d = 1; d < c.H; ++d)
+      if (c.H % d == 0) divisors.push_back(d);
+    c.Hkv = divisors[rng() % divisors.size()];
+  }
   return c;
 }
 
@@ -445,10 +455,11 @@ Result run_case(const Case& c, cudaStream_t stream) {
   std::vector<std::unique_ptr<Buffer>> owner;
   const std::int64_t es = std::int64_t(dattn::dtype_size(c.dtype)), align = 16 / es;
   const std::vector<std::int64_t> bnhd{c.B, c.N, c.H, c.D}, bhn{c.B, c.H, c.N};
+  const std::vector<std::int64_t> bnkd{c.B, c.N, c.Hkv ? c.Hkv : c.H, c.D};  // k, v, dk, dv
   auto attention_views = [&](bool fused) {
     if (fused) return make_fused(owner, c, c.dtype, align, rng);
     std::vector<View> v;
-    for (int i = 0; i < 3; ++i) v.push_back(make_buffer(owner, bnhd, c.dtype, c.strided, true, align, rng));
+    for (int i = 0; i < 3; ++i) v.push_back(make_buffer(owner, i == 0 ? bnhd : bnkd, c.dtype, c.strided, true, align, rng));
     return v;
   };
   std::vector<View> qkv = attention_views(c.fused_qkv);
@@ -540,8 +551,8 @@ Result run_case(const Case& c, cudaStream_t stream) {
   // The reference on float64 copies of the same rounded inputs (a mask on the host).
   const dattn::Tensor q64 = to_f64(qkv[0]), k64 = to_f64(qkv[1]), v64 = to_f64(qkv[2]), g64 = to_f64(dout);
   dattn::Tensor out64 = dattn::Tensor::empty(bnhd, DType::float64), lse64 = dattn::Tensor::empty(bhn, DType::float32);
-  dattn::Tensor dq64 = dattn::Tensor::empty(bnhd, DType::float64), dk64 = dattn::Tensor::empty(bnhd, DType::float64),
-                dv64 = dattn::Tensor::empty(bnhd, DType::float64);
+  dattn::Tensor dq64 = dattn::Tensor::empty(bnhd, DType::float64), dk64 = dattn::Tensor::empty(bnkd, DType::float64),
+                dv64 = dattn::Tensor::empty(bnkd, DType::float64);
   dattn::Tensor mask_host;
   dattn::DilatedConfig ref_config = config;
   if (mask) {

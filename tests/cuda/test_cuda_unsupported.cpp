@@ -1,6 +1,6 @@
 // What the CUDA kernels do not compute yet is refused by name, before anything is written:
-// grouped-query heads (k, v with fewer heads than q), packed batches (cu_seqlens) and decoding with
-// a cache (cache_seqlens). A plain program (no GoogleTest on the GPU machine): exit 0 when every
+// grouped-query heads (k, v with fewer heads than q) in ring steps, packed batches (cu_seqlens) and
+// decoding with a cache (cache_seqlens). A plain program (no GoogleTest on the GPU machine): exit 0 when every
 // call raised the expected dattn::Error, 1 otherwise, 77 without a CUDA device.
 #include <cuda_runtime.h>
 
@@ -61,42 +61,26 @@ int main() {
   const std::int64_t B = 2, N = 64, H = 4, Hkv = 2, D = 64;
   const std::size_t bytes = std::size_t(B * N * H * D) * 2;  // bfloat16
   DeviceBuffer q(bytes, 0), k(bytes, 0), v(bytes, 0), out(bytes, 0x7f), lse(std::size_t(B * H * N) * 4, 0x7f);
-  DeviceBuffer dout(bytes, 0), dq(bytes, 0x7f), dk(bytes, 0x7f), dv(bytes, 0x7f), offsets(64, 0);
-  const auto qv = q.view(DType::bfloat16, {B, N, H, D}), kv = k.view(DType::bfloat16, {B, N, Hkv, D});
-  const auto vv = v.view(DType::bfloat16, {B, N, Hkv, D}), ov = out.view(DType::bfloat16, {B, N, H, D});
+  DeviceBuffer dout(bytes, 0), offsets(64, 0);
+  const auto qv = q.view(DType::bfloat16, {B, N, H, D});
   const auto lv = lse.view(DType::float32, {B, H, N});
   const auto before = host_copy(out, bytes);
 
   dattn::DilatedConfig config;
   config.segment_lengths = {16, 32}, config.dilation_rates = {1, 2}, config.causal = true;
-  expect_refusal("dilated forward, Hkv < H", "heads", [&] { dattn::forward(config, qv, kv, vv, ov, lv); });
-  expect_refusal("dilated backward, Hkv < H", "heads", [&] {
-    dattn::backward(config, qv, kv, vv, ov, lv, dout.view(DType::bfloat16, {B, N, H, D}),
-                    dq.view(DType::bfloat16, {B, N, H, D}), dk.view(DType::bfloat16, {B, N, Hkv, D}),
-                    dv.view(DType::bfloat16, {B, N, Hkv, D}));
+  // A ring step (keys [0, N/2) of the sequence) with Hkv < H: the CUDA ring sends H heads.
+  DeviceBuffer out32(2 * bytes, 0x7f);
+  const dattn::RingStep step{0, N, 0, N / 2};
+  expect_refusal("ring forward step, Hkv < H", "heads", [&] {
+    dattn::ring_forward_step(config, step, qv, k.view(DType::bfloat16, {B, N / 2, Hkv, D}),
+                             v.view(DType::bfloat16, {B, N / 2, Hkv, D}), out32.view(DType::float32, {B, N, H, D}), lv);
   });
-  // With a workspace the backward computes delta into it first: refused before that write too.
-  const std::size_t workspace_bytes = dattn::backward_workspace_bytes(qv);
-  DeviceBuffer workspace(workspace_bytes, 0x7f);
-  expect_refusal("dilated backward with a workspace, Hkv < H", "heads", [&] {
-    dattn::LaunchOptions options;
-    options.workspace = workspace.data;
-    options.workspace_bytes = workspace_bytes;
-    dattn::backward(config, qv, kv, vv, ov, lv, dout.view(DType::bfloat16, {B, N, H, D}),
-                    dq.view(DType::bfloat16, {B, N, H, D}), dk.view(DType::bfloat16, {B, N, Hkv, D}),
-                    dv.view(DType::bfloat16, {B, N, Hkv, D}), options);
-  });
-  if (host_copy(workspace, workspace_bytes) != std::vector<unsigned char>(workspace_bytes, 0x7f)) {
-    std::printf("FAIL the refused backward wrote its workspace\n");
+  if (host_copy(out32, 2 * bytes) != std::vector<unsigned char>(2 * bytes, 0x7f)) {
+    std::printf("FAIL the refused ring step wrote its output\n");
     ++failures;
   }
-  dattn::Tensor dense = dattn::Tensor::zeros({4, 4}, DType::boolean);
-  for (int i = 0; i < 4; ++i) dense.data<std::uint8_t>()[i * 5] = 1;
-  const auto mask = dattn::BlockSparseMask::from_dense(dense).to_device({dattn::DeviceType::cuda, 0});
   dattn::BlockSparseConfig sparse;
   sparse.block_size = 16;
-  expect_refusal("block-sparse forward, Hkv < H", "heads",
-                 [&] { dattn::block_sparse_forward(sparse, mask, qv, kv, vv, ov, lv); });
 
   // Packed batch: q [T, H, D] = the first 2 * 64 rows, offsets {0, 64, 128} on the device.
   const std::int32_t cu[3] = {0, 64, 128};
@@ -112,11 +96,12 @@ int main() {
 
   // Decoding: q [B, 1, H, D] over caches [B, N, H, D] with one new key each; the cache stays as it was.
   const auto cache_before = host_copy(k, bytes);
-  dattn::KeyValueCache cache{.k_cache = k.view(DType::bfloat16, {B, N, H, D}),
-                             .v_cache = v.view(DType::bfloat16, {B, N, H, D}),
-                             .cache_seqlens = offsets.view(DType::int32, {B})};
   const auto new_rows = dout.view(DType::bfloat16, {B, 1, H, D});
-  cache.k_new = new_rows, cache.v_new = new_rows;
+  const dattn::KeyValueCache cache{.k_cache = k.view(DType::bfloat16, {B, N, H, D}),
+                                   .v_cache = v.view(DType::bfloat16, {B, N, H, D}),
+                                   .cache_seqlens = offsets.view(DType::int32, {B}),
+                                   .k_new = new_rows,
+                                   .v_new = new_rows};
   expect_refusal("forward_with_kvcache", "cache_seqlens", [&] {
     dattn::forward_with_kvcache(config, cache, q.view(DType::bfloat16, {B, 1, H, D}),
                                 out.view(DType::bfloat16, {B, 1, H, D}), lse.view(DType::float32, {B, H, 1}));

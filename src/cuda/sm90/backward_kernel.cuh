@@ -278,12 +278,12 @@ __global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
   if (threadIdx.x < 128) {
     registers_decrease<Shape::kProducerRegisters>();
     produce_backward<T, D, kWalk>(p, w, tiles, num_tiles, st);
-    if (!plan.accumulate)
+    if (!w.accumulate)
       zero_unselected<T, D, 128>(p, w, keys_own ? &p.dk : &p.dq, keys_own ? &p.dv : nullptr, false);
   } else {
     registers_increase<Shape::kConsumerRegisters>();
-    if (keys_own) consume_keys<T, D, kWalk>(p, plan.accumulate, w, tiles, num_tiles, st);
-    else consume_queries<T, D, kWalk>(p, plan.accumulate, w, tiles, num_tiles, st);
+    if (keys_own) consume_keys<T, D, kWalk>(p, w.accumulate, w, tiles, num_tiles, st);
+    else consume_queries<T, D, kWalk>(p, w.accumulate, w, tiles, num_tiles, st);
   }
 #endif
 }

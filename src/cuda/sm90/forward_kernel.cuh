@@ -130,7 +130,7 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
 
 // Warpgroups 1 and 2: the online softmax over the key tiles of the stages, then the epilogue.
 template <class T, int D, Walk kWalk, class Tiles>
-__device__ __forceinline__ void consume(const detail::DilatedParams& p, const LaunchPlan& plan, const BlockWork& w,
+__device__ __forceinline__ void consume(const detail::DilatedParams& p, const BlockWork& w,
                                         const Tiles& tiles, int num_tiles, const Stages<D>& st) {
   using Shape = Sm90ForwardShape<D>;
   constexpr int BM = Shape::kBlockM, BN = Shape::kBlockN, kStages = Shape::kStages;
@@ -185,7 +185,7 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const La
     wgmma_wait<0>();
     fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
   }
-  write_forward_rows<T, D>(p, plan, w, acc, row_max, row_sum, qi);
+  write_forward_rows<T, D>(p, w, acc, row_max, row_sum, qi);
 }
 
 template <class T, int D, Walk kWalk>
@@ -210,10 +210,10 @@ __global__ void __launch_bounds__(Sm90ForwardShape<D>::kThreads, 1)
   if (threadIdx.x < 128) {
     registers_decrease<Shape::kProducerRegisters>();
     produce<T, D, kWalk>(p, w, tiles, num_tiles, st);
-    if (!plan.accumulate) zero_unselected<T, D, 128>(p, w, &p.out, nullptr, true);
+    if (!w.accumulate) zero_unselected<T, D, 128>(p, w, &p.out, nullptr, true);
   } else {
     registers_increase<Shape::kConsumerRegisters>();
-    consume<T, D, kWalk>(p, plan, w, tiles, num_tiles, st);
+    consume<T, D, kWalk>(p, w, tiles, num_tiles, st);
   }
 #endif
 }
