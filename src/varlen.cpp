@@ -1,5 +1,6 @@
 // Packed variable-length batches: validation of the packed tensors and cu_seqlens, then dilated
-// attention through DilatedParams::cu_seqlens (the CPU kernels run sequence by sequence) and
+// attention through DilatedParams::cu_seqlens (the CPU kernels run sequence by sequence, the CUDA
+// kernels' blocks find their sequence in cu_seqlens) and
 // block-sparse attention one sequence at a time with the pattern's mask for its length. The
 // reference computes each sequence as a whole-sequence call of its own.
 #include "dattn/varlen.hpp"
@@ -8,6 +9,7 @@
 #include <map>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "cpu/cpu_attention.hpp"
 #ifdef DATTN_WITH_CUDA
@@ -76,18 +78,28 @@ Packed check_packed(const detail::CommonSettings& settings, const PackedSequence
   Packed p{as_batch_of_one(q), as_batch_of_one(k), as_batch_of_one(v), as_batch_of_one(out), as_batch_of_one(lse),
            cu.ptr<std::int32_t>(), cu.shape[0] - 1, q.shape[0]};
   if (p.total > 0) detail::check_inputs(settings, p.q, p.k, p.v, p.out, p.lse, options);
-  if (q.device.type != DeviceType::cpu || !sequences.validate) return p;  // CUDA refuses packed batches later
-  if (p.offsets[0] != 0) throw Error("cu_seqlens[0] = " + str(p.offsets[0]) + "; expected 0");
+  if (!sequences.validate) return p;
+  // CUDA: the offsets are read on the host (a copy and a synchronisation; validate = false skips it).
+  std::vector<std::int32_t> host;
+  const std::int32_t* offsets = p.offsets;
+  if (q.device.type == DeviceType::cuda) {
+#ifdef DATTN_WITH_CUDA
+    host.resize(std::size_t(p.batch + 1));
+    cuda::copy_to_host(p.offsets, host.data(), host.size() * sizeof(std::int32_t), options.stream);
+    offsets = host.data();
+#endif
+  }
+  if (offsets[0] != 0) throw Error("cu_seqlens[0] = " + str(offsets[0]) + "; expected 0");
   for (std::int64_t b = 0; b < p.batch; ++b) {
-    if (p.offsets[b + 1] < p.offsets[b])
-      throw Error("cu_seqlens[" + str(b + 1) + "] = " + str(p.offsets[b + 1]) + " < cu_seqlens[" + str(b) + "] = " +
-                  str(p.offsets[b]) + "; expected non-decreasing offsets");
-    if (p.length(b) > sequences.max_seqlen)
-      throw Error("sequence " + str(b) + " has " + str(p.length(b)) + " tokens but max_seqlen = " +
+    if (offsets[b + 1] < offsets[b])
+      throw Error("cu_seqlens[" + str(b + 1) + "] = " + str(offsets[b + 1]) + " < cu_seqlens[" + str(b) + "] = " +
+                  str(offsets[b]) + "; expected non-decreasing offsets");
+    if (offsets[b + 1] - offsets[b] > sequences.max_seqlen)
+      throw Error("sequence " + str(b) + " has " + str(offsets[b + 1] - offsets[b]) + " tokens but max_seqlen = " +
                   str(sequences.max_seqlen) + "; expected max_seqlen >= the longest sequence");
   }
-  if (p.offsets[p.batch] != p.total)
-    throw Error("cu_seqlens[" + str(p.batch) + "] = " + str(p.offsets[p.batch]) + "; expected T = " + str(p.total) +
+  if (offsets[p.batch] != p.total)
+    throw Error("cu_seqlens[" + str(p.batch) + "] = " + str(offsets[p.batch]) + "; expected T = " + str(p.total) +
                 " (the rows of q)");
   return p;
 }
@@ -120,7 +132,7 @@ detail::CommonSettings settings_of(const BlockSparseConfig& c) {
 
 void run_forward(const detail::DilatedParams& p, const TensorView& q) {
 #ifdef DATTN_WITH_CUDA
-  if (q.device.type == DeviceType::cuda) return cuda::forward(p);  // refuses cu_seqlens by name
+  if (q.device.type == DeviceType::cuda) return cuda::forward(p);  // refuses block-sparse cu_seqlens by name
 #endif
   (void)q;
   cpu::forward(p);

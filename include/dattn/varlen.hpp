@@ -1,7 +1,7 @@
 // Packed variable-length batches: the batch as concatenated sequences, each attended alone, as a
 // batch of one of its own length (segments, offsets, causality and block positions restart at
 // its first token; dropout uses the sequence index as the batch index and positions inside the
-// sequence). CPU tensors so far; CUDA tensors are refused.
+// sequence). CPU and CUDA tensors (block-sparse packed batches: CPU only so far; CUDA refuses them).
 //
 // q, out: [T, H, D]; k, v: [T, Hkv, D] (H % Hkv == 0); lse: [H, T] float32; dq, dk, dv like q, k, v.
 // Any strides with stride 1 along D.

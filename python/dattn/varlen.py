@@ -1,7 +1,8 @@
 """Packed variable-length batches (FlashAttention's varlen layout): q ``[T, H, D]``, k, v
 ``[T, Hkv, D]`` hold B sequences back to back, sequence b being rows
 ``cu_seqlens[b] .. cu_seqlens[b + 1]``. Each sequence is attended alone, as a batch of one of its
-own length. CPU tensors so far (CUDA tensors raise an error)."""
+own length. Dilated attention on CPU and CUDA tensors; block-sparse attention on CPU tensors so far
+(CUDA tensors raise an error)."""
 
 from typing import Optional, Sequence
 

@@ -18,6 +18,10 @@ void forward(const detail::DilatedParams& params);
 CudaKernels kernel_generation(const detail::DilatedParams& params, bool backward);
 void backward(const detail::DilatedParams& params);  // reads out and lse saved by forward
 
+// Copies `bytes` bytes of device memory to the host, in order on `stream` (a cudaStream_t), and
+// waits for them (a synchronisation: for validating small device arrays such as cu_seqlens).
+void copy_to_host(const void* device_data, void* host, std::size_t bytes, void* stream);
+
 // A copy of values in the memory of CUDA device `device`, freed with the last owner. Synchronous:
 // for what is uploaded once and used by many calls (block masks).
 std::shared_ptr<const std::int64_t> upload(const std::vector<std::int64_t>& values, int device);

@@ -272,6 +272,15 @@ void run_backward(const DilatedParams& p) {
   launch_backward_plans(p, rows, [&](const LaunchPlan& plan) { backward_launch<T, S>(p, plan, stream); });
 }
 
+// A packed batch is planned as `batch` sequences of max_seqlen rows; each block finds its
+// sequence's rows in cu_seqlens (decode_block) and does nothing past its end.
+DilatedParams as_launched(const DilatedParams& p) {
+  if (p.cu_seqlens == nullptr) return p;
+  DilatedParams launched = p;
+  launched.seqlen = launched.global_length = launched.key_end = p.max_seqlen;
+  return launched;
+}
+
 // A device index map must be a permutation of [0, N) like a host one (validate.cpp checks those):
 // copied to the host in stream order and checked once per call (a synchronisation).
 void check_position_index(const DilatedParams& p) {
@@ -319,8 +328,9 @@ void check_supported(const DilatedParams& p) {
     throw Error("k and v have " + std::to_string(p.kv_heads) + " heads and q has " + std::to_string(p.heads) +
                 ": grouped-query heads are not yet supported in ring steps on CUDA; expected k, v with H = " +
                 std::to_string(p.heads) + " heads or cpu tensors");
-  if (p.cu_seqlens != nullptr)
-    throw Error("cu_seqlens: packed variable-length batches are not yet supported on CUDA; expected cpu tensors");
+  if (p.cu_seqlens != nullptr && p.block_size > 0)
+    throw Error("cu_seqlens: packed variable-length batches of block-sparse attention are not yet supported on "
+                "CUDA; expected cpu tensors (dilated attention's packed batches run on CUDA)");
   if (p.key_lengths != nullptr)
     throw Error("cache_seqlens: decoding with a key/value cache is not yet supported on CUDA; expected cpu tensors");
   if (!p.run_query_pass || !p.run_key_pass || p.accumulate)
@@ -347,10 +357,18 @@ std::shared_ptr<const std::int64_t> upload(const std::vector<std::int64_t>& valu
   return {data, [](const std::int64_t* x) { cudaFree(const_cast<std::int64_t*>(x)); }};
 }
 
-void forward(const DilatedParams& p) {
-  check_supported(p);
-  DeviceGuard guard(p.q.data);
-  check_position_index(p);
+void copy_to_host(const void* device_data, void* host, std::size_t bytes, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (cudaMemcpyAsync(host, device_data, bytes, cudaMemcpyDeviceToHost, s) != cudaSuccess || cudaStreamSynchronize(s) != cudaSuccess)
+    throw Error("copying " + std::to_string(bytes) + " bytes from the device failed: " +
+                cudaGetErrorString(cudaGetLastError()) + "; expected device memory of the current device");
+}
+
+void forward(const DilatedParams& params) {
+  check_supported(params);
+  DeviceGuard guard(params.q.data);
+  check_position_index(params);
+  const DilatedParams p = as_launched(params);
   switch (p.dtype) {
     case DType::bfloat16: return run_forward<__nv_bfloat16, 1>(p);
     case DType::float16: return run_forward<__half, 1>(p);
@@ -359,10 +377,11 @@ void forward(const DilatedParams& p) {
   }
 }
 
-void backward(const DilatedParams& p) {
-  check_supported(p);
-  DeviceGuard guard(p.q.data);
-  check_position_index(p);
+void backward(const DilatedParams& params) {
+  check_supported(params);
+  DeviceGuard guard(params.q.data);
+  check_position_index(params);
+  const DilatedParams p = as_launched(params);
   switch (p.dtype) {
     case DType::bfloat16: return run_backward<__nv_bfloat16, 1>(p);
     case DType::float16: return run_backward<__half, 1>(p);

@@ -26,7 +26,7 @@ __device__ __forceinline__ void zero_unselected(const detail::DilatedParams& p, 
     const std::int64_t rel = position - own.first;
     if (rel >= 0 && rel % w.stride == 0 && rel / w.stride < own.length) continue;
     const int chunk = int(c % kChunks);
-    const std::int64_t row = w.original(position);
+    const std::int64_t row = w.original(position) - own.row_offset;  // a packed batch: its sequence's rows
     zero_row_chunk(row_pointer<T>(*a, w.batch, w.head, row), chunk);
     if (b) zero_row_chunk(row_pointer<T>(*b, w.batch, w.head, row), chunk);
     if (lse && chunk == 0) *lse_pointer(p, w.batch, w.head, row) = neg_inf();

@@ -91,18 +91,26 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
   work.batch = local / job.head_count;
   const std::int64_t w = br.segment_length, r = br.dilation_rate;
   const std::int64_t o = br.offset_from_head ? work.head % r : br.group_offset;
-  const std::int64_t start = segment * w, end = imin(start + w, p.global_length), first = start + o;
+  // A packed batch: sequence `batch` is tensor rows [row_base, row_base + its length), positions
+  // counted from its start (the plan covers max_seqlen; segments past the sequence do nothing).
+  std::int64_t length = p.global_length, row_base = 0;
+  if (p.cu_seqlens != nullptr) {
+    row_base = p.cu_seqlens[work.batch];
+    length = p.cu_seqlens[work.batch + 1] - row_base;
+  }
+  const std::int64_t start = segment * w, end = imin(start + w, length), first = start + o;
+  if (start >= length) return false;
   work.stride = r;
   work.query = select_side(first, r, imax(start, p.query_position), imin(end, p.query_position + p.seqlen),
-                           p.query_position);
-  work.key = select_side(first, r, imax(start, p.key_begin), imin(end, p.key_end), p.key_begin);
+                           p.query_position - row_base);
+  work.key = select_side(first, r, imax(start, p.key_begin), imin(end, p.key_end), p.key_begin - row_base);
   work.causal_shift = (work.query.first - work.key.first) / r;  // exact: both are first mod r
-  const std::int64_t length = work.own().length;
-  if (length == 0 && job.accumulate) return false;  // nothing to add (a ring step, or a later branch)
-  const std::int64_t tiles_here = length > 0 ? (length + kBlock - 1) / kBlock : 1;
+  const std::int64_t own_length = work.own().length;
+  if (own_length == 0 && job.accumulate) return false;  // nothing to add (a ring step, or a later branch)
+  const std::int64_t tiles_here = own_length > 0 ? (own_length + kBlock - 1) / kBlock : 1;
   if (tile >= tiles_here) return false;
   work.tile_begin = tile * kBlock;
-  work.tile_rows = int(imin(kBlock, length - work.tile_begin));
+  work.tile_rows = int(imin(kBlock, own_length - work.tile_begin));
   if (work.tile_rows < 0) work.tile_rows = 0;
   work.region_begin = tile == 0 ? start : first + tile * kBlock * r;
   work.region_end = tile + 1 == tiles_here ? end : first + (tile + 1) * kBlock * r;
@@ -291,7 +299,7 @@ __device__ __forceinline__ std::uint32_t dropout_bits(const detail::DilatedParam
                                                       std::int64_t row0, std::int64_t row1, std::int64_t col0,
                                                       bool rows_are_keys) {
   static_assert(kTiles * 4 <= 32);
-  const std::int64_t batch_head = w.batch * p.heads + w.head;
+  const std::int64_t batch_head = (p.dropout_batch_base + w.batch) * p.heads + w.head;
   const int t = threadIdx.x % 4;
   std::uint32_t bits = 0;
 #pragma unroll 1

@@ -777,6 +777,112 @@ int check_refusals() {
   return failures;
 }
 
+// Packed batches (cu_seqlens on the device) against the reference of each sequence on its own:
+// random lengths (0 and 1 among them, partial segments), grouped-query heads, causal, dropout,
+// both modes, every dtype; forward and backward in one launch each (per key/value phase).
+int check_packed_batches(int count, std::uint64_t seed) {
+  int failures = 0;
+  Rng rng(seed);
+  for (int i = 0; i < count; ++i) {
+    std::vector<std::unique_ptr<Buffer>> owner;
+    Case c;  // for the tolerance and the description
+    c.dtype = std::vector<DType>{DType::bfloat16, DType::float16, DType::float32}[std::size_t(i % 3)];
+    c.H = uniform(rng, 1, 4);
+    c.D = g_head_dims[rng() % g_head_dims.size()];
+    std::vector<std::int64_t> divisors;
+    for (std::int64_t d = 1; d <= c.H; ++d)
+      if (c.H % d == 0) divisors.push_back(d);
+    c.Hkv = divisors[rng() % divisors.size()];
+    const std::int64_t B = uniform(rng, 1, 4);
+    std::vector<std::int32_t> cu{0};
+    for (std::int64_t b = 0; b < B; ++b) {
+      const int kind = int(rng() % 6);
+      cu.push_back(cu.back() + std::int32_t(kind == 0 ? 0 : kind == 1 ? 1 : uniform(rng, 2, 300)));
+    }
+    if (cu.back() == 0) cu.back() = 1;
+    std::int64_t longest = 0;
+    for (std::int64_t b = 0; b < B; ++b) longest = std::max<std::int64_t>(longest, cu[std::size_t(b + 1)] - cu[std::size_t(b)]);
+    const std::int64_t T = cu.back(), max_seqlen = longest + uniform(rng, 0, 5);
+    c.B = B, c.N = max_seqlen;
+    const auto G = std::size_t(uniform(rng, 1, 3));
+    c.w.assign(G, 1);
+    c.r.assign(G, 1);
+    for (std::size_t g = 0; g < G; ++g) {
+      c.w[g] = uniform(rng, 1, 256);
+      c.r[g] = uniform(rng, 1, std::min<std::int64_t>(c.w[g], 4));
+    }
+    c.mode = chance(rng, 0.5) ? dattn::Mode::grouped : dattn::Mode::longnet;
+    c.causal = chance(rng, 0.5);
+    if (chance(rng, 0.25)) c.dropout_p = 0.2, c.dropout_seed = rng();
+    dattn::DilatedConfig config;
+    config.segment_lengths = c.w;
+    config.dilation_rates = c.r;
+    config.mode = c.mode;
+    config.causal = c.causal;
+    config.dropout_p = c.dropout_p;
+    config.dropout_seed = c.dropout_seed;
+
+    const std::int64_t align = 16 / std::int64_t(dattn::dtype_size(c.dtype));
+    const std::vector<std::int64_t> thd{T, c.H, c.D}, tkd{T, c.Hkv, c.D};
+    std::vector<View> t;  // q, k, v, out, dout, dq, dk, dv
+    for (int j = 0; j < 8; ++j)
+      t.push_back(make_buffer(owner, j == 1 || j == 2 || j == 6 || j == 7 ? tkd : thd, c.dtype, false, true, align, rng));
+    for (int j : {0, 1, 2, 4}) fill_normal(t[std::size_t(j)], rng);
+    const View lse = make_buffer(owner, {c.H, T}, DType::float32, false, false, 1, rng);
+    owner.push_back(std::make_unique<Buffer>(DType::int32, B + 1));
+    Buffer& offsets = *owner.back();
+    std::memcpy(offsets.host.data(), cu.data(), cu.size() * sizeof(std::int32_t));
+    for (auto& b : owner) b->upload(nullptr);
+    const View cu_view{&offsets, 0, {B + 1}, {1}};
+    const dattn::PackedSequences packed{cu_view.device_view(), max_seqlen};
+    const auto device = [&](int j) { return t[std::size_t(j)].device_view(); };
+    std::string error;
+    try {
+      dattn::forward_varlen(config, packed, device(0), device(1), device(2), device(3), lse.device_view());
+      dattn::backward_varlen(config, packed, device(0), device(1), device(2), device(3), lse.device_view(), device(4),
+                             device(5), device(6), device(7));
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    for (auto& b : owner) b->download(nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+
+    std::ostringstream problems;
+    if (!error.empty()) problems << "error: " << error;
+    if (error.empty()) {
+      std::vector<dattn::Tensor> ref;
+      for (int j = 0; j < 8; ++j) ref.push_back(to_f64(t[std::size_t(j)]));
+      dattn::Tensor lse64 = dattn::Tensor::empty({c.H, T}, DType::float32);
+      dattn::Tensor cu_host = dattn::Tensor::empty({B + 1}, DType::int32);
+      std::memcpy(cu_host.data<std::int32_t>(), cu.data(), cu.size() * sizeof(std::int32_t));
+      const dattn::PackedSequences packed_host{cu_host.view(), max_seqlen};
+      dattn::LaunchOptions reference;
+      reference.backend = dattn::Backend::reference;
+      dattn::forward_varlen(config, packed_host, ref[0], ref[1], ref[2], ref[3], lse64, reference);
+      dattn::backward_varlen(config, packed_host, ref[0], ref[1], ref[2], ref[3], lse64, ref[4], ref[5], ref[6], ref[7],
+                             reference);
+      const Tolerance tol = tolerance(c);
+      const char* names[] = {"", "", "", "out", "", "dq", "dk", "dv"};
+      for (int j : {3, 5, 6, 7}) {
+        const double e = rel_l2(t[std::size_t(j)], ref[std::size_t(j)], tol.rel, j == 5 || j == 6);
+        if (!(e <= tol.rel)) problems << names[j] << " relative L2 error " << e << " > " << tol.rel << "; ";
+      }
+      dattn::Tensor lse_ref = dattn::Tensor::empty({c.H, T}, DType::float64);
+      for (std::int64_t k = 0; k < lse64.numel(); ++k) lse_ref.data<double>()[k] = lse64.data<float>()[k];
+      double worst = 0;
+      if (std::string m = lse_problem(lse, lse_ref, tol.lse, worst); !m.empty()) problems << m << "; ";
+    }
+    std::ostringstream lengths;
+    for (std::int64_t b = 0; b < B; ++b) lengths << (b ? "," : "") << cu[std::size_t(b + 1)] - cu[std::size_t(b)];
+    const bool ok = problems.str().empty();
+    std::printf("%s packed batch lengths=[%s] max_seqlen=%lld %s\n%s", ok ? "ok  " : "FAIL", lengths.str().c_str(),
+                static_cast<long long>(max_seqlen), describe(c).c_str(),
+                ok ? "" : ("     " + problems.str() + "\n").c_str());
+    failures += !ok;
+  }
+  return failures;
+}
+
 // Whether some branch of head `head` selects position `n` (SPEC.md's dilated selection, whole
 // sequence, no index map): where the NaN check places its NaN on purpose.
 bool selects(const dattn::DilatedConfig& config, std::int64_t H, std::int64_t head, std::int64_t n) {
@@ -983,6 +1089,7 @@ int main(int argc, char** argv) {
     std::printf("kernel generations forward/backward %s: %d cases\n", kernels.c_str(), count);
   failed += check_refusals();
   failed += check_nan_propagation();
+  if (!fixed_only) failed += check_packed_batches(random_only ? 4 : 24, seed + 7);
   std::printf("%d passed, %d failed\n", passed.load(), failed.load());
   return failed == 0 ? 0 : 1;
 }

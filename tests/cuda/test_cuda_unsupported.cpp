@@ -1,6 +1,6 @@
 // What the CUDA kernels do not compute yet is refused by name, before anything is written:
-// grouped-query heads (k, v with fewer heads than q) in ring steps, packed batches (cu_seqlens) and
-// decoding with a cache (cache_seqlens). A plain program (no GoogleTest on the GPU machine): exit 0 when every
+// grouped-query heads (k, v with fewer heads than q) in ring steps, packed batches (cu_seqlens) of
+// block-sparse attention and decoding with a cache (cache_seqlens). A plain program (no GoogleTest on the GPU machine): exit 0 when every
 // call raised the expected dattn::Error, 1 otherwise, 77 without a CUDA device.
 #include <cuda_runtime.h>
 
@@ -88,7 +88,6 @@ int main() {
   const dattn::PackedSequences packed{offsets.view(DType::int32, {3}), 64};
   const auto qp = q.view(DType::bfloat16, {B * N, H, D}), op = out.view(DType::bfloat16, {B * N, H, D});
   const auto lp = lse.view(DType::float32, {H, B * N});
-  expect_refusal("forward_varlen", "cu_seqlens", [&] { dattn::forward_varlen(config, packed, qp, qp, qp, op, lp); });
   dattn::SparsePattern pattern;
   pattern.window = 32;
   expect_refusal("block_sparse_forward_varlen", "cu_seqlens",
