@@ -326,7 +326,7 @@ void check_supported(const DilatedParams& p) {
                 "ring_forward_step (which merges the step into float32 out and lse) or cpu tensors");
   if (p.kv_heads != p.heads && ring_step)
     throw Error("k and v have " + std::to_string(p.kv_heads) + " heads and q has " + std::to_string(p.heads) +
-                ": grouped-query heads are not yet supported in ring steps on CUDA; expected k, v with H = " +
+                ": grouped-query heads in ring steps are not yet supported on CUDA; expected k, v with H = " +
                 std::to_string(p.heads) + " heads or cpu tensors");
   if (p.cu_seqlens != nullptr && p.block_size > 0)
     throw Error("cu_seqlens: packed variable-length batches of block-sparse attention are not yet supported on "

@@ -252,9 +252,10 @@ __device__ __forceinline__ OtherTiles<kRows, kWalk == Walk::sparse> other_tiles(
 }
 
 // The head of operand x that query head `head` reads or writes (grouped-query heads: k, v, dk, dv
-// have one head per head_group query heads).
+// have one head per head_group query heads). 32-bit division: head counts fit in int (a launch's blocks do), and
+// a 64-bit one is a call whose registers made the sm90 backward spill twice as much.
 __device__ __forceinline__ std::int64_t operand_head(const detail::Operand& x, std::int64_t head) {
-  return x.head_group == 1 ? head : head / x.head_group;
+  return x.head_group == 1 ? head : std::int64_t(std::uint32_t(head) / std::uint32_t(x.head_group));
 }
 
 template <class T>
