@@ -9,7 +9,9 @@
 // Prints a markdown table (stdout) and writes --json FILE.
 //
 // Usage: dattn-bench-gpu [--configs seed,long256k] [--dtypes bf16,fp16,fp32,tf32] [--repeats N]
-//                        [--warmup N] [--json FILE] [--cuda-kernels auto,sm80,sm90]
+//                        [--warmup N] [--json FILE] [--cuda-kernels auto,sm80,sm90] [--no-workspace]
+// --no-workspace: the backward gets no delta workspace (a C++ caller's default; the kernels then
+// compute delta themselves) instead of the one the Python package passes.
 // --cuda-kernels times each listed kernel generation (LaunchOptions::cuda_kernels); the
 // implementation column names the generations that ran (forward/backward).
 #include <cuda_bf16.h>
@@ -233,7 +235,7 @@ dattn::CudaKernels kernels_by_name(const std::string& n) {
   throw std::invalid_argument("unknown kernel generation " + n + "; expected auto, sm80 or sm90");
 }
 
-Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int warmup, int repeats) {
+Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, bool workspace, int warmup, int repeats) {
   Row row;
   row.config = c.name;
   row.dtype = dt.label;
@@ -274,9 +276,11 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int 
   options.stream = stream;
   options.cuda_kernels = kernels_by_name(kernels);
   dattn::LaunchOptions backward_options = options;
-  backward_options.workspace = x.workspace;
-  backward_options.workspace_bytes = lse_bytes;
-  row.impl = "dattn CUDA";
+  if (workspace) {
+    backward_options.workspace = x.workspace;
+    backward_options.workspace_bytes = lse_bytes;
+  }
+  row.impl = workspace ? "dattn CUDA" : "dattn CUDA (no workspace)";
   for (const dattn::LaunchOptions* o : {&options, &backward_options})
     row.impl += std::string(o == &options ? " " : "/") +
                 (dattn::cuda_kernel_generation(view(x.q[0]), o != &options, *o) == dattn::CudaKernels::sm90 ? "sm90" : "sm80");
@@ -360,6 +364,7 @@ int main(int argc, char** argv) try {
   std::vector<std::string> configs{"seed", "long256k"}, dtypes{"bf16", "fp16", "fp32", "tf32"}, kernels{"auto"};
   int warmup = 5, repeats = 20;
   std::string json_path;
+  bool workspace = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -372,6 +377,7 @@ int main(int argc, char** argv) try {
     else if (a == "--repeats") repeats = std::atoi(next().c_str());
     else if (a == "--json") json_path = next();
     else if (a == "--cuda-kernels") kernels = split(next());
+    else if (a == "--no-workspace") workspace = false;
     else throw std::invalid_argument("unknown argument " + a);
   }
   cudaDeviceProp prop{};
@@ -384,7 +390,7 @@ int main(int argc, char** argv) try {
         const Config c = config_by_name(cn);
         const DtypeChoice dt = dtype_by_name(dn);
         std::fprintf(stderr, "dattn %s %s (%s kernels) ...\n", cn.c_str(), dt.label.c_str(), kn.c_str());
-        rows.push_back(run(c, dt, kn, warmup, cn == "seed" ? std::max(repeats, 50) : repeats));
+        rows.push_back(run(c, dt, kn, workspace, warmup, cn == "seed" ? std::max(repeats, 50) : repeats));
       }
   std::printf("| implementation | config | dtype | fwd ms [min-max] | fwd TFLOP/s | fwd+bwd ms [min-max] | fwd+bwd TFLOP/s | peak MB | error out / lse / grads |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
