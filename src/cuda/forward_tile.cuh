@@ -33,6 +33,25 @@ __device__ __forceinline__ void zero_unselected(const detail::DilatedParams& p, 
   }
 }
 
+// The max and the sum of a thread's BN/4 scores of row r (of 2) in a tile, in four independent
+// chains: one running max or sum is a chain of BN/4 dependent instructions that the warp waits
+// out one by one (a full tree would hold more registers than the consumers have to spare).
+template <int BN>
+__device__ __forceinline__ float row_max_of(const float (&s)[BN / 8][4], int r) {
+  static_assert(BN % 32 == 0, "four chains of whole column blocks");
+  float m[4] = {neg_inf(), neg_inf(), neg_inf(), neg_inf()};
+#pragma unroll
+  for (int n = 0; n < BN / 8; ++n) m[n % 4] = fmaxf(m[n % 4], fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+  return fmaxf(fmaxf(m[0], m[1]), fmaxf(m[2], m[3]));
+}
+template <int BN>
+__device__ __forceinline__ float row_sum_of(const float (&s)[BN / 8][4], int r) {
+  float m[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int n = 0; n < BN / 8; ++n) m[n % 4] += s[n][2 * r] + s[n][2 * r + 1];
+  return (m[0] + m[1]) + (m[2] + m[3]);
+}
+
 // One tile of BN keys starting at side index k0 against the warp's rows (the first of them is
 // warp_row0): scale the scores into the log2 domain, mask them (the key bias: padding and columns
 // past the group; causality), update the online softmax (row_max, row_sum, and the factor each row's
@@ -77,23 +96,19 @@ __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float mx = neg_inf();
-#pragma unroll
-    for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+    float mx = row_max_of<BN>(s, r);
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float new_max = fmaxf(row_max[r], mx * factor);
     const float base = new_max == neg_inf() ? 0.0f : new_max;
     correction[r] = fast_exp2(row_max[r] - base);
     row_max[r] = new_max;
-    float sum = 0.0f;
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n) {
       s[n][2 * r] = fast_exp2(fmaf(s[n][2 * r], factor, -base));
       s[n][2 * r + 1] = fast_exp2(fmaf(s[n][2 * r + 1], factor, -base));
-      sum += s[n][2 * r] + s[n][2 * r + 1];
     }
-    row_sum[r] = row_sum[r] * correction[r] + sum;
+    row_sum[r] = row_sum[r] * correction[r] + row_sum_of<BN>(s, r);
   }
   if (p.dropout_p > 0.0f) {
 #pragma unroll
@@ -109,9 +124,11 @@ __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const
   }
 }
 
-// acc (a warp's rows of the output accumulator) times the rows' softmax corrections.
+// acc (a warp's rows of the output accumulator) times the rows' softmax corrections; skipped (a
+// warp-uniform branch) when no row of the warp changed its max, as in most tiles after the first.
 template <int D>
 __device__ __forceinline__ void rescale_rows(float (&acc)[D / 8][4], const float (&correction)[2]) {
+  if (!__any_sync(0xffffffffu, correction[0] != 1.0f || correction[1] != 1.0f)) return;
 #pragma unroll
   for (int n = 0; n < D / 8; ++n)
 #pragma unroll

@@ -427,6 +427,30 @@ __device__ __forceinline__ void load_row_pair(std::uint16_t* smem_a, std::uint16
     const T* base_b = static_cast<const T*>(b.data) + w.batch * b.batch_stride + operand_head(b, w.head) * b.head_stride;
     const std::uint32_t to_a = smem_address(smem_a), to_b = smem_address(smem_b);
     const int first = int(j0);
+    if constexpr (kThreads % kChunks == 0 && kRows % (kThreads / kChunks) == 0) {
+      if (w.index == nullptr) {
+        // Rows in arithmetic progression (no index map): a thread keeps its 16-byte column and
+        // steps its two source pointers by kRowStep rows, one add each per copy instead of the row
+        // arithmetic (the producer's instructions are issue slots the consumers lack).
+        constexpr int kRowStep = kThreads / kChunks;
+        const int row0 = threadIdx.x / kChunks, col = threadIdx.x % kChunks * 8;
+        const std::int64_t r0 = w.row32(side, first + row0), step = std::int64_t(kRowStep) * w.stride;
+        const T* src_a = base_a + r0 * a.row_stride + col;
+        const T* src_b = base_b + r0 * b.row_stride + col;
+        const std::int64_t step_a = step * a.row_stride, step_b = step * b.row_stride;
+#pragma unroll
+        for (int i = 0; i < kRows / kRowStep; ++i) {
+          const int row = row0 + i * kRowStep;
+          const bool ok = row < valid;
+          const std::uint32_t at = tile_offset<kLayout, kRows, D>(row, col / 8);
+          cp_async_16(to_a + at, ok ? src_a : base_a, ok);
+          cp_async_16(to_b + at, ok ? src_b : base_b, ok);
+          src_a += step_a;
+          src_b += step_b;
+        }
+        return;
+      }
+    }
 #pragma unroll
     for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
       const int row = c / kChunks, col = (c % kChunks) * 8;

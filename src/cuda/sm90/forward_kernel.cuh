@@ -129,6 +129,9 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
 }
 
 // Warpgroups 1 and 2: the online softmax over the key tiles of the stages, then the epilogue.
+// The two take turns at the tensor cores (named barriers 1 and 2, warpgroup 1 first): each issues
+// its products when the other has issued its own, so that one's softmax runs while the other's
+// products do, instead of both waiting for the same stage and then computing side by side.
 template <class T, int D, Walk kWalk, class Tiles>
 __device__ __forceinline__ void consume(const detail::DilatedParams& p, const BlockWork& w,
                                         const Tiles& tiles, int num_tiles, const Stages<D>& st) {
@@ -142,38 +145,54 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
                                  causal_by_position ? w.position32(w.query, int(qi[1])) : 0};
   const float scale_log2 = p.scale * kLog2e;
   const std::uint32_t q_tile = smem_address(st.q) + warpgroup * 64 * 128;
+  const int my_turn = 1 + warpgroup, other_turn = 2 - warpgroup;  // named barrier ids
 
   float acc[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
   float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.0f, 0.0f};
   std::uint32_t probabilities[BN / 16][4];  // the previous tile's P, waiting for its P·V
-  for (int it = 0; it < num_tiles; ++it) {
-    const int stage = it % kStages;
+  // Tile `it`: wait for its stage, take the turn, issue S = Q·Kᵀ (and the previous tile's P·V, which
+  // runs on while this tile's softmax does), hand the turn over, wait for S. Tile 0 is peeled off
+  // the loop so that every wgmma group of the loop is unconditional (ptxas serialises wgmmas whose
+  // groups it cannot follow through a branch).
+  auto scores = [&](int it, float (&s)[BN / 8][4], bool with_pv) {
+    const int stage = it % kStages, previous = (it + kStages - 1) % kStages;
     barrier_wait(st.full + stage, (it / kStages) & 1);
     barrier_wait(st.keys + stage, (it / kStages) & 1);
     fence_async_shared();
-    float s[BN / 8][4];
+    named_barrier_sync(my_turn, 256);
     fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
     wgmma_fence();
     issue_scores<T, D, BM, BN>(s, q_tile, smem_address(st.k + stage * Shape::kKvBytes));
     wgmma_commit();
-    const int previous = (it + kStages - 1) % kStages;
-    if (it > 0) issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + previous * Shape::kKvBytes));
+    if (with_pv) issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + previous * Shape::kKvBytes));
     wgmma_commit();
-    wgmma_wait<1>();  // the scores; the previous tile's P·V may still run
+    // The other's turn; warpgroup 2's last would have no sync to meet (warpgroup 1 has finished).
+    if (warpgroup == 0 || it + 1 < num_tiles) named_barrier_arrive(other_turn, 256);
+    wgmma_wait<1>();
     fence_registers(reinterpret_cast<Flat<BN / 2>&>(s));
-    // The softmax of this tile while the previous P·V runs; acc is rescaled once that is done.
     float correction[2];
     const bool masked_columns = tiles.valid(it) < BN || p.key_padding_mask != nullptr;
     score_tile<BN, kWalk>(p, w, s, correction, row_max, row_sum, tiles.start(it), warp_row0, qi, query_position,
                           st.bias + stage * BN, st.key_position + stage * BN, scale_log2, masked_columns);
     wgmma_wait<0>();
     fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
-    if (it > kStages) barrier_wait(st.empty + previous, ((it - 1) / kStages + 1) & 1);  // the last arrival's phase
-    if (it > 0) barrier_arrive(st.empty + previous);
-    rescale_rows<D>(acc, correction);
+    if (with_pv) {
+      if (it > kStages) barrier_wait(st.empty + previous, ((it - 1) / kStages + 1) & 1);  // the last arrival's phase
+      barrier_arrive(st.empty + previous);
+      rescale_rows<D>(acc, correction);
+    }
     pack_probabilities<T, BN>(s, probabilities);
+  };
+  if (num_tiles > 0) {
+    if (warpgroup == 1) named_barrier_arrive(1, 256);  // warpgroup 1's first turn
+    float s[BN / 8][4];
+    scores(0, s, false);
+  }
+  for (int it = 1; it < num_tiles; ++it) {
+    float s[BN / 8][4];
+    scores(it, s, true);
   }
   for (int it = num_tiles - 1 > kStages ? num_tiles - 1 - kStages : 0; it < num_tiles - 1; ++it)
     barrier_wait(st.empty + it % kStages, (it / kStages) & 1);  // the last arrivals' phases

@@ -42,6 +42,15 @@ __device__ __forceinline__ void barrier_wait(std::uint64_t* barrier, int parity)
 // async-proxy reads (wgmma's operand fetches).
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// Named barriers (ids 1-15; 0 is __syncthreads'): a phase completes when `threads` threads have
+// arrived, those that sync waiting for it and those that only arrive going on.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Register reallocation between warpgroups (the kernel starts with a register cap: launch bounds
 // with one block per SM).
 template <int kRegisters>

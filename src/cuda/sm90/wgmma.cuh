@@ -17,12 +17,11 @@ namespace dattn::cuda::sm90 {
 // the distance between 64-column blocks.
 __device__ __forceinline__ std::uint64_t descriptor(std::uint32_t smem_address, std::uint32_t leading_bytes,
                                                     std::uint32_t stride_bytes) {
-  std::uint64_t d = 0;
-  d |= std::uint64_t((smem_address >> 4) & 0x3fff);
-  d |= std::uint64_t((leading_bytes >> 4) & 0x3fff) << 16;
-  d |= std::uint64_t((stride_bytes >> 4) & 0x3fff) << 32;
-  d |= std::uint64_t(1) << 62;
-  return d;
+  // Fields of 14 bits in units of 16 bytes. Shared memory ends below 256 KB, so address / 16 needs
+  // no mask: two instructions per descriptor in the consumers' loops, the rest is constant.
+  const std::uint32_t lo = (smem_address >> 4) | (((leading_bytes >> 4) & 0x3fff) << 16);
+  const std::uint32_t hi = ((stride_bytes >> 4) & 0x3fff) | (1u << 30);
+  return (std::uint64_t(hi) << 32) | lo;
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
