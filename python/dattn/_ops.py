@@ -10,14 +10,17 @@ Two autograd paths run the same C++ calls:
 - on torch >= 2.4 also custom operators (``torch.ops.dattn.*``, via ``torch.library.custom_op``)
   with fake implementations and registered autograd, taken while torch.compile/export traces the
   call or for tensor subclasses (fake, functional), so a compiled graph keeps dattn as one node.
+An eager call with no gradient to record (no_grad, or no input requiring grad) takes neither and
+calls the C++ core directly (see _needs_function).
 """
 
 import math
 import operator
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NoReturn, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from dattn import _C
@@ -48,37 +51,42 @@ MODES = ("grouped", "longnet")
 
 def check_config(segment_lengths, dilation_rates) -> Tuple[List[int], List[int]]:
     """Returns the two lists as lists of ints; raises TypeError/ValueError on a bad config."""
-    lists = []
-    for name, values in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
-        if type(values) in (list, tuple) and all(type(x) is int for x in values):  # the common case, fast
-            lists.append(list(values))
-            continue
-        if isinstance(values, Tensor):
-            values = values.tolist()
-        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-            raise TypeError(f"{name} is {type(values).__name__}; expected a sequence of ints")
-        out = []
-        for x in values:
-            try:
-                if isinstance(x, bool):
-                    raise TypeError
-                out.append(operator.index(x))
-            except TypeError:
-                raise TypeError(f"{name} holds {x!r} ({type(x).__name__}); expected ints") from None
-        lists.append(out)
-    w, r = lists
+    w = _int_list("segment_lengths", segment_lengths)
+    r = _int_list("dilation_rates", dilation_rates)
     if len(w) == 0:
         raise ValueError("segment_lengths is empty; expected at least one segment length")
     if len(w) != len(r):
         raise ValueError(f"segment_lengths has {len(w)} entries but dilation_rates has {len(r)}; "
                          "expected equal lengths")
     for i, (wi, ri) in enumerate(zip(w, r)):
-        pair = f"(segment_lengths[{i}] = {wi}, dilation_rates[{i}] = {ri})"
-        if wi < 1:
-            raise ValueError(f"segment length must be >= 1 in {pair}")
-        if ri < 1 or ri > wi:
-            raise ValueError(f"dilation rate must be in [1, segment length] in {pair}")
+        if not 1 <= ri <= wi:  # also catches wi < 1; the message is built only for a bad pair
+            _raise_bad_pair(i, wi, ri)
     return w, r
+
+
+def _int_list(name: str, values) -> List[int]:
+    if type(values) in (list, tuple) and all(type(x) is int for x in values):  # the common case, fast
+        return list(values)
+    if isinstance(values, Tensor):
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} is {type(values).__name__}; expected a sequence of ints")
+    out = []
+    for x in values:
+        try:
+            if isinstance(x, bool):
+                raise TypeError
+            out.append(operator.index(x))
+        except TypeError:
+            raise TypeError(f"{name} holds {x!r} ({type(x).__name__}); expected ints") from None
+    return out
+
+
+def _raise_bad_pair(i: int, segment_length: int, dilation_rate: int) -> NoReturn:
+    pair = f"(segment_lengths[{i}] = {segment_length}, dilation_rates[{i}] = {dilation_rate})"
+    if segment_length < 1:
+        raise ValueError(f"segment length must be >= 1 in {pair}")
+    raise ValueError(f"dilation rate must be in [1, segment length] in {pair}")
 
 
 def check_mode(mode) -> str:
@@ -115,6 +123,8 @@ def _check_tensor(name: str, t) -> None:
 def check_attention_inputs(q, k, v) -> None:
     """q: [B, N, H, D]; k, v: [B, N, Hkv, D] with H % Hkv == 0 (grouped-query heads; Hkv = H
     without); one float dtype, one device, stride 1 along D."""
+    if _common_valid_inputs(q, k, v):
+        return
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
     if q.dim() != 4:
@@ -133,6 +143,23 @@ def check_attention_inputs(q, k, v) -> None:
         raise ValueError(f"q has shape {list(q.shape)}; expected every extent >= 1")
     if q.device.type not in ("cpu", "cuda"):
         raise ValueError(f"q is on {q.device}; expected a cpu or cuda tensor")
+
+
+def _common_valid_inputs(q, k, v) -> bool:
+    """True when plain tensors q, k, v pass every check of check_attention_inputs, found with few
+    attribute reads (at small shapes the full checks cost about as much as the kernel). False for
+    anything else: the full checks then find what is wrong and name it."""
+    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
+        return False
+    q_shape, kv_shape = q.shape, k.shape
+    if len(q_shape) != 4 or len(kv_shape) != 4 or v.shape != kv_shape:
+        return False
+    B, N, H, D = q_shape
+    kv_heads = kv_shape[2]
+    return (kv_shape[0] == B and kv_shape[1] == N and kv_shape[3] == D and kv_heads >= 1 and H % kv_heads == 0
+            and q.dtype in ATTENTION_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.device == k.device == v.device and (q.is_cpu or q.is_cuda)
+            and (D == 1 or (q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1)) and q.numel() > 0)
 
 
 def check_dtypes_and_devices(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -187,12 +214,12 @@ def draw_dropout_seed() -> int:
 # Calls into C++ on real tensors.
 
 def _view(t: Tensor):
-    device = t.device
-    if device.type == "cuda":
-        device_type, device_index = _C.DEVICE_CUDA, device.index if device.index is not None else 0
-    else:
-        device_type, device_index = _C.DEVICE_CPU, 0
-    return (t.data_ptr(), _DTYPE_CODES[t.dtype], device_type, device_index, tuple(t.shape), tuple(t.stride()))
+    # is_cuda and get_device() instead of t.device, which builds a torch.device object per call.
+    # Any device but CUDA crosses as the CPU (the core refuses what it cannot read). torch.Size is
+    # a tuple, which the binding takes as it is.
+    if t.is_cuda:
+        return (t.data_ptr(), _DTYPE_CODES[t.dtype], _C.DEVICE_CUDA, t.get_device(), t.shape, t.stride())
+    return (t.data_ptr(), _DTYPE_CODES[t.dtype], _C.DEVICE_CPU, 0, t.shape, t.stride())
 
 
 _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
@@ -202,24 +229,23 @@ def _stream(t: Tensor) -> int:
     # CUDA: torch's current stream on the tensor's device (the C++ core makes that device current
     # for the launch). CPU: no stream. The raw handle where torch offers it: a Stream object costs
     # microseconds that show at small shapes.
-    if t.device.type != "cuda":
+    if not t.is_cuda:
         return 0
     if _RAW_STREAM is not None:
-        return _RAW_STREAM(t.device.index if t.device.index is not None else torch.cuda.current_device())
+        return _RAW_STREAM(t.get_device())  # a CUDA tensor always has its device index
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
 def _config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p, seed,
                  use_tf32, stream, position_index=None, position_index_checked=False):
     # position_index_checked: a CUDA index map dattn made itself (a Hilbert order), which the core
-    # then does not re-check (the check copies it to the host and synchronises).
-    return dict(segment_lengths=list(segment_lengths), dilation_rates=list(dilation_rates), mode=mode,
-                causal=bool(is_causal), scale=scale,
-                key_padding_mask=None if key_padding_mask is None else _view(key_padding_mask),
-                dropout_p=float(dropout_p), dropout_seed=int(seed), dropout_offset=0,
-                use_tf32=bool(use_tf32), backend="automatic", stream=stream,
-                position_index=None if position_index is None else _view(position_index),
-                position_index_checked=bool(position_index_checked) and position_index is not None)
+    # then does not re-check (the check copies it to the host and synchronises). The values arrive
+    # converted (lists of ints, bools, a float, an int: attention_forward and hilbert convert them).
+    return dict(segment_lengths=segment_lengths, dilation_rates=dilation_rates, mode=mode, causal=is_causal,
+                scale=scale, key_padding_mask=None if key_padding_mask is None else _view(key_padding_mask),
+                dropout_p=dropout_p, dropout_seed=seed, dropout_offset=0, use_tf32=use_tf32, backend="automatic",
+                stream=stream, position_index=None if position_index is None else _view(position_index),
+                position_index_checked=position_index_checked and position_index is not None)
 
 
 def _forward_impl(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode,
@@ -239,7 +265,7 @@ def _gradient(dout: Optional[Tensor], out: Tensor) -> Tensor:
     if dout is None:
         return torch.zeros_like(out, memory_format=torch.contiguous_format)
     dout = dout.contiguous()
-    if dout.device.type == "cuda" and dout.data_ptr() % 16 != 0:
+    if dout.is_cuda and dout.data_ptr() % 16 != 0:
         dout = dout.clone()  # the GPU kernels load 16 bytes at a time
     return dout
 
@@ -250,7 +276,7 @@ def _backward_views(dout, q, k, v, out, lse, dq, dk, dv, key_padding_mask, segme
     # CUDA: a [B, H, N] float32 workspace for the delta pass (the caching allocator makes it cheap,
     # and it stays valid for the kernels queued on this stream).
     workspace = torch.empty(q.size(0) * q.size(1) * q.size(2), dtype=torch.float32, device=q.device) \
-        if q.device.type == "cuda" else None
+        if q.is_cuda else None
     _C.backward(_view(q), _view(k), _view(v), _view(out), _view(lse), _view(dout), _view(dq), _view(dk), _view(dv),
                 **_config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
                                seed, use_tf32, _stream(q), position_index, position_index_checked),
@@ -289,10 +315,10 @@ def _backward_qkv_impl(dout, qkv, out, lse, key_padding_mask, segment_lengths, d
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd. Eager calls go through torch.autograd.Function (least per-call overhead); on
-# torch >= 2.4 the same computation is also registered as custom operators, which are used
-# whenever torch.compile / export traces the call or the tensors are not plain tensors (fake,
-# functional or other subclasses), so a compiled graph keeps dattn as one node.
+# Autograd. Eager calls that record a gradient go through torch.autograd.Function (least
+# per-call overhead); on torch >= 2.4 the same computation is also registered as custom operators,
+# which are used whenever torch.compile / export traces the call or the tensors are not plain
+# tensors (fake, functional or other subclasses), so a compiled graph keeps dattn as one node.
 
 class _DilatedAttentionFunction(torch.autograd.Function):
     @staticmethod
@@ -413,13 +439,30 @@ if HAS_CUSTOM_OPS:
 
     _op_qkv_forward.register_autograd(_autograd_qkv_forward, setup_context=_setup_qkv_forward)
 
+
+# Looked up once: every eager call asks.
+_IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+
+
 def _compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
+    return bool(_IS_COMPILING()) if _IS_COMPILING is not None else False
 
 
 def _use_custom_ops(t: Tensor) -> bool:
     return HAS_CUSTOM_OPS and (type(t) is not Tensor or _compiling())
+
+
+# A torch that cannot say whether a functorch transform (vmap, grad, jvp) or a forward-mode dual
+# level is active counts as one that has them active: the Function path, as before.
+_FUNCTORCH_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+def _needs_function(inputs_require_grad: bool) -> bool:
+    """Whether an eager call must go through the autograd.Function: a gradient to record, or a
+    forward-mode dual level, functorch transform or torch.compile trace (each refuses or handles the
+    Function its own way). Otherwise apply() adds only its cost (torch 2: microseconds per call)."""
+    return (inputs_require_grad and torch.is_grad_enabled()) or getattr(forward_ad, "_current_level", 0) >= 0 \
+        or _FUNCTORCH_TRANSFORMS_ACTIVE() or _compiling()
 
 
 def attention_forward(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
@@ -430,7 +473,9 @@ def attention_forward(q, k, v, key_padding_mask, segment_lengths, dilation_rates
     if _use_custom_ops(q):
         out, lse = torch.ops.dattn.dilated_attention_forward(*args)
         return out, lse.detach()
-    return _DilatedAttentionFunction.apply(*args)
+    if _needs_function(q.requires_grad or k.requires_grad or v.requires_grad):
+        return _DilatedAttentionFunction.apply(*args)
+    return _forward_impl(*args)
 
 
 def attention_qkvpacked_forward(qkv, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode,
@@ -440,4 +485,6 @@ def attention_qkvpacked_forward(qkv, key_padding_mask, segment_lengths, dilation
     if _use_custom_ops(qkv):
         out, lse = torch.ops.dattn.dilated_attention_qkvpacked_forward(*args)
         return out, lse.detach()
-    return _DilatedAttentionQKVPackedFunction.apply(*args)
+    if _needs_function(qkv.requires_grad):
+        return _DilatedAttentionQKVPackedFunction.apply(*args)
+    return _forward_qkv_impl(*args)
