@@ -152,6 +152,30 @@ TEST(RingTest, GroupedQueryHeads) {
   }
 }
 
+// Under grouped-query heads the ring moves k, v with their Hkv heads: a branch that needs every key
+// of the other ranks sends Hkv / H of what H heads would take.
+TEST(RingTest, GroupedQueryHeadsSendTheirOwnHeads) {
+  const std::int64_t B = 1, N = 64, H = 4, D = 8, P = 4;
+  for (const std::int64_t kv_heads : {4L, 2L, 1L}) {
+    dattn::DilatedConfig config;
+    config.segment_lengths = {64};
+    config.dilation_rates = {1};
+    auto group = dattn::make_in_process_group(int(P));
+    std::vector<dattn::RingStats> stats(P);
+    std::vector<std::thread> threads;
+    for (int rank = 0; rank < P; ++rank)
+      threads.emplace_back([&, rank] {
+        Tensor q = Tensor::zeros({B, N / P, H, D}, DType::float32), out = Tensor::empty({B, N / P, H, D}, DType::float32);
+        Tensor kv = Tensor::zeros({B, N / P, kv_heads, D}, DType::float32), lse = Tensor::empty({B, H, N / P}, DType::float32);
+        dattn::ring_forward(*group[std::size_t(rank)], config, Layout::contiguous, N, q, kv, kv, out, lse,
+                            &stats[std::size_t(rank)]);
+      });
+    for (auto& t : threads) t.join();
+    for (const auto& s : stats)  // to each of the 3 other ranks: its 16 rows, k and v, Hkv heads
+      EXPECT_EQ(s.bytes_sent, 3 * 16 * kv_heads * 2 * D * std::int64_t(sizeof(float))) << "Hkv=" << kv_heads;
+  }
+}
+
 // The definition, pair by pair: key (p, head) of source is needed when some branch selects p and a
 // query x of dest for that head in one segment (causal: x >= p).
 std::vector<std::int64_t> needed_by_definition(const dattn::DilatedConfig& c, Layout layout, std::int64_t N, int P,

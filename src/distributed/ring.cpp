@@ -480,7 +480,9 @@ void cpu_ring_backward(Communicator& comm, const Schedule& schedule, const StepK
 
   // Key sweep: the gradients of the source's keys from this rank's queries go back to the source,
   // packed like its keys came; this rank's own key gradients arrive from each dest one step later.
-  Tensor own_dkv = Tensor::zeros({2, B, n, H, D}, DType::float32), partial = Tensor::empty({2, B, n, H, D}, DType::float32);
+  const std::int64_t kv_heads = own.k.shape[2];  // Hkv under grouped-query heads
+  Tensor own_dkv = Tensor::zeros({2, B, n, kv_heads, D}, DType::float32);
+  Tensor partial = Tensor::empty({2, B, n, kv_heads, D}, DType::float32);
   const std::vector<TensorView> own_grads{own_dkv.view().select(0, 0), own_dkv.view().select(0, 1)};
   const std::vector<TensorView> partial_grads{partial.view().select(0, 0), partial.view().select(0, 1)};
   std::vector<std::byte> send_buffer[2], receive_buffer[2];
@@ -539,39 +541,32 @@ void cpu_ring_backward(Communicator& comm, const Schedule& schedule, const StepK
 }
 
 
-// Grouped-query heads in the ring: k and v repeated to q's H heads (query head h reads head
-// h / (H / Hkv)), so the schedule and the transfers see one key head per query head (the ring
-// moves H heads of keys, not Hkv); the repeats' gradients are summed back into dk, dv.
-struct RepeatedHeads {
-  Tensor k, v;
-  std::int64_t group = 1;
-
-  RepeatedHeads(const TensorView& q, const Keys& keys) {
-    if (keys.k.rank != 4 || keys.v.rank != 4 || keys.k.shape[2] == q.shape[2]) return;
-    const std::int64_t kv_heads = detail::check_kv_heads(q, keys.k);
-    if (q.device.type != DeviceType::cpu)
-      throw Error("k has " + std::to_string(kv_heads) + " heads and q has " + std::to_string(q.shape[2]) +
-                  ": grouped-query heads in the ring are not yet supported on CUDA; expected cpu tensors or k, v with "
-                  "H heads");
-    group = q.shape[2] / kv_heads;
-    k = repeat(keys.k), v = repeat(keys.v);
-  }
-  bool active() const { return group > 1; }
-  Tensor repeat(const TensorView& x) const {
-    Tensor full = Tensor::empty({x.shape[0], x.shape[1], x.shape[2] * group, x.shape[3]}, x.dtype);
-    for (std::int64_t h = 0; h < full.view().shape[2]; ++h) copy(x.select(2, h / group), full.view().select(2, h));
-    return full;
-  }
-  // x[:, :, g] = Σ over the repeats of g of full[:, :, h], in x's dtype.
-  void sum_into(const Tensor& full, const TensorView& x) const {
-    Tensor total = Tensor::zeros({x.shape[0], x.shape[1], x.shape[2], x.shape[3]}, DType::float32);
-    for (std::int64_t h = 0; h < full.view().shape[2]; ++h) {
-      const TensorView from = full.view().select(2, h), to = total.view().select(2, h / group);
-      for_each_pair(from, to, [&](std::int64_t a, std::int64_t b) { to.ptr<float>()[b] += detail::load_float(from, a); });
+// Grouped-query heads in the ring: k and v travel with their Hkv heads. A (row, key/value head)
+// entry goes where any query head of its group needs (row, query head), so the ring moves
+// Hkv / H of the keys it would move repeated; the step kernels read query head h's keys at head
+// h / (H / Hkv) and sum the group's key gradients. CPU tensors (the CUDA ring steps refuse Hkv < H).
+Schedule for_kv_heads(const Schedule& schedule, const TensorView& q, const Keys& keys) {
+  const std::int64_t kv_heads = detail::check_kv_heads(q, keys.k), H = schedule.H, group = H / kv_heads;
+  if (q.device.type != DeviceType::cpu)
+    throw Error("k has " + std::to_string(kv_heads) + " heads and q has " + std::to_string(H) +
+                ": grouped-query heads in the ring are not yet supported on CUDA; expected cpu tensors or k, v with "
+                "H heads");
+  Schedule kv = schedule;
+  kv.H = kv_heads;
+  kv.entries = [query_entries = schedule.entries, H, group, kv_heads](int source, int dest) {
+    Entries entries;  // ascending like the query heads' (h / group grows with h within a row)
+    for (const std::int64_t e : query_entries(source, dest)) {
+      const std::int64_t kv_entry = e / H * kv_heads + e % H / group;
+      if (entries.empty() || entries.back() != kv_entry) entries.push_back(kv_entry);
     }
-    convert(total, x);
-  }
-};
+    return entries;
+  };
+  return kv;
+}
+
+bool grouped_query_heads(const TensorView& q, const Keys& keys) {
+  return keys.k.rank == 4 && q.rank == 4 && keys.k.shape[2] != q.shape[2];
+}
 
 // The engine the tensors' device picks, for either attention kind: `kind` is (config) or
 // (config, block mask), from which each engine's step kernels are made.
@@ -579,9 +574,8 @@ template <class... Kind>
 void ring_forward_on_device(Communicator& comm, const Schedule& schedule, const Keys& keys, const TensorView& q,
                             const TensorView& out, const TensorView& lse, RingStats* stats, void* stream,
                             const Kind&... kind) {
-  if (const RepeatedHeads repeated(q, keys); repeated.active())
-    return ring_forward_on_device(comm, schedule, Keys{repeated.k, repeated.v, keys.mask}, q, out, lse, stats, stream,
-                                  kind...);
+  if (grouped_query_heads(q, keys) && schedule.H == q.shape[2])
+    return ring_forward_on_device(comm, for_kv_heads(schedule, q, keys), keys, q, out, lse, stats, stream, kind...);
 #ifdef DATTN_WITH_CUDA
   if (on_cuda(q, stream)) {
     RingStats local;
@@ -600,15 +594,10 @@ void ring_backward_on_device(Communicator& comm, const Schedule& schedule, const
                              const TensorView& out, const TensorView& lse, const TensorView& dout, const TensorView& dq,
                              const TensorView& dk, const TensorView& dv, RingStats* stats, void* stream,
                              const Kind&... kind) {
-  if (const RepeatedHeads repeated(q, keys); repeated.active()) {
+  if (grouped_query_heads(q, keys) && schedule.H == q.shape[2]) {
     detail::check_gradients(q, keys.k, dout, dq, dk, dv);
-    const Tensor dk_full = Tensor::empty({q.shape[0], q.shape[1], q.shape[2], q.shape[3]}, dk.dtype);
-    const Tensor dv_full = Tensor::empty({q.shape[0], q.shape[1], q.shape[2], q.shape[3]}, dv.dtype);
-    ring_backward_on_device(comm, schedule, Keys{repeated.k, repeated.v, keys.mask}, q, out, lse, dout, dq, dk_full,
-                            dv_full, stats, stream, kind...);
-    repeated.sum_into(dk_full, dk);
-    repeated.sum_into(dv_full, dv);
-    return;
+    return ring_backward_on_device(comm, for_kv_heads(schedule, q, keys), keys, q, out, lse, dout, dq, dk, dv, stats,
+                                   stream, kind...);
   }
 #ifdef DATTN_WITH_CUDA
   if (on_cuda(q, stream)) {
