@@ -130,12 +130,21 @@ class _BlockSparseSteps:
 
 class _Schedule:
     """What travels at each step t (to rank + t, from rank − t): the entries of the sender's keys
-    (local_row·H + head) that the receiver's queries need, as the attention kind (ctx.kind) says."""
+    (local_row·Hkv + key head) that the receiver's queries need, as the attention kind (ctx.kind)
+    says for the H query heads: under grouped-query heads a key head's row travels where any query
+    head of its group needs it."""
 
-    def __init__(self, ctx, H, device):
+    def __init__(self, ctx, H, kv_heads, device):
         self.group, self.P, self.rank = ctx.group, dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        self._entries = lambda source, dest: ctx.kind.entries(ctx.layout, ctx.N, self.P, H, source, dest).to(
-            device, non_blocking=True)
+        group = H // kv_heads
+
+        def entries(source, dest):
+            e = ctx.kind.entries(ctx.layout, ctx.N, self.P, H, source, dest)
+            if group > 1:  # ascending in (row, query head), so the key heads' entries come in order
+                e = torch.unique_consecutive(e // H * kv_heads + e % H // group)
+            return e.to(device, non_blocking=True)
+
+        self._entries = entries
         self._cache = {}
 
     def entries(self, t):
@@ -223,7 +232,7 @@ class _RingFunction(torch.autograd.Function):
                               _mask_view(step_mask), stream)
 
         chunks = _query_chunks(N, P, rank, layout)
-        for t, kv, block_mask in _Schedule(ctx, H, q.device).steps(*_own_keys(k, v, key_padding_mask)):
+        for t, kv, block_mask in _Schedule(ctx, H, k.size(2), q.device).steps(*_own_keys(k, v, key_padding_mask)):
             if kv is not None:
                 _each_pair(ctx, (rank - t) % P, chunks, kv, block_mask if key_padding_mask is not None else None,
                            forward_step)
@@ -242,8 +251,8 @@ class _RingFunction(torch.autograd.Function):
         chunks = [(q0, q1, at, lse[:, :, at:at + q1 - q0].contiguous(), delta[:, :, at:at + q1 - q0].contiguous())
                   for q0, q1, at in _query_chunks(N, P, rank, ctx.layout)]
         dq = torch.zeros(B, n, H, D, device=q.device)
-        dkv = torch.zeros(2, B, n, H, D, device=q.device)
-        partial = torch.zeros(2, B, n, H, D, device=q.device)
+        dkv = torch.zeros(2, B, n, k.size(2), D, device=q.device)  # Hkv heads under grouped-query heads
+        partial = torch.zeros_like(dkv)
 
         def gradient_step(chunk, kv, key_at, k0, k1, step_mask):
             q0, q1, at, chunk_lse, chunk_delta = chunk
@@ -254,7 +263,7 @@ class _RingFunction(torch.autograd.Function):
                                     _ops._view(partial[0, :, keys]), _ops._view(partial[1, :, keys]),
                                     _mask_view(step_mask), stream)
 
-        schedule = _Schedule(ctx, H, q.device)
+        schedule = _Schedule(ctx, H, k.size(2), q.device)
         for t, kv, block_mask in schedule.steps(*_own_keys(k, v, key_padding_mask)):
             partial.zero_()
             if kv is not None:
@@ -307,11 +316,12 @@ def _group_seed(group, device) -> int:
 
 
 def _repeat_kv_heads(q, k, v):
-    """Grouped-query heads in the ring: k and v repeated to q's H heads (query head h reads head
-    h // (H / Hkv)), so every step sees one key head per query head; autograd sums the repeats'
-    gradients back into dk, dv. The ring then moves H heads of keys, not Hkv."""
+    """Grouped-query heads in the ring. CPU tensors: k and v travel with their Hkv heads (_Schedule
+    maps the entries) and the step kernels read query head h's keys at head h // (H / Hkv). CUDA
+    tensors (whose ring steps take H key heads): k and v repeated to q's H heads, autograd summing
+    the repeats' gradients back into dk, dv; the ring then moves H heads of keys."""
     group = q.size(2) // k.size(2)
-    if group == 1:
+    if group == 1 or q.device.type == "cpu":
         return k, v
     return k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
 

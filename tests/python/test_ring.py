@@ -4,6 +4,7 @@ single-process dilated attention; shard/unshard round trips."""
 import os
 import socket
 import tempfile
+import types
 
 import pytest
 import torch
@@ -150,6 +151,24 @@ def test_gloo_ring_equals_single_process(world):
                     assert got.norm() <= 1e-5 * module.k_proj.weight.grad.norm(), f"module d{name}"
                     continue
                 assert_close_bar(got, p.grad, torch.float32, f"module dropout={dropout} d{name}")
+
+
+def test_schedule_sends_key_heads_under_grouped_query_heads(monkeypatch):
+    """Under grouped-query heads a key head's row travels once where any query head of its group
+    needs it (CPU tensors: k, v keep their Hkv heads on the ring)."""
+    import dattn.ring as ring
+    monkeypatch.setattr(ring.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(ring.dist, "get_rank", lambda group=None: 0)
+
+    class Kind:  # entries row·H + query head of rows 0-2, H = 4
+        def entries(self, layout, N, P, H, source, dest):
+            return torch.tensor([0, 1, 2, 3, 4, 6, 9, 11])
+
+    ctx = types.SimpleNamespace(group=None, kind=Kind(), layout="contiguous", N=8)
+    outgoing, incoming = ring._Schedule(ctx, 4, 2, torch.device("cpu")).entries(1)
+    assert outgoing.tolist() == incoming.tolist() == [0, 1, 2, 3, 4, 5]  # row·2 + query head // 2
+    outgoing, _ = ring._Schedule(ctx, 4, 4, torch.device("cpu")).entries(1)
+    assert outgoing.tolist() == [0, 1, 2, 3, 4, 6, 9, 11]
 
 
 def test_transfer_entries_only_selected_keys():
