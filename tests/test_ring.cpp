@@ -152,30 +152,6 @@ TEST(RingTest, GroupedQueryHeads) {
   }
 }
 
-// Under grouped-query heads the ring moves k, v with their Hkv heads: a branch that needs every key
-// of the other ranks sends Hkv / H of what H heads would take.
-TEST(RingTest, GroupedQueryHeadsSendTheirOwnHeads) {
-  const std::int64_t B = 1, N = 64, H = 4, D = 8, P = 4;
-  for (const std::int64_t kv_heads : {4L, 2L, 1L}) {
-    dattn::DilatedConfig config;
-    config.segment_lengths = {64};
-    config.dilation_rates = {1};
-    auto group = dattn::make_in_process_group(int(P));
-    std::vector<dattn::RingStats> stats(P);
-    std::vector<std::thread> threads;
-    for (int rank = 0; rank < P; ++rank)
-      threads.emplace_back([&, rank] {
-        Tensor q = Tensor::zeros({B, N / P, H, D}, DType::float32), out = Tensor::empty({B, N / P, H, D}, DType::float32);
-        Tensor kv = Tensor::zeros({B, N / P, kv_heads, D}, DType::float32), lse = Tensor::empty({B, H, N / P}, DType::float32);
-        dattn::ring_forward(*group[std::size_t(rank)], config, Layout::contiguous, N, q, kv, kv, out, lse,
-                            &stats[std::size_t(rank)]);
-      });
-    for (auto& t : threads) t.join();
-    for (const auto& s : stats)  // to each of the 3 other ranks: its 16 rows, k and v, Hkv heads
-      EXPECT_EQ(s.bytes_sent, 3 * 16 * kv_heads * 2 * D * std::int64_t(sizeof(float))) << "Hkv=" << kv_heads;
-  }
-}
-
 // The definition, pair by pair: key (p, head) of source is needed when some branch selects p and a
 // query x of dest for that head in one segment (causal: x >= p).
 std::vector<std::int64_t> needed_by_definition(const dattn::DilatedConfig& c, Layout layout, std::int64_t N, int P,
@@ -302,30 +278,52 @@ TEST(RingTest, TransferEntriesAreExactlyTheNeededKeys) {
   EXPECT_GT(partial, 50);
 }
 
+// Each rank's RingStats of one ring_forward of zeros, N = 64 over P = 4 ranks, H = 4 query heads of
+// D = 8, k, v with kv_heads heads.
+constexpr std::int64_t kBytesN = 64, kBytesH = 4, kBytesD = 8;
+constexpr int kBytesP = 4;
+std::vector<dattn::RingStats> ring_stats(const dattn::DilatedConfig& config, std::int64_t kv_heads) {
+  const std::int64_t B = 1, n = kBytesN / kBytesP;
+  auto group = dattn::make_in_process_group(kBytesP);
+  std::vector<dattn::RingStats> stats(kBytesP);
+  std::vector<std::thread> threads;
+  for (int rank = 0; rank < kBytesP; ++rank)
+    threads.emplace_back([&, rank] {
+      Tensor q = Tensor::zeros({B, n, kBytesH, kBytesD}, DType::float32);
+      Tensor kv = Tensor::zeros({B, n, kv_heads, kBytesD}, DType::float32);
+      Tensor out = Tensor::empty({B, n, kBytesH, kBytesD}, DType::float32), lse = Tensor::empty({B, kBytesH, n}, DType::float32);
+      dattn::ring_forward(*group[std::size_t(rank)], config, Layout::contiguous, kBytesN, q, kv, kv, out, lse,
+                          &stats[std::size_t(rank)]);
+    });
+  for (auto& t : threads) t.join();
+  return stats;
+}
+
 // Only selected keys travel: a branch whose segments fit in a rank sends nothing, and a dilated
 // one sends 1/r of its heads' rows.
 TEST(RingTest, BytesSentAreTheSelectedKeys) {
-  const std::int64_t B = 1, N = 64, H = 4, D = 8, P = 4;
+  const std::int64_t H = kBytesH, D = kBytesD;
   for (const auto& [w, r, expected_entries] : {std::tuple{16L, 1L, 0L}, std::tuple{64L, 1L, 3 * 16 * H},
                                                std::tuple{64L, 4L, 3 * 16 * H / 4}}) {
     dattn::DilatedConfig config;
     config.segment_lengths = {w};
     config.dilation_rates = {r};
-    auto group = dattn::make_in_process_group(int(P));
-    std::vector<dattn::RingStats> stats(P);
-    std::vector<std::thread> threads;
-    for (int rank = 0; rank < P; ++rank)
-      threads.emplace_back([&, rank] {
-        Tensor q = Tensor::zeros({B, N / P, H, D}, DType::float32), out = Tensor::empty({B, N / P, H, D}, DType::float32);
-        Tensor lse = Tensor::empty({B, H, N / P}, DType::float32);
-        dattn::ring_forward(*group[std::size_t(rank)], config, Layout::contiguous, N, q, q, q, out, lse, &stats[std::size_t(rank)]);
-      });
-    for (auto& t : threads) t.join();
-    for (const auto& s : stats) {
+    for (const auto& s : ring_stats(config, H)) {
       EXPECT_EQ(s.bytes_sent, expected_entries * 2 * D * std::int64_t(sizeof(float))) << "w=" << w << " r=" << r;
       EXPECT_EQ(s.bytes_received, s.bytes_sent);
     }
   }
+}
+
+// Under grouped-query heads the ring moves k, v with their Hkv heads: a branch that needs every key
+// of the other ranks sends Hkv / H of what H heads would take.
+TEST(RingTest, GroupedQueryHeadsSendTheirOwnHeads) {
+  dattn::DilatedConfig config;
+  config.segment_lengths = {64};
+  config.dilation_rates = {1};
+  for (const std::int64_t kv_heads : {4L, 2L, 1L})
+    for (const auto& s : ring_stats(config, kv_heads))  // to each of the 3 other ranks: its 16 rows, k and v
+      EXPECT_EQ(s.bytes_sent, 3 * 16 * kv_heads * 2 * kBytesD * std::int64_t(sizeof(float))) << "Hkv=" << kv_heads;
 }
 
 TEST(RingTest, ShardAndUnshardSequences) {

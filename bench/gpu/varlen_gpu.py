@@ -15,6 +15,7 @@ Usage: varlen_gpu.py [--tokens 262144] [--n 65536] [--seed 0] [--repeats 10] [--
                      [--device cuda]   (--device cpu with small --tokens/--n: a smoke run)
 """
 import argparse
+import itertools
 import json
 import random
 import sys
@@ -28,19 +29,8 @@ W, R, H, D = [2048, 4096, 8192, 16384], [1, 2, 4, 8], 12, 64
 
 
 def forward_flops(lengths):
-    """docs/benchmarks.md: per branch and segment 4·H_i·L²·D for the L positions the segment keeps
-    (grouped mode: H_i heads of group i, offset i mod r)."""
-    G = len(W)
-    heads = [H // G + (1 if i < H % G else 0) for i in range(G)]
-    total = 0.0
-    for n in lengths:
-        for i, (w, r) in enumerate(zip(W, R)):
-            o = i % r
-            for start in range(0, n, w):
-                length = min(w, n - start)
-                kept = (length - o + r - 1) // r if o < length else 0
-                total += 4.0 * heads[i] * kept * kept * D
-    return total
+    """docs/benchmarks.md's count, each sequence over its own segments (dattn.forward_flops)."""
+    return sum(dattn.forward_flops(W, R, 1, n, H, D) for n in lengths)
 
 
 def draw_lengths(tokens, n, seed):
@@ -84,7 +74,7 @@ def main():
     dtype = torch.bfloat16
     lengths = draw_lengths(args.tokens, args.n, args.seed)
     T = args.tokens
-    cu = torch.tensor([0] + [sum(lengths[:i + 1]) for i in range(len(lengths))], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
     q, k, v = (torch.randn(T, H, D, device=device, dtype=dtype).requires_grad_() for _ in range(3))
     max_seqlen = max(lengths)
 
