@@ -21,10 +21,16 @@ __device__ __forceinline__ void zero_unselected(const detail::DilatedParams& p, 
   const Side& own = w.own();
   const std::int64_t rows = w.region_end - w.region_begin;
   if (w.stride == 1 && w.region_begin == own.first + w.tile_begin && rows == w.tile_rows) return;
+  // The selection test in 32 bits (CUDA calls hold N <= 2^30 rows): a 64-bit division by the
+  // stride is a call of dozens of instructions per chunk, and a producer writes thousands of chunks.
+  const int stride = int(w.stride), length = int(own.length);
   for (std::int64_t c = threadIdx.x; c < rows * kChunks; c += kThreads) {
     const std::int64_t position = w.region_begin + c / kChunks;
-    const std::int64_t rel = position - own.first;
-    if (rel >= 0 && rel % w.stride == 0 && rel / w.stride < own.length) continue;
+    const int rel = int(position - own.first);
+    if (rel >= 0) {
+      const int j = int(unsigned(rel) / unsigned(stride));
+      if (j * stride == rel && j < length) continue;
+    }
     const int chunk = int(c % kChunks);
     const std::int64_t row = w.original(position) - own.row_offset;  // a packed batch: its sequence's rows
     zero_row_chunk(row_pointer<T>(*a, w.batch, w.head, row), chunk);
