@@ -148,7 +148,10 @@ template <class T, int D, Walk kWalk, class Tiles>
 __device__ __forceinline__ void consume_keys(const detail::DilatedParams& p, bool accumulate, const BlockWork& w,
                                              const Tiles& tiles, int num_tiles, const BackwardStages<D>& st) {
   constexpr int BO = Sm90BackwardShape<D>::kBlockOther;
-  const int warpgroup = threadIdx.x / 128 - 1, warp = threadIdx.x / 32 % 4, g = threadIdx.x % 32 / 4;
+  // The warpgroup as a value the compiler knows is warp-uniform (a shuffle from lane 0): the
+  // descriptors built from it then stay in uniform registers instead of one move per wgmma.
+  const int warpgroup = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0) - 1;
+  const int warp = threadIdx.x / 32 % 4, g = threadIdx.x % 32 / 4;
   const int own_row = warpgroup * 64 + warp * 16 + g;  // of the block's tile
   const std::int64_t kj[2] = {w.tile_begin + own_row, w.tile_begin + own_row + 8};
   const bool causal_by_position = kWalk == Walk::indexed && p.causal;
@@ -204,7 +207,10 @@ template <class T, int D, Walk kWalk, class Tiles>
 __device__ __forceinline__ void consume_queries(const detail::DilatedParams& p, bool accumulate, const BlockWork& w,
                                                 const Tiles& tiles, int num_tiles, const BackwardStages<D>& st) {
   constexpr int BO = Sm90BackwardShape<D>::kBlockOther;
-  const int warpgroup = threadIdx.x / 128 - 1, warp = threadIdx.x / 32 % 4, g = threadIdx.x % 32 / 4;
+  // The warpgroup as a value the compiler knows is warp-uniform (a shuffle from lane 0): the
+  // descriptors built from it then stay in uniform registers instead of one move per wgmma.
+  const int warpgroup = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0) - 1;
+  const int warp = threadIdx.x / 32 % 4, g = threadIdx.x % 32 / 4;
   const int own_row = warpgroup * 64 + warp * 16 + g;
   const std::int64_t qi[2] = {w.tile_begin + own_row, w.tile_begin + own_row + 8};
   const bool causal_by_position = kWalk == Walk::indexed && p.causal;

@@ -137,7 +137,10 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
                                         const Tiles& tiles, int num_tiles, const Stages<D>& st) {
   using Shape = Sm90ForwardShape<D>;
   constexpr int BM = Shape::kBlockM, BN = Shape::kBlockN, kStages = Shape::kStages;
-  const int warpgroup = threadIdx.x / 128 - 1, warp = threadIdx.x / 32 % 4, g = threadIdx.x % 32 / 4;
+  // The warpgroup as a value the compiler knows is warp-uniform (a shuffle from lane 0), as in
+  // the backward.
+  const int warpgroup = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0) - 1;
+  const int warp = threadIdx.x / 32 % 4, g = threadIdx.x % 32 / 4;
   const std::int64_t warp_row0 = w.tile_begin + warpgroup * 64 + warp * 16;
   const std::int64_t qi[2] = {warp_row0 + g, warp_row0 + g + 8};
   const bool causal_by_position = kWalk == Walk::indexed && p.causal;
