@@ -227,7 +227,7 @@ void run_forward(const DilatedParams& p) {
 #ifdef DATTN_WITH_SM90
   if constexpr (S == 1) {
     if (kernel_generation(p, false) == CudaKernels::sm90)
-      return launch_forward_plans(p, Sm90ForwardShape<64>::kBlockM,
+      return launch_forward_plans(p, p.head_dim > 64 ? Sm90ForwardShape<128>::kBlockM : Sm90ForwardShape<64>::kBlockM,
                                   [&](const LaunchPlan& plan) { forward_launch_sm90<T>(p, plan, stream); });
   }
 #endif

@@ -77,15 +77,17 @@ struct BackwardShape {
 };
 
 // The sm90 forward (wgmma, 16-bit types): a producer warpgroup loads tiles into a ring of stages,
-// two consumer warpgroups of 64 query rows each share every key tile.
+// consumer warpgroups of 64 query rows each share every key tile.
 template <int D>
 struct Sm90ForwardShape {
-  static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1);
+  // Three consumers at head dim 64 (each key tile serves 192 query rows), two at 128 (whose
+  // accumulators need the registers).
+  static constexpr int kConsumers = D <= 64 ? 3 : 2, kThreads = 128 * (kConsumers + 1);
   static constexpr int kBlockM = 64 * kConsumers;  // query rows per block
   static constexpr int kBlockN = 128;              // keys per tile
   static constexpr int kStages = D <= 64 ? 4 : 2;
   // setmaxnreg: the producer gives registers to the consumers (65536 per SM, one block).
-  static constexpr int kProducerRegisters = 56, kConsumerRegisters = 224;
+  static constexpr int kProducerRegisters = 56, kConsumerRegisters = kConsumers == 3 ? 152 : 224;
   static constexpr int kQBytes = kBlockM * D * 2, kKvBytes = kBlockN * D * 2;
   // 1024 bytes to align the tiles (wgmma's swizzle), Q, per stage K and V, the key bias and the
   // keys' positions, then three barriers per stage (full, keys, empty).

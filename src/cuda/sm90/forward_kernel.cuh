@@ -1,15 +1,16 @@
 // The sm90 forward (Hopper, sm_90a, 16-bit types): the walk and arithmetic of the sm80 kernel
 // (decode, other_tiles, score_tile, write_forward_rows) with the two products on warpgroup MMA, in
-// a warp-specialised block. Warpgroup 0 produces: it loads the block's 128 query rows and then
-// each key tile of 128 rows (K, V and the key bias) by cp.async into a ring of shared-memory
-// stages, in wgmma's 128-byte swizzled layout, and signals each stage full on an mbarrier when its
-// copies land; then it writes the unselected rows of the block's region. Warpgroups 1 and 2
-// consume, 64 query rows each: S = Q·Kᵀ from shared memory, the online softmax in registers, and
-// O += P·V with P from registers (the accumulator layout of S is wgmma's A-fragment layout) and V
-// MN-major from shared memory; a stage is handed back on its empty barrier when both are done
-// with it. Within a consumer, the next tile's S = Q·Kᵀ is issued before the previous tile's
-// P·V, so the softmax of one tile runs while the tensor cores do the other's product. Every walk
-// (dilated, index map, block-sparse) loads rows one by one, so one kernel serves them all.
+// a warp-specialised block. Warpgroup 0 produces: it loads the block's query rows and then each
+// key tile of 128 rows (K, V and the key bias) by cp.async into a ring of shared-memory stages, in
+// wgmma's 128-byte swizzled layout, and signals each stage full on an mbarrier when its copies
+// land; then it writes the unselected rows of the block's region. The other warpgroups (three at
+// head dim 64, two at 128) consume, 64 query rows each: S = Q·Kᵀ from shared memory, the online
+// softmax in registers, and O += P·V with P from registers (the accumulator layout of S is
+// wgmma's A-fragment layout) and V MN-major from shared memory; a stage is handed back on its
+// empty barrier when all are done with it. With two consumers the next tile's S = Q·Kᵀ is issued
+// before the previous tile's P·V, so that one tile's softmax runs beside the other's product
+// (three have no registers for it). Every walk (dilated, index map, block-sparse) loads rows one
+// by one, so one kernel serves them all.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -128,10 +129,10 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
   }
 }
 
-// Warpgroups 1 and 2: the online softmax over the key tiles of the stages, then the epilogue.
-// The two take turns at the tensor cores (named barriers 1 and 2, warpgroup 1 first): each issues
-// its products when the other has issued its own, so that one's softmax runs while the other's
-// products do, instead of both waiting for the same stage and then computing side by side.
+// The consumer warpgroups: the online softmax over the key tiles of the stages, then the epilogue.
+// They take turns at the tensor cores (named barriers 1, 2, 3, round robin from the first): each
+// issues its products when the one before has issued its own, so that one's softmax runs while
+// another's products do, instead of all waiting for the same stage and then computing side by side.
 template <class T, int D, Walk kWalk, class Tiles>
 __device__ __forceinline__ void consume(const detail::DilatedParams& p, const BlockWork& w,
                                         const Tiles& tiles, int num_tiles, const Stages<D>& st) {
@@ -148,64 +149,107 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
                                  causal_by_position ? w.position32(w.query, int(qi[1])) : 0};
   const float scale_log2 = p.scale * kLog2e;
   const std::uint32_t q_tile = smem_address(st.q) + warpgroup * 64 * 128;
-  const int my_turn = 1 + warpgroup, other_turn = 2 - warpgroup;  // named barrier ids
+  // Named barrier ids of this warpgroup's turn and of the next one's (round robin).
+  constexpr int kConsumers = Shape::kConsumers;
+  const int my_turn = 1 + warpgroup, next_turn = 1 + (warpgroup + 1) % kConsumers;
 
   float acc[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
   float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.0f, 0.0f};
-  std::uint32_t probabilities[BN / 16][4];  // the previous tile's P, waiting for its P·V
-  // Tile `it`: wait for its stage, take the turn, issue S = Q·Kᵀ (and the previous tile's P·V, which
-  // runs on while this tile's softmax does), hand the turn over, wait for S. Tile 0 is peeled off
-  // the loop so that every wgmma group of the loop is unconditional (ptxas serialises wgmmas whose
-  // groups it cannot follow through a branch).
-  auto scores = [&](int it, float (&s)[BN / 8][4], bool with_pv) {
-    const int stage = it % kStages, previous = (it + kStages - 1) % kStages;
-    barrier_wait(st.full + stage, (it / kStages) & 1);
-    barrier_wait(st.keys + stage, (it / kStages) & 1);
-    fence_async_shared();
-    named_barrier_sync(my_turn, 256);
-    fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
-    wgmma_fence();
-    issue_scores<T, D, BM, BN>(s, q_tile, smem_address(st.k + stage * Shape::kKvBytes));
-    wgmma_commit();
-    if (with_pv) issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + previous * Shape::kKvBytes));
-    wgmma_commit();
-    // The other's turn; warpgroup 2's last would have no sync to meet (warpgroup 1 has finished).
-    if (warpgroup == 0 || it + 1 < num_tiles) named_barrier_arrive(other_turn, 256);
-    wgmma_wait<1>();
-    fence_registers(reinterpret_cast<Flat<BN / 2>&>(s));
-    float correction[2];
+  // The softmax of tile `it` (in stage `stage`) in place of its scores.
+  auto softmax = [&](int it, int stage, float (&s)[BN / 8][4], float (&correction)[2]) {
     const bool masked_columns = tiles.valid(it) < BN || p.key_padding_mask != nullptr;
     score_tile<BN, kWalk>(p, w, s, correction, row_max, row_sum, tiles.start(it), warp_row0, qi, query_position,
                           st.bias + stage * BN, st.key_position + stage * BN, scale_log2, masked_columns);
-    wgmma_wait<0>();
-    fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
-    if (with_pv) {
-      if (it > kStages) barrier_wait(st.empty + previous, ((it - 1) / kStages + 1) & 1);  // the last arrival's phase
-      barrier_arrive(st.empty + previous);
-      rescale_rows<D>(acc, correction);
-    }
-    pack_probabilities<T, BN>(s, probabilities);
   };
-  if (num_tiles > 0) {
-    if (warpgroup == 1) named_barrier_arrive(1, 256);  // warpgroup 1's first turn
-    float s[BN / 8][4];
-    scores(0, s, false);
-  }
-  for (int it = 1; it < num_tiles; ++it) {
-    float s[BN / 8][4];
-    scores(it, s, true);
-  }
-  for (int it = num_tiles - 1 > kStages ? num_tiles - 1 - kStages : 0; it < num_tiles - 1; ++it)
-    barrier_wait(st.empty + it % kStages, (it / kStages) & 1);  // the last arrivals' phases
-  if (num_tiles > 0) {  // the last tile's P·V
-    fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
-    wgmma_fence();
-    issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + (num_tiles - 1) % kStages * Shape::kKvBytes));
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+  if constexpr (kConsumers == 2) {
+    std::uint32_t probabilities[BN / 16][4];  // the previous tile's P, waiting for its P·V
+    // Tile `it`: wait for its stage, take the turn, issue S = Q·Kᵀ (and the previous tile's P·V, which
+    // runs on while this tile's softmax does), hand the turn over, wait for S. Tile 0 is peeled off
+    // the loop so that every wgmma group of the loop is unconditional (ptxas serialises wgmmas whose
+    // groups it cannot follow through a branch).
+    auto scores = [&](int it, float (&s)[BN / 8][4], bool with_pv) {
+      const int stage = it % kStages, previous = (it + kStages - 1) % kStages;
+      barrier_wait(st.full + stage, (it / kStages) & 1);
+      barrier_wait(st.keys + stage, (it / kStages) & 1);
+      fence_async_shared();
+      named_barrier_sync(my_turn, 256);
+      fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+      wgmma_fence();
+      issue_scores<T, D, BM, BN>(s, q_tile, smem_address(st.k + stage * Shape::kKvBytes));
+      wgmma_commit();
+      if (with_pv) issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + previous * Shape::kKvBytes));
+      wgmma_commit();
+      // The next one's turn; the last warpgroup's last would have no sync to meet (the first has
+      // finished).
+      if (warpgroup + 1 < kConsumers || it + 1 < num_tiles) named_barrier_arrive(next_turn, 256);
+      wgmma_wait<1>();
+      fence_registers(reinterpret_cast<Flat<BN / 2>&>(s));
+      float correction[2];
+      softmax(it, stage, s, correction);
+      wgmma_wait<0>();
+      fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+      if (with_pv) {
+        if (it > kStages) barrier_wait(st.empty + previous, ((it - 1) / kStages + 1) & 1);  // the last arrival's phase
+        barrier_arrive(st.empty + previous);
+        rescale_rows<D>(acc, correction);
+      }
+      pack_probabilities<T, BN>(s, probabilities);
+    };
+    if (num_tiles > 0) {
+      if (warpgroup + 1 == kConsumers) named_barrier_arrive(1, 256);  // the first warpgroup's first turn
+      float s[BN / 8][4];
+      scores(0, s, false);
+    }
+    for (int it = 1; it < num_tiles; ++it) {
+      float s[BN / 8][4];
+      scores(it, s, true);
+    }
+    for (int it = num_tiles - 1 > kStages ? num_tiles - 1 - kStages : 0; it < num_tiles - 1; ++it)
+      barrier_wait(st.empty + it % kStages, (it / kStages) & 1);  // the last arrivals' phases
+    if (num_tiles > 0) {  // the last tile's P·V
+      fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+      wgmma_fence();
+      issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + (num_tiles - 1) % kStages * Shape::kKvBytes));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+    }
+  } else {
+    // Three consumers: no register room for one tile's P beside the next tile's S, so each tile's
+    // P·V follows its softmax; the turns still keep one warpgroup's softmax beside the others'
+    // products.
+    if (num_tiles > 0 && warpgroup + 1 == kConsumers) named_barrier_arrive(1, 256);  // the first one's turn
+    for (int it = 0; it < num_tiles; ++it) {
+      const int stage = it % kStages;
+      barrier_wait(st.full + stage, (it / kStages) & 1);
+      barrier_wait(st.keys + stage, (it / kStages) & 1);
+      fence_async_shared();
+      float s[BN / 8][4];
+      named_barrier_sync(my_turn, 256);
+      wgmma_fence();
+      issue_scores<T, D, BM, BN>(s, q_tile, smem_address(st.k + stage * Shape::kKvBytes));
+      wgmma_commit();
+      if (warpgroup + 1 < kConsumers || it + 1 < num_tiles) named_barrier_arrive(next_turn, 256);
+      wgmma_wait<0>();
+      fence_registers(reinterpret_cast<Flat<BN / 2>&>(s));
+      float correction[2];
+      softmax(it, stage, s, correction);
+      if (it > 0) rescale_rows<D>(acc, correction);
+      std::uint32_t probabilities[BN / 16][4];
+      pack_probabilities<T, BN>(s, probabilities);
+      fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+      wgmma_fence();
+      issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + stage * Shape::kKvBytes));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+      if (it >= kStages) barrier_wait(st.empty + stage, (it / kStages + 1) & 1);  // the last arrival's phase
+      barrier_arrive(st.empty + stage);
+    }
+    for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it)
+      barrier_wait(st.empty + it % kStages, (it / kStages) & 1);  // the last arrivals' phases
   }
   write_forward_rows<T, D>(p, w, acc, row_max, row_sum, qi);
 }
@@ -221,7 +265,7 @@ __global__ void __launch_bounds__(Sm90ForwardShape<D>::kThreads, 1)
     for (int s = 0; s < Shape::kStages; ++s) {
       barrier_init(st.full + s, 128);  // the producer's threads, when their copies land
       barrier_init(st.keys + s, 128);  // the producer's threads
-      barrier_init(st.empty + s, 256);  // the consumers' threads
+      barrier_init(st.empty + s, 128 * Shape::kConsumers);  // the consumers' threads
     }
   __syncthreads();
 
