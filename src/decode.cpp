@@ -1,7 +1,7 @@
 // Decoding with a key/value cache: validation (everything before the cache is written), the new
-// keys written into the cache, then the CPU kernels through DilatedParams::key_lengths (each
-// sequence a step whose queries are the last Tn of its first L positions and whose keys are
-// those positions). The reference computes the definition: causal attention over the first L
+// keys written into the cache, then the kernels through DilatedParams::key_lengths (each sequence
+// a step whose queries are the last Tn of its first L positions and whose keys are those
+// positions: the CPU kernels run it sequence by sequence, the CUDA kernels' blocks find it). The reference computes the definition: causal attention over the first L
 // positions, of which it keeps the last Tn rows.
 #include "dattn/decode.hpp"
 
@@ -14,6 +14,7 @@
 #include "cpu/cpu_attention.hpp"
 #ifdef DATTN_WITH_CUDA
 #include "cuda/cuda_attention.hpp"
+#include "cuda/ring_kernels.hpp"
 #endif
 #include "dattn/error.hpp"
 #include "params_of.hpp"
@@ -79,12 +80,13 @@ void check_tensors(const KeyValueCache& cache, const TensorView& q, const Tensor
   if (lengths.strides[0] != 1) throw Error("cache_seqlens has stride " + str(lengths.strides[0]) + "; expected 1");
 }
 
-// L of every sequence, checked against Tn and Nmax unless cache.validate is false.
-std::vector<std::int32_t> key_lengths(const KeyValueCache& cache, const TensorView& q) {
+// L of every sequence from cache_seqlens' values (on the host), checked against Tn and Nmax unless
+// cache.validate is false.
+std::vector<std::int32_t> key_lengths(const KeyValueCache& cache, const TensorView& q, const std::int32_t* seqlens) {
   const std::int64_t B = q.shape[0], Tn = q.shape[1], Nmax = cache.k_cache.shape[1];
   std::vector<std::int32_t> lengths(std::size_t(B), 0);
   for (std::int64_t b = 0; b < B; ++b) {
-    const std::int64_t cached = cache.cache_seqlens.ptr<std::int32_t>()[b];
+    const std::int64_t cached = seqlens[b];
     const std::int64_t L = cached + (cache.k_new ? Tn : 0);
     if (cache.validate && (cached < 0 || L > Nmax))
       throw Error("cache_seqlens[" + str(b) + "] = " + str(cached) + " gives L = " + str(L) + "; expected 0 <= L <= Nmax = " +
@@ -131,6 +133,31 @@ void reference_decode(const DilatedConfig& config, const KeyValueCache& cache, c
   }
 }
 
+#ifdef DATTN_WITH_CUDA
+// CUDA: cache_seqlens stays on the device; the kernels read each sequence's L there (params'
+// key_lengths + key_length_offset). Validation copies it to the host once (a synchronisation)
+// unless cache.validate is false; the new keys are appended by a kernel in stream order.
+void forward_with_kvcache_cuda(const DilatedConfig& config, const KeyValueCache& cache, const TensorView& q,
+                               const TensorView& out, const TensorView& lse, const LaunchOptions& options) {
+  if (detail::use_reference(options, q.dtype))
+    throw Error("Backend::reference runs on the CPU; expected cpu tensors for it");
+  detail::DilatedParams p = detail::dilated_params(config, q, cache.k_cache, cache.v_cache, out, lse, options);
+  p.key_lengths = cache.cache_seqlens.ptr<std::int32_t>();
+  p.key_length_offset = cache.k_new ? q.shape[1] : 0;
+  cuda::check_supported(p);
+  if (cache.validate) {
+    std::vector<std::int32_t> seqlens(std::size_t(q.shape[0]));
+    cuda::copy_to_host(p.key_lengths, seqlens.data(), seqlens.size() * sizeof(std::int32_t), options.stream);
+    key_lengths(cache, q, seqlens.data());
+  }
+  if (cache.k_new) {
+    cuda::append_rows(*cache.k_new, cache.k_cache, p.key_lengths, options.stream);
+    cuda::append_rows(*cache.v_new, cache.v_cache, p.key_lengths, options.stream);
+  }
+  cuda::forward(p);
+}
+#endif
+
 }  // namespace
 
 void forward_with_kvcache(const DilatedConfig& config, const KeyValueCache& cache, const TensorView& q,
@@ -139,15 +166,13 @@ void forward_with_kvcache(const DilatedConfig& config, const KeyValueCache& cach
   check_tensors(cache, q, out, lse, options);
   if (q.device.type == DeviceType::cuda) {
 #ifdef DATTN_WITH_CUDA
-    detail::DilatedParams p = detail::dilated_params(config, q, cache.k_cache, cache.v_cache, out, lse, options);
-    p.key_lengths = cache.cache_seqlens.ptr<std::int32_t>();
-    return cuda::forward(p);  // refuses cache_seqlens by name, before anything is written
+    return forward_with_kvcache_cuda(config, cache, q, out, lse, options);
 #else
     throw Error("q is on " + device_name(q.device) + ", but this build has no CUDA backend; expected cpu tensors");
 #endif
   }
   if (options.stream != nullptr) throw Error("stream is set for cpu tensors; expected nullptr");
-  const std::vector<std::int32_t> lengths = key_lengths(cache, q);
+  const std::vector<std::int32_t> lengths = key_lengths(cache, q, cache.cache_seqlens.ptr<std::int32_t>());
   if (cache.k_new)
     for (std::int64_t b = 0; b < q.shape[0]; ++b)
       for (std::int64_t t = 0; t < q.shape[1]; ++t) {

@@ -102,7 +102,10 @@ struct DilatedParams {
   // Decoding with a cache: batch b's keys are rows [0, key_lengths[b]) of k, v ([B, Nmax, Hkv, D]
   // caches) and its seqlen queries the last positions key_lengths[b] - seqlen .. key_lengths[b] - 1
   // of that sequence (causal). null: the key range is [key_begin, key_end) for every batch.
-  const std::int32_t* key_lengths = nullptr;  // [batch], on the host for the CPU kernels
+  const std::int32_t* key_lengths = nullptr;  // [batch], on the host for the CPU kernels, else on the device
+  // Added to every key_lengths[b] (the CUDA kernels read cache_seqlens itself, and a call that
+  // appends its Tn new tokens first attends Tn positions more).
+  std::int64_t key_length_offset = 0;
   const std::int64_t* position_index = nullptr;  // Hilbert: curve position -> original position
   bool position_index_checked = false;           // a device map the caller vouches for (no check)
   // Block-sparse attention (block_size > 0, no branches): CSR of the allowed key blocks of each

@@ -1,7 +1,8 @@
 // Decoding with a key/value cache: the attention of a few new tokens over a sequence's cached keys,
 // causal by definition, for dilated attention (both modes; no Hilbert order, no dropout). Per new
 // token a branch reads only the keys it selects in the token's segment (at most ceil(w / r)),
-// never the whole cache. CPU tensors so far; CUDA tensors are refused. Forward only.
+// never the whole cache. CPU and CUDA tensors (on CUDA cache_seqlens stays on the device: the
+// kernels read it there; validation copies it to the host once). Forward only.
 #pragma once
 
 #include <cstdint>

@@ -1,7 +1,8 @@
 """Decoding with a key/value cache: the attention of new tokens over a sequence's cached keys,
 causal by definition, dilated attention in either mode. Per new token a branch reads only the
-keys it selects in the token's segment, never the whole cache. CPU tensors so far (CUDA tensors
-raise an error). Inference only: there is no backward."""
+keys it selects in the token's segment, never the whole cache. CPU and CUDA tensors (on CUDA,
+cache_seqlens stays on the device; ``validate=True`` copies it to the host once to check it).
+Inference only: there is no backward."""
 
 from typing import Optional, Sequence
 

@@ -68,6 +68,9 @@ LaunchPlan make_plan(const DilatedParams& p, int first, int last, std::vector<in
       job.tiles = int(std::max<std::int64_t>(1, ceil_div(length, block_rows)));
       job.first_segment = int(lo / w);
       job.segments = int((hi - 1) / w - lo / w + 1);
+      // Decoding: each sequence's queries start at its own L - seqlen; counted from their first
+      // segment (decode_block), seqlen positions span at most one segment more than from 0.
+      if (p.key_lengths != nullptr) job.segments += 1;
       job.accumulate = job_accumulates(role, accumulate, heads);
       if (!filter_heads(job, br.first_head, br.head_count, heads)) continue;
       entries.push_back({job, length, std::int64_t(job.tiles) * job.segments * job.head_count * p.batch});
@@ -331,8 +334,6 @@ void check_supported(const DilatedParams& p) {
   if (p.cu_seqlens != nullptr && p.block_size > 0)
     throw Error("cu_seqlens: packed variable-length batches of block-sparse attention are not yet supported on "
                 "CUDA; expected cpu tensors (dilated attention's packed batches run on CUDA)");
-  if (p.key_lengths != nullptr)
-    throw Error("cache_seqlens: decoding with a key/value cache is not yet supported on CUDA; expected cpu tensors");
   if (!p.run_query_pass || !p.run_key_pass || p.accumulate)
     throw Error("the two-sweep ring backward steps (ring_query_gradients, ring_key_gradients) run on cpu tensors; "
                 "expected ring_step_gradients for CUDA tensors");

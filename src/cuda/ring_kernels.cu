@@ -74,6 +74,15 @@ __global__ void add_kernel(float* x, const float* y, std::int64_t n) {
     x[i] += y[i];
 }
 
+// One block per (b, t, h) row of `rows`, written at row lengths[b] + t of the cache.
+template <class W>
+__global__ void append_kernel(Rows4 rows, Rows4 cache, const std::int32_t* lengths) {
+  const std::int64_t row = blockIdx.x, h = row % rows.H, t = row / rows.H % rows.N, b = row / (rows.H * rows.N);
+  const W* src = static_cast<const W*>(rows.data) + b * rows.s0 + t * rows.s1 + h * rows.s2;
+  W* dst = static_cast<W*>(cache.data) + b * cache.s0 + (lengths[b] + t) * cache.s1 + h * cache.s2;
+  for (std::int64_t d = threadIdx.x; d < rows.D; d += blockDim.x) dst[d] = src[d];
+}
+
 template <class T>
 __device__ float to_float(T x) {
   if constexpr (std::is_same_v<T, float>) return x;
@@ -224,6 +233,16 @@ void row_dot(const TensorView& dout, const TensorView& out, float* delta, void* 
     }
   });
   check("ring row dot");
+}
+
+void append_rows(const TensorView& rows, const TensorView& cache, const std::int32_t* lengths, void* stream) {
+  const std::int64_t count = rows.shape[0] * rows.shape[1] * rows.shape[2];
+  if (count == 0) return;
+  by_word(rows.dtype, [&](auto w) {
+    using W = decltype(w);
+    append_kernel<W><<<blocks(count), 64, 0, as_stream(stream)>>>(rows_of(rows), rows_of(cache), lengths);
+  });
+  check("decode append");
 }
 
 }  // namespace dattn::cuda

@@ -1,6 +1,7 @@
 // Data movement of the ring on the GPU (src/distributed/ring_cuda.cpp): packing the (row, head) entries
 // that travel, unpacking them, and the float32 accumulators' fills and conversions; row_dot also
-// serves the backward's delta pass (api.cpp). All asynchronous on `stream`; sizes in elements.
+// serves the backward's delta pass (api.cpp), append_rows decoding's new keys and values
+// (decode.cpp). All asynchronous on `stream`; sizes in elements.
 #pragma once
 
 #include <cstdint>
@@ -26,5 +27,8 @@ void add(float* x, const float* y, std::int64_t count, void* stream);
 void store_converted(const float* from, const TensorView& to, void* stream);
 // delta [B, H, N] (float32, contiguous) = Σ_d dout·out over D (both [B, N, H, D], any strides).
 void row_dot(const TensorView& dout, const TensorView& out, float* delta, void* stream);
+// cache[b, lengths[b] + t, h, :] = rows[b, t, h, :] for t < Tn (rows [B, Tn, H, D], cache [B, Nmax, H, D],
+// one dtype, any strides with stride 1 along D; lengths int32 [B] on the device, read there).
+void append_rows(const TensorView& rows, const TensorView& cache, const std::int32_t* lengths, void* stream);
 
 }  // namespace dattn::cuda

@@ -80,7 +80,7 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
   std::int64_t tile = local % job.tiles;
   local /= job.tiles;
   if (p.causal) tile = job.tiles - 1 - tile;  // the longest causal tiles first
-  const std::int64_t segment = job.first_segment + local % job.segments;
+  std::int64_t segment = job.first_segment + local % job.segments;
   local /= job.segments;
   work.branch = job.branch;
   work.index = p.position_index;
@@ -91,19 +91,29 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
   work.batch = local / job.head_count;
   const std::int64_t w = br.segment_length, r = br.dilation_rate;
   const std::int64_t o = br.offset_from_head ? work.head % r : br.group_offset;
-  // A packed batch: sequence `batch` is tensor rows [row_base, row_base + its length), positions
-  // counted from its start (the plan covers max_seqlen; segments past the sequence do nothing).
-  std::int64_t length = p.global_length, row_base = 0;
+  // The sequence: its length, where its rows start in the tensors, its query and key positions.
+  std::int64_t length = p.global_length, row_base = 0, query_begin = p.query_position;
+  std::int64_t query_end = p.query_position + p.seqlen, key_begin = p.key_begin, key_end = p.key_end;
   if (p.cu_seqlens != nullptr) {
+    // A packed batch: sequence `batch` is tensor rows [row_base, row_base + its length), positions
+    // counted from its start (the plan covers max_seqlen; segments past the sequence do nothing).
     row_base = p.cu_seqlens[work.batch];
     length = p.cu_seqlens[work.batch + 1] - row_base;
+  }
+  if (p.key_lengths != nullptr) {
+    // Decoding with a cache: the queries are the last seqlen of the sequence's first L positions,
+    // the keys all L (cache rows = positions); the plan counts segments from the queries' first.
+    length = key_end = p.key_lengths[work.batch] + p.key_length_offset;
+    query_begin = length - p.seqlen;
+    query_end = length;
+    key_begin = 0;
+    segment += query_begin / w;
   }
   const std::int64_t start = segment * w, end = imin(start + w, length), first = start + o;
   if (start >= length) return false;
   work.stride = r;
-  work.query = select_side(first, r, imax(start, p.query_position), imin(end, p.query_position + p.seqlen),
-                           p.query_position - row_base);
-  work.key = select_side(first, r, imax(start, p.key_begin), imin(end, p.key_end), p.key_begin - row_base);
+  work.query = select_side(first, r, imax(start, query_begin), imin(end, query_end), query_begin - row_base);
+  work.key = select_side(first, r, imax(start, key_begin), imin(end, key_end), key_begin - row_base);
   work.causal_shift = (work.query.first - work.key.first) / r;  // exact: both are first mod r
   const std::int64_t own_length = work.own().length;
   if (own_length == 0 && job.accumulate) return false;  // nothing to add (a ring step, or a later branch)
@@ -112,8 +122,11 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
   work.tile_begin = tile * kBlock;
   work.tile_rows = int(imin(kBlock, own_length - work.tile_begin));
   if (work.tile_rows < 0) work.tile_rows = 0;
-  work.region_begin = tile == 0 ? start : first + tile * kBlock * r;
-  work.region_end = tile + 1 == tiles_here ? end : first + (tile + 1) * kBlock * r;
+  // The positions this block writes, within its side's range (the queries of a decode call are the
+  // last positions only; every other call's own range covers the segment).
+  const bool keys_own = work.role == kDkDvRole;
+  work.region_begin = imax(tile == 0 ? start : first + tile * kBlock * r, keys_own ? key_begin : query_begin);
+  work.region_end = imin(tile + 1 == tiles_here ? end : first + (tile + 1) * kBlock * r, keys_own ? key_end : query_end);
   return true;
 }
 

@@ -883,6 +883,115 @@ int check_packed_batches(int count, std::uint64_t seed) {
   return failures;
 }
 
+// Decoding with a cache on the GPU against the reference (the same call on float64 host copies,
+// Backend::reference): B sequences with caches of random fill (at, just before and past segment
+// boundaries among them), Tn = 1 or up to past a segment, grouped-query heads, both modes, with new
+// keys appended or already counted. Checks out, lse and the whole caches after the call (appended
+// rows exactly, the rest untouched).
+int check_decode(int count, std::uint64_t seed) {
+  int failures = 0;
+  Rng rng(seed);
+  for (int i = 0; i < count; ++i) {
+    std::vector<std::unique_ptr<Buffer>> owner;
+    Case c;  // for the tolerance and the description
+    c.dtype = std::vector<DType>{DType::bfloat16, DType::float16, DType::float32}[std::size_t(i % 3)];
+    c.H = uniform(rng, 1, 4);
+    c.D = g_head_dims[rng() % g_head_dims.size()];
+    std::vector<std::int64_t> divisors;
+    for (std::int64_t d = 1; d <= c.H; ++d)
+      if (c.H % d == 0) divisors.push_back(d);
+    c.Hkv = divisors[rng() % divisors.size()];
+    const auto G = std::size_t(uniform(rng, 1, 3));
+    c.w.assign(G, 1);
+    c.r.assign(G, 1);
+    for (std::size_t g = 0; g < G; ++g) {
+      c.w[g] = uniform(rng, 1, 256);
+      c.r[g] = uniform(rng, 1, std::min<std::int64_t>(c.w[g], 4));
+    }
+    c.mode = chance(rng, 0.5) ? dattn::Mode::grouped : dattn::Mode::longnet;
+    c.causal = true;
+    const std::int64_t B = uniform(rng, 1, 3), Tn = chance(rng, 0.5) ? 1 : uniform(rng, 2, 300);
+    const bool append = chance(rng, 0.5);
+    const std::int64_t Nmax = Tn + uniform(rng, 0, 600);
+    std::vector<std::int32_t> seqlens;
+    for (std::int64_t b = 0; b < B; ++b) {
+      // L = seqlens[b] (+ Tn when appending) in [Tn, Nmax]; a third of them at a multiple of the
+      // first segment length, or one off it.
+      std::int64_t L = uniform(rng, Tn, Nmax);
+      if (chance(rng, 0.33)) {
+        const std::int64_t w = c.w[0], edge = (L / w) * w + uniform(rng, -1, 1);
+        L = std::clamp<std::int64_t>(edge, Tn, Nmax);
+      }
+      seqlens.push_back(std::int32_t(append ? L - Tn : L));
+    }
+    c.B = B, c.N = Nmax;
+    dattn::DilatedConfig config;
+    config.segment_lengths = c.w;
+    config.dilation_rates = c.r;
+    config.mode = c.mode;
+    config.causal = true;
+
+    const std::int64_t align = 16 / std::int64_t(dattn::dtype_size(c.dtype));
+    std::vector<View> t;  // q, k_cache, v_cache, k_new, v_new, out
+    for (int j = 0; j < 6; ++j) {
+      const std::vector<std::int64_t> shape{B, j == 1 || j == 2 ? Nmax : Tn, j == 0 || j == 5 ? c.H : c.Hkv, c.D};
+      t.push_back(make_buffer(owner, shape, c.dtype, chance(rng, 0.5), true, align, rng));
+      if (j < 5) fill_normal(t.back(), rng);
+    }
+    const View lse = make_buffer(owner, {B, c.H, Tn}, DType::float32, false, false, 1, rng);
+    owner.push_back(std::make_unique<Buffer>(DType::int32, B));
+    Buffer& lengths = *owner.back();
+    std::memcpy(lengths.host.data(), seqlens.data(), seqlens.size() * sizeof(std::int32_t));
+    for (auto& b : owner) b->upload(nullptr);
+    const View lengths_view{&lengths, 0, {B}, {1}};
+    const auto device = [&](int j) { return t[std::size_t(j)].device_view(); };
+    dattn::KeyValueCache cache{device(1), device(2), lengths_view.device_view(), std::nullopt, std::nullopt, true};
+    if (append) cache.k_new = device(3), cache.v_new = device(4);
+    std::vector<dattn::Tensor> ref;  // float64 copies before the call
+    for (int j = 0; j < 6; ++j) ref.push_back(to_f64(t[std::size_t(j)]));
+    std::string error, generation;
+    try {
+      generation = dattn::cuda_kernel_generation(device(0), false, {}) == dattn::CudaKernels::sm90 ? "sm90" : "sm80";
+      dattn::forward_with_kvcache(config, cache, device(0), device(5), lse.device_view());
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    for (auto& b : owner) b->download(nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+
+    std::ostringstream problems;
+    if (!error.empty()) problems << "error: " << error;
+    if (error.empty()) {
+      dattn::Tensor lse32 = dattn::Tensor::empty({B, c.H, Tn}, DType::float32);
+      dattn::Tensor lengths_host = dattn::Tensor::empty({B}, DType::int32);
+      std::memcpy(lengths_host.data<std::int32_t>(), seqlens.data(), seqlens.size() * sizeof(std::int32_t));
+      dattn::KeyValueCache host{ref[1].view(), ref[2].view(), lengths_host.view(), std::nullopt, std::nullopt, true};
+      if (append) host.k_new = ref[3].view(), host.v_new = ref[4].view();
+      dattn::LaunchOptions reference;
+      reference.backend = dattn::Backend::reference;
+      dattn::forward_with_kvcache(config, host, ref[0].view(), ref[5].view(), lse32.view(), reference);
+      const Tolerance tol = tolerance(c);
+      const double e = rel_l2(t[5], ref[5], tol.rel, false);
+      if (!(e <= tol.rel)) problems << "out relative L2 error " << e << " > " << tol.rel << "; ";
+      dattn::Tensor lse_ref = dattn::Tensor::empty({B, c.H, Tn}, DType::float64);
+      for (std::int64_t k = 0; k < lse32.numel(); ++k) lse_ref.data<double>()[k] = lse32.data<float>()[k];
+      double worst = 0;
+      if (std::string m = lse_problem(lse, lse_ref, tol.lse, worst); !m.empty()) problems << m << "; ";
+      for (int j : {1, 2})  // the caches: appended rows copied exactly, every other row as it was
+        if (rel_l2(t[std::size_t(j)], ref[std::size_t(j)], 0.0, false) != 0.0)
+          problems << (j == 1 ? "k_cache" : "v_cache") << " differs from the reference's after the call; ";
+    }
+    std::ostringstream fill;
+    for (std::int64_t b = 0; b < B; ++b) fill << (b ? "," : "") << seqlens[std::size_t(b)];
+    const bool ok = problems.str().empty();
+    std::printf("%s decode [%s] cache_seqlens=[%s] Tn=%lld Nmax=%lld%s %s\n%s", ok ? "ok  " : "FAIL", generation.c_str(),
+                fill.str().c_str(), static_cast<long long>(Tn), static_cast<long long>(Nmax),
+                append ? " k_new" : "", describe(c).c_str(), ok ? "" : ("     " + problems.str() + "\n").c_str());
+    failures += !ok;
+  }
+  return failures;
+}
+
 // Whether some branch of head `head` selects position `n` (SPEC.md's dilated selection, whole
 // sequence, no index map): where the NaN check places its NaN on purpose.
 bool selects(const dattn::DilatedConfig& config, std::int64_t H, std::int64_t head, std::int64_t n) {
@@ -1090,6 +1199,7 @@ int main(int argc, char** argv) {
   failed += check_refusals();
   failed += check_nan_propagation();
   if (!fixed_only) failed += check_packed_batches(random_only ? 4 : 24, seed + 7);
+  if (!fixed_only) failed += check_decode(random_only ? 4 : 24, seed + 11);
   std::printf("%d passed, %d failed\n", passed.load(), failed.load());
   return failed == 0 ? 0 : 1;
 }

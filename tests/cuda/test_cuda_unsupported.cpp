@@ -1,7 +1,9 @@
 // What the CUDA kernels do not compute yet is refused by name, before anything is written:
-// grouped-query heads (k, v with fewer heads than q) in ring steps, packed batches (cu_seqlens) of
-// block-sparse attention and decoding with a cache (cache_seqlens). A plain program (no GoogleTest on the GPU machine): exit 0 when every
-// call raised the expected dattn::Error, 1 otherwise, 77 without a CUDA device.
+// grouped-query heads (k, v with fewer heads than q) in ring steps and packed batches (cu_seqlens) of
+// block-sparse attention; and a decode call whose cache_seqlens (on the device) overflow the cache
+// is refused by its validation before the cache is written. A plain program (no GoogleTest on the
+// GPU machine): exit 0 when every call raised the expected dattn::Error, 1 otherwise, 77 without a
+// CUDA device.
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -15,19 +17,27 @@ namespace {
 
 int failures = 0;
 
-void expect_refusal(const char* what, const std::string& needle, const std::function<void()>& call) {
+// The call raises a dattn::Error whose message holds every needle.
+void expect_error(const char* what, const std::vector<std::string>& needles, const std::function<void()>& call) {
   try {
     call();
-    std::printf("FAIL %s: no error; expected one containing '%s'\n", what, needle.c_str());
+    std::printf("FAIL %s: no error; expected one containing '%s'\n", what, needles[0].c_str());
   } catch (const dattn::Error& e) {
     const std::string message = e.what();
-    if (message.find(needle) != std::string::npos && message.find("not yet supported on CUDA") != std::string::npos) {
+    bool all = true;
+    for (const std::string& needle : needles) all = all && message.find(needle) != std::string::npos;
+    if (all) {
       std::printf("ok   %s: %s\n", what, e.what());
       return;
     }
-    std::printf("FAIL %s: '%s'; expected '%s' and 'not yet supported on CUDA'\n", what, e.what(), needle.c_str());
+    std::printf("FAIL %s: '%s'; expected '%s'%s\n", what, e.what(), needles[0].c_str(),
+                needles.size() > 1 ? (" and '" + needles[1] + "'").c_str() : "");
   }
   ++failures;
+}
+
+void expect_refusal(const char* what, const std::string& needle, const std::function<void()>& call) {
+  expect_error(what, {needle, "not yet supported on CUDA"}, call);
 }
 
 // Device memory of `bytes` bytes, each set to `byte`.
@@ -93,7 +103,8 @@ int main() {
   expect_refusal("block_sparse_forward_varlen", "cu_seqlens",
                  [&] { dattn::block_sparse_forward_varlen(sparse, pattern, packed, qp, qp, qp, op, lp); });
 
-  // Decoding: q [B, 1, H, D] over caches [B, N, H, D] with one new key each; the cache stays as it was.
+  // Decoding: q [B, 1, H, D] over caches [B, N, H, D] with one new key each, cache_seqlens {0, 64}:
+  // the second sequence would hold N + 1 keys. Refused by the validation; the cache stays as it was.
   const auto cache_before = host_copy(k, bytes);
   const auto new_rows = dout.view(DType::bfloat16, {B, 1, H, D});
   const dattn::KeyValueCache cache{.k_cache = k.view(DType::bfloat16, {B, N, H, D}),
@@ -101,7 +112,7 @@ int main() {
                                    .cache_seqlens = offsets.view(DType::int32, {B}),
                                    .k_new = new_rows,
                                    .v_new = new_rows};
-  expect_refusal("forward_with_kvcache", "cache_seqlens", [&] {
+  expect_error("forward_with_kvcache, L > Nmax", {"cache_seqlens[1] = 64", "Nmax = 64"}, [&] {
     dattn::forward_with_kvcache(config, cache, q.view(DType::bfloat16, {B, 1, H, D}),
                                 out.view(DType::bfloat16, {B, 1, H, D}), lse.view(DType::float32, {B, H, 1}));
   });

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dattn
-from helpers import assert_close_bar, assert_lse, randn
+from helpers import assert_close_bar, assert_lse, randn, requires_cuda
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = lambda d: str(d).split(".")[-1]  # noqa: E731
@@ -34,6 +34,44 @@ CASES = [
     pytest.param([30, 60], 25, 6, 3, 8, [8, 16, 32], [1, 2, 4], "grouped", False, id="tn>segment-no-new"),
     pytest.param([64, 3], 3, 2, 2, 32, [4, 100], [2, 3], "longnet", False, id="no-new-w>N"),
 ]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=DTYPE_IDS)
+@pytest.mark.parametrize("cached,Tn,H,Hkv,D,w,r,mode,with_new", CASES)
+def test_cuda_against_reference(cached, Tn, H, Hkv, D, w, r, mode, with_new, dtype):
+    """The same calls on CUDA tensors (cache_seqlens on the device): out, lse and the caches after
+    the call against the float64 reference on the CPU."""
+    B, Nmax, dev = len(cached), 100, torch.device("cuda")
+    q = randn(B, Tn, H, D, dtype=dtype)
+    k_cache, v_cache = (randn(B, Nmax, Hkv, D, dtype=dtype) for _ in range(2))
+    k_new, v_new = (randn(B, Tn, Hkv, D, dtype=dtype) for _ in range(2)) if with_new else (None, None)
+    seqlens = torch.tensor(cached, dtype=torch.int32)
+    k_gpu, v_gpu = k_cache.to(dev), v_cache.to(dev)
+    new_gpu = (None, None) if k_new is None else (k_new.to(dev), v_new.to(dev))
+    out, lse = dattn.dilated_attention_with_kvcache(q.to(dev), k_gpu, v_gpu, seqlens.to(dev), w, r, k_new=new_gpu[0],
+                                                    v_new=new_gpu[1], mode=mode, return_lse=True)
+    k_ref, v_ref = k_cache.double(), v_cache.double()
+    new64 = (None, None) if k_new is None else (k_new.double(), v_new.double())
+    ref, ref_lse = dattn.dilated_attention_with_kvcache(q.double(), k_ref, v_ref, seqlens, w, r, k_new=new64[0],
+                                                        v_new=new64[1], mode=mode, return_lse=True)
+    assert torch.equal(k_gpu.cpu().double(), k_ref) and torch.equal(v_gpu.cpu().double(), v_ref), "the same rows written"
+    assert_close_bar(out.cpu(), ref, dtype, "out")
+    assert_lse(lse.cpu(), ref_lse, dtype)
+
+
+@requires_cuda
+def test_cuda_validation_before_writing():
+    """cache_seqlens on the device that overflow the cache: an error, and nothing written."""
+    dev = torch.device("cuda")
+    q = torch.randn(2, 1, 2, 16, device=dev)
+    k_cache, v_cache = torch.randn(2, 8, 2, 16, device=dev), torch.randn(2, 8, 2, 16, device=dev)
+    before = k_cache.clone()
+    k_new = torch.randn(2, 1, 2, 16, device=dev)
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 8"):
+        dattn.dilated_attention_with_kvcache(q, k_cache, v_cache, torch.tensor([0, 8], dtype=torch.int32, device=dev),
+                                             [4], [1], k_new=k_new, v_new=k_new.clone())
+    assert torch.equal(k_cache, before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
