@@ -14,7 +14,6 @@
 #include "cpu/cpu_attention.hpp"
 #ifdef DATTN_WITH_CUDA
 #include "cuda/cuda_attention.hpp"
-#include "cuda/ring_kernels.hpp"
 #endif
 #include "dattn/error.hpp"
 #include "params_of.hpp"
@@ -150,10 +149,8 @@ void forward_with_kvcache_cuda(const DilatedConfig& config, const KeyValueCache&
     cuda::copy_to_host(p.key_lengths, seqlens.data(), seqlens.size() * sizeof(std::int32_t), options.stream);
     key_lengths(cache, q, seqlens.data());
   }
-  if (cache.k_new) {
-    cuda::append_rows(*cache.k_new, cache.k_cache, p.key_lengths, options.stream);
-    cuda::append_rows(*cache.v_new, cache.v_cache, p.key_lengths, options.stream);
-  }
+  if (cache.k_new)
+    cuda::append_to_cache(*cache.k_new, *cache.v_new, cache.k_cache, cache.v_cache, p.key_lengths, options.stream);
   cuda::forward(p);
 }
 #endif

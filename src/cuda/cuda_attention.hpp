@@ -6,6 +6,7 @@
 #include <memory>
 #include <vector>
 
+#include "dattn/tensor.hpp"
 #include "params.hpp"
 
 namespace dattn::cuda {
@@ -17,6 +18,11 @@ void forward(const detail::DilatedParams& params);
 // The generation forward (or backward) would run for these params: sm80 or sm90 (see CudaKernels).
 CudaKernels kernel_generation(const detail::DilatedParams& params, bool backward);
 void backward(const detail::DilatedParams& params);  // reads out and lse saved by forward
+
+// Decoding: k_new, v_new [B, Tn, Hkv, D] written into the caches at rows lengths[b] + t (lengths
+// int32 [B] on the device), on the caches' device, in order on `stream`.
+void append_to_cache(const TensorView& k_new, const TensorView& v_new, const TensorView& k_cache,
+                     const TensorView& v_cache, const std::int32_t* lengths, void* stream);
 
 // Copies `bytes` bytes of device memory to the host, in order on `stream` (a cudaStream_t), and
 // waits for them (a synchronisation: for validating small device arrays such as cu_seqlens).

@@ -13,6 +13,7 @@
 
 #include "cuda/cuda_attention.hpp"
 #include "cuda/launch.hpp"
+#include "cuda/ring_kernels.hpp"
 #include "dattn/error.hpp"
 
 namespace dattn::cuda {
@@ -363,6 +364,13 @@ void copy_to_host(const void* device_data, void* host, std::size_t bytes, void* 
   if (cudaMemcpyAsync(host, device_data, bytes, cudaMemcpyDeviceToHost, s) != cudaSuccess || cudaStreamSynchronize(s) != cudaSuccess)
     throw Error("copying " + std::to_string(bytes) + " bytes from the device failed: " +
                 cudaGetErrorString(cudaGetLastError()) + "; expected device memory of the current device");
+}
+
+void append_to_cache(const TensorView& k_new, const TensorView& v_new, const TensorView& k_cache,
+                     const TensorView& v_cache, const std::int32_t* lengths, void* stream) {
+  DeviceGuard guard(k_cache.data);
+  append_rows(k_new, k_cache, lengths, stream);
+  append_rows(v_new, v_cache, lengths, stream);
 }
 
 void forward(const DilatedParams& params) {

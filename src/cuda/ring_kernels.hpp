@@ -1,7 +1,7 @@
 // Data movement of the ring on the GPU (src/distributed/ring_cuda.cpp): packing the (row, head) entries
 // that travel, unpacking them, and the float32 accumulators' fills and conversions; row_dot also
 // serves the backward's delta pass (api.cpp), append_rows decoding's new keys and values
-// (decode.cpp). All asynchronous on `stream`; sizes in elements.
+// (append_to_cache, cuda_attention.hpp). All asynchronous on `stream`; sizes in elements.
 #pragma once
 
 #include <cstdint>
