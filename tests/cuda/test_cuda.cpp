@@ -127,6 +127,21 @@ dattn::BlockSparseMask block_mask_of(const Case& c) {
   return dattn::BlockSparseMask::from_dense(dense.view());
 }
 
+// The case's dilated configuration (no key padding mask: the caller's device buffer).
+dattn::DilatedConfig config_of(const Case& c) {
+  dattn::DilatedConfig config;
+  config.segment_lengths = c.w;
+  config.dilation_rates = c.r;
+  config.mode = c.mode;
+  config.causal = c.causal;
+  config.scale = c.scale;
+  config.dropout_p = c.dropout_p;
+  config.dropout_seed = c.dropout_seed;
+  config.dropout_offset = c.dropout_offset;
+  config.use_tf32 = c.tf32;
+  return config;
+}
+
 dattn::BlockSparseConfig sparse_config_of(const Case& c, const dattn::DilatedConfig& config) {
   dattn::BlockSparseConfig s;
   s.block_size = c.block_size;
@@ -478,16 +493,7 @@ Result run_case(const Case& c, cudaStream_t stream) {
   for (auto& b : owner) b->upload(stream);
   const std::vector<unsigned char> qkv_before = qkv[0].buffer->host;
 
-  dattn::DilatedConfig config;
-  config.segment_lengths = c.w;
-  config.dilation_rates = c.r;
-  config.mode = c.mode;
-  config.causal = c.causal;
-  config.scale = c.scale;
-  config.dropout_p = c.dropout_p;
-  config.dropout_seed = c.dropout_seed;
-  config.dropout_offset = c.dropout_offset;
-  config.use_tf32 = c.tf32;
+  dattn::DilatedConfig config = config_of(c);
   if (mask) config.key_padding_mask = mask->device_view();
 
   dattn::LaunchOptions options;
@@ -777,6 +783,29 @@ int check_refusals() {
   return failures;
 }
 
+// A small random case for the packed-batch and decode checks: dtype by turn (bf16, fp16, fp32),
+// H <= 4 with a random divisor as Hkv, a head dim of the build, up to three branches of segments
+// <= 256 and rates <= 4, either mode.
+Case draw_small_case(int i, Rng& rng) {
+  Case c;
+  c.dtype = std::vector<DType>{DType::bfloat16, DType::float16, DType::float32}[std::size_t(i % 3)];
+  c.H = uniform(rng, 1, 4);
+  c.D = g_head_dims[rng() % g_head_dims.size()];
+  std::vector<std::int64_t> divisors;
+  for (std::int64_t d = 1; d <= c.H; ++d)
+    if (c.H % d == 0) divisors.push_back(d);
+  c.Hkv = divisors[rng() % divisors.size()];
+  const auto G = std::size_t(uniform(rng, 1, 3));
+  c.w.assign(G, 1);
+  c.r.assign(G, 1);
+  for (std::size_t g = 0; g < G; ++g) {
+    c.w[g] = uniform(rng, 1, 256);
+    c.r[g] = uniform(rng, 1, std::min<std::int64_t>(c.w[g], 4));
+  }
+  c.mode = chance(rng, 0.5) ? dattn::Mode::grouped : dattn::Mode::longnet;
+  return c;
+}
+
 // Packed batches (cu_seqlens on the device) against the reference of each sequence on its own:
 // random lengths (0 and 1 among them, partial segments), grouped-query heads, causal, dropout,
 // both modes, every dtype; forward and backward in one launch each (per key/value phase).
@@ -785,14 +814,7 @@ int check_packed_batches(int count, std::uint64_t seed) {
   Rng rng(seed);
   for (int i = 0; i < count; ++i) {
     std::vector<std::unique_ptr<Buffer>> owner;
-    Case c;  // for the tolerance and the description
-    c.dtype = std::vector<DType>{DType::bfloat16, DType::float16, DType::float32}[std::size_t(i % 3)];
-    c.H = uniform(rng, 1, 4);
-    c.D = g_head_dims[rng() % g_head_dims.size()];
-    std::vector<std::int64_t> divisors;
-    for (std::int64_t d = 1; d <= c.H; ++d)
-      if (c.H % d == 0) divisors.push_back(d);
-    c.Hkv = divisors[rng() % divisors.size()];
+    Case c = draw_small_case(i, rng);  // also for the tolerance and the description
     const std::int64_t B = uniform(rng, 1, 4);
     std::vector<std::int32_t> cu{0};
     for (std::int64_t b = 0; b < B; ++b) {
@@ -804,23 +826,9 @@ int check_packed_batches(int count, std::uint64_t seed) {
     for (std::int64_t b = 0; b < B; ++b) longest = std::max<std::int64_t>(longest, cu[std::size_t(b + 1)] - cu[std::size_t(b)]);
     const std::int64_t T = cu.back(), max_seqlen = longest + uniform(rng, 0, 5);
     c.B = B, c.N = max_seqlen;
-    const auto G = std::size_t(uniform(rng, 1, 3));
-    c.w.assign(G, 1);
-    c.r.assign(G, 1);
-    for (std::size_t g = 0; g < G; ++g) {
-      c.w[g] = uniform(rng, 1, 256);
-      c.r[g] = uniform(rng, 1, std::min<std::int64_t>(c.w[g], 4));
-    }
-    c.mode = chance(rng, 0.5) ? dattn::Mode::grouped : dattn::Mode::longnet;
     c.causal = chance(rng, 0.5);
     if (chance(rng, 0.25)) c.dropout_p = 0.2, c.dropout_seed = rng();
-    dattn::DilatedConfig config;
-    config.segment_lengths = c.w;
-    config.dilation_rates = c.r;
-    config.mode = c.mode;
-    config.causal = c.causal;
-    config.dropout_p = c.dropout_p;
-    config.dropout_seed = c.dropout_seed;
+    const dattn::DilatedConfig config = config_of(c);
 
     const std::int64_t align = 16 / std::int64_t(dattn::dtype_size(c.dtype));
     const std::vector<std::int64_t> thd{T, c.H, c.D}, tkd{T, c.Hkv, c.D};
@@ -893,22 +901,7 @@ int check_decode(int count, std::uint64_t seed) {
   Rng rng(seed);
   for (int i = 0; i < count; ++i) {
     std::vector<std::unique_ptr<Buffer>> owner;
-    Case c;  // for the tolerance and the description
-    c.dtype = std::vector<DType>{DType::bfloat16, DType::float16, DType::float32}[std::size_t(i % 3)];
-    c.H = uniform(rng, 1, 4);
-    c.D = g_head_dims[rng() % g_head_dims.size()];
-    std::vector<std::int64_t> divisors;
-    for (std::int64_t d = 1; d <= c.H; ++d)
-      if (c.H % d == 0) divisors.push_back(d);
-    c.Hkv = divisors[rng() % divisors.size()];
-    const auto G = std::size_t(uniform(rng, 1, 3));
-    c.w.assign(G, 1);
-    c.r.assign(G, 1);
-    for (std::size_t g = 0; g < G; ++g) {
-      c.w[g] = uniform(rng, 1, 256);
-      c.r[g] = uniform(rng, 1, std::min<std::int64_t>(c.w[g], 4));
-    }
-    c.mode = chance(rng, 0.5) ? dattn::Mode::grouped : dattn::Mode::longnet;
+    Case c = draw_small_case(i, rng);  // also for the tolerance and the description
     c.causal = true;
     const std::int64_t B = uniform(rng, 1, 3), Tn = chance(rng, 0.5) ? 1 : uniform(rng, 2, 300);
     const bool append = chance(rng, 0.5);
@@ -925,11 +918,7 @@ int check_decode(int count, std::uint64_t seed) {
       seqlens.push_back(std::int32_t(append ? L - Tn : L));
     }
     c.B = B, c.N = Nmax;
-    dattn::DilatedConfig config;
-    config.segment_lengths = c.w;
-    config.dilation_rates = c.r;
-    config.mode = c.mode;
-    config.causal = true;
+    const dattn::DilatedConfig config = config_of(c);
 
     const std::int64_t align = 16 / std::int64_t(dattn::dtype_size(c.dtype));
     std::vector<View> t;  // q, k_cache, v_cache, k_new, v_new, out
