@@ -47,8 +47,7 @@ void check_tensors(const KeyValueCache& cache, const TensorView& q, const Tensor
     throw Error(std::string("q has dtype ") + dtype_name(q.dtype) + "; expected float32, bfloat16, float16 or float64");
   if (q.dtype == DType::float64 && !detail::use_reference(options, q.dtype))
     throw Error("q has dtype float64, which only Backend::reference computes; expected float32, bfloat16 or float16");
-  if (q.device.type == DeviceType::cpu && q.shape[3] > 256)
-    throw Error("head dim D = " + str(q.shape[3]) + " is not supported on the CPU; expected 1 <= D <= 256");
+  detail::check_head_dim(q);
   detail::check_attention_tensor("q", q, q);
   for (const auto& [name, t] : {std::pair{"k_cache", &cache.k_cache}, {"v_cache", &cache.v_cache}})
     if (t->data == nullptr || t->rank != 4)
@@ -69,6 +68,15 @@ void check_tensors(const KeyValueCache& cache, const TensorView& q, const Tensor
   }
   detail::check_attention_tensor("out", out, q);
   detail::check_lse(lse, q);
+  if (q.device.type == DeviceType::cuda) {
+    const std::pair<const char*, const TensorView*> tensors[] = {
+        {"q", &q}, {"k_cache", &cache.k_cache}, {"v_cache", &cache.v_cache}, {"out", &out}};
+    for (const auto& [name, t] : tensors) detail::check_cuda_alignment(name, *t);
+    if (cache.k_new) {
+      detail::check_cuda_alignment("k_new", *cache.k_new);
+      detail::check_cuda_alignment("v_new", *cache.v_new);
+    }
+  }
   const TensorView& lengths = cache.cache_seqlens;
   if (lengths.data == nullptr || lengths.rank != 1 || lengths.shape[0] != q.shape[0])
     throw Error("cache_seqlens has shape " + lengths.shape_string() + "; expected [" + str(q.shape[0]) + "] ([B])");

@@ -64,6 +64,16 @@ void check_attention_tensor(const char* name, const TensorView& t, const TensorV
                 " along D; expected 1 (the head dim must be contiguous)");
 }
 
+void check_head_dim(const TensorView& q) {
+  const std::int64_t D = q.shape[3];
+  if (q.device.type == DeviceType::cuda) {
+    if (D != 16 && D != 32 && D != 64 && D != 80 && D != 96 && D != 128)
+      throw Error("head dim D = " + str(D) + " is not supported on the GPU; expected one of 16, 32, 64, 80, 96, 128");
+  } else if (D > kMaxCpuHeadDim) {
+    throw Error("head dim D = " + str(D) + " is not supported on the CPU; expected 1 <= D <= " + str(kMaxCpuHeadDim));
+  }
+}
+
 // docs/semantics.md "Tensors": GPU kernels load 16 bytes at a time.
 void check_cuda_alignment(const char* name, const TensorView& t) {
   const std::int64_t element = std::int64_t(dtype_size(t.dtype));
@@ -167,14 +177,10 @@ void check_inputs(const CommonSettings& settings, const TensorView& q, const Ten
     const std::int64_t rows = options.ring_step ? options.ring_step->global_length : q.shape[1];
     if (rows > (std::int64_t(1) << 30))  // the kernels' row arithmetic is 32-bit
       throw Error("the sequence has " + str(rows) + " rows; expected at most 2^30 on the GPU");
-    const std::int64_t D = q.shape[3];
-    if (D != 16 && D != 32 && D != 64 && D != 80 && D != 96 && D != 128)
-      throw Error("head dim D = " + str(D) + " is not supported on the GPU; expected one of 16, 32, 64, 80, 96, 128");
+    check_head_dim(q);
     for (const auto& [name, t] : {std::pair{"q", &q}, {"k", &k}, {"v", &v}}) check_cuda_alignment(name, *t);
   } else {
-    if (q.shape[3] > kMaxCpuHeadDim)
-      throw Error("head dim D = " + str(q.shape[3]) + " is not supported on the CPU; expected 1 <= D <= " +
-                  str(kMaxCpuHeadDim));
+    check_head_dim(q);
     if (options.stream != nullptr)
       throw Error("stream is set for cpu tensors; expected nullptr (streams are for CUDA tensors)");
   }

@@ -25,6 +25,10 @@ void check_config(const DilatedConfig& config);
 // t is a [B, N, H, D] tensor like `like` (shape, dtype, device) with stride 1 along D.
 void check_attention_tensor(const char* name, const TensorView& t, const TensorView& like);
 void check_lse(const TensorView& lse, const TensorView& q);
+// q's head dim D against what its device's kernels compute (the GPU's instance list, the CPU's
+// bound); 16-byte alignment of a tensor on the GPU (its kernels load 16 bytes at a time).
+void check_head_dim(const TensorView& q);
+void check_cuda_alignment(const char* name, const TensorView& t);
 Operand operand(const TensorView& t);
 // The key/value heads Hkv of k (H % Hkv == 0, else an error naming both).
 std::int64_t check_kv_heads(const TensorView& q, const TensorView& k);

@@ -143,8 +143,12 @@ class DeviceGuard {
 };
 
 [[noreturn]] void unsupported_head_dim(std::int64_t d) {
+#ifdef DATTN_CUDA_MINIMAL
   throw Error("head dim D = " + std::to_string(d) +
               " has no CUDA kernel in this build (DATTN_CUDA_MINIMAL builds D = 64 only); expected 64");
+#else
+  throw Error("head dim D = " + std::to_string(d) + " has no CUDA kernel; expected one of 16, 32, 64, 80, 96, 128");
+#endif
 }
 
 template <class T, int S>

@@ -1,9 +1,9 @@
 // What the CUDA kernels do not compute yet is refused by name, before anything is written:
 // grouped-query heads (k, v with fewer heads than q) in ring steps and packed batches (cu_seqlens) of
-// block-sparse attention; and a decode call whose cache_seqlens (on the device) overflow the cache
-// is refused by its validation before the cache is written. A plain program (no GoogleTest on the
-// GPU machine): exit 0 when every call raised the expected dattn::Error, 1 otherwise, 77 without a
-// CUDA device.
+// block-sparse attention; and a decode call whose cache_seqlens (on the device) overflow the cache,
+// or whose head dim has no CUDA kernel, is refused by its validation before the cache is written.
+// A plain program (no GoogleTest on the GPU machine): exit 0 when every call raised the expected
+// dattn::Error, 1 otherwise, 77 without a CUDA device.
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -115,6 +115,21 @@ int main() {
   expect_error("forward_with_kvcache, L > Nmax", {"cache_seqlens[1] = 64", "Nmax = 64"}, [&] {
     dattn::forward_with_kvcache(config, cache, q.view(DType::bfloat16, {B, 1, H, D}),
                                 out.view(DType::bfloat16, {B, 1, H, D}), lse.view(DType::float32, {B, H, 1}));
+  });
+
+  // Head dim 8 (no CUDA kernel) with valid lengths {0, 0}: refused by the validation before the new
+  // keys are written into the cache.
+  const std::int32_t zeros[2] = {0, 0};
+  cudaMemcpy(offsets.data, zeros, sizeof zeros, cudaMemcpyHostToDevice);
+  const std::int64_t narrow = 8, rows = bytes / (2 * B * H * narrow);
+  const dattn::KeyValueCache narrow_cache{.k_cache = k.view(DType::bfloat16, {B, rows, H, narrow}),
+                                          .v_cache = v.view(DType::bfloat16, {B, rows, H, narrow}),
+                                          .cache_seqlens = offsets.view(DType::int32, {B}),
+                                          .k_new = dout.view(DType::bfloat16, {B, 1, H, narrow}),
+                                          .v_new = dout.view(DType::bfloat16, {B, 1, H, narrow})};
+  expect_error("forward_with_kvcache, D = 8", {"head dim D = 8", "not supported on the GPU"}, [&] {
+    dattn::forward_with_kvcache(config, narrow_cache, q.view(DType::bfloat16, {B, 1, H, narrow}),
+                                out.view(DType::bfloat16, {B, 1, H, narrow}), lse.view(DType::float32, {B, H, 1}));
   });
 
   if (host_copy(out, bytes) != before) std::printf("FAIL out was written by a refused call\n"), ++failures;
