@@ -81,6 +81,7 @@ struct DilatedParams {
 
   // GPU launch state (CUDA backend).
   CudaKernels cuda_kernels = CudaKernels::automatic;
+  int sm90_forward_rows = 0;  // 0: chosen per call (dispatch.cu)
   void* stream = nullptr;
   void* workspace = nullptr;
   std::size_t workspace_bytes = 0;

@@ -183,6 +183,9 @@ void check_inputs(const CommonSettings& settings, const TensorView& q, const Ten
     check_head_dim(q);
     if (options.stream != nullptr)
       throw Error("stream is set for cpu tensors; expected nullptr (streams are for CUDA tensors)");
+    if (options.sm90_forward_rows != 0)
+      throw Error("options.sm90_forward_rows = " + str(options.sm90_forward_rows) +
+                  " for cpu tensors; expected 0 (it picks a CUDA kernel's block shape)");
   }
 
   if (settings.key_padding_mask) {
@@ -257,6 +260,7 @@ DilatedParams base_params(const CommonSettings& settings, const TensorView& q, c
   p.position_index_checked = options.position_index_checked;
   p.stream = options.stream;
   p.cuda_kernels = options.cuda_kernels;
+  p.sm90_forward_rows = options.sm90_forward_rows;
   p.workspace = options.workspace;
   p.workspace_bytes = options.workspace_bytes;
   p.global_length = p.seqlen;

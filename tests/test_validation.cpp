@@ -263,6 +263,9 @@ TEST_P(Validation, RingStepAndStream) {
   int fake_stream = 0;
   a.options.stream = &fake_stream;
   EXPECT_BOTH(a, "stream");
+  a = good_;
+  a.options.sm90_forward_rows = 192;  // a CUDA block shape
+  EXPECT_BOTH(a, "options.sm90_forward_rows = 192 for cpu tensors");
 }
 
 TEST_P(Validation, PositionIndex) {

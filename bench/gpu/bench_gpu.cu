@@ -10,10 +10,13 @@
 //
 // Usage: dattn-bench-gpu [--configs seed,long256k] [--dtypes bf16,fp16,fp32,tf32] [--repeats N]
 //                        [--warmup N] [--json FILE] [--cuda-kernels auto,sm80,sm90] [--no-workspace]
+//                        [--sm90-forward-rows 0,128,192]
 // --no-workspace: the backward gets no delta workspace (a C++ caller's default; the kernels then
 // compute delta themselves) instead of the one the Python package passes.
 // --cuda-kernels times each listed kernel generation (LaunchOptions::cuda_kernels); the
 // implementation column names the generations that ran (forward/backward).
+// --sm90-forward-rows 0,128,192 times each listed block shape of the sm90 forward
+// (LaunchOptions::sm90_forward_rows; 0 = chosen per call, the default).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -235,7 +238,8 @@ dattn::CudaKernels kernels_by_name(const std::string& n) {
   throw std::invalid_argument("unknown kernel generation " + n + "; expected auto, sm80 or sm90");
 }
 
-Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, bool workspace, int warmup, int repeats) {
+Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int sm90_rows, bool workspace, int warmup,
+        int repeats) {
   Row row;
   row.config = c.name;
   row.dtype = dt.label;
@@ -275,6 +279,7 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, bool
   dattn::LaunchOptions options;
   options.stream = stream;
   options.cuda_kernels = kernels_by_name(kernels);
+  options.sm90_forward_rows = sm90_rows;
   dattn::LaunchOptions backward_options = options;
   if (workspace) {
     backward_options.workspace = x.workspace;
@@ -284,6 +289,7 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, bool
   for (const dattn::LaunchOptions* o : {&options, &backward_options})
     row.impl += std::string(o == &options ? " " : "/") +
                 (dattn::cuda_kernel_generation(view(x.q[0]), o != &options, *o) == dattn::CudaKernels::sm90 ? "sm90" : "sm80");
+  if (sm90_rows > 0) row.impl += " (" + std::to_string(sm90_rows) + "-row forward blocks)";
   auto forward = [&](int s) { dattn::forward(config, view(x.q[s]), view(x.k[s]), view(x.v[s]), view(x.out), lse, options); };
   auto backward = [&](int s) {
     dattn::backward(config, view(x.q[s]), view(x.k[s]), view(x.v[s]), view(x.out), lse, view(x.dout[s]), view(x.dq),
@@ -362,6 +368,7 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, bool
 
 int main(int argc, char** argv) try {
   std::vector<std::string> configs{"seed", "long256k"}, dtypes{"bf16", "fp16", "fp32", "tf32"}, kernels{"auto"};
+  std::vector<std::string> sm90_rows{"0"};
   int warmup = 5, repeats = 20;
   std::string json_path;
   bool workspace = true;
@@ -378,6 +385,7 @@ int main(int argc, char** argv) try {
     else if (a == "--json") json_path = next();
     else if (a == "--cuda-kernels") kernels = split(next());
     else if (a == "--no-workspace") workspace = false;
+    else if (a == "--sm90-forward-rows") sm90_rows = split(next());
     else throw std::invalid_argument("unknown argument " + a);
   }
   cudaDeviceProp prop{};
@@ -386,12 +394,14 @@ int main(int argc, char** argv) try {
   std::vector<Row> rows;
   for (const std::string& cn : configs)
     for (const std::string& dn : dtypes)
-      for (const std::string& kn : kernels) {
-        const Config c = config_by_name(cn);
-        const DtypeChoice dt = dtype_by_name(dn);
-        std::fprintf(stderr, "dattn %s %s (%s kernels) ...\n", cn.c_str(), dt.label.c_str(), kn.c_str());
-        rows.push_back(run(c, dt, kn, workspace, warmup, cn == "seed" ? std::max(repeats, 50) : repeats));
-      }
+      for (const std::string& kn : kernels)
+        for (const std::string& rn : sm90_rows) {
+          const Config c = config_by_name(cn);
+          const DtypeChoice dt = dtype_by_name(dn);
+          std::fprintf(stderr, "dattn %s %s (%s kernels, sm90 forward rows %s) ...\n", cn.c_str(), dt.label.c_str(),
+                       kn.c_str(), rn.c_str());
+          rows.push_back(run(c, dt, kn, std::atoi(rn.c_str()), workspace, warmup, cn == "seed" ? std::max(repeats, 50) : repeats));
+        }
   std::printf("| implementation | config | dtype | fwd ms [min-max] | fwd TFLOP/s | fwd+bwd ms [min-max] | fwd+bwd TFLOP/s | peak MB | error out / lse / grads |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
   for (const Row& r : rows) {

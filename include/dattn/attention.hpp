@@ -53,6 +53,10 @@ struct LaunchOptions {
   // by dattn/hilbert.hpp's functions, say). A host map is always checked (no synchronisation).
   bool position_index_checked = false;
   CudaKernels cuda_kernels = CudaKernels::automatic;  // CUDA tensors: which kernel generation runs
+  // The sm90 forward's query rows per block: 0 chooses per call (at head dim 64, 192 rows where the
+  // GPU stays as full as with 128, else 128; 128 at head dim 128); 128 or 192 (head dim 64 only)
+  // force one, for tests and benchmarks. Only for calls the sm90 forward runs.
+  int sm90_forward_rows = 0;
 };
 
 // The CUDA kernel generation (sm80 or sm90) that forward (backward: `backward` true) runs for

@@ -183,11 +183,13 @@ void backward_launch(const DilatedParams& p, const LaunchPlan& plan, cudaStream_
 
 #ifdef DATTN_WITH_SM90
 template <class T>
-void forward_launch_sm90(const DilatedParams& p, const LaunchPlan& plan, cudaStream_t s) {
+void forward_launch_sm90(const DilatedParams& p, int consumers, const LaunchPlan& plan, cudaStream_t s) {
 #ifndef DATTN_CUDA_MINIMAL
-  if (p.head_dim == 128) return launch_forward_sm90<T, 128>(p, plan, s);
+  if (p.head_dim == 128) return launch_forward_sm90<T, 128, 2>(p, plan, s);
 #endif
-  return launch_forward_sm90<T, 64>(p, plan, s);  // kernel_generation admits these head dims only
+  // kernel_generation admits head dims 64 and 128 only
+  if (consumers == 2) return launch_forward_sm90<T, 64, 2>(p, plan, s);
+  return launch_forward_sm90<T, 64, 3>(p, plan, s);
 }
 
 template <class T>
@@ -229,14 +231,36 @@ void launch_forward_plans(const DilatedParams& p, int rows, Launch launch) {
   for (int i = 0; i < p.num_branches; ++i) launch(make_plan(p, i, i + 1, {kForwardRole}, rows, ring || i > 0));
 }
 
+#ifdef DATTN_WITH_SM90
+// Consumer warpgroups of the sm90 forward (64 query rows each): at head dim 64 three, unless two
+// take fewer GPU rounds. A launch costs its rounds (blocks / SMs, rounded up; one block per SM)
+// times a block's rows, a row of a three-consumer block 0.87 of a two-consumer one's (their
+// long256k times on the H100). seed's 168 blocks of 192 rows (two rounds) thus become 224 of 128.
+int sm90_forward_consumers(const DilatedParams& p) {
+  if (p.head_dim != 64) return 2;
+  int device = 0, sms = 1;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    throw std::runtime_error("dattn: cannot read the CUDA device's multiprocessor count");
+  auto cost = [&](int consumers) {
+    double rounds = 0;
+    launch_forward_plans(p, 64 * consumers, [&](const LaunchPlan& plan) { rounds += double(ceil_div(plan.total_blocks, sms)); });
+    return rounds * 64 * consumers * (consumers == 3 ? 0.87 : 1.0);
+  };
+  return cost(3) <= cost(2) ? 3 : 2;
+}
+#endif
+
 template <class T, int S>
 void run_forward(const DilatedParams& p) {
   const auto stream = static_cast<cudaStream_t>(p.stream);
 #ifdef DATTN_WITH_SM90
   if constexpr (S == 1) {
-    if (kernel_generation(p, false) == CudaKernels::sm90)
-      return launch_forward_plans(p, p.head_dim > 64 ? Sm90ForwardShape<128>::kBlockM : Sm90ForwardShape<64>::kBlockM,
-                                  [&](const LaunchPlan& plan) { forward_launch_sm90<T>(p, plan, stream); });
+    if (kernel_generation(p, false) == CudaKernels::sm90) {
+      const int consumers = p.sm90_forward_rows > 0 ? p.sm90_forward_rows / 64 : sm90_forward_consumers(p);
+      return launch_forward_plans(p, 64 * consumers,
+                                  [&](const LaunchPlan& plan) { forward_launch_sm90<T>(p, consumers, plan, stream); });
+    }
   }
 #endif
   launch_forward_plans(p, ForwardShape<64, S>::kBlockM,  // the same rows for every head dim
@@ -328,6 +352,15 @@ CudaKernels kernel_generation(const DilatedParams& p, bool backward) {
 
 // Paths of later issues that the CUDA kernels do not read yet: refused, never ignored.
 void check_supported(const DilatedParams& p) {
+  if (p.sm90_forward_rows != 0) {
+    const std::string rows = "options.sm90_forward_rows = " + std::to_string(p.sm90_forward_rows);
+    if (p.sm90_forward_rows != 128 && p.sm90_forward_rows != 192)
+      throw Error(rows + "; expected 0 (chosen per call), 128 or 192");
+    if (p.sm90_forward_rows == 192 && p.head_dim != 64)
+      throw Error(rows + " with head dim " + std::to_string(p.head_dim) + "; expected 128 (192 rows need head dim 64)");
+    if (kernel_generation(p, false) != CudaKernels::sm90)
+      throw Error(rows + ", but the sm80 kernels run this call; expected 0");
+  }
   const bool ring_step = p.query_position != 0 || p.global_length != p.seqlen || p.key_begin != 0 || p.key_end != p.seqlen;
   if (ring_step && !p.float32_outputs)
     throw Error("options.ring_step with CUDA tensors: forward writes no per-step output on CUDA; expected "

@@ -70,9 +70,8 @@ __device__ __forceinline__ void issue_pv(float (&acc)[D / 8][4], const std::uint
 // the keys' positions, then the stages' barriers: `full` completes when the stage's copies have
 // landed, `keys` when the producer's plain stores (the key bias and positions) are done, `empty`
 // when both consumers are done with the stage. Each thread arrives once per phase on each.
-template <int D>
+template <class Shape>
 struct Stages {
-  using Shape = Sm90ForwardShape<D>;
   unsigned char* q;
   unsigned char* k;
   unsigned char* v;
@@ -95,11 +94,10 @@ struct Stages {
 };
 
 // Warpgroup 0: every tile's loads, a stage at a time once the consumers have emptied it.
-template <class T, int D, Walk kWalk, class Tiles>
+template <class T, class Shape, Walk kWalk, class Tiles>
 __device__ __forceinline__ void produce(const detail::DilatedParams& p, const BlockWork& w, const Tiles& tiles,
-                                        int num_tiles, const Stages<D>& st) {
-  using Shape = Sm90ForwardShape<D>;
-  constexpr int BM = Shape::kBlockM, BN = Shape::kBlockN, kStages = Shape::kStages;
+                                        int num_tiles, const Stages<Shape>& st) {
+  constexpr int D = Shape::kHeadDim, BM = Shape::kBlockM, BN = Shape::kBlockN, kStages = Shape::kStages;
   constexpr TileLayout kSwizzled = TileLayout::swizzled;
   const bool causal_by_position = kWalk == Walk::indexed && p.causal;
   for (int it = 0; it < num_tiles; ++it) {
@@ -133,11 +131,10 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
 // They take turns at the tensor cores (named barriers 1, 2, 3, round robin from the first): each
 // issues its products when the one before has issued its own, so that one's softmax runs while
 // another's products do, instead of all waiting for the same stage and then computing side by side.
-template <class T, int D, Walk kWalk, class Tiles>
+template <class T, class Shape, Walk kWalk, class Tiles>
 __device__ __forceinline__ void consume(const detail::DilatedParams& p, const BlockWork& w,
-                                        const Tiles& tiles, int num_tiles, const Stages<D>& st) {
-  using Shape = Sm90ForwardShape<D>;
-  constexpr int BM = Shape::kBlockM, BN = Shape::kBlockN, kStages = Shape::kStages;
+                                        const Tiles& tiles, int num_tiles, const Stages<Shape>& st) {
+  constexpr int D = Shape::kHeadDim, BM = Shape::kBlockM, BN = Shape::kBlockN, kStages = Shape::kStages;
   // The warpgroup as a value the compiler knows is warp-uniform (a shuffle from lane 0), as in
   // the backward.
   const int warpgroup = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0) - 1;
@@ -254,13 +251,13 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
   write_forward_rows<T, D>(p, w, acc, row_max, row_sum, qi);
 }
 
-template <class T, int D, Walk kWalk>
-__global__ void __launch_bounds__(Sm90ForwardShape<D>::kThreads, 1)
+template <class T, class Shape, Walk kWalk>
+__global__ void __launch_bounds__(Shape::kThreads, 1)
     forward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Shape = Sm90ForwardShape<D>;
+  constexpr int D = Shape::kHeadDim;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const Stages<D> st(smem_raw);
+  const Stages<Shape> st(smem_raw);
   if (threadIdx.x == 0)
     for (int s = 0; s < Shape::kStages; ++s) {
       barrier_init(st.full + s, 128);  // the producer's threads, when their copies land
@@ -275,11 +272,11 @@ __global__ void __launch_bounds__(Sm90ForwardShape<D>::kThreads, 1)
   const int num_tiles = w.tile_rows > 0 ? tiles.count : 0;
   if (threadIdx.x < 128) {
     registers_decrease<Shape::kProducerRegisters>();
-    produce<T, D, kWalk>(p, w, tiles, num_tiles, st);
+    produce<T, Shape, kWalk>(p, w, tiles, num_tiles, st);
     if (!w.accumulate) zero_unselected<T, D, 128>(p, w, &p.out, nullptr, true);
   } else {
     registers_increase<Shape::kConsumerRegisters>();
-    consume<T, D, kWalk>(p, w, tiles, num_tiles, st);
+    consume<T, Shape, kWalk>(p, w, tiles, num_tiles, st);
   }
 #endif
 }
@@ -288,12 +285,12 @@ __global__ void __launch_bounds__(Sm90ForwardShape<D>::kThreads, 1)
 
 namespace dattn::cuda {
 
-template <class T, int D>
+template <class T, int D, int Consumers>
 void launch_forward_sm90(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream) {
-  using Shape = Sm90ForwardShape<D>;
-  auto kernel = params.block_size > 0              ? sm90::forward_kernel<T, D, Walk::sparse>
-                : params.position_index != nullptr ? sm90::forward_kernel<T, D, Walk::indexed>
-                                                   : sm90::forward_kernel<T, D, Walk::dilated>;
+  using Shape = Sm90ForwardShape<D, Consumers>;
+  auto kernel = params.block_size > 0              ? sm90::forward_kernel<T, Shape, Walk::sparse>
+                : params.position_index != nullptr ? sm90::forward_kernel<T, Shape, Walk::indexed>
+                                                   : sm90::forward_kernel<T, Shape, Walk::dilated>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmemBytes)) != cudaSuccess)
     check_launch("sm90 forward (shared memory attribute)");
   kernel<<<plan.total_blocks, Shape::kThreads, Shape::kSmemBytes, stream>>>(params, plan);
