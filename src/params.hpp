@@ -97,6 +97,7 @@ struct DilatedParams {
   // alone, as a batch of one of its own length. null: every sequence has seqlen rows.
   const std::int32_t* cu_seqlens = nullptr;  // [batch + 1], on the host for the CPU kernels
   std::int64_t max_seqlen = 0;               // >= the longest sequence
+  std::int64_t packed_rows = 0;              // T, the packed tensors' rows (softmax_delta is [H, T])
   // The dropout counter's batch index b of batch row 0 (a varlen sequence run on its own passes
   // its index in the packed batch).
   std::int64_t dropout_batch_base = 0;

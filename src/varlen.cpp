@@ -193,6 +193,9 @@ void backward_varlen(const DilatedConfig& config, const PackedSequences& sequenc
   params.batch = p.batch;
   params.cu_seqlens = p.offsets;
   params.max_seqlen = sequences.max_seqlen;
+  params.packed_rows = p.total;
+  if (q.device.type == DeviceType::cuda)
+    detail::set_backward_workspace(params, p.q, p.out, g, options);  // delta [H, T] in a pass of its own
   run_backward(params, q);
 }
 

@@ -28,7 +28,8 @@ struct PackedSequences {
 };
 
 // Dilated attention (both modes) of each sequence. config.key_padding_mask must be empty and
-// options may not set ring_step or position_index.
+// options may not set ring_step or position_index. CUDA backward: options.workspace of at least
+// backward_workspace_bytes of q's [1, T, H, D] (T·H float32) serves delta as in dattn::backward.
 void forward_varlen(const DilatedConfig& config, const PackedSequences& sequences, const TensorView& q,
                     const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
                     const LaunchOptions& options = {});

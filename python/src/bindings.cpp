@@ -234,9 +234,12 @@ void backward_varlen(const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, co
                      const ViewSpec& cu_seqlens, std::int64_t max_seqlen, bool validate,
                      const std::vector<std::int64_t>& segment_lengths, const std::vector<std::int64_t>& dilation_rates,
                      const std::string& mode, bool causal, std::optional<double> scale, double dropout_p,
-                     std::uint64_t dropout_seed, const std::string& backend, std::uintptr_t stream) {
-  const Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, std::nullopt, dropout_p,
-                              dropout_seed, 0, false, backend, stream, std::nullopt, false);
+                     std::uint64_t dropout_seed, const std::string& backend, std::uintptr_t stream,
+                     std::uintptr_t workspace, std::size_t workspace_bytes) {
+  Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, std::nullopt, dropout_p,
+                        dropout_seed, 0, false, backend, stream, std::nullopt, false);
+  call.options.workspace = reinterpret_cast<void*>(workspace);
+  call.options.workspace_bytes = workspace_bytes;
   const auto sequences = packed(cu_seqlens, max_seqlen, validate);
   const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
   const auto ov = to_view(out, "out"), lv = to_view(lse, "lse"), gv = to_view(dout, "dout");
@@ -339,7 +342,8 @@ NB_MODULE(_C, m) {
         "Dilated attention of a packed batch: out [T, H, D] and lse [H, T] of each sequence alone.");
   m.def("backward_varlen", &backward_varlen, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dout"_a, "dq"_a, "dk"_a, "dv"_a,
         "cu_seqlens"_a, "max_seqlen"_a, "validate"_a, "segment_lengths"_a, "dilation_rates"_a, "mode"_a, "causal"_a,
-        "scale"_a.none(), "dropout_p"_a, "dropout_seed"_a, "backend"_a, "stream"_a);
+        "scale"_a.none(), "dropout_p"_a, "dropout_seed"_a, "backend"_a, "stream"_a, "workspace"_a = 0,
+        "workspace_bytes"_a = 0);
   m.def("block_sparse_forward_varlen", &block_sparse_forward_varlen, "pattern"_a, "q"_a, "k"_a, "v"_a, "out"_a,
         "lse"_a, "cu_seqlens"_a, "max_seqlen"_a, "validate"_a, "block_size"_a, "causal"_a, "scale"_a.none(),
         "dropout_p"_a, "dropout_seed"_a);

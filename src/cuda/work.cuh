@@ -283,9 +283,12 @@ __device__ __forceinline__ float* lse_pointer(const detail::DilatedParams& p, st
   return p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride + position * p.lse_row_stride;
 }
 
-// A ring step's given softmax correction: [B, H, N] contiguous over the local query rows.
+// The given softmax correction (a ring step's, or the backward's delta pass): [B, H, N] contiguous
+// over the local query rows; a packed batch's is [H, T] over tensor rows (its blocks' batch index
+// is a sequence's).
 __device__ __forceinline__ const float* delta_pointer(const detail::DilatedParams& p, std::int64_t batch,
                                                       std::int64_t head, std::int64_t row) {
+  if (p.cu_seqlens != nullptr) return p.softmax_delta + head * p.packed_rows + row;
   return p.softmax_delta + (batch * p.heads + head) * p.seqlen + row;
 }
 
