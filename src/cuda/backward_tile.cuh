@@ -17,6 +17,25 @@ namespace dattn::cuda {
 // that a row attending a single key gets the exactly-zero gradient the reference gives it.
 inline constexpr float kSingleKey = 0.99999f;
 
+// What both roles' tiles start from: the thread's dropout bits (own rows own[0], own[1] against the
+// columns from side index c0), and whether causality compares original positions (under an index
+// map) or side indices (side order is position order).
+struct TileMasks {
+  bool dropout, causal_by_position, causal_by_order;
+  std::uint32_t keep;
+};
+
+template <int BO, Walk kWalk>
+__device__ __forceinline__ TileMasks tile_masks(const detail::DilatedParams& p, const BlockWork& w,
+                                                const std::int64_t (&own)[2], std::int64_t c0, bool keys_own) {
+  TileMasks m;
+  m.dropout = p.dropout_p > 0.0f;
+  m.causal_by_position = kWalk == Walk::indexed && p.causal;
+  m.causal_by_order = p.causal && !m.causal_by_position;
+  m.keep = m.dropout ? dropout_bits<BO / 8>(p, w, own[0], own[1], c0, keys_own) : 0u;
+  return m;
+}
+
 // A dk/dv block's tile: own rows are the warp's keys kj, columns the BO queries from side index j0
 // (valid_q of them real). In: st = K·Qᵀ and dpt = V·dOᵀ, raw. Out: st = P∘Z (for dV += st·dO) and
 // dpt = dS = P∘(Z∘dP − delta) (for dK += dpt·Q). lse, delta and (causal under an index map) the
@@ -29,11 +48,8 @@ __device__ __forceinline__ void key_tile_gradients(const detail::DilatedParams& 
                                                    const float* lse, const float* delta, const int* query_position) {
   const int t = threadIdx.x % 4;
   const float scale_log2 = p.scale * kLog2e;
-  const bool dropout = p.dropout_p > 0.0f;
-  const bool causal_by_position = kWalk == Walk::indexed && p.causal;
-  const std::uint32_t keep = dropout ? dropout_bits<BO / 8>(p, w, kj[0], kj[1], j0, true) : 0u;
+  const auto [dropout, causal_by_position, causal_by_order, keep] = tile_masks<BO, kWalk>(p, w, kj, j0, true);
   // Causal: query column col sees key row r iff col >= first[r]; else every column is in range.
-  const bool causal_by_order = p.causal && !causal_by_position;  // side order is position order
   const int first[2] = {causal_by_order ? int(imax(-1, kj[0] - w.causal_shift - j0)) : 0,
                         causal_by_order ? int(imax(-1, kj[1] - w.causal_shift - j0)) : 0};
   // Every column a valid query that attends something (no padding: each attends itself), no
@@ -80,11 +96,8 @@ __device__ __forceinline__ void query_tile_gradients(const detail::DilatedParams
                                                      const int* key_position) {
   const int t = threadIdx.x % 4;
   const float scale_log2 = p.scale * kLog2e;
-  const bool dropout = p.dropout_p > 0.0f;
-  const bool causal_by_position = kWalk == Walk::indexed && p.causal;
-  const std::uint32_t keep = dropout ? dropout_bits<BO / 8>(p, w, qi[0], qi[1], k0, false) : 0u;
+  const auto [dropout, causal_by_position, causal_by_order, keep] = tile_masks<BO, kWalk>(p, w, qi, k0, false);
   // Causal: key column col is visible to query row r iff col <= last[r]; else every column is.
-  const bool causal_by_order = p.causal && !causal_by_position;  // side order is position order
   const int last[2] = {causal_by_order ? int(imin(BO, qi[0] + w.causal_shift - k0)) : BO,
                        causal_by_order ? int(imin(BO, qi[1] + w.causal_shift - k0)) : BO};
   // Every key of the tile valid and unpadded, no causality or dropout: no masks to apply (a row
