@@ -853,7 +853,8 @@ int check_packed_batches(int count, std::uint64_t seed) {
     std::string error;
     try {
       dattn::LaunchOptions options;  // the sm90 forward's two block shapes at head dim 64, in turn
-      if (c.D == 64 && dattn::cuda_kernel_generation(device(0), false, {}) == dattn::CudaKernels::sm90)
+      const dattn::TensorView q4 = dattn::make_view(device(0).data, c.dtype, {1, T, c.H, c.D}, {}, device(0).device);
+      if (c.D == 64 && dattn::cuda_kernel_generation(q4, false, {}) == dattn::CudaKernels::sm90)
         options.sm90_forward_rows = i % 2 ? 128 : 192;
       dattn::forward_varlen(config, packed, device(0), device(1), device(2), device(3), lse.device_view(), options);
       // Every other check gives the backward its workspace ([H, T] delta in a pass of its own).
