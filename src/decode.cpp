@@ -69,6 +69,19 @@ void check_tensors(const KeyValueCache& cache, const TensorView& q, const Tensor
   }
   detail::check_attention_tensor("out", out, q);
   detail::check_lse(lse, q);
+  if (q.device.type == DeviceType::cuda) {  // the kernels' head dims, 32-bit row arithmetic and 16-byte loads
+    const std::int64_t D = q.shape[3];
+    if (D != 16 && D != 32 && D != 64 && D != 80 && D != 96 && D != 128)
+      throw Error("head dim D = " + str(D) + " is not supported on the GPU; expected one of 16, 32, 64, 80, 96, 128");
+    if (cache.k_cache.shape[1] > (std::int64_t(1) << 30))
+      throw Error("k_cache has Nmax = " + str(cache.k_cache.shape[1]) + " rows; expected at most 2^30 on the GPU");
+    for (const auto& [name, t] : {std::pair{"q", &q}, {"k_cache", &cache.k_cache}, {"v_cache", &cache.v_cache}, {"out", &out}})
+      detail::check_cuda_alignment(name, *t);
+    if (cache.k_new) {
+      detail::check_cuda_alignment("k_new", *cache.k_new);
+      detail::check_cuda_alignment("v_new", *cache.v_new);
+    }
+  }
   const TensorView& lengths = cache.cache_seqlens;
   if (lengths.data == nullptr || lengths.rank != 1 || lengths.shape[0] != q.shape[0])
     throw Error("cache_seqlens has shape " + lengths.shape_string() + "; expected [" + str(q.shape[0]) + "] ([B])");

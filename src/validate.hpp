@@ -25,6 +25,8 @@ void check_config(const DilatedConfig& config);
 // t is a [B, N, H, D] tensor like `like` (shape, dtype, device) with stride 1 along D.
 void check_attention_tensor(const char* name, const TensorView& t, const TensorView& like);
 void check_lse(const TensorView& lse, const TensorView& q);
+// The GPU's layout rule: a 16-byte aligned base pointer and every stride but D's a multiple of 16 bytes.
+void check_cuda_alignment(const char* name, const TensorView& t);
 Operand operand(const TensorView& t);
 // The key/value heads Hkv of k (H % Hkv == 0, else an error naming both).
 std::int64_t check_kv_heads(const TensorView& q, const TensorView& k);
