@@ -164,6 +164,9 @@ void forward_with_kvcache_cuda(const DilatedConfig& config, const KeyValueCache&
   }
   if (cache.k_new)
     cuda::append_to_cache(*cache.k_new, *cache.v_new, cache.k_cache, cache.v_cache, p.key_lengths, options.stream);
+  // A few new tokens: the split-KV decode kernels (the keys of each selected row read once, spread
+  // over the SMs); more: the forward kernels (dattn/decode.hpp, kCudaDecodeMaxTokens).
+  if (cuda::decode_covers(p)) return cuda::decode(p, cache.k_cache.shape[1]);
   cuda::forward(p);
 }
 #endif
