@@ -68,7 +68,9 @@ void check_tensors(const KeyValueCache& cache, const TensorView& q, const Tensor
   }
   detail::check_attention_tensor("out", out, q);
   detail::check_lse(lse, q);
-  if (q.device.type == DeviceType::cuda) {
+  if (q.device.type == DeviceType::cuda) {  // the kernels' 32-bit row arithmetic and 16-byte loads
+    if (cache.k_cache.shape[1] > (std::int64_t(1) << 30))
+      throw Error("k_cache has Nmax = " + str(cache.k_cache.shape[1]) + " rows; expected at most 2^30 on the GPU");
     const std::pair<const char*, const TensorView*> tensors[] = {
         {"q", &q}, {"k_cache", &cache.k_cache}, {"v_cache", &cache.v_cache}, {"out", &out}};
     for (const auto& [name, t] : tensors) detail::check_cuda_alignment(name, *t);
@@ -159,6 +161,9 @@ void forward_with_kvcache_cuda(const DilatedConfig& config, const KeyValueCache&
   }
   if (cache.k_new)
     cuda::append_to_cache(*cache.k_new, *cache.v_new, cache.k_cache, cache.v_cache, p.key_lengths, options.stream);
+  // A few new tokens: the split-KV decode kernels (the keys of each selected row read once, spread
+  // over the SMs); more: the forward kernels (dattn/decode.hpp, kCudaDecodeMaxTokens).
+  if (cuda::decode_covers(p)) return cuda::decode(p, cache.k_cache.shape[1]);
   cuda::forward(p);
 }
 #endif

@@ -14,6 +14,18 @@
 
 namespace dattn {
 
+// CUDA: calls with Tn <= kCudaDecodeMaxTokens new tokens per sequence (and LaunchOptions::cuda_kernels
+// automatic) run split-KV decode kernels: a block reads a chunk of the keys a branch selects for a
+// kv head once for every query head and new token that selects them, the chunks spread over the
+// SMs, and a second kernel merges the chunks and branches. Larger Tn run the forward kernels. Why
+// 8: a few tokens leave the forward kernels' blocks of 64 to 192 query rows nearly empty, each block
+// scanning a segment's keys alone; the split kernels compute on the CUDA cores, where the work per
+// key grows with the rows sharing it (Tn times the heads of a class), so the tensor cores win from
+// some Tn on. At 8 every call without grouped-query heads fits one block's registers (8 rows); a
+// chosen bound, not tuned on a GPU. Their scratch is allocated and freed in order on the call's
+// stream, from the device's current memory pool (docs/support.md, "Device memory").
+inline constexpr std::int64_t kCudaDecodeMaxTokens = 8;
+
 struct KeyValueCache {
   TensorView k_cache, v_cache;  // [B, Nmax, Hkv, D], H % Hkv == 0
   TensorView cache_seqlens;     // int32 [B] on q's device; never modified

@@ -1,5 +1,6 @@
 // The CUDA backend behind dattn::forward / dattn::backward for tensors on a CUDA device.
-// Asynchronous on params.stream: no synchronisation, no allocation.
+// Asynchronous on params.stream: no synchronisation, no allocation (except decode's scratch, which
+// is stream-ordered: cudaMallocAsync and cudaFreeAsync on params.stream).
 #pragma once
 
 #include <cstdint>
@@ -23,6 +24,17 @@ void backward(const detail::DilatedParams& params);  // reads out and lse saved 
 // int32 [B] on the device), on the caches' device, in order on `stream`.
 void append_to_cache(const TensorView& k_new, const TensorView& v_new, const TensorView& k_cache,
                      const TensorView& v_cache, const std::int32_t* lengths, void* stream);
+
+// Decoding with a cache (params.key_lengths set) for Tn <= kCudaDecodeMaxTokens new tokens: the
+// split-KV kernels of decode_kernel.cu. decode_covers says whether they take the call (else
+// forward's kernels run it): Tn small enough, causal, a head dim of the build, no key padding mask,
+// dropout, index map or packed batch, and options.cuda_kernels automatic (a named generation runs
+// the forward kernels).
+// cache_rows is Nmax, the caches' rows, which bounds the grid. decode allocates B·Tn·H·(G in
+// longnet mode, else 1)·chunks·(D + 1) floats of scratch in stream order on params.stream
+// (cudaMallocAsync from the device's current pool; cudaFreeAsync after its kernels).
+bool decode_covers(const detail::DilatedParams& params);
+void decode(const detail::DilatedParams& params, std::int64_t cache_rows);
 
 // Copies `bytes` bytes of device memory to the host, in order on `stream` (a cudaStream_t), and
 // waits for them (a synchronisation: for validating small device arrays such as cu_seqlens).

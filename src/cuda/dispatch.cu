@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 
 #include "cuda/cuda_attention.hpp"
+#include "cuda/device_guard.hpp"
 #include "cuda/launch.hpp"
 #include "cuda/ring_kernels.hpp"
 #include "dattn/error.hpp"
@@ -113,34 +114,6 @@ LaunchPlan make_sparse_plan(const DilatedParams& p, std::vector<int> roles, int 
   plan.total_blocks = int(total);
   return plan;
 }
-
-// Runs on the device that holds q (restoring the caller's current device afterwards).
-class DeviceGuard {
- public:
-  explicit DeviceGuard(const void* pointer) {
-    cudaPointerAttributes attributes{};
-    if (cudaPointerGetAttributes(&attributes, pointer) != cudaSuccess ||
-        (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged)) {
-      cudaGetLastError();
-      throw Error("q is not CUDA device memory; expected tensors allocated on the CUDA device they name");
-    }
-    cudaGetDevice(&previous_);
-    if (attributes.device != previous_) {
-      if (cudaSetDevice(attributes.device) != cudaSuccess)
-        throw std::runtime_error("dattn: cannot switch to CUDA device " + std::to_string(attributes.device));
-      switched_ = true;
-    }
-  }
-  ~DeviceGuard() {
-    if (switched_) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-  bool switched_ = false;
-};
 
 [[noreturn]] void unsupported_head_dim(std::int64_t d) {
 #ifdef DATTN_CUDA_MINIMAL

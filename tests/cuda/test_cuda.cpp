@@ -910,27 +910,39 @@ int check_packed_batches(int count, std::uint64_t seed) {
 }
 
 // Decoding with a cache on the GPU against the reference (the same call on float64 host copies,
-// Backend::reference): B sequences with caches of random fill (at, just before and past segment
-// boundaries among them), Tn = 1 or up to past a segment, grouped-query heads, both modes, with new
-// keys appended or already counted. Checks out, lse and the whole caches after the call (appended
-// rows exactly, the rest untouched).
+// Backend::reference): B sequences with caches of random fill (empty and one-token caches, lengths
+// at, just before and past a branch's segment boundaries among them), grouped-query heads, both
+// modes, with new keys appended or already counted, segments longer than the cache. Even cases take
+// Tn <= kCudaDecodeMaxTokens (half of them Tn = 1): the split-KV decode kernels; odd cases a larger
+// Tn (up to past a segment): the forward kernels. Each line names the path that ran. Checks out,
+// lse and the whole caches after the call (appended rows exactly, the rest untouched).
 int check_decode(int count, std::uint64_t seed) {
-  int failures = 0;
+  int failures = 0, split_cases = 0;
   Rng rng(seed);
   for (int i = 0; i < count; ++i) {
     std::vector<std::unique_ptr<Buffer>> owner;
-    Case c = draw_small_case(i, rng);  // also for the tolerance and the description
+    Case c = draw_small_case(i / 2, rng);  // also for the tolerance and the description (dtypes by turn on each path)
     c.causal = true;
-    const std::int64_t B = uniform(rng, 1, 3), Tn = chance(rng, 0.5) ? 1 : uniform(rng, 2, 300);
+    const std::int64_t small = dattn::kCudaDecodeMaxTokens;
+    const bool split = i % 2 == 0;
+    const std::int64_t B = uniform(rng, 1, 3);
+    const std::int64_t Tn = split ? (chance(rng, 0.5) ? 1 : uniform(rng, 2, small)) : uniform(rng, small + 1, 300);
     const bool append = chance(rng, 0.5);
     const std::int64_t Nmax = Tn + uniform(rng, 0, 600);
+    if (chance(rng, 0.25)) {  // a segment longer than the cache
+      const std::size_t g = std::size_t(rng() % c.w.size());
+      c.w[g] = Nmax + uniform(rng, 1, 300);
+      c.r[g] = uniform(rng, 1, 4);
+    }
     std::vector<std::int32_t> seqlens;
     for (std::int64_t b = 0; b < B; ++b) {
-      // L = seqlens[b] (+ Tn when appending) in [Tn, Nmax]; a third of them at a multiple of the
-      // first segment length, or one off it.
+      // L = seqlens[b] (+ Tn when appending) in [Tn, Nmax]: a sixth of them an empty or one-token
+      // cache (L = Tn or Tn + 1), a third at a multiple of a branch's segment length or one off it.
       std::int64_t L = uniform(rng, Tn, Nmax);
-      if (chance(rng, 0.33)) {
-        const std::int64_t w = c.w[0], edge = (L / w) * w + uniform(rng, -1, 1);
+      if (chance(rng, 0.17)) {
+        L = std::min(Nmax, Tn + uniform(rng, 0, 1));
+      } else if (chance(rng, 0.4)) {
+        const std::int64_t w = c.w[rng() % c.w.size()], edge = (L / w) * w + uniform(rng, -1, 1);
         L = std::clamp<std::int64_t>(edge, Tn, Nmax);
       }
       seqlens.push_back(std::int32_t(append ? L - Tn : L));
@@ -956,9 +968,13 @@ int check_decode(int count, std::uint64_t seed) {
     if (append) cache.k_new = device(3), cache.v_new = device(4);
     std::vector<dattn::Tensor> ref;  // float64 copies before the call
     for (int j = 0; j < 6; ++j) ref.push_back(to_f64(t[std::size_t(j)]));
-    std::string error, generation;
+    std::string error, path;
     try {
-      generation = dattn::cuda_kernel_generation(device(0), false, {}) == dattn::CudaKernels::sm90 ? "sm90" : "sm80";
+      // The path the call takes (dattn/decode.hpp): the split-KV kernels for a few tokens, else
+      // the forward kernels of the automatic generation.
+      path = split ? "split-KV"
+                   : dattn::cuda_kernel_generation(device(0), false, {}) == dattn::CudaKernels::sm90 ? "sm90 forward"
+                                                                                                    : "sm80 forward";
       dattn::forward_with_kvcache(config, cache, device(0), device(5), lse.device_view());
     } catch (const std::exception& e) {
       error = e.what();
@@ -991,11 +1007,14 @@ int check_decode(int count, std::uint64_t seed) {
     std::ostringstream fill;
     for (std::int64_t b = 0; b < B; ++b) fill << (b ? "," : "") << seqlens[std::size_t(b)];
     const bool ok = problems.str().empty();
-    std::printf("%s decode [%s] cache_seqlens=[%s] Tn=%lld Nmax=%lld%s %s\n%s", ok ? "ok  " : "FAIL", generation.c_str(),
+    split_cases += split;
+    std::printf("%s decode [%s] cache_seqlens=[%s] Tn=%lld Nmax=%lld%s %s\n%s", ok ? "ok  " : "FAIL", path.c_str(),
                 fill.str().c_str(), static_cast<long long>(Tn), static_cast<long long>(Nmax),
                 append ? " k_new" : "", describe(c).c_str(), ok ? "" : ("     " + problems.str() + "\n").c_str());
     failures += !ok;
   }
+  std::printf("decode: %d cases on the split-KV kernels (Tn <= %lld), %d on the forward kernels\n", split_cases,
+              static_cast<long long>(dattn::kCudaDecodeMaxTokens), count - split_cases);
   return failures;
 }
 
@@ -1206,7 +1225,7 @@ int main(int argc, char** argv) {
   failed += check_refusals();
   failed += check_nan_propagation();
   if (!fixed_only) failed += check_packed_batches(random_only ? 4 : 24, seed + 7);
-  if (!fixed_only) failed += check_decode(random_only ? 4 : 24, seed + 11);
+  if (!fixed_only) failed += check_decode(random_only ? 4 : 32, seed + 11);
   std::printf("%d passed, %d failed\n", passed.load(), failed.load());
   return failed == 0 ? 0 : 1;
 }
