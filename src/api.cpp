@@ -127,6 +127,19 @@ CudaKernels cuda_kernel_generation(const TensorView& q, bool backward, const Lau
 #endif
 }
 
+bool cuda_forward_uses_tma(const DilatedConfig& config, const TensorView& q, const TensorView& k, const TensorView& v,
+                           const TensorView& out, const TensorView& lse, const LaunchOptions& options) {
+  if (q.device.type != DeviceType::cuda)
+    throw Error("q is not a CUDA tensor; expected one (the TMA loads are a CUDA path)");
+  check(config, q, k, v, out, lse, options);
+#ifdef DATTN_WITH_CUDA
+  if (detail::use_reference(options, q.dtype)) return false;
+  return cuda::forward_uses_tma(detail::dilated_params(config, q, k, v, out, lse, options));
+#else
+  throw Error("this build of dattn has no CUDA backend; expected one built with DATTN_CUDA=ON");
+#endif
+}
+
 std::vector<CudaKernels> cuda_kernel_generations_built() {
 #if defined(DATTN_WITH_SM90)
   return {CudaKernels::sm80, CudaKernels::sm90};

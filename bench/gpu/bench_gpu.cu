@@ -286,9 +286,13 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int 
     backward_options.workspace_bytes = lse_bytes;
   }
   row.impl = workspace ? "dattn CUDA" : "dattn CUDA (no workspace)";
-  for (const dattn::LaunchOptions* o : {&options, &backward_options})
+  for (const dattn::LaunchOptions* o : {&options, &backward_options}) {
     row.impl += std::string(o == &options ? " " : "/") +
                 (dattn::cuda_kernel_generation(view(x.q[0]), o != &options, *o) == dattn::CudaKernels::sm90 ? "sm90" : "sm80");
+    // The sm90 forward whose producer loads by TMA (builds with DATTN_SM90_TMA).
+    if (o == &options && dattn::cuda_forward_uses_tma(config, view(x.q[0]), view(x.k[0]), view(x.v[0]), view(x.out), lse, options))
+      row.impl += " tma";
+  }
   if (sm90_rows > 0) row.impl += " (" + std::to_string(sm90_rows) + "-row forward blocks)";
   auto forward = [&](int s) { dattn::forward(config, view(x.q[s]), view(x.k[s]), view(x.v[s]), view(x.out), lse, options); };
   auto backward = [&](int s) {

@@ -68,6 +68,13 @@ CudaKernels cuda_kernel_generation(const TensorView& q, bool backward, const Lau
 // it was built with DATTN_SM90.
 std::vector<CudaKernels> cuda_kernel_generations_built();
 
+// Whether forward with these arguments (CUDA tensors) runs the sm90 forward whose producer loads by
+// TMA: only in builds with DATTN_SM90_TMA (experimental), for the calls it covers (README.md);
+// false elsewhere. Validates the arguments as forward does; for tests and benchmarks that name
+// the path a call took.
+bool cuda_forward_uses_tma(const DilatedConfig& config, const TensorView& q, const TensorView& k, const TensorView& v,
+                           const TensorView& out, const TensorView& lse, const LaunchOptions& options = {});
+
 void forward(const DilatedConfig& config, const TensorView& q, const TensorView& k,
              const TensorView& v, const TensorView& out, const TensorView& lse,
              const LaunchOptions& options = {});

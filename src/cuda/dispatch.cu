@@ -15,6 +15,9 @@
 #include "cuda/device_guard.hpp"
 #include "cuda/launch.hpp"
 #include "cuda/ring_kernels.hpp"
+#ifdef DATTN_WITH_SM90_TMA
+#include "cuda/sm90/tensor_maps.hpp"
+#endif
 #include "dattn/error.hpp"
 
 namespace dattn::cuda {
@@ -155,14 +158,25 @@ void backward_launch(const DilatedParams& p, const LaunchPlan& plan, cudaStream_
 }
 
 #ifdef DATTN_WITH_SM90
-template <class T>
+// tma: the instances whose producer loads by TMA (builds with DATTN_SM90_TMA, calls
+// sm90_tma_covers admits).
+template <class T, bool Tma>
 void forward_launch_sm90(const DilatedParams& p, int consumers, const LaunchPlan& plan, cudaStream_t s) {
 #ifndef DATTN_CUDA_MINIMAL
-  if (p.head_dim == 128) return launch_forward_sm90<T, 128, 2>(p, plan, s);
+  if (p.head_dim == 128) return launch_forward_sm90<T, 128, 2, Tma>(p, plan, s);
 #endif
   // kernel_generation admits head dims 64 and 128 only
-  if (consumers == 2) return launch_forward_sm90<T, 64, 2>(p, plan, s);
-  return launch_forward_sm90<T, 64, 3>(p, plan, s);
+  if (consumers == 2) return launch_forward_sm90<T, 64, 2, Tma>(p, plan, s);
+  return launch_forward_sm90<T, 64, 3, Tma>(p, plan, s);
+}
+
+template <class T>
+void forward_launch_sm90(const DilatedParams& p, int consumers, bool tma, const LaunchPlan& plan, cudaStream_t s) {
+#ifdef DATTN_WITH_SM90_TMA
+  if (tma) return forward_launch_sm90<T, true>(p, consumers, plan, s);
+#endif
+  (void)tma;
+  forward_launch_sm90<T, false>(p, consumers, plan, s);
 }
 
 template <class T>
@@ -231,8 +245,13 @@ void run_forward(const DilatedParams& p) {
   if constexpr (S == 1) {
     if (kernel_generation(p, false) == CudaKernels::sm90) {
       const int consumers = p.sm90_forward_rows > 0 ? p.sm90_forward_rows / 64 : sm90_forward_consumers(p);
-      return launch_forward_plans(p, 64 * consumers,
-                                  [&](const LaunchPlan& plan) { forward_launch_sm90<T>(p, consumers, plan, stream); });
+#ifdef DATTN_WITH_SM90_TMA
+      const bool tma = sm90_tma_covers(p);
+#else
+      const bool tma = false;
+#endif
+      return launch_forward_plans(
+          p, 64 * consumers, [&](const LaunchPlan& plan) { forward_launch_sm90<T>(p, consumers, tma, plan, stream); });
     }
   }
 #endif
@@ -321,6 +340,15 @@ CudaKernels kernel_generation(const DilatedParams& p, bool backward) {
                 "); expected a build with DATTN_SM90, a device of compute capability 9.x, bfloat16 or float16, head dim "
                 "64 or 128");
   return CudaKernels::sm90;
+}
+
+bool forward_uses_tma(const DilatedParams& p) {
+#ifdef DATTN_WITH_SM90_TMA
+  return kernel_generation(p, false) == CudaKernels::sm90 && sm90_tma_covers(p);
+#else
+  (void)p;
+  return false;
+#endif
 }
 
 // Paths of later issues that the CUDA kernels do not read yet: refused, never ignored.

@@ -80,20 +80,39 @@ struct BackwardShape {
 // consumer warpgroups of 64 query rows each share every key tile.
 // Three consumers at head dim 64 (each key tile serves 192 query rows: 1.15x faster at long256k),
 // or two where 192-row blocks would leave SMs idle (sm90_forward_consumers); two at 128, whose
-// accumulators need the registers.
-template <int D, int Consumers>
+// accumulators need the registers. Tma: the producer loads by TMA (cp.async.bulk.tensor, one thread
+// issues a tile's copies; builds with DATTN_SM90_TMA, calls sm90_tma_covers admits) instead of
+// row-by-row cp.async.
+template <int D, int Consumers, bool Tma = false>
 struct Sm90ForwardShape {
   static constexpr int kHeadDim = D, kConsumers = Consumers, kThreads = 128 * (kConsumers + 1);
+  static constexpr bool kTma = Tma;
   static constexpr int kBlockM = 64 * kConsumers;  // query rows per block
   static constexpr int kBlockN = 128;              // keys per tile
   static constexpr int kStages = D <= 64 ? 4 : 2;
-  // setmaxnreg: the producer gives registers to the consumers (65536 per SM, one block).
-  static constexpr int kProducerRegisters = 56, kConsumerRegisters = kConsumers == 3 ? 152 : 224;
+  // setmaxnreg: the producer gives registers to the consumers. A block starts with its launch
+  // bounds' share of the SM's 65536 (one block per SM: 128 a thread at 512 threads, 168 at 384);
+  // the producer drops to kProducerRegisters and the consumers take what that frees (multiples of
+  // 8, at most 256). The cp.async producer's row arithmetic needs 56: 152 for three consumers, 224
+  // for two. The TMA producer (one thread issues the copies; the others write the key bias, then
+  // zero_unselected) needs 32: 160 for three consumers, 232 for two. ptxas 13.0 -v of the TMA
+  // instances (head dim 64 with 2 and 3 consumers, 128 with 2; bf16 and fp16): 128 registers (3
+  // consumers) or 168 (2), the launch share, 152 bytes stack frame (the block's work, as in the
+  // cp.async instances), 0 bytes spill; at 24 the producer's zero_unselected spills 16-24 bytes,
+  // and 160 is too few for the two-consumer schedule at three (76 bytes spill).
+  static constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8;
+  static constexpr int kProducerRegisters = Tma ? 32 : 56;
+  static constexpr int kConsumerRegisters =
+      (kLaunchRegisters * kThreads - 128 * kProducerRegisters) / (128 * kConsumers) / 8 * 8 > 256
+          ? 256
+          : (kLaunchRegisters * kThreads - 128 * kProducerRegisters) / (128 * kConsumers) / 8 * 8;
+  static_assert(Tma || kConsumerRegisters == (kConsumers == 3 ? 152 : 224), "the cp.async path's split");
   static constexpr int kQBytes = kBlockM * D * 2, kKvBytes = kBlockN * D * 2;
+  static constexpr int kWorkBytes = Tma ? 256 : 0;  // the block's decoded work (TMA instances)
   // 1024 bytes to align the tiles (wgmma's swizzle), Q, per stage K and V, the key bias and the
-  // keys' positions, then three barriers per stage (full, keys, empty).
+  // keys' positions, then three barriers per stage (full, keys, empty) and the decoded work.
   static constexpr std::size_t kSmemBytes =
-      1024 + kQBytes + 2 * kStages * kKvBytes + 2 * kStages * kBlockN * 4 + 3 * kStages * 8;
+      1024 + kQBytes + 2 * kStages * kKvBytes + 2 * kStages * kBlockN * 4 + 3 * kStages * 8 + kWorkBytes;
 };
 
 // The sm90 backward (wgmma, 16-bit types): the forward's block shape, 128 own rows (keys for dk/dv
@@ -115,7 +134,7 @@ struct Sm90BackwardShape {
 
 template <class T, int D, int S>
 void launch_forward(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream);
-template <class T, int D, int Consumers>
+template <class T, int D, int Consumers, bool Tma = false>
 void launch_forward_sm90(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream);
 template <class T, int D, int S>
 void launch_backward(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream);

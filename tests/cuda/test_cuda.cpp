@@ -15,8 +15,10 @@
 // --block-sparse makes every random case a block-sparse one (for the sanitizers' few cases).
 // --cuda-kernels picks the kernel generation (LaunchOptions::cuda_kernels; ring steps always run the
 // automatic choice); every case line and the summary name the generations that ran.
-// Prints a line per case (ok or FAIL, the kernel generations that ran it: forward/backward), the
-// failures' details, and "N passed, M failed"; exit 0 when all passed, 77 without a GPU.
+// Prints a line per case (ok or FAIL, the kernel generations that ran it: forward/backward, the
+// forward's "sm90 tma" where its producer loaded by TMA, a DATTN_SM90_TMA build's path for the calls
+// it covers), the failures' details, and "N passed, M failed"; exit 0 when all passed, 77 without
+// a GPU.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -28,6 +30,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <random>
 #include <sstream>
@@ -115,6 +118,31 @@ void make_block_sparse(Case& c, Rng& rng) {
     const std::int64_t unit = (c.zigzag ? 2 * c.ring_ranks : c.ring_ranks) * c.block_size;
     c.N = std::max(unit, c.N / unit * unit);
   }
+  if (!c.padding.empty()) c.padding.resize(std::size_t(c.B * c.N), 0);
+}
+
+// Turns c into a call of the shape the sm90 forward's TMA loads cover (builds with DATTN_SM90_TMA):
+// 16-bit data, head dim 64 or 128 (where --head-dims has one), the dilated walk over whole
+// sequences (no Hilbert order, ring steps or block mask), N a multiple of every dilation rate (a
+// rate drawn as r = w above 4 becomes min(w, 4), keeping N small). Layouts, GQA, padding, dropout,
+// mode, causality and segment lengths stay as drawn.
+void make_tma_shaped(Case& c, Rng& rng) {
+  c.dtype = chance(rng, 0.5) ? DType::bfloat16 : DType::float16;
+  c.tf32 = false;
+  std::vector<std::int64_t> dims;
+  for (std::int64_t d : g_head_dims)
+    if (d == 64 || d == 128) dims.push_back(d);
+  if (!dims.empty()) c.D = dims[rng() % dims.size()];
+  c.hilbert = false;
+  c.ring_ranks = 0;
+  c.zigzag = false;
+  c.block_size = 0;
+  std::int64_t multiple = 1;
+  for (std::size_t i = 0; i < c.r.size(); ++i) {
+    if (c.r[i] > 4) c.r[i] = std::min<std::int64_t>(c.w[i], 4);
+    multiple = std::lcm(multiple, c.r[i]);
+  }
+  c.N = (c.N + multiple - 1) / multiple * multiple;
   if (!c.padding.empty()) c.padding.resize(std::size_t(c.B * c.N), 0);
 }
 
@@ -211,6 +239,9 @@ Case random_case(Rng& rng, std::int64_t max_n) {
     if (!c.padding.empty()) c.padding.resize(std::size_t(c.B * c.N), 0);
   }
   if (!c.hilbert && (g_all_block_sparse || chance(rng, 0.3))) make_block_sparse(c, rng);
+  // A fifth of the cases are calls the TMA loads cover; of the rest most are not (fp32, other head
+  // dims, a rate that does not divide N, Hilbert order, ring steps, block masks).
+  if (!g_all_block_sparse && chance(rng, 0.2)) make_tma_shaped(c, rng);
   // Grouped-query heads (not with a fused qkv buffer, nor in ring steps, which CUDA refuses).
   if (c.H > 1 && !c.fused_qkv && c.ring_ranks == 0 && chance(rng, 0.3)) {
     std::vector<std::int64_t> divisors;
@@ -532,6 +563,12 @@ Result run_case(const Case& c, cudaStream_t stream) {
     block_mask = block_mask_of(c);
     block_mask_device = block_mask->to_device(qkv[0].device_view().device);
   }
+  // The sm90 forward's producer: " tma" where it loads by TMA (builds with DATTN_SM90_TMA), e.g.
+  // "sm90 tma rows 192/sm90"; the others load row by row with cp.async.
+  if (!block_mask && c.ring_ranks == 0 &&
+      dattn::cuda_forward_uses_tma(config, qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(),
+                                   out.device_view(), lse.device_view(), options))
+    result.kernels.insert(4, " tma");
   auto attention_forward = [&](const auto&... a) {
     if (block_mask) dattn::block_sparse_forward(sparse_config_of(c, config), *block_mask_device, a...);
     else dattn::forward(config, a...);
@@ -1069,6 +1106,8 @@ int check_nan_propagation() {
             const auto device = [&](int i) { return t[std::size_t(i)].device_view(); };
             dattn::LaunchOptions options;
             options.cuda_kernels = g_cuda_kernels;
+            const bool tma =
+                dattn::cuda_forward_uses_tma(config, device(0), device(1), device(2), device(3), lse.device_view(), options);
             dattn::forward(config, device(0), device(1), device(2), device(3), lse.device_view(), options);
             // Causal checks give the backward a workspace (delta in a pass of its own), the others not.
             std::unique_ptr<Buffer> workspace;
@@ -1114,10 +1153,11 @@ int check_nan_propagation() {
             // The reference itself must agree with the placement, or the check tests nothing.
             const bool placement_ok = selected ? reference_rows > 0 : reference_rows == 0;
             const bool ok = problems.str().empty() && placement_ok;
-            std::printf("%s NaN in %c[%lld, %lld] (%s row), %s %s%s: %d reference NaN rows%s%s\n", ok ? "ok" : "FAIL",
+            std::printf("%s NaN in %c[%lld, %lld] (%s row), %s %s%s%s: %d reference NaN rows%s%s\n", ok ? "ok" : "FAIL",
                         "qk"[poisoned], static_cast<long long>(row), static_cast<long long>(head),
                         selected ? "a selected" : "an unselected", dattn::dtype_name(dtype),
-                        mode == dattn::Mode::grouped ? "grouped" : "longnet", causal ? " causal" : "", reference_rows,
+                        mode == dattn::Mode::grouped ? "grouped" : "longnet", causal ? " causal" : "",
+                        tma ? " [sm90 tma]" : "", reference_rows,
                         problems.str().empty() ? "" : "; differs at", problems.str().c_str());
             failures += !ok;
           }

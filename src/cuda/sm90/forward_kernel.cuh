@@ -11,6 +11,10 @@
 // before the previous tile's P·V, so that one tile's softmax runs beside the other's product
 // (three have no registers for it). Every walk (dilated, index map, block-sparse) loads rows one
 // by one, so one kernel serves them all.
+// With DATTN_SM90_TMA (experimental, not yet run on a GPU) the calls sm90_tma_covers admits (the
+// dilated walk over whole sequences, every dilation rate dividing N) run instances whose producer
+// loads by TMA instead (produce_tma): one thread issues a tile's bulk tensor copies, which land in
+// the same swizzled layout (tensor_maps.hpp), and the warpgroup keeps only the key bias.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -20,6 +24,8 @@
 #include "cuda/forward_tile.cuh"
 #include "cuda/launch.hpp"
 #include "cuda/sm90/sync.cuh"
+#include "cuda/sm90/tensor_maps.hpp"
+#include "cuda/sm90/tma.cuh"
 #include "cuda/sm90/wgmma.cuh"
 #include "cuda/work.cuh"
 
@@ -69,7 +75,8 @@ __device__ __forceinline__ void issue_pv(float (&acc)[D / 8][4], const std::uint
 // The shared memory of a block: the query tile, then per stage K, V (swizzled), the key bias and
 // the keys' positions, then the stages' barriers: `full` completes when the stage's copies have
 // landed, `keys` when the producer's plain stores (the key bias and positions) are done, `empty`
-// when both consumers are done with the stage. Each thread arrives once per phase on each.
+// when the consumers are done with the stage. Each thread arrives once per phase on each (`full`
+// of the TMA path: the thread that issues the copies, with their bytes).
 template <class Shape>
 struct Stages {
   unsigned char* q;
@@ -120,6 +127,83 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
     key_bias(p, w, k0, valid, BN, st.bias + stage * BN, causal_by_position ? st.key_position + stage * BN : nullptr);
     cp_async_arrive(st.full + stage);  // the stage's copies, when they land
     barrier_arrive(st.keys + stage);   // this thread's plain stores (the key bias)
+  }
+  for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it) {
+    barrier_wait(st.full + it % kStages, (it / kStages) & 1);  // the last arrivals' phases
+    barrier_wait(st.keys + it % kStages, (it / kStages) & 1);
+  }
+}
+
+// Rows [valid, kBlockN) of a stage's K and V tiles as zeros (16-byte stores by the producer's
+// threads), as the cp.async producer leaves them: a box of rows reaches past its group into the
+// next segment's rows, whose values (a NaN, say) must reach neither the scores nor P·V (0 · NaN).
+template <class Shape>
+__device__ __forceinline__ void zero_tile_rows(unsigned char* k, unsigned char* v, int valid) {
+  constexpr int BN = Shape::kBlockN, kColumnBlocks = Shape::kHeadDim / 64;
+  const int chunks = (BN - valid) * 8;  // of one 64-column block: rows of 128 bytes, one after another
+  for (int c = threadIdx.x; c < kColumnBlocks * chunks; c += 128) {
+    const int at = ((c / chunks) * BN + valid) * 128 + (c % chunks) * 16;
+    *reinterpret_cast<uint4*>(k + at) = make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(v + at) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// Warpgroup 0 of the TMA instances (the dilated walk over whole sequences): thread 0 issues each
+// tile's copies (and the block's query tile with the first), one box per 64-column block, on the
+// stage's `full` barrier with their bytes; every thread writes its key's bias. A tile with fewer
+// than kBlockN valid rows (a group's end, or the causal diagonal's) waits for its copies and zeroes
+// the rest. Selected row j of a group whose first position is `first` sits at map coordinates
+// (column, head, first mod r, first / r + j, batch) (tensor_maps.hpp).
+template <class T, class Shape, class Tiles>
+__device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, const BlockWork& w, const Tiles& tiles,
+                                            int num_tiles, const Stages<Shape>& st, const ForwardTensorMaps& maps) {
+  constexpr int D = Shape::kHeadDim, BM = Shape::kBlockM, BN = Shape::kBlockN, kStages = Shape::kStages;
+  const bool leader = threadIdx.x == 0;
+  if (leader) {
+    prefetch_tensor_map(&maps.q[w.branch]);
+    prefetch_tensor_map(&maps.k[w.branch]);
+    prefetch_tensor_map(&maps.v[w.branch]);
+  }
+  for (int it = 0; it < num_tiles; ++it) {
+    const int stage = it % kStages;
+    if (it >= kStages) {
+      barrier_wait(st.empty + stage, (it / kStages + 1) & 1);
+      barrier_wait(st.full + stage, (it / kStages + 1) & 1);  // as produce: every phase is waited for
+      barrier_wait(st.keys + stage, (it / kStages + 1) & 1);
+    }
+    const std::int64_t k0 = tiles.start(it);
+    const int valid = tiles.valid(it);
+    unsigned char* k_tile = st.k + stage * Shape::kKvBytes;
+    unsigned char* v_tile = st.v + stage * Shape::kKvBytes;
+    if (leader) {
+      // The coordinates, here rather than before the loop: the other threads then keep nothing of
+      // them through it (32-bit: CUDA calls hold N <= 2^30 rows).
+      std::uint64_t* full = st.full + stage;
+      const unsigned r = unsigned(w.stride);
+      const int batch = int(w.batch);
+      barrier_arrive_expect_tx(full, 2 * Shape::kKvBytes + (it == 0 ? Shape::kQBytes : 0));
+      if (it == 0) {
+        const unsigned first = unsigned(w.query.first);
+        const int offset = int(first % r), row = int(first / r) + int(w.tile_begin), head = int(w.head);
+#pragma unroll
+        for (int b = 0; b < D / 64; ++b)
+          tma_load_5d(smem_address(st.q) + b * BM * 128, &maps.q[w.branch], b * 64, head, offset, row, batch, full);
+      }
+      const unsigned first = unsigned(w.key.first);
+      const int offset = int(first % r), row = int(first / r) + int(k0), head = int(operand_head(p.k, w.head));
+#pragma unroll
+      for (int b = 0; b < D / 64; ++b) {
+        tma_load_5d(smem_address(k_tile) + b * BN * 128, &maps.k[w.branch], b * 64, head, offset, row, batch, full);
+        tma_load_5d(smem_address(v_tile) + b * BN * 128, &maps.v[w.branch], b * 64, head, offset, row, batch, full);
+      }
+    }
+    key_bias(p, w, k0, valid, BN, st.bias + stage * BN);
+    if (valid < BN) {
+      barrier_wait(st.full + stage, (it / kStages) & 1);  // the boxes' rows have landed
+      zero_tile_rows<Shape>(k_tile, v_tile, valid);
+      fence_async_shared();  // before the consumers' wgmma reads (and a later phase's TMA writes)
+    }
+    barrier_arrive(st.keys + stage);  // this thread's plain stores (the key bias, the zeros)
   }
   for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it) {
     barrier_wait(st.full + it % kStages, (it / kStages) & 1);  // the last arrivals' phases
@@ -251,33 +335,85 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
   write_forward_rows<T, D>(p, w, acc, row_max, row_sum, qi);
 }
 
-template <class T, class Shape, Walk kWalk>
+// The TMA instances' decoded work, in shared memory after the barriers (Shape::kWorkBytes).
+template <int BN>
+struct SharedWork {
+  BlockWork work;
+  OtherTiles<BN, false> tiles;
+  bool run;
+};
+
+// Maps: ForwardTensorMaps for the TMA instances (Shape::kTma), else NoTensorMaps.
+template <class T, class Shape, Walk kWalk, class Maps>
 __global__ void __launch_bounds__(Shape::kThreads, 1)
-    forward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan) {
+    forward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan,
+                   const __grid_constant__ Maps maps) {
+  static_assert(!Shape::kTma || kWalk == Walk::dilated, "TMA loads cover the dilated walk only");
+  static_assert(!Shape::kTma || sizeof(SharedWork<Shape::kBlockN>) <= Shape::kWorkBytes, "the decoded work's slot");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = Shape::kHeadDim;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Stages<Shape> st(smem_raw);
-  if (threadIdx.x == 0)
+  // TMA instances: thread 0 decodes the block's work into shared memory (SharedWork, after the
+  // barriers) and each role copies it once it has its registers, so that nothing computed before
+  // the reallocation is live across it (ptxas fits such values into the producer's 32 registers:
+  // decoded by every thread before the roles part, the work spilled) and decode's 64-bit divisions
+  // (calls of one routine that both roles' code would share) stay out of the reallocated code.
+  SharedWork<Shape::kBlockN>* shared = reinterpret_cast<SharedWork<Shape::kBlockN>*>(st.empty + Shape::kStages);
+  if (threadIdx.x == 0) {
     for (int s = 0; s < Shape::kStages; ++s) {
-      barrier_init(st.full + s, 128);  // the producer's threads, when their copies land
+      // cp.async: the producer's threads, when their copies land; TMA: the thread that issues the
+      // copies (the phase then waits for their bytes too)
+      barrier_init(st.full + s, Shape::kTma ? 1 : 128);
       barrier_init(st.keys + s, 128);  // the producer's threads
       barrier_init(st.empty + s, 128 * Shape::kConsumers);  // the consumers' threads
     }
+    if constexpr (Shape::kTma) {
+      fence_barrier_init();  // TMA completes bytes on them
+      BlockWork w;
+      shared->run = decode<Shape::kBlockM, kWalk>(p, plan, w);
+      shared->work = w;
+      if (shared->run) shared->tiles = other_tiles<Shape::kBlockN, kWalk>(p, w);
+    }
+  }
   __syncthreads();
 
-  BlockWork w;
-  if (!decode<Shape::kBlockM, kWalk>(p, plan, w)) return;
-  const auto tiles = other_tiles<Shape::kBlockN, kWalk>(p, w);
-  const int num_tiles = w.tile_rows > 0 ? tiles.count : 0;
-  if (threadIdx.x < 128) {
-    registers_decrease<Shape::kProducerRegisters>();
-    produce<T, Shape, kWalk>(p, w, tiles, num_tiles, st);
-    if (!w.accumulate) zero_unselected<T, D, 128>(p, w, &p.out, nullptr, true);
+  if constexpr (Shape::kTma) {
+    if (!shared->run) return;
+    // The copy, with what decode's dilated walk makes known to the compiler: no index map.
+    auto work = [&] {
+      BlockWork w = shared->work;
+      w.index = nullptr;
+      return w;
+    };
+    if (threadIdx.x < 128) {
+      registers_decrease<Shape::kProducerRegisters>();
+      const BlockWork w = work();
+      const auto tiles = shared->tiles;
+      produce_tma<T, Shape>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, st, maps);
+      if (!w.accumulate) zero_unselected<T, D, 128>(p, w, &p.out, nullptr, true);
+    } else {
+      registers_increase<Shape::kConsumerRegisters>();
+      const BlockWork w = work();
+      const auto tiles = shared->tiles;
+      consume<T, Shape, kWalk>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, st);
+    }
   } else {
-    registers_increase<Shape::kConsumerRegisters>();
-    consume<T, Shape, kWalk>(p, w, tiles, num_tiles, st);
+    BlockWork w;
+    if (!decode<Shape::kBlockM, kWalk>(p, plan, w)) return;
+    const auto tiles = other_tiles<Shape::kBlockN, kWalk>(p, w);
+    const int num_tiles = w.tile_rows > 0 ? tiles.count : 0;
+    if (threadIdx.x < 128) {
+      registers_decrease<Shape::kProducerRegisters>();
+      produce<T, Shape, kWalk>(p, w, tiles, num_tiles, st);
+      if (!w.accumulate) zero_unselected<T, D, 128>(p, w, &p.out, nullptr, true);
+    } else {
+      registers_increase<Shape::kConsumerRegisters>();
+      consume<T, Shape, kWalk>(p, w, tiles, num_tiles, st);
+    }
   }
+#else
+  (void)p, (void)plan, (void)maps;
 #endif
 }
 
@@ -285,16 +421,27 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
 
 namespace dattn::cuda {
 
-template <class T, int D, int Consumers>
+template <class T, int D, int Consumers, bool Tma>
 void launch_forward_sm90(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream) {
-  using Shape = Sm90ForwardShape<D, Consumers>;
-  auto kernel = params.block_size > 0              ? sm90::forward_kernel<T, Shape, Walk::sparse>
-                : params.position_index != nullptr ? sm90::forward_kernel<T, Shape, Walk::indexed>
-                                                   : sm90::forward_kernel<T, Shape, Walk::dilated>;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmemBytes)) != cudaSuccess)
-    check_launch("sm90 forward (shared memory attribute)");
-  kernel<<<plan.total_blocks, Shape::kThreads, Shape::kSmemBytes, stream>>>(params, plan);
-  check_launch("sm90 forward");
+  using Shape = Sm90ForwardShape<D, Consumers, Tma>;
+  auto launch = [&](auto kernel, const auto& maps) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmemBytes)) != cudaSuccess)
+      check_launch("sm90 forward (shared memory attribute)");
+    kernel<<<plan.total_blocks, Shape::kThreads, Shape::kSmemBytes, stream>>>(params, plan, maps);
+    check_launch("sm90 forward");
+  };
+  if constexpr (Tma) {
+    // dispatch.cu runs these instances where sm90_tma_covers(params): the dilated walk.
+    ForwardTensorMaps maps{};
+    encode_forward_maps(params, plan, Shape::kBlockM, Shape::kBlockN, maps);
+    launch(sm90::forward_kernel<T, Shape, Walk::dilated, ForwardTensorMaps>, maps);
+  } else {
+    using Maps = NoTensorMaps;
+    auto kernel = params.block_size > 0              ? sm90::forward_kernel<T, Shape, Walk::sparse, Maps>
+                  : params.position_index != nullptr ? sm90::forward_kernel<T, Shape, Walk::indexed, Maps>
+                                                     : sm90::forward_kernel<T, Shape, Walk::dilated, Maps>;
+    launch(kernel, Maps{});
+  }
 }
 
 }  // namespace dattn::cuda

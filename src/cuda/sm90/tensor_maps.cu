@@ -1,0 +1,143 @@
+// Host side of the sm90 forward's TMA loads (builds with DATTN_SM90_TMA): which calls they cover,
+// and the tensor maps (tensor_maps.hpp has the layout). cuTensorMapEncodeTiled is a driver
+// function: it is looked up through the runtime (cudaGetDriverEntryPoint), so that the library
+// links against cudart only, as before.
+#include "cuda/sm90/tensor_maps.hpp"
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+namespace dattn::cuda {
+namespace {
+
+using detail::DilatedParams;
+using detail::Operand;
+
+constexpr std::int64_t kElementBytes = 2;  // 16-bit data only
+constexpr int kBoxColumns = 64;            // one 128-byte swizzle span
+
+// A map's dims and byte strides (of dims 1-4; dim 0, the head dim, has stride 1).
+struct MapShape {
+  cuuint64_t dims[5];
+  cuuint64_t strides[4];
+};
+
+// The byte stride of a map dim: any positive multiple of 16 for a dim of extent 1, which no copy
+// steps along (`packed`: what a contiguous tensor would have); else a positive multiple of 16
+// below 2^40, or false.
+bool map_stride(std::int64_t extent, std::int64_t stride, std::int64_t packed, cuuint64_t& bytes) {
+  if (extent == 1) {
+    bytes = cuuint64_t(packed * kElementBytes);
+    return true;
+  }
+  if (stride <= 0 || stride * kElementBytes % 16 != 0 || stride * kElementBytes >= (std::int64_t(1) << 40)) return false;
+  bytes = cuuint64_t(stride * kElementBytes);
+  return true;
+}
+
+// The map of operand x (with `heads` heads) for a branch of dilation rate r (r divides N), or false
+// where x's layout is not one a map can describe.
+bool map_shape(const DilatedParams& p, const Operand& x, std::int64_t heads, std::int64_t r, MapShape& m) {
+  if (x.data == nullptr || reinterpret_cast<std::uintptr_t>(x.data) % 16 != 0) return false;
+  const std::int64_t D = p.head_dim, rows = p.seqlen / r;
+  m.dims[0] = cuuint64_t(D);
+  m.dims[1] = cuuint64_t(heads);
+  m.dims[2] = cuuint64_t(r);
+  m.dims[3] = cuuint64_t(rows);
+  m.dims[4] = cuuint64_t(p.batch);
+  return map_stride(heads, x.head_stride, D, m.strides[0]) && map_stride(r, x.row_stride, heads * D, m.strides[1]) &&
+         map_stride(rows, x.row_stride * r, r * heads * D, m.strides[2]) &&
+         map_stride(p.batch, x.batch_stride, p.seqlen * heads * D, m.strides[3]);
+}
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled from the driver the runtime loaded (once per process).
+EncodeTiled encode_tiled() {
+  static EncodeTiled function = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* address = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+    const cudaError_t status =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &address, 12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t status = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &address, cudaEnableDefault, &found);
+#endif
+    if (status == cudaSuccess && found == cudaDriverEntryPointSuccess) function = reinterpret_cast<EncodeTiled>(address);
+    else cudaGetLastError();
+  });
+  if (function == nullptr)
+    throw std::runtime_error("dattn: the CUDA driver has no cuTensorMapEncodeTiled (the sm90 forward's TMA loads need "
+                             "a CUDA 12 driver)");
+  return function;
+}
+
+}  // namespace
+
+bool sm90_tma_covers(const DilatedParams& p) {
+  if (p.block_size > 0 || p.position_index != nullptr) return false;        // the dilated walk only
+  if (p.cu_seqlens != nullptr || p.key_lengths != nullptr) return false;    // whole sequences of B rows
+  if (p.float32_outputs || p.query_position != 0 || p.global_length != p.seqlen || p.key_begin != 0 ||
+      p.key_end != p.seqlen)
+    return false;  // ring steps
+  if (p.dtype != DType::bfloat16 && p.dtype != DType::float16) return false;
+  if (p.head_dim != 64 && p.head_dim != 128) return false;
+  if (p.batch < 1 || p.seqlen < 1 || p.heads < 1 || p.kv_heads < 1) return false;
+  for (int i = 0; i < p.num_branches; ++i) {
+    const detail::Branch& branch = p.branches[i];
+    if (branch.head_count == 0) continue;  // never launched
+    const std::int64_t r = branch.dilation_rate;
+    if (r < 1 || p.seqlen % r != 0) return false;
+    MapShape m;
+    if (!map_shape(p, p.q, p.heads, r, m) || !map_shape(p, p.k, p.kv_heads, r, m) || !map_shape(p, p.v, p.kv_heads, r, m))
+      return false;
+  }
+  return true;
+}
+
+void encode_forward_maps(const DilatedParams& p, const LaunchPlan& plan, int query_rows, int key_rows,
+                         ForwardTensorMaps& maps) {
+  const EncodeTiled encode = encode_tiled();
+  const CUtensorMapDataType type =
+      p.dtype == DType::bfloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  bool encoded[detail::kMaxBranches] = {};
+  for (int j = 0; j < plan.num_jobs; ++j) {
+    const int branch = plan.jobs[j].branch;
+    if (encoded[branch]) continue;
+    encoded[branch] = true;
+    const std::int64_t r = p.branches[branch].dilation_rate;
+    const struct {
+      const char* name;
+      const Operand* x;
+      std::int64_t heads;
+      int rows;
+      CUtensorMap* map;
+    } operands[] = {{"q", &p.q, p.heads, query_rows, &maps.q[branch]},
+                    {"k", &p.k, p.kv_heads, key_rows, &maps.k[branch]},
+                    {"v", &p.v, p.kv_heads, key_rows, &maps.v[branch]}};
+    for (const auto& o : operands) {
+      MapShape m;
+      const cuuint32_t box[5] = {cuuint32_t(kBoxColumns), 1, 1, cuuint32_t(o.rows), 1};
+      const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
+      const CUresult status =
+          map_shape(p, *o.x, o.heads, r, m)
+              ? encode(o.map, type, 5, o.x->data, m.dims, m.strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                       CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+              : CUDA_ERROR_INVALID_VALUE;
+      if (status != CUDA_SUCCESS)
+        throw std::runtime_error(std::string("dattn: cuTensorMapEncodeTiled refused the sm90 forward's map of ") + o.name +
+                                 " for branch " + std::to_string(branch) + " (error " + std::to_string(int(status)) +
+                                 "), which sm90_tma_covers admitted");
+    }
+  }
+}
+
+}  // namespace dattn::cuda

@@ -1,0 +1,53 @@
+// TMA tensor maps of the sm90 forward (builds with DATTN_SM90_TMA; experimental, not yet run on a
+// GPU). A branch of dilation rate r selects rows o + j·r of a segment, so its rows are a strided
+// view of the [B, N, H, D] tensor: one 5-D map per (operand q/k/v, branch) with
+//   dims    (D,   H or Hkv,     r,            N / r,            B)
+//   strides (1,   head_stride,  row_stride,   r · row_stride,   batch_stride)   (elements; bytes in the map)
+// addresses selected row j of a group whose first position is `first` at coordinates
+// (column, head, first mod r, first / r + j, batch), without a gather. A box of (64 columns, 1, 1,
+// rows, 1) with 128-byte swizzling lands in shared memory as TileLayout::swizzled (work.cuh) lays
+// out one 64-column block: row i at i·128 bytes, its 16-byte chunk c at chunk c ^ (i mod 8) (TMA's
+// swizzle XORs address bits 4-6 with bits 7-9, and the tiles start on 1024-byte boundaries); head
+// dim 128 is two boxes, the second block kRows·128 bytes on. Rows past N are zero-filled by TMA
+// (r divides N, so row first / r + j lies inside the map exactly when its position lies before N);
+// K and V rows of the next segment that a box reaches are real data, which the producer overwrites
+// with zeros (produce_tma); the query box's rows past the block's own are left as they come (their
+// rows of S, P and O are never written out).
+//
+// Host and device include this; the encoding and the predicate (host) are in tensor_maps.cu.
+#pragma once
+
+#include <cuda.h>
+
+#include "cuda/launch.hpp"
+#include "params.hpp"
+
+namespace dattn::cuda {
+
+// The maps of one launch's branches, by branch index (the branches the launch does not run are
+// left zero; CUtensorMap is 128-byte aligned). A __grid_constant__ kernel parameter: 6 KiB beside
+// DilatedParams and LaunchPlan, 8.8 KiB in all (kernel parameters may take 32 KiB since CUDA 12.1).
+struct ForwardTensorMaps {
+  CUtensorMap q[detail::kMaxBranches];
+  CUtensorMap k[detail::kMaxBranches];
+  CUtensorMap v[detail::kMaxBranches];
+};
+
+// The cp.async instances' stand-in.
+struct NoTensorMaps {};
+
+// Whether the TMA forward covers a call: dilated attention's walk (no index map, not block-sparse),
+// whole sequences (no packed batch, no cache, no ring step), 16-bit data of head dim 64 or 128, every
+// branch's dilation rate dividing N, and q, k, v as a map needs them (16-byte aligned bases, every
+// stride of more than one row, head or batch a positive multiple of 16 bytes below 2^40). The
+// caller has chosen the sm90 kernels. Defined in builds with DATTN_SM90_TMA only (forward_uses_tma,
+// dispatch.cu, is false in the others).
+bool sm90_tma_covers(const detail::DilatedParams& p);
+
+// Encodes the maps of the branches that `plan` runs: boxes of query_rows rows for q, key_rows for
+// k and v. Throws std::runtime_error where the driver refuses one (sm90_tma_covers admitted the
+// call, so that is a bug) or has no cuTensorMapEncodeTiled.
+void encode_forward_maps(const detail::DilatedParams& p, const LaunchPlan& plan, int query_rows, int key_rows,
+                         ForwardTensorMaps& maps);
+
+}  // namespace dattn::cuda
