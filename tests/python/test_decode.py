@@ -30,8 +30,8 @@ def whole_sequence_rows(q, k_cache, v_cache, lengths, w, r, mode):
 # (cached lengths, Tn, H, Hkv, D, segment_lengths, dilation_rates, mode, with_new)
 CASES = [
     pytest.param([0, 15, 16, 17], 1, 4, 1, 16, [16, 32], [1, 2], "grouped", True, id="tn1-boundaries-mqa"),
-    pytest.param([7, 40], 5, 4, 2, 8, [8, 64], [1, 4], "longnet", True, id="tn5-longnet"),
-    pytest.param([30, 60], 25, 6, 3, 8, [8, 16, 32], [1, 2, 4], "grouped", False, id="tn>segment-no-new"),
+    pytest.param([7, 40], 5, 4, 2, 16, [8, 64], [1, 4], "longnet", True, id="tn5-longnet"),
+    pytest.param([30, 60], 25, 6, 3, 16, [8, 16, 32], [1, 2, 4], "grouped", False, id="tn>segment-no-new"),
     pytest.param([64, 3], 3, 2, 2, 32, [4, 100], [2, 3], "longnet", False, id="no-new-w>N"),
 ]
 
