@@ -100,7 +100,7 @@ void merge_partial(const TensorView& out, const TensorView& lse, const TensorVie
 // 1. ring_query_gradients, once per key range: sum_gk += Σ_j G_j·k_j and sum_pk += Σ_j P_j·k_j
 //    ([B, N, H, D]), delta += Σ_j G_j ([B, H, N], contiguous), with G = P∘Z∘dP; then
 //    ring_finish_query_gradients writes dq = scale·(sum_gk − delta·sum_pk).
-// 2. ring_key_gradients, once per key range: dk, dv ([B, Nk, H, D]) += that range's gradients,
+// 2. ring_key_gradients, once per key range: dk, dv ([B, Nk, Hkv, D]) += that range's gradients,
 //    with the final delta. Only the attention of the step's (query, key) pairs contributes.
 struct RingQueryGradients {
   TensorView sum_gk, sum_pk, delta;
@@ -120,7 +120,7 @@ void ring_key_gradients(const DilatedConfig& config, const RingStep& step, const
 // no per-step output). Start from out = 0, lse = -inf.
 // ring_step_gradients: with the merged lse and delta = rowsum(dout∘out) over D ([B, H, N] float32,
 // contiguous; out the final output), dq (float32 [B, N, H, D]) += the step's scale·dS·k and dk, dv
-// (float32 [B, Nk, H, D]) += scale·dSᵀ·q and (P∘Z)ᵀ·dout, where dS = P∘(Z∘dP − delta). Summed over
+// (float32 [B, Nk, Hkv, D]) += scale·dSᵀ·q and (P∘Z)ᵀ·dout, where dS = P∘(Z∘dP − delta). Summed over
 // every key range, dq, dk, dv are the gradients of the whole call. stream: a cudaStream_t for CUDA
 // tensors (null: the default stream), null for CPU tensors.
 void ring_forward_step(const DilatedConfig& config, const RingStep& step, const TensorView& q, const TensorView& k,

@@ -90,7 +90,7 @@ struct RingStats {
 
 // Local tensors hold this rank's rows in ring_rows order: q, k, v, out, dout, dq, dk, dv
 // [B, N/P, H, D], lse [B, H, N/P]; config.key_padding_mask, if set, is sharded like q ([B, N/P]).
-// k, v, dk, dv may have Hkv heads (H % Hkv == 0; CPU tensors): they travel with their Hkv heads
+// k, v, dk, dv may have Hkv heads (H % Hkv == 0; CPU and CUDA tensors): they travel with their Hkv heads
 // (a key/value head's row goes where any query head of its group needs it), so the ring moves Hkv / H
 // of the bytes of H heads; dk, dv sum the group's query heads.
 // CPU tensors: the backward is two sweeps (ring_query_gradients, then ring_key_gradients). CUDA

@@ -261,7 +261,8 @@ void run_forward(const DilatedParams& p) {
 
 // As launch_forward_plans, for the backward's two roles (each later launch adds to the gradients).
 // Under grouped-query heads one launch per query head of a key/value head's group (heads.phase):
-// the query heads of one key/value head add into its dk, dv rows one launch after another.
+// the query heads of one key/value head add into its dk, dv rows one launch after another (ring
+// steps too: their float32 dk, dv have the Hkv heads of the step's keys, and every launch adds).
 template <class Launch>
 void launch_backward_plans(const DilatedParams& p, int rows, Launch launch) {
   const bool ring = p.float32_outputs;  // ring steps add into the accumulators
@@ -366,10 +367,6 @@ void check_supported(const DilatedParams& p) {
   if (ring_step && !p.float32_outputs)
     throw Error("options.ring_step with CUDA tensors: forward writes no per-step output on CUDA; expected "
                 "ring_forward_step (which merges the step into float32 out and lse) or cpu tensors");
-  if (p.kv_heads != p.heads && ring_step)
-    throw Error("k and v have " + std::to_string(p.kv_heads) + " heads and q has " + std::to_string(p.heads) +
-                ": grouped-query heads in ring steps are not yet supported on CUDA; expected k, v with H = " +
-                std::to_string(p.heads) + " heads or cpu tensors");
   if (p.cu_seqlens != nullptr && p.block_size > 0)
     throw Error("cu_seqlens: packed variable-length batches of block-sparse attention are not yet supported on "
                 "CUDA; expected cpu tensors (dilated attention's packed batches run on CUDA)");

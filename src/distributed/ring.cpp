@@ -543,14 +543,10 @@ void cpu_ring_backward(Communicator& comm, const Schedule& schedule, const StepK
 
 // Grouped-query heads in the ring: k and v travel with their Hkv heads. A (row, key/value head)
 // entry goes where any query head of its group needs (row, query head), so the ring moves
-// Hkv / H of the keys it would move repeated; the step kernels read query head h's keys at head
-// h / (H / Hkv) and sum the group's key gradients. CPU tensors (the CUDA ring steps refuse Hkv < H).
+// Hkv / H of the keys it would move repeated; the step kernels (CPU and CUDA) read query head h's
+// keys at head h / (H / Hkv) and sum the group's key gradients into dk, dv of Hkv heads.
 Schedule for_kv_heads(const Schedule& schedule, const TensorView& q, const Keys& keys) {
   const std::int64_t kv_heads = detail::check_kv_heads(q, keys.k), H = schedule.H, group = H / kv_heads;
-  if (q.device.type != DeviceType::cpu)
-    throw Error("k has " + std::to_string(kv_heads) + " heads and q has " + std::to_string(H) +
-                ": grouped-query heads in the ring are not yet supported on CUDA; expected cpu tensors or k, v with "
-                "H heads");
   Schedule kv = schedule;
   kv.H = kv_heads;
   kv.entries = [query_entries = schedule.entries, H, group, kv_heads](int source, int dest) {

@@ -5,6 +5,9 @@
 // back to the keys' owner packed like the keys came. Everything is queued on the caller's stream;
 // the communicator orders its transfers against it (bind_stream), so with NCCL a step's transfer
 // runs while the step before it computes. The entry lists are made on the host, a step at a time.
+// Under grouped-query heads k, v and dk, dv keep their Hkv heads here: the schedule's entries are
+// (row, key/value head) ones (ring.cpp's for_kv_heads), the buffers hold Hkv heads, and the step
+// kernels read query head h's keys at h / (H / Hkv) and add the group's gradients into one head.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -239,17 +242,18 @@ void ring_backward_cuda(Communicator& comm, const Schedule& schedule, const Cuda
   const DeviceOf device(q);
   comm.bind_stream(stream);
   const std::int64_t B = q.shape[0], n = q.shape[1], H = q.shape[2], D = q.shape[3], N = schedule.N;
+  const std::int64_t kv_heads = own.k.shape[2];  // Hkv under grouped-query heads: dk, dv and what travels
   const Device dev = device_of(q);
-  const std::size_t rows = std::size_t(B * n * H * D);
-  DeviceMemory dq_sum(rows * 4), own_grads(2 * rows * 4), partial(2 * rows * 4), delta(std::size_t(B * H * n) * 4);
-  DeviceMemory grads_out(2 * rows * 4), grads_in(2 * rows * 4);
+  const std::size_t rows = std::size_t(B * n * H * D), kv_rows = std::size_t(B * n * kv_heads * D);
+  DeviceMemory dq_sum(rows * 4), own_grads(2 * kv_rows * 4), partial(2 * kv_rows * 4), delta(std::size_t(B * H * n) * 4);
+  DeviceMemory grads_out(2 * kv_rows * 4), grads_in(2 * kv_rows * 4);
   const TensorView dq_view = device_view(dq_sum.get(), DType::float32, {B, n, H, D}, dev);
-  const TensorView partial_k = device_view(partial.get(), DType::float32, {B, n, H, D}, dev);
-  const TensorView partial_v = device_view(partial.get<float>() + rows, DType::float32, {B, n, H, D}, dev);
-  const TensorView own_k = device_view(own_grads.get(), DType::float32, {B, n, H, D}, dev);
-  const TensorView own_v = device_view(own_grads.get<float>() + rows, DType::float32, {B, n, H, D}, dev);
+  const TensorView partial_k = device_view(partial.get(), DType::float32, {B, n, kv_heads, D}, dev);
+  const TensorView partial_v = device_view(partial.get<float>() + kv_rows, DType::float32, {B, n, kv_heads, D}, dev);
+  const TensorView own_k = device_view(own_grads.get(), DType::float32, {B, n, kv_heads, D}, dev);
+  const TensorView own_v = device_view(own_grads.get<float>() + kv_rows, DType::float32, {B, n, kv_heads, D}, dev);
   cuda::fill(dq_sum.get<float>(), std::int64_t(rows), 0.0f, stream);
-  cuda::fill(own_grads.get<float>(), 2 * std::int64_t(rows), 0.0f, stream);
+  cuda::fill(own_grads.get<float>(), 2 * std::int64_t(kv_rows), 0.0f, stream);
   // delta per query chunk, each [B, H, rows] contiguous as ring_step_gradients takes it.
   std::vector<TensorView> deltas;
   {
@@ -266,7 +270,7 @@ void ring_backward_cuda(Communicator& comm, const Schedule& schedule, const Cuda
   for_each_source(
       exchange, schedule, own,
       [&](int, int source, const Keys& keys) {
-        cuda::fill(partial.get<float>(), 2 * std::int64_t(rows), 0.0f, stream);
+        cuda::fill(partial.get<float>(), 2 * std::int64_t(kv_rows), 0.0f, stream);
         each_pair(schedule, source, [&](std::size_t chunk, std::int64_t qa, std::int64_t q0, std::int64_t q1,
                                         std::int64_t ka, std::int64_t k0, std::int64_t k1) {
           kernels.gradients(step_mask(keys, ka, k1 - k0), RingStep{q0, N, k0, k1}, q.narrow(1, qa, q1 - q0),
@@ -278,7 +282,7 @@ void ring_backward_cuda(Communicator& comm, const Schedule& schedule, const Cuda
       [&](int t) {  // the step's key gradients go back to their owner; this rank's come from dest
         const Step& s = exchange.step(t);
         if (t == 0) {
-          if (!s.incoming.empty()) cuda::add(own_grads.get<float>(), partial.get<float>(), 2 * std::int64_t(rows), stream);
+          if (!s.incoming.empty()) cuda::add(own_grads.get<float>(), partial.get<float>(), 2 * std::int64_t(kv_rows), stream);
           return;
         }
         const std::size_t out_count = s.incoming.size(), in_count = s.outgoing.size();
@@ -308,7 +312,7 @@ void ring_backward_cuda(Communicator& comm, const Schedule& schedule, const Cuda
       });
   cuda::store_converted(dq_sum.get<float>(), dq, stream);
   cuda::store_converted(own_grads.get<float>(), dk, stream);
-  cuda::store_converted(own_grads.get<float>() + rows, dv, stream);
+  cuda::store_converted(own_grads.get<float>() + kv_rows, dv, stream);
   cuda_check(cudaStreamSynchronize(cudaStream_t(stream)), "ring backward");  // before the buffers go
 }
 

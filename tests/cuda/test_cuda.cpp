@@ -242,8 +242,8 @@ Case random_case(Rng& rng, std::int64_t max_n) {
   // A fifth of the cases are calls the TMA loads cover; of the rest most are not (fp32, other head
   // dims, a rate that does not divide N, Hilbert order, ring steps, block masks).
   if (!g_all_block_sparse && chance(rng, 0.2)) make_tma_shaped(c, rng);
-  // Grouped-query heads (not with a fused qkv buffer, nor in ring steps, which CUDA refuses).
-  if (c.H > 1 && !c.fused_qkv && c.ring_ranks == 0 && chance(rng, 0.3)) {
+  // Grouped-query heads (not with a fused qkv buffer), ring steps among them.
+  if (c.H > 1 && !c.fused_qkv && chance(rng, 0.3)) {
     std::vector<std::int64_t> divisors;
     for (std::int64_t d = 1; d < c.H; ++d)
       if (c.H % d == 0) divisors.push_back(d);
@@ -423,10 +423,11 @@ std::vector<View> run_ring_steps(const Case& c, const dattn::DilatedConfig& conf
                                  const dattn::BlockSparseMask* block_mask, const std::vector<View>& qkv,
                                  const View& dout, const std::optional<View>& mask,
                                  std::vector<std::unique_ptr<Buffer>>& owner, cudaStream_t stream) {
-  const std::int64_t B = c.B, N = c.N, H = c.H, D = c.D;
+  const std::int64_t B = c.B, N = c.N, H = c.H, D = c.D, Hkv = c.Hkv ? c.Hkv : c.H;
   const dattn::Layout layout = c.zigzag ? dattn::Layout::zigzag : dattn::Layout::contiguous;
   View out = filled(owner, {B, N, H, D}, 0.0f), lse = filled(owner, {B, H, N}, -INFINITY);
-  View dq = filled(owner, {B, N, H, D}, 0.0f), dk = filled(owner, {B, N, H, D}, 0.0f), dv = filled(owner, {B, N, H, D}, 0.0f);
+  View dq = filled(owner, {B, N, H, D}, 0.0f), dk = filled(owner, {B, N, Hkv, D}, 0.0f),
+       dv = filled(owner, {B, N, Hkv, D}, 0.0f);
   for (View* v : {&out, &lse, &dq, &dk, &dv}) v->buffer->upload(stream);
   auto each_pair = [&](auto&& fn) {
     for (int rank = 0; rank < c.ring_ranks; ++rank)
@@ -684,7 +685,9 @@ std::vector<Case> fixed_cases() {
         }
         cases.push_back(c);
       }
-  for (DType t : {DType::bfloat16, DType::float32})  // ring steps: 4 ranks, both layouts and modes
+  // Ring steps: 4 ranks, both layouts and modes; the bfloat16 ones of variants 1 and 3 with
+  // grouped-query heads (Hkv = 3 and 2 of H = 6).
+  for (DType t : {DType::bfloat16, DType::float32})
     for (int variant = 0; variant < 4; ++variant) {
       Case c;
       c.seed = seed++;
@@ -706,6 +709,7 @@ std::vector<Case> fixed_cases() {
         c.dropout_p = 0.2;
         c.dropout_seed = 7;
       }
+      if (t == DType::bfloat16 && variant % 2 == 1) c.Hkv = variant == 1 ? 3 : 2;
       cases.push_back(c);
     }
   for (DType t : {DType::bfloat16, DType::float16, DType::float32})  // Hilbert order, both modes, causal too
@@ -749,6 +753,7 @@ std::vector<Case> fixed_cases() {
       if (variant >= 2) {
         c.ring_ranks = 4;
         c.zigzag = variant == 3;
+        if (t == DType::float16 && variant == 3) c.Hkv = 1;  // multi-query heads in ring steps
       }
       cases.push_back(c);
     }

@@ -1,9 +1,11 @@
 // GPU tests of the ring engine (dattn::ring_forward / ring_backward on CUDA tensors): P ranks, each
 // with its shard on the device and its own stream, run the ring; the gathered out, lse, dq, dk, dv
 // are compared with the float64 reference of the whole sequence at SPEC.md's bars. Random
-// configurations: both layouts and modes, causal, key padding, segments shorter than, equal to
-// and longer than N/P, bf16 and fp32; and block-sparse masks (random density, shared or per head,
-// blocks that tile each rank's rows).
+// configurations: both layouts and modes, causal, key padding, dropout, segments shorter than,
+// equal to and longer than N/P, bf16 and fp32, grouped-query heads (k, v and dk, dv with Hkv < H
+// heads, which travel as they are); and block-sparse masks (random density, shared or per head,
+// blocks that tile each rank's rows). Before them (in-process ranks), the bytes each rank sends
+// under grouped-query heads: Hkv / H of what H heads of keys would take.
 //
 // Usage: dattn-test-ring-cuda [--cases N] [--seed S] [--nccl]
 //   default: P = 1..4 in-process ranks (threads, make_in_process_group) on GPU 0
@@ -38,6 +40,8 @@ struct Case {
   dattn::Mode mode = dattn::Mode::grouped;
   DType dtype = DType::bfloat16;
   std::int64_t B = 1, N = 64, H = 2, D = 64;
+  std::int64_t Hkv = 2;  // k, v, dk, dv heads (a divisor of H; H without grouped-query heads)
+  double dropout_p = 0;
   std::vector<std::int64_t> w, r;
   std::int64_t block_size = 0;  // > 0: block-sparse attention with a random mask (w, r unused)
   double density = 0;
@@ -46,11 +50,14 @@ struct Case {
 
 std::string describe(const Case& c) {
   std::ostringstream s;
-  s << "P=" << c.P << " N=" << c.N << " B=" << c.B << " H=" << c.H << " D=" << c.D << " w=[";
+  s << "P=" << c.P << " N=" << c.N << " B=" << c.B << " H=" << c.H;
+  if (c.Hkv != c.H) s << " Hkv=" << c.Hkv;
+  s << " D=" << c.D << " w=[";
   for (std::size_t i = 0; i < c.w.size(); ++i) s << (i ? "," : "") << c.w[i] << "/" << c.r[i];
   s << "] " << (c.layout == Layout::zigzag ? "zigzag" : "contiguous") << " "
     << (c.mode == dattn::Mode::grouped ? "grouped" : "longnet") << " causal=" << c.causal << " padding=" << c.padding
     << " " << dattn::dtype_name(c.dtype);
+  if (c.dropout_p > 0) s << " dropout=" << c.dropout_p;
   if (c.block_size) s << " block-sparse block=" << c.block_size << " density=" << c.density << " mask_heads=" << c.mask_heads;
   return s.str();
 }
@@ -66,7 +73,15 @@ Case random_case(Rng& rng, int ranks) {
   const std::int64_t unit = c.layout == Layout::zigzag ? 2 * c.P : c.P;
   c.N = unit * uniform(rng, 1, 320 / unit);
   c.B = uniform(rng, 1, 2);
-  c.H = uniform(rng, 1, 4);
+  c.H = uniform(rng, 1, 6);
+  c.Hkv = c.H;
+  if (c.H > 1 && chance(rng, 0.4)) {  // grouped-query heads: a proper divisor of H (1: multi-query)
+    std::vector<std::int64_t> divisors;
+    for (std::int64_t d = 1; d < c.H; ++d)
+      if (c.H % d == 0) divisors.push_back(d);
+    c.Hkv = divisors[rng() % divisors.size()];
+  }
+  c.dropout_p = chance(rng, 0.25) ? 0.2 : 0.0;
   c.D = 64;  // the ring moves rows of any D; the head dims are dattn-test-cuda's
   const std::int64_t G = uniform(rng, 1, 3);
   for (std::int64_t g = 0; g < G; ++g) {
@@ -93,10 +108,25 @@ dattn::BlockSparseMask random_block_mask(const Case& c, Rng& rng) {
   return dattn::BlockSparseMask::from_dense(dense.view());
 }
 
+constexpr std::uint64_t kDropoutSeed = 20261207;
+
 dattn::BlockSparseConfig sparse_config(const Case& c) {
   dattn::BlockSparseConfig config;
   config.block_size = c.block_size;
   config.causal = c.causal;
+  config.dropout_p = c.dropout_p;
+  config.dropout_seed = kDropoutSeed;
+  return config;
+}
+
+dattn::DilatedConfig dilated_config(const Case& c) {
+  dattn::DilatedConfig config;
+  config.segment_lengths = c.w;
+  config.dilation_rates = c.r;
+  config.mode = c.mode;
+  config.causal = c.causal;
+  config.dropout_p = c.dropout_p;
+  config.dropout_seed = kDropoutSeed;
   return config;
 }
 
@@ -182,14 +212,10 @@ RankResult run_rank(const Case& c, dattn::Communicator& comm, int device, const 
         dout(shard(*inputs[3], 1), device);
     const std::int64_t n = c.N / c.P;
     DeviceTensor out(Tensor::zeros({c.B, n, c.H, c.D}, c.dtype), device), lse(Tensor::zeros({c.B, c.H, n}, DType::float32), device);
-    DeviceTensor dq(Tensor::zeros({c.B, n, c.H, c.D}, c.dtype), device), dk(Tensor::zeros({c.B, n, c.H, c.D}, c.dtype), device),
-        dv(Tensor::zeros({c.B, n, c.H, c.D}, c.dtype), device);
+    DeviceTensor dq(Tensor::zeros({c.B, n, c.H, c.D}, c.dtype), device),
+        dk(Tensor::zeros({c.B, n, c.Hkv, c.D}, c.dtype), device), dv(Tensor::zeros({c.B, n, c.Hkv, c.D}, c.dtype), device);
     std::optional<DeviceTensor> mask_device;
-    dattn::DilatedConfig config;
-    config.segment_lengths = c.w;
-    config.dilation_rates = c.r;
-    config.mode = c.mode;
-    config.causal = c.causal;
+    dattn::DilatedConfig config = dilated_config(c);
     if (mask) {
       mask_device.emplace(shard(*mask, 1), device);
       config.key_padding_mask = mask_device->view();
@@ -221,9 +247,9 @@ RankResult run_rank(const Case& c, dattn::Communicator& comm, int device, const 
 // Runs case c over P communicators (one thread each) and checks the gathered results.
 std::string run_case(const Case& c, std::vector<std::unique_ptr<dattn::Communicator>>& comms, bool one_gpu_each,
                      Rng& rng) {
-  const std::vector<std::int64_t> shape{c.B, c.N, c.H, c.D};
-  const Tensor q = random_tensor(shape, c.dtype, rng), k = random_tensor(shape, c.dtype, rng),
-               v = random_tensor(shape, c.dtype, rng), dout = random_tensor(shape, c.dtype, rng);
+  const std::vector<std::int64_t> shape{c.B, c.N, c.H, c.D}, kv_shape{c.B, c.N, c.Hkv, c.D};
+  const Tensor q = random_tensor(shape, c.dtype, rng), k = random_tensor(kv_shape, c.dtype, rng),
+               v = random_tensor(kv_shape, c.dtype, rng), dout = random_tensor(shape, c.dtype, rng);
   Tensor mask = Tensor::zeros({c.B, c.N}, DType::boolean);
   if (c.padding)
     for (std::int64_t i = 0; i < mask.numel(); ++i) mask.data<std::uint8_t>()[i] = chance(rng, 0.2);
@@ -241,16 +267,12 @@ std::string run_case(const Case& c, std::vector<std::unique_ptr<dattn::Communica
     if (!r.error.empty()) return "exception: " + r.error;
 
   // The float64 reference of the whole sequence.
-  dattn::DilatedConfig config;
-  config.segment_lengths = c.w;
-  config.dilation_rates = c.r;
-  config.mode = c.mode;
-  config.causal = c.causal;
+  dattn::DilatedConfig config = dilated_config(c);
   if (c.padding) config.key_padding_mask = mask.view();
   const Tensor q64 = to_f64(q.view()), k64 = to_f64(k.view()), v64 = to_f64(v.view()), g64 = to_f64(dout.view());
   Tensor out64 = Tensor::empty(shape, DType::float64), lse64 = Tensor::empty({c.B, c.H, c.N}, DType::float32);
-  Tensor dq64 = Tensor::empty(shape, DType::float64), dk64 = Tensor::empty(shape, DType::float64),
-         dv64 = Tensor::empty(shape, DType::float64);
+  Tensor dq64 = Tensor::empty(shape, DType::float64), dk64 = Tensor::empty(kv_shape, DType::float64),
+         dv64 = Tensor::empty(kv_shape, DType::float64);
   if (block_mask) {
     dattn::BlockSparseConfig sparse = sparse_config(c);
     sparse.key_padding_mask = config.key_padding_mask;
@@ -281,6 +303,61 @@ std::string run_case(const Case& c, std::vector<std::unique_ptr<dattn::Communica
   }
   const Tensor lse = gather(&RankResult::lse, 2);
   if (std::string m = lse_problem(lse.view(), lse64.view(), lse_bar); !m.empty()) problems << m << "; ";
+  return problems.str();
+}
+
+// Under grouped-query heads the CUDA ring moves k, v (and, back, dk, dv) with their Hkv heads: P = 4
+// in-process ranks, N = 64, H = 4 query heads, one segment over the whole sequence (every rank
+// needs every key of the 3 others). Each rank sends 3 · 16 rows · Hkv heads of k and v (bf16) in
+// the forward; in the backward those again and their float32 gradients back. Returns the problems.
+std::string grouped_query_bytes_problems() {
+  constexpr int P = 4;
+  constexpr std::int64_t B = 1, N = 64, H = 4, D = 64, n = N / P;
+  std::ostringstream problems;
+  for (const std::int64_t Hkv : {4, 2, 1}) {
+    std::vector<dattn::RingStats> forward(P), backward(P);
+    std::vector<std::string> errors(P);
+    auto group = dattn::make_in_process_group(P);
+    std::vector<std::thread> threads;
+    for (int rank = 0; rank < P; ++rank)
+      threads.emplace_back([&, rank] {
+        try {
+          CUDA_OK(cudaSetDevice(0));
+          cudaStream_t stream;
+          CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+          const Tensor rows = Tensor::zeros({B, n, H, D}, DType::bfloat16), kv_rows = Tensor::zeros({B, n, Hkv, D}, DType::bfloat16);
+          DeviceTensor q(rows, 0), k(kv_rows, 0), v(kv_rows, 0), dout(rows, 0), out(rows, 0), dq(rows, 0), dk(kv_rows, 0),
+              dv(kv_rows, 0), lse(Tensor::zeros({B, H, n}, DType::float32), 0);
+          dattn::DilatedConfig config;
+          config.segment_lengths = {N};
+          config.dilation_rates = {1};
+          dattn::Communicator& comm = *group[std::size_t(rank)];
+          dattn::ring_forward(comm, config, Layout::contiguous, N, q.view(), k.view(), v.view(), out.view(), lse.view(),
+                              &forward[std::size_t(rank)], stream);
+          dattn::ring_backward(comm, config, Layout::contiguous, N, q.view(), k.view(), v.view(), out.view(), lse.view(),
+                               dout.view(), dq.view(), dk.view(), dv.view(), &backward[std::size_t(rank)], stream);
+          CUDA_OK(cudaStreamSynchronize(stream));
+          CUDA_OK(cudaStreamDestroy(stream));
+        } catch (const std::exception& e) {
+          errors[std::size_t(rank)] = e.what();
+        }
+      });
+    for (auto& t : threads) t.join();
+    const std::int64_t entries = 3 * n * Hkv;
+    const std::int64_t keys = entries * 2 * D * 2, gradients = entries * 2 * D * 4;  // k, v bf16; dk, dv float32
+    for (int rank = 0; rank < P; ++rank) {
+      const dattn::RingStats &f = forward[std::size_t(rank)], &b = backward[std::size_t(rank)];
+      if (!errors[std::size_t(rank)].empty()) {
+        problems << "Hkv=" << Hkv << " rank " << rank << ": exception: " << errors[std::size_t(rank)] << "; ";
+        continue;
+      }
+      if (f.bytes_sent != keys || f.bytes_received != keys || b.bytes_sent != keys + gradients ||
+          b.bytes_received != keys + gradients)
+        problems << "Hkv=" << Hkv << " rank " << rank << ": forward sent " << f.bytes_sent << " received "
+                 << f.bytes_received << ", backward sent " << b.bytes_sent << " received " << b.bytes_received
+                 << "; expected " << keys << " and " << keys + gradients << "; ";
+    }
+  }
   return problems.str();
 }
 
@@ -334,6 +411,13 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
   Rng rng(seed);
   int passed = 0, failed = 0;
+  if (!nccl) {
+    const std::string problems = grouped_query_bytes_problems();
+    (problems.empty() ? passed : failed)++;
+    std::printf("%s bytes under grouped-query heads (P=4 N=64 H=4, Hkv=4,2,1): k, v and dk, dv travel with Hkv heads%s%s\n",
+                problems.empty() ? "ok" : "FAIL", problems.empty() ? "" : "\n    ", problems.c_str());
+    std::fflush(stdout);
+  }
   for (int i = 0; i < cases; ++i) {
     const Case c = random_case(rng, nccl ? devices : 0);
     std::vector<std::unique_ptr<dattn::Communicator>> group;
