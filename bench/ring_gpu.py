@@ -2,7 +2,8 @@
 torchrun. Rank 0 prints the results as markdown and writes --json.
 
   torchrun --nproc-per-node P bench/ring_gpu.py check   correctness: on random configurations
-      (both modes, causal with both layouts, key padding, segments shorter and longer than N/P),
+      (both modes, causal with both layouts, key padding, segments shorter and longer than N/P,
+      grouped-query heads: k, v with Hkv heads, a divisor of H, which travel as they are),
       the gathered ring output and gradients against the single-GPU dattn result at docs/semantics.md's bars;
       then block-sparse masks (random density, shared or per head, and the named patterns through
       BlockSparseRingDilatedAttention) on the same ring against single-GPU block_sparse_attention
@@ -60,6 +61,14 @@ def rel_err(x, ref):
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def kv_heads(H, gen):
+    """Key/value heads of a case: H (half the cases) or a smaller divisor of H (grouped-query heads)."""
+    smaller = [d for d in range(1, H) if H % d == 0]
+    if not smaller or float(torch.rand(1, generator=gen)) < 0.5:
+        return H
+    return smaller[int(torch.randint(0, len(smaller), (1,), generator=gen))]
+
+
 def device_name(device):
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
@@ -82,7 +91,8 @@ def check(args):
         w = sorted(max(1, int((2.0 * N) ** float(torch.rand(1, generator=gen)))) for _ in range(G))
         r = [int(torch.randint(1, min(x, 8) + 1, (1,), generator=gen)) for x in w]
         padding = torch.rand(B, N, generator=gen) < 0.1 if i % 3 == 0 else None
-        q, k, v, grad = (torch.randn(B, N, H, D, generator=gen).to(args.device, dtype) for _ in range(4))
+        Hkv = kv_heads(H, gen)
+        q, k, v, grad = (torch.randn(B, N, h, D, generator=gen).to(args.device, dtype) for h in (H, Hkv, Hkv, H))
         # the single-GPU result (every rank computes it; rank 0 compares)
         full = [t.clone().requires_grad_() for t in (q, k, v)]
         pad_cuda = None if padding is None else padding.to(args.device)
@@ -98,11 +108,11 @@ def check(args):
         errors = [rel_err(a, b) for a, b in zip(got, [ref.detach()] + [t.grad for t in full])]
         ok = all(e <= OUT_BAR[dtype] for e in errors)
         failures += not ok
-        rows.append(dict(case=i, P=P, N=N, B=B, H=H, w=w, r=r, mode=mode, causal=causal, layout=layout,
+        rows.append(dict(case=i, P=P, N=N, B=B, H=H, Hkv=Hkv, w=w, r=r, mode=mode, causal=causal, layout=layout,
                          dtype=str(dtype).replace("torch.", ""), padding=padding is not None,
                          errors=dict(zip(["out", "dq", "dk", "dv"], errors)), ok=ok))
-        log(f"{'ok' if ok else 'FAIL'} case {i}: P={P} N={N} B={B} H={H} w={w} r={r} {mode} causal={causal} {layout} "
-            f"{rows[-1]['dtype']} padding={padding is not None}: rel. L2 vs single GPU out {errors[0]:.2e} "
+        log(f"{'ok' if ok else 'FAIL'} case {i}: P={P} N={N} B={B} H={H} Hkv={Hkv} w={w} r={r} {mode} causal={causal} "
+            f"{layout} {rows[-1]['dtype']} padding={padding is not None}: rel. L2 vs single GPU out {errors[0]:.2e} "
             f"dq {errors[1]:.2e} dk {errors[2]:.2e} dv {errors[3]:.2e}")
     for i in range(args.sparse_cases):
         ok, row = check_sparse(i, gen, args)
@@ -125,7 +135,8 @@ def check_sparse(i, gen, args):
     B, H, D = int(torch.randint(1, 3, (1,), generator=gen)), int(torch.randint(2, 9, (1,), generator=gen)), 64
     nb = N // block
     padding = torch.rand(B, N, generator=gen) < 0.1 if i % 3 == 0 else None
-    q, k, v, grad = (torch.randn(B, N, H, D, generator=gen).to(args.device, dtype) for _ in range(4))
+    Hkv = kv_heads(H, gen)
+    q, k, v, grad = (torch.randn(B, N, h, D, generator=gen).to(args.device, dtype) for h in (H, Hkv, Hkv, H))
     pad_dev = None if padding is None else padding.to(args.device)
     local = [dattn.shard_sequence(t, rank, P, layout).detach().requires_grad_() for t in (q, k, v)]
     local_pad = None if pad_dev is None else dattn.shard_sequence(pad_dev, rank, P, layout)
@@ -152,10 +163,10 @@ def check_sparse(i, gen, args):
     got = [gather(out.detach(), layout)] + [gather(t.grad, layout) for t in local]
     errors = [rel_err(a, b) for a, b in zip(got, [ref.detach()] + [t.grad for t in full])]
     ok = all(e <= OUT_BAR[dtype] for e in errors)
-    row = dict(case=f"sparse {i}", P=P, N=N, B=B, H=H, block=block, mask=what, causal=causal, layout=layout,
+    row = dict(case=f"sparse {i}", P=P, N=N, B=B, H=H, Hkv=Hkv, block=block, mask=what, causal=causal, layout=layout,
                dtype=str(dtype).replace("torch.", ""), padding=padding is not None,
                errors=dict(zip(["out", "dq", "dk", "dv"], errors)), ok=ok)
-    log(f"{'ok' if ok else 'FAIL'} block-sparse case {i}: P={P} N={N} B={B} H={H} block={block} {what} "
+    log(f"{'ok' if ok else 'FAIL'} block-sparse case {i}: P={P} N={N} B={B} H={H} Hkv={Hkv} block={block} {what} "
         f"causal={causal} {layout} {row['dtype']} padding={padding is not None}: rel. L2 vs single GPU out "
         f"{errors[0]:.2e} dq {errors[1]:.2e} dk {errors[2]:.2e} dv {errors[3]:.2e}")
     return ok, row

@@ -132,7 +132,8 @@ class _Schedule:
     """What travels at each step t (to rank + t, from rank − t): the entries of the sender's keys
     (local_row·Hkv + key head) that the receiver's queries need, as the attention kind (ctx.kind)
     says for the H query heads: under grouped-query heads a key head's row travels where any query
-    head of its group needs it."""
+    head of its group needs it (CPU and CUDA tensors alike: k, v and dk, dv keep their Hkv heads, and
+    the step kernels read query head h's keys at head h // (H / Hkv) and sum the group's gradients)."""
 
     def __init__(self, ctx, H, kv_heads, device):
         self.group, self.P, self.rank = ctx.group, dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
@@ -315,17 +316,6 @@ def _group_seed(group, device) -> int:
     return int(seed.item())
 
 
-def _repeat_kv_heads(q, k, v):
-    """Grouped-query heads in the ring. CPU tensors: k and v travel with their Hkv heads (_Schedule
-    maps the entries) and the step kernels read query head h's keys at head h // (H / Hkv). CUDA
-    tensors (whose ring steps take H key heads): k and v repeated to q's H heads, autograd summing
-    the repeats' gradients back into dk, dv; the ring then moves H heads of keys."""
-    group = q.size(2) // k.size(2)
-    if group == 1 or q.device.type == "cpu":
-        return k, v
-    return k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-
-
 def check_group(group, layout) -> None:
     """The trailing ``group=None, layout="contiguous"`` arguments of the modules."""
     _check_layout(layout)
@@ -350,7 +340,7 @@ def ring_dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Seq
     _ops.check_key_padding_mask(key_padding_mask, q.size(0), q.size(1), q.device)
     seed = _group_seed(group, q.device) if dropout_p > 0.0 else 0
     kind = _DilatedSteps(segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p, seed)
-    return _RingFunction.apply(q, *_repeat_kv_heads(q, k, v), key_padding_mask, group, layout, kind)
+    return _RingFunction.apply(q, k, v, key_padding_mask, group, layout, kind)
 
 
 def ring_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask, block_size: int, group,
@@ -373,7 +363,7 @@ def ring_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask, block_siz
     _ops.check_key_padding_mask(key_padding_mask, q.size(0), q.size(1), q.device)
     seed = _group_seed(group, q.device) if dropout_p > 0.0 else 0
     kind = _BlockSparseSteps(mask, block_size, is_causal, scale, dropout_p, seed)
-    return _RingFunction.apply(q, *_repeat_kv_heads(q, k, v), key_padding_mask, group, layout, kind)
+    return _RingFunction.apply(q, k, v, key_padding_mask, group, layout, kind)
 
 
 class RingDilatedAttention(nn.Module):

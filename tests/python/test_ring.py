@@ -1,9 +1,13 @@
 """RingDilatedAttention over a 2-process gloo group: the gathered output and gradients equal
-single-process dilated attention; shard/unshard round trips."""
+single-process dilated attention; shard/unshard round trips. Grouped-query heads also over ranks
+as threads of this process (a stand-in for torch.distributed), on CPU and CUDA tensors: k, v keep
+their Hkv heads on the ring."""
 
+import collections
 import os
 import socket
 import tempfile
+import threading
 import types
 
 import pytest
@@ -12,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dattn
-from helpers import assert_close_bar
+from helpers import assert_close_bar, requires_cuda
 
 
 def _free_port():
@@ -201,3 +205,151 @@ def test_shard_unshard_round_trip_and_errors():
         dattn.shard_sequence(x, 0, 5)
     with pytest.raises(ValueError, match="layout"):
         dattn.shard_sequence(x, 0, 2, "striped")
+
+
+class _ThreadRanks:
+    """An in-process stand-in for the torch.distributed calls of dattn/ring.py (world size, rank,
+    batched point-to-point sends and receives), one thread per rank, so that the ring runs on CPU
+    or CUDA tensors in one process (CUDA: every rank on one GPU, which NCCL does not allow). A send
+    leaves a copy in the receiver's mailbox at once; a receive waits for it. Each rank's group is a
+    _ThreadRanks.Group; ring.py passes it back to every call. It also keeps the shape of every
+    tensor sent, by (sender, tag)."""
+
+    isend, irecv = "isend", "irecv"
+
+    class Group:
+        def __init__(self, ranks, rank):
+            self.ranks, self.rank = ranks, rank
+
+    class P2POp:
+        def __init__(self, op, tensor, peer, group, tag):
+            self.op, self.tensor, self.peer, self.group, self.tag = op, tensor, peer, group, tag
+
+    class _Receive:
+        def __init__(self, ranks, key, tensor):
+            self.ranks, self.key, self.tensor = ranks, key, tensor
+
+        def wait(self):
+            with self.ranks.arrived:
+                assert self.ranks.arrived.wait_for(lambda: self.ranks.queues[self.key], timeout=60), \
+                    f"no message {self.key} within 60 s"
+                message = self.ranks.queues[self.key].popleft()
+            self.tensor.copy_(message)
+
+    def __init__(self, P):
+        self.P = P
+        self.arrived = threading.Condition()
+        self.queues = collections.defaultdict(collections.deque)  # (from, to, tag) -> tensors
+        self.sent = collections.defaultdict(list)  # (from, tag) -> shapes
+
+    def get_world_size(self, group=None):
+        return self.P
+
+    def get_rank(self, group=None):
+        return group.rank
+
+    def batch_isend_irecv(self, ops):
+        requests = []
+        for op in ops:
+            if op.op == self.isend:
+                with self.arrived:
+                    self.queues[(op.group.rank, op.peer, op.tag)].append(op.tensor.clone())
+                    self.sent[(op.group.rank, op.tag)].append(tuple(op.tensor.shape))
+                    self.arrived.notify_all()
+            else:
+                requests.append(self._Receive(self, (op.peer, op.group.rank, op.tag), op.tensor))
+        return requests
+
+    def run(self, fn):
+        """fn(group) on P threads; returns their results in rank order."""
+        results, errors = [None] * self.P, [None] * self.P
+
+        def rank_main(rank):
+            try:
+                results[rank] = fn(self.Group(self, rank))
+            except BaseException as e:  # noqa: B902 (re-raised below)
+                errors[rank] = e
+
+        threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(self.P)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+            assert not t.is_alive(), "a rank did not finish"
+        for e in errors:
+            if e is not None:
+                raise e
+        return results
+
+
+class _Context:  # what _RingFunction's forward saves for its backward
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+# Grouped-query heads on the ring, CPU and CUDA tensors: H = 4 query heads over k, v with Hkv.
+GQA_CASES = [
+    dict(P=2, layout="zigzag", kv_heads=1, causal=True, padding=True, w=[6, 32], r=[1, 3], mode="grouped",
+         dropout=0.0),
+    dict(P=3, layout="contiguous", kv_heads=2, causal=False, padding=False, w=[48], r=[2], mode="longnet",
+         dropout=0.25),
+    dict(P=2, layout="contiguous", kv_heads=2, causal=True, padding=True, block=4, density=0.5, dropout=0.0),
+    dict(P=4, layout="zigzag", kv_heads=1, causal=False, padding=False, block=2, density=1.0, dropout=0.0),
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("case", range(len(GQA_CASES)))
+def test_ring_moves_key_heads_under_grouped_query_heads(device, case, monkeypatch):
+    """The ring's autograd function with Hkv < H over in-process ranks (threads): out, dq, dk, dv
+    gathered equal single-process attention of the whole sequence, dk and dv keep Hkv heads, and
+    no transfer holds more than a rank's n·Hkv key rows (k, v are never repeated to H heads)."""
+    import dattn.ring as ring
+    from dattn import _ops
+    c = GQA_CASES[case]
+    P, layout, Hkv = c["P"], c["layout"], c["kv_heads"]
+    Bq, N, Hq, Dq = 2, 48, 4, 16
+    n = N // P
+    g = torch.Generator().manual_seed(100 + case)
+    q, grad = (torch.randn(Bq, N, Hq, Dq, generator=g) for _ in range(2))
+    k, v = (torch.randn(Bq, N, Hkv, Dq, generator=g) for _ in range(2))
+    padding = torch.rand(Bq, N, generator=g) < 0.2 if c["padding"] else None
+    torch.manual_seed(7)
+    seed = _ops.draw_dropout_seed()
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    torch.manual_seed(7)  # the reference draws the same seed
+    if "block" in c:
+        nb = N // c["block"]
+        dense = torch.rand(nb, nb, generator=g) < c["density"]
+        kind = ring._BlockSparseSteps(ring.mask_on(dattn.block_sparse_mask(dense), torch.device(device)), c["block"],
+                                      c["causal"], None, c["dropout"], seed)
+        ref = dattn.block_sparse_attention(q64, k64, v64, dense, c["block"], is_causal=c["causal"],
+                                           key_padding_mask=padding, dropout_p=c["dropout"])
+    else:
+        kind = ring._DilatedSteps(c["w"], c["r"], c["mode"], c["causal"], None, c["dropout"], seed)
+        ref = dattn.dilated_attention(q64, k64, v64, c["w"], c["r"], is_causal=c["causal"], mode=c["mode"],
+                                      key_padding_mask=padding, dropout_p=c["dropout"])
+    ref.backward(grad.double())
+
+    ranks = _ThreadRanks(P)
+    monkeypatch.setattr(ring, "dist", ranks)
+
+    def rank_main(group):
+        def local(t):
+            return None if t is None else dattn.shard_sequence(t, group.rank, P, layout).to(device)
+
+        ctx = _Context()
+        out = ring._RingFunction.forward(ctx, local(q), local(k), local(v), local(padding), group, layout, kind)
+        dq, dk, dv = ring._RingFunction.backward(ctx, local(grad))[:3]
+        return [t.cpu() for t in (out, dq, dk, dv)]
+
+    results = ranks.run(rank_main)
+    for j, (name, r64) in enumerate((("out", ref), ("dq", q64.grad), ("dk", k64.grad), ("dv", v64.grad))):
+        got = dattn.unshard_sequence([r[j] for r in results], layout)
+        assert got.shape == r64.shape, f"{name}: shape {tuple(got.shape)}; expected {tuple(r64.shape)}"
+        assert_close_bar(got, r64, torch.float32, f"{device} case {case} {name}")
+    key_transfers = [shape for (_, tag), shapes in ranks.sent.items() if tag in (1, 2) for shape in shapes
+                     if len(shape) == 4]  # k, v [2, B, entries, D] and dk, dv back
+    assert key_transfers, "nothing travelled"
+    assert all(shape[2] <= n * Hkv for shape in key_transfers), key_transfers
+
