@@ -143,6 +143,14 @@ void reference_decode(const DilatedConfig& config, const KeyValueCache& cache, c
 }
 
 #ifdef DATTN_WITH_CUDA
+detail::DilatedParams decode_params(const DilatedConfig& config, const KeyValueCache& cache, const TensorView& q,
+                                    const TensorView& out, const TensorView& lse, const LaunchOptions& options) {
+  detail::DilatedParams p = detail::dilated_params(config, q, cache.k_cache, cache.v_cache, out, lse, options);
+  p.key_lengths = cache.cache_seqlens.ptr<std::int32_t>();
+  p.key_length_offset = cache.k_new ? q.shape[1] : 0;
+  return p;
+}
+
 // CUDA: cache_seqlens stays on the device; the kernels read each sequence's L there (params'
 // key_lengths + key_length_offset). Validation copies it to the host once (a synchronisation)
 // unless cache.validate is false; the new keys are appended by a kernel in stream order.
@@ -150,9 +158,9 @@ void forward_with_kvcache_cuda(const DilatedConfig& config, const KeyValueCache&
                                const TensorView& out, const TensorView& lse, const LaunchOptions& options) {
   if (detail::use_reference(options, q.dtype))
     throw Error("Backend::reference runs on the CPU; expected cpu tensors for it");
-  detail::DilatedParams p = detail::dilated_params(config, q, cache.k_cache, cache.v_cache, out, lse, options);
-  p.key_lengths = cache.cache_seqlens.ptr<std::int32_t>();
-  p.key_length_offset = cache.k_new ? q.shape[1] : 0;
+  if (reinterpret_cast<std::uintptr_t>(options.workspace) % 16 != 0)
+    throw Error("options.workspace is not 16-byte aligned; expected 16-byte aligned device memory");
+  detail::DilatedParams p = decode_params(config, cache, q, out, lse, options);
   cuda::check_supported(p);
   if (cache.validate) {
     std::vector<std::int32_t> seqlens(std::size_t(q.shape[0]));
@@ -194,6 +202,20 @@ void forward_with_kvcache(const DilatedConfig& config, const KeyValueCache& cach
   detail::DilatedParams p = detail::dilated_params(config, q, cache.k_cache, cache.v_cache, out, lse, options);
   p.key_lengths = lengths.data();
   cpu::forward(p);
+}
+
+std::size_t decode_workspace_bytes(const DilatedConfig& config, const KeyValueCache& cache, const TensorView& q,
+                                   const LaunchOptions& options) {
+  check_settings(config, options);
+  if (q.device.type != DeviceType::cuda) return 0;
+#ifdef DATTN_WITH_CUDA
+  // The shapes and settings as a call with out = q's shape would have them (no memory is read).
+  const TensorView lse = make_view(nullptr, DType::float32, {q.shape[0], q.shape[2], q.shape[1]}, {}, q.device);
+  const detail::DilatedParams p = decode_params(config, cache, q, q, lse, options);
+  return cuda::decode_covers(p) ? cuda::decode_scratch_bytes(p, cache.k_cache.shape[1]) : 0;
+#else
+  return 0;
+#endif
 }
 
 }  // namespace dattn

@@ -165,6 +165,17 @@ TEST(Decode, ReadsOnlyTheTokensSegments) {
   }
 }
 
+TEST(Decode, WorkspaceBytesAreZeroOnTheCpu) {  // the split-KV kernels' scratch is a CUDA matter
+  dattn::DilatedConfig config;
+  config.segment_lengths = {16, 64}, config.dilation_rates = {1, 4}, config.causal = true;
+  Tensor q = Tensor::empty({2, 1, 4, 16}, DType::float32), cache = Tensor::empty({2, 100, 2, 16}, DType::float32);
+  Tensor lengths = Tensor::zeros({2}, DType::int32);
+  const dattn::KeyValueCache kv{cache.view(), cache.view(), lengths.view()};
+  EXPECT_EQ(dattn::decode_workspace_bytes(config, kv, q.view()), 0u);
+  config.causal = false;
+  EXPECT_THROW(dattn::decode_workspace_bytes(config, kv, q.view()), dattn::Error);
+}
+
 TEST(Decode, ErrorsBeforeTheCacheOrOutIsWritten) {
   const std::int64_t B = 2, Tn = 3, H = 4, Hkv = 2, D = 8, Nmax = 10;
   Rng rng(1);

@@ -5,6 +5,7 @@
 // kernels read it there; validation copies it to the host once). Forward only.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 
@@ -22,8 +23,9 @@ namespace dattn {
 // scanning a segment's keys alone; the split kernels compute on the CUDA cores, where the work per
 // key grows with the rows sharing it (Tn times the heads of a class), so the tensor cores win from
 // some Tn on. At 8 every call without grouped-query heads fits one block's registers (8 rows); a
-// chosen bound, not tuned on a GPU. Their scratch is allocated and freed in order on the call's
-// stream, from the device's current memory pool (docs/support.md, "Device memory").
+// chosen bound, not tuned on a GPU. Their scratch is LaunchOptions::workspace when it holds
+// decode_workspace_bytes, else allocated and freed in order on the call's stream from the device's
+// current memory pool (docs/support.md, "Device memory").
 inline constexpr std::int64_t kCudaDecodeMaxTokens = 8;
 
 struct KeyValueCache {
@@ -42,5 +44,13 @@ struct KeyValueCache {
 // out is written.
 void forward_with_kvcache(const DilatedConfig& config, const KeyValueCache& cache, const TensorView& q,
                           const TensorView& out, const TensorView& lse, const LaunchOptions& options = {});
+
+// The bytes of scratch forward_with_kvcache's split-KV kernels take for these shapes and settings
+// (0 on the CPU and where the forward kernels run the call). LaunchOptions::workspace of at least
+// this many bytes (device memory, 16-byte aligned) serves as that scratch; without one each call
+// allocates it in stream order (cudaMallocAsync), which a loop that synchronises every step pays
+// again each step once the pool has released it.
+std::size_t decode_workspace_bytes(const DilatedConfig& config, const KeyValueCache& cache, const TensorView& q,
+                                   const LaunchOptions& options = {});
 
 }  // namespace dattn

@@ -65,9 +65,14 @@ def dilated_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, 
     out = torch.empty((B, Tn, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tn), dtype=torch.float32, device=q.device)
     new = (None, None) if k_new is None else (_ops._view(k_new), _ops._view(v_new))
-    _C.forward_with_kvcache(_ops._view(q), _ops._view(k_cache), _ops._view(v_cache), _ops._view(cache_seqlens), *new,
-                            _ops._view(out), _ops._view(lse), bool(validate), segment_lengths, dilation_rates, mode,
-                            scale, "automatic", _ops._stream(q))
+    views = (_ops._view(q), _ops._view(k_cache), _ops._view(v_cache), _ops._view(cache_seqlens))
+    # CUDA: the split-KV kernels' scratch from PyTorch's caching allocator (without it each call
+    # would allocate it in stream order, again after every synchronisation).
+    nbytes = _C.decode_workspace_bytes(*views, segment_lengths, dilation_rates, mode, scale) if q.is_cuda else 0
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device) if nbytes else None
+    _C.forward_with_kvcache(*views, *new, _ops._view(out), _ops._view(lse), bool(validate), segment_lengths,
+                            dilation_rates, mode, scale, "automatic", _ops._stream(q),
+                            workspace=0 if workspace is None else workspace.data_ptr(), workspace_bytes=nbytes)
     return (out, lse) if return_lse else out
 
 

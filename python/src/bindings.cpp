@@ -296,9 +296,12 @@ void forward_with_kvcache(const ViewSpec& q, const ViewSpec& k_cache, const View
                           const std::optional<ViewSpec>& v_new, const ViewSpec& out, const ViewSpec& lse, bool validate,
                           const std::vector<std::int64_t>& segment_lengths,
                           const std::vector<std::int64_t>& dilation_rates, const std::string& mode,
-                          std::optional<double> scale, const std::string& backend, std::uintptr_t stream) {
-  const Call call = make_call(segment_lengths, dilation_rates, mode, true, scale, std::nullopt, 0.0, 0, 0, false,
-                              backend, stream, std::nullopt, false);
+                          std::optional<double> scale, const std::string& backend, std::uintptr_t stream,
+                          std::uintptr_t workspace, std::size_t workspace_bytes) {
+  Call call = make_call(segment_lengths, dilation_rates, mode, true, scale, std::nullopt, 0.0, 0, 0, false, backend,
+                        stream, std::nullopt, false);
+  call.options.workspace = reinterpret_cast<void*>(workspace);
+  call.options.workspace_bytes = workspace_bytes;
   dattn::KeyValueCache cache{to_view(k_cache, "k_cache"), to_view(v_cache, "v_cache"),
                              to_view(cache_seqlens, "cache_seqlens")};
   if (k_new) cache.k_new = to_view(*k_new, "k_new");
@@ -307,6 +310,17 @@ void forward_with_kvcache(const ViewSpec& q, const ViewSpec& k_cache, const View
   const auto qv = to_view(q, "q"), ov = to_view(out, "out"), lv = to_view(lse, "lse");
   nb::gil_scoped_release release;
   dattn::forward_with_kvcache(call.config, cache, qv, ov, lv, call.options);
+}
+
+std::size_t decode_workspace_bytes(const ViewSpec& q, const ViewSpec& k_cache, const ViewSpec& v_cache,
+                                   const ViewSpec& cache_seqlens, const std::vector<std::int64_t>& segment_lengths,
+                                   const std::vector<std::int64_t>& dilation_rates, const std::string& mode,
+                                   std::optional<double> scale) {
+  const Call call = make_call(segment_lengths, dilation_rates, mode, true, scale, std::nullopt, 0.0, 0, 0, false,
+                              "automatic", 0, std::nullopt, false);
+  const dattn::KeyValueCache cache{to_view(k_cache, "k_cache"), to_view(v_cache, "v_cache"),
+                                   to_view(cache_seqlens, "cache_seqlens")};
+  return dattn::decode_workspace_bytes(call.config, cache, to_view(q, "q"), call.options);
 }
 
 }  // namespace
@@ -352,8 +366,11 @@ NB_MODULE(_C, m) {
         "causal"_a, "scale"_a.none(), "dropout_p"_a, "dropout_seed"_a);
   m.def("forward_with_kvcache", &forward_with_kvcache, "q"_a, "k_cache"_a, "v_cache"_a, "cache_seqlens"_a,
         "k_new"_a.none(), "v_new"_a.none(), "out"_a, "lse"_a, "validate"_a, "segment_lengths"_a, "dilation_rates"_a,
-        "mode"_a, "scale"_a.none(), "backend"_a, "stream"_a,
+        "mode"_a, "scale"_a.none(), "backend"_a, "stream"_a, "workspace"_a = 0, "workspace_bytes"_a = 0,
         "Decoding with a key/value cache: out [B, Tn, H, D] and lse [B, H, Tn] of the new tokens (causal).");
+  m.def("decode_workspace_bytes", &decode_workspace_bytes, "q"_a, "k_cache"_a, "v_cache"_a, "cache_seqlens"_a,
+        "segment_lengths"_a, "dilation_rates"_a, "mode"_a, "scale"_a.none(),
+        "Bytes of scratch forward_with_kvcache's CUDA split-KV kernels take (0 where they do not run).");
   m.def("forward_flops", &forward_flops, "segment_lengths"_a, "dilation_rates"_a, "mode"_a,
         "causal"_a, "batch"_a, "seqlen"_a, "heads"_a, "head_dim"_a,
         "Forward FLOPs as docs/benchmarks.md counts them.");

@@ -36,8 +36,10 @@ void append_to_cache(const TensorView& k_new, const TensorView& v_new, const Ten
 // cache_rows is Nmax, the caches' rows, which bounds the grid. decode allocates B·Tn·H·(G in
 // longnet mode, else 1)·chunks·(D + 1) floats of scratch in stream order on params.stream
 // (cudaMallocAsync from the device's current pool; cudaFreeAsync after its kernels).
+// params.workspace of at least decode_scratch_bytes serves as that scratch instead.
 bool decode_covers(const detail::DilatedParams& params);
 void decode(const detail::DilatedParams& params, std::int64_t cache_rows);
+std::size_t decode_scratch_bytes(const detail::DilatedParams& params, std::int64_t cache_rows);
 
 // Copies `bytes` bytes of device memory to the host, in order on `stream` (a cudaStream_t), and
 // waits for them (a synchronisation: for validating small device arrays such as cu_seqlens).

@@ -443,8 +443,10 @@ DecodePlan make_plan(const DilatedParams& p, std::int64_t cache_rows, int rows_p
   return plan;
 }
 
+// The scratch bytes of the call's plan; with `launch`, also its kernels (scratch from
+// p.workspace when it holds them, else allocated in stream order).
 template <class T, int D, int kRows>
-void launch_decode(const DilatedParams& p, std::int64_t cache_rows, int multiprocessors) {
+std::size_t launch_decode(const DilatedParams& p, std::int64_t cache_rows, int multiprocessors, bool launch) {
   using Shape = SplitShape<T, D, kRows>;
   const auto stream = static_cast<cudaStream_t>(p.stream);
   std::int64_t blocks = 0;
@@ -453,12 +455,14 @@ void launch_decode(const DilatedParams& p, std::int64_t cache_rows, int multipro
   const std::int64_t rows = p.batch * p.seqlen * p.heads, entries = rows * plan.branch_slots * plan.max_chunks;
   if (rows > INT_MAX)
     throw Error("decoding needs more than 2^31 thread blocks in one launch; expected a smaller B, Tn or H");
-  // Scratch in stream order from the device's current memory pool: allocated before the kernels,
-  // freed after the merge on the same stream (nothing waits on the host; how long the pool keeps
-  // the memory is the application's setting, cudaMemPoolAttrReleaseThreshold).
   const std::size_t bytes = std::size_t(entries) * (D + 1) * sizeof(float);
-  void* scratch = nullptr;
-  if (const cudaError_t e = cudaMallocAsync(&scratch, bytes, stream); e != cudaSuccess) {
+  if (!launch) return bytes;
+  // The caller's workspace, or scratch in stream order from the device's current memory pool:
+  // allocated before the kernels, freed after the merge on the same stream (nothing waits on the
+  // host; how long the pool keeps the memory is the application's setting).
+  const bool given = p.workspace != nullptr && p.workspace_bytes >= bytes;
+  void* scratch = given ? p.workspace : nullptr;
+  if (const cudaError_t e = given ? cudaSuccess : cudaMallocAsync(&scratch, bytes, stream); e != cudaSuccess) {
     cudaGetLastError();
     throw std::runtime_error("dattn: decode scratch of " + std::to_string(bytes) +
                              " bytes (cudaMallocAsync) failed: " + cudaGetErrorString(e));
@@ -468,21 +472,22 @@ void launch_decode(const DilatedParams& p, std::int64_t cache_rows, int multipro
   if (blocks > 0) decode_split_kernel<T, D, kRows><<<unsigned(blocks), kThreads, 0, stream>>>(p, plan);
   decode_merge_kernel<T, D><<<unsigned(rows), kThreads, 0, stream>>>(p, plan);
   const cudaError_t launched = cudaGetLastError();
-  cudaFreeAsync(scratch, stream);
+  if (!given) cudaFreeAsync(scratch, stream);
   if (launched != cudaSuccess)
     throw std::runtime_error(std::string("dattn: decode launch failed: ") + cudaGetErrorString(launched));
+  return bytes;
 }
 
 // kRows: the fewest of 1, 2, 4, 8 that hold a class's rows (more rows: row groups).
 template <class T, int D>
-void launch_rows(const DilatedParams& p, std::int64_t cache_rows, int multiprocessors) {
+std::size_t launch_rows(const DilatedParams& p, std::int64_t cache_rows, int multiprocessors, bool launch) {
   std::int64_t rows = 1;
   for (int i = 0; i < p.num_branches; ++i)
     if (p.branches[i].head_count > 0) rows = std::max(rows, class_rows(p, p.branches[i]));
-  if (rows <= 1) return launch_decode<T, D, 1>(p, cache_rows, multiprocessors);
-  if (rows <= 2) return launch_decode<T, D, 2>(p, cache_rows, multiprocessors);
-  if (rows <= 4) return launch_decode<T, D, 4>(p, cache_rows, multiprocessors);
-  return launch_decode<T, D, kMaxRows>(p, cache_rows, multiprocessors);
+  if (rows <= 1) return launch_decode<T, D, 1>(p, cache_rows, multiprocessors, launch);
+  if (rows <= 2) return launch_decode<T, D, 2>(p, cache_rows, multiprocessors, launch);
+  if (rows <= 4) return launch_decode<T, D, 4>(p, cache_rows, multiprocessors, launch);
+  return launch_decode<T, D, kMaxRows>(p, cache_rows, multiprocessors, launch);
 }
 
 bool head_dim_built(std::int64_t d) {
@@ -494,16 +499,16 @@ bool head_dim_built(std::int64_t d) {
 }
 
 template <class T>
-void launch_head_dim(const DilatedParams& p, std::int64_t cache_rows, int multiprocessors) {
+std::size_t launch_head_dim(const DilatedParams& p, std::int64_t cache_rows, int multiprocessors, bool launch) {
   switch (p.head_dim) {
 #ifndef DATTN_CUDA_MINIMAL
-    case 16: return launch_rows<T, 16>(p, cache_rows, multiprocessors);
-    case 32: return launch_rows<T, 32>(p, cache_rows, multiprocessors);
-    case 80: return launch_rows<T, 80>(p, cache_rows, multiprocessors);
-    case 96: return launch_rows<T, 96>(p, cache_rows, multiprocessors);
-    case 128: return launch_rows<T, 128>(p, cache_rows, multiprocessors);
+    case 16: return launch_rows<T, 16>(p, cache_rows, multiprocessors, launch);
+    case 32: return launch_rows<T, 32>(p, cache_rows, multiprocessors, launch);
+    case 80: return launch_rows<T, 80>(p, cache_rows, multiprocessors, launch);
+    case 96: return launch_rows<T, 96>(p, cache_rows, multiprocessors, launch);
+    case 128: return launch_rows<T, 128>(p, cache_rows, multiprocessors, launch);
 #endif
-    case 64: return launch_rows<T, 64>(p, cache_rows, multiprocessors);
+    case 64: return launch_rows<T, 64>(p, cache_rows, multiprocessors, launch);
     default: throw Error("head dim D = " + std::to_string(p.head_dim) + " has no CUDA decode kernel in this build");
   }
 }
@@ -517,7 +522,11 @@ bool decode_covers(const DilatedParams& p) {
          p.position_index == nullptr && p.key_padding_mask == nullptr && p.dropout_p == 0.0f && !p.float32_outputs;
 }
 
-void decode(const DilatedParams& p, std::int64_t cache_rows) {
+namespace {
+
+// decode and decode_scratch_bytes: the plan (the device's multiprocessors size the chunks), and
+// with `launch` its kernels.
+std::size_t run_decode(const DilatedParams& p, std::int64_t cache_rows, bool launch) {
   const DeviceGuard on(p.q.data);
   int multiprocessors = 0;
   if (cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, on.device()) != cudaSuccess) {
@@ -525,11 +534,19 @@ void decode(const DilatedParams& p, std::int64_t cache_rows) {
     throw std::runtime_error("dattn: cannot read the CUDA device's multiprocessor count");
   }
   switch (p.dtype) {
-    case DType::bfloat16: return launch_head_dim<__nv_bfloat16>(p, cache_rows, multiprocessors);
-    case DType::float16: return launch_head_dim<__half>(p, cache_rows, multiprocessors);
-    case DType::float32: return launch_head_dim<float>(p, cache_rows, multiprocessors);
+    case DType::bfloat16: return launch_head_dim<__nv_bfloat16>(p, cache_rows, multiprocessors, launch);
+    case DType::float16: return launch_head_dim<__half>(p, cache_rows, multiprocessors, launch);
+    case DType::float32: return launch_head_dim<float>(p, cache_rows, multiprocessors, launch);
     default: throw Error(std::string("dtype ") + dtype_name(p.dtype) + " has no CUDA decode kernel; expected float32, bfloat16 or float16");
   }
+}
+
+}  // namespace
+
+void decode(const DilatedParams& p, std::int64_t cache_rows) { run_decode(p, cache_rows, true); }
+
+std::size_t decode_scratch_bytes(const DilatedParams& p, std::int64_t cache_rows) {
+  return run_decode(p, cache_rows, false);
 }
 
 }  // namespace dattn::cuda

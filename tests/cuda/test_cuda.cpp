@@ -1010,14 +1010,27 @@ int check_decode(int count, std::uint64_t seed) {
     if (append) cache.k_new = device(3), cache.v_new = device(4);
     std::vector<dattn::Tensor> ref;  // float64 copies before the call
     for (int j = 0; j < 6; ++j) ref.push_back(to_f64(t[std::size_t(j)]));
-    std::string error, path;
+    std::string error, path, size_problem;
     try {
       // The path the call takes (dattn/decode.hpp): the split-KV kernels for a few tokens, else
       // the forward kernels of the automatic generation.
       path = split ? "split-KV"
                    : dattn::cuda_kernel_generation(device(0), false, {}) == dattn::CudaKernels::sm90 ? "sm90 forward"
                                                                                                     : "sm80 forward";
-      dattn::forward_with_kvcache(config, cache, device(0), device(5), lse.device_view());
+      // Every other split-KV call gets its scratch as a workspace (the rest allocate it in stream order).
+      dattn::LaunchOptions options;
+      std::unique_ptr<Buffer> workspace;
+      const std::size_t scratch = dattn::decode_workspace_bytes(config, cache, device(0));
+      if (split != (scratch > 0))
+        size_problem = "decode_workspace_bytes = " + std::to_string(scratch) + " on the " + path + " path; ";
+      if (scratch > 0 && i % 4 == 0) {
+        workspace = std::make_unique<Buffer>(DType::float32, std::int64_t(scratch / 4));
+        options.workspace = workspace->device;
+        options.workspace_bytes = scratch;
+        path += " (workspace)";
+      }
+      dattn::forward_with_kvcache(config, cache, device(0), device(5), lse.device_view(), options);
+      CUDA_OK(cudaDeviceSynchronize());  // before the workspace goes
     } catch (const std::exception& e) {
       error = e.what();
     }
@@ -1025,6 +1038,7 @@ int check_decode(int count, std::uint64_t seed) {
     CUDA_OK(cudaDeviceSynchronize());
 
     std::ostringstream problems;
+    problems << size_problem;
     if (!error.empty()) problems << "error: " << error;
     if (error.empty()) {
       dattn::Tensor lse32 = dattn::Tensor::empty({B, c.H, Tn}, DType::float32);
