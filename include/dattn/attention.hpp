@@ -69,7 +69,7 @@ CudaKernels cuda_kernel_generation(const TensorView& q, bool backward, const Lau
 std::vector<CudaKernels> cuda_kernel_generations_built();
 
 // Whether forward with these arguments (CUDA tensors) runs the sm90 forward whose producer loads by
-// TMA: only in builds with DATTN_SM90_TMA (experimental), for the calls it covers (README.md);
+// TMA: in builds with DATTN_SM90_TMA (the default with the sm90 kernels), for the calls it covers (README.md);
 // false elsewhere. Validates the arguments as forward does; for tests and benchmarks that name
 // the path a call took.
 bool cuda_forward_uses_tma(const DilatedConfig& config, const TensorView& q, const TensorView& k, const TensorView& v,

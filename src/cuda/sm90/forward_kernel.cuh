@@ -11,7 +11,7 @@
 // before the previous tile's P·V, so that one tile's softmax runs beside the other's product
 // (three have no registers for it). Every walk (dilated, index map, block-sparse) loads rows one
 // by one, so one kernel serves them all.
-// With DATTN_SM90_TMA (experimental, not yet run on a GPU) the calls sm90_tma_covers admits (the
+// With DATTN_SM90_TMA (the default where the sm90 kernels are built) the calls sm90_tma_covers admits (the
 // dilated walk over whole sequences, every dilation rate dividing N) run instances whose producer
 // loads by TMA instead (produce_tma): one thread issues a tile's bulk tensor copies, which land in
 // the same swizzled layout (tensor_maps.hpp), and the warpgroup keeps only the key bias.

@@ -1,5 +1,5 @@
-// TMA tensor maps of the sm90 forward (builds with DATTN_SM90_TMA; experimental, not yet run on a
-// GPU). A branch of dilation rate r selects rows o + j·r of a segment, so its rows are a strided
+// TMA tensor maps of the sm90 forward (builds with DATTN_SM90_TMA, the default with the sm90
+// kernels). A branch of dilation rate r selects rows o + j·r of a segment, so its rows are a strided
 // view of the [B, N, H, D] tensor: one 5-D map per (operand q/k/v, branch) with
 //   dims    (D,   H or Hkv,     r,            N / r,            B)
 //   strides (1,   head_stride,  row_stride,   r · row_stride,   batch_stride)   (elements; bytes in the map)
