@@ -82,6 +82,11 @@ struct DilatedParams {
   // GPU launch state (CUDA backend).
   CudaKernels cuda_kernels = CudaKernels::automatic;
   int sm90_forward_rows = 0;  // 0: chosen per call (dispatch.cu)
+  BackwardDq sm90_backward_dq = BackwardDq::automatic;
+  // The sm90 backward with dQ by atomics (dispatch.cu): float32 scratch of dq_scratch_rows × D per
+  // slot, slot g − LaunchPlan::group_offset serving group g; zero where no launch is adding.
+  float* dq_scratch = nullptr;
+  std::int64_t dq_scratch_rows = 0;
   void* stream = nullptr;
   void* workspace = nullptr;
   std::size_t workspace_bytes = 0;

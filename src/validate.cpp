@@ -186,6 +186,9 @@ void check_inputs(const CommonSettings& settings, const TensorView& q, const Ten
     if (options.sm90_forward_rows != 0)
       throw Error("options.sm90_forward_rows = " + str(options.sm90_forward_rows) +
                   " for cpu tensors; expected 0 (it picks a CUDA kernel's block shape)");
+    if (options.sm90_backward_dq != BackwardDq::automatic)
+      throw Error("options.sm90_backward_dq is set for cpu tensors; expected BackwardDq::automatic (it picks how a "
+                  "CUDA kernel forms dQ)");
   }
 
   if (settings.key_padding_mask) {
@@ -261,6 +264,7 @@ DilatedParams base_params(const CommonSettings& settings, const TensorView& q, c
   p.stream = options.stream;
   p.cuda_kernels = options.cuda_kernels;
   p.sm90_forward_rows = options.sm90_forward_rows;
+  p.sm90_backward_dq = options.sm90_backward_dq;
   p.workspace = options.workspace;
   p.workspace_bytes = options.workspace_bytes;
   p.global_length = p.seqlen;

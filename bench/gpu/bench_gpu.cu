@@ -10,13 +10,16 @@
 //
 // Usage: dattn-bench-gpu [--configs seed,long256k] [--dtypes bf16,fp16,fp32,tf32] [--repeats N]
 //                        [--warmup N] [--json FILE] [--cuda-kernels auto,sm80,sm90] [--no-workspace]
-//                        [--sm90-forward-rows 0,128,192]
+//                        [--sm90-forward-rows 0,128,192] [--sm90-backward-dq auto,atomic,blocks]
 // --no-workspace: the backward gets no delta workspace (a C++ caller's default; the kernels then
 // compute delta themselves) instead of the one the Python package passes.
 // --cuda-kernels times each listed kernel generation (LaunchOptions::cuda_kernels); the
 // implementation column names the generations that ran (forward/backward).
 // --sm90-forward-rows 0,128,192 times each listed block shape of the sm90 forward
 // (LaunchOptions::sm90_forward_rows; 0 = chosen per call, the default).
+// --sm90-backward-dq auto,atomic,blocks times each listed way of the sm90 backward's dQ
+// (LaunchOptions::sm90_backward_dq); peak MB adds the high-water mark of the device's memory pool
+// during the timed calls (the atomic dQ's scratch).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -238,8 +241,15 @@ dattn::CudaKernels kernels_by_name(const std::string& n) {
   throw std::invalid_argument("unknown kernel generation " + n + "; expected auto, sm80 or sm90");
 }
 
-Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int sm90_rows, bool workspace, int warmup,
-        int repeats) {
+dattn::BackwardDq backward_dq_by_name(const std::string& n) {
+  if (n == "auto") return dattn::BackwardDq::automatic;
+  if (n == "atomic") return dattn::BackwardDq::atomic;
+  if (n == "blocks") return dattn::BackwardDq::dq_blocks;
+  throw std::invalid_argument("unknown sm90 backward dQ " + n + "; expected auto, atomic or blocks");
+}
+
+Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int sm90_rows, const std::string& dq_path,
+        bool workspace, int warmup, int repeats) {
   Row row;
   row.config = c.name;
   row.dtype = dt.label;
@@ -280,6 +290,7 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int 
   options.stream = stream;
   options.cuda_kernels = kernels_by_name(kernels);
   options.sm90_forward_rows = sm90_rows;
+  options.sm90_backward_dq = backward_dq_by_name(dq_path);
   dattn::LaunchOptions backward_options = options;
   if (workspace) {
     backward_options.workspace = x.workspace;
@@ -294,6 +305,7 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int 
       row.impl += " tma";
   }
   if (sm90_rows > 0) row.impl += " (" + std::to_string(sm90_rows) + "-row forward blocks)";
+  if (dq_path != "auto") row.impl += " (dQ " + dq_path + ")";
   auto forward = [&](int s) { dattn::forward(config, view(x.q[s]), view(x.k[s]), view(x.v[s]), view(x.out), lse, options); };
   auto backward = [&](int s) {
     dattn::backward(config, view(x.q[s]), view(x.k[s]), view(x.v[s]), view(x.out), lse, view(x.dout[s]), view(x.dq),
@@ -357,11 +369,17 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int 
     }
     return summarise(ms);
   };
+  cudaMemPool_t pool;
+  CUDA_OK(cudaDeviceGetMemPool(&pool, 0));
+  std::uint64_t pool_high = 0;
+  CUDA_OK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &pool_high));
   row.fwd = time([&](int s) { forward(s); });
   row.fwdbwd = time([&](int s) {
     forward(s);
     backward(s);
   });
+  CUDA_OK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &pool_high));
+  row.peak_mb += double(pool_high) / double(1 << 20);
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
   cudaStreamDestroy(stream);
@@ -372,7 +390,7 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int 
 
 int main(int argc, char** argv) try {
   std::vector<std::string> configs{"seed", "long256k"}, dtypes{"bf16", "fp16", "fp32", "tf32"}, kernels{"auto"};
-  std::vector<std::string> sm90_rows{"0"};
+  std::vector<std::string> sm90_rows{"0"}, dq_paths{"auto"};
   int warmup = 5, repeats = 20;
   std::string json_path;
   bool workspace = true;
@@ -390,6 +408,7 @@ int main(int argc, char** argv) try {
     else if (a == "--cuda-kernels") kernels = split(next());
     else if (a == "--no-workspace") workspace = false;
     else if (a == "--sm90-forward-rows") sm90_rows = split(next());
+    else if (a == "--sm90-backward-dq") dq_paths = split(next());
     else throw std::invalid_argument("unknown argument " + a);
   }
   cudaDeviceProp prop{};
@@ -399,13 +418,15 @@ int main(int argc, char** argv) try {
   for (const std::string& cn : configs)
     for (const std::string& dn : dtypes)
       for (const std::string& kn : kernels)
-        for (const std::string& rn : sm90_rows) {
-          const Config c = config_by_name(cn);
-          const DtypeChoice dt = dtype_by_name(dn);
-          std::fprintf(stderr, "dattn %s %s (%s kernels, sm90 forward rows %s) ...\n", cn.c_str(), dt.label.c_str(),
-                       kn.c_str(), rn.c_str());
-          rows.push_back(run(c, dt, kn, std::atoi(rn.c_str()), workspace, warmup, cn == "seed" ? std::max(repeats, 50) : repeats));
-        }
+        for (const std::string& rn : sm90_rows)
+          for (const std::string& dqn : dq_paths) {
+            const Config c = config_by_name(cn);
+            const DtypeChoice dt = dtype_by_name(dn);
+            std::fprintf(stderr, "dattn %s %s (%s kernels, sm90 forward rows %s, dQ %s) ...\n", cn.c_str(),
+                         dt.label.c_str(), kn.c_str(), rn.c_str(), dqn.c_str());
+            rows.push_back(run(c, dt, kn, std::atoi(rn.c_str()), dqn, workspace, warmup,
+                               cn == "seed" ? std::max(repeats, 50) : repeats));
+          }
   std::printf("| implementation | config | dtype | fwd ms [min-max] | fwd TFLOP/s | fwd+bwd ms [min-max] | fwd+bwd TFLOP/s | peak MB | error out / lse / grads |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
   for (const Row& r : rows) {

@@ -57,6 +57,9 @@ struct LaunchOptions {
   // GPU stays as full as with 128, else 128; 128 at head dim 128); 128 or 192 (head dim 64 only)
   // force one, for tests and benchmarks. Only for calls the sm90 forward runs.
   int sm90_forward_rows = 0;
+  // How the sm90 backward forms dQ (BackwardDq): atomic or dq_blocks force one, for tests,
+  // benchmarks and bitwise-reproducible gradients. Only for backward calls the sm90 kernels run.
+  BackwardDq sm90_backward_dq = BackwardDq::automatic;
 };
 
 // The CUDA kernel generation (sm80 or sm90) that forward (backward: `backward` true) runs for

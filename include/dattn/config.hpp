@@ -21,6 +21,15 @@ enum class Mode : std::uint8_t {
 // keeps the older kernels.
 enum class CudaKernels : std::uint8_t { automatic, sm80, sm90 };
 
+// How the sm90 backward forms dQ (dilated attention, with or without an index map; block-sparse
+// attention always takes dq_blocks). dq_blocks: blocks of their own own the queries and compute
+// S and dP again (seven matrix products per pair of tiles); every gradient is a fixed sum, bitwise
+// the same run to run. atomic: the blocks that own the keys also form dQ = dS·K and add it into a
+// float32 scratch by atomic adds (five products), which a pass then writes into dq; the order of
+// those adds varies, so dq may differ in the last bits run to run (dk, dv do not). automatic:
+// dq_blocks (atomic is experimental until it has run on a GPU).
+enum class BackwardDq : std::uint8_t { automatic, dq_blocks, atomic };
+
 struct DilatedConfig {
   std::vector<std::int64_t> segment_lengths;  // w[i] >= 1
   std::vector<std::int64_t> dilation_rates;   // 1 <= r[i] <= w[i]

@@ -82,12 +82,15 @@ LaunchPlan make_plan(const DilatedParams& p, int first, int last, std::vector<in
     }
   std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.length > b.length; });
   LaunchPlan plan;
-  std::int64_t total = 0;
+  std::int64_t total = 0, groups = 0;
   for (const Entry& e : entries) {
     plan.jobs[plan.num_jobs] = e.job;
     plan.jobs[plan.num_jobs].block_begin = int(total);
+    plan.jobs[plan.num_jobs].group_begin = int(groups);
+    plan.jobs[plan.num_jobs].dq_accumulate = accumulate;
     ++plan.num_jobs;
     total += e.blocks;
+    groups += e.blocks / e.job.tiles;
     if (total > INT_MAX) throw Error("the problem needs more than 2^31 thread blocks in one launch; expected a smaller B, N or H");
   }
   plan.total_blocks = int(total);
@@ -263,8 +266,10 @@ void run_forward(const DilatedParams& p) {
 // Under grouped-query heads one launch per query head of a key/value head's group (heads.phase):
 // the query heads of one key/value head add into its dk, dv rows one launch after another (ring
 // steps too: their float32 dk, dv have the Hkv heads of the step's keys, and every launch adds).
+// `roles`: both, or the dk/dv blocks alone (the sm90 backward with dQ by atomics).
 template <class Launch>
-void launch_backward_plans(const DilatedParams& p, int rows, Launch launch) {
+void launch_backward_plans(const DilatedParams& p, int rows, Launch launch,
+                           const std::vector<int>& roles = {kDkDvRole, kDqRole}) {
   const bool ring = p.float32_outputs;  // ring steps add into the accumulators
   const int group = int(p.heads / p.kv_heads);
   auto run = [&](const LaunchPlan& plan) {
@@ -273,24 +278,102 @@ void launch_backward_plans(const DilatedParams& p, int rows, Launch launch) {
   for (int phase = 0; phase < group; ++phase) {
     const HeadFilter heads{phase, group};
     if (p.block_size > 0) {
-      run(make_sparse_plan(p, {kDkDvRole, kDqRole}, rows, ring, heads));
+      run(make_sparse_plan(p, roles, rows, ring, heads));
     } else if (p.mode == Mode::grouped) {
-      run(make_plan(p, 0, p.num_branches, {kDkDvRole, kDqRole}, rows, ring, heads));
+      run(make_plan(p, 0, p.num_branches, roles, rows, ring, heads));
     } else {
-      for (int i = 0; i < p.num_branches; ++i)
-        run(make_plan(p, i, i + 1, {kDkDvRole, kDqRole}, rows, ring || i > 0, heads));
+      for (int i = 0; i < p.num_branches; ++i) run(make_plan(p, i, i + 1, roles, rows, ring || i > 0, heads));
     }
   }
 }
+
+#ifdef DATTN_WITH_SM90
+// Whether the sm90 backward forms dQ by atomics (BackwardDq; the caller checked the generation).
+bool atomic_dq(const DilatedParams& p) { return p.sm90_backward_dq == BackwardDq::atomic && p.block_size == 0; }
+
+// The groups of a plan (a job's: segments × heads × batch, `tiles` blocks each) in chunks of at
+// most `slots`, each launched as a plan of its own (block_offset, group_offset, group_count).
+template <class Launch>
+void launch_in_chunks(const DilatedParams& p, const LaunchPlan& plan, std::int64_t slots, Launch launch) {
+  std::int64_t total = 0;
+  for (int j = 0; j < plan.num_jobs; ++j) total += std::int64_t(plan.jobs[j].segments) * plan.jobs[j].head_count * p.batch;
+  auto first_block = [&](std::int64_t g) {
+    if (g >= total) return std::int64_t(plan.total_blocks);
+    int j = 0;
+    while (j + 1 < plan.num_jobs && g >= plan.jobs[j + 1].group_begin) ++j;
+    return plan.jobs[j].block_begin + (g - plan.jobs[j].group_begin) * plan.jobs[j].tiles;
+  };
+  for (std::int64_t g0 = 0; g0 < total; g0 += slots) {
+    const std::int64_t g1 = std::min(total, g0 + slots);
+    LaunchPlan chunk = plan;
+    chunk.group_offset = int(g0);
+    chunk.group_count = int(g1 - g0);
+    chunk.block_offset = int(first_block(g0));
+    chunk.total_blocks = int(first_block(g1) - chunk.block_offset);
+    launch(chunk);
+  }
+}
+
+// The scratch of dQ by atomics: a slot per group in flight, of the longest query side a group of
+// the call selects (rows) × D floats; as many slots as 256 MiB hold (at least one, at most the
+// groups of the largest launch). Stream-ordered (cudaMallocAsync, zeroed once: dq_from_scratch
+// zeroes what it reads), freed on scope exit in stream order.
+struct DqScratch {
+  float* data = nullptr;
+  cudaStream_t stream = nullptr;
+  DqScratch(std::size_t bytes, cudaStream_t s) : stream(s) {
+    void* raw = nullptr;
+    if (const cudaError_t e = cudaMallocAsync(&raw, bytes, s); e != cudaSuccess) {
+      cudaGetLastError();
+      throw std::runtime_error("dattn: the backward's dQ scratch of " + std::to_string(bytes) +
+                               " bytes (cudaMallocAsync) failed: " + cudaGetErrorString(e));
+    }
+    data = static_cast<float*>(raw);
+    if (const cudaError_t e = cudaMemsetAsync(raw, 0, bytes, s); e != cudaSuccess)
+      throw std::runtime_error(std::string("dattn: zeroing the backward's dQ scratch failed: ") + cudaGetErrorString(e));
+  }
+  ~DqScratch() { cudaFreeAsync(data, stream); }
+  DqScratch(const DqScratch&) = delete;
+  DqScratch& operator=(const DqScratch&) = delete;
+};
+
+template <class T>
+void run_backward_atomic_dq(const DilatedParams& params, cudaStream_t stream) {
+  constexpr int rows = Sm90BackwardShape<64>::kBlockOwn;
+  std::int64_t slot_rows = 1, groups = 1;
+  const std::int64_t query_range = params.seqlen;  // [query_position, + seqlen): every segment's queries lie in it
+  for (int i = 0; i < params.num_branches; ++i) {
+    const detail::Branch& br = params.branches[i];
+    if (br.head_count > 0)
+      slot_rows = std::max(slot_rows, ceil_div(std::min(br.segment_length, query_range), br.dilation_rate));
+  }
+  launch_backward_plans(params, rows, [&](const LaunchPlan& plan) {
+    std::int64_t g = 0;
+    for (int j = 0; j < plan.num_jobs; ++j) g += std::int64_t(plan.jobs[j].segments) * plan.jobs[j].head_count * params.batch;
+    groups = std::max(groups, g);
+  }, {kDkDvRole});
+  const std::size_t slot_bytes = std::size_t(slot_rows) * std::size_t(params.head_dim) * sizeof(float);
+  const std::int64_t slots = std::clamp<std::int64_t>(std::int64_t((std::size_t(256) << 20) / slot_bytes), 1, groups);
+  DqScratch scratch(std::size_t(slots) * slot_bytes, stream);
+  DilatedParams p = params;
+  p.dq_scratch = scratch.data;
+  p.dq_scratch_rows = slot_rows;
+  launch_backward_plans(p, rows, [&](const LaunchPlan& plan) {
+    launch_in_chunks(p, plan, slots, [&](const LaunchPlan& chunk) { backward_launch_sm90<T>(p, chunk, stream); });
+  }, {kDkDvRole});
+}
+#endif
 
 template <class T, int S>
 void run_backward(const DilatedParams& p) {
   const auto stream = static_cast<cudaStream_t>(p.stream);
 #ifdef DATTN_WITH_SM90
   if constexpr (S == 1) {
-    if (kernel_generation(p, true) == CudaKernels::sm90)
+    if (kernel_generation(p, true) == CudaKernels::sm90) {
+      if (atomic_dq(p)) return run_backward_atomic_dq<T>(p, stream);
       return launch_backward_plans(p, Sm90BackwardShape<64>::kBlockOwn,
                                    [&](const LaunchPlan& plan) { backward_launch_sm90<T>(p, plan, stream); });
+    }
   }
 #endif
   const int rows = p.head_dim > 64 ? BackwardShape<128, S>::kBlockOwn : BackwardShape<64, S>::kBlockOwn;
@@ -352,8 +435,24 @@ bool forward_uses_tma(const DilatedParams& p) {
 #endif
 }
 
+namespace {
+// options.sm90_backward_dq names a way of the sm90 backward: refused where another one runs (also
+// by forward, which the same options reach from an autograd function).
+void check_backward_dq(const DilatedParams& p) {
+  if (p.sm90_backward_dq == BackwardDq::automatic) return;
+  const std::string option = p.sm90_backward_dq == BackwardDq::atomic ? "options.sm90_backward_dq = atomic"
+                                                                       : "options.sm90_backward_dq = dq_blocks";
+  if (kernel_generation(p, true) != CudaKernels::sm90)
+    throw Error(option + ", but the sm80 kernels run this backward; expected BackwardDq::automatic");
+  if (p.sm90_backward_dq == BackwardDq::atomic && p.block_size > 0)
+    throw Error(option + " for block-sparse attention, whose backward has dq blocks only; expected "
+                "BackwardDq::automatic or dq_blocks");
+}
+}  // namespace
+
 // Paths of later issues that the CUDA kernels do not read yet: refused, never ignored.
 void check_supported(const DilatedParams& p) {
+  check_backward_dq(p);
   if (p.sm90_forward_rows != 0) {
     const std::string rows = "options.sm90_forward_rows = " + std::to_string(p.sm90_forward_rows);
     if (p.sm90_forward_rows != 128 && p.sm90_forward_rows != 192)

@@ -37,11 +37,20 @@ struct Job {
   // first launch: merge into out/lse (forward) or add into the gradients instead of writing, and
   // leave unselected rows alone.
   bool accumulate = false;
+  // The sm90 backward with dQ from the dk/dv blocks (params.dq_scratch): the job's first group
+  // (a (batch, head, segment) of the branch: `tiles` consecutive blocks) among the plan's, and
+  // whether dq is added into (the launch's accumulate: dk, dv also add after the first head phase).
+  int group_begin = 0;
+  bool dq_accumulate = false;
 };
 
 struct LaunchPlan {
   int num_jobs = 0;
   int total_blocks = 0;
+  // A launch of part of the plan (the sm90 backward's chunks of groups): block b of the grid is
+  // the plan's block b + block_offset, and group g's dQ scratch slot is g - group_offset.
+  int block_offset = 0;
+  int group_offset = 0, group_count = 0;  // the groups of a chunk (group_count 0: not chunked)
   Job jobs[2 * detail::kMaxBranches];
 };
 
@@ -126,10 +135,13 @@ struct Sm90BackwardShape {
   // A consumer of a dk/dv block holds dK and dV (D/2 registers each) and Sᵀ, dPᵀ (32 each).
   static constexpr int kProducerRegisters = 56, kConsumerRegisters = 224;
   static constexpr int kOwnBytes = kBlockOwn * D * 2, kOtherBytes = kBlockOther * D * 2;
-  // 1024 bytes to align the tiles, the two own tiles, per stage the other side's two tiles and
-  // three float columns, the own keys' bias, then three barriers per stage.
+  // dQ by atomics: two buffers of dSᵀ (the block's keys × a tile of queries, 16-bit).
+  static constexpr int kScoresGradientBytes = kBlockOwn * kBlockOther * 2;
+  // 1024 bytes to align the tiles, the two own tiles, per stage the other side's two tiles, the
+  // two dSᵀ buffers, per stage three float columns, the own keys' bias, then three barriers per stage.
   static constexpr std::size_t kSmemBytes = 1024 + 2 * kOwnBytes + 2 * kStages * kOtherBytes +
-                                            (3 * kStages * kBlockOther + kBlockOwn) * 4 + 3 * kStages * 8;
+                                            2 * kScoresGradientBytes + (3 * kStages * kBlockOther + kBlockOwn) * 4 +
+                                            3 * kStages * 8;
 };
 
 template <class T, int D, int S>

@@ -34,6 +34,8 @@ struct BlockWork {
   const std::int64_t* index = nullptr;            // Hilbert order: position -> original row, or none
   std::int64_t seqlen = 0;
   std::int64_t mask_entry = 0;  // block-sparse: the own block's CSR row (or transposed column) index
+  int group = 0;                // the plan's group (batch, head, segment of the branch); Job::group_begin
+  bool dq_accumulate = false;   // the job's
   // Own rows: queries (forward, dq blocks) or keys (dk/dv blocks).
   __device__ const Side& own() const { return role == kDkDvRole ? key : query; }
   // The original position (dropout's and causality's) at an attention position. Positions past
@@ -69,9 +71,8 @@ __device__ __forceinline__ Side select_side(std::int64_t first, std::int64_t r, 
 // of [key_begin, key_end) (both the whole segment except in ring steps). Returns false for a block
 // with nothing to do: past the last tile of a short segment, or with no own rows in a ring step.
 template <int kBlock>
-__device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, const LaunchPlan& plan,
+__device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, const LaunchPlan& plan, int block,
                                              BlockWork& work) {
-  const int block = int(blockIdx.x);
   int j = 0;
   while (j + 1 < plan.num_jobs && block >= plan.jobs[j + 1].block_begin) ++j;
   const Job& job = plan.jobs[j];
@@ -79,6 +80,8 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
   std::int64_t local = block - job.block_begin;
   std::int64_t tile = local % job.tiles;
   local /= job.tiles;
+  work.group = job.group_begin + int(local);
+  work.dq_accumulate = job.dq_accumulate;
   if (p.causal) tile = job.tiles - 1 - tile;  // the longest causal tiles first
   std::int64_t segment = job.first_segment + local % job.segments;
   local /= job.segments;
@@ -135,9 +138,8 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
 // as for dilated attention with the blocks in place of segments. Both sides have stride 1; the
 // other side spans the step's whole range, and other_tiles() picks the allowed blocks from it.
 template <int kBlock>
-__device__ __forceinline__ bool decode_sparse_block(const detail::DilatedParams& p, const LaunchPlan& plan,
+__device__ __forceinline__ bool decode_sparse_block(const detail::DilatedParams& p, const LaunchPlan& plan, int block,
                                                     BlockWork& work) {
-  const int block = int(blockIdx.x);
   const Job& job = plan.num_jobs > 1 && block >= plan.jobs[1].block_begin ? plan.jobs[1] : plan.jobs[0];
   std::int64_t local = block - job.block_begin;
   const std::int64_t tile = local % job.tiles;
@@ -178,10 +180,11 @@ __device__ __forceinline__ bool decode_sparse_block(const detail::DilatedParams&
 // row arithmetic has no lookup in it.
 template <int kBlock, Walk kWalk>
 __device__ __forceinline__ bool decode(const detail::DilatedParams& p, const LaunchPlan& plan, BlockWork& work) {
+  const int block = int(blockIdx.x) + plan.block_offset;
   if constexpr (kWalk == Walk::sparse) {
-    return decode_sparse_block<kBlock>(p, plan, work);
+    return decode_sparse_block<kBlock>(p, plan, block, work);
   } else {
-    const bool run = decode_block<kBlock>(p, plan, work);
+    const bool run = decode_block<kBlock>(p, plan, block, work);
     if constexpr (kWalk == Walk::dilated) work.index = nullptr;
     return run;
   }

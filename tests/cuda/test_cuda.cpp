@@ -548,6 +548,12 @@ Result run_case(const Case& c, cudaStream_t stream) {
     options.sm90_forward_rows = c.seed % 3 == 1 ? 128 : 192;
     result.kernels.insert(4, " rows " + std::to_string(options.sm90_forward_rows));
   }
+  // The sm90 backward's dQ: half the dilated cases by atomics (named in the kernels column), the
+  // rest by dq blocks (the default).
+  if (result.kernels.ends_with("/sm90") && c.block_size == 0 && c.ring_ranks == 0 && c.seed / 3 % 2 == 1) {
+    options.sm90_backward_dq = dattn::BackwardDq::atomic;
+    result.kernels += " dQ atomic";
+  }
   std::unique_ptr<Buffer> index_device;
   dattn::Tensor index_host;
   if (c.hilbert) {
@@ -892,12 +898,16 @@ int check_packed_batches(int count, std::uint64_t seed) {
     const View cu_view{&offsets, 0, {B + 1}, {1}};
     const dattn::PackedSequences packed{cu_view.device_view(), max_seqlen};
     const auto device = [&](int j) { return t[std::size_t(j)].device_view(); };
-    std::string error;
+    std::string error, dq_path;
     try {
       dattn::LaunchOptions options;  // the sm90 forward's two block shapes at head dim 64, in turn
       const dattn::TensorView q4 = dattn::make_view(device(0).data, c.dtype, {1, T, c.H, c.D}, {}, device(0).device);
-      if (c.D == 64 && dattn::cuda_kernel_generation(q4, false, {}) == dattn::CudaKernels::sm90)
-        options.sm90_forward_rows = i % 2 ? 128 : 192;
+      const bool sm90 = dattn::cuda_kernel_generation(q4, false, {}) == dattn::CudaKernels::sm90;
+      if (c.D == 64 && sm90) options.sm90_forward_rows = i % 2 ? 128 : 192;
+      if (sm90 && i % 3 != 0) {  // two checks in three
+        options.sm90_backward_dq = dattn::BackwardDq::atomic;
+        dq_path = " dQ atomic";
+      }
       dattn::forward_varlen(config, packed, device(0), device(1), device(2), device(3), lse.device_view(), options);
       // Every other check gives the backward its workspace ([H, T] delta in a pass of its own).
       std::unique_ptr<Buffer> workspace;
@@ -943,8 +953,8 @@ int check_packed_batches(int count, std::uint64_t seed) {
     std::ostringstream lengths;
     for (std::int64_t b = 0; b < B; ++b) lengths << (b ? "," : "") << cu[std::size_t(b + 1)] - cu[std::size_t(b)];
     const bool ok = problems.str().empty();
-    std::printf("%s packed batch lengths=[%s] max_seqlen=%lld %s\n%s", ok ? "ok  " : "FAIL", lengths.str().c_str(),
-                static_cast<long long>(max_seqlen), describe(c).c_str(),
+    std::printf("%s packed batch lengths=[%s] max_seqlen=%lld %s%s\n%s", ok ? "ok  " : "FAIL", lengths.str().c_str(),
+                static_cast<long long>(max_seqlen), describe(c).c_str(), dq_path.c_str(),
                 ok ? "" : ("     " + problems.str() + "\n").c_str());
     failures += !ok;
   }

@@ -12,6 +12,11 @@
 // delta = rowsum(dO∘O) is read where it is given (the backward's workspace pass, or the ring's);
 // without it the producer computes it for each tile of queries (dk/dv blocks) and the consumers
 // for their own rows (dq blocks), from dO and O in global memory.
+// With dQ by atomics (kAtomicDq: dilated walks, BackwardDq::atomic) there are no dq blocks: the
+// dk/dv blocks also form dQ = dS·K for each query tile (both consumers write their dSᵀ to shared
+// memory; at head dim 64 one consumer per tile, alternating, multiplies the block's 128 keys, at
+// 128 each consumer one 64-column half) and add it into the group's float32 scratch slot, which
+// dq_from_scratch then writes into dq: five products per pair of tiles instead of seven.
 #pragma once
 
 #include "cuda/backward_tile.cuh"
@@ -30,6 +35,7 @@ struct BackwardStages {
   unsigned char* own_b;    // V or dO
   unsigned char* other_a;  // per stage: Q or K
   unsigned char* other_b;  // per stage: dO or V
+  unsigned char* scores_gradient;  // two buffers of dSᵀ (dQ by atomics)
   float* floats;           // per stage [3][kBlockOther]
   float* own_bias;         // [kBlockOwn]
   std::uint64_t* full;
@@ -41,7 +47,8 @@ struct BackwardStages {
     own_b = own_a + Shape::kOwnBytes;
     other_a = own_b + Shape::kOwnBytes;
     other_b = other_a + Shape::kStages * Shape::kOtherBytes;
-    floats = reinterpret_cast<float*>(other_b + Shape::kStages * Shape::kOtherBytes);
+    scores_gradient = other_b + Shape::kStages * Shape::kOtherBytes;
+    floats = reinterpret_cast<float*>(scores_gradient + 2 * Shape::kScoresGradientBytes);
     own_bias = floats + Shape::kStages * 3 * Shape::kBlockOther;
     full = reinterpret_cast<std::uint64_t*>(own_bias + Shape::kBlockOwn);
     keys = full + Shape::kStages;
@@ -143,11 +150,57 @@ __device__ __forceinline__ void drain_stages(const BackwardStages<D>& st, int nu
     barrier_wait(st.empty + it % kStages, (it / kStages) & 1);
 }
 
+// dQ by atomics. The thread's dSᵀ fragments (pack_probabilities of its 2 keys × BO queries) into
+// a shared buffer of the block's 128 keys × BO queries, queries along the 128-byte swizzled row:
+// dS as wgmma's MN-major A operand (chunk n of row k lands at chunk n ^ (k mod 8), k mod 8 = g).
+template <int BO>
+__device__ __forceinline__ void store_scores_gradient(unsigned char* buffer, const std::uint32_t (&ds)[BO / 16][4],
+                                                      int key_row) {
+  static_assert(BO == 64, "one 128-byte row of queries per key");
+  const int g = key_row % 8, t = threadIdx.x % 4;
+#pragma unroll
+  for (int kk = 0; kk < BO / 16; ++kk)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {  // registers 2·half (key row) and 2·half + 1 (row + 8)
+      const int chunk = 2 * kk + half;
+      unsigned char* row = buffer + key_row * 128 + ((chunk ^ g) << 4) + 4 * t;
+      *reinterpret_cast<std::uint32_t*>(row) = ds[kk][2 * half];
+      *reinterpret_cast<std::uint32_t*>(row + 8 * 128) = ds[kk][2 * half + 1];
+    }
+}
+
+// Issues dQ = dS·K for a tile of 64 queries against the block's 128 keys: both operands MN-major
+// (keys along the rows), 16 keys (2048 bytes) a step; k_columns is the 64-column block of K.
+template <class T, int BW>
+__device__ __forceinline__ void issue_dq(float (&dq)[8][4], std::uint32_t scores_gradient, std::uint32_t k_columns) {
+#pragma unroll
+  for (int kk = 0; kk < BW / 16; ++kk)
+    Wgmma<T, 64>::ss_mn(reinterpret_cast<Flat<32>&>(dq), descriptor(scores_gradient + kk * 16 * 128, BW * 128, 1024),
+                        descriptor(k_columns + kk * 16 * 128, BW * 128, 1024), kk > 0);
+}
+
+// Adds the thread's part of a tile's dQ (64 queries × 64 columns from `column`) into the group's
+// scratch slot, rows from query index j0, valid of them real.
+template <int D>
+__device__ __forceinline__ void add_dq(float* slot, const float (&dq)[8][4], std::int64_t j0, int valid, int column) {
+  const int warp = threadIdx.x / 32 % 4, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp * 16 + g + 8 * r;
+    if (row >= valid) continue;
+    float* dst = slot + (j0 + row) * D + column + 2 * t;
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+      atomicAdd(reinterpret_cast<float2*>(dst + 8 * n), make_float2(dq[n][2 * r], dq[n][2 * r + 1]));
+  }
+}
+
 // Warpgroups 1 and 2 of a dk/dv block: 64 keys each.
-template <class T, int D, Walk kWalk, class Tiles>
+template <class T, int D, Walk kWalk, bool kAtomicDq, class Tiles>
 __device__ __forceinline__ void consume_keys(const detail::DilatedParams& p, bool accumulate, const BlockWork& w,
-                                             const Tiles& tiles, int num_tiles, const BackwardStages<D>& st) {
-  constexpr int BO = Sm90BackwardShape<D>::kBlockOther;
+                                             const Tiles& tiles, int num_tiles, const BackwardStages<D>& st,
+                                             float* dq_slot) {
+  constexpr int BO = Sm90BackwardShape<D>::kBlockOther, BW = Sm90BackwardShape<D>::kBlockOwn;
   // The warpgroup as a value the compiler knows is warp-uniform (a shuffle from lane 0): the
   // descriptors built from it then stay in uniform registers instead of one move per wgmma.
   const int warpgroup = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0) - 1;
@@ -187,16 +240,32 @@ __device__ __forceinline__ void consume_keys(const detail::DilatedParams& p, boo
     std::uint32_t probabilities[BO / 16][4], scores_gradient[BO / 16][4];
     pack_probabilities<T, BO>(s, probabilities);
     pack_probabilities<T, BO>(dp, scores_gradient);
+    // dQ by atomics: this tile's dSᵀ buffer (the one of tile it − 2, whose dQ both consumers had
+    // finished before the barrier of tile it − 1); at head dim 64 the consumers take turns.
+    const bool with_dq = kAtomicDq && (D == 128 || it % 2 == warpgroup);
+    const std::uint32_t dq_buffer = smem_address(st.scores_gradient) + (it % 2) * Sm90BackwardShape<D>::kScoresGradientBytes;
+    float dq[8][4];
+    if constexpr (kAtomicDq) {
+      store_scores_gradient<BO>(st.scores_gradient + (it % 2) * Sm90BackwardShape<D>::kScoresGradientBytes,
+                                scores_gradient, own_row);
+      fence_async_shared();
+      named_barrier_sync(1, 256);  // both consumers' keys are in the buffer
+    }
     fence_registers(reinterpret_cast<Flat<D / 2>&>(dv));
     fence_registers(reinterpret_cast<Flat<D / 2>&>(dk));
     wgmma_fence();
     issue_pv<T, D, BO>(dv, probabilities, dout_tile);
     issue_pv<T, D, BO>(dk, scores_gradient, q_tile);
+    if (with_dq) issue_dq<T, BW>(dq, dq_buffer, smem_address(st.own_a) + (D == 128 ? warpgroup * BW * 128 : 0));
     wgmma_commit();
     wgmma_wait<0>();
     fence_registers(reinterpret_cast<Flat<D / 2>&>(dv));
     fence_registers(reinterpret_cast<Flat<D / 2>&>(dk));
     release_stage(st, it);
+    if (with_dq) {
+      fence_registers(reinterpret_cast<Flat<32>&>(dq));
+      add_dq<D>(dq_slot, dq, tiles.start(it), tiles.valid(it), D == 128 ? warpgroup * 64 : 0);
+    }
   }
   drain_stages(st, num_tiles);
   write_gradient_rows<T, D>(p, w, w.key, kj, accumulate, p.dk, dk, p.scale, &p.dv, &dv, p.output_scale);
@@ -261,7 +330,7 @@ __device__ __forceinline__ void consume_queries(const detail::DilatedParams& p, 
   write_gradient_rows<T, D>(p, w, w.query, qi, accumulate, p.dq, dq, p.scale, nullptr, nullptr, 0.0f);
 }
 
-template <class T, int D, Walk kWalk>
+template <class T, int D, Walk kWalk, bool kAtomicDq>
 __global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
     backward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -286,28 +355,72 @@ __global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
     produce_backward<T, D, kWalk>(p, w, tiles, num_tiles, st);
     if (!w.accumulate)
       zero_unselected<T, D, 128>(p, w, keys_own ? &p.dk : &p.dq, keys_own ? &p.dv : nullptr, false);
+    // dQ by atomics: the dk/dv block's region holds the same positions for dq (no ring steps here
+    // write; a later head phase adds dk, dv but writes dq first).
+    if (kAtomicDq && !w.dq_accumulate) zero_unselected<T, D, 128>(p, w, &p.dq, nullptr, false);
   } else {
     registers_increase<Shape::kConsumerRegisters>();
-    if (keys_own) consume_keys<T, D, kWalk>(p, w.accumulate, w, tiles, num_tiles, st);
+    float* dq_slot = kAtomicDq ? p.dq_scratch + std::int64_t(w.group - plan.group_offset) * p.dq_scratch_rows * D : nullptr;
+    if (keys_own) consume_keys<T, D, kWalk, kAtomicDq>(p, w.accumulate, w, tiles, num_tiles, st, dq_slot);
     else consume_queries<T, D, kWalk>(p, w.accumulate, w, tiles, num_tiles, st);
   }
 #endif
+}
+
+// dQ by atomics: a block per group of the launch writes (or adds into) dq the group's query rows
+// from its scratch slot, times the scale, and zeroes the slot for the next launch. The group's
+// work is decoded from its first block (tile 0).
+template <class T, int D>
+__global__ void __launch_bounds__(256) dq_from_scratch(const __grid_constant__ detail::DilatedParams p,
+                                                       const __grid_constant__ LaunchPlan plan) {
+  const int group = plan.group_offset + int(blockIdx.x);
+  int j = 0;
+  while (j + 1 < plan.num_jobs && group >= plan.jobs[j + 1].group_begin) ++j;
+  const Job& job = plan.jobs[j];
+  const int first_block = job.block_begin + (group - job.group_begin) * job.tiles + (p.causal ? job.tiles - 1 : 0);
+  BlockWork w;
+  if (!decode_block<Sm90BackwardShape<D>::kBlockOwn>(p, plan, first_block, w)) return;
+  float* slot = p.dq_scratch + std::int64_t(blockIdx.x) * p.dq_scratch_rows * D;
+  const float old_weight = w.dq_accumulate ? 1.0f : 0.0f;
+  const int rows = int(w.query.length);
+  for (int i = threadIdx.x; i < rows * (D / 4); i += blockDim.x) {
+    const int j_row = i / (D / 4), column = i % (D / 4) * 4;
+    float4* source = reinterpret_cast<float4*>(slot + std::int64_t(j_row) * D + column);
+    const float4 x = __ldcg(source);  // the atomics' sums live in L2; this SM's L1 may hold an older slot
+    *source = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const std::int64_t row = w.row(w.query, j_row);
+    auto store = [&](auto* dq_row) {
+      store2(dq_row + column, x.x * p.scale, x.y * p.scale, old_weight);
+      store2(dq_row + column + 2, x.z * p.scale, x.w * p.scale, old_weight);
+    };
+    if (p.float32_outputs) store(row_pointer<float>(p.dq, w.batch, w.head, row));
+    else store(row_pointer<T>(p.dq, w.batch, w.head, row));
+  }
 }
 
 }  // namespace dattn::cuda::sm90
 
 namespace dattn::cuda {
 
+// With params.dq_scratch (dQ by atomics: plan holds the dk/dv jobs only) the backward blocks of the
+// plan's chunk, then dq_from_scratch for its groups; else the dk/dv and dq blocks.
 template <class T, int D>
 void launch_backward_sm90(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream) {
   using Shape = Sm90BackwardShape<D>;
-  auto kernel = params.block_size > 0              ? sm90::backward_kernel<T, D, Walk::sparse>
-                : params.position_index != nullptr ? sm90::backward_kernel<T, D, Walk::indexed>
-                                                   : sm90::backward_kernel<T, D, Walk::dilated>;
+  const bool atomic = params.dq_scratch != nullptr;
+  auto kernel = params.block_size > 0              ? sm90::backward_kernel<T, D, Walk::sparse, false>
+                : params.position_index != nullptr ? (atomic ? sm90::backward_kernel<T, D, Walk::indexed, true>
+                                                             : sm90::backward_kernel<T, D, Walk::indexed, false>)
+                : atomic                           ? sm90::backward_kernel<T, D, Walk::dilated, true>
+                                                   : sm90::backward_kernel<T, D, Walk::dilated, false>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmemBytes)) != cudaSuccess)
     check_launch("sm90 backward (shared memory attribute)");
   kernel<<<plan.total_blocks, Shape::kThreads, Shape::kSmemBytes, stream>>>(params, plan);
   check_launch("sm90 backward");
+  if (atomic && plan.group_count > 0) {
+    sm90::dq_from_scratch<T, D><<<plan.group_count, 256, 0, stream>>>(params, plan);
+    check_launch("sm90 backward (dq from the scratch)");
+  }
 }
 
 }  // namespace dattn::cuda

@@ -26,6 +26,15 @@ struct Wgmma<{cxx_type}, {n}> {{
         : {outputs(r)}
         : "l"(a), "l"(b), "r"(accumulate));
   }}
+  // D (+)= A·B, A and B in shared memory, both MN-major (the backward's dQ = dS·K: dSᵀ and K are
+  // stored with the reduction, keys, along the rows).
+  __device__ static void ss_mn(float (&d)[{r}], std::uint64_t a, std::uint64_t b, int accumulate) {{
+    asm volatile(
+        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{r + 2}, 0;\\n"
+        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx_type}.{ptx_type} {{{operands(r)}}}, %{r}, %{r + 1}, p, 1, 1, 1, 1;\\n}}\\n"
+        : {outputs(r)}
+        : "l"(a), "l"(b), "r"(accumulate));
+  }}
   // D (+)= A·B, A in registers (each warp's m16k16 fragment), B in shared memory MN-major.
   __device__ static void rs(float (&d)[{r}], const std::uint32_t (&a)[4], std::uint64_t b, int accumulate) {{
     asm volatile(
