@@ -2,6 +2,7 @@
 // first) and picks the compiled instance for the dtype and head dim. The only runtime-to-template
 // switch of the backend.
 #include <algorithm>
+#include <cstdlib>
 #include <climits>
 #include <memory>
 #include <stdexcept>
@@ -358,6 +359,7 @@ void run_backward_atomic_dq(const DilatedParams& params, cudaStream_t stream) {
   DilatedParams p = params;
   p.dq_scratch = scratch.data;
   p.dq_scratch_rows = slot_rows;
+  if (const char* e = std::getenv("DATTN_DQ_EXPERIMENT")) p.dq_experiment = std::atoi(e);
   launch_backward_plans(p, rows, [&](const LaunchPlan& plan) {
     launch_in_chunks(p, plan, slots, [&](const LaunchPlan& chunk) { backward_launch_sm90<T>(p, chunk, stream); });
   }, {kDkDvRole});

@@ -242,7 +242,7 @@ __device__ __forceinline__ void consume_keys(const detail::DilatedParams& p, boo
     pack_probabilities<T, BO>(dp, scores_gradient);
     // dQ by atomics: this tile's dSᵀ buffer (the one of tile it − 2, whose dQ both consumers had
     // finished before the barrier of tile it − 1); at head dim 64 the consumers take turns.
-    const bool with_dq = kAtomicDq && (D == 128 || it % 2 == warpgroup);
+    const bool with_dq = kAtomicDq && p.dq_experiment != 2 && (D == 128 || it % 2 == warpgroup);
     const std::uint32_t dq_buffer = smem_address(st.scores_gradient) + (it % 2) * Sm90BackwardShape<D>::kScoresGradientBytes;
     float dq[8][4];
     if constexpr (kAtomicDq) {
@@ -262,7 +262,7 @@ __device__ __forceinline__ void consume_keys(const detail::DilatedParams& p, boo
     fence_registers(reinterpret_cast<Flat<D / 2>&>(dv));
     fence_registers(reinterpret_cast<Flat<D / 2>&>(dk));
     release_stage(st, it);
-    if (with_dq) {
+    if (with_dq && p.dq_experiment != 1) {
       fence_registers(reinterpret_cast<Flat<32>&>(dq));
       add_dq<D>(dq_slot, dq, tiles.start(it), tiles.valid(it), D == 128 ? warpgroup * 64 : 0);
     }
@@ -417,7 +417,7 @@ void launch_backward_sm90(const detail::DilatedParams& params, const LaunchPlan&
     check_launch("sm90 backward (shared memory attribute)");
   kernel<<<plan.total_blocks, Shape::kThreads, Shape::kSmemBytes, stream>>>(params, plan);
   check_launch("sm90 backward");
-  if (atomic && plan.group_count > 0) {
+  if (atomic && plan.group_count > 0 && params.dq_experiment != 3) {
     sm90::dq_from_scratch<T, D><<<plan.group_count, 256, 0, stream>>>(params, plan);
     check_launch("sm90 backward (dq from the scratch)");
   }
