@@ -360,9 +360,15 @@ void run_backward_atomic_dq(const DilatedParams& params, cudaStream_t stream) {
   p.dq_scratch = scratch.data;
   p.dq_scratch_rows = slot_rows;
   if (const char* e = std::getenv("DATTN_DQ_EXPERIMENT")) p.dq_experiment = std::atoi(e);
+  // Every chunk but the call's last leaves its slots zeroed for the next one.
+  std::vector<LaunchPlan> chunks;
   launch_backward_plans(p, rows, [&](const LaunchPlan& plan) {
-    launch_in_chunks(p, plan, slots, [&](const LaunchPlan& chunk) { backward_launch_sm90<T>(p, chunk, stream); });
+    launch_in_chunks(p, plan, slots, [&](const LaunchPlan& chunk) { chunks.push_back(chunk); });
   }, {kDkDvRole});
+  for (std::size_t i = 0; i < chunks.size(); ++i) {
+    chunks[i].scratch_reused = i + 1 < chunks.size();
+    backward_launch_sm90<T>(p, chunks[i], stream);
+  }
 }
 #endif
 

@@ -51,6 +51,7 @@ struct LaunchPlan {
   // the plan's block b + block_offset, and group g's dQ scratch slot is g - group_offset.
   int block_offset = 0;
   int group_offset = 0, group_count = 0;  // the groups of a chunk (group_count 0: not chunked)
+  bool scratch_reused = false;            // a later chunk or launch of the call adds into the slots
   Job jobs[2 * detail::kMaxBranches];
 };
 

@@ -180,18 +180,20 @@ __device__ __forceinline__ void issue_dq(float (&dq)[8][4], std::uint32_t scores
 }
 
 // Adds the thread's part of a tile's dQ (64 queries × 64 columns from `column`) into the group's
-// scratch slot, rows from query index j0, valid of them real.
+// scratch slot, rows from query index j0, valid of them real. Lanes t and t ^ 1 (same g) swap
+// halves so that each adds 16 bytes a column block: even t row g, odd t row g + 8.
 template <int D>
 __device__ __forceinline__ void add_dq(float* slot, const float (&dq)[8][4], std::int64_t j0, int valid, int column) {
   const int warp = threadIdx.x / 32 % 4, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  const bool even = t % 2 == 0;
+  const int row = warp * 16 + g + (even ? 0 : 8);
+  float* dst = slot + (j0 + row) * D + column + 2 * (t & ~1);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = warp * 16 + g + 8 * r;
-    if (row >= valid) continue;
-    float* dst = slot + (j0 + row) * D + column + 2 * t;
-#pragma unroll
-    for (int n = 0; n < 8; ++n)
-      atomicAdd(reinterpret_cast<float2*>(dst + 8 * n), make_float2(dq[n][2 * r], dq[n][2 * r + 1]));
+  for (int n = 0; n < 8; ++n) {
+    const float x = __shfl_xor_sync(0xffffffffu, even ? dq[n][2] : dq[n][0], 1);
+    const float y = __shfl_xor_sync(0xffffffffu, even ? dq[n][3] : dq[n][1], 1);
+    const float4 v = even ? make_float4(dq[n][0], dq[n][1], x, y) : make_float4(x, y, dq[n][2], dq[n][3]);
+    if (row < valid) atomicAdd(reinterpret_cast<float4*>(dst + 8 * n), v);
   }
 }
 
@@ -243,28 +245,46 @@ __device__ __forceinline__ void consume_keys(const detail::DilatedParams& p, boo
     // dQ by atomics: this tile's dSᵀ buffer (the one of tile it − 2, whose dQ both consumers had
     // finished before the barrier of tile it − 1); at head dim 64 the consumers take turns.
     const bool with_dq = kAtomicDq && p.dq_experiment != 2 && (D == 128 || it % 2 == warpgroup);
-    const std::uint32_t dq_buffer = smem_address(st.scores_gradient) + (it % 2) * Sm90BackwardShape<D>::kScoresGradientBytes;
-    float dq[8][4];
     if constexpr (kAtomicDq) {
       store_scores_gradient<BO>(st.scores_gradient + (it % 2) * Sm90BackwardShape<D>::kScoresGradientBytes,
                                 scores_gradient, own_row);
       fence_async_shared();
       named_barrier_sync(1, 256);  // both consumers' keys are in the buffer
     }
-    fence_registers(reinterpret_cast<Flat<D / 2>&>(dv));
-    fence_registers(reinterpret_cast<Flat<D / 2>&>(dk));
-    wgmma_fence();
-    issue_pv<T, D, BO>(dv, probabilities, dout_tile);
-    issue_pv<T, D, BO>(dk, scores_gradient, q_tile);
-    if (with_dq) issue_dq<T, BW>(dq, dq_buffer, smem_address(st.own_a) + (D == 128 ? warpgroup * BW * 128 : 0));
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_registers(reinterpret_cast<Flat<D / 2>&>(dv));
-    fence_registers(reinterpret_cast<Flat<D / 2>&>(dk));
-    release_stage(st, it);
-    if (with_dq && p.dq_experiment != 1) {
+    // dV += (P∘Z)ᵀ·dO and dK += dSᵀ·Q (and dQ = dS·K): each branch holds its whole fence-issue-wait
+    // sequence, so that ptxas sees no accumulator of a product defined on one path only (it would
+    // serialise the products behind an injected warpgroup.arrive).
+    auto products = [&](auto issue_more) {
+      fence_registers(reinterpret_cast<Flat<D / 2>&>(dv));
+      fence_registers(reinterpret_cast<Flat<D / 2>&>(dk));
+      wgmma_fence();
+      issue_pv<T, D, BO>(dv, probabilities, dout_tile);
+      issue_pv<T, D, BO>(dk, scores_gradient, q_tile);
+      issue_more();
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_registers(reinterpret_cast<Flat<D / 2>&>(dv));
+      fence_registers(reinterpret_cast<Flat<D / 2>&>(dk));
+      release_stage(st, it);
+    };
+    if (with_dq) {
+      const std::uint32_t dq_buffer =
+          smem_address(st.scores_gradient) + (it % 2) * Sm90BackwardShape<D>::kScoresGradientBytes;
+      const std::uint32_t k_columns = smem_address(st.own_a) + (D == 128 ? warpgroup * BW * 128 : 0);
+      float dq[8][4];
+      if constexpr (D == 64) {
+        products([&] { issue_dq<T, BW>(dq, dq_buffer, k_columns); });
+      } else {  // dK, dV hold 128 registers: dQ's 32 take those of P and dS once their products are done
+        products([] {});
+        wgmma_fence();
+        issue_dq<T, BW>(dq, dq_buffer, k_columns);
+        wgmma_commit();
+        wgmma_wait<0>();
+      }
       fence_registers(reinterpret_cast<Flat<32>&>(dq));
-      add_dq<D>(dq_slot, dq, tiles.start(it), tiles.valid(it), D == 128 ? warpgroup * 64 : 0);
+      if (p.dq_experiment != 1) add_dq<D>(dq_slot, dq, tiles.start(it), tiles.valid(it), D == 128 ? warpgroup * 64 : 0);
+    } else {
+      products([] {});
     }
   }
   drain_stages(st, num_tiles);
@@ -367,31 +387,43 @@ __global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
 #endif
 }
 
-// dQ by atomics: a block per group of the launch writes (or adds into) dq the group's query rows
-// from its scratch slot, times the scale, and zeroes the slot for the next launch. The group's
-// work is decoded from its first block (tile 0).
+// dQ by atomics: a block per 64 rows of a group of the launch writes (or adds into) dq those query
+// rows from the group's scratch slot, times the scale, and zeroes them where a later launch reuses
+// the slot. The group's work is decoded from its first block (tile 0). Each thread first loads all
+// its 16-byte pieces (kRows·D/4 / 256 of them), so that their latencies overlap.
 template <class T, int D>
 __global__ void __launch_bounds__(256) dq_from_scratch(const __grid_constant__ detail::DilatedParams p,
                                                        const __grid_constant__ LaunchPlan plan) {
-  const int group = plan.group_offset + int(blockIdx.x);
+  constexpr int kRows = 64, kPieces = kRows * D / 4 / 256, kRowStep = 256 / (D / 4);
+  const int group = plan.group_offset + int(blockIdx.y);
   int j = 0;
   while (j + 1 < plan.num_jobs && group >= plan.jobs[j + 1].group_begin) ++j;
   const Job& job = plan.jobs[j];
   const int first_block = job.block_begin + (group - job.group_begin) * job.tiles + (p.causal ? job.tiles - 1 : 0);
   BlockWork w;
   if (!decode_block<Sm90BackwardShape<D>::kBlockOwn>(p, plan, first_block, w)) return;
-  float* slot = p.dq_scratch + std::int64_t(blockIdx.x) * p.dq_scratch_rows * D;
+  const int row0 = int(blockIdx.x) * kRows + int(threadIdx.x) / (D / 4), column = int(threadIdx.x) % (D / 4) * 4;
+  if (blockIdx.x * kRows >= w.query.length) return;
+  float* slot = p.dq_scratch + std::int64_t(blockIdx.y) * p.dq_scratch_rows * D;
+  float4 x[kPieces];
+#pragma unroll
+  for (int k = 0; k < kPieces; ++k) {
+    const int r = row0 + k * kRowStep;
+    // The atomics' sums live in L2; this SM's L1 may hold lines of an earlier launch's slot.
+    x[k] = r < w.query.length ? __ldcg(reinterpret_cast<const float4*>(slot + std::int64_t(r) * D + column))
+                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
   const float old_weight = w.dq_accumulate ? 1.0f : 0.0f;
-  const int rows = int(w.query.length);
-  for (int i = threadIdx.x; i < rows * (D / 4); i += blockDim.x) {
-    const int j_row = i / (D / 4), column = i % (D / 4) * 4;
-    float4* source = reinterpret_cast<float4*>(slot + std::int64_t(j_row) * D + column);
-    const float4 x = __ldcg(source);  // the atomics' sums live in L2; this SM's L1 may hold an older slot
-    *source = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    const std::int64_t row = w.row(w.query, j_row);
+#pragma unroll
+  for (int k = 0; k < kPieces; ++k) {
+    const int r = row0 + k * kRowStep;
+    if (r >= w.query.length) break;
+    if (plan.scratch_reused)
+      *reinterpret_cast<float4*>(slot + std::int64_t(r) * D + column) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const std::int64_t row = w.row(w.query, r);
     auto store = [&](auto* dq_row) {
-      store2(dq_row + column, x.x * p.scale, x.y * p.scale, old_weight);
-      store2(dq_row + column + 2, x.z * p.scale, x.w * p.scale, old_weight);
+      store2(dq_row + column, x[k].x * p.scale, x[k].y * p.scale, old_weight);
+      store2(dq_row + column + 2, x[k].z * p.scale, x[k].w * p.scale, old_weight);
     };
     if (p.float32_outputs) store(row_pointer<float>(p.dq, w.batch, w.head, row));
     else store(row_pointer<T>(p.dq, w.batch, w.head, row));
@@ -418,7 +450,8 @@ void launch_backward_sm90(const detail::DilatedParams& params, const LaunchPlan&
   kernel<<<plan.total_blocks, Shape::kThreads, Shape::kSmemBytes, stream>>>(params, plan);
   check_launch("sm90 backward");
   if (atomic && plan.group_count > 0 && params.dq_experiment != 3) {
-    sm90::dq_from_scratch<T, D><<<plan.group_count, 256, 0, stream>>>(params, plan);
+    const dim3 grid(unsigned((params.dq_scratch_rows + 63) / 64), unsigned(plan.group_count));
+    sm90::dq_from_scratch<T, D><<<grid, 256, 0, stream>>>(params, plan);
     check_launch("sm90 backward (dq from the scratch)");
   }
 }
