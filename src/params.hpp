@@ -87,7 +87,7 @@ struct DilatedParams {
   // slot, slot g − LaunchPlan::group_offset serving group g; zero where no launch is adding.
   float* dq_scratch = nullptr;
   std::int64_t dq_scratch_rows = 0;
-  int dq_experiment = 0;  // TEMPORARY (timing only): 1 no atomics, 2 no dQ product either, 3 no conversion
+  int dq_experiment = 0;  // TEMPORARY (timing only): 1 no adds, 2 no dQ product either, 3 no conversion; 4 bulk adds
   void* stream = nullptr;
   void* workspace = nullptr;
   std::size_t workspace_bytes = 0;

@@ -138,11 +138,14 @@ struct Sm90BackwardShape {
   static constexpr int kOwnBytes = kBlockOwn * D * 2, kOtherBytes = kBlockOther * D * 2;
   // dQ by atomics: two buffers of dSᵀ (the block's keys × a tile of queries, 16-bit).
   static constexpr int kScoresGradientBytes = kBlockOwn * kBlockOther * 2;
+  // ... and per consumer a float32 tile of dQ (64 queries × 64 columns) staged for the bulk reduction.
+  static constexpr int kDqStagingBytes = kBlockOther * 64 * 4;
   // 1024 bytes to align the tiles, the two own tiles, per stage the other side's two tiles, the
-  // two dSᵀ buffers, per stage three float columns, the own keys' bias, then three barriers per stage.
+  // two dSᵀ buffers and dQ staging tiles, per stage three float columns, the own keys' bias, then
+  // three barriers per stage.
   static constexpr std::size_t kSmemBytes = 1024 + 2 * kOwnBytes + 2 * kStages * kOtherBytes +
-                                            2 * kScoresGradientBytes + (3 * kStages * kBlockOther + kBlockOwn) * 4 +
-                                            3 * kStages * 8;
+                                            2 * kScoresGradientBytes + kConsumers * kDqStagingBytes +
+                                            (3 * kStages * kBlockOther + kBlockOwn) * 4 + 3 * kStages * 8;
 };
 
 template <class T, int D, int S>

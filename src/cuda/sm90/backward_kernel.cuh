@@ -36,6 +36,7 @@ struct BackwardStages {
   unsigned char* other_a;  // per stage: Q or K
   unsigned char* other_b;  // per stage: dO or V
   unsigned char* scores_gradient;  // two buffers of dSᵀ (dQ by atomics)
+  float* dq_staging;               // per consumer a dQ tile (dQ by atomics, bulk reduction)
   float* floats;           // per stage [3][kBlockOther]
   float* own_bias;         // [kBlockOwn]
   std::uint64_t* full;
@@ -48,7 +49,8 @@ struct BackwardStages {
     other_a = own_b + Shape::kOwnBytes;
     other_b = other_a + Shape::kStages * Shape::kOtherBytes;
     scores_gradient = other_b + Shape::kStages * Shape::kOtherBytes;
-    floats = reinterpret_cast<float*>(scores_gradient + 2 * Shape::kScoresGradientBytes);
+    dq_staging = reinterpret_cast<float*>(scores_gradient + 2 * Shape::kScoresGradientBytes);
+    floats = dq_staging + Shape::kConsumers * Shape::kDqStagingBytes / 4;
     own_bias = floats + Shape::kStages * 3 * Shape::kBlockOther;
     full = reinterpret_cast<std::uint64_t*>(own_bias + Shape::kBlockOwn);
     keys = full + Shape::kStages;
@@ -179,21 +181,57 @@ __device__ __forceinline__ void issue_dq(float (&dq)[8][4], std::uint32_t scores
                         descriptor(k_columns + kk * 16 * 128, BW * 128, 1024), kk > 0);
 }
 
-// Adds the thread's part of a tile's dQ (64 queries × 64 columns from `column`) into the group's
-// scratch slot, rows from query index j0, valid of them real. Lanes t and t ^ 1 (same g) swap
-// halves so that each adds 16 bytes a column block: even t row g, odd t row g + 8.
-template <int D>
-__device__ __forceinline__ void add_dq(float* slot, const float (&dq)[8][4], std::int64_t j0, int valid, int column) {
+// A group's dQ scratch slot: float32 rows of the group's queries in column blocks of 64 (a block's
+// rows contiguous, so that a tile of 64 rows × 64 columns is one 16 KB range), the 16-byte pieces of
+// a row XOR-swizzled (piece k at k ^ scratch_swizzle(r)) so that staging a tile in shared memory in
+// the same layout is free of bank conflicts. Row r of a tile has r mod 16 of its slot row (tiles
+// start at multiples of 64).
+__device__ __forceinline__ int scratch_swizzle(int r) { return 2 * ((r & 1) | ((r >> 2) & 2)); }
+__device__ __forceinline__ std::int64_t scratch_offset(std::int64_t rows, std::int64_t r, int piece) {
+  return piece / 16 * rows * 64 + r * 64 + ((piece % 16) ^ scratch_swizzle(int(r % 16))) * 4;
+}
+
+// The thread's part of a tile's dQ (64 queries × 64 columns) as 16-byte pieces: lanes t and t ^ 1
+// (same g) swap halves, so that each holds 4 columns of one row: even t row g, odd t row g + 8 of
+// its warp's 16. f(row, piece of the row's 16, value) for each of the 8.
+template <class F>
+__device__ __forceinline__ void for_dq_pieces(const float (&dq)[8][4], F&& f) {
   const int warp = threadIdx.x / 32 % 4, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
   const bool even = t % 2 == 0;
   const int row = warp * 16 + g + (even ? 0 : 8);
-  float* dst = slot + (j0 + row) * D + column + 2 * (t & ~1);
 #pragma unroll
   for (int n = 0; n < 8; ++n) {
     const float x = __shfl_xor_sync(0xffffffffu, even ? dq[n][2] : dq[n][0], 1);
     const float y = __shfl_xor_sync(0xffffffffu, even ? dq[n][3] : dq[n][1], 1);
-    const float4 v = even ? make_float4(dq[n][0], dq[n][1], x, y) : make_float4(x, y, dq[n][2], dq[n][3]);
-    if (row < valid) atomicAdd(reinterpret_cast<float4*>(dst + 8 * n), v);
+    f(row, 2 * n + t / 2, even ? make_float4(dq[n][0], dq[n][1], x, y) : make_float4(x, y, dq[n][2], dq[n][3]));
+  }
+}
+
+// Adds a tile's dQ (64 queries from index j0, valid of them real; column block `block`) into the
+// group's slot: float4 atomics from every thread, or (bulk) staged in the consumer's shared tile and
+// added by one bulk reduction that the warpgroup's first thread issues. Between two bulk tiles that
+// thread waits until the previous one has read the staging tile.
+__device__ __forceinline__ void add_dq(const detail::DilatedParams& p, float* slot, float* staging,
+                                       const float (&dq)[8][4], std::int64_t j0, int valid, int block, bool bulk) {
+  const std::int64_t rows = p.dq_scratch_rows;
+  if (!bulk) {
+    for_dq_pieces(dq, [&](int row, int piece, float4 v) {
+      if (row < valid) atomicAdd(reinterpret_cast<float4*>(slot + scratch_offset(rows, j0 + row, block * 16 + piece)), v);
+    });
+    return;
+  }
+  const int id = 2 + int(threadIdx.x / 128);  // the warpgroup's named barrier (1: both consumers)
+  const bool leader = threadIdx.x % 128 == 0;
+  if (leader) bulk_wait_read();
+  named_barrier_sync(id, 128);
+  for_dq_pieces(dq, [&](int row, int piece, float4 v) {
+    *reinterpret_cast<float4*>(staging + scratch_offset(64, row, piece)) = v;
+  });
+  fence_async_shared();
+  named_barrier_sync(id, 128);
+  if (leader && valid > 0) {
+    bulk_reduce_add(slot + scratch_offset(rows, j0, block * 16), staging, valid * 64 * 4);
+    bulk_commit();
   }
 }
 
@@ -282,12 +320,15 @@ __device__ __forceinline__ void consume_keys(const detail::DilatedParams& p, boo
         wgmma_wait<0>();
       }
       fence_registers(reinterpret_cast<Flat<32>&>(dq));
-      if (p.dq_experiment != 1) add_dq<D>(dq_slot, dq, tiles.start(it), tiles.valid(it), D == 128 ? warpgroup * 64 : 0);
+      if (p.dq_experiment != 1)
+        add_dq(p, dq_slot, st.dq_staging + warpgroup * Sm90BackwardShape<D>::kDqStagingBytes / 4, dq, tiles.start(it),
+               tiles.valid(it), D == 128 ? warpgroup : 0, p.dq_experiment == 4);
     } else {
       products([] {});
     }
   }
   drain_stages(st, num_tiles);
+  if (kAtomicDq && threadIdx.x % 128 == 0) bulk_wait();  // the last bulk reductions are done
   write_gradient_rows<T, D>(p, w, w.key, kj, accumulate, p.dk, dk, p.scale, &p.dv, &dv, p.output_scale);
 }
 
@@ -402,7 +443,8 @@ __global__ void __launch_bounds__(256) dq_from_scratch(const __grid_constant__ d
   const int first_block = job.block_begin + (group - job.group_begin) * job.tiles + (p.causal ? job.tiles - 1 : 0);
   BlockWork w;
   if (!decode_block<Sm90BackwardShape<D>::kBlockOwn>(p, plan, first_block, w)) return;
-  const int row0 = int(blockIdx.x) * kRows + int(threadIdx.x) / (D / 4), column = int(threadIdx.x) % (D / 4) * 4;
+  const int row0 = int(blockIdx.x) * kRows + int(threadIdx.x) / (D / 4), piece = int(threadIdx.x) % (D / 4);
+  const int column = piece * 4;
   if (blockIdx.x * kRows >= w.query.length) return;
   float* slot = p.dq_scratch + std::int64_t(blockIdx.y) * p.dq_scratch_rows * D;
   float4 x[kPieces];
@@ -410,7 +452,7 @@ __global__ void __launch_bounds__(256) dq_from_scratch(const __grid_constant__ d
   for (int k = 0; k < kPieces; ++k) {
     const int r = row0 + k * kRowStep;
     // The atomics' sums live in L2; this SM's L1 may hold lines of an earlier launch's slot.
-    x[k] = r < w.query.length ? __ldcg(reinterpret_cast<const float4*>(slot + std::int64_t(r) * D + column))
+    x[k] = r < w.query.length ? __ldcg(reinterpret_cast<const float4*>(slot + scratch_offset(p.dq_scratch_rows, r, piece)))
                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   }
   const float old_weight = w.dq_accumulate ? 1.0f : 0.0f;
@@ -419,7 +461,7 @@ __global__ void __launch_bounds__(256) dq_from_scratch(const __grid_constant__ d
     const int r = row0 + k * kRowStep;
     if (r >= w.query.length) break;
     if (plan.scratch_reused)
-      *reinterpret_cast<float4*>(slot + std::int64_t(r) * D + column) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      *reinterpret_cast<float4*>(slot + scratch_offset(p.dq_scratch_rows, r, piece)) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     const std::int64_t row = w.row(w.query, r);
     auto store = [&](auto* dq_row) {
       store2(dq_row + column, x[k].x * p.scale, x[k].y * p.scale, old_weight);

@@ -51,6 +51,19 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Bulk reduction (the TMA unit, no tensor map): global[0, bytes) += shared[0, bytes) in float32, both
+// 16-byte aligned, bytes a multiple of 16; one thread issues it and tracks it as a bulk group.
+__device__ __forceinline__ void bulk_reduce_add(float* global, const float* shared, int bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(global),
+               "r"(smem_address(shared)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until the issuing thread's bulk groups have read their shared memory (it may be rewritten).
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+// Waits until they are complete (their global writes done).
+__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
 // Register reallocation between warpgroups (the kernel starts with a register cap: launch bounds
 // with one block per SM).
 template <int kRegisters>
