@@ -87,6 +87,10 @@ struct DilatedParams {
   // slot, slot g − LaunchPlan::group_offset serving group g; zero where no launch is adding.
   float* dq_scratch = nullptr;
   std::int64_t dq_scratch_rows = 0;
+  // Converted in the backward kernel instead (non-null): [2 · dq_slots] ints, per slot the blocks
+  // arrived and the conversions done (zero at each launch); group g uses slot g mod dq_slots.
+  int* dq_counters = nullptr;
+  int dq_slots = 0;
   int dq_experiment = 0;  // TEMPORARY (timing only): 1 no adds, 2 no dQ product either, 3 no conversion; 4 bulk adds
   void* stream = nullptr;
   void* workspace = nullptr;

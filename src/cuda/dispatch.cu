@@ -354,12 +354,28 @@ void run_backward_atomic_dq(const DilatedParams& params, cudaStream_t stream) {
     groups = std::max(groups, g);
   }, {kDkDvRole});
   const std::size_t slot_bytes = std::size_t(slot_rows) * std::size_t(params.head_dim) * sizeof(float);
-  const std::int64_t slots = std::clamp<std::int64_t>(std::int64_t((std::size_t(256) << 20) / slot_bytes), 1, groups);
-  DqScratch scratch(std::size_t(slots) * slot_bytes, stream);
+  std::int64_t slots = std::clamp<std::int64_t>(std::int64_t((std::size_t(256) << 20) / slot_bytes), 1, groups);
   DilatedParams p = params;
+  if (const char* e = std::getenv("DATTN_DQ_EXPERIMENT")) p.dq_experiment = std::atoi(e);
+  const bool counted = p.dq_experiment >= 5;  // TEMPORARY switch: the conversion in the kernel
+  int device = 0, sms = 132;
+  if (counted && cudaGetDevice(&device) == cudaSuccess)
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (counted) slots = std::min(slots, std::int64_t(2 * sms));
+  const std::size_t counter_bytes = counted ? std::size_t(slots) * 2 * sizeof(int) : 0;
+  DqScratch scratch(std::size_t(slots) * slot_bytes + counter_bytes, stream);
   p.dq_scratch = scratch.data;
   p.dq_scratch_rows = slot_rows;
-  if (const char* e = std::getenv("DATTN_DQ_EXPERIMENT")) p.dq_experiment = std::atoi(e);
+  if (counted) {
+    p.dq_counters = reinterpret_cast<int*>(scratch.data + slots * slot_rows * params.head_dim);
+    p.dq_slots = int(slots);
+    launch_backward_plans(p, rows, [&](const LaunchPlan& plan) {
+      if (cudaMemsetAsync(p.dq_counters, 0, counter_bytes, stream) != cudaSuccess)
+        throw std::runtime_error("dattn: zeroing the backward's dQ counters failed");
+      backward_launch_sm90<T>(p, plan, stream);
+    }, {kDkDvRole});
+    return;
+  }
   // Every chunk but the call's last leaves its slots zeroed for the next one.
   std::vector<LaunchPlan> chunks;
   launch_backward_plans(p, rows, [&](const LaunchPlan& plan) {

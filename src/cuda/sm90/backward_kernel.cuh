@@ -322,13 +322,16 @@ __device__ __forceinline__ void consume_keys(const detail::DilatedParams& p, boo
       fence_registers(reinterpret_cast<Flat<32>&>(dq));
       if (p.dq_experiment != 1)
         add_dq(p, dq_slot, st.dq_staging + warpgroup * Sm90BackwardShape<D>::kDqStagingBytes / 4, dq, tiles.start(it),
-               tiles.valid(it), D == 128 ? warpgroup : 0, p.dq_experiment == 4);
+               tiles.valid(it), D == 128 ? warpgroup : 0, p.dq_experiment == 4 || p.dq_experiment == 6);
     } else {
       products([] {});
     }
   }
   drain_stages(st, num_tiles);
-  if (kAtomicDq && threadIdx.x % 128 == 0) bulk_wait();  // the last bulk reductions are done
+  if (kAtomicDq && threadIdx.x % 128 == 0) {  // the last bulk reductions are done, and seen by generic loads
+    bulk_wait();
+    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+  }
   write_gradient_rows<T, D>(p, w, w.key, kj, accumulate, p.dk, dk, p.scale, &p.dv, &dv, p.output_scale);
 }
 
@@ -391,6 +394,134 @@ __device__ __forceinline__ void consume_queries(const detail::DilatedParams& p, 
   write_gradient_rows<T, D>(p, w, w.query, qi, accumulate, p.dq, dq, p.scale, nullptr, nullptr, 0.0f);
 }
 
+// One block's work: the producer warpgroup and the two consumers.
+template <class T, int D, Walk kWalk, bool kAtomicDq>
+__device__ __forceinline__ void backward_block(const detail::DilatedParams& p, const LaunchPlan& plan,
+                                               const BlockWork& w, const BackwardStages<D>& st) {
+  using Shape = Sm90BackwardShape<D>;
+  const auto tiles = other_tiles<Shape::kBlockOther, kWalk>(p, w);
+  const int num_tiles = w.tile_rows > 0 ? tiles.count : 0;
+  const bool keys_own = w.role == kDkDvRole;
+  if (threadIdx.x < 128) {
+    registers_decrease<Shape::kProducerRegisters>();
+    produce_backward<T, D, kWalk>(p, w, tiles, num_tiles, st);
+    if (!w.accumulate)
+      zero_unselected<T, D, 128>(p, w, keys_own ? &p.dk : &p.dq, keys_own ? &p.dv : nullptr, false);
+    // dQ by atomics: the dk/dv block's region holds the same positions for dq (no ring steps here
+    // write; a later head phase adds dk, dv but writes dq first).
+    if (kAtomicDq && !w.dq_accumulate) zero_unselected<T, D, 128>(p, w, &p.dq, nullptr, false);
+  } else {
+    registers_increase<Shape::kConsumerRegisters>();
+    const int slot = p.dq_counters != nullptr ? w.group % p.dq_slots : w.group - plan.group_offset;
+    float* dq_slot = kAtomicDq ? p.dq_scratch + std::int64_t(slot) * p.dq_scratch_rows * D : nullptr;
+    if (keys_own) consume_keys<T, D, kWalk, kAtomicDq>(p, w.accumulate, w, tiles, num_tiles, st, dq_slot);
+    else consume_queries<T, D, kWalk>(p, w.accumulate, w, tiles, num_tiles, st);
+  }
+}
+
+// dQ by atomics: the work of group `group` of the plan, decoded from its first block (tile 0);
+// false where the group has nothing to write.
+template <int D>
+__device__ __forceinline__ bool group_work(const detail::DilatedParams& p, const LaunchPlan& plan, int group,
+                                           BlockWork& w) {
+  int j = 0;
+  while (j + 1 < plan.num_jobs && group >= plan.jobs[j + 1].group_begin) ++j;
+  const Job& job = plan.jobs[j];
+  const int first_block = job.block_begin + (group - job.group_begin) * job.tiles + (p.causal ? job.tiles - 1 : 0);
+  return decode_block<Sm90BackwardShape<D>::kBlockOwn>(p, plan, first_block, w);
+}
+
+// Writes (or adds into) dq the group's query rows [row_begin, row_end) from its slot, times the
+// scale, zeroing them in the slot when `zero`. The threads load 4 pieces each before storing, so
+// that the loads' latencies overlap.
+template <class T, int D, int kThreads>
+__device__ __forceinline__ void dq_rows_from_slot(const detail::DilatedParams& p, const BlockWork& w, float* slot,
+                                                  int row_begin, int row_end, bool zero) {
+  constexpr int kUnroll = 4;
+  const float old_weight = w.dq_accumulate ? 1.0f : 0.0f;
+  const int pieces = (row_end - row_begin) * (D / 4);
+  for (int i0 = int(threadIdx.x); i0 < pieces; i0 += kThreads * kUnroll) {
+    float4 x[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = i0 + u * kThreads, r = row_begin + i / (D / 4), piece = i % (D / 4);
+      // The adds' sums live in L2; this SM's L1 may hold lines of an earlier group's use of the slot.
+      x[u] = i < pieces ? __ldcg(reinterpret_cast<const float4*>(slot + scratch_offset(p.dq_scratch_rows, r, piece)))
+                        : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = i0 + u * kThreads, r = row_begin + i / (D / 4), piece = i % (D / 4);
+      if (i >= pieces) break;
+      if (zero) *reinterpret_cast<float4*>(slot + scratch_offset(p.dq_scratch_rows, r, piece)) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      const std::int64_t row = w.row(w.query, r);
+      auto store = [&](auto* dq_row) {
+        store2(dq_row + piece * 4, x[u].x * p.scale, x[u].y * p.scale, old_weight);
+        store2(dq_row + piece * 4 + 2, x[u].z * p.scale, x[u].w * p.scale, old_weight);
+      };
+      if (p.float32_outputs) store(row_pointer<float>(p.dq, w.batch, w.head, row));
+      else store(row_pointer<T>(p.dq, w.batch, w.head, row));
+    }
+  }
+}
+
+// dQ by atomics, a pass after each chunk's launch: a block per 64 rows of a group of the chunk.
+template <class T, int D>
+__global__ void __launch_bounds__(256) dq_from_scratch(const __grid_constant__ detail::DilatedParams p,
+                                                       const __grid_constant__ LaunchPlan plan) {
+  BlockWork w;
+  if (!group_work<D>(p, plan, plan.group_offset + int(blockIdx.y), w)) return;
+  const int row_begin = int(blockIdx.x) * 64;
+  if (row_begin >= w.query.length) return;
+  float* slot = p.dq_scratch + std::int64_t(blockIdx.y) * p.dq_scratch_rows * D;
+  dq_rows_from_slot<T, D, 256>(p, w, slot, row_begin, int(imin(row_begin + 64, w.query.length)), plan.scratch_reused);
+}
+
+// dQ by atomics with the conversion in the backward kernel (p.dq_counters: per slot the blocks
+// arrived, then the conversions done). Group g takes slot g mod S, which it may use once the
+// slot's previous group (g − S) has converted it: its conversions done reach g / S. Every block
+// of the group waits for that before it adds (or arrives), and the block that arrives last writes
+// dq from the slot, zeroes it and hands it on. A block only ever waits for blocks of lower index,
+// which start before it (blocks are dispatched in index order), so the wait ends.
+__device__ __forceinline__ void wait_for_slot(const detail::DilatedParams& p, int group) {
+  const int slot = group % p.dq_slots, generation = group / p.dq_slots;
+  const int* done = p.dq_counters + p.dq_slots + slot;
+  for (;;) {
+    int seen;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(done) : "memory");
+    if (seen >= generation) break;
+    __nanosleep(200);
+  }
+}
+
+template <class T, int D, int kThreads>
+__device__ __forceinline__ void arrive_and_convert(const detail::DilatedParams& p, const LaunchPlan& plan, int group,
+                                                   int* last_flag) {
+  const int slot = group % p.dq_slots;
+  __threadfence();  // this thread's adds, before the arrival (bulk reductions: waited for by their issuer)
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    int j = 0;
+    while (j + 1 < plan.num_jobs && group >= plan.jobs[j + 1].group_begin) ++j;
+    const bool last = atomicAdd(p.dq_counters + slot, 1) == plan.jobs[j].tiles - 1;
+    if (last) __threadfence();  // acquire the other blocks' adds
+    *last_flag = last;
+  }
+  __syncthreads();
+  if (!*last_flag) return;
+  BlockWork w;
+  float* slot_data = p.dq_scratch + std::int64_t(slot) * p.dq_scratch_rows * D;
+  if (group_work<D>(p, plan, group, w)) dq_rows_from_slot<T, D, kThreads>(p, w, slot_data, 0, int(w.query.length), true);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    p.dq_counters[slot] = 0;
+    __threadfence();
+    atomicExch(p.dq_counters + p.dq_slots + slot, group / p.dq_slots + 1);  // release the slot
+  }
+}
+
 template <class T, int D, Walk kWalk, bool kAtomicDq>
 __global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
     backward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan) {
@@ -407,69 +538,20 @@ __global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
   __syncthreads();
 
   BlockWork w;
-  if (!decode<Shape::kBlockOwn, kWalk>(p, plan, w)) return;
-  const auto tiles = other_tiles<Shape::kBlockOther, kWalk>(p, w);
-  const int num_tiles = w.tile_rows > 0 ? tiles.count : 0;
-  const bool keys_own = w.role == kDkDvRole;
-  if (threadIdx.x < 128) {
-    registers_decrease<Shape::kProducerRegisters>();
-    produce_backward<T, D, kWalk>(p, w, tiles, num_tiles, st);
-    if (!w.accumulate)
-      zero_unselected<T, D, 128>(p, w, keys_own ? &p.dk : &p.dq, keys_own ? &p.dv : nullptr, false);
-    // dQ by atomics: the dk/dv block's region holds the same positions for dq (no ring steps here
-    // write; a later head phase adds dk, dv but writes dq first).
-    if (kAtomicDq && !w.dq_accumulate) zero_unselected<T, D, 128>(p, w, &p.dq, nullptr, false);
-  } else {
-    registers_increase<Shape::kConsumerRegisters>();
-    float* dq_slot = kAtomicDq ? p.dq_scratch + std::int64_t(w.group - plan.group_offset) * p.dq_scratch_rows * D : nullptr;
-    if (keys_own) consume_keys<T, D, kWalk, kAtomicDq>(p, w.accumulate, w, tiles, num_tiles, st, dq_slot);
-    else consume_queries<T, D, kWalk>(p, w.accumulate, w, tiles, num_tiles, st);
+  const bool run = decode<Shape::kBlockOwn, kWalk>(p, plan, w);
+  // dQ by atomics converted in this kernel: every block of the group, run or not, waits for the
+  // slot and arrives (arrive_and_convert).
+  const bool counted = kAtomicDq && p.dq_counters != nullptr;
+  if (counted) {
+    __shared__ int last_flag;
+    if (threadIdx.x == 0) wait_for_slot(p, w.group);
+    __syncthreads();
+    if (run) backward_block<T, D, kWalk, kAtomicDq>(p, plan, w, st);
+    arrive_and_convert<T, D, Shape::kThreads>(p, plan, w.group, &last_flag);
+    return;
   }
+  if (run) backward_block<T, D, kWalk, kAtomicDq>(p, plan, w, st);
 #endif
-}
-
-// dQ by atomics: a block per 64 rows of a group of the launch writes (or adds into) dq those query
-// rows from the group's scratch slot, times the scale, and zeroes them where a later launch reuses
-// the slot. The group's work is decoded from its first block (tile 0). Each thread first loads all
-// its 16-byte pieces (kRows·D/4 / 256 of them), so that their latencies overlap.
-template <class T, int D>
-__global__ void __launch_bounds__(256) dq_from_scratch(const __grid_constant__ detail::DilatedParams p,
-                                                       const __grid_constant__ LaunchPlan plan) {
-  constexpr int kRows = 64, kPieces = kRows * D / 4 / 256, kRowStep = 256 / (D / 4);
-  const int group = plan.group_offset + int(blockIdx.y);
-  int j = 0;
-  while (j + 1 < plan.num_jobs && group >= plan.jobs[j + 1].group_begin) ++j;
-  const Job& job = plan.jobs[j];
-  const int first_block = job.block_begin + (group - job.group_begin) * job.tiles + (p.causal ? job.tiles - 1 : 0);
-  BlockWork w;
-  if (!decode_block<Sm90BackwardShape<D>::kBlockOwn>(p, plan, first_block, w)) return;
-  const int row0 = int(blockIdx.x) * kRows + int(threadIdx.x) / (D / 4), piece = int(threadIdx.x) % (D / 4);
-  const int column = piece * 4;
-  if (blockIdx.x * kRows >= w.query.length) return;
-  float* slot = p.dq_scratch + std::int64_t(blockIdx.y) * p.dq_scratch_rows * D;
-  float4 x[kPieces];
-#pragma unroll
-  for (int k = 0; k < kPieces; ++k) {
-    const int r = row0 + k * kRowStep;
-    // The atomics' sums live in L2; this SM's L1 may hold lines of an earlier launch's slot.
-    x[k] = r < w.query.length ? __ldcg(reinterpret_cast<const float4*>(slot + scratch_offset(p.dq_scratch_rows, r, piece)))
-                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  }
-  const float old_weight = w.dq_accumulate ? 1.0f : 0.0f;
-#pragma unroll
-  for (int k = 0; k < kPieces; ++k) {
-    const int r = row0 + k * kRowStep;
-    if (r >= w.query.length) break;
-    if (plan.scratch_reused)
-      *reinterpret_cast<float4*>(slot + scratch_offset(p.dq_scratch_rows, r, piece)) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    const std::int64_t row = w.row(w.query, r);
-    auto store = [&](auto* dq_row) {
-      store2(dq_row + column, x[k].x * p.scale, x[k].y * p.scale, old_weight);
-      store2(dq_row + column + 2, x[k].z * p.scale, x[k].w * p.scale, old_weight);
-    };
-    if (p.float32_outputs) store(row_pointer<float>(p.dq, w.batch, w.head, row));
-    else store(row_pointer<T>(p.dq, w.batch, w.head, row));
-  }
 }
 
 }  // namespace dattn::cuda::sm90
