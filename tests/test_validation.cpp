@@ -266,6 +266,9 @@ TEST_P(Validation, RingStepAndStream) {
   a = good_;
   a.options.sm90_forward_rows = 192;  // a CUDA block shape
   EXPECT_BOTH(a, "options.sm90_forward_rows = 192 for cpu tensors");
+  a = good_;
+  a.options.sm90_backward_dq = dattn::BackwardDq::atomic;  // a CUDA backward's way
+  EXPECT_BOTH(a, "options.sm90_backward_dq is set for cpu tensors");
 }
 
 TEST_P(Validation, PositionIndex) {
