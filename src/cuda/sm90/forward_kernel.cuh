@@ -244,27 +244,34 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
     score_tile<BN, kWalk>(p, w, s, correction, row_max, row_sum, tiles.start(it), warp_row0, qi, query_position,
                           st.bias + stage * BN, st.key_position + stage * BN, scale_log2, masked_columns);
   };
+  // Tile `it`: wait for its stage, take the turn and issue S = Q·Kᵀ in a wgmma group of its own.
+  auto issue_scores_in_turn = [&](int it, float (&s)[BN / 8][4]) {
+    const int stage = it % kStages;
+    barrier_wait(st.full + stage, (it / kStages) & 1);
+    barrier_wait(st.keys + stage, (it / kStages) & 1);
+    fence_async_shared();
+    named_barrier_sync(my_turn, 256);
+    if constexpr (kConsumers == 2) fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));  // P·V follows
+    wgmma_fence();
+    issue_scores<T, D, BM, BN>(s, q_tile, smem_address(st.k + stage * Shape::kKvBytes));
+    wgmma_commit();
+  };
+  // The next warpgroup's turn; the last warpgroup's last tile hands over nothing (the first has
+  // finished, so no sync would meet it).
+  auto hand_over_turn = [&](int it) {
+    if (warpgroup + 1 < kConsumers || it + 1 < num_tiles) named_barrier_arrive(next_turn, 256);
+  };
   if constexpr (kConsumers == 2) {
     std::uint32_t probabilities[BN / 16][4];  // the previous tile's P, waiting for its P·V
-    // Tile `it`: wait for its stage, take the turn, issue S = Q·Kᵀ (and the previous tile's P·V, which
-    // runs on while this tile's softmax does), hand the turn over, wait for S. Tile 0 is peeled off
-    // the loop so that every wgmma group of the loop is unconditional (ptxas serialises wgmmas whose
-    // groups it cannot follow through a branch).
+    // Tile `it`'s S (and the previous tile's P·V, which runs on while this tile's softmax does), then
+    // its softmax. Tile 0 is peeled off the loop so that every wgmma group of the loop is
+    // unconditional (ptxas serialises wgmmas whose groups it cannot follow through a branch).
     auto scores = [&](int it, float (&s)[BN / 8][4], bool with_pv) {
       const int stage = it % kStages, previous = (it + kStages - 1) % kStages;
-      barrier_wait(st.full + stage, (it / kStages) & 1);
-      barrier_wait(st.keys + stage, (it / kStages) & 1);
-      fence_async_shared();
-      named_barrier_sync(my_turn, 256);
-      fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
-      wgmma_fence();
-      issue_scores<T, D, BM, BN>(s, q_tile, smem_address(st.k + stage * Shape::kKvBytes));
-      wgmma_commit();
+      issue_scores_in_turn(it, s);
       if (with_pv) issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + previous * Shape::kKvBytes));
       wgmma_commit();
-      // The next one's turn; the last warpgroup's last would have no sync to meet (the first has
-      // finished).
-      if (warpgroup + 1 < kConsumers || it + 1 < num_tiles) named_barrier_arrive(next_turn, 256);
+      hand_over_turn(it);
       wgmma_wait<1>();
       fence_registers(reinterpret_cast<Flat<BN / 2>&>(s));
       float correction[2];
@@ -304,15 +311,9 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
     if (num_tiles > 0 && warpgroup + 1 == kConsumers) named_barrier_arrive(1, 256);  // the first one's turn
     for (int it = 0; it < num_tiles; ++it) {
       const int stage = it % kStages;
-      barrier_wait(st.full + stage, (it / kStages) & 1);
-      barrier_wait(st.keys + stage, (it / kStages) & 1);
-      fence_async_shared();
       float s[BN / 8][4];
-      named_barrier_sync(my_turn, 256);
-      wgmma_fence();
-      issue_scores<T, D, BM, BN>(s, q_tile, smem_address(st.k + stage * Shape::kKvBytes));
-      wgmma_commit();
-      if (warpgroup + 1 < kConsumers || it + 1 < num_tiles) named_barrier_arrive(next_turn, 256);
+      issue_scores_in_turn(it, s);
+      hand_over_turn(it);
       wgmma_wait<0>();
       fence_registers(reinterpret_cast<Flat<BN / 2>&>(s));
       float correction[2];
