@@ -73,6 +73,12 @@ struct BlockSparseConfig {
 void block_sparse_forward(const BlockSparseConfig& config, const BlockSparseMask& mask, const TensorView& q,
                           const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
                           const LaunchOptions& options = {});
+// Whether block_sparse_forward with these arguments (CUDA tensors) runs the sm90 forward whose
+// producer loads by TMA (as dattn::cuda_forward_uses_tma: builds with DATTN_SM90_TMA, calls it
+// covers; ring steps do not); validates the arguments as block_sparse_forward does.
+bool cuda_block_sparse_forward_uses_tma(const BlockSparseConfig& config, const BlockSparseMask& mask,
+                                        const TensorView& q, const TensorView& k, const TensorView& v,
+                                        const TensorView& out, const TensorView& lse, const LaunchOptions& options = {});
 void block_sparse_backward(const BlockSparseConfig& config, const BlockSparseMask& mask, const TensorView& q,
                            const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
                            const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv,

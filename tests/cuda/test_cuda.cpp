@@ -549,10 +549,14 @@ Result run_case(const Case& c, cudaStream_t stream) {
   }
   // The sm90 forward's producer: " tma" where it loads by TMA (builds with DATTN_SM90_TMA), e.g.
   // "sm90 tma rows 192/sm90"; the others load row by row with cp.async.
-  if (!block_mask && c.ring_ranks == 0 &&
-      dattn::cuda_forward_uses_tma(config, qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(),
-                                   out.device_view(), lse.device_view(), options))
-    result.kernels.insert(4, " tma");
+  const bool tma = c.ring_ranks == 0 &&
+                   (block_mask ? dattn::cuda_block_sparse_forward_uses_tma(
+                                     sparse_config_of(c, config), *block_mask_device, qkv[0].device_view(),
+                                     qkv[1].device_view(), qkv[2].device_view(), out.device_view(), lse.device_view(), options)
+                               : dattn::cuda_forward_uses_tma(config, qkv[0].device_view(), qkv[1].device_view(),
+                                                              qkv[2].device_view(), out.device_view(), lse.device_view(),
+                                                              options));
+  if (tma) result.kernels.insert(4, " tma");
   auto attention_forward = [&](const auto&... a) {
     if (block_mask) dattn::block_sparse_forward(block_sparse_config_of(c.block_size, config), *block_mask_device, a...);
     else dattn::forward(config, a...);

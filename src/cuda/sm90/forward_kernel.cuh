@@ -12,7 +12,8 @@
 // (three have no registers for it). Every walk (dilated, index map, block-sparse) loads rows one
 // by one, so one kernel serves them all.
 // With DATTN_SM90_TMA (the default where the sm90 kernels are built) the calls sm90_tma_covers admits (the
-// dilated walk over whole sequences, every dilation rate dividing N) run instances whose producer
+// dilated walk over whole sequences, every dilation rate dividing N, and block-sparse attention's
+// walk) run instances whose producer
 // loads by TMA instead (produce_tma): one thread issues a tile's bulk tensor copies, which land in
 // the same swizzled layout (tensor_maps.hpp), and the warpgroup keeps only the key bias.
 #pragma once
@@ -337,10 +338,10 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
 }
 
 // The TMA instances' decoded work, in shared memory after the barriers (Shape::kWorkBytes).
-template <int BN>
+template <int BN, Walk kWalk>
 struct SharedWork {
   BlockWork work;
-  OtherTiles<BN, false> tiles;
+  OtherTiles<BN, kWalk == Walk::sparse> tiles;
   bool run;
 };
 
@@ -349,8 +350,8 @@ template <class T, class Shape, Walk kWalk, class Maps>
 __global__ void __launch_bounds__(Shape::kThreads, 1)
     forward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan,
                    const __grid_constant__ Maps maps) {
-  static_assert(!Shape::kTma || kWalk == Walk::dilated, "TMA loads cover the dilated walk only");
-  static_assert(!Shape::kTma || sizeof(SharedWork<Shape::kBlockN>) <= Shape::kWorkBytes, "the decoded work's slot");
+  static_assert(!Shape::kTma || kWalk != Walk::indexed, "TMA loads cover the dilated and sparse walks");
+  static_assert(!Shape::kTma || sizeof(SharedWork<Shape::kBlockN, kWalk>) <= Shape::kWorkBytes, "the decoded work's slot");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = Shape::kHeadDim;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -360,7 +361,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
   // the reallocation is live across it (ptxas fits such values into the producer's 32 registers:
   // decoded by every thread before the roles part, the work spilled) and decode's 64-bit divisions
   // (calls of one routine that both roles' code would share) stay out of the reallocated code.
-  SharedWork<Shape::kBlockN>* shared = reinterpret_cast<SharedWork<Shape::kBlockN>*>(st.empty + Shape::kStages);
+  auto* shared = reinterpret_cast<SharedWork<Shape::kBlockN, kWalk>*>(st.empty + Shape::kStages);
   if (threadIdx.x == 0) {
     for (int s = 0; s < Shape::kStages; ++s) {
       // cp.async: the producer's threads, when their copies land; TMA: the thread that issues the
@@ -381,7 +382,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
 
   if constexpr (Shape::kTma) {
     if (!shared->run) return;
-    // The copy, with what decode's dilated walk makes known to the compiler: no index map.
+    // The copy, with what decode's dilated and sparse walks make known to the compiler: no index map.
     auto work = [&] {
       BlockWork w = shared->work;
       w.index = nullptr;
@@ -432,10 +433,11 @@ void launch_forward_sm90(const detail::DilatedParams& params, const LaunchPlan& 
     check_launch("sm90 forward");
   };
   if constexpr (Tma) {
-    // dispatch.cu runs these instances where sm90_tma_covers(params): the dilated walk.
+    // dispatch.cu runs these instances where sm90_tma_covers(params): the dilated and sparse walks.
     ForwardTensorMaps maps{};
     encode_forward_maps(params, plan, Shape::kBlockM, Shape::kBlockN, maps);
-    launch(sm90::forward_kernel<T, Shape, Walk::dilated, ForwardTensorMaps>, maps);
+    if (params.block_size > 0) launch(sm90::forward_kernel<T, Shape, Walk::sparse, ForwardTensorMaps>, maps);
+    else launch(sm90::forward_kernel<T, Shape, Walk::dilated, ForwardTensorMaps>, maps);
   } else {
     using Maps = NoTensorMaps;
     auto kernel = params.block_size > 0              ? sm90::forward_kernel<T, Shape, Walk::sparse, Maps>

@@ -80,10 +80,16 @@ EncodeTiled encode_tiled() {
   return function;
 }
 
+// The dilation rate a branch's maps step by: block-sparse attention has no branches, its rows are
+// those of rate 1.
+std::int64_t map_rate(const DilatedParams& p, int branch) {
+  return p.block_size > 0 ? 1 : p.branches[branch].dilation_rate;
+}
+
 }  // namespace
 
 bool sm90_tma_covers(const DilatedParams& p) {
-  if (p.block_size > 0 || p.position_index != nullptr) return false;        // the dilated walk only
+  if (p.position_index != nullptr) return false;                            // the dilated and sparse walks
   if (p.cu_seqlens != nullptr || p.key_lengths != nullptr) return false;    // whole sequences of B rows
   if (p.float32_outputs || p.query_position != 0 || p.global_length != p.seqlen || p.key_begin != 0 ||
       p.key_end != p.seqlen)
@@ -91,6 +97,13 @@ bool sm90_tma_covers(const DilatedParams& p) {
   if (p.dtype != DType::bfloat16 && p.dtype != DType::float16) return false;
   if (p.head_dim != 64 && p.head_dim != 128) return false;
   if (p.batch < 1 || p.seqlen < 1 || p.heads < 1 || p.kv_heads < 1) return false;
+  if (p.block_size > 0) {
+    // Blocks of whole 128-row key tiles: a shorter block's tiles would end short, and the TMA
+    // producer zeroes a short tile's rows after its copy lands (the cp.async one zero-fills them).
+    if (p.block_size % 128 != 0) return false;
+    MapShape m;
+    return map_shape(p, p.q, p.heads, 1, m) && map_shape(p, p.k, p.kv_heads, 1, m) && map_shape(p, p.v, p.kv_heads, 1, m);
+  }
   for (int i = 0; i < p.num_branches; ++i) {
     const detail::Branch& branch = p.branches[i];
     if (branch.head_count == 0) continue;  // never launched
@@ -113,7 +126,7 @@ void encode_forward_maps(const DilatedParams& p, const LaunchPlan& plan, int que
     const int branch = plan.jobs[j].branch;
     if (encoded[branch]) continue;
     encoded[branch] = true;
-    const std::int64_t r = p.branches[branch].dilation_rate;
+    const std::int64_t r = map_rate(p, branch);
     const struct {
       const char* name;
       const Operand* x;

@@ -36,9 +36,11 @@ struct ForwardTensorMaps {
 // The cp.async instances' stand-in.
 struct NoTensorMaps {};
 
-// Whether the TMA forward covers a call: dilated attention's walk (no index map, not block-sparse),
+// Whether the TMA forward covers a call: dilated attention's walk (no index map) or block-sparse
+// attention's with blocks of a multiple of 128 rows (a rate-1 branch's rows: the key tiles of an
+// allowed block are contiguous rows),
 // whole sequences (no packed batch, no cache, no ring step), 16-bit data of head dim 64 or 128, every
-// branch's dilation rate dividing N, and q, k, v as a map needs them (16-byte aligned bases, every
+// branch's dilation rate dividing N (block-sparse: rate 1), and q, k, v as a map needs them (16-byte aligned bases, every
 // stride of more than one row, head or batch a positive multiple of 16 bytes below 2^40). The
 // caller has chosen the sm90 kernels. Defined in builds with DATTN_SM90_TMA only (forward_uses_tma,
 // dispatch.cu, is false in the others).
