@@ -549,13 +549,13 @@ Result run_case(const Case& c, cudaStream_t stream) {
   }
   // The sm90 forward's producer: " tma" where it loads by TMA (builds with DATTN_SM90_TMA), e.g.
   // "sm90 tma rows 192/sm90"; the others load row by row with cp.async.
+  const dattn::TensorView q_view = qkv[0].device_view(), k_view = qkv[1].device_view(), v_view = qkv[2].device_view();
   const bool tma = c.ring_ranks == 0 &&
-                   (block_mask ? dattn::cuda_block_sparse_forward_uses_tma(
-                                     sparse_config_of(c, config), *block_mask_device, qkv[0].device_view(),
-                                     qkv[1].device_view(), qkv[2].device_view(), out.device_view(), lse.device_view(), options)
-                               : dattn::cuda_forward_uses_tma(config, qkv[0].device_view(), qkv[1].device_view(),
-                                                              qkv[2].device_view(), out.device_view(), lse.device_view(),
-                                                              options));
+                   (block_mask ? dattn::cuda_block_sparse_forward_uses_tma(block_sparse_config_of(c.block_size, config),
+                                                                           *block_mask_device, q_view, k_view, v_view,
+                                                                           out.device_view(), lse.device_view(), options)
+                               : dattn::cuda_forward_uses_tma(config, q_view, k_view, v_view, out.device_view(),
+                                                              lse.device_view(), options));
   if (tma) result.kernels.insert(4, " tma");
   auto attention_forward = [&](const auto&... a) {
     if (block_mask) dattn::block_sparse_forward(block_sparse_config_of(c.block_size, config), *block_mask_device, a...);
