@@ -419,14 +419,19 @@ __device__ __forceinline__ void backward_block(const detail::DilatedParams& p, c
   }
 }
 
-// dQ by atomics: the work of group `group` of the plan, decoded from its first block (tile 0);
-// false where the group has nothing to write.
+// dQ by atomics: the job of group `group` of the plan.
+__device__ __forceinline__ const Job& job_of_group(const LaunchPlan& plan, int group) {
+  int j = 0;
+  while (j + 1 < plan.num_jobs && group >= plan.jobs[j + 1].group_begin) ++j;
+  return plan.jobs[j];
+}
+
+// The work of group `group`, decoded from its first block (tile 0); false where the group has
+// nothing to write.
 template <int D>
 __device__ __forceinline__ bool group_work(const detail::DilatedParams& p, const LaunchPlan& plan, int group,
                                            BlockWork& w) {
-  int j = 0;
-  while (j + 1 < plan.num_jobs && group >= plan.jobs[j + 1].group_begin) ++j;
-  const Job& job = plan.jobs[j];
+  const Job& job = job_of_group(plan, group);
   const int first_block = job.block_begin + (group - job.group_begin) * job.tiles + (p.causal ? job.tiles - 1 : 0);
   return decode_block<Sm90BackwardShape<D>::kBlockOwn>(p, plan, first_block, w);
 }
@@ -502,9 +507,7 @@ __device__ __forceinline__ void arrive_and_convert(const detail::DilatedParams& 
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
-    int j = 0;
-    while (j + 1 < plan.num_jobs && group >= plan.jobs[j + 1].group_begin) ++j;
-    const bool last = atomicAdd(p.dq_counters + slot, 1) == plan.jobs[j].tiles - 1;
+    const bool last = atomicAdd(p.dq_counters + slot, 1) == job_of_group(plan, group).tiles - 1;
     if (last) __threadfence();  // acquire the other blocks' adds
     *last_flag = last;
   }
