@@ -439,13 +439,14 @@ __device__ __forceinline__ bool group_work(const detail::DilatedParams& p, const
 // Writes (or adds into) dq the group's query rows [row_begin, row_end) from its slot, times the
 // scale, zeroing them in the slot when `zero`. The threads load 4 pieces each before storing, so
 // that the loads' latencies overlap.
+// `thread` counts the kThreads threads that share the rows.
 template <class T, int D, int kThreads>
 __device__ __forceinline__ void dq_rows_from_slot(const detail::DilatedParams& p, const BlockWork& w, float* slot,
-                                                  int row_begin, int row_end, bool zero) {
+                                                  int row_begin, int row_end, bool zero, int thread) {
   constexpr int kUnroll = 4;
   const float old_weight = w.dq_accumulate ? 1.0f : 0.0f;
   const int pieces = (row_end - row_begin) * (D / 4);
-  for (int i0 = int(threadIdx.x); i0 < pieces; i0 += kThreads * kUnroll) {
+  for (int i0 = thread; i0 < pieces; i0 += kThreads * kUnroll) {
     float4 x[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -479,7 +480,8 @@ __global__ void __launch_bounds__(256) dq_from_scratch(const __grid_constant__ d
   const int row_begin = int(blockIdx.x) * 64;
   if (row_begin >= w.query.length) return;
   float* slot = p.dq_scratch + std::int64_t(blockIdx.y) * p.dq_scratch_rows * D;
-  dq_rows_from_slot<T, D, 256>(p, w, slot, row_begin, int(imin(row_begin + 64, w.query.length)), plan.scratch_reused);
+  dq_rows_from_slot<T, D, 256>(p, w, slot, row_begin, int(imin(row_begin + 64, w.query.length)), plan.scratch_reused,
+                               int(threadIdx.x));
 }
 
 // dQ by atomics with the conversion in the backward kernel (p.dq_counters: per slot the blocks
@@ -499,26 +501,30 @@ __device__ __forceinline__ void wait_for_slot(const detail::DilatedParams& p, in
   }
 }
 
-template <class T, int D, int kThreads>
+// Run by the two consumer warpgroups (the threads that added; the producer's registers are too few
+// for the conversion), synchronised by named barrier 5; their first thread arrives.
+template <class T, int D>
 __device__ __forceinline__ void arrive_and_convert(const detail::DilatedParams& p, const LaunchPlan& plan, int group,
                                                    int* last_flag) {
-  const int slot = group % p.dq_slots;
+  const int slot = group % p.dq_slots, thread = int(threadIdx.x) - 128;
+  const bool leader = thread == 0;
   __threadfence();  // this thread's adds, before the arrival (bulk reductions: waited for by their issuer)
-  __syncthreads();
-  if (threadIdx.x == 0) {
+  named_barrier_sync(5, 256);
+  if (leader) {
     __threadfence();
     const bool last = atomicAdd(p.dq_counters + slot, 1) == job_of_group(plan, group).tiles - 1;
     if (last) __threadfence();  // acquire the other blocks' adds
     *last_flag = last;
   }
-  __syncthreads();
+  named_barrier_sync(5, 256);
   if (!*last_flag) return;
   BlockWork w;
   float* slot_data = p.dq_scratch + std::int64_t(slot) * p.dq_scratch_rows * D;
-  if (group_work<D>(p, plan, group, w)) dq_rows_from_slot<T, D, kThreads>(p, w, slot_data, 0, int(w.query.length), true);
+  if (group_work<D>(p, plan, group, w))
+    dq_rows_from_slot<T, D, 256>(p, w, slot_data, 0, int(w.query.length), true, thread);
   __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
+  named_barrier_sync(5, 256);
+  if (leader) {
     p.dq_counters[slot] = 0;
     __threadfence();
     atomicExch(p.dq_counters + p.dq_slots + slot, group / p.dq_slots + 1);  // release the slot
@@ -545,15 +551,13 @@ __global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
   // dQ by atomics converted in this kernel: every block of the group, run or not, waits for the
   // slot and arrives (arrive_and_convert).
   const bool counted = kAtomicDq && p.dq_counters != nullptr;
+  __shared__ int last_flag;
   if (counted) {
-    __shared__ int last_flag;
     if (threadIdx.x == 0) wait_for_slot(p, w.group);
     __syncthreads();
-    if (run) backward_block<T, D, kWalk, kAtomicDq>(p, plan, w, st);
-    arrive_and_convert<T, D, Shape::kThreads>(p, plan, w.group, &last_flag);
-    return;
   }
   if (run) backward_block<T, D, kWalk, kAtomicDq>(p, plan, w, st);
+  if (counted && threadIdx.x >= 128) arrive_and_convert<T, D>(p, plan, w.group, &last_flag);
 #endif
 }
 
