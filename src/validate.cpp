@@ -186,9 +186,9 @@ void check_inputs(const CommonSettings& settings, const TensorView& q, const Ten
     if (options.sm90_forward_rows != 0)
       throw Error("options.sm90_forward_rows = " + str(options.sm90_forward_rows) +
                   " for cpu tensors; expected 0 (it picks a CUDA kernel's block shape)");
-    if (options.sm90_backward_dq != BackwardDq::automatic)
-      throw Error("options.sm90_backward_dq is set for cpu tensors; expected BackwardDq::automatic (it picks how a "
-                  "CUDA kernel forms dQ)");
+    if (options.sm90_backward_dq == BackwardDq::atomic)
+      throw Error("options.sm90_backward_dq = atomic for cpu tensors; expected automatic or dq_blocks (atomic is a "
+                  "way of the CUDA sm90 backward)");
   }
 
   if (settings.key_padding_mask) {

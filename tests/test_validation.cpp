@@ -268,7 +268,10 @@ TEST_P(Validation, RingStepAndStream) {
   EXPECT_BOTH(a, "options.sm90_forward_rows = 192 for cpu tensors");
   a = good_;
   a.options.sm90_backward_dq = dattn::BackwardDq::atomic;  // a CUDA backward's way
-  EXPECT_BOTH(a, "options.sm90_backward_dq is set for cpu tensors");
+  EXPECT_BOTH(a, "options.sm90_backward_dq = atomic for cpu tensors");
+  a.options.sm90_backward_dq = dattn::BackwardDq::dq_blocks;  // the reproducible way: every backward's
+  EXPECT_NO_THROW(a.forward());
+  EXPECT_NO_THROW(a.backward());
 }
 
 TEST_P(Validation, PositionIndex) {

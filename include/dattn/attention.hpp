@@ -58,7 +58,7 @@ struct LaunchOptions {
   // force one, for tests and benchmarks. Only for calls the sm90 forward runs.
   int sm90_forward_rows = 0;
   // How the sm90 backward forms dQ (BackwardDq): atomic or dq_blocks force one, for tests,
-  // benchmarks and bitwise-reproducible gradients. Only for backward calls the sm90 kernels run.
+  // benchmarks and bitwise-reproducible gradients (dq_blocks, accepted by every backward).
   BackwardDq sm90_backward_dq = BackwardDq::automatic;
 };
 

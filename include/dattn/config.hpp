@@ -27,7 +27,8 @@ enum class CudaKernels : std::uint8_t { automatic, sm80, sm90 };
 // the same run to run. atomic: the blocks that own the keys also form dQ = dS·K and add it into a
 // float32 scratch by atomic adds (five products), which a pass then writes into dq; the order of
 // those adds varies, so dq may differ in the last bits run to run (dk, dv do not). automatic:
-// dq_blocks (atomic is experimental until it has run on a GPU).
+// dq_blocks (atomic is experimental until it has run on a GPU). dq_blocks is honoured by every
+// backward (CPU, sm80: their only way); atomic only where the sm90 backward runs dilated attention.
 enum class BackwardDq : std::uint8_t { automatic, dq_blocks, atomic };
 
 struct DilatedConfig {

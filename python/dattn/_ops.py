@@ -281,7 +281,8 @@ def _backward_views(dout, q, k, v, out, lse, dq, dk, dv, key_padding_mask, segme
                 **_config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
                                seed, use_tf32, _stream(q), position_index, position_index_checked),
                 workspace=0 if workspace is None else workspace.data_ptr(),
-                workspace_bytes=0 if workspace is None else 4 * workspace.numel())
+                workspace_bytes=0 if workspace is None else 4 * workspace.numel(),
+                deterministic=torch.are_deterministic_algorithms_enabled())
 
 
 def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale,

@@ -72,7 +72,8 @@ class _DilatedVarlenFunction(torch.autograd.Function):
         workspace = torch.empty(q.size(0) * q.size(1), dtype=torch.float32, device=q.device) if q.is_cuda else None
         _C.backward_varlen(*(_ops._view(t) for t in (q, k, v, out, lse, dout, *grads)), _ops._view(cu_seqlens),
                            max_seqlen, validate, *config, workspace=0 if workspace is None else workspace.data_ptr(),
-                           workspace_bytes=0 if workspace is None else 4 * workspace.numel())
+                           workspace_bytes=0 if workspace is None else 4 * workspace.numel(),
+                           deterministic=torch.are_deterministic_algorithms_enabled())
         return grads + (None,) * 10
 
 

@@ -126,11 +126,12 @@ void backward(const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const Vie
               double dropout_p, std::uint64_t dropout_seed, std::uint64_t dropout_offset,
               bool use_tf32, const std::string& backend, std::uintptr_t stream,
               const std::optional<ViewSpec>& position_index, std::uintptr_t workspace, std::size_t workspace_bytes,
-              bool position_index_checked) {
+              bool position_index_checked, bool deterministic) {
   Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, key_padding_mask, dropout_p,
                         dropout_seed, dropout_offset, use_tf32, backend, stream, position_index, position_index_checked);
   call.options.workspace = reinterpret_cast<void*>(workspace);
   call.options.workspace_bytes = workspace_bytes;
+  if (deterministic) call.options.sm90_backward_dq = dattn::BackwardDq::dq_blocks;
   const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
   const auto ov = to_view(out, "out"), lv = to_view(lse, "lse"), gv = to_view(dout, "dout");
   const auto dqv = to_view(dq, "dq"), dkv = to_view(dk, "dk"), dvv = to_view(dv, "dv");
@@ -235,11 +236,12 @@ void backward_varlen(const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, co
                      const std::vector<std::int64_t>& segment_lengths, const std::vector<std::int64_t>& dilation_rates,
                      const std::string& mode, bool causal, std::optional<double> scale, double dropout_p,
                      std::uint64_t dropout_seed, const std::string& backend, std::uintptr_t stream,
-                     std::uintptr_t workspace, std::size_t workspace_bytes) {
+                     std::uintptr_t workspace, std::size_t workspace_bytes, bool deterministic) {
   Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, std::nullopt, dropout_p,
                         dropout_seed, 0, false, backend, stream, std::nullopt, false);
   call.options.workspace = reinterpret_cast<void*>(workspace);
   call.options.workspace_bytes = workspace_bytes;
+  if (deterministic) call.options.sm90_backward_dq = dattn::BackwardDq::dq_blocks;
   const auto sequences = packed(cu_seqlens, max_seqlen, validate);
   const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
   const auto ov = to_view(out, "out"), lv = to_view(lse, "lse"), gv = to_view(dout, "dout");
@@ -347,9 +349,10 @@ NB_MODULE(_C, m) {
         "dv"_a, "segment_lengths"_a, "dilation_rates"_a, "mode"_a, "causal"_a, "scale"_a.none(),
         "key_padding_mask"_a.none(), "dropout_p"_a, "dropout_seed"_a, "dropout_offset"_a,
         "use_tf32"_a, "backend"_a, "stream"_a, "position_index"_a.none() = nb::none(), "workspace"_a = 0,
-        "workspace_bytes"_a = 0, "position_index_checked"_a = false,
+        "workspace_bytes"_a = 0, "position_index_checked"_a = false, "deterministic"_a = false,
         "Writes dq, dk, dv given dout and the out and lse that forward wrote (CUDA: a workspace of "
-        "B*H*N float32 lets it compute delta once, before the kernel).");
+        "B*H*N float32 lets it compute delta once, before the kernel; deterministic: bitwise-reproducible "
+        "gradients, never dQ by atomics).");
   m.def("forward_varlen", &forward_varlen, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "cu_seqlens"_a, "max_seqlen"_a,
         "validate"_a, "segment_lengths"_a, "dilation_rates"_a, "mode"_a, "causal"_a, "scale"_a.none(), "dropout_p"_a,
         "dropout_seed"_a, "backend"_a, "stream"_a,
@@ -357,7 +360,7 @@ NB_MODULE(_C, m) {
   m.def("backward_varlen", &backward_varlen, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dout"_a, "dq"_a, "dk"_a, "dv"_a,
         "cu_seqlens"_a, "max_seqlen"_a, "validate"_a, "segment_lengths"_a, "dilation_rates"_a, "mode"_a, "causal"_a,
         "scale"_a.none(), "dropout_p"_a, "dropout_seed"_a, "backend"_a, "stream"_a, "workspace"_a = 0,
-        "workspace_bytes"_a = 0);
+        "workspace_bytes"_a = 0, "deterministic"_a = false);
   m.def("block_sparse_forward_varlen", &block_sparse_forward_varlen, "pattern"_a, "q"_a, "k"_a, "v"_a, "out"_a,
         "lse"_a, "cu_seqlens"_a, "max_seqlen"_a, "validate"_a, "block_size"_a, "causal"_a, "scale"_a.none(),
         "dropout_p"_a, "dropout_seed"_a);

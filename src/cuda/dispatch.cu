@@ -460,17 +460,17 @@ bool forward_uses_tma(const DilatedParams& p) {
 }
 
 namespace {
-// options.sm90_backward_dq names a way of the sm90 backward: refused where another one runs (also
-// by forward, which the same options reach from an autograd function).
+// options.sm90_backward_dq = atomic names a way of the sm90 backward: refused where it cannot run
+// (also by forward, which the same options reach from an autograd function). dq_blocks, the
+// reproducible way, is what every other backward does.
 void check_backward_dq(const DilatedParams& p) {
-  if (p.sm90_backward_dq == BackwardDq::automatic) return;
-  const std::string option = p.sm90_backward_dq == BackwardDq::atomic ? "options.sm90_backward_dq = atomic"
-                                                                       : "options.sm90_backward_dq = dq_blocks";
+  if (p.sm90_backward_dq != BackwardDq::atomic) return;
+  const std::string option = "options.sm90_backward_dq = atomic";
   if (kernel_generation(p, true) != CudaKernels::sm90)
-    throw Error(option + ", but the sm80 kernels run this backward; expected BackwardDq::automatic");
-  if (p.sm90_backward_dq == BackwardDq::atomic && p.block_size > 0)
-    throw Error(option + " for block-sparse attention, whose backward has dq blocks only; expected "
-                "BackwardDq::automatic or dq_blocks");
+    throw Error(option + ", but the sm80 kernels run this backward; expected automatic or dq_blocks");
+  if (p.block_size > 0)
+    throw Error(option + " for block-sparse attention, whose backward has dq blocks only; expected automatic or "
+                "dq_blocks");
 }
 }  // namespace
 

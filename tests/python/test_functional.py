@@ -272,3 +272,26 @@ def test_nan_reaches_exactly_the_rows_that_see_it(device, dtype, poisoned):
     assert torch.equal(rows, expected)
     assert torch.equal(torch.isnan(lse[0, 1]).cpu(), expected)
     assert torch.isfinite(out[0, :, 0]).all()  # the other head never meets the NaN
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_gradients_bitwise_reproducible_under_deterministic_algorithms(device):
+    # torch.use_deterministic_algorithms(True) asks the backward for its reproducible way (on CUDA
+    # the dq blocks, never dQ by atomics): two runs give the same bits.
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 384, 4, 64, generator=g).to(torch.bfloat16).to(device) for _ in range(3))
+    dout = torch.randn(2, 384, 4, 64, generator=g).to(torch.bfloat16).to(device)
+
+    def gradients():
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        dattn.dilated_attention(*x, [128, 384], [1, 2], is_causal=True).backward(dout)
+        return [t.grad for t in x]
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        first, second = gradients(), gradients()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
