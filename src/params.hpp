@@ -83,15 +83,13 @@ struct DilatedParams {
   CudaKernels cuda_kernels = CudaKernels::automatic;
   int sm90_forward_rows = 0;  // 0: chosen per call (dispatch.cu)
   BackwardDq sm90_backward_dq = BackwardDq::automatic;
-  // The sm90 backward with dQ by atomics (dispatch.cu): float32 scratch of dq_scratch_rows × D per
-  // slot, slot g − LaunchPlan::group_offset serving group g; zero where no launch is adding.
+  // The sm90 backward with dQ by atomics (dispatch.cu): dq_slots slots of float32 scratch,
+  // dq_scratch_rows × D each, group g using slot g mod dq_slots (zero between groups), and
+  // [2 · dq_slots] counters: per slot the blocks arrived and the conversions done (zero at each launch).
   float* dq_scratch = nullptr;
   std::int64_t dq_scratch_rows = 0;
-  // Converted in the backward kernel instead (non-null): [2 · dq_slots] ints, per slot the blocks
-  // arrived and the conversions done (zero at each launch); group g uses slot g mod dq_slots.
   int* dq_counters = nullptr;
   int dq_slots = 0;
-  int dq_experiment = 0;  // TEMPORARY (timing only): 1 no adds, 2 no dQ product either, 3 no conversion; 4 bulk adds
   void* stream = nullptr;
   void* workspace = nullptr;
   std::size_t workspace_bytes = 0;

@@ -47,11 +47,6 @@ struct Job {
 struct LaunchPlan {
   int num_jobs = 0;
   int total_blocks = 0;
-  // A launch of part of the plan (the sm90 backward's chunks of groups): block b of the grid is
-  // the plan's block b + block_offset, and group g's dQ scratch slot is g - group_offset.
-  int block_offset = 0;
-  int group_offset = 0, group_count = 0;  // the groups of a chunk (group_count 0: not chunked)
-  bool scratch_reused = false;            // a later chunk or launch of the call adds into the slots
   Job jobs[2 * detail::kMaxBranches];
 };
 

@@ -180,7 +180,7 @@ __device__ __forceinline__ bool decode_sparse_block(const detail::DilatedParams&
 // row arithmetic has no lookup in it.
 template <int kBlock, Walk kWalk>
 __device__ __forceinline__ bool decode(const detail::DilatedParams& p, const LaunchPlan& plan, BlockWork& work) {
-  const int block = int(blockIdx.x) + plan.block_offset;
+  const int block = int(blockIdx.x);
   if constexpr (kWalk == Walk::sparse) {
     return decode_sparse_block<kBlock>(p, plan, block, work);
   } else {

@@ -15,8 +15,9 @@
 // With dQ by atomics (kAtomicDq: dilated walks, BackwardDq::atomic) there are no dq blocks: the
 // dk/dv blocks also form dQ = dS·K for each query tile (both consumers write their dSᵀ to shared
 // memory; at head dim 64 one consumer per tile, alternating, multiplies the block's 128 keys, at
-// 128 each consumer one 64-column half) and add it into the group's float32 scratch slot, which
-// dq_from_scratch then writes into dq: five products per pair of tiles instead of seven.
+// 128 each consumer one 64-column half) and add it into the group's float32 scratch slot by one
+// bulk reduction per tile; the group's last block to finish writes dq from the slot
+// (arrive_and_convert): five products per pair of tiles instead of seven, and no second pass.
 #pragma once
 
 #include "cuda/backward_tile.cuh"
@@ -208,18 +209,13 @@ __device__ __forceinline__ void for_dq_pieces(const float (&dq)[8][4], F&& f) {
 }
 
 // Adds a tile's dQ (64 queries from index j0, valid of them real; column block `block`) into the
-// group's slot: float4 atomics from every thread, or (bulk) staged in the consumer's shared tile and
-// added by one bulk reduction that the warpgroup's first thread issues. Between two bulk tiles that
-// thread waits until the previous one has read the staging tile.
+// group's slot: staged in the consumer's shared tile (in the slot's swizzled layout) and added by
+// one bulk reduction that the warpgroup's first thread issues. (Measured on the H100 at long256k:
+// float4 atomicAdd from every thread cost 2 ms more per fwd+bwd.) Between two tiles that thread
+// waits until the previous reduction has read the staging tile.
 __device__ __forceinline__ void add_dq(const detail::DilatedParams& p, float* slot, float* staging,
-                                       const float (&dq)[8][4], std::int64_t j0, int valid, int block, bool bulk) {
+                                       const float (&dq)[8][4], std::int64_t j0, int valid, int block) {
   const std::int64_t rows = p.dq_scratch_rows;
-  if (!bulk) {
-    for_dq_pieces(dq, [&](int row, int piece, float4 v) {
-      if (row < valid) atomicAdd(reinterpret_cast<float4*>(slot + scratch_offset(rows, j0 + row, block * 16 + piece)), v);
-    });
-    return;
-  }
   const int id = 2 + int(threadIdx.x / 128);  // the warpgroup's named barrier (1: both consumers)
   const bool leader = threadIdx.x % 128 == 0;
   if (leader) bulk_wait_read();
@@ -282,7 +278,7 @@ __device__ __forceinline__ void consume_keys(const detail::DilatedParams& p, boo
     pack_probabilities<T, BO>(dp, scores_gradient);
     // dQ by atomics: this tile's dSᵀ buffer (the one of tile it − 2, whose dQ both consumers had
     // finished before the barrier of tile it − 1); at head dim 64 the consumers take turns.
-    const bool with_dq = kAtomicDq && p.dq_experiment != 2 && (D == 128 || it % 2 == warpgroup);
+    const bool with_dq = kAtomicDq && (D == 128 || it % 2 == warpgroup);
     if constexpr (kAtomicDq) {
       store_scores_gradient<BO>(st.scores_gradient + (it % 2) * Sm90BackwardShape<D>::kScoresGradientBytes,
                                 scores_gradient, own_row);
@@ -320,9 +316,8 @@ __device__ __forceinline__ void consume_keys(const detail::DilatedParams& p, boo
         wgmma_wait<0>();
       }
       fence_registers(reinterpret_cast<Flat<32>&>(dq));
-      if (p.dq_experiment != 1)
-        add_dq(p, dq_slot, st.dq_staging + warpgroup * Sm90BackwardShape<D>::kDqStagingBytes / 4, dq, tiles.start(it),
-               tiles.valid(it), D == 128 ? warpgroup : 0, p.dq_experiment == 4 || p.dq_experiment == 6);
+      add_dq(p, dq_slot, st.dq_staging + warpgroup * Sm90BackwardShape<D>::kDqStagingBytes / 4, dq, tiles.start(it),
+             tiles.valid(it), D == 128 ? warpgroup : 0);
     } else {
       products([] {});
     }
@@ -396,8 +391,8 @@ __device__ __forceinline__ void consume_queries(const detail::DilatedParams& p, 
 
 // One block's work: the producer warpgroup and the two consumers.
 template <class T, int D, Walk kWalk, bool kAtomicDq>
-__device__ __forceinline__ void backward_block(const detail::DilatedParams& p, const LaunchPlan& plan,
-                                               const BlockWork& w, const BackwardStages<D>& st) {
+__device__ __forceinline__ void backward_block(const detail::DilatedParams& p, const BlockWork& w,
+                                               const BackwardStages<D>& st) {
   using Shape = Sm90BackwardShape<D>;
   const auto tiles = other_tiles<Shape::kBlockOther, kWalk>(p, w);
   const int num_tiles = w.tile_rows > 0 ? tiles.count : 0;
@@ -412,8 +407,7 @@ __device__ __forceinline__ void backward_block(const detail::DilatedParams& p, c
     if (kAtomicDq && !w.dq_accumulate) zero_unselected<T, D, 128>(p, w, &p.dq, nullptr, false);
   } else {
     registers_increase<Shape::kConsumerRegisters>();
-    const int slot = p.dq_counters != nullptr ? w.group % p.dq_slots : w.group - plan.group_offset;
-    float* dq_slot = kAtomicDq ? p.dq_scratch + std::int64_t(slot) * p.dq_scratch_rows * D : nullptr;
+    float* dq_slot = kAtomicDq ? p.dq_scratch + std::int64_t(w.group % p.dq_slots) * p.dq_scratch_rows * D : nullptr;
     if (keys_own) consume_keys<T, D, kWalk, kAtomicDq>(p, w.accumulate, w, tiles, num_tiles, st, dq_slot);
     else consume_queries<T, D, kWalk>(p, w.accumulate, w, tiles, num_tiles, st);
   }
@@ -436,30 +430,29 @@ __device__ __forceinline__ bool group_work(const detail::DilatedParams& p, const
   return decode_block<Sm90BackwardShape<D>::kBlockOwn>(p, plan, first_block, w);
 }
 
-// Writes (or adds into) dq the group's query rows [row_begin, row_end) from its slot, times the
-// scale, zeroing them in the slot when `zero`. The threads load 4 pieces each before storing, so
-// that the loads' latencies overlap.
-// `thread` counts the kThreads threads that share the rows.
+// Writes (or adds into) dq the group's query rows from its slot, times the scale, and zeroes the
+// slot for its next group. The kThreads threads (`thread` counts them) load 4 pieces each before
+// storing, so that the loads' latencies overlap.
 template <class T, int D, int kThreads>
 __device__ __forceinline__ void dq_rows_from_slot(const detail::DilatedParams& p, const BlockWork& w, float* slot,
-                                                  int row_begin, int row_end, bool zero, int thread) {
+                                                  int thread) {
   constexpr int kUnroll = 4;
   const float old_weight = w.dq_accumulate ? 1.0f : 0.0f;
-  const int pieces = (row_end - row_begin) * (D / 4);
+  const int pieces = int(w.query.length) * (D / 4);
   for (int i0 = thread; i0 < pieces; i0 += kThreads * kUnroll) {
     float4 x[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int i = i0 + u * kThreads, r = row_begin + i / (D / 4), piece = i % (D / 4);
+      const int i = i0 + u * kThreads, r = i / (D / 4), piece = i % (D / 4);
       // The adds' sums live in L2; this SM's L1 may hold lines of an earlier group's use of the slot.
       x[u] = i < pieces ? __ldcg(reinterpret_cast<const float4*>(slot + scratch_offset(p.dq_scratch_rows, r, piece)))
                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int i = i0 + u * kThreads, r = row_begin + i / (D / 4), piece = i % (D / 4);
+      const int i = i0 + u * kThreads, r = i / (D / 4), piece = i % (D / 4);
       if (i >= pieces) break;
-      if (zero) *reinterpret_cast<float4*>(slot + scratch_offset(p.dq_scratch_rows, r, piece)) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      *reinterpret_cast<float4*>(slot + scratch_offset(p.dq_scratch_rows, r, piece)) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       const std::int64_t row = w.row(w.query, r);
       auto store = [&](auto* dq_row) {
         store2(dq_row + piece * 4, x[u].x * p.scale, x[u].y * p.scale, old_weight);
@@ -471,20 +464,7 @@ __device__ __forceinline__ void dq_rows_from_slot(const detail::DilatedParams& p
   }
 }
 
-// dQ by atomics, a pass after each chunk's launch: a block per 64 rows of a group of the chunk.
-template <class T, int D>
-__global__ void __launch_bounds__(256) dq_from_scratch(const __grid_constant__ detail::DilatedParams p,
-                                                       const __grid_constant__ LaunchPlan plan) {
-  BlockWork w;
-  if (!group_work<D>(p, plan, plan.group_offset + int(blockIdx.y), w)) return;
-  const int row_begin = int(blockIdx.x) * 64;
-  if (row_begin >= w.query.length) return;
-  float* slot = p.dq_scratch + std::int64_t(blockIdx.y) * p.dq_scratch_rows * D;
-  dq_rows_from_slot<T, D, 256>(p, w, slot, row_begin, int(imin(row_begin + 64, w.query.length)), plan.scratch_reused,
-                               int(threadIdx.x));
-}
-
-// dQ by atomics with the conversion in the backward kernel (p.dq_counters: per slot the blocks
+// dQ by atomics, converted in the backward kernel (p.dq_counters: per slot the blocks
 // arrived, then the conversions done). Group g takes slot g mod S, which it may use once the
 // slot's previous group (g − S) has converted it: its conversions done reach g / S. Every block
 // of the group waits for that before it adds (or arrives), and the block that arrives last writes
@@ -521,7 +501,7 @@ __device__ __forceinline__ void arrive_and_convert(const detail::DilatedParams& 
   BlockWork w;
   float* slot_data = p.dq_scratch + std::int64_t(slot) * p.dq_scratch_rows * D;
   if (group_work<D>(p, plan, group, w))
-    dq_rows_from_slot<T, D, 256>(p, w, slot_data, 0, int(w.query.length), true, thread);
+    dq_rows_from_slot<T, D, 256>(p, w, slot_data, thread);
   __threadfence();
   named_barrier_sync(5, 256);
   if (leader) {
@@ -548,16 +528,15 @@ __global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
 
   BlockWork w;
   const bool run = decode<Shape::kBlockOwn, kWalk>(p, plan, w);
-  // dQ by atomics converted in this kernel: every block of the group, run or not, waits for the
-  // slot and arrives (arrive_and_convert).
-  const bool counted = kAtomicDq && p.dq_counters != nullptr;
+  // dQ by atomics: every block of the group, run or not, waits for the slot and arrives
+  // (arrive_and_convert).
   __shared__ int last_flag;
-  if (counted) {
+  if constexpr (kAtomicDq) {
     if (threadIdx.x == 0) wait_for_slot(p, w.group);
     __syncthreads();
   }
-  if (run) backward_block<T, D, kWalk, kAtomicDq>(p, plan, w, st);
-  if (counted && threadIdx.x >= 128) arrive_and_convert<T, D>(p, plan, w.group, &last_flag);
+  if (run) backward_block<T, D, kWalk, kAtomicDq>(p, w, st);
+  if (kAtomicDq && threadIdx.x >= 128) arrive_and_convert<T, D>(p, plan, w.group, &last_flag);
 #endif
 }
 
@@ -565,8 +544,8 @@ __global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
 
 namespace dattn::cuda {
 
-// With params.dq_scratch (dQ by atomics: plan holds the dk/dv jobs only) the backward blocks of the
-// plan's chunk, then dq_from_scratch for its groups; else the dk/dv and dq blocks.
+// With params.dq_scratch (dQ by atomics: plan holds the dk/dv jobs only) the dk/dv blocks, which
+// also write dq; else the dk/dv and dq blocks.
 template <class T, int D>
 void launch_backward_sm90(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream) {
   using Shape = Sm90BackwardShape<D>;
@@ -580,11 +559,6 @@ void launch_backward_sm90(const detail::DilatedParams& params, const LaunchPlan&
     check_launch("sm90 backward (shared memory attribute)");
   kernel<<<plan.total_blocks, Shape::kThreads, Shape::kSmemBytes, stream>>>(params, plan);
   check_launch("sm90 backward");
-  if (atomic && plan.group_count > 0 && params.dq_experiment != 3) {
-    const dim3 grid(unsigned((params.dq_scratch_rows + 63) / 64), unsigned(plan.group_count));
-    sm90::dq_from_scratch<T, D><<<grid, 256, 0, stream>>>(params, plan);
-    check_launch("sm90 backward (dq from the scratch)");
-  }
 }
 
 }  // namespace dattn::cuda
