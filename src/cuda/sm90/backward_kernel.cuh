@@ -496,6 +496,9 @@ __device__ __forceinline__ void arrive_and_convert(const detail::DilatedParams& 
     if (last) __threadfence();  // acquire the other blocks' adds
     *last_flag = last;
   }
+  // bar.sync counts whole warps: the leader's warp reconverges first, so that its store is ordered
+  // before the barrier (compute-sanitizer's racecheck reported the read racing it without this).
+  __syncwarp();
   named_barrier_sync(5, 256);
   if (!*last_flag) return;
   BlockWork w;
