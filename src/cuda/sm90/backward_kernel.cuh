@@ -482,25 +482,24 @@ __device__ __forceinline__ void wait_for_slot(const detail::DilatedParams& p, in
 }
 
 // Run by the two consumer warpgroups (the threads that added; the producer's registers are too few
-// for the conversion), synchronised by named barrier 5; their first thread arrives.
+// for the conversion), synchronised by named barrier 5; their first thread arrives, and the
+// barrier tells them all whether it was the group's last. (A flag in shared memory, stored by that
+// thread before a bar.sync and read after it, was reported as a race by compute-sanitizer's
+// racecheck.)
 template <class T, int D>
-__device__ __forceinline__ void arrive_and_convert(const detail::DilatedParams& p, const LaunchPlan& plan, int group,
-                                                   int* last_flag) {
+__device__ __forceinline__ void arrive_and_convert(const detail::DilatedParams& p, const LaunchPlan& plan,
+                                                   int group) {
   const int slot = group % p.dq_slots, thread = int(threadIdx.x) - 128;
   const bool leader = thread == 0;
   __threadfence();  // this thread's adds, before the arrival (bulk reductions: waited for by their issuer)
   named_barrier_sync(5, 256);
+  bool last = false;
   if (leader) {
     __threadfence();
-    const bool last = atomicAdd(p.dq_counters + slot, 1) == job_of_group(plan, group).tiles - 1;
+    last = atomicAdd(p.dq_counters + slot, 1) == job_of_group(plan, group).tiles - 1;
     if (last) __threadfence();  // acquire the other blocks' adds
-    *last_flag = last;
   }
-  // bar.sync counts whole warps: the leader's warp reconverges first, so that its store is ordered
-  // before the barrier (compute-sanitizer's racecheck reported the read racing it without this).
-  __syncwarp();
-  named_barrier_sync(5, 256);
-  if (!*last_flag) return;
+  if (!named_barrier_any(5, 256, last)) return;
   BlockWork w;
   float* slot_data = p.dq_scratch + std::int64_t(slot) * p.dq_scratch_rows * D;
   if (group_work<D>(p, plan, group, w))
@@ -533,13 +532,12 @@ __global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
   const bool run = decode<Shape::kBlockOwn, kWalk>(p, plan, w);
   // dQ by atomics: every block of the group, run or not, waits for the slot and arrives
   // (arrive_and_convert).
-  __shared__ int last_flag;
   if constexpr (kAtomicDq) {
     if (threadIdx.x == 0) wait_for_slot(p, w.group);
     __syncthreads();
   }
   if (run) backward_block<T, D, kWalk, kAtomicDq>(p, w, st);
-  if (kAtomicDq && threadIdx.x >= 128) arrive_and_convert<T, D>(p, plan, w.group, &last_flag);
+  if (kAtomicDq && threadIdx.x >= 128) arrive_and_convert<T, D>(p, plan, w.group);
 #endif
 }
 

@@ -50,6 +50,17 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// named_barrier_sync that also returns to every thread whether any of them passed `predicate`
+// true (a flag handed over by the barrier itself, no shared memory).
+__device__ __forceinline__ bool named_barrier_any(int id, int threads, bool predicate) {
+  int any;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.b32 p, %1, 0;\n bar.red.or.pred q, %2, %3, p;\n selp.b32 %0, 1, 0, q;\n}\n"
+      : "=r"(any)
+      : "r"(int(predicate)), "r"(id), "r"(threads)
+      : "memory");
+  return any != 0;
+}
 
 // Bulk reduction (the TMA unit, no tensor map): global[0, bytes) += shared[0, bytes) in float32, both
 // 16-byte aligned, bytes a multiple of 16; one thread issues it and tracks it as a bulk group.
