@@ -136,20 +136,6 @@ std::string describe(const Case& c) {
   return s.str();
 }
 
-dattn::DilatedConfig make_config(const Case& c, const std::optional<dattn::TensorView>& mask) {
-  dattn::DilatedConfig config;
-  config.segment_lengths = c.w;
-  config.dilation_rates = c.r;
-  config.mode = c.mode;
-  config.causal = c.causal;
-  config.scale = c.scale;
-  config.key_padding_mask = mask;
-  config.dropout_p = c.dropout_p;
-  config.dropout_seed = c.dropout_seed;
-  config.dropout_offset = c.dropout_offset;
-  return config;
-}
-
 Problem64 make_problem64(const Case& c) {
   Rng rng(c.seed);
   Problem64 p;
@@ -163,7 +149,7 @@ Problem64 make_problem64(const Case& c) {
     std::copy(c.padding.begin(), c.padding.end(), p.mask.data<std::uint8_t>());
     mask = p.mask.view();
   }
-  p.config = make_config(c, mask);
+  p.config = config_of(c, mask);
   p.options.backend = dattn::Backend::reference;
   if (!c.order.empty()) {
     p.order = Tensor::empty({c.N}, DType::int64);

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "case_config.hpp"
 #include "harness.hpp"
 
 namespace dattn_test {
@@ -37,7 +38,6 @@ struct CaseLimits {
 
 Case random_case(Rng& rng, const CaseLimits& limits = {});
 std::string describe(const Case& c);
-dattn::DilatedConfig make_config(const Case& c, const std::optional<dattn::TensorView>& mask);
 
 // A case's inputs as contiguous float64 tensors (q, k, v and a dout/G), drawn from its seed.
 struct Problem64 {

@@ -66,7 +66,7 @@ std::string run_fused_case(const Case& c, DType dtype) {
     std::size_t i = 0;
     for_each_offset(*mask, [&](std::int64_t o) { store(*mask, o, c.padding[i++]); });
   }
-  const dattn::DilatedConfig config = make_config(c, mask);
+  const dattn::DilatedConfig config = config_of(c, mask);
 
   Buffer out = c.strided ? random_strided(bnhd, dtype, rng) : contiguous(bnhd, dtype);
   Buffer lse = c.strided ? random_strided(bhn, DType::float32, rng, false) : contiguous(bhn, DType::float32);

@@ -66,7 +66,7 @@ TEST_P(NanTest, PropagatesLikeTheReference) {
       mask = Tensor::empty({c.B, c.N}, DType::boolean);
       for (std::int64_t j = 0; j < c.B * c.N; ++j) mask->view().ptr<std::uint8_t>()[j] = c.padding[std::size_t(j)];
     }
-    const dattn::DilatedConfig config = make_config(c, mask ? std::optional(mask->view()) : std::nullopt);
+    const dattn::DilatedConfig config = config_of(c, mask ? std::optional(mask->view()) : std::nullopt);
     LaunchOptions fused, reference;
     fused.backend = Backend::fused;
     reference.backend = Backend::reference;

@@ -8,6 +8,7 @@
 #include <thread>
 #include <tuple>
 
+#include "case_config.hpp"
 #include "harness.hpp"
 
 namespace dattn_test {
@@ -24,6 +25,7 @@ struct Case {
   int P;
   double dropout_p;
   std::int64_t kv_heads = 0;  // k, v heads (grouped-query heads); 0 means H
+  std::uint64_t dropout_seed = 5;  // the same for every case
 };
 
 // The ring over an in-process group of P threads: each rank runs call(comm, its q, k, v, dout,
@@ -74,13 +76,7 @@ void run(const Case& c, DType dtype, Rng& rng) {
   Buffer q = contiguous(shape, dtype), k = contiguous(kv_shape, dtype), v = contiguous(kv_shape, dtype),
          dout = contiguous(shape, dtype);
   for (const Buffer* b : {&q, &k, &v, &dout}) fill_normal(b->view(), rng);
-  dattn::DilatedConfig config;
-  config.segment_lengths = c.w;
-  config.dilation_rates = c.r;
-  config.mode = c.mode;
-  config.causal = c.causal;
-  config.dropout_p = c.dropout_p;
-  config.dropout_seed = 5;
+  const dattn::DilatedConfig config = config_of(c);
   Tensor padding = Tensor::zeros({c.B, c.N}, DType::boolean);
   std::uniform_real_distribution<double> uniform;
   if (c.padding)

@@ -8,6 +8,7 @@
 
 #include <tuple>
 
+#include "case_config.hpp"
 #include "harness.hpp"
 
 namespace dattn_test {
@@ -26,6 +27,7 @@ struct RingCase {
   int P;
   double dropout_p;
   std::int64_t kv_heads = 0;  // k, v heads (grouped-query heads); 0 means H
+  std::uint64_t dropout_seed = 77;  // the same for every case
 };
 
 void run(const RingCase& c, DType dtype, Rng& rng) {
@@ -35,13 +37,7 @@ void run(const RingCase& c, DType dtype, Rng& rng) {
   const std::vector<std::int64_t> shape{c.B, c.N, c.H, c.D}, kv_shape{c.B, c.N, c.kv_heads ? c.kv_heads : c.H, c.D};
   Buffer q = contiguous(shape, dtype), k = contiguous(kv_shape, dtype), v = contiguous(kv_shape, dtype);
   for (const Buffer* b : {&q, &k, &v}) fill_normal(b->view(), rng);
-  dattn::DilatedConfig config;
-  config.segment_lengths = c.w;
-  config.dilation_rates = c.r;
-  config.mode = c.mode;
-  config.causal = c.causal;
-  config.dropout_p = c.dropout_p;
-  config.dropout_seed = 77;
+  const dattn::DilatedConfig config = config_of(c);
   Tensor padding = Tensor::zeros({c.B, c.N}, DType::boolean);
   std::uniform_real_distribution<double> uniform;
   if (c.padding)

@@ -39,13 +39,15 @@
 #include <tuple>
 #include <vector>
 
+#include "../case_config.hpp"
 #include "dattn/dattn.hpp"
 #include "host_data.hpp"
 
 namespace {
 
 using namespace dattn_gpu_test;
-
+using dattn_test::block_sparse_config_of;
+using dattn_test::config_of;
 
 dattn::CudaKernels g_cuda_kernels = dattn::CudaKernels::automatic;  // --cuda-kernels
 
@@ -153,33 +155,6 @@ dattn::BlockSparseMask block_mask_of(const Case& c) {
   Rng rng(c.seed ^ 0x5eed);
   for (std::int64_t i = 0; i < dense.numel(); ++i) dense.data<std::uint8_t>()[i] = chance(rng, c.density);
   return dattn::BlockSparseMask::from_dense(dense.view());
-}
-
-// The case's dilated configuration (no key padding mask: the caller's device buffer).
-dattn::DilatedConfig config_of(const Case& c) {
-  dattn::DilatedConfig config;
-  config.segment_lengths = c.w;
-  config.dilation_rates = c.r;
-  config.mode = c.mode;
-  config.causal = c.causal;
-  config.scale = c.scale;
-  config.dropout_p = c.dropout_p;
-  config.dropout_seed = c.dropout_seed;
-  config.dropout_offset = c.dropout_offset;
-  config.use_tf32 = c.tf32;
-  return config;
-}
-
-dattn::BlockSparseConfig sparse_config_of(const Case& c, const dattn::DilatedConfig& config) {
-  dattn::BlockSparseConfig s;
-  s.block_size = c.block_size;
-  s.causal = config.causal;
-  s.scale = config.scale;
-  s.key_padding_mask = config.key_padding_mask;
-  s.dropout_p = config.dropout_p;
-  s.dropout_seed = config.dropout_seed;
-  s.dropout_offset = config.dropout_offset;
-  return s;
 }
 
 Case random_case(Rng& rng, std::int64_t max_n) {
@@ -444,11 +419,12 @@ std::vector<View> run_ring_steps(const Case& c, const dattn::DilatedConfig& conf
                 std::int64_t k1) {
     const auto args = std::tuple{step, rows(qkv[0], q0, q1), rows(qkv[1], k0, k1), rows(qkv[2], k0, k1),
                                  rows(out, q0, q1), lse.device_view().narrow(2, q0, q1 - q0), stream};
-    if (block_mask)
-      std::apply([&](auto&&... a) { dattn::block_sparse_ring_forward_step(sparse_config_of(c, sc), *block_mask, a...); },
-                 args);
-    else
+    if (block_mask) {
+      const dattn::BlockSparseConfig sparse = block_sparse_config_of(c.block_size, sc);
+      std::apply([&](auto&&... a) { dattn::block_sparse_ring_forward_step(sparse, *block_mask, a...); }, args);
+    } else {
       std::apply([&](auto&&... a) { dattn::ring_forward_step(sc, a...); }, args);
+    }
   });
   out.buffer->download(stream);
   lse.buffer->download(stream);
@@ -480,11 +456,12 @@ std::vector<View> run_ring_steps(const Case& c, const dattn::DilatedConfig& conf
                                  rows(dout, q0, q1), lse.device_view().narrow(2, q0, q1 - q0),
                                  deltas[chunk].device_view(), rows(dq, q0, q1), rows(dk, k0, k1), rows(dv, k0, k1),
                                  stream};
-    if (block_mask)
-      std::apply([&](auto&&... a) { dattn::block_sparse_ring_step_gradients(sparse_config_of(c, sc), *block_mask, a...); },
-                 args);
-    else
+    if (block_mask) {
+      const dattn::BlockSparseConfig sparse = block_sparse_config_of(c.block_size, sc);
+      std::apply([&](auto&&... a) { dattn::block_sparse_ring_step_gradients(sparse, *block_mask, a...); }, args);
+    } else {
       std::apply([&](auto&&... a) { dattn::ring_step_gradients(sc, a...); }, args);
+    }
   });
   return {out, lse, dq, dk, dv};
 }
@@ -571,11 +548,11 @@ Result run_case(const Case& c, cudaStream_t stream) {
                                    out.device_view(), lse.device_view(), options))
     result.kernels.insert(4, " tma");
   auto attention_forward = [&](const auto&... a) {
-    if (block_mask) dattn::block_sparse_forward(sparse_config_of(c, config), *block_mask_device, a...);
+    if (block_mask) dattn::block_sparse_forward(block_sparse_config_of(c.block_size, config), *block_mask_device, a...);
     else dattn::forward(config, a...);
   };
   auto attention_backward = [&](const auto&... a) {
-    if (block_mask) dattn::block_sparse_backward(sparse_config_of(c, config), *block_mask_device, a...);
+    if (block_mask) dattn::block_sparse_backward(block_sparse_config_of(c.block_size, config), *block_mask_device, a...);
     else dattn::backward(config, a...);
   };
   if (c.ring_ranks > 0) {
@@ -616,7 +593,7 @@ Result run_case(const Case& c, cudaStream_t stream) {
   // lse in float64 precision: the reference writes float32 lse; recompute the float64 one from
   // out64's run is not exposed, so compare against the float32-rounded reference lse.
   if (block_mask) {
-    const dattn::BlockSparseConfig sc = sparse_config_of(c, ref_config);
+    const dattn::BlockSparseConfig sc = block_sparse_config_of(c.block_size, ref_config);
     dattn::block_sparse_forward(sc, *block_mask, q64, k64, v64, out64, lse64, ref_options);
     dattn::block_sparse_backward(sc, *block_mask, q64, k64, v64, out64, lse64, g64, dq64, dk64, dv64, ref_options);
   } else {

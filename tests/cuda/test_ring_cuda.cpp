@@ -23,6 +23,7 @@
 #include <sstream>
 #include <thread>
 
+#include "../case_config.hpp"
 #include "dattn/dattn.hpp"
 #include "host_data.hpp"
 
@@ -32,6 +33,8 @@ using namespace dattn_gpu_test;
 using dattn::Layout;
 using dattn::Tensor;
 using dattn::TensorView;
+using dattn_test::block_sparse_config_of;
+using dattn_test::config_of;
 
 struct Case {
   int P = 2;
@@ -42,6 +45,7 @@ struct Case {
   std::int64_t B = 1, N = 64, H = 2, D = 64;
   std::int64_t Hkv = 2;  // k, v, dk, dv heads (a divisor of H; H without grouped-query heads)
   double dropout_p = 0;
+  std::uint64_t dropout_seed = 20261207;  // the same for every case
   std::vector<std::int64_t> w, r;
   std::int64_t block_size = 0;  // > 0: block-sparse attention with a random mask (w, r unused)
   double density = 0;
@@ -106,28 +110,6 @@ dattn::BlockSparseMask random_block_mask(const Case& c, Rng& rng) {
   Tensor dense = Tensor::zeros({c.mask_heads, nb, nb}, DType::boolean);
   for (std::int64_t i = 0; i < dense.numel(); ++i) dense.data<std::uint8_t>()[i] = chance(rng, c.density);
   return dattn::BlockSparseMask::from_dense(dense.view());
-}
-
-constexpr std::uint64_t kDropoutSeed = 20261207;
-
-dattn::BlockSparseConfig sparse_config(const Case& c) {
-  dattn::BlockSparseConfig config;
-  config.block_size = c.block_size;
-  config.causal = c.causal;
-  config.dropout_p = c.dropout_p;
-  config.dropout_seed = kDropoutSeed;
-  return config;
-}
-
-dattn::DilatedConfig dilated_config(const Case& c) {
-  dattn::DilatedConfig config;
-  config.segment_lengths = c.w;
-  config.dilation_rates = c.r;
-  config.mode = c.mode;
-  config.causal = c.causal;
-  config.dropout_p = c.dropout_p;
-  config.dropout_seed = kDropoutSeed;
-  return config;
 }
 
 Tensor random_tensor(const std::vector<std::int64_t>& shape, DType dtype, Rng& rng) {
@@ -215,14 +197,13 @@ RankResult run_rank(const Case& c, dattn::Communicator& comm, int device, const 
     DeviceTensor dq(Tensor::zeros({c.B, n, c.H, c.D}, c.dtype), device),
         dk(Tensor::zeros({c.B, n, c.Hkv, c.D}, c.dtype), device), dv(Tensor::zeros({c.B, n, c.Hkv, c.D}, c.dtype), device);
     std::optional<DeviceTensor> mask_device;
-    dattn::DilatedConfig config = dilated_config(c);
+    dattn::DilatedConfig config = config_of(c);
     if (mask) {
       mask_device.emplace(shard(*mask, 1), device);
       config.key_padding_mask = mask_device->view();
     }
     if (block_mask) {
-      dattn::BlockSparseConfig sparse = sparse_config(c);
-      sparse.key_padding_mask = config.key_padding_mask;
+      const dattn::BlockSparseConfig sparse = block_sparse_config_of(c.block_size, config);
       const dattn::BlockSparseMask on_device = block_mask->to_device({dattn::DeviceType::cuda, device});
       dattn::ring_forward(comm, sparse, on_device, c.layout, c.N, q.view(), k.view(), v.view(), out.view(), lse.view(),
                           nullptr, stream);
@@ -267,15 +248,13 @@ std::string run_case(const Case& c, std::vector<std::unique_ptr<dattn::Communica
     if (!r.error.empty()) return "exception: " + r.error;
 
   // The float64 reference of the whole sequence.
-  dattn::DilatedConfig config = dilated_config(c);
-  if (c.padding) config.key_padding_mask = mask.view();
+  const dattn::DilatedConfig config = config_of(c, c.padding ? std::optional(mask.view()) : std::nullopt);
   const Tensor q64 = to_f64(q.view()), k64 = to_f64(k.view()), v64 = to_f64(v.view()), g64 = to_f64(dout.view());
   Tensor out64 = Tensor::empty(shape, DType::float64), lse64 = Tensor::empty({c.B, c.H, c.N}, DType::float32);
   Tensor dq64 = Tensor::empty(shape, DType::float64), dk64 = Tensor::empty(kv_shape, DType::float64),
          dv64 = Tensor::empty(kv_shape, DType::float64);
   if (block_mask) {
-    dattn::BlockSparseConfig sparse = sparse_config(c);
-    sparse.key_padding_mask = config.key_padding_mask;
+    const dattn::BlockSparseConfig sparse = block_sparse_config_of(c.block_size, config);
     dattn::block_sparse_forward(sparse, *block_mask, q64, k64, v64, out64, lse64);
     dattn::block_sparse_backward(sparse, *block_mask, q64, k64, v64, out64, lse64, g64, dq64, dk64, dv64);
   } else {
