@@ -22,7 +22,10 @@ dattn call (one cached token, one segment of length 1) and the device-to-device 
 Before timing, dattn's output of the first step is checked against the per-group composition.
 
 Usage: decode_gpu.py [--batches 1,64] [--cache-lengths 16384,65536,262144] [--modes grouped,longnet]
-                     [--json FILE] [--markdown FILE]
+                     [--json FILE] [--markdown FILE] [--profile B,c,mode,phi]
+--profile: instead of the table, dattn's steps of that one configuration (each after an L2 flush, as
+timed) under torch.profiler: the GPU time of each kernel a step launches, to see where a step's
+time goes (e.g. how much of a B = 64 step is the fixed cost of its launches).
 """
 import argparse
 import datetime
@@ -208,6 +211,27 @@ def empty_call_ms(dev):
     return time_steps(call, None, 1)
 
 
+def profile_steps(spec, dev):
+    """--profile B,c,mode,phi: dattn's 64 steps of that configuration under torch.profiler."""
+    B, c, mode, phi = spec.split(",")
+    B, c, phi = int(B), int(c), int(phi)
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    steps = Steps(B, c, dev)
+    start = min(c - 16384 + phi, c - STEPS)
+    seqlens = steps.seqlens(start)
+    run = lambda s: steps.dattn_step(s, seqlens, mode)  # noqa: E731
+    warm_up(run)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for s in range(STEPS):
+            flush.zero_()
+            run(s)
+        torch.cuda.synchronize()
+    print(f"dattn decode steps, B={B} c={c} {mode} phi={phi} (cache_seqlens from {start}), {STEPS} steps, "
+          f"each after an L2 flush; GPU time per kernel:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    print(f"mean step by CUDA events, same configuration: {time_steps(run, flush, B) * 1e3:.1f} us")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,64")
@@ -215,8 +239,11 @@ def main():
     ap.add_argument("--modes", default="grouped,longnet")
     ap.add_argument("--json")
     ap.add_argument("--markdown")
+    ap.add_argument("--profile", help="B,c,mode,phi: the kernels of dattn's steps there, no table")
     args = ap.parse_args()
     dev = torch.device("cuda")
+    if args.profile:
+        return profile_steps(args.profile, dev)
     rate = copy_rate(dev)
     empty = empty_call_ms(dev)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)  # larger than L2 (50 MB)
