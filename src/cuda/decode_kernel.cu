@@ -50,7 +50,7 @@ constexpr int kMaxRows = 8;  // query rows a split unit holds in registers (more
 // this many units per SM (about what fits at once: the one-row instances take ~96 registers a
 // thread), each at most kMaxChunkBytes of K and V: short units, so that the last ones to start
 // finish soon after the rest; more, shorter units cost a unit's setup and a partial to merge each.
-constexpr int kTargetBlocksPerSm = 8;
+constexpr int kTargetUnitsPerSm = 8;
 constexpr int kMaxChunkBytes = 64 * 1024;
 
 constexpr int pow2_at_least(int x) {
@@ -438,9 +438,9 @@ DecodePlan make_plan(const DilatedParams& p, std::int64_t cache_rows, int rows_p
     upper_keys += units[plan.num_branches] * keys[plan.num_branches];
     ++plan.num_branches;
   }
-  // As if every class were selected and every cache full: kTargetBlocksPerSm units per SM, whole
+  // As if every class were selected and every cache full: kTargetUnitsPerSm units per SM, whole
   // passes each, at most kMaxChunkBytes of K and V.
-  const std::int64_t target = std::int64_t(multiprocessors) * kTargetBlocksPerSm;
+  const std::int64_t target = std::int64_t(multiprocessors) * kTargetUnitsPerSm;
   const std::int64_t most = std::max<std::int64_t>(keys_per_pass, max_chunk_keys / keys_per_pass * keys_per_pass);
   const std::int64_t chunk = std::clamp<std::int64_t>(
       ceil_div(ceil_div(upper_keys, target), keys_per_pass) * keys_per_pass, keys_per_pass, most);
