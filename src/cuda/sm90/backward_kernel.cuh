@@ -325,7 +325,7 @@ __device__ __forceinline__ void consume_keys(const detail::DilatedParams& p, boo
   drain_stages(st, num_tiles);
   if (kAtomicDq && threadIdx.x % 128 == 0) {  // the last bulk reductions are done, and seen by generic loads
     bulk_wait();
-    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+    fence_async_global();
   }
   write_gradient_rows<T, D>(p, w, w.key, kj, accumulate, p.dk, dk, p.scale, &p.dv, &dv, p.output_scale);
 }
@@ -535,6 +535,9 @@ __global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
   if constexpr (kAtomicDq) {
     if (threadIdx.x == 0) wait_for_slot(p, w.group);
     __syncthreads();
+    // The slot's zeros (generic stores by the block that converted its previous group, acquired
+    // above) before this block's bulk reductions into it (async proxy).
+    fence_async_global();
   }
   if (run) backward_block<T, D, kWalk, kAtomicDq>(p, w, st);
   if (kAtomicDq && threadIdx.x >= 128) arrive_and_convert<T, D>(p, plan, w.group);

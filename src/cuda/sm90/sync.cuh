@@ -41,6 +41,8 @@ __device__ __forceinline__ void barrier_wait(std::uint64_t* barrier, int parity)
 // Orders this thread's generic-proxy shared-memory writes (cp.async, plain stores) before later
 // async-proxy reads (wgmma's operand fetches).
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// The same between generic-proxy accesses of global memory and async-proxy ones (bulk reductions).
+__device__ __forceinline__ void fence_async_global() { asm volatile("fence.proxy.async.global;\n" ::: "memory"); }
 
 // Named barriers (ids 1-15; 0 is __syncthreads'): a phase completes when `threads` threads have
 // arrived, those that sync waiting for it and those that only arrive going on.
