@@ -85,7 +85,8 @@ struct DilatedParams {
   BackwardDq sm90_backward_dq = BackwardDq::automatic;
   // The sm90 backward with dQ by atomics (dispatch.cu): dq_slots slots of float32 scratch,
   // dq_scratch_rows × D each, group g using slot g mod dq_slots (zero between groups), and
-  // [2 · dq_slots] counters: per slot the blocks arrived and the conversions done (zero at each launch).
+  // [2 · dq_slots + 1] counters: per slot the blocks arrived and the conversions done, then the
+  // blocks' tickets (zero at each launch).
   float* dq_scratch = nullptr;
   std::int64_t dq_scratch_rows = 0;
   int* dq_counters = nullptr;

@@ -332,8 +332,8 @@ __global__ void __launch_bounds__(kThreads)
     decode_split_kernel(const __grid_constant__ DilatedParams p, const __grid_constant__ DecodePlan plan) {
   __shared__ float warp_out[kWarps][kRows][D];
   __shared__ float warp_max[kWarps][kRows], warp_sum[kWarps][kRows];
-  for (int unit = int(blockIdx.x); unit < plan.units; unit += int(gridDim.x)) {
-    split_unit<T, D, kRows>(p, plan, unit, warp_out, warp_max, warp_sum);
+  for (std::int64_t unit = blockIdx.x; unit < plan.units; unit += gridDim.x) {  // 64 bits: no overflow past the last
+    split_unit<T, D, kRows>(p, plan, int(unit), warp_out, warp_max, warp_sum);
     __syncthreads();  // the unit's last reads of warp_out before the next unit's writes
   }
 }
@@ -469,8 +469,11 @@ unsigned split_grid(Kernel kernel, std::int64_t units, int multiprocessors) {
   if (const char* e = std::getenv("DATTN_DECODE_GRID"); e != nullptr)
     return unsigned(std::string(e) == "units" ? units : std::clamp<std::int64_t>(std::atoll(e), 1, units));
   int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) != cudaSuccess || per_sm < 1)
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) != cudaSuccess) {
+    cudaGetLastError();  // not the launch's error: one block per SM then
     per_sm = 1;
+  }
+  per_sm = std::max(per_sm, 1);
   return unsigned(std::min<std::int64_t>(units, std::int64_t(per_sm) * multiprocessors));
 }
 

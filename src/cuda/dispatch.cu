@@ -313,8 +313,10 @@ struct DqScratch {
                                " bytes (cudaMallocAsync) failed: " + cudaGetErrorString(e));
     }
     data = static_cast<float*>(raw);
-    if (const cudaError_t e = cudaMemsetAsync(raw, 0, bytes, s); e != cudaSuccess)
+    if (const cudaError_t e = cudaMemsetAsync(raw, 0, bytes, s); e != cudaSuccess) {
+      cudaFreeAsync(raw, s);
       throw std::runtime_error(std::string("dattn: zeroing the backward's dQ scratch failed: ") + cudaGetErrorString(e));
+    }
   }
   ~DqScratch() { cudaFreeAsync(data, stream); }
   DqScratch(const DqScratch&) = delete;
@@ -343,7 +345,7 @@ void run_backward_atomic_dq(const DilatedParams& params, cudaStream_t stream) {
   if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const std::int64_t slots = std::clamp<std::int64_t>(
       std::min(std::int64_t((std::size_t(256) << 20) / slot_bytes), std::int64_t(2 * sms)), 1, groups);
-  const std::size_t counter_bytes = std::size_t(slots) * 2 * sizeof(int);
+  const std::size_t counter_bytes = (std::size_t(slots) * 2 + 1) * sizeof(int);  // arrivals, conversions, ticket
   DqScratch scratch(std::size_t(slots) * slot_bytes + counter_bytes, stream);
   DilatedParams p = params;
   p.dq_scratch = scratch.data;
@@ -351,8 +353,8 @@ void run_backward_atomic_dq(const DilatedParams& params, cudaStream_t stream) {
   p.dq_counters = reinterpret_cast<int*>(scratch.data + slots * slot_rows * params.head_dim);
   p.dq_slots = int(slots);
   launch_backward_plans(p, rows, [&](const LaunchPlan& plan) {
-    if (cudaMemsetAsync(p.dq_counters, 0, counter_bytes, stream) != cudaSuccess)
-      throw std::runtime_error("dattn: zeroing the backward's dQ counters failed");
+    if (const cudaError_t e = cudaMemsetAsync(p.dq_counters, 0, counter_bytes, stream); e != cudaSuccess)
+      throw std::runtime_error(std::string("dattn: zeroing the backward's dQ counters failed: ") + cudaGetErrorString(e));
     backward_launch_sm90<T>(p, plan, stream);
   }, {kDkDvRole});
 }

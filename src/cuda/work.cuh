@@ -119,7 +119,10 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
   work.key = select_side(first, r, imax(start, key_begin), imin(end, key_end), key_begin - row_base);
   work.causal_shift = (work.query.first - work.key.first) / r;  // exact: both are first mod r
   const std::int64_t own_length = work.own().length;
-  if (own_length == 0 && job.accumulate) return false;  // nothing to add (a ring step, or a later branch)
+  // Nothing to add (a ring step, a later branch or head phase), unless the dk/dv blocks form dQ by
+  // atomics and dq is written, not added: then they still zero dq's rows of the segment.
+  const bool writes_dq = p.dq_scratch != nullptr && work.role == kDkDvRole && !job.dq_accumulate;
+  if (own_length == 0 && job.accumulate && !writes_dq) return false;
   const std::int64_t tiles_here = own_length > 0 ? (own_length + kBlock - 1) / kBlock : 1;
   if (tile >= tiles_here) return false;
   work.tile_begin = tile * kBlock;
@@ -176,11 +179,11 @@ __device__ __forceinline__ bool decode_sparse_block(const detail::DilatedParams&
   return true;
 }
 
-// The decode of an instance's walk. Only the indexed walk keeps the index map, so that the others'
-// row arithmetic has no lookup in it.
+// The decode of an instance's walk for the plan's block `block` (blockIdx.x, or a ticket). Only the
+// indexed walk keeps the index map, so that the others' row arithmetic has no lookup in it.
 template <int kBlock, Walk kWalk>
-__device__ __forceinline__ bool decode(const detail::DilatedParams& p, const LaunchPlan& plan, BlockWork& work) {
-  const int block = int(blockIdx.x);
+__device__ __forceinline__ bool decode(const detail::DilatedParams& p, const LaunchPlan& plan, BlockWork& work,
+                                       int block = int(blockIdx.x)) {
   if constexpr (kWalk == Walk::sparse) {
     return decode_sparse_block<kBlock>(p, plan, block, work);
   } else {

@@ -718,6 +718,23 @@ std::vector<Case> fixed_cases() {
       for (std::size_t i = 0; i < c.padding.size(); i += 5) c.padding[i] = 1;
       cases.push_back(c);
     }
+  // Grouped-query heads where a later branch's last segment selects nothing (N mod w below its
+  // offset: branch 1's heads 4-7 take offset 1 of [256, 257)): the backward's later head phases
+  // must still write dq's rows there. Seeds 3001 and 3003: the dq blocks, then dQ by atomics.
+  for (DType t : {DType::bfloat16, DType::float16})
+    for (const std::uint64_t case_seed : {3001, 3003}) {
+      Case c;
+      c.seed = case_seed;
+      c.dtype = t;
+      c.B = 2;
+      c.H = 8;
+      c.Hkv = 2;
+      c.N = 257;
+      c.w = {128, 256};
+      c.r = {1, 2};
+      c.causal = case_seed == 3003;
+      cases.push_back(c);
+    }
   for (DType t : {DType::bfloat16, DType::float16, DType::float32})  // block-sparse, PERF.md's shapes scaled down
     for (int variant = 0; variant < 4; ++variant) {
       Case c;

@@ -438,19 +438,21 @@ __device__ __forceinline__ void dq_rows_from_slot(const detail::DilatedParams& p
                                                   int thread) {
   constexpr int kUnroll = 4;
   const float old_weight = w.dq_accumulate ? 1.0f : 0.0f;
-  const int pieces = int(w.query.length) * (D / 4);
-  for (int i0 = thread; i0 < pieces; i0 += kThreads * kUnroll) {
+  const std::int64_t pieces = w.query.length * (D / 4);
+  for (std::int64_t i0 = thread; i0 < pieces; i0 += kThreads * kUnroll) {
     float4 x[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int i = i0 + u * kThreads, r = i / (D / 4), piece = i % (D / 4);
+      const std::int64_t i = i0 + u * kThreads, r = i / (D / 4);
+      const int piece = int(i % (D / 4));
       // The adds' sums live in L2; this SM's L1 may hold lines of an earlier group's use of the slot.
       x[u] = i < pieces ? __ldcg(reinterpret_cast<const float4*>(slot + scratch_offset(p.dq_scratch_rows, r, piece)))
                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int i = i0 + u * kThreads, r = i / (D / 4), piece = i % (D / 4);
+      const std::int64_t i = i0 + u * kThreads, r = i / (D / 4);
+      const int piece = int(i % (D / 4));
       if (i >= pieces) break;
       *reinterpret_cast<float4*>(slot + scratch_offset(p.dq_scratch_rows, r, piece)) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       const std::int64_t row = w.row(w.query, r);
@@ -468,8 +470,8 @@ __device__ __forceinline__ void dq_rows_from_slot(const detail::DilatedParams& p
 // arrived, then the conversions done). Group g takes slot g mod S, which it may use once the
 // slot's previous group (g − S) has converted it: its conversions done reach g / S. Every block
 // of the group waits for that before it adds (or arrives), and the block that arrives last writes
-// dq from the slot, zeroes it and hands it on. A block only ever waits for blocks of lower index,
-// which start before it (blocks are dispatched in index order), so the wait ends.
+// dq from the slot, zeroes it and hands it on. A block only ever waits for blocks of lower ticket
+// (backward_kernel), which are running or done, so the wait ends.
 __device__ __forceinline__ void wait_for_slot(const detail::DilatedParams& p, int group) {
   const int slot = group % p.dq_slots, generation = group / p.dq_slots;
   const int* done = p.dq_counters + p.dq_slots + slot;
@@ -520,16 +522,21 @@ __global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
   using Shape = Sm90BackwardShape<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const BackwardStages<D> st(smem_raw);
-  if (threadIdx.x == 0)
+  // dQ by atomics: a block's work is that of a ticket taken in the order blocks start, so that the
+  // blocks it may wait for (lower tickets) are running or done whatever order the GPU starts them in.
+  __shared__ int ticket;
+  if (threadIdx.x == 0) {
     for (int s = 0; s < Shape::kStages; ++s) {
       barrier_init(st.full + s, 128);
       barrier_init(st.keys + s, 128);
       barrier_init(st.empty + s, 256);
     }
+    if (kAtomicDq) ticket = atomicAdd(p.dq_counters + 2 * p.dq_slots, 1);
+  }
   __syncthreads();
 
   BlockWork w;
-  const bool run = decode<Shape::kBlockOwn, kWalk>(p, plan, w);
+  const bool run = decode<Shape::kBlockOwn, kWalk>(p, plan, w, kAtomicDq ? ticket : int(blockIdx.x));
   // dQ by atomics: every block of the group, run or not, waits for the slot and arrives
   // (arrive_and_convert).
   if constexpr (kAtomicDq) {
