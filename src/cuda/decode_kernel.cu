@@ -261,7 +261,7 @@ __device__ __forceinline__ void split_unit(const DilatedParams& p, const DecodeP
       }
       // Online softmax (a NaN score is skipped by fmaxf and makes the sum, so the row, NaN).
       const float new_max = fmaxf(row_max[m], tile_max);
-      const float base = new_max == neg_inf() ? 0.0f : new_max;
+      const float base = softmax_base(new_max);
       const float correction = fast_exp2(row_max[m] - base);
       row_max[m] = new_max;
       row_sum[m] *= correction;
@@ -285,7 +285,7 @@ __device__ __forceinline__ void split_unit(const DilatedParams& p, const DecodeP
     for (int m = 0; m < kRows; ++m) {
       const float other_max = __shfl_xor_sync(0xffffffffu, row_max[m], offset);
       const float other_sum = __shfl_xor_sync(0xffffffffu, row_sum[m], offset);
-      const float new_max = fmaxf(row_max[m], other_max), base = new_max == neg_inf() ? 0.0f : new_max;
+      const float new_max = fmaxf(row_max[m], other_max), base = softmax_base(new_max);
       const float mine = fast_exp2(row_max[m] - base), theirs = fast_exp2(other_max - base);
       row_sum[m] = row_sum[m] * mine + other_sum * theirs;
 #pragma unroll
@@ -310,7 +310,7 @@ __device__ __forceinline__ void split_unit(const DilatedParams& p, const DecodeP
     float block_max = neg_inf();
 #pragma unroll
     for (int i = 0; i < kWarps; ++i) block_max = fmaxf(block_max, warp_max[i][m]);
-    const float base = block_max == neg_inf() ? 0.0f : block_max;
+    const float base = softmax_base(block_max);
     float sum = 0.0f, value = 0.0f;
 #pragma unroll
     for (int i = 0; i < kWarps; ++i) {
@@ -371,7 +371,7 @@ __global__ void __launch_bounds__(kThreads)
       const float lse = plan.partial_lse[first + c];
       const float4 x = *reinterpret_cast<const float4*>(plan.partial_out + (first + c) * D + column);
       // Online merge (a NaN log-sum-exp is skipped by fmaxf and makes the sum, so the row, NaN).
-      const float new_max = fmaxf(row_max, lse), base = new_max == neg_inf() ? 0.0f : new_max;
+      const float new_max = fmaxf(row_max, lse), base = softmax_base(new_max);
       const float old_weight = fast_exp2(row_max - base), weight = fast_exp2(lse - base);
       row_sum = row_sum * old_weight + weight;
       acc[0] = acc[0] * old_weight + weight * x.x;
@@ -390,7 +390,7 @@ __global__ void __launch_bounds__(kThreads)
   float merged_max = neg_inf();
 #pragma unroll 8
   for (int g = 0; g < kGroups; ++g) merged_max = fmaxf(merged_max, group_max[g]);
-  const float base = merged_max == neg_inf() ? 0.0f : merged_max;
+  const float base = softmax_base(merged_max);
   float sum = 0.0f;
 #pragma unroll 8
   for (int g = 0; g < kGroups; ++g) sum += group_sum[g] * fast_exp2(group_max[g] - base);
@@ -564,11 +564,7 @@ namespace {
 // with `launch` its kernels.
 std::size_t run_decode(const DilatedParams& p, std::int64_t cache_rows, bool launch) {
   const DeviceGuard on(p.q.data);
-  int multiprocessors = 0;
-  if (cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, on.device()) != cudaSuccess) {
-    cudaGetLastError();
-    throw std::runtime_error("dattn: cannot read the CUDA device's multiprocessor count");
-  }
+  const int multiprocessors = multiprocessor_count();
   switch (p.dtype) {
     case DType::bfloat16: return launch_head_dim<__nv_bfloat16>(p, cache_rows, multiprocessors, launch);
     case DType::float16: return launch_head_dim<__half>(p, cache_rows, multiprocessors, launch);

@@ -36,4 +36,15 @@ class DeviceGuard {
   int previous_ = 0, device_ = 0;
 };
 
+// The current device's multiprocessors (the launches size their grids and scratch by them).
+inline int multiprocessor_count() {
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error("dattn: cannot read the CUDA device's multiprocessor count");
+  }
+  return count;
+}
+
 }  // namespace dattn::cuda

@@ -229,10 +229,7 @@ void launch_forward_plans(const DilatedParams& p, int rows, Launch launch) {
 // long256k times on the H100). seed's 168 blocks of 192 rows (two rounds) thus become 224 of 128.
 int sm90_forward_consumers(const DilatedParams& p) {
   if (p.head_dim != 64) return 2;
-  int device = 0, sms = 1;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    throw std::runtime_error("dattn: cannot read the CUDA device's multiprocessor count");
+  const int sms = multiprocessor_count();
   auto cost = [&](int consumers) {
     double rounds = 0;
     launch_forward_plans(p, 64 * consumers, [&](const LaunchPlan& plan) { rounds += double(ceil_div(plan.total_blocks, sms)); });
@@ -341,8 +338,7 @@ void run_backward_atomic_dq(const DilatedParams& params, cudaStream_t stream) {
   // Slots: two per SM (a group's blocks run together, so more slots than groups in flight only
   // cost memory), at most the groups of the largest launch and as many as 256 MiB hold.
   const std::size_t slot_bytes = std::size_t(slot_rows) * std::size_t(params.head_dim) * sizeof(float);
-  int device = 0, sms = 132;
-  if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int sms = multiprocessor_count();
   const std::int64_t slots = std::clamp<std::int64_t>(
       std::min(std::int64_t((std::size_t(256) << 20) / slot_bytes), std::int64_t(2 * sms)), 1, groups);
   const std::size_t counter_bytes = (std::size_t(slots) * 2 + 1) * sizeof(int);  // arrivals, conversions, ticket

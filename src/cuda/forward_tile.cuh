@@ -106,7 +106,7 @@ __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float new_max = fmaxf(row_max[r], mx * factor);
-    const float base = new_max == neg_inf() ? 0.0f : new_max;
+    const float base = softmax_base(new_max);
     correction[r] = fast_exp2(row_max[r] - base);
     row_max[r] = new_max;
 #pragma unroll

@@ -23,6 +23,9 @@ inline constexpr float kLn2 = 0.6931471805599453f;
 
 __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
 __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
+// The exponent base of a running softmax max: the max, or 0 while it is -inf (every score so far
+// masked), so that exp2(score - base) gives 0 for those scores instead of exp2(-inf + inf) = NaN.
+__device__ __forceinline__ float softmax_base(float max) { return max == neg_inf() ? 0.0f : max; }
 
 // 2^x with the hardware unit (relative error ~2^-22); exp2(-inf) = 0, NaN stays NaN. Results below
 // 2^-126 flush to 0 (ftz: one MUFU instruction; without it the compiler adds a range test and two
