@@ -270,19 +270,25 @@ def _gradient(dout: Optional[Tensor], out: Tensor) -> Tensor:
     return dout
 
 
+def _delta_workspace(q: Tensor):
+    """The backward's delta workspace for CUDA tensors: a float32 per query row and head (q's B·N·H,
+    or T·H of a packed batch) from PyTorch's caching allocator, cheap and valid for the kernels queued
+    on this stream. Returns the tensor, which the caller holds through the call, and the call's
+    workspace arguments; on the CPU, none."""
+    if not q.is_cuda:
+        return None, dict(workspace=0, workspace_bytes=0)
+    workspace = torch.empty(q.numel() // q.size(-1), dtype=torch.float32, device=q.device)
+    return workspace, dict(workspace=workspace.data_ptr(), workspace_bytes=4 * workspace.numel())
+
+
 def _backward_views(dout, q, k, v, out, lse, dq, dk, dv, key_padding_mask, segment_lengths, dilation_rates,
                     is_causal, scale, mode, dropout_p, seed, use_tf32, position_index=None,
                     position_index_checked=False) -> None:
-    # CUDA: a [B, H, N] float32 workspace for the delta pass (the caching allocator makes it cheap,
-    # and it stays valid for the kernels queued on this stream).
-    workspace = torch.empty(q.size(0) * q.size(1) * q.size(2), dtype=torch.float32, device=q.device) \
-        if q.is_cuda else None
+    workspace, workspace_args = _delta_workspace(q)  # workspace: referenced until the call returns
     _C.backward(_view(q), _view(k), _view(v), _view(out), _view(lse), _view(dout), _view(dq), _view(dk), _view(dv),
                 **_config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
                                seed, use_tf32, _stream(q), position_index, position_index_checked),
-                workspace=0 if workspace is None else workspace.data_ptr(),
-                workspace_bytes=0 if workspace is None else 4 * workspace.numel(),
-                deterministic=torch.are_deterministic_algorithms_enabled())
+                **workspace_args, deterministic=torch.are_deterministic_algorithms_enabled())
 
 
 def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale,

@@ -91,13 +91,11 @@ class _BlockSparseFunction(torch.autograd.Function):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
         dout = _ops._gradient(grad_out, out)
         dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-        # CUDA: a [B, H, N] float32 workspace for the delta pass, as the dilated backward's (the sm90
-        # kernels read delta from it; the sm80 ones then skip recomputing it in every block).
-        workspace = torch.empty(q.size(0) * q.size(1) * q.size(2), dtype=torch.float32, device=q.device) \
-            if q.device.type == "cuda" else None
+        # The delta workspace, as the dilated backward's (the sm90 kernels read delta from it; the
+        # sm80 ones then skip recomputing it in every block).
+        workspace, workspace_args = _ops._delta_workspace(q)  # referenced until the call returns
         _C.block_sparse_backward(ctx.mask, *ctx.views, *(_ops._view(t) for t in (dout, dq, dk, dv)), *ctx.config,
-                                 _ops._stream(q), workspace=0 if workspace is None else workspace.data_ptr(),
-                                 workspace_bytes=0 if workspace is None else 4 * workspace.numel())
+                                 _ops._stream(q), **workspace_args)
         return (dq, dk, dv) + (None,) * 7
 
 

@@ -68,11 +68,9 @@ class _DilatedVarlenFunction(torch.autograd.Function):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         max_seqlen, validate, config = ctx.packed_config
         dout, grads = _gradients(grad_out, out, q, k, v)
-        # CUDA: an [H, T] float32 workspace for the delta pass, as the dilated backward's.
-        workspace = torch.empty(q.size(0) * q.size(1), dtype=torch.float32, device=q.device) if q.is_cuda else None
+        workspace, workspace_args = _ops._delta_workspace(q)  # [H, T] on CUDA, referenced through the call
         _C.backward_varlen(*(_ops._view(t) for t in (q, k, v, out, lse, dout, *grads)), _ops._view(cu_seqlens),
-                           max_seqlen, validate, *config, workspace=0 if workspace is None else workspace.data_ptr(),
-                           workspace_bytes=0 if workspace is None else 4 * workspace.numel(),
+                           max_seqlen, validate, *config, **workspace_args,
                            deterministic=torch.are_deterministic_algorithms_enabled())
         return grads + (None,) * 10
 
