@@ -101,6 +101,10 @@ struct DilatedParams {
   std::int64_t query_position = 0;
   std::int64_t global_length = 0;
   std::int64_t key_begin = 0, key_end = 0;
+  // Whether the queries and keys are the whole sequence (no ring step's ranges).
+  bool whole_sequence() const {
+    return query_position == 0 && global_length == seqlen && key_begin == 0 && key_end == seqlen;
+  }
   // Packed variable-length batch: the operands are [T, H or Hkv, D] (batch_stride 0), sequence b
   // is rows [cu_seqlens[b], cu_seqlens[b + 1]) and `batch` counts sequences; each is attended
   // alone, as a batch of one of its own length. null: every sequence has seqlen rows.

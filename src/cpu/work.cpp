@@ -63,9 +63,8 @@ std::vector<WorkItem> make_work_items(const detail::DilatedParams& p, bool key_s
 }
 
 bool segment_backward_applies(const detail::DilatedParams& p, std::int64_t min_rows) {
-  if (p.mode != Mode::grouped || p.block_size > 0 || p.accumulate || !p.run_query_pass ||
-      !p.run_key_pass || p.query_position != 0 || p.key_begin != 0 || p.key_end != p.seqlen ||
-      p.global_length != p.seqlen)
+  if (p.mode != Mode::grouped || p.block_size > 0 || p.accumulate || !p.run_query_pass || !p.run_key_pass ||
+      !p.whole_sequence())
     return false;
   for (int i = 0; i < p.num_branches; ++i) {
     const detail::Branch& br = p.branches[i];

@@ -454,7 +454,7 @@ void check_supported(const DilatedParams& p) {
     if (kernel_generation(p, false) != CudaKernels::sm90)
       throw Error(rows + ", but the sm80 kernels run this call; expected 0");
   }
-  const bool ring_step = p.query_position != 0 || p.global_length != p.seqlen || p.key_begin != 0 || p.key_end != p.seqlen;
+  const bool ring_step = !p.whole_sequence();
   if (ring_step && !p.float32_outputs)
     throw Error("options.ring_step with CUDA tensors: forward writes no per-step output on CUDA; expected "
                 "ring_forward_step (which merges the step into float32 out and lse) or cpu tensors");

@@ -91,9 +91,7 @@ std::int64_t map_rate(const DilatedParams& p, int branch) {
 bool sm90_tma_covers(const DilatedParams& p) {
   if (p.position_index != nullptr) return false;                            // the dilated and sparse walks
   if (p.cu_seqlens != nullptr || p.key_lengths != nullptr) return false;    // whole sequences of B rows
-  if (p.float32_outputs || p.query_position != 0 || p.global_length != p.seqlen || p.key_begin != 0 ||
-      p.key_end != p.seqlen)
-    return false;  // ring steps
+  if (p.float32_outputs || !p.whole_sequence()) return false;               // ring steps
   if (p.dtype != DType::bfloat16 && p.dtype != DType::float16) return false;
   if (p.head_dim != 64 && p.head_dim != 128) return false;
   if (p.batch < 1 || p.seqlen < 1 || p.heads < 1 || p.kv_heads < 1) return false;
