@@ -211,13 +211,19 @@ def empty_call_ms(dev):
     return time_steps(call, None, 1)
 
 
+def first_step(c, phi):
+    """cache_seqlens of the first of the 64 steps: c - 16384 + phi, or as late as the cache's rows
+    allow (phi = 16320 at c = 16384 ends at the cache's last row)."""
+    return min(c - 16384 + phi, c - STEPS)
+
+
 def profile_steps(spec, dev):
     """--profile B,c,mode,phi: dattn's 64 steps of that configuration under torch.profiler."""
     B, c, mode, phi = spec.split(",")
     B, c, phi = int(B), int(c), int(phi)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
     steps = Steps(B, c, dev)
-    start = min(c - 16384 + phi, c - STEPS)
+    start = first_step(c, phi)
     seqlens = steps.seqlens(start)
     run = lambda s: steps.dattn_step(s, seqlens, mode)  # noqa: E731
     warm_up(run)
@@ -254,9 +260,7 @@ def main():
             steps = Steps(B, c, dev)
             for mode in args.modes.split(","):
                 for phi in PHIS:
-                    start = c - 16384 + phi
-                    if start + STEPS > c:
-                        start = c - STEPS  # phi = 16320 at c = 16384 ends at the cache's last row
+                    start = first_step(c, phi)
                     seqlens = steps.seqlens(start)
                     # Correctness first: dattn's first step (which appends its token) against the
                     # per-group composition over the caches it left.

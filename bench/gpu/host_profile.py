@@ -13,16 +13,13 @@ import statistics
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-CONFIGS = {
-    "seed": dict(B=2, N=2048, H=12, D=64, w=[512, 1024, 2048], r=[1, 2, 4]),
-}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from peers_gpu import CONFIGS, DTYPES  # the peers' configurations (this script's folder is on sys.path)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="seed", choices=sorted(CONFIGS))
-    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--steps", type=int, default=50)
     args = ap.parse_args()
     import dattn
