@@ -3,14 +3,10 @@
 // forward kernels' blocks of 64 to 192 query rows are nearly empty and each scans its up to
 // ceil(w / r) keys alone (a B = 1 step keeps a few dozen blocks busy on 132 SMs). The work is
 // memory-bound instead: every selected K and V row is read once and used by a few query rows. So
-//   1. decode_split_kernel: a unit of work per (sequence, branch, kv head, head class, segment, key
-//      chunk, row group) reads one chunk of the keys its class selects (rows start + o + j·r of the
-//      segment, r·Hkv·D elements apart, each row as 16-byte loads), computes scores and an online
-//      softmax in fp32 on the CUDA cores, and writes the chunk's normalised output and log-sum-exp
-//      to scratch. The units are planned for full caches (the lengths are on the device), so many
-//      find nothing to do (a token's branch selects it only every r-th position, a short cache has
-//      few chunks): as many blocks as fit on the GPU at once loop over them, and an empty unit costs
-//      a few instructions instead of a block's launch;
+//   1. decode_split_kernel: a block per (sequence, branch, kv head, head class, segment, key chunk,
+//      row group) reads one chunk of the keys its class selects (rows start + o + j·r of the segment,
+//      r·Hkv·D elements apart, each row as 16-byte loads), computes scores and an online softmax in
+//      fp32 on the CUDA cores, and writes the chunk's normalised output and log-sum-exp to scratch;
 //   2. decode_merge_kernel: a block per (sequence, token, query head) merges the chunks of every
 //      branch that selects its token by their log-sum-exps (SPEC.md's longnet merge, which over the
 //      one branch of a grouped-mode head is that branch's softmax, then the 1/G) and writes out and
@@ -26,7 +22,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -45,12 +40,13 @@ namespace {
 using detail::DilatedParams;
 
 constexpr int kThreads = 128, kWarps = kThreads / 32;
-constexpr int kMaxRows = 8;  // query rows a split unit holds in registers (more: row groups)
+constexpr int kMaxRows = 8;  // query rows a split block holds in registers (more: row groups)
 // Chunks are sized so that, with every class selected and every cache full, a launch has about
-// this many units per SM (about what fits at once: the one-row instances take ~96 registers a
-// thread), each at most kMaxChunkBytes of K and V: short units, so that the last ones to start
-// finish soon after the rest; more, shorter units cost a unit's setup and a partial to merge each.
-constexpr int kTargetUnitsPerSm = 8;
+// this many blocks per SM (about what fits at once: the one-row instances take ~96 registers a
+// thread), each at most kMaxChunkBytes of K and V: short blocks, so that the last ones to start
+// (a launch of uniform blocks ends in a partial wave) finish soon after the rest; more, shorter
+// blocks cost a block's setup and a partial to merge each.
+constexpr int kTargetBlocksPerSm = 8;
 constexpr int kMaxChunkBytes = 64 * 1024;
 
 constexpr int pow2_at_least(int x) {
@@ -76,23 +72,22 @@ struct SplitShape {
   static_assert(kChunks * kElems == D && kLanes <= 32, "a row is whole 16-byte loads of one warp");
 };
 
-// One branch's share of the split launch: its units, from unit_begin on, decode to (sequence, kv
-// head, class, segment, chunk, row group) with the row group fastest, so that the units that read
-// the same keys for different query rows run side by side (the second reads hit L2).
+// One branch's share of the split launch: blocks [block_begin, block_begin + blocks) decode to
+// (sequence, kv head, class, segment, chunk, row group) with the row group fastest, so that the
+// blocks that read the same keys for different query rows run side by side (the second reads hit L2).
 struct SplitBranch {
   int branch = 0;  // index into DilatedParams::branches
-  int unit_begin = 0;
+  int block_begin = 0;
   int kv_head_first = 0, kv_heads = 0;  // the kv heads that serve some query head of the branch
   int classes = 1;     // head classes per kv head
   int segments = 1;    // segments the Tn queries may meet
   int chunks = 1;      // key chunks of the longest segment
-  int row_groups = 1;  // units of kRows query rows a class's queries of one segment may need
+  int row_groups = 1;  // blocks of kRows query rows a class's queries of one segment may need
 };
 
 struct DecodePlan {
   int num_branches = 0;
   SplitBranch branches[detail::kMaxBranches];
-  int units = 0;         // the split launch's units of work, [0, units) over the branches' ranges
   int chunk_keys = 0;    // keys per chunk: a multiple of the kernel's keys per pass
   int branch_slots = 1;  // scratch slots per (b, t, h): G in longnet mode, 1 in grouped (one branch a head)
   int max_chunks = 1;    // chunks per slot
@@ -147,19 +142,19 @@ __device__ __forceinline__ void unpack(const uint4& raw, float (&x)[16 / sizeof(
   }
 }
 
-// One unit of the split launch (uniform over the block: every early return is the whole block's).
 template <class T, int D, int kRows>
-__device__ __forceinline__ void split_unit(const DilatedParams& p, const DecodePlan& plan, int unit,
-                                           float (&warp_out)[kWarps][kRows][D], float (&warp_max)[kWarps][kRows],
-                                           float (&warp_sum)[kWarps][kRows]) {
+__global__ void __launch_bounds__(kThreads)
+    decode_split_kernel(const __grid_constant__ DilatedParams p, const __grid_constant__ DecodePlan plan) {
   using Shape = SplitShape<T, D, kRows>;
   constexpr int kElems = Shape::kElems, kLanes = Shape::kLanes, kSlots = Shape::kSlots, kKeys = Shape::kKeys;
+  __shared__ float warp_out[kWarps][kRows][D];
+  __shared__ float warp_max[kWarps][kRows], warp_sum[kWarps][kRows];
 
-  // The unit's work.
+  // The block's work.
   int e = 0;
-  while (e + 1 < plan.num_branches && unit >= plan.branches[e + 1].unit_begin) ++e;
+  while (e + 1 < plan.num_branches && int(blockIdx.x) >= plan.branches[e + 1].block_begin) ++e;
   const SplitBranch& sb = plan.branches[e];
-  int local = unit - sb.unit_begin;
+  int local = int(blockIdx.x) - sb.block_begin;
   const int row_group = local % sb.row_groups;
   local /= sb.row_groups;
   const int chunk = local % sb.chunks;
@@ -327,17 +322,6 @@ __device__ __forceinline__ void split_unit(const DilatedParams& p, const DecodeP
   }
 }
 
-template <class T, int D, int kRows>
-__global__ void __launch_bounds__(kThreads)
-    decode_split_kernel(const __grid_constant__ DilatedParams p, const __grid_constant__ DecodePlan plan) {
-  __shared__ float warp_out[kWarps][kRows][D];
-  __shared__ float warp_max[kWarps][kRows], warp_sum[kWarps][kRows];
-  for (std::int64_t unit = blockIdx.x; unit < plan.units; unit += gridDim.x) {  // 64 bits: no overflow past the last
-    split_unit<T, D, kRows>(p, plan, int(unit), warp_out, warp_max, warp_sum);
-    __syncthreads();  // the unit's last reads of warp_out before the next unit's writes
-  }
-}
-
 // A block per (b, t, h) query row: the partials of every branch that selects the row's position
 // for the head, merged by their log-sum-exps; out = output_scale · the merged output (1/G in
 // grouped mode), lse = the merged log-sum-exp (natural log); 0 and -inf where none selects it.
@@ -414,11 +398,11 @@ std::int64_t class_rows(const DilatedParams& p, const detail::Branch& br) {
   return heads * ceil_div(std::min(p.seqlen, br.segment_length), r);
 }
 
-// The split launch's units per branch, and the chunk size: units and chunks depend on B, Tn, H,
+// The split launch's blocks per branch, and the chunk size: grid and chunks depend on B, Tn, H,
 // Hkv, the branches and the caches' rows (cache_rows = Nmax), never on the lengths in
-// cache_seqlens (on the device); units past a sequence's keys end at once.
-DecodePlan make_plan(const DilatedParams& p, std::int64_t cache_rows, int rows_per_unit, int keys_per_pass,
-                     int max_chunk_keys, int multiprocessors) {
+// cache_seqlens (on the device); blocks past a sequence's keys return at once.
+DecodePlan make_plan(const DilatedParams& p, std::int64_t cache_rows, int rows_per_block, int keys_per_pass,
+                     int max_chunk_keys, int multiprocessors, std::int64_t& blocks) {
   DecodePlan plan;
   const std::int64_t group = p.heads / p.kv_heads, Tn = p.seqlen;
   std::int64_t units[detail::kMaxBranches] = {}, keys[detail::kMaxBranches] = {}, upper_keys = 0;
@@ -432,49 +416,31 @@ DecodePlan make_plan(const DilatedParams& p, std::int64_t cache_rows, int rows_p
     sb.kv_heads = int((br.first_head + br.head_count - 1) / group) - sb.kv_head_first + 1;
     sb.classes = int(br.offset_from_head ? std::min(group, r) : 1);
     sb.segments = int(std::min({Tn, (Tn - 1) / w + 2, ceil_div(cache_rows, w)}));
-    sb.row_groups = int(ceil_div(class_rows(p, br), rows_per_unit));
+    sb.row_groups = int(ceil_div(class_rows(p, br), rows_per_block));
     units[plan.num_branches] = p.batch * sb.kv_heads * sb.classes * sb.segments * sb.row_groups;
     keys[plan.num_branches] = ceil_div(std::min(w, cache_rows), r);
     upper_keys += units[plan.num_branches] * keys[plan.num_branches];
     ++plan.num_branches;
   }
-  // As if every class were selected and every cache full: kTargetUnitsPerSm units per SM, whole
+  // As if every class were selected and every cache full: kTargetBlocksPerSm blocks per SM, whole
   // passes each, at most kMaxChunkBytes of K and V.
-  const std::int64_t target = std::int64_t(multiprocessors) * kTargetUnitsPerSm;
+  const std::int64_t target = std::int64_t(multiprocessors) * kTargetBlocksPerSm;
   const std::int64_t most = std::max<std::int64_t>(keys_per_pass, max_chunk_keys / keys_per_pass * keys_per_pass);
   const std::int64_t chunk = std::clamp<std::int64_t>(
       ceil_div(ceil_div(upper_keys, target), keys_per_pass) * keys_per_pass, keys_per_pass, most);
   plan.chunk_keys = int(chunk);
   plan.branch_slots = p.mode == Mode::longnet ? p.num_branches : 1;
-  std::int64_t total = 0;
+  blocks = 0;
   for (int e = 0; e < plan.num_branches; ++e) {
     SplitBranch& sb = plan.branches[e];
     sb.chunks = int(ceil_div(keys[e], chunk));
-    sb.unit_begin = int(total);
-    total += units[e] * sb.chunks;
+    sb.block_begin = int(blocks);
+    blocks += units[e] * sb.chunks;
     plan.max_chunks = std::max(plan.max_chunks, sb.chunks);
-    if (total > INT_MAX)
-      throw Error("decoding needs more than 2^31 units of work in one launch; expected a smaller B, H or cache");
+    if (blocks > INT_MAX)
+      throw Error("decoding needs more than 2^31 thread blocks in one launch; expected a smaller B, H or cache");
   }
-  plan.units = int(total);
   return plan;
-}
-
-// The split launch's blocks: as many as fit on the GPU at once (they loop over the units), at most
-// one per unit. TEMPORARY (for the next GPU session's measurement and tests, then deleted):
-// DATTN_DECODE_GRID=units launches a block per unit, as before the loop; =N at most N blocks (N = 1:
-// one block loops over every unit).
-template <class Kernel>
-unsigned split_grid(Kernel kernel, std::int64_t units, int multiprocessors) {
-  if (const char* e = std::getenv("DATTN_DECODE_GRID"); e != nullptr)
-    return unsigned(std::string(e) == "units" ? units : std::clamp<std::int64_t>(std::atoll(e), 1, units));
-  int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) != cudaSuccess) {
-    cudaGetLastError();  // not the launch's error: one block per SM then
-    per_sm = 1;
-  }
-  per_sm = std::max(per_sm, 1);
-  return unsigned(std::min<std::int64_t>(units, std::int64_t(per_sm) * multiprocessors));
 }
 
 // The scratch bytes of the call's plan; with `launch`, also its kernels (scratch from
@@ -483,8 +449,9 @@ template <class T, int D, int kRows>
 std::size_t launch_decode(const DilatedParams& p, std::int64_t cache_rows, int multiprocessors, bool launch) {
   using Shape = SplitShape<T, D, kRows>;
   const auto stream = static_cast<cudaStream_t>(p.stream);
+  std::int64_t blocks = 0;
   DecodePlan plan = make_plan(p, cache_rows, kRows, Shape::kKeysPerPass, kMaxChunkBytes / int(2 * D * sizeof(T)),
-                              multiprocessors);
+                              multiprocessors, blocks);
   const std::int64_t rows = p.batch * p.seqlen * p.heads, entries = rows * plan.branch_slots * plan.max_chunks;
   if (rows > INT_MAX)
     throw Error("decoding needs more than 2^31 thread blocks in one launch; expected a smaller B, Tn or H");
@@ -502,10 +469,7 @@ std::size_t launch_decode(const DilatedParams& p, std::int64_t cache_rows, int m
   }
   plan.partial_out = static_cast<float*>(scratch);
   plan.partial_lse = plan.partial_out + entries * D;
-  if (plan.units > 0) {
-    const auto split = decode_split_kernel<T, D, kRows>;
-    split<<<split_grid(split, plan.units, multiprocessors), kThreads, 0, stream>>>(p, plan);
-  }
+  if (blocks > 0) decode_split_kernel<T, D, kRows><<<unsigned(blocks), kThreads, 0, stream>>>(p, plan);
   decode_merge_kernel<T, D><<<unsigned(rows), kThreads, 0, stream>>>(p, plan);
   const cudaError_t launched = cudaGetLastError();
   if (!given) cudaFreeAsync(scratch, stream);
@@ -564,7 +528,11 @@ namespace {
 // with `launch` its kernels.
 std::size_t run_decode(const DilatedParams& p, std::int64_t cache_rows, bool launch) {
   const DeviceGuard on(p.q.data);
-  const int multiprocessors = multiprocessor_count();
+  int multiprocessors = 0;
+  if (cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, on.device()) != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error("dattn: cannot read the CUDA device's multiprocessor count");
+  }
   switch (p.dtype) {
     case DType::bfloat16: return launch_head_dim<__nv_bfloat16>(p, cache_rows, multiprocessors, launch);
     case DType::float16: return launch_head_dim<__half>(p, cache_rows, multiprocessors, launch);
