@@ -8,7 +8,8 @@ its query over the cache. Step time = mean of 64 consecutive steps starting at c
 c - 16384 + phi, for c in {16384, 65536, 262144} (the cache's rows) and phi in {0, 4096, 8192,
 12288, 16320} (early, middle and late in the largest segment).
 - B = 1: the 64 steps queued back to back (host work included), one CUDA-event pair around them.
-- B = 64: L2 flushed before each step, each step timed alone, the mean of the 64.
+- B = 64: L2 flushed before each step (--flush: by writing or by reading 256 MB), each step timed
+  alone, the mean of the 64.
 Each implementation's 64 steps run once untimed right before they are timed (dattn's too, for
 fairness; the repeated steps write the same rows into the caches): cuDNN builds an SDPA plan for
 every new key length, and timing the first pass counted those builds (30-46 ms a step for dense
@@ -23,6 +24,7 @@ Before timing, dattn's output of the first step is checked against the per-group
 
 Usage: decode_gpu.py [--batches 1,64] [--cache-lengths 16384,65536,262144] [--modes grouped,longnet]
                      [--json FILE] [--markdown FILE] [--profile B,c,mode,phi]
+                     [--flush zero|read]
 --profile: instead of the table, dattn's steps of that one configuration (each after an L2 flush, as
 timed) under torch.profiler: the GPU time of each kernel a step launches, to see where a step's
 time goes (e.g. how much of a B = 64 step is the fixed cost of its launches).
@@ -177,6 +179,25 @@ def warm_up(run):
     torch.cuda.synchronize()
 
 
+class L2Flush:
+    """Evicts the step's data from L2 (50 MB) with a 256 MB pass: "zero" writes the buffer (as
+    Triton's do_bench does; it leaves up to 50 MB of dirty lines, whose write-back to DRAM then runs
+    during the timed step), "read" reads it (leaves clean lines: nothing of the flush's own spills
+    into the step)."""
+
+    def __init__(self, dev, how):
+        self.how = how
+        self.buffer = torch.empty(64 << 20, dtype=torch.int32, device=dev)
+        self.buffer.zero_()
+        self.total = torch.empty((), dtype=torch.int64, device=dev)
+
+    def __call__(self):
+        if self.how == "zero":
+            self.buffer.zero_()
+        else:
+            torch.sum(self.buffer, dtype=torch.int64, out=self.total)
+
+
 def time_steps(run, flush, B):
     """Mean ms per step over STEPS steps: B = 1 back to back; else each alone after an L2 flush."""
     torch.cuda.synchronize()
@@ -190,7 +211,7 @@ def time_steps(run, flush, B):
         return start.elapsed_time(stop) / STEPS
     total = 0.0
     for s in range(STEPS):
-        flush.zero_()
+        flush()
         start.record()
         run(s)
         stop.record()
@@ -217,11 +238,11 @@ def first_step(c, phi):
     return min(c - 16384 + phi, c - STEPS)
 
 
-def profile_steps(spec, dev):
+def profile_steps(spec, dev, how):
     """--profile B,c,mode,phi: dattn's 64 steps of that configuration under torch.profiler."""
     B, c, mode, phi = spec.split(",")
     B, c, phi = int(B), int(c), int(phi)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    flush = L2Flush(dev, how)
     steps = Steps(B, c, dev)
     start = first_step(c, phi)
     seqlens = steps.seqlens(start)
@@ -229,11 +250,11 @@ def profile_steps(spec, dev):
     warm_up(run)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for s in range(STEPS):
-            flush.zero_()
+            flush()
             run(s)
         torch.cuda.synchronize()
     print(f"dattn decode steps, B={B} c={c} {mode} phi={phi} (cache_seqlens from {start}), {STEPS} steps, "
-          f"each after an L2 flush; GPU time per kernel:")
+          f"each after an L2 flush ({how}); GPU time per kernel:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     print(f"mean step by CUDA events, same configuration: {time_steps(run, flush, B) * 1e3:.1f} us")
 
@@ -246,13 +267,14 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     ap.add_argument("--profile", help="B,c,mode,phi: the kernels of dattn's steps there, no table")
+    ap.add_argument("--flush", choices=["zero", "read"], default="zero", help="how L2 is flushed before a B > 1 step")
     args = ap.parse_args()
     dev = torch.device("cuda")
     if args.profile:
-        return profile_steps(args.profile, dev)
+        return profile_steps(args.profile, dev, args.flush)
     rate = copy_rate(dev)
     empty = empty_call_ms(dev)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)  # larger than L2 (50 MB)
+    flush = L2Flush(dev, args.flush)
     rows = []
     print(f"copy rate {rate / 1e12:.2f} TB/s (read + write); empty dattn call {empty * 1e3:.1f} us", file=sys.stderr)
     for B in [int(x) for x in args.batches.split(",")]:
@@ -290,7 +312,8 @@ def main():
         flat.setdefault((r["B"], r["mode"], r["phi"]), []).append(r["dattn_ms"])
     lines = [f"GPU: {torch.cuda.get_device_name()}; PyTorch {torch.__version__}; "
              f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC",
-             f"copy rate {rate / 1e12:.2f} TB/s (read + write); empty dattn call {empty * 1e3:.1f} us", "",
+             f"copy rate {rate / 1e12:.2f} TB/s (read + write); empty dattn call {empty * 1e3:.1f} us; "
+             f"L2 flush before a B > 1 step: {args.flush}", "",
              "| B | c | mode | phi | dattn ms | per-group SDPA ms | dense ms | GB/s (share of copy rate) | "
              "B = 1 bound ms | error vs per-group |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -304,7 +327,7 @@ def main():
     if args.markdown:
         open(args.markdown, "w").write(text + "\n")
     if args.json:
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_rate=rate,
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_rate=rate, l2_flush=args.flush,
                        empty_call_ms=empty, rows=rows), open(args.json, "w"), indent=1)
 
 
