@@ -13,7 +13,7 @@ import statistics
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from peers_gpu import CONFIGS, DTYPES  # the peers' configurations (this script's folder is on sys.path)
+from peers_gpu import CONFIGS, DTYPES, clear_grads  # the peers' configurations (this script's folder is on sys.path)
 
 
 def main():
@@ -28,6 +28,7 @@ def main():
     q, k, v = [torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
 
     def step():
+        clear_grads((q, k, v))  # fresh gradients each step, as peers_gpu.py times them
         dattn.dilated_attention(q, k, v, c["w"], c["r"]).sum().backward()
 
     for _ in range(10):

@@ -10,7 +10,9 @@ Peers (docs/benchmarks.md "GPU anchors" and "Kernel-only bound"):
   FlexAttention    flex_attention (compiled) with a dilated mask_mod
 
 Times: medians of CUDA-event timings after warm-up (min and max too); fwd+bwd is
-out.sum().backward() including the forward; peak MB is the allocator's peak above what was
+out.sum().backward() including the forward, into gradients set to None before each step (as
+optimizer.zero_grad() leaves them; accumulating into the previous step's .grad would add a
+read-modify-write of every gradient to every row); peak MB is the allocator's peak above what was
 allocated before the inputs. Inputs rotate among sets larger than L2. Before timing, the
 per-group composition and FlexAttention are checked against each other (they compute the same
 function) and a peer that disagrees is marked wrong.
@@ -135,6 +137,15 @@ def rel_err(x, ref):
     return ((x - ref).norm() / ref.norm()).item()
 
 
+def clear_grads(inputs):
+    """Drops the inputs' .grad, so that a timed backward writes fresh gradients instead of adding
+    into the previous step's (a read-modify-write of every gradient that training, whose
+    optimizer.zero_grad() sets them to None, does not pay)."""
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            x.grad = None
+
+
 class Runner:
     def __init__(self, c, dtype, args):
         self.c, self.dtype, self.args = c, dtype, args
@@ -169,13 +180,14 @@ class Runner:
             row["fwd"] = cuda_time(lambda i: fn(*sets[i % len(sets)]), warmup, repeats)
         if not fwd_only:
             def step(i):
-                out = fn(*sets[i % len(sets)])
+                inputs = sets[i % len(sets)]
+                clear_grads(inputs)  # each step's gradients made anew, as zero_grad() (set_to_none) leaves them
+                out = fn(*inputs)
                 outs = out if isinstance(out, (list, tuple)) else [out]
                 sum(o.sum() for o in outs).backward()
             row["fwdbwd"] = cuda_time(step, max(2, warmup // 2), repeats)
             for s in sets:
-                for x in s:
-                    x.grad = None
+                clear_grads(s)
         torch.cuda.synchronize()
         row["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
         del sets
