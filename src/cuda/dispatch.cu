@@ -495,8 +495,7 @@ void copy_to_host(const void* device_data, void* host, std::size_t bytes, void* 
 void append_to_cache(const TensorView& k_new, const TensorView& v_new, const TensorView& k_cache,
                      const TensorView& v_cache, const std::int32_t* lengths, void* stream) {
   DeviceGuard guard(k_cache.data);
-  append_rows(k_new, k_cache, lengths, stream);
-  append_rows(v_new, v_cache, lengths, stream);
+  append_rows(k_new, v_new, k_cache, v_cache, lengths, stream);
 }
 
 void forward(const DilatedParams& params) {

@@ -74,10 +74,17 @@ __global__ void add_kernel(float* x, const float* y, std::int64_t n) {
     x[i] += y[i];
 }
 
-// One block per (b, t, h) row of `rows`, written at row lengths[b] + t of the cache.
+// One block per (b, t, h) row of k_rows, then one per row of v_rows (one launch for both: a decode
+// step is a few microseconds of work, and a launch is one of them), written at row lengths[b] + t
+// of its cache.
 template <class W>
-__global__ void append_kernel(Rows4 rows, Rows4 cache, const std::int32_t* lengths) {
-  const std::int64_t row = blockIdx.x, h = row % rows.H, t = row / rows.H % rows.N, b = row / (rows.H * rows.N);
+__global__ void append_kernel(Rows4 k_rows, Rows4 k_cache, Rows4 v_rows, Rows4 v_cache, const std::int32_t* lengths) {
+  const std::int64_t count = k_rows.B * k_rows.N * k_rows.H;
+  const bool is_v = blockIdx.x >= count;
+  const Rows4 rows = is_v ? v_rows : k_rows;
+  const Rows4 cache = is_v ? v_cache : k_cache;
+  const std::int64_t row = is_v ? blockIdx.x - count : blockIdx.x;
+  const std::int64_t h = row % rows.H, t = row / rows.H % rows.N, b = row / (rows.H * rows.N);
   const W* src = static_cast<const W*>(rows.data) + b * rows.s0 + t * rows.s1 + h * rows.s2;
   W* dst = static_cast<W*>(cache.data) + b * cache.s0 + (lengths[b] + t) * cache.s1 + h * cache.s2;
   for (std::int64_t d = threadIdx.x; d < rows.D; d += blockDim.x) dst[d] = src[d];
@@ -235,12 +242,14 @@ void row_dot(const TensorView& dout, const TensorView& out, float* delta, void* 
   check("ring row dot");
 }
 
-void append_rows(const TensorView& rows, const TensorView& cache, const std::int32_t* lengths, void* stream) {
-  const std::int64_t count = rows.shape[0] * rows.shape[1] * rows.shape[2];
+void append_rows(const TensorView& k_rows, const TensorView& v_rows, const TensorView& k_cache,
+                 const TensorView& v_cache, const std::int32_t* lengths, void* stream) {
+  const std::int64_t count = k_rows.shape[0] * k_rows.shape[1] * k_rows.shape[2];
   if (count == 0) return;
-  by_word(rows.dtype, [&](auto w) {
+  by_word(k_rows.dtype, [&](auto w) {
     using W = decltype(w);
-    append_kernel<W><<<blocks(count), 64, 0, as_stream(stream)>>>(rows_of(rows), rows_of(cache), lengths);
+    append_kernel<W><<<blocks(2 * count), 64, 0, as_stream(stream)>>>(rows_of(k_rows), rows_of(k_cache),
+                                                                      rows_of(v_rows), rows_of(v_cache), lengths);
   });
   check("decode append");
 }

@@ -27,8 +27,10 @@ void add(float* x, const float* y, std::int64_t count, void* stream);
 void store_converted(const float* from, const TensorView& to, void* stream);
 // delta [B, H, N] (float32, contiguous) = Σ_d dout·out over D (both [B, N, H, D], any strides).
 void row_dot(const TensorView& dout, const TensorView& out, float* delta, void* stream);
-// cache[b, lengths[b] + t, h, :] = rows[b, t, h, :] for t < Tn (rows [B, Tn, H, D], cache [B, Nmax, H, D],
-// one dtype, any strides with stride 1 along D; lengths int32 [B] on the device, read there).
-void append_rows(const TensorView& rows, const TensorView& cache, const std::int32_t* lengths, void* stream);
+// k_cache[b, lengths[b] + t, h, :] = k_rows[b, t, h, :] for t < Tn, and v_cache from v_rows alike, in
+// one launch (rows [B, Tn, H, D], caches [B, Nmax, H, D], one dtype, any strides with stride 1 along
+// D; lengths int32 [B] on the device, read there).
+void append_rows(const TensorView& k_rows, const TensorView& v_rows, const TensorView& k_cache,
+                 const TensorView& v_cache, const std::int32_t* lengths, void* stream);
 
 }  // namespace dattn::cuda
