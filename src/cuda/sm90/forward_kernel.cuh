@@ -102,6 +102,29 @@ struct Stages {
   }
 };
 
+// Before a producer refills the stage of tile `it`: the consumers have emptied it, and this
+// thread's own arrivals of the stage's previous phase have completed (compute-sanitizer's synccheck
+// expects every arrival's phase to be waited for).
+template <class Shape>
+__device__ __forceinline__ void wait_stage_reusable(const Stages<Shape>& st, int it) {
+  constexpr int kStages = Shape::kStages;
+  if (it < kStages) return;
+  const int stage = it % kStages, parity = (it / kStages + 1) & 1;
+  barrier_wait(st.empty + stage, parity);
+  barrier_wait(st.full + stage, parity);
+  barrier_wait(st.keys + stage, parity);
+}
+
+// After a producer's last tile: the phases of its last arrivals on each stage.
+template <class Shape>
+__device__ __forceinline__ void wait_last_arrivals(const Stages<Shape>& st, int num_tiles) {
+  constexpr int kStages = Shape::kStages;
+  for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it) {
+    barrier_wait(st.full + it % kStages, (it / kStages) & 1);
+    barrier_wait(st.keys + it % kStages, (it / kStages) & 1);
+  }
+}
+
 // Warpgroup 0: every tile's loads, a stage at a time once the consumers have emptied it.
 template <class T, class Shape, Walk kWalk, class Tiles>
 __device__ __forceinline__ void produce(const detail::DilatedParams& p, const BlockWork& w, const Tiles& tiles,
@@ -111,13 +134,7 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
   const bool causal_by_position = kWalk == Walk::indexed && p.causal;
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
-    if (it >= kStages) {
-      barrier_wait(st.empty + stage, (it / kStages + 1) & 1);
-      // The phase this thread arrived at last time on this stage (complete: the consumers emptied
-      // it); every arrival is waited for, as compute-sanitizer's synccheck expects.
-      barrier_wait(st.full + stage, (it / kStages + 1) & 1);
-      barrier_wait(st.keys + stage, (it / kStages + 1) & 1);
-    }
+    wait_stage_reusable(st, it);
     if (it == 0)
       load_rows<T, 1, BM, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.q), 0, p.q, w, w.query, w.tile_begin,
                                             w.tile_rows);
@@ -130,10 +147,7 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
     cp_async_arrive(st.full + stage);  // the stage's copies, when they land
     barrier_arrive(st.keys + stage);   // this thread's plain stores (the key bias)
   }
-  for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it) {
-    barrier_wait(st.full + it % kStages, (it / kStages) & 1);  // the last arrivals' phases
-    barrier_wait(st.keys + it % kStages, (it / kStages) & 1);
-  }
+  wait_last_arrivals(st, num_tiles);
 }
 
 // Rows [valid, kBlockN) of a stage's K and V tiles as zeros (16-byte stores by the producer's
@@ -168,11 +182,7 @@ __device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, cons
   }
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
-    if (it >= kStages) {
-      barrier_wait(st.empty + stage, (it / kStages + 1) & 1);
-      barrier_wait(st.full + stage, (it / kStages + 1) & 1);  // as produce: every phase is waited for
-      barrier_wait(st.keys + stage, (it / kStages + 1) & 1);
-    }
+    wait_stage_reusable(st, it);
     const std::int64_t k0 = tiles.start(it);
     const int valid = tiles.valid(it);
     unsigned char* k_tile = st.k + stage * Shape::kKvBytes;
@@ -207,10 +217,7 @@ __device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, cons
     }
     barrier_arrive(st.keys + stage);  // this thread's plain stores (the key bias, the zeros)
   }
-  for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it) {
-    barrier_wait(st.full + it % kStages, (it / kStages) & 1);  // the last arrivals' phases
-    barrier_wait(st.keys + it % kStages, (it / kStages) & 1);
-  }
+  wait_last_arrivals(st, num_tiles);
 }
 
 // Warpgroup 0 of the TMA instances for an index map (a Hilbert order): a tile's rows lie anywhere
@@ -247,11 +254,7 @@ __device__ __forceinline__ void produce_tma_rows(const detail::DilatedParams& p,
   };
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
-    if (it >= kStages) {
-      barrier_wait(st.empty + stage, (it / kStages + 1) & 1);
-      barrier_wait(st.full + stage, (it / kStages + 1) & 1);  // as produce: every phase is waited for
-      barrier_wait(st.keys + stage, (it / kStages + 1) & 1);
-    }
+    wait_stage_reusable(st, it);
     const std::int64_t k0 = tiles.start(it);
     const int valid = tiles.valid(it);
     unsigned char* k_tile = st.k + stage * Shape::kKvBytes;
@@ -281,10 +284,7 @@ __device__ __forceinline__ void produce_tma_rows(const detail::DilatedParams& p,
     if (valid < BN || it == 0) fence_async_shared();  // the zeros, before the consumers' wgmma reads
     barrier_arrive(st.keys + stage);  // this thread's plain stores (the key bias, positions, zeros)
   }
-  for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it) {
-    barrier_wait(st.full + it % kStages, (it / kStages) & 1);  // the last arrivals' phases
-    barrier_wait(st.keys + it % kStages, (it / kStages) & 1);
-  }
+  wait_last_arrivals(st, num_tiles);
 }
 
 // The consumer warpgroups: the online softmax over the key tiles of the stages, then the epilogue.
