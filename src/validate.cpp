@@ -12,6 +12,7 @@
 #include "dattn/attention.hpp"
 #include "dattn/error.hpp"
 #include "dattn/philox.hpp"
+#include "head_dims.hpp"
 #ifdef DATTN_WITH_CUDA
 #include "cuda/cuda_attention.hpp"
 #include "cuda/ring_kernels.hpp"
@@ -67,8 +68,8 @@ void check_attention_tensor(const char* name, const TensorView& t, const TensorV
 void check_head_dim(const TensorView& q) {
   const std::int64_t D = q.shape[3];
   if (q.device.type == DeviceType::cuda) {
-    if (D != 16 && D != 32 && D != 64 && D != 80 && D != 96 && D != 128)
-      throw Error("head dim D = " + str(D) + " is not supported on the GPU; expected one of 16, 32, 64, 80, 96, 128");
+    if (!is_cuda_head_dim(D))
+      throw Error("head dim D = " + str(D) + " is not supported on the GPU; expected one of " + cuda_head_dims_text());
   } else if (D > kMaxCpuHeadDim) {
     throw Error("head dim D = " + str(D) + " is not supported on the CPU; expected 1 <= D <= " + str(kMaxCpuHeadDim));
   }

@@ -9,7 +9,8 @@ count the allowed token pairs (4·B·H·pairs·D; fwd+bwd 3.5×); peak MB is the
 above what was allocated before the inputs.
 
 Then Hilbert-ordered dilated attention (the index map inside the kernels) beside the same call in
-row-major order, with the locality each order gives (mean grid extent of a segment's tokens).
+row-major order, with the locality each order gives (mean grid extent of a segment's tokens), and
+the row-major order walked through an index map (the identity: the walk's own cost).
 
 Usage: sparse_gpu.py [--shapes n2048,n65536] [--no-hilbert] [--json FILE] [--markdown FILE]
 """
@@ -179,9 +180,15 @@ def run_hilbert(args):
         locality = dict(row_major=mean_extent(torch.arange(N), grid[1], w, r), hilbert=mean_extent(order, grid[1], w, r))
         R = Runner(dict(B=B, N=N, H=H, D=D), torch.bfloat16, args)
         flops = dattn._C.forward_flops(w, r, "grouped", False, B, N, H, D)
+        # The identity index map (the Hilbert order of a 1 × N grid, dattn's own, so unchecked per call
+        # like the Hilbert one) walks the row-major order through the index-map kernels: its cost over
+        # row-major is the walk's own (lookups, cp.async instead of TMA), the rest of Hilbert's is the order's.
+        assert torch.equal(hilbert_order(N, (1, N)), torch.arange(N))
         impls = {"dattn dilated_attention (row-major order)": lambda q, k, v: dattn.dilated_attention(q, k, v, w, r),
                  "dattn hilbert_dilated_attention (index map)":
-                     lambda q, k, v: dattn.hilbert_dilated_attention(q, k, v, w, r, grid_shape=grid)}
+                     lambda q, k, v: dattn.hilbert_dilated_attention(q, k, v, w, r, grid_shape=grid),
+                 "dattn hilbert_dilated_attention (identity index map)":
+                     lambda q, k, v: dattn.hilbert_dilated_attention(q, k, v, w, r, grid_shape=(1, N))}
         # Check: the index map equals attention over permuted copies, put back in place.
         q, k, v = R.inputs(seed=7)
         idx = order.to(R.dev)
@@ -192,8 +199,10 @@ def run_hilbert(args):
         err = rel_err(got, ref)
         del q, k, v, got, ref
         for impl, fn in impls.items():
+            order_name = "identity" if "identity" in impl else "hilbert" if "hilbert" in impl else "row_major"
             row = dict(impl=impl, shape=name, grid=list(grid), B=B, N=N, H=H, D=D, w=w, r=r, dtype="bfloat16",
-                       check_rel_err=err if "hilbert" in impl else None, locality=locality)
+                       check_rel_err=err if order_name == "hilbert" else None, order=order_name,
+                       extent=locality["row_major" if order_name == "identity" else order_name])
             row.update(R.measure(impl, lambda: [tuple(R.inputs(grad=True, seed=s)) for s in range(R.sets)], fn, flops))
             rows.append(row)
             print(f"  {impl} {name}: fwd {row['fwd']['ms']:.3f} ms, fwd+bwd {row['fwdbwd']['ms']:.3f} ms",
@@ -206,16 +215,17 @@ def hilbert_markdown(rows):
     lines = ["", "## Hilbert order beside row-major order (dilated attention, bf16, grouped mode)", "",
              "| config | order | check | fwd ms (min–max) | fwd+bwd ms (min–max) | fwd cost | fwd+bwd cost | "
              "segment extent (grid rows × cols) |", "|---|---|---|---|---|---|---|---|"]
-    for plain, hilbert in zip(rows[0::2], rows[1::2]):
-        for r, key in ((plain, "row_major"), (hilbert, "hilbert")):
-            f, fb = r["fwd"], r["fwdbwd"]
-            h, wdt = r["locality"][key]
-            check = "" if r["check_rel_err"] is None else f"{r['check_rel_err']:.1e}"
-            cost = ("", "") if r is plain else (f"{100 * (f['ms'] / plain['fwd']['ms'] - 1):+.1f}%",
-                                               f"{100 * (fb['ms'] / plain['fwdbwd']['ms'] - 1):+.1f}%")
-            lines.append(f"| {r['shape']} B{r['B']} grid {r['grid'][0]}×{r['grid'][1]} H{r['H']} D{r['D']} w={r['w']} "
-                         f"r={r['r']} | {key.replace('_', '-')} | {check} | {f['ms']:.3f} ({f['min']:.3f}–{f['max']:.3f}) | "
-                         f"{fb['ms']:.3f} ({fb['min']:.3f}–{fb['max']:.3f}) | {cost[0]} | {cost[1]} | {h:.1f} × {wdt:.1f} |")
+    plain = None
+    for r in rows:
+        plain = r if r["order"] == "row_major" else plain
+        f, fb = r["fwd"], r["fwdbwd"]
+        h, wdt = r["extent"]
+        check = "" if r["check_rel_err"] is None else f"{r['check_rel_err']:.1e}"
+        cost = ("", "") if r is plain else (f"{100 * (f['ms'] / plain['fwd']['ms'] - 1):+.1f}%",
+                                           f"{100 * (fb['ms'] / plain['fwdbwd']['ms'] - 1):+.1f}%")
+        lines.append(f"| {r['shape']} B{r['B']} grid {r['grid'][0]}×{r['grid'][1]} H{r['H']} D{r['D']} w={r['w']} "
+                     f"r={r['r']} | {r['order'].replace('_', '-')} | {check} | {f['ms']:.3f} ({f['min']:.3f}–{f['max']:.3f}) | "
+                     f"{fb['ms']:.3f} ({fb['min']:.3f}–{fb['max']:.3f}) | {cost[0]} | {cost[1]} | {h:.1f} × {wdt:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -252,7 +262,7 @@ def main():
     ap.add_argument("--markdown")
     args = ap.parse_args()
     rows = []
-    for name in args.shapes.split(","):
+    for name in filter(None, args.shapes.split(",")):  # --shapes "": the Hilbert rows only
         rows += run_shape(name, args)
     hilbert = [] if args.no_hilbert else run_hilbert(args)
     device = torch.cuda.get_device_name()

@@ -32,6 +32,7 @@
 #include "cuda/device_guard.hpp"
 #include "cuda/work.cuh"
 #include "dattn/decode.hpp"
+#include "head_dims.hpp"
 #include "dattn/error.hpp"
 
 namespace dattn::cuda {
@@ -494,7 +495,7 @@ bool head_dim_built(std::int64_t d) {
 #ifdef DATTN_CUDA_MINIMAL
   return d == 64;
 #else
-  return d == 16 || d == 32 || d == 64 || d == 80 || d == 96 || d == 128;
+  return detail::is_cuda_head_dim(d);
 #endif
 }
 

@@ -20,6 +20,7 @@
 #include "cuda/sm90/tensor_maps.hpp"
 #endif
 #include "dattn/error.hpp"
+#include "head_dims.hpp"
 
 namespace dattn::cuda {
 namespace {
@@ -127,7 +128,8 @@ LaunchPlan make_sparse_plan(const DilatedParams& p, std::vector<int> roles, int 
   throw Error("head dim D = " + std::to_string(d) +
               " has no CUDA kernel in this build (DATTN_CUDA_MINIMAL builds D = 64 only); expected 64");
 #else
-  throw Error("head dim D = " + std::to_string(d) + " has no CUDA kernel; expected one of 16, 32, 64, 80, 96, 128");
+  throw Error("head dim D = " + std::to_string(d) + " has no CUDA kernel; expected one of " +
+              detail::cuda_head_dims_text());
 #endif
 }
 

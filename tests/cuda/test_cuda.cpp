@@ -125,9 +125,10 @@ void make_block_sparse(Case& c, Rng& rng) {
 
 // Turns c into a call of the shape the sm90 forward's TMA loads cover (builds with DATTN_SM90_TMA):
 // 16-bit data, head dim 64 or 128 (where --head-dims has one), the dilated walk over whole
-// sequences (no Hilbert order, ring steps or block mask), N a multiple of every dilation rate (a
-// rate drawn as r = w above 4 becomes min(w, 4), keeping N small). Layouts, GQA, padding, dropout,
-// mode, causality and segment lengths stay as drawn.
+// sequences (no ring steps or block mask), N a multiple of every dilation rate (a rate drawn as
+// r = w above 4 becomes min(w, 4), keeping N small). Layouts, GQA, padding, dropout, mode,
+// causality, segment lengths and the Hilbert order (the index-map walk's one-row copies) stay as
+// drawn.
 void make_tma_shaped(Case& c, Rng& rng) {
   c.dtype = chance(rng, 0.5) ? DType::bfloat16 : DType::float16;
   c.tf32 = false;
@@ -135,7 +136,6 @@ void make_tma_shaped(Case& c, Rng& rng) {
   for (std::int64_t d : g_head_dims)
     if (d == 64 || d == 128) dims.push_back(d);
   if (!dims.empty()) c.D = dims[rng() % dims.size()];
-  c.hilbert = false;
   c.ring_ranks = 0;
   c.zigzag = false;
   c.block_size = 0;
@@ -215,7 +215,7 @@ Case random_case(Rng& rng, std::int64_t max_n) {
   }
   if (!c.hilbert && (g_all_block_sparse || chance(rng, 0.3))) make_block_sparse(c, rng);
   // A fifth of the cases are calls the TMA loads cover; of the rest most are not (fp32, other head
-  // dims, a rate that does not divide N, Hilbert order, ring steps, block masks).
+  // dims, a rate that does not divide N, ring steps, block masks).
   if (!g_all_block_sparse && chance(rng, 0.2)) make_tma_shaped(c, rng);
   // Grouped-query heads (not with a fused qkv buffer), ring steps among them.
   if (c.H > 1 && !c.fused_qkv && chance(rng, 0.3)) {

@@ -11,11 +11,12 @@
 // before the previous tile's P·V, so that one tile's softmax runs beside the other's product
 // (three have no registers for it). Every walk (dilated, index map, block-sparse) loads rows one
 // by one, so one kernel serves them all.
-// With DATTN_SM90_TMA (the default where the sm90 kernels are built) the calls sm90_tma_covers admits (the
-// dilated walk over whole sequences, every dilation rate dividing N, and block-sparse attention's
-// walk) run instances whose producer
-// loads by TMA instead (produce_tma): one thread issues a tile's bulk tensor copies, which land in
-// the same swizzled layout (tensor_maps.hpp), and the warpgroup keeps only the key bias.
+// With DATTN_SM90_TMA (the default where the sm90 kernels are built) the calls sm90_tma_covers admits
+// (whole sequences: the dilated walk with every dilation rate dividing N, the index-map walk, and
+// block-sparse attention's walk) run instances whose producer loads by TMA instead: one thread
+// issues a tile's bulk tensor copies (produce_tma), or one warp a copy per row under an index map
+// (produce_tma_rows), which land in the same swizzled layout (tensor_maps.hpp), and the warpgroup
+// keeps only the key bias.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -101,6 +102,29 @@ struct Stages {
   }
 };
 
+// Before a producer refills the stage of tile `it`: the consumers have emptied it, and this
+// thread's own arrivals of the stage's previous phase have completed (compute-sanitizer's synccheck
+// expects every arrival's phase to be waited for).
+template <class Shape>
+__device__ __forceinline__ void wait_stage_reusable(const Stages<Shape>& st, int it) {
+  constexpr int kStages = Shape::kStages;
+  if (it < kStages) return;
+  const int stage = it % kStages, parity = (it / kStages + 1) & 1;
+  barrier_wait(st.empty + stage, parity);
+  barrier_wait(st.full + stage, parity);
+  barrier_wait(st.keys + stage, parity);
+}
+
+// After a producer's last tile: the phases of its last arrivals on each stage.
+template <class Shape>
+__device__ __forceinline__ void wait_last_arrivals(const Stages<Shape>& st, int num_tiles) {
+  constexpr int kStages = Shape::kStages;
+  for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it) {
+    barrier_wait(st.full + it % kStages, (it / kStages) & 1);
+    barrier_wait(st.keys + it % kStages, (it / kStages) & 1);
+  }
+}
+
 // Warpgroup 0: every tile's loads, a stage at a time once the consumers have emptied it.
 template <class T, class Shape, Walk kWalk, class Tiles>
 __device__ __forceinline__ void produce(const detail::DilatedParams& p, const BlockWork& w, const Tiles& tiles,
@@ -110,13 +134,7 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
   const bool causal_by_position = kWalk == Walk::indexed && p.causal;
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
-    if (it >= kStages) {
-      barrier_wait(st.empty + stage, (it / kStages + 1) & 1);
-      // The phase this thread arrived at last time on this stage (complete: the consumers emptied
-      // it); every arrival is waited for, as compute-sanitizer's synccheck expects.
-      barrier_wait(st.full + stage, (it / kStages + 1) & 1);
-      barrier_wait(st.keys + stage, (it / kStages + 1) & 1);
-    }
+    wait_stage_reusable(st, it);
     if (it == 0)
       load_rows<T, 1, BM, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.q), 0, p.q, w, w.query, w.tile_begin,
                                             w.tile_rows);
@@ -129,10 +147,7 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
     cp_async_arrive(st.full + stage);  // the stage's copies, when they land
     barrier_arrive(st.keys + stage);   // this thread's plain stores (the key bias)
   }
-  for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it) {
-    barrier_wait(st.full + it % kStages, (it / kStages) & 1);  // the last arrivals' phases
-    barrier_wait(st.keys + it % kStages, (it / kStages) & 1);
-  }
+  wait_last_arrivals(st, num_tiles);
 }
 
 // Rows [valid, kBlockN) of a stage's K and V tiles as zeros (16-byte stores by the producer's
@@ -167,11 +182,7 @@ __device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, cons
   }
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
-    if (it >= kStages) {
-      barrier_wait(st.empty + stage, (it / kStages + 1) & 1);
-      barrier_wait(st.full + stage, (it / kStages + 1) & 1);  // as produce: every phase is waited for
-      barrier_wait(st.keys + stage, (it / kStages + 1) & 1);
-    }
+    wait_stage_reusable(st, it);
     const std::int64_t k0 = tiles.start(it);
     const int valid = tiles.valid(it);
     unsigned char* k_tile = st.k + stage * Shape::kKvBytes;
@@ -206,10 +217,74 @@ __device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, cons
     }
     barrier_arrive(st.keys + stage);  // this thread's plain stores (the key bias, the zeros)
   }
-  for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it) {
-    barrier_wait(st.full + it % kStages, (it / kStages) & 1);  // the last arrivals' phases
-    barrier_wait(st.keys + it % kStages, (it / kStages) & 1);
+  wait_last_arrivals(st, num_tiles);
+}
+
+// Warpgroup 0 of the TMA instances for an index map (a Hilbert order): a tile's rows lie anywhere
+// in the tensor, so each row is a one-row box per 64-column block, issued by the thread of the
+// row's index (rows t, t + 128, ...: one lookup of the index each), and each warp announces its
+// own rows' bytes on the stage's `full` barrier (an arrival per warp) before its copies. A one-row
+// box written at row i of a tile lands as TileLayout::swizzled lays that row out: TMA's swizzle is
+// a function of the shared-memory address (tensor_maps.hpp). Rows with nothing to load are zeroed,
+// as the cp.async producer zero-fills them: the query tile's past the block's own rows (once), a
+// key tile's past `valid`. Every thread writes its key's bias and, for causality under the index
+// map, its original position. Selected row j of a side sits at map coordinates (column, head, 0,
+// index[first + j·r], batch).
+template <class T, class Shape, class Tiles>
+__device__ __forceinline__ void produce_tma_rows(const detail::DilatedParams& p, const BlockWork& w, const Tiles& tiles,
+                                                 int num_tiles, const Stages<Shape>& st, const ForwardTensorMaps& maps) {
+  constexpr int D = Shape::kHeadDim, BM = Shape::kBlockM, BN = Shape::kBlockN, kStages = Shape::kStages;
+  constexpr std::uint32_t kRowBytes = 128 * (D / 64);  // one row's boxes
+  const int warp_first_row = int(threadIdx.x) / 32 * 32, lane = int(threadIdx.x) % 32;
+  if (threadIdx.x == 0) {
+    prefetch_tensor_map(&maps.q[w.branch]);
+    prefetch_tensor_map(&maps.k[w.branch]);
+    prefetch_tensor_map(&maps.v[w.branch]);
   }
+  {  // the query tile's rows [tile_rows, BM): zeros (made visible to wgmma by tile 0's fence)
+    const int chunks = (BM - w.tile_rows) * 8;
+    for (int c = threadIdx.x; c < (D / 64) * chunks; c += 128)
+      *reinterpret_cast<uint4*>(st.q + ((c / chunks) * BM + w.tile_rows) * 128 + (c % chunks) * 16) = make_uint4(0, 0, 0, 0);
+  }
+  // The rows of [0, n) that this thread's warp copies (rows warp_first_row + 128k + lane).
+  auto warp_rows = [&](int n) {
+    int count = 0;
+    for (int base = warp_first_row; base < n; base += 128) count += min(32, n - base);
+    return count;
+  };
+  for (int it = 0; it < num_tiles; ++it) {
+    const int stage = it % kStages;
+    wait_stage_reusable(st, it);
+    const std::int64_t k0 = tiles.start(it);
+    const int valid = tiles.valid(it);
+    unsigned char* k_tile = st.k + stage * Shape::kKvBytes;
+    unsigned char* v_tile = st.v + stage * Shape::kKvBytes;
+    std::uint64_t* full = st.full + stage;
+    const int query_rows = it == 0 ? w.tile_rows : 0;
+    if (lane == 0) barrier_arrive_expect_tx(full, std::uint32_t(2 * warp_rows(valid) + warp_rows(query_rows)) * kRowBytes);
+    __syncwarp();
+    const int batch = int(w.batch);
+    for (int i = threadIdx.x; i < query_rows; i += 128) {
+      const int row = w.row32(w.query, int(w.tile_begin) + i), head = int(w.head);
+#pragma unroll
+      for (int b = 0; b < D / 64; ++b)
+        tma_load_5d(smem_address(st.q) + (b * BM + i) * 128, &maps.q[w.branch], b * 64, head, 0, row, batch, full);
+    }
+    for (int i = threadIdx.x; i < valid; i += 128) {
+      const int row = w.row32(w.key, int(k0) + i), head = int(operand_head(p.k, w.head));
+#pragma unroll
+      for (int b = 0; b < D / 64; ++b) {
+        const std::uint32_t at = (b * BN + i) * 128;
+        tma_load_5d(smem_address(k_tile) + at, &maps.k[w.branch], b * 64, head, 0, row, batch, full);
+        tma_load_5d(smem_address(v_tile) + at, &maps.v[w.branch], b * 64, head, 0, row, batch, full);
+      }
+    }
+    key_bias(p, w, k0, valid, BN, st.bias + stage * BN, p.causal ? st.key_position + stage * BN : nullptr);
+    if (valid < BN) zero_tile_rows<Shape>(k_tile, v_tile, valid);  // rows no copy writes
+    if (valid < BN || it == 0) fence_async_shared();  // the zeros, before the consumers' wgmma reads
+    barrier_arrive(st.keys + stage);  // this thread's plain stores (the key bias, positions, zeros)
+  }
+  wait_last_arrivals(st, num_tiles);
 }
 
 // The consumer warpgroups: the online softmax over the key tiles of the stages, then the epilogue.
@@ -350,7 +425,6 @@ template <class T, class Shape, Walk kWalk, class Maps>
 __global__ void __launch_bounds__(Shape::kThreads, 1)
     forward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan,
                    const __grid_constant__ Maps maps) {
-  static_assert(!Shape::kTma || kWalk != Walk::indexed, "TMA loads cover the dilated and sparse walks");
   static_assert(!Shape::kTma || sizeof(SharedWork<Shape::kBlockN, kWalk>) <= Shape::kWorkBytes, "the decoded work's slot");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = Shape::kHeadDim;
@@ -365,8 +439,8 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < Shape::kStages; ++s) {
       // cp.async: the producer's threads, when their copies land; TMA: the thread that issues the
-      // copies (the phase then waits for their bytes too)
-      barrier_init(st.full + s, Shape::kTma ? 1 : 128);
+      // copies, or under an index map each producer warp (the phase then waits for their bytes too)
+      barrier_init(st.full + s, !Shape::kTma ? 128 : kWalk == Walk::indexed ? 4 : 1);
       barrier_init(st.keys + s, 128);  // the producer's threads
       barrier_init(st.empty + s, 128 * Shape::kConsumers);  // the consumers' threads
     }
@@ -385,14 +459,17 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
     // The copy, with what decode's dilated and sparse walks make known to the compiler: no index map.
     auto work = [&] {
       BlockWork w = shared->work;
-      w.index = nullptr;
+      if constexpr (kWalk != Walk::indexed) w.index = nullptr;
       return w;
     };
     if (threadIdx.x < 128) {
       registers_decrease<Shape::kProducerRegisters>();
       const BlockWork w = work();
       const auto tiles = shared->tiles;
-      produce_tma<T, Shape>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, st, maps);
+      if constexpr (kWalk == Walk::indexed)
+        produce_tma_rows<T, Shape>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, st, maps);
+      else
+        produce_tma<T, Shape>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, st, maps);
       if (!w.accumulate) zero_unselected<T, D, 128>(p, w, &p.out, nullptr, true);
     } else {
       registers_increase<Shape::kConsumerRegisters>();
@@ -433,10 +510,13 @@ void launch_forward_sm90(const detail::DilatedParams& params, const LaunchPlan& 
     check_launch("sm90 forward");
   };
   if constexpr (Tma) {
-    // dispatch.cu runs these instances where sm90_tma_covers(params): the dilated and sparse walks.
+    // dispatch.cu runs these instances where sm90_tma_covers(params): every walk over whole
+    // sequences; an index map's copies are one row each.
     ForwardTensorMaps maps{};
-    encode_forward_maps(params, plan, Shape::kBlockM, Shape::kBlockN, maps);
+    const bool indexed = params.position_index != nullptr;
+    encode_forward_maps(params, plan, indexed ? 1 : Shape::kBlockM, indexed ? 1 : Shape::kBlockN, maps);
     if (params.block_size > 0) launch(sm90::forward_kernel<T, Shape, Walk::sparse, ForwardTensorMaps>, maps);
+    else if (indexed) launch(sm90::forward_kernel<T, Shape, Walk::indexed, ForwardTensorMaps>, maps);
     else launch(sm90::forward_kernel<T, Shape, Walk::dilated, ForwardTensorMaps>, maps);
   } else {
     using Maps = NoTensorMaps;

@@ -81,23 +81,23 @@ EncodeTiled encode_tiled() {
 }
 
 // The dilation rate a branch's maps step by: block-sparse attention has no branches, its rows are
-// those of rate 1.
+// those of rate 1; an index map's rows are anywhere, each copied alone from a map of rate 1.
 std::int64_t map_rate(const DilatedParams& p, int branch) {
-  return p.block_size > 0 ? 1 : p.branches[branch].dilation_rate;
+  return p.block_size > 0 || p.position_index != nullptr ? 1 : p.branches[branch].dilation_rate;
 }
 
 }  // namespace
 
 bool sm90_tma_covers(const DilatedParams& p) {
-  if (p.position_index != nullptr) return false;                            // the dilated and sparse walks
   if (p.cu_seqlens != nullptr || p.key_lengths != nullptr) return false;    // whole sequences of B rows
   if (p.float32_outputs || !p.whole_sequence()) return false;               // ring steps
   if (p.dtype != DType::bfloat16 && p.dtype != DType::float16) return false;
   if (p.head_dim != 64 && p.head_dim != 128) return false;
   if (p.batch < 1 || p.seqlen < 1 || p.heads < 1 || p.kv_heads < 1) return false;
-  if (p.block_size > 0) {
+  if (p.block_size > 0 || p.position_index != nullptr) {
     // Blocks of whole 128-row key tiles: a shorter block's tiles would end short, and the TMA
     // producer zeroes a short tile's rows after its copy lands (the cp.async one zero-fills them).
+    // An index map's rows are copied one by one from maps of rate 1.
     if (p.block_size % 128 != 0) return false;
     MapShape m;
     return map_shape(p, p.q, p.heads, 1, m) && map_shape(p, p.k, p.kv_heads, 1, m) && map_shape(p, p.v, p.kv_heads, 1, m);

@@ -36,9 +36,10 @@ struct ForwardTensorMaps {
 // The cp.async instances' stand-in.
 struct NoTensorMaps {};
 
-// Whether the TMA forward covers a call: dilated attention's walk (no index map) or block-sparse
-// attention's with blocks of a multiple of 128 rows (a rate-1 branch's rows: the key tiles of an
-// allowed block are contiguous rows),
+// Whether the TMA forward covers a call: dilated attention's walk, its walk under an index map (a
+// Hilbert order: every row copied alone, a one-row box of a rate-1 map), or block-sparse attention's
+// with blocks of a multiple of 128 rows (a rate-1 branch's rows: the key tiles of an allowed block
+// are contiguous rows),
 // whole sequences (no packed batch, no cache, no ring step), 16-bit data of head dim 64 or 128, every
 // branch's dilation rate dividing N (block-sparse: rate 1), and q, k, v as a map needs them (16-byte aligned bases, every
 // stride of more than one row, head or batch a positive multiple of 16 bytes below 2^40). The
@@ -47,7 +48,7 @@ struct NoTensorMaps {};
 bool sm90_tma_covers(const detail::DilatedParams& p);
 
 // Encodes the maps of the branches that `plan` runs: boxes of query_rows rows for q, key_rows for
-// k and v. Throws std::runtime_error where the driver refuses one (sm90_tma_covers admitted the
+// k and v (1 and 1 under an index map). Throws std::runtime_error where the driver refuses one (sm90_tma_covers admitted the
 // call, so that is a bug) or has no cuTensorMapEncodeTiled.
 void encode_forward_maps(const detail::DilatedParams& p, const LaunchPlan& plan, int query_rows, int key_rows,
                          ForwardTensorMaps& maps);
