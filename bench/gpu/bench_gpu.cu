@@ -6,7 +6,8 @@
 // then CUDA-event timings: forward, and forward+backward (forward then backward, as
 // `out.sum().backward()` includes the forward), median [min-max] of --repeats after --warmup,
 // rotating among input sets so that the inputs of small configs do not sit in L2.
-// Prints a markdown table (stdout) and writes --json FILE.
+// Prints a markdown table (stdout) and writes --json FILE; stderr also gets, per row, the host's time
+// inside the calls (fwd_host_us, fwdbwd_host_us in the JSON: validation, planning, launches).
 //
 // Usage: dattn-bench-gpu [--configs seed,long256k] [--dtypes bf16,fp16,fp32,tf32] [--repeats N]
 //                        [--warmup N] [--json FILE] [--cuda-kernels auto,sm80,sm90] [--no-workspace]
@@ -25,6 +26,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -132,6 +134,7 @@ struct Tensors {
 
 struct Timing {
   double median = 0, min = 0, max = 0;
+  double host_us = 0;  // median host time of the call itself (until it returns, before the GPU finishes)
 };
 Timing summarise(std::vector<double> t) {
   std::sort(t.begin(), t.end());
@@ -355,19 +358,28 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int 
   cudaEvent_t start, stop;
   CUDA_OK(cudaEventCreate(&start));
   CUDA_OK(cudaEventCreate(&stop));
+  // The GPU time between events around the call (the host's launch latency counted: each call
+  // starts on an idle GPU), and the host's own time in the call (what Python's calls add to).
   auto time = [&](auto&& body) {
-    std::vector<double> ms;
+    std::vector<double> ms, host_us;
     for (int i = 0; i < warmup + repeats; ++i) {
       const int s = i % sets;
       CUDA_OK(cudaEventRecord(start, stream));
+      const auto host_start = std::chrono::steady_clock::now();
       body(s);
+      const auto host_end = std::chrono::steady_clock::now();
       CUDA_OK(cudaEventRecord(stop, stream));
       CUDA_OK(cudaEventSynchronize(stop));
       float t = 0;
       CUDA_OK(cudaEventElapsedTime(&t, start, stop));
-      if (i >= warmup) ms.push_back(t);
+      if (i >= warmup) {
+        ms.push_back(t);
+        host_us.push_back(std::chrono::duration<double, std::micro>(host_end - host_start).count());
+      }
     }
-    return summarise(ms);
+    Timing timing = summarise(ms);
+    timing.host_us = summarise(host_us).median;
+    return timing;
   };
   cudaMemPool_t pool;
   CUDA_OK(cudaDeviceGetMemPool(&pool, 0));
@@ -440,6 +452,8 @@ int main(int argc, char** argv) try {
     std::printf("| %s | %s | %s | %.3f [%.3f-%.3f] | %.1f | %.3f [%.3f-%.3f] | %.1f | %.0f | %s |\n", r.impl.c_str(), r.config.c_str(),
                 r.dtype.c_str(), r.fwd.median, r.fwd.min, r.fwd.max, r.flops / r.fwd.median / 1e9, r.fwdbwd.median,
                 r.fwdbwd.min, r.fwdbwd.max, 3.5 * r.flops / r.fwdbwd.median / 1e9, r.peak_mb, err.c_str());
+    std::fprintf(stderr, "%s %s %s: host time in the calls (median) fwd %.1f us, fwd+bwd %.1f us\n", r.impl.c_str(),
+                 r.config.c_str(), r.dtype.c_str(), r.fwd.host_us, r.fwdbwd.host_us);
   }
   if (!json_path.empty()) {
     std::ofstream f(json_path);
@@ -450,6 +464,7 @@ int main(int argc, char** argv) try {
         << "\", \"correct\": " << (r.correct ? "true" : "false") << ", \"flops\": " << r.flops
         << ", \"fwd_ms\": " << r.fwd.median << ", \"fwd_min\": " << r.fwd.min << ", \"fwd_max\": " << r.fwd.max
         << ", \"fwdbwd_ms\": " << r.fwdbwd.median << ", \"fwdbwd_min\": " << r.fwdbwd.min << ", \"fwdbwd_max\": " << r.fwdbwd.max
+        << ", \"fwd_host_us\": " << r.fwd.host_us << ", \"fwdbwd_host_us\": " << r.fwdbwd.host_us
         << ", \"peak_mb\": " << r.peak_mb << ", \"err_out\": " << num(r.err_out) << ", \"err_lse\": " << num(r.err_lse)
         << ", \"err_grad\": " << num(r.err_grad) << "}" << (i + 1 < rows.size() ? ",\n" : "\n");
     }
