@@ -140,6 +140,23 @@ bool cuda_forward_uses_tma(const DilatedConfig& config, const TensorView& q, con
 #endif
 }
 
+bool cuda_backward_uses_tma(const DilatedConfig& config, const TensorView& q, const TensorView& k, const TensorView& v,
+                            const TensorView& out, const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                            const TensorView& dk, const TensorView& dv, const LaunchOptions& options) {
+  if (q.device.type != DeviceType::cuda)
+    throw Error("q is not a CUDA tensor; expected one (the TMA loads are a CUDA path)");
+  check(config, q, k, v, out, lse, options);
+  detail::check_gradients(q, k, dout, dq, dk, dv);
+#ifdef DATTN_WITH_CUDA
+  if (detail::use_reference(options, q.dtype)) return false;
+  DilatedParams p = detail::dilated_params(config, q, k, v, out, lse, options);
+  detail::set_gradients(p, dout, dq, dk, dv);
+  return cuda::backward_uses_tma(p);
+#else
+  throw Error("this build of dattn has no CUDA backend; expected one built with DATTN_CUDA=ON");
+#endif
+}
+
 std::vector<CudaKernels> cuda_kernel_generations_built() {
 #if defined(DATTN_WITH_SM90)
   return {CudaKernels::sm80, CudaKernels::sm90};

@@ -242,6 +242,27 @@ void block_sparse_backward(const BlockSparseConfig& config, const BlockSparseMas
   cpu::backward(p);
 }
 
+bool cuda_block_sparse_backward_uses_tma(const BlockSparseConfig& config, const BlockSparseMask& mask,
+                                         const TensorView& q, const TensorView& k, const TensorView& v,
+                                         const TensorView& out, const TensorView& lse, const TensorView& dout,
+                                         const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                                         const LaunchOptions& options) {
+  if (q.device.type != DeviceType::cuda)
+    throw Error("q is not a CUDA tensor; expected one (the TMA loads are a CUDA path)");
+  detail::check_inputs(settings_of(config), q, k, v, out, lse, options);
+  detail::check_gradients(q, k, dout, dq, dk, dv);
+  check_mask_for(config, mask, q, options);
+  if (options.position_index) throw Error("options.position_index is set; block-sparse attention takes no index map");
+#ifdef DATTN_WITH_CUDA
+  if (detail::use_reference(options, q.dtype)) return false;
+  detail::DilatedParams p = detail::block_sparse_params(config, mask, q, k, v, out, lse, options);
+  detail::set_gradients(p, dout, dq, dk, dv);
+  return cuda::backward_uses_tma(p);
+#else
+  throw Error("this build of dattn has no CUDA backend; expected one built with DATTN_CUDA=ON");
+#endif
+}
+
 void block_sparse_ring_query_gradients(const BlockSparseConfig& config, const BlockSparseMask& mask,
                                        const RingStep& step, const TensorView& q, const TensorView& k,
                                        const TensorView& v, const TensorView& dout, const TensorView& lse,

@@ -78,6 +78,13 @@ std::vector<CudaKernels> cuda_kernel_generations_built();
 bool cuda_forward_uses_tma(const DilatedConfig& config, const TensorView& q, const TensorView& k, const TensorView& v,
                            const TensorView& out, const TensorView& lse, const LaunchOptions& options = {});
 
+// Whether backward with these arguments (CUDA tensors) runs the sm90 backward whose producer loads
+// Q, K, V and dO by TMA: in builds with DATTN_SM90_TMA, for the calls the forward's TMA loads cover
+// with dout laid out as they need; false elsewhere. Validates the arguments as backward does.
+bool cuda_backward_uses_tma(const DilatedConfig& config, const TensorView& q, const TensorView& k, const TensorView& v,
+                            const TensorView& out, const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                            const TensorView& dk, const TensorView& dv, const LaunchOptions& options = {});
+
 void forward(const DilatedConfig& config, const TensorView& q, const TensorView& k,
              const TensorView& v, const TensorView& out, const TensorView& lse,
              const LaunchOptions& options = {});

@@ -83,6 +83,13 @@ void block_sparse_backward(const BlockSparseConfig& config, const BlockSparseMas
                            const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
                            const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv,
                            const LaunchOptions& options = {});
+// Whether block_sparse_backward with these arguments runs the sm90 backward whose producer loads by
+// TMA (as dattn::cuda_backward_uses_tma); validates the arguments as block_sparse_backward does.
+bool cuda_block_sparse_backward_uses_tma(const BlockSparseConfig& config, const BlockSparseMask& mask,
+                                         const TensorView& q, const TensorView& k, const TensorView& v,
+                                         const TensorView& out, const TensorView& lse, const TensorView& dout,
+                                         const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                                         const LaunchOptions& options = {});
 
 // Ring backward steps of block-sparse attention: ring_query_gradients, ring_finish_query_gradients
 // and ring_key_gradients of dattn/attention.hpp with a block mask (block-aligned steps, CPU).

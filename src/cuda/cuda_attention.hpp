@@ -21,6 +21,8 @@ CudaKernels kernel_generation(const detail::DilatedParams& params, bool backward
 // Whether forward runs the sm90 forward with TMA loads for these params (builds with
 // DATTN_SM90_TMA only; see sm90_tma_covers in src/cuda/sm90/tensor_maps.hpp).
 bool forward_uses_tma(const detail::DilatedParams& params);
+// Whether backward runs the sm90 backward with TMA loads (sm90_backward_tma_covers).
+bool backward_uses_tma(const detail::DilatedParams& params);
 void backward(const detail::DilatedParams& params);  // reads out and lse saved by forward
 
 // Decoding: k_new, v_new [B, Tn, Hkv, D] written into the caches at rows lengths[b] + t (lengths

@@ -185,12 +185,22 @@ void forward_launch_sm90(const DilatedParams& p, int consumers, bool tma, const 
   forward_launch_sm90<T, false>(p, consumers, plan, s);
 }
 
-template <class T>
+template <class T, bool Tma>
 void backward_launch_sm90(const DilatedParams& p, const LaunchPlan& plan, cudaStream_t s) {
 #ifndef DATTN_CUDA_MINIMAL
-  if (p.head_dim == 128) return launch_backward_sm90<T, 128>(p, plan, s);
+  if (p.head_dim == 128) return launch_backward_sm90<T, 128, Tma>(p, plan, s);
 #endif
-  return launch_backward_sm90<T, 64>(p, plan, s);
+  return launch_backward_sm90<T, 64, Tma>(p, plan, s);
+}
+
+// The backward's producer loads by TMA where sm90_backward_tma_covers admits the call (builds with
+// DATTN_SM90_TMA), else by cp.async.
+template <class T>
+void backward_launch_sm90(const DilatedParams& p, const LaunchPlan& plan, cudaStream_t s) {
+#ifdef DATTN_WITH_SM90_TMA
+  if (sm90_backward_tma_covers(p)) return backward_launch_sm90<T, true>(p, plan, s);
+#endif
+  backward_launch_sm90<T, false>(p, plan, s);
 }
 #endif
 
@@ -423,6 +433,15 @@ CudaKernels kernel_generation(const DilatedParams& p, bool backward) {
 bool forward_uses_tma(const DilatedParams& p) {
 #ifdef DATTN_WITH_SM90_TMA
   return kernel_generation(p, false) == CudaKernels::sm90 && sm90_tma_covers(p);
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+bool backward_uses_tma(const DilatedParams& p) {
+#ifdef DATTN_WITH_SM90_TMA
+  return kernel_generation(p, true) == CudaKernels::sm90 && sm90_backward_tma_covers(p);
 #else
   (void)p;
   return false;

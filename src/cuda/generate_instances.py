@@ -24,7 +24,7 @@ for direction, header in DIRECTIONS.items():
 
 # sm90 (wgmma) forward and backward: 16-bit types, head dims 64 and 128, in sm90/instances/. The
 # forward at head dim 64 has two block shapes (two or three consumer warpgroups, chosen per call),
-# each also with TMA loads (the _tma files, built with DATTN_SM90_TMA).
+# each also with TMA loads (the _tma files, built with DATTN_SM90_TMA); the backward too.
 SM90_HEAD_DIMS = [64, 128]
 SM90_FORWARD_CONSUMERS = {64: [2, 3], 128: [2]}
 sm90_out = out.parent / "sm90" / "instances"
@@ -32,7 +32,7 @@ sm90_out.mkdir(exist_ok=True)
 for direction in DIRECTIONS:
     for d in SM90_HEAD_DIMS:
         for consumers in SM90_FORWARD_CONSUMERS[d] if direction == "forward" else [None]:
-            for tma in [False, True] if direction == "forward" else [False]:
+            for tma in [False, True]:
                 for name in ("bf16", "fp16"):
                     ctype = DTYPES[name][0]
                     shape = "" if consumers is None else f", {consumers} consumers"

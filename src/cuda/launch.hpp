@@ -149,7 +149,7 @@ template <class T, int D, int Consumers, bool Tma = false>
 void launch_forward_sm90(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream);
 template <class T, int D, int S>
 void launch_backward(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream);
-template <class T, int D>
+template <class T, int D, bool Tma = false>
 void launch_backward_sm90(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream);
 
 }  // namespace dattn::cuda

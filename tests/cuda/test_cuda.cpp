@@ -16,8 +16,8 @@
 // --cuda-kernels picks the kernel generation (LaunchOptions::cuda_kernels; ring steps always run the
 // automatic choice); every case line and the summary name the generations that ran.
 // Prints a line per case (ok or FAIL, the kernel generations that ran it: forward/backward, the
-// forward's "sm90 tma" where its producer loaded by TMA, a DATTN_SM90_TMA build's path for the calls
-// it covers), the failures' details, and "N passed, M failed"; exit 0 when all passed, 77 without
+// forward's and the backward's "sm90 tma" where its producer loaded by TMA, a DATTN_SM90_TMA build's
+// path for the calls it covers), the failures' details, and "N passed, M failed"; exit 0 when all passed, 77 without
 // a GPU.
 #include <cuda_runtime.h>
 
@@ -577,6 +577,18 @@ Result run_case(const Case& c, cudaStream_t stream) {
     options.workspace = backward_options.workspace;
     options.workspace_bytes = backward_options.workspace_bytes;
     options.cuda_kernels = backward_options.cuda_kernels;
+    // The sm90 backward's producer: " tma" after the backward's generation where it loads by TMA,
+    // e.g. "sm90 tma rows 192/sm90 tma dQ atomic".
+    const dattn::TensorView dout_view = dout.device_view(), dq_view = grads[0].device_view(),
+                            dk_view = grads[1].device_view(), dv_view = grads[2].device_view();
+    const bool backward_tma =
+        block_mask ? dattn::cuda_block_sparse_backward_uses_tma(block_sparse_config_of(c.block_size, config),
+                                                                *block_mask_device, q_view, k_view, v_view,
+                                                                out.device_view(), lse.device_view(), dout_view,
+                                                                dq_view, dk_view, dv_view, options)
+                   : dattn::cuda_backward_uses_tma(config, q_view, k_view, v_view, out.device_view(), lse.device_view(),
+                                                   dout_view, dq_view, dk_view, dv_view, options);
+    if (backward_tma) result.kernels.insert(result.kernels.find("/sm90") + 5, " tma");
     attention_backward(qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(), out.device_view(),
                        lse.device_view(), dout.device_view(), grads[0].device_view(), grads[1].device_view(),
                        grads[2].device_view(), options);

@@ -3,7 +3,8 @@
 // blocks own queries and loop over key tiles; every gradient row written by one block, no atomics)
 // with the products on warpgroup MMA, in the forward's warp-specialised shape. Warpgroup 0
 // produces: it loads the block's 128 own rows (K and V, or Q and dO) with the first tile, then each
-// 64-row tile of the other side (Q, dO, lse and delta, or K, V and the key bias) by cp.async into a
+// 64-row tile of the other side (Q, dO, lse and delta, or K, V and the key bias) by cp.async, or
+// Q, K, V and dO by TMA where the forward's TMA loads cover the call (produce_backward_tma), into a
 // ring of stages in wgmma's 128-byte swizzled layout, and writes the unselected rows of the
 // block's region. Warpgroups 1 and 2 consume, 64 own rows each:
 //   dk/dv: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ from shared memory; dV += (P∘Z)ᵀ·dO and dK += dSᵀ·Q with the
@@ -19,6 +20,8 @@
 // bulk reduction per tile; the group's last block to finish writes dq from the slot
 // (dq_atomic.cuh): five products per pair of tiles instead of seven, and no second pass.
 #pragma once
+
+#include <type_traits>
 
 #include "cuda/backward_tile.cuh"
 #include "cuda/sm90/dq_atomic.cuh"
@@ -63,6 +66,38 @@ struct BackwardStages {
   __device__ float* column(int stage, int which) const { return floats + (stage * 3 + which) * Shape::kBlockOther; }
 };
 
+// A stage's float columns of the other side's rows [j0, j0 + valid): for dk/dv blocks the queries'
+// lse and delta (cp.async; delta computed from dO and O where none is given) and, for causality
+// under an index map, positions; for dq blocks the keys' bias (and positions).
+template <class T, int D, Walk kWalk>
+__device__ __forceinline__ void produce_columns(const detail::DilatedParams& p, const BlockWork& w, const Side& other,
+                                                std::int64_t j0, int valid, int stage, bool keys_own,
+                                                bool causal_by_position, bool delta_given, const BackwardStages<D>& st) {
+  constexpr int BO = Sm90BackwardShape<D>::kBlockOther;
+  if (keys_own) {
+    const int c = threadIdx.x;
+    if (c < BO) {
+      const bool ok = c < valid;
+      const std::int64_t row = ok ? w.row(other, j0 + c) : 0;
+      cp_async_4(smem_address(st.column(stage, 0) + c), lse_pointer(p, w.batch, w.head, row), ok);
+      if (delta_given)
+        cp_async_4(smem_address(st.column(stage, 1) + c), delta_pointer(p, w.batch, w.head, row), ok);
+      if (causal_by_position)
+        reinterpret_cast<int*>(st.column(stage, 2))[c] = ok ? w.position32(other, int(j0) + c) : 0;
+    }
+    if (!delta_given) {  // two threads a row; a plain store, released by the keys barrier
+      static_assert(2 * BO == 128, "two producer threads per query row");
+      const int row = threadIdx.x / 2, part = threadIdx.x % 2;
+      float sum = row < valid ? row_delta_part<T, D, 2>(p, w, other, j0 + row, part) : 0.0f;
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      if (part == 0) st.column(stage, 1)[row] = sum;
+    }
+  } else {
+    key_bias(p, w, j0, valid, BO, st.column(stage, 0),
+             causal_by_position ? reinterpret_cast<int*>(st.column(stage, 1)) : nullptr);
+  }
+}
+
 // Warpgroup 0: the own tiles with the first stage, then every tile of the other side.
 template <class T, int D, Walk kWalk, class Tiles>
 __device__ __forceinline__ void produce_backward(const detail::DilatedParams& p, const BlockWork& w, const Tiles& tiles,
@@ -77,11 +112,7 @@ __device__ __forceinline__ void produce_backward(const detail::DilatedParams& p,
   const Side other = keys_own ? w.query : w.key;
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
-    if (it >= kStages) {  // the consumers emptied the stage; this thread's last arrivals completed
-      barrier_wait(st.empty + stage, (it / kStages + 1) & 1);
-      barrier_wait(st.full + stage, (it / kStages + 1) & 1);
-      barrier_wait(st.keys + stage, (it / kStages + 1) & 1);
-    }
+    wait_stage_reusable<kStages>(st, it);
     if (it == 0) {
       load_row_pair<T, 1, BW, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.own_a),
                                                 reinterpret_cast<std::uint16_t*>(st.own_b), 0, keys_own ? p.k : p.q,
@@ -93,35 +124,115 @@ __device__ __forceinline__ void produce_backward(const detail::DilatedParams& p,
     load_row_pair<T, 1, BO, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.a(stage)),
                                               reinterpret_cast<std::uint16_t*>(st.b(stage)), 0, keys_own ? p.q : p.k,
                                               keys_own ? p.dout : p.v, w, other, j0, valid);
-    if (keys_own) {
-      const int c = threadIdx.x;
-      if (c < BO) {
-        const bool ok = c < valid;
-        const std::int64_t row = ok ? w.row(other, j0 + c) : 0;
-        cp_async_4(smem_address(st.column(stage, 0) + c), lse_pointer(p, w.batch, w.head, row), ok);
-        if (delta_given)
-          cp_async_4(smem_address(st.column(stage, 1) + c), delta_pointer(p, w.batch, w.head, row), ok);
-        if (causal_by_position)
-          reinterpret_cast<int*>(st.column(stage, 2))[c] = ok ? w.position32(other, int(j0) + c) : 0;
-      }
-      if (!delta_given) {  // two threads a row; a plain store, released by the keys barrier
-        static_assert(2 * BO == 128, "two producer threads per query row");
-        const int row = threadIdx.x / 2, part = threadIdx.x % 2;
-        float sum = row < valid ? row_delta_part<T, D, 2>(p, w, other, j0 + row, part) : 0.0f;
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        if (part == 0) st.column(stage, 1)[row] = sum;
-      }
-    } else {
-      key_bias(p, w, j0, valid, BO, st.column(stage, 0),
-               causal_by_position ? reinterpret_cast<int*>(st.column(stage, 1)) : nullptr);
-    }
+    produce_columns<T, D, kWalk>(p, w, other, j0, valid, stage, keys_own, causal_by_position, delta_given, st);
     cp_async_arrive(st.full + stage);
     barrier_arrive(st.keys + stage);
   }
-  for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it) {
-    barrier_wait(st.full + it % kStages, (it / kStages) & 1);  // the last arrivals' phases
-    barrier_wait(st.keys + it % kStages, (it / kStages) & 1);
+  wait_last_arrivals<kStages>(st, num_tiles);
+}
+
+// Warpgroup 0 of the backward's TMA instances (the calls sm90_backward_tma_covers admits): as
+// produce_backward, but Q, K, V and dO come by TMA on the stage's `full` barrier. The dilated and
+// sparse walks: thread 0 announces the boxes' bytes and issues them (the own side's 128 rows as
+// two 64-row boxes with the first tile, then each 64-row tile of the other side) at map coordinates
+// (column, head, first mod r, first / r + j, batch). Under an index map every row is a one-row box
+// issued by the thread of its index (own row t, other row t), each warp announcing its rows' bytes
+// before its copies. Each thread still arrives once per phase on `full` when its cp.async copies
+// (lse, delta) land, so the phase waits for both. Rows past a side's end that a box brought in (the
+// next segment's) are zeroed once they have landed, and rows no copy writes at once, as the
+// cp.async producer zero-fills them: no product may meet them (0 · NaN).
+template <class T, int D, Walk kWalk, class Tiles>
+__device__ __forceinline__ void produce_backward_tma(const detail::DilatedParams& p, const BlockWork& w,
+                                                     const Tiles& tiles, int num_tiles, const BackwardStages<D>& st,
+                                                     const BackwardTensorMaps& maps) {
+  using Shape = Sm90BackwardShape<D>;
+  constexpr int BW = Shape::kBlockOwn, BO = Shape::kBlockOther, kStages = Shape::kStages;
+  constexpr std::uint32_t kRowBytes = 128 * (D / 64);  // one row's boxes
+  static_assert(BW == 128 && BO <= 128, "an own row per producer thread; an other row per thread below BO");
+  const bool keys_own = w.role == kDkDvRole;
+  const bool causal_by_position = kWalk == Walk::indexed && p.causal;
+  const bool delta_given = p.softmax_delta != nullptr;
+  const Side own = keys_own ? w.key : w.query;  // copies: registers, not w's local memory
+  const Side other = keys_own ? w.query : w.key;
+  const CUtensorMap* own_a = keys_own ? &maps.k[w.branch] : &maps.q[w.branch];
+  const CUtensorMap* own_b = keys_own ? &maps.v[w.branch] : &maps.dout[w.branch];
+  const CUtensorMap* other_a = keys_own ? &maps.q[w.branch] : &maps.k[w.branch];
+  const CUtensorMap* other_b = keys_own ? &maps.dout[w.branch] : &maps.v[w.branch];
+  const int query_head = int(w.head), key_head = int(operand_head(p.k, w.head));
+  const int own_head = keys_own ? key_head : query_head, other_head = keys_own ? query_head : key_head;
+  const int batch = int(w.batch), t = int(threadIdx.x);
+  if (t == 0) {
+    prefetch_tensor_map(own_a);
+    prefetch_tensor_map(own_b);
+    prefetch_tensor_map(other_a);
+    prefetch_tensor_map(other_b);
   }
+  for (int it = 0; it < num_tiles; ++it) {
+    const int stage = it % kStages;
+    wait_stage_reusable<kStages>(st, it);
+    const std::int64_t j0 = tiles.start(it);
+    const int valid = tiles.valid(it);
+    std::uint64_t* full = st.full + stage;
+    const std::uint32_t to_a = smem_address(st.a(stage)), to_b = smem_address(st.b(stage));
+    const std::uint32_t own_to_a = smem_address(st.own_a), own_to_b = smem_address(st.own_b);
+    const int own_rows = it == 0 ? w.tile_rows : 0;
+    if constexpr (kWalk == Walk::indexed) {
+      const int warp_first = t / 32 * 32;
+      const int rows = min(32, max(0, own_rows - warp_first)) + min(32, max(0, valid - warp_first));
+      if (t % 32 == 0 && rows > 0) barrier_expect_tx(full, std::uint32_t(2 * rows) * kRowBytes);
+      __syncwarp();
+      if (t < own_rows) {
+        const int row = w.row32(own, int(w.tile_begin) + t);
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c) {
+          tma_load_5d(own_to_a + (c * BW + t) * 128, own_a, c * 64, own_head, 0, row, batch, full);
+          tma_load_5d(own_to_b + (c * BW + t) * 128, own_b, c * 64, own_head, 0, row, batch, full);
+        }
+      }
+      if (t < valid) {
+        const int row = w.row32(other, int(j0) + t);
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c) {
+          tma_load_5d(to_a + (c * BO + t) * 128, other_a, c * 64, other_head, 0, row, batch, full);
+          tma_load_5d(to_b + (c * BO + t) * 128, other_b, c * 64, other_head, 0, row, batch, full);
+        }
+      }
+    } else if (t == 0) {
+      const unsigned r = unsigned(w.stride);
+      barrier_expect_tx(full, std::uint32_t(2 * BO + (it == 0 ? 2 * BW : 0)) * kRowBytes);
+      if (it == 0) {
+        const unsigned first = unsigned(own.first);
+        const int offset = int(first % r), row = int(first / r) + int(w.tile_begin);
+#pragma unroll
+        for (int h = 0; h < BW / BO; ++h)
+#pragma unroll
+          for (int c = 0; c < D / 64; ++c) {
+            const std::uint32_t at = (c * BW + h * BO) * 128;
+            tma_load_5d(own_to_a + at, own_a, c * 64, own_head, offset, row + h * BO, batch, full);
+            tma_load_5d(own_to_b + at, own_b, c * 64, own_head, offset, row + h * BO, batch, full);
+          }
+      }
+      const unsigned first = unsigned(other.first);
+      const int offset = int(first % r), row = int(first / r) + int(j0);
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c) {
+        tma_load_5d(to_a + c * BO * 128, other_a, c * 64, other_head, offset, row, batch, full);
+        tma_load_5d(to_b + c * BO * 128, other_b, c * 64, other_head, offset, row, batch, full);
+      }
+    }
+    if (it == 0 && keys_own) key_bias(p, w, w.tile_begin, w.tile_rows, BW, st.own_bias);
+    produce_columns<T, D, kWalk>(p, w, other, j0, valid, stage, keys_own, causal_by_position, delta_given, st);
+    cp_async_arrive(full);
+    const bool own_short = own_rows > 0 && own_rows < BW, other_short = valid < BO;
+    if (own_short || other_short) {
+      if constexpr (kWalk != Walk::indexed) barrier_wait(full, (it / kStages) & 1);  // the boxes have landed
+      if (own_short) zero_rows<BW, D>(st.own_a, st.own_b, own_rows);
+      if (other_short) zero_rows<BO, D>(st.a(stage), st.b(stage), valid);
+      fence_async_shared();  // the zeros, before the consumers' wgmma reads
+    }
+    barrier_arrive(st.keys + stage);
+  }
+  wait_last_arrivals<kStages>(st, num_tiles);
 }
 
 // Issues C = A·Bᵀ for the warpgroup's 64 own rows (A: the own tile, 128 rows a column block)
@@ -313,16 +424,19 @@ __device__ __forceinline__ void consume_queries(const detail::DilatedParams& p, 
 }
 
 // One block's work: the producer warpgroup and the two consumers.
-template <class T, int D, Walk kWalk, bool kAtomicDq>
+template <class T, int D, Walk kWalk, bool kAtomicDq, class Maps>
 __device__ __forceinline__ void backward_block(const detail::DilatedParams& p, const BlockWork& w,
-                                               const BackwardStages<D>& st) {
+                                               const BackwardStages<D>& st, const Maps& maps) {
   using Shape = Sm90BackwardShape<D>;
   const auto tiles = other_tiles<Shape::kBlockOther, kWalk>(p, w);
   const int num_tiles = w.tile_rows > 0 ? tiles.count : 0;
   const bool keys_own = w.role == kDkDvRole;
   if (threadIdx.x < 128) {
     registers_decrease<Shape::kProducerRegisters>();
-    produce_backward<T, D, kWalk>(p, w, tiles, num_tiles, st);
+    if constexpr (std::is_same_v<Maps, BackwardTensorMaps>)
+      produce_backward_tma<T, D, kWalk>(p, w, tiles, num_tiles, st, maps);
+    else
+      produce_backward<T, D, kWalk>(p, w, tiles, num_tiles, st);
     if (!w.accumulate)
       zero_unselected<T, D, 128>(p, w, keys_own ? &p.dk : &p.dq, keys_own ? &p.dv : nullptr, false);
     // dQ by atomics: the dk/dv block's region holds the same positions for dq (no ring steps here
@@ -336,9 +450,11 @@ __device__ __forceinline__ void backward_block(const detail::DilatedParams& p, c
   }
 }
 
-template <class T, int D, Walk kWalk, bool kAtomicDq>
+// Maps: BackwardTensorMaps for the TMA instances, else NoTensorMaps.
+template <class T, int D, Walk kWalk, bool kAtomicDq, class Maps>
 __global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
-    backward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan) {
+    backward_kernel(const __grid_constant__ detail::DilatedParams p, const __grid_constant__ LaunchPlan plan,
+                    const __grid_constant__ Maps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = Sm90BackwardShape<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -367,8 +483,10 @@ __global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
     // above) before this block's bulk reductions into it (async proxy).
     fence_async_global();
   }
-  if (run) backward_block<T, D, kWalk, kAtomicDq>(p, w, st);
+  if (run) backward_block<T, D, kWalk, kAtomicDq>(p, w, st, maps);
   if (kAtomicDq && threadIdx.x >= 128) arrive_and_convert<T, D>(p, plan, w.group);
+#else
+  (void)p, (void)plan, (void)maps;
 #endif
 }
 
@@ -377,20 +495,32 @@ __global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
 namespace dattn::cuda {
 
 // With params.dq_scratch (dQ by atomics: plan holds the dk/dv jobs only) the dk/dv blocks, which
-// also write dq; else the dk/dv and dq blocks.
-template <class T, int D>
+// also write dq; else the dk/dv and dq blocks. Tma: the instances whose producer loads by TMA
+// (dispatch.cu runs them where sm90_backward_tma_covers admits the call).
+template <class T, int D, bool Tma>
 void launch_backward_sm90(const detail::DilatedParams& params, const LaunchPlan& plan, cudaStream_t stream) {
   using Shape = Sm90BackwardShape<D>;
   const bool atomic = params.dq_scratch != nullptr;
-  auto kernel = params.block_size > 0              ? sm90::backward_kernel<T, D, Walk::sparse, false>
-                : params.position_index != nullptr ? (atomic ? sm90::backward_kernel<T, D, Walk::indexed, true>
-                                                             : sm90::backward_kernel<T, D, Walk::indexed, false>)
-                : atomic                           ? sm90::backward_kernel<T, D, Walk::dilated, true>
-                                                   : sm90::backward_kernel<T, D, Walk::dilated, false>;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmemBytes)) != cudaSuccess)
-    check_launch("sm90 backward (shared memory attribute)");
-  kernel<<<plan.total_blocks, Shape::kThreads, Shape::kSmemBytes, stream>>>(params, plan);
-  check_launch("sm90 backward");
+  auto launch = [&](const auto& maps) {
+    using Maps = std::decay_t<decltype(maps)>;
+    auto kernel = params.block_size > 0 ? sm90::backward_kernel<T, D, Walk::sparse, false, Maps>
+                  : params.position_index != nullptr
+                      ? (atomic ? sm90::backward_kernel<T, D, Walk::indexed, true, Maps>
+                                : sm90::backward_kernel<T, D, Walk::indexed, false, Maps>)
+                  : atomic ? sm90::backward_kernel<T, D, Walk::dilated, true, Maps>
+                           : sm90::backward_kernel<T, D, Walk::dilated, false, Maps>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmemBytes)) != cudaSuccess)
+      check_launch("sm90 backward (shared memory attribute)");
+    kernel<<<plan.total_blocks, Shape::kThreads, Shape::kSmemBytes, stream>>>(params, plan, maps);
+    check_launch("sm90 backward");
+  };
+  if constexpr (Tma) {
+    BackwardTensorMaps maps{};
+    encode_backward_maps(params, plan, params.position_index != nullptr ? 1 : Shape::kBlockOther, maps);
+    launch(maps);
+  } else {
+    launch(NoTensorMaps{});
+  }
 }
 
 }  // namespace dattn::cuda

@@ -102,12 +102,12 @@ struct Stages {
   }
 };
 
-// Before a producer refills the stage of tile `it`: the consumers have emptied it, and this
+// Before a producer refills the stage of tile `it` (of kStages, in the stages' `full`, `keys` and
+// `empty` barriers: the forward's and the backward's): the consumers have emptied it, and this
 // thread's own arrivals of the stage's previous phase have completed (compute-sanitizer's synccheck
 // expects every arrival's phase to be waited for).
-template <class Shape>
-__device__ __forceinline__ void wait_stage_reusable(const Stages<Shape>& st, int it) {
-  constexpr int kStages = Shape::kStages;
+template <int kStages, class StageBarriers>
+__device__ __forceinline__ void wait_stage_reusable(const StageBarriers& st, int it) {
   if (it < kStages) return;
   const int stage = it % kStages, parity = (it / kStages + 1) & 1;
   barrier_wait(st.empty + stage, parity);
@@ -116,9 +116,8 @@ __device__ __forceinline__ void wait_stage_reusable(const Stages<Shape>& st, int
 }
 
 // After a producer's last tile: the phases of its last arrivals on each stage.
-template <class Shape>
-__device__ __forceinline__ void wait_last_arrivals(const Stages<Shape>& st, int num_tiles) {
-  constexpr int kStages = Shape::kStages;
+template <int kStages, class StageBarriers>
+__device__ __forceinline__ void wait_last_arrivals(const StageBarriers& st, int num_tiles) {
   for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it) {
     barrier_wait(st.full + it % kStages, (it / kStages) & 1);
     barrier_wait(st.keys + it % kStages, (it / kStages) & 1);
@@ -134,7 +133,7 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
   const bool causal_by_position = kWalk == Walk::indexed && p.causal;
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
-    wait_stage_reusable(st, it);
+    wait_stage_reusable<kStages>(st, it);
     if (it == 0)
       load_rows<T, 1, BM, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.q), 0, p.q, w, w.query, w.tile_begin,
                                             w.tile_rows);
@@ -147,21 +146,27 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
     cp_async_arrive(st.full + stage);  // the stage's copies, when they land
     barrier_arrive(st.keys + stage);   // this thread's plain stores (the key bias)
   }
-  wait_last_arrivals(st, num_tiles);
+  wait_last_arrivals<kStages>(st, num_tiles);
 }
 
-// Rows [valid, kBlockN) of a stage's K and V tiles as zeros (16-byte stores by the producer's
-// threads), as the cp.async producer leaves them: a box of rows reaches past its group into the
-// next segment's rows, whose values (a NaN, say) must reach neither the scores nor P·V (0 · NaN).
+// Rows [valid, kRows) of two swizzled tiles of kRows rows (head dim D) as zeros (16-byte stores
+// by the producer's 128 threads), as the cp.async producer leaves them: a box of rows reaches past
+// its group into the next segment's rows, whose values (a NaN, say) must reach no product (0 · NaN).
+template <int kRows, int D>
+__device__ __forceinline__ void zero_rows(unsigned char* a, unsigned char* b, int valid) {
+  constexpr int kColumnBlocks = D / 64;
+  const int chunks = (kRows - valid) * 8;  // of one 64-column block: rows of 128 bytes, one after another
+  for (int c = threadIdx.x; c < kColumnBlocks * chunks; c += 128) {
+    const int at = ((c / chunks) * kRows + valid) * 128 + (c % chunks) * 16;
+    *reinterpret_cast<uint4*>(a + at) = make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(b + at) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// A stage's K and V tiles' rows [valid, kBlockN).
 template <class Shape>
 __device__ __forceinline__ void zero_tile_rows(unsigned char* k, unsigned char* v, int valid) {
-  constexpr int BN = Shape::kBlockN, kColumnBlocks = Shape::kHeadDim / 64;
-  const int chunks = (BN - valid) * 8;  // of one 64-column block: rows of 128 bytes, one after another
-  for (int c = threadIdx.x; c < kColumnBlocks * chunks; c += 128) {
-    const int at = ((c / chunks) * BN + valid) * 128 + (c % chunks) * 16;
-    *reinterpret_cast<uint4*>(k + at) = make_uint4(0, 0, 0, 0);
-    *reinterpret_cast<uint4*>(v + at) = make_uint4(0, 0, 0, 0);
-  }
+  zero_rows<Shape::kBlockN, Shape::kHeadDim>(k, v, valid);
 }
 
 // Warpgroup 0 of the TMA instances (the dilated walk over whole sequences): thread 0 issues each
@@ -182,7 +187,7 @@ __device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, cons
   }
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
-    wait_stage_reusable(st, it);
+    wait_stage_reusable<kStages>(st, it);
     const std::int64_t k0 = tiles.start(it);
     const int valid = tiles.valid(it);
     unsigned char* k_tile = st.k + stage * Shape::kKvBytes;
@@ -217,7 +222,7 @@ __device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, cons
     }
     barrier_arrive(st.keys + stage);  // this thread's plain stores (the key bias, the zeros)
   }
-  wait_last_arrivals(st, num_tiles);
+  wait_last_arrivals<kStages>(st, num_tiles);
 }
 
 // Warpgroup 0 of the TMA instances for an index map (a Hilbert order): a tile's rows lie anywhere
@@ -254,7 +259,7 @@ __device__ __forceinline__ void produce_tma_rows(const detail::DilatedParams& p,
   };
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
-    wait_stage_reusable(st, it);
+    wait_stage_reusable<kStages>(st, it);
     const std::int64_t k0 = tiles.start(it);
     const int valid = tiles.valid(it);
     unsigned char* k_tile = st.k + stage * Shape::kKvBytes;
@@ -284,7 +289,7 @@ __device__ __forceinline__ void produce_tma_rows(const detail::DilatedParams& p,
     if (valid < BN || it == 0) fence_async_shared();  // the zeros, before the consumers' wgmma reads
     barrier_arrive(st.keys + stage);  // this thread's plain stores (the key bias, positions, zeros)
   }
-  wait_last_arrivals(st, num_tiles);
+  wait_last_arrivals<kStages>(st, num_tiles);
 }
 
 // The consumer warpgroups: the online softmax over the key tiles of the stages, then the epilogue.

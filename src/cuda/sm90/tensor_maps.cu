@@ -114,8 +114,18 @@ bool sm90_tma_covers(const DilatedParams& p) {
   return true;
 }
 
-void encode_forward_maps(const DilatedParams& p, const LaunchPlan& plan, int query_rows, int key_rows,
-                         ForwardTensorMaps& maps) {
+namespace {
+
+// One operand's maps: its name (for messages), tensor, heads, box rows and per-branch maps.
+struct MapOperand {
+  const char* name;
+  const Operand* x;
+  std::int64_t heads;
+  int rows;
+  CUtensorMap* maps;
+};
+
+void encode_maps(const DilatedParams& p, const LaunchPlan& plan, const MapOperand* operands, int count) {
   const EncodeTiled encode = encode_tiled();
   const CUtensorMapDataType type =
       p.dtype == DType::bfloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
@@ -125,30 +135,50 @@ void encode_forward_maps(const DilatedParams& p, const LaunchPlan& plan, int que
     if (encoded[branch]) continue;
     encoded[branch] = true;
     const std::int64_t r = map_rate(p, branch);
-    const struct {
-      const char* name;
-      const Operand* x;
-      std::int64_t heads;
-      int rows;
-      CUtensorMap* map;
-    } operands[] = {{"q", &p.q, p.heads, query_rows, &maps.q[branch]},
-                    {"k", &p.k, p.kv_heads, key_rows, &maps.k[branch]},
-                    {"v", &p.v, p.kv_heads, key_rows, &maps.v[branch]}};
-    for (const auto& o : operands) {
+    for (int i = 0; i < count; ++i) {
+      const MapOperand& o = operands[i];
       MapShape m;
       const cuuint32_t box[5] = {cuuint32_t(kBoxColumns), 1, 1, cuuint32_t(o.rows), 1};
       const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
       const CUresult status =
           map_shape(p, *o.x, o.heads, r, m)
-              ? encode(o.map, type, 5, o.x->data, m.dims, m.strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                       CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+              ? encode(&o.maps[branch], type, 5, o.x->data, m.dims, m.strides, box, element_strides,
+                       CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
               : CUDA_ERROR_INVALID_VALUE;
       if (status != CUDA_SUCCESS)
-        throw std::runtime_error(std::string("dattn: cuTensorMapEncodeTiled refused the sm90 forward's map of ") + o.name +
+        throw std::runtime_error(std::string("dattn: cuTensorMapEncodeTiled refused the sm90 kernels' map of ") + o.name +
                                  " for branch " + std::to_string(branch) + " (error " + std::to_string(int(status)) +
                                  "), which sm90_tma_covers admitted");
     }
   }
+}
+
+}  // namespace
+
+void encode_forward_maps(const DilatedParams& p, const LaunchPlan& plan, int query_rows, int key_rows,
+                         ForwardTensorMaps& maps) {
+  const MapOperand operands[] = {{"q", &p.q, p.heads, query_rows, maps.q},
+                                 {"k", &p.k, p.kv_heads, key_rows, maps.k},
+                                 {"v", &p.v, p.kv_heads, key_rows, maps.v}};
+  encode_maps(p, plan, operands, 3);
+}
+
+bool sm90_backward_tma_covers(const DilatedParams& p) {
+  if (!sm90_tma_covers(p)) return false;
+  MapShape m;
+  for (int i = 0; i < (p.block_size > 0 ? 1 : p.num_branches); ++i)
+    if ((p.block_size > 0 || p.branches[i].head_count > 0) && !map_shape(p, p.dout, p.heads, map_rate(p, i), m))
+      return false;
+  return true;
+}
+
+void encode_backward_maps(const DilatedParams& p, const LaunchPlan& plan, int rows, BackwardTensorMaps& maps) {
+  const MapOperand operands[] = {{"q", &p.q, p.heads, rows, maps.q},
+                                 {"k", &p.k, p.kv_heads, rows, maps.k},
+                                 {"v", &p.v, p.kv_heads, rows, maps.v},
+                                 {"dout", &p.dout, p.heads, rows, maps.dout}};
+  encode_maps(p, plan, operands, 4);
 }
 
 }  // namespace dattn::cuda

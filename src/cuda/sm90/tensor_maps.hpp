@@ -33,6 +33,15 @@ struct ForwardTensorMaps {
   CUtensorMap v[detail::kMaxBranches];
 };
 
+// The sm90 backward's maps, by branch index: q, k, v and dout (boxes of 64 rows, the other side's
+// tile; the own side's 128 rows are two boxes), or one-row boxes under an index map. 8 KiB.
+struct BackwardTensorMaps {
+  CUtensorMap q[detail::kMaxBranches];
+  CUtensorMap k[detail::kMaxBranches];
+  CUtensorMap v[detail::kMaxBranches];
+  CUtensorMap dout[detail::kMaxBranches];
+};
+
 // The cp.async instances' stand-in.
 struct NoTensorMaps {};
 
@@ -46,6 +55,14 @@ struct NoTensorMaps {};
 // caller has chosen the sm90 kernels. Defined in builds with DATTN_SM90_TMA only (forward_uses_tma,
 // dispatch.cu, is false in the others).
 bool sm90_tma_covers(const detail::DilatedParams& p);
+
+// Whether the sm90 backward's producer loads Q, K, V and dO by TMA: the calls sm90_tma_covers
+// admits, with dout as a map needs it too.
+bool sm90_backward_tma_covers(const detail::DilatedParams& p);
+
+// Encodes the backward's maps of the branches that `plan` runs, boxes of `rows` rows (64, or 1
+// under an index map).
+void encode_backward_maps(const detail::DilatedParams& p, const LaunchPlan& plan, int rows, BackwardTensorMaps& maps);
 
 // Encodes the maps of the branches that `plan` runs: boxes of query_rows rows for q, key_rows for
 // k and v (1 and 1 under an index map). Throws std::runtime_error where the driver refuses one (sm90_tma_covers admitted the

@@ -22,6 +22,13 @@ __device__ __forceinline__ void barrier_arrive_expect_tx(std::uint64_t* barrier,
                : "memory");
 }
 
+// Expect `bytes` more of asynchronous copies in this phase, without arriving (the thread arrives
+// later, e.g. when its cp.async copies land): the phase cannot complete before that arrival.
+__device__ __forceinline__ void barrier_expect_tx(std::uint64_t* barrier, std::uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(barrier)), "r"(bytes)
+               : "memory");
+}
+
 // Fetches a tensor map (a __grid_constant__ kernel parameter) into the descriptor cache.
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<std::uint64_t>(map)) : "memory");
