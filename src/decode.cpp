@@ -153,7 +153,8 @@ detail::DilatedParams decode_params(const DilatedConfig& config, const KeyValueC
 
 // CUDA: cache_seqlens stays on the device; the kernels read each sequence's L there (params'
 // key_lengths + key_length_offset). Validation copies it to the host once (a synchronisation)
-// unless cache.validate is false; the new keys are appended by a kernel in stream order.
+// unless cache.validate is false; the new keys are appended in stream order (by the decode kernels, or
+// by a kernel before the forward kernels).
 void forward_with_kvcache_cuda(const DilatedConfig& config, const KeyValueCache& cache, const TensorView& q,
                                const TensorView& out, const TensorView& lse, const LaunchOptions& options) {
   if (detail::use_reference(options, q.dtype))
@@ -167,11 +168,14 @@ void forward_with_kvcache_cuda(const DilatedConfig& config, const KeyValueCache&
     cuda::copy_to_host(p.key_lengths, seqlens.data(), seqlens.size() * sizeof(std::int32_t), options.stream);
     key_lengths(cache, q, seqlens.data());
   }
+  // A few new tokens: the split-KV decode kernels (the keys of each selected row read once, spread
+  // over the SMs; they read the new rows from k_new, v_new and append them themselves); more: the
+  // new rows appended first, then the forward kernels (dattn/decode.hpp, kCudaDecodeMaxTokens).
+  if (cuda::decode_covers(p))
+    return cuda::decode(p, cache.k_cache.shape[1], cache.k_new ? &*cache.k_new : nullptr,
+                        cache.v_new ? &*cache.v_new : nullptr);
   if (cache.k_new)
     cuda::append_to_cache(*cache.k_new, *cache.v_new, cache.k_cache, cache.v_cache, p.key_lengths, options.stream);
-  // A few new tokens: the split-KV decode kernels (the keys of each selected row read once, spread
-  // over the SMs); more: the forward kernels (dattn/decode.hpp, kCudaDecodeMaxTokens).
-  if (cuda::decode_covers(p)) return cuda::decode(p, cache.k_cache.shape[1]);
   cuda::forward(p);
 }
 #endif

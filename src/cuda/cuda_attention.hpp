@@ -40,7 +40,10 @@ void append_to_cache(const TensorView& k_new, const TensorView& v_new, const Ten
 // (cudaMallocAsync from the device's current pool; cudaFreeAsync after its kernels).
 // params.workspace of at least decode_scratch_bytes serves as that scratch instead.
 bool decode_covers(const detail::DilatedParams& params);
-void decode(const detail::DilatedParams& params, std::int64_t cache_rows);
+// With k_new and v_new (both or neither; [B, Tn, Hkv, D] on the caches' device) the kernels read the
+// new tokens' keys and values there and write them into the caches themselves (no append_to_cache).
+void decode(const detail::DilatedParams& params, std::int64_t cache_rows, const TensorView* k_new = nullptr,
+            const TensorView* v_new = nullptr);
 std::size_t decode_scratch_bytes(const detail::DilatedParams& params, std::int64_t cache_rows);
 
 // Copies `bytes` bytes of device memory to the host, in order on `stream` (a cudaStream_t), and

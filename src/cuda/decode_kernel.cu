@@ -5,12 +5,15 @@
 // memory-bound instead: every selected K and V row is read once and used by a few query rows. So
 //   1. decode_split_kernel: a block per (sequence, branch, kv head, head class, segment, key chunk,
 //      row group) reads one chunk of the keys its class selects (rows start + o + j·r of the segment,
-//      r·Hkv·D elements apart, each row as 16-byte loads), computes scores and an online softmax in
-//      fp32 on the CUDA cores, and writes the chunk's normalised output and log-sum-exp to scratch;
+//      r·Hkv·D elements apart, each row as 16-byte loads; the call's new tokens' rows from k_new,
+//      v_new), computes scores and an online softmax in fp32 on the CUDA cores, and writes the
+//      chunk's normalised output and log-sum-exp to scratch;
 //   2. decode_merge_kernel: a block per (sequence, token, query head) merges the chunks of every
 //      branch that selects its token by their log-sum-exps (SPEC.md's longnet merge, which over the
 //      one branch of a grouped-mode head is that branch's softmax, then the 1/G) and writes out and
-//      lse exactly where the forward kernels would (0 and -inf where no branch selects the token).
+//      lse exactly where the forward kernels would (0 and -inf where no branch selects the token),
+//      and writes k_new, v_new into the caches (every read of the caches is done by then: a step is
+//      two launches, without a third to append first).
 // A head class is the query heads of one kv head that select the same keys in a branch, so that a
 // block reads each K, V row once for all of them: grouped mode, the kv head's heads in the branch's
 // group (one offset, i mod r); longnet mode, those with the same h mod r (every r-th head).
@@ -96,6 +99,16 @@ struct DecodePlan {
   // (normalised by its own softmax sum, D floats) and log-sum-exp (base 2, of the scaled scores).
   float* partial_out = nullptr;
   float* partial_lse = nullptr;
+  // The call's new keys and values (k_new, v_new [B, Tn, Hkv, D]; data nullptr: none, the caches
+  // hold every key): the split kernel reads positions L - Tn .. L - 1 there, and the merge kernel,
+  // after every read of the caches in stream order, writes them into the caches' rows. So a step
+  // is two launches, not three.
+  detail::Operand k_new, v_new;
+};
+
+// k_new and v_new as the kernels read them (data nullptr: the call brings no new rows).
+struct NewRows {
+  detail::Operand k, v;
 };
 
 // The query heads of kv head `kv_head` that select the same keys in branch `br` (head class `c`):
@@ -214,12 +227,19 @@ __global__ void __launch_bounds__(kThreads)
     row_sum[m] = 0.0f;
   }
 
-  // Key j is cache row first_key + j·r.
+  // Key j is cache row first_key + j·r, or for positions from query_begin on (keys from first_new on)
+  // row first_key + j·r - query_begin of k_new, v_new where the call brings them.
   const T* k_base = static_cast<const T*>(p.k.data) + b * p.k.batch_stride + kv_head * p.k.head_stride +
                     first_key * p.k.row_stride + lane * kElems;
   const T* v_base = static_cast<const T*>(p.v.data) + b * p.v.batch_stride + kv_head * p.v.head_stride +
                     first_key * p.v.row_stride + lane * kElems;
   const std::int64_t k_step = r * p.k.row_stride, v_step = r * p.v.row_stride;
+  const bool new_rows = plan.k_new.data != nullptr;
+  const int first_new = new_rows ? int(imax(0, ceil_div(query_begin - first_key, r))) : INT_MAX;
+  const T* k_new_base = static_cast<const T*>(plan.k_new.data) + b * plan.k_new.batch_stride +
+                        kv_head * plan.k_new.head_stride + lane * kElems;
+  const T* v_new_base = static_cast<const T*>(plan.v_new.data) + b * plan.v_new.batch_stride +
+                        kv_head * plan.v_new.head_stride + lane * kElems;
 
   // Passes of kSlots·kKeys keys, the same bounds in every thread (the shuffles need whole warps):
   // key pass + u·kSlots + slot for u < kKeys, zeros past the chunk.
@@ -230,8 +250,10 @@ __global__ void __launch_bounds__(kThreads)
       const int j = pass + u * kSlots + slot;
       k_raw[u] = v_raw[u] = make_uint4(0, 0, 0, 0);
       if (loads && j < key_end) {
-        k_raw[u] = __ldg(reinterpret_cast<const uint4*>(k_base + j * k_step));
-        v_raw[u] = __ldg(reinterpret_cast<const uint4*>(v_base + j * v_step));
+        const std::int64_t t = first_key + std::int64_t(j) * r - query_begin;  // the new token's index, if j >= first_new
+        const bool from_new = j >= first_new;
+        k_raw[u] = __ldg(reinterpret_cast<const uint4*>(from_new ? k_new_base + t * plan.k_new.row_stride : k_base + j * k_step));
+        v_raw[u] = __ldg(reinterpret_cast<const uint4*>(from_new ? v_new_base + t * plan.v_new.row_stride : v_base + j * v_step));
       }
     }
     float k[kKeys][kElems], v[kKeys][kElems];
@@ -388,6 +410,19 @@ __global__ void __launch_bounds__(kThreads)
     out[d] = from_float<T>(value * factor);
   }
   if (threadIdx.x == 0) *lse_pointer(p, b, head, t) = sum == 0.0f ? neg_inf() : (base + __log2f(sum)) * kLn2;
+  // The new token's key and value rows into the caches (block (b, t, h) for kv head h < Hkv).
+  if (plan.k_new.data != nullptr && head < p.kv_heads && position >= 0) {
+    const T* k_from = static_cast<const T*>(plan.k_new.data) + b * plan.k_new.batch_stride + t * plan.k_new.row_stride +
+                      head * plan.k_new.head_stride;
+    const T* v_from = static_cast<const T*>(plan.v_new.data) + b * plan.v_new.batch_stride + t * plan.v_new.row_stride +
+                      head * plan.v_new.head_stride;
+    T* k_to = static_cast<T*>(p.k.data) + b * p.k.batch_stride + position * p.k.row_stride + head * p.k.head_stride;
+    T* v_to = static_cast<T*>(p.v.data) + b * p.v.batch_stride + position * p.v.row_stride + head * p.v.head_stride;
+    for (int d = int(threadIdx.x); d < D; d += kThreads) {
+      k_to[d] = k_from[d];
+      v_to[d] = v_from[d];
+    }
+  }
 }
 
 // The most query rows of one head class in one segment: its heads times the Tn queries' positions
@@ -447,7 +482,8 @@ DecodePlan make_plan(const DilatedParams& p, std::int64_t cache_rows, int rows_p
 // The scratch bytes of the call's plan; with `launch`, also its kernels (scratch from
 // p.workspace when it holds them, else allocated in stream order).
 template <class T, int D, int kRows>
-std::size_t launch_decode(const DilatedParams& p, std::int64_t cache_rows, int multiprocessors, bool launch) {
+std::size_t launch_decode(const DilatedParams& p, std::int64_t cache_rows, int multiprocessors, const NewRows& rows_new,
+                          bool launch) {
   using Shape = SplitShape<T, D, kRows>;
   const auto stream = static_cast<cudaStream_t>(p.stream);
   std::int64_t blocks = 0;
@@ -469,6 +505,8 @@ std::size_t launch_decode(const DilatedParams& p, std::int64_t cache_rows, int m
                              " bytes (cudaMallocAsync) failed: " + cudaGetErrorString(e));
   }
   plan.partial_out = static_cast<float*>(scratch);
+  plan.k_new = rows_new.k;
+  plan.v_new = rows_new.v;
   plan.partial_lse = plan.partial_out + entries * D;
   if (blocks > 0) decode_split_kernel<T, D, kRows><<<unsigned(blocks), kThreads, 0, stream>>>(p, plan);
   decode_merge_kernel<T, D><<<unsigned(rows), kThreads, 0, stream>>>(p, plan);
@@ -481,14 +519,15 @@ std::size_t launch_decode(const DilatedParams& p, std::int64_t cache_rows, int m
 
 // kRows: the fewest of 1, 2, 4, 8 that hold a class's rows (more rows: row groups).
 template <class T, int D>
-std::size_t launch_rows(const DilatedParams& p, std::int64_t cache_rows, int multiprocessors, bool launch) {
+std::size_t launch_rows(const DilatedParams& p, std::int64_t cache_rows, int multiprocessors, const NewRows& rows_new,
+                        bool launch) {
   std::int64_t rows = 1;
   for (int i = 0; i < p.num_branches; ++i)
     if (p.branches[i].head_count > 0) rows = std::max(rows, class_rows(p, p.branches[i]));
-  if (rows <= 1) return launch_decode<T, D, 1>(p, cache_rows, multiprocessors, launch);
-  if (rows <= 2) return launch_decode<T, D, 2>(p, cache_rows, multiprocessors, launch);
-  if (rows <= 4) return launch_decode<T, D, 4>(p, cache_rows, multiprocessors, launch);
-  return launch_decode<T, D, kMaxRows>(p, cache_rows, multiprocessors, launch);
+  if (rows <= 1) return launch_decode<T, D, 1>(p, cache_rows, multiprocessors, rows_new, launch);
+  if (rows <= 2) return launch_decode<T, D, 2>(p, cache_rows, multiprocessors, rows_new, launch);
+  if (rows <= 4) return launch_decode<T, D, 4>(p, cache_rows, multiprocessors, rows_new, launch);
+  return launch_decode<T, D, kMaxRows>(p, cache_rows, multiprocessors, rows_new, launch);
 }
 
 bool head_dim_built(std::int64_t d) {
@@ -500,16 +539,17 @@ bool head_dim_built(std::int64_t d) {
 }
 
 template <class T>
-std::size_t launch_head_dim(const DilatedParams& p, std::int64_t cache_rows, int multiprocessors, bool launch) {
+std::size_t launch_head_dim(const DilatedParams& p, std::int64_t cache_rows, int multiprocessors, const NewRows& rows_new,
+                            bool launch) {
   switch (p.head_dim) {
 #ifndef DATTN_CUDA_MINIMAL
-    case 16: return launch_rows<T, 16>(p, cache_rows, multiprocessors, launch);
-    case 32: return launch_rows<T, 32>(p, cache_rows, multiprocessors, launch);
-    case 80: return launch_rows<T, 80>(p, cache_rows, multiprocessors, launch);
-    case 96: return launch_rows<T, 96>(p, cache_rows, multiprocessors, launch);
-    case 128: return launch_rows<T, 128>(p, cache_rows, multiprocessors, launch);
+    case 16: return launch_rows<T, 16>(p, cache_rows, multiprocessors, rows_new, launch);
+    case 32: return launch_rows<T, 32>(p, cache_rows, multiprocessors, rows_new, launch);
+    case 80: return launch_rows<T, 80>(p, cache_rows, multiprocessors, rows_new, launch);
+    case 96: return launch_rows<T, 96>(p, cache_rows, multiprocessors, rows_new, launch);
+    case 128: return launch_rows<T, 128>(p, cache_rows, multiprocessors, rows_new, launch);
 #endif
-    case 64: return launch_rows<T, 64>(p, cache_rows, multiprocessors, launch);
+    case 64: return launch_rows<T, 64>(p, cache_rows, multiprocessors, rows_new, launch);
     default: throw Error("head dim D = " + std::to_string(p.head_dim) + " has no CUDA decode kernel in this build");
   }
 }
@@ -527,7 +567,7 @@ namespace {
 
 // decode and decode_scratch_bytes: the plan (the device's multiprocessors size the chunks), and
 // with `launch` its kernels.
-std::size_t run_decode(const DilatedParams& p, std::int64_t cache_rows, bool launch) {
+std::size_t run_decode(const DilatedParams& p, std::int64_t cache_rows, const NewRows& rows_new, bool launch) {
   const DeviceGuard on(p.q.data);
   int multiprocessors = 0;
   if (cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, on.device()) != cudaSuccess) {
@@ -535,19 +575,26 @@ std::size_t run_decode(const DilatedParams& p, std::int64_t cache_rows, bool lau
     throw std::runtime_error("dattn: cannot read the CUDA device's multiprocessor count");
   }
   switch (p.dtype) {
-    case DType::bfloat16: return launch_head_dim<__nv_bfloat16>(p, cache_rows, multiprocessors, launch);
-    case DType::float16: return launch_head_dim<__half>(p, cache_rows, multiprocessors, launch);
-    case DType::float32: return launch_head_dim<float>(p, cache_rows, multiprocessors, launch);
+    case DType::bfloat16: return launch_head_dim<__nv_bfloat16>(p, cache_rows, multiprocessors, rows_new, launch);
+    case DType::float16: return launch_head_dim<__half>(p, cache_rows, multiprocessors, rows_new, launch);
+    case DType::float32: return launch_head_dim<float>(p, cache_rows, multiprocessors, rows_new, launch);
     default: throw Error(std::string("dtype ") + dtype_name(p.dtype) + " has no CUDA decode kernel; expected float32, bfloat16 or float16");
   }
 }
 
 }  // namespace
 
-void decode(const DilatedParams& p, std::int64_t cache_rows) { run_decode(p, cache_rows, true); }
+void decode(const DilatedParams& p, std::int64_t cache_rows, const TensorView* k_new, const TensorView* v_new) {
+  NewRows rows_new;
+  if (k_new != nullptr) {
+    rows_new.k = {k_new->data, k_new->strides[0], k_new->strides[1], k_new->strides[2], 1};
+    rows_new.v = {v_new->data, v_new->strides[0], v_new->strides[1], v_new->strides[2], 1};
+  }
+  run_decode(p, cache_rows, rows_new, true);
+}
 
 std::size_t decode_scratch_bytes(const DilatedParams& p, std::int64_t cache_rows) {
-  return run_decode(p, cache_rows, false);
+  return run_decode(p, cache_rows, NewRows{}, false);
 }
 
 }  // namespace dattn::cuda
