@@ -568,12 +568,8 @@ namespace {
 // decode and decode_scratch_bytes: the plan (the device's multiprocessors size the chunks), and
 // with `launch` its kernels.
 std::size_t run_decode(const DilatedParams& p, std::int64_t cache_rows, const NewRows& rows_new, bool launch) {
-  const DeviceGuard on(p.q.data);
-  int multiprocessors = 0;
-  if (cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, on.device()) != cudaSuccess) {
-    cudaGetLastError();
-    throw std::runtime_error("dattn: cannot read the CUDA device's multiprocessor count");
-  }
+  const DeviceGuard on(p.q.data);  // q's device is the current one
+  const int multiprocessors = multiprocessor_count();
   switch (p.dtype) {
     case DType::bfloat16: return launch_head_dim<__nv_bfloat16>(p, cache_rows, multiprocessors, rows_new, launch);
     case DType::float16: return launch_head_dim<__half>(p, cache_rows, multiprocessors, rows_new, launch);

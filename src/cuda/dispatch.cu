@@ -2,7 +2,6 @@
 // first) and picks the compiled instance for the dtype and head dim. The only runtime-to-template
 // switch of the backend.
 #include <algorithm>
-#include <cstdlib>
 #include <climits>
 #include <memory>
 #include <stdexcept>
