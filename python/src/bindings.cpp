@@ -96,6 +96,20 @@ Call make_call(const std::vector<std::int64_t>& segment_lengths,
   return call;
 }
 
+// The caller's device workspace (LaunchOptions::workspace; 0 bytes: none, which each call handles as its header says).
+void set_workspace(dattn::LaunchOptions& options, std::uintptr_t workspace, std::size_t workspace_bytes) {
+  options.workspace = reinterpret_cast<void*>(workspace);
+  options.workspace_bytes = workspace_bytes;
+}
+
+// A backward's options: the workspace, and dQ formed in dq blocks (bitwise reproducible) when
+// torch asks for deterministic algorithms, instead of the sm90 backward's float32 bulk adds.
+void set_backward_options(dattn::LaunchOptions& options, std::uintptr_t workspace, std::size_t workspace_bytes,
+                          bool deterministic) {
+  set_workspace(options, workspace, workspace_bytes);
+  if (deterministic) options.sm90_backward_dq = dattn::BackwardDq::dq_blocks;
+}
+
 // (query_position, global_length, key_begin, key_end) of one ring step.
 using RingStepSpec = std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t>;
 dattn::RingStep to_step(const RingStepSpec& s) {
@@ -129,9 +143,7 @@ void backward(const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, const Vie
               bool position_index_checked, bool deterministic) {
   Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, key_padding_mask, dropout_p,
                         dropout_seed, dropout_offset, use_tf32, backend, stream, position_index, position_index_checked);
-  call.options.workspace = reinterpret_cast<void*>(workspace);
-  call.options.workspace_bytes = workspace_bytes;
-  if (deterministic) call.options.sm90_backward_dq = dattn::BackwardDq::dq_blocks;
+  set_backward_options(call.options, workspace, workspace_bytes, deterministic);
   const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
   const auto ov = to_view(out, "out"), lv = to_view(lse, "lse"), gv = to_view(dout, "dout");
   const auto dqv = to_view(dq, "dq"), dkv = to_view(dk, "dk"), dvv = to_view(dv, "dv");
@@ -177,8 +189,7 @@ void block_sparse_backward(const dattn::BlockSparseMask& mask, const ViewSpec& q
   const auto dqv = to_view(dq, "dq"), dkv = to_view(dk, "dk"), dvv = to_view(dv, "dv");
   dattn::LaunchOptions options;
   options.stream = reinterpret_cast<void*>(stream);
-  options.workspace = reinterpret_cast<void*>(workspace);
-  options.workspace_bytes = workspace_bytes;
+  set_workspace(options, workspace, workspace_bytes);
   nb::gil_scoped_release release;
   dattn::block_sparse_backward(config, mask, qv, kv, vv, ov, lv, gv, dqv, dkv, dvv, options);
 }
@@ -239,9 +250,7 @@ void backward_varlen(const ViewSpec& q, const ViewSpec& k, const ViewSpec& v, co
                      std::uintptr_t workspace, std::size_t workspace_bytes, bool deterministic) {
   Call call = make_call(segment_lengths, dilation_rates, mode, causal, scale, std::nullopt, dropout_p,
                         dropout_seed, 0, false, backend, stream, std::nullopt, false);
-  call.options.workspace = reinterpret_cast<void*>(workspace);
-  call.options.workspace_bytes = workspace_bytes;
-  if (deterministic) call.options.sm90_backward_dq = dattn::BackwardDq::dq_blocks;
+  set_backward_options(call.options, workspace, workspace_bytes, deterministic);
   const auto sequences = packed(cu_seqlens, max_seqlen, validate);
   const auto qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
   const auto ov = to_view(out, "out"), lv = to_view(lse, "lse"), gv = to_view(dout, "dout");
@@ -302,8 +311,7 @@ void forward_with_kvcache(const ViewSpec& q, const ViewSpec& k_cache, const View
                           std::uintptr_t workspace, std::size_t workspace_bytes) {
   Call call = make_call(segment_lengths, dilation_rates, mode, true, scale, std::nullopt, 0.0, 0, 0, false, backend,
                         stream, std::nullopt, false);
-  call.options.workspace = reinterpret_cast<void*>(workspace);
-  call.options.workspace_bytes = workspace_bytes;
+  set_workspace(call.options, workspace, workspace_bytes);
   dattn::KeyValueCache cache{to_view(k_cache, "k_cache"), to_view(v_cache, "v_cache"),
                              to_view(cache_seqlens, "cache_seqlens")};
   if (k_new) cache.k_new = to_view(*k_new, "k_new");
