@@ -1,4 +1,4 @@
-// Host side of the sm90 forward's TMA loads (builds with DATTN_SM90_TMA): which calls they cover,
+// Host side of the sm90 kernels' TMA loads (builds with DATTN_SM90_TMA): which calls they cover,
 // and the tensor maps (tensor_maps.hpp has the layout). cuTensorMapEncodeTiled is a driver
 // function: it is looked up through the runtime (cudaGetDriverEntryPoint), so that the library
 // links against cudart only, as before.
@@ -7,9 +7,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace dattn::cuda {
 namespace {
@@ -86,6 +88,22 @@ std::int64_t map_rate(const DilatedParams& p, int branch) {
   return p.block_size > 0 || p.position_index != nullptr ? 1 : p.branches[branch].dilation_rate;
 }
 
+// Whether each operand (tensor, heads) has a map at the rate of every branch a launch may take
+// (block-sparse attention and index maps: the one map of rate 1).
+bool maps_fit(const DilatedParams& p, std::initializer_list<std::pair<const Operand*, std::int64_t>> operands) {
+  const bool one_map = p.block_size > 0 || p.position_index != nullptr;
+  for (int i = 0; i < (one_map ? 1 : p.num_branches); ++i) {
+    if (!one_map && p.branches[i].head_count == 0) continue;  // never launched
+    const std::int64_t r = map_rate(p, i);
+    if (r < 1 || p.seqlen % r != 0) return false;
+    for (const auto& [x, heads] : operands) {
+      MapShape m;
+      if (!map_shape(p, *x, heads, r, m)) return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 bool sm90_tma_covers(const DilatedParams& p) {
@@ -94,24 +112,10 @@ bool sm90_tma_covers(const DilatedParams& p) {
   if (p.dtype != DType::bfloat16 && p.dtype != DType::float16) return false;
   if (p.head_dim != 64 && p.head_dim != 128) return false;
   if (p.batch < 1 || p.seqlen < 1 || p.heads < 1 || p.kv_heads < 1) return false;
-  if (p.block_size > 0 || p.position_index != nullptr) {
-    // Blocks of whole 128-row key tiles: a shorter block's tiles would end short, and the TMA
-    // producer zeroes a short tile's rows after its copy lands (the cp.async one zero-fills them).
-    // An index map's rows are copied one by one from maps of rate 1.
-    if (p.block_size % 128 != 0) return false;
-    MapShape m;
-    return map_shape(p, p.q, p.heads, 1, m) && map_shape(p, p.k, p.kv_heads, 1, m) && map_shape(p, p.v, p.kv_heads, 1, m);
-  }
-  for (int i = 0; i < p.num_branches; ++i) {
-    const detail::Branch& branch = p.branches[i];
-    if (branch.head_count == 0) continue;  // never launched
-    const std::int64_t r = branch.dilation_rate;
-    if (r < 1 || p.seqlen % r != 0) return false;
-    MapShape m;
-    if (!map_shape(p, p.q, p.heads, r, m) || !map_shape(p, p.k, p.kv_heads, r, m) || !map_shape(p, p.v, p.kv_heads, r, m))
-      return false;
-  }
-  return true;
+  // Blocks of whole 128-row key tiles: a shorter block's tiles would end short, and the TMA producer
+  // zeroes a short tile's rows after its copy lands (the cp.async one zero-fills them).
+  if (p.block_size % 128 != 0) return false;
+  return maps_fit(p, {{&p.q, p.heads}, {&p.k, p.kv_heads}, {&p.v, p.kv_heads}});
 }
 
 namespace {
@@ -165,12 +169,7 @@ void encode_forward_maps(const DilatedParams& p, const LaunchPlan& plan, int que
 }
 
 bool sm90_backward_tma_covers(const DilatedParams& p) {
-  if (!sm90_tma_covers(p)) return false;
-  MapShape m;
-  for (int i = 0; i < (p.block_size > 0 ? 1 : p.num_branches); ++i)
-    if ((p.block_size > 0 || p.branches[i].head_count > 0) && !map_shape(p, p.dout, p.heads, map_rate(p, i), m))
-      return false;
-  return true;
+  return sm90_tma_covers(p) && maps_fit(p, {{&p.dout, p.heads}});
 }
 
 void encode_backward_maps(const DilatedParams& p, const LaunchPlan& plan, int rows, BackwardTensorMaps& maps) {
