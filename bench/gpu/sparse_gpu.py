@@ -184,11 +184,12 @@ def run_hilbert(args):
         # like the Hilbert one) walks the row-major order through the index-map kernels: its cost over
         # row-major is the walk's own (lookups, cp.async instead of TMA), the rest of Hilbert's is the order's.
         assert torch.equal(hilbert_order(N, (1, N)), torch.arange(N))
-        impls = {"dattn dilated_attention (row-major order)": lambda q, k, v: dattn.dilated_attention(q, k, v, w, r),
-                 "dattn hilbert_dilated_attention (index map)":
-                     lambda q, k, v: dattn.hilbert_dilated_attention(q, k, v, w, r, grid_shape=grid),
-                 "dattn hilbert_dilated_attention (identity index map)":
-                     lambda q, k, v: dattn.hilbert_dilated_attention(q, k, v, w, r, grid_shape=(1, N))}
+        impls = [("row_major", "dattn dilated_attention (row-major order)",
+                  lambda q, k, v: dattn.dilated_attention(q, k, v, w, r)),
+                 ("hilbert", "dattn hilbert_dilated_attention (index map)",
+                  lambda q, k, v: dattn.hilbert_dilated_attention(q, k, v, w, r, grid_shape=grid)),
+                 ("identity", "dattn hilbert_dilated_attention (identity index map)",
+                  lambda q, k, v: dattn.hilbert_dilated_attention(q, k, v, w, r, grid_shape=(1, N)))]
         # Check: the index map equals attention over permuted copies, put back in place.
         q, k, v = R.inputs(seed=7)
         idx = order.to(R.dev)
@@ -198,8 +199,7 @@ def run_hilbert(args):
             ref[:, idx] = dattn.dilated_attention(q[:, idx], k[:, idx], v[:, idx], w, r)
         err = rel_err(got, ref)
         del q, k, v, got, ref
-        for impl, fn in impls.items():
-            order_name = "identity" if "identity" in impl else "hilbert" if "hilbert" in impl else "row_major"
+        for order_name, impl, fn in impls:
             row = dict(impl=impl, shape=name, grid=list(grid), B=B, N=N, H=H, D=D, w=w, r=r, dtype="bfloat16",
                        check_rel_err=err if order_name == "hilbert" else None, order=order_name,
                        extent=locality["row_major" if order_name == "identity" else order_name])
