@@ -336,6 +336,8 @@ class _DilatedAttentionFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
         ctx.config = (segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p, seed, use_tf32)
         ctx.mark_non_differentiable(lse)
+        # No zeros for the gradient of lse (never used) or of an unused out: backward takes None.
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
@@ -355,6 +357,7 @@ class _DilatedAttentionQKVPackedFunction(torch.autograd.Function):
         ctx.save_for_backward(qkv, out, lse, key_padding_mask)
         ctx.config = (segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p, seed, use_tf32)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod

@@ -59,6 +59,7 @@ class _HilbertFunction(torch.autograd.Function):
         ctx.config = (segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p, seed, False)
         ctx.order_checked = order_checked
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod

@@ -83,6 +83,7 @@ class _BlockSparseFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
         ctx.mask, ctx.views, ctx.config = mask, views, config
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod

@@ -60,6 +60,7 @@ class _DilatedVarlenFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.packed_config = (max_seqlen, validate, config)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
@@ -105,6 +106,7 @@ class _BlockSparseVarlenFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.packed_config = (pattern, max_seqlen, validate, config)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
