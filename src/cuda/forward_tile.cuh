@@ -13,29 +13,43 @@
 namespace dattn::cuda {
 
 // Rows of [region_begin, region_end) that the block's branch does not select (the block's own
-// side): out (or the gradients) 0, lse -inf. Not in ring steps, which only add.
+// side): out (or the gradients) 0, lse -inf. Not in ring steps, which only add. A row's 16-byte
+// chunks go to neighbouring threads, so the selection test is made once per row and thread.
+// Under an index map a row is a lookup in global memory that the compiler must order after the
+// stores before it (they might alias the index): done one row at a time, each lookup waits a whole
+// load latency, and a rate-8 block zeroes 7/8 of its region. So kLookahead passes' rows are looked
+// up first, then stored.
 template <class T, int D, int kThreads>
 __device__ __forceinline__ void zero_unselected(const detail::DilatedParams& p, const BlockWork& w,
                                                 const detail::Operand* a, const detail::Operand* b, bool lse) {
   constexpr int kChunks = D * int(sizeof(T)) / 16;
+  constexpr int kRowsPerPass = kThreads / kChunks;  // threads past kRowsPerPass * kChunks idle
+  constexpr int kLookahead = 8;
+  static_assert(kRowsPerPass > 0, "a row's chunks within one block");
   const Side& own = w.own();
-  const std::int64_t rows = w.region_end - w.region_begin;
-  if (w.stride == 1 && w.region_begin == own.first + w.tile_begin && rows == w.tile_rows) return;
   // The selection test in 32 bits (CUDA calls hold N <= 2^30 rows): a 64-bit division by the
-  // stride is a call of dozens of instructions per chunk, and a producer writes thousands of chunks.
-  const int stride = int(w.stride), length = int(own.length);
-  for (std::int64_t c = threadIdx.x; c < rows * kChunks; c += kThreads) {
-    const std::int64_t position = w.region_begin + c / kChunks;
-    const int rel = int(position - own.first);
-    if (rel >= 0) {
-      const int j = int(unsigned(rel) / unsigned(stride));
-      if (j * stride == rel && j < length) continue;
+  // stride is a call of dozens of instructions.
+  const int rows = int(w.region_end - w.region_begin);
+  if (w.stride == 1 && w.region_begin == own.first + w.tile_begin && rows == w.tile_rows) return;
+  const int stride = int(w.stride), length = int(own.length), first = int(own.first - w.region_begin);
+  const int chunk = int(threadIdx.x) % kChunks, pass_row = int(threadIdx.x) / kChunks;
+  if (pass_row >= kRowsPerPass) return;
+  for (int r0 = pass_row; r0 < rows; r0 += kRowsPerPass * kLookahead) {
+    int row[kLookahead];  // tensor rows to zero, -1 for selected rows and rows past the region
+#pragma unroll
+    for (int i = 0; i < kLookahead; ++i) {
+      const int r = r0 + i * kRowsPerPass, rel = r - first;
+      const int j = rel >= 0 ? int(unsigned(rel) / unsigned(stride)) : -1;
+      const bool selected = j >= 0 && j * stride == rel && j < length;
+      row[i] = r < rows && !selected ? int(w.original(w.region_begin + r) - own.row_offset) : -1;
     }
-    const int chunk = int(c % kChunks);
-    const std::int64_t row = w.original(position) - own.row_offset;  // a packed batch: its sequence's rows
-    zero_row_chunk(row_pointer<T>(*a, w.batch, w.head, row), chunk);
-    if (b) zero_row_chunk(row_pointer<T>(*b, w.batch, w.head, row), chunk);
-    if (lse && chunk == 0) *lse_pointer(p, w.batch, w.head, row) = neg_inf();
+#pragma unroll
+    for (int i = 0; i < kLookahead; ++i) {
+      if (row[i] < 0) continue;
+      zero_row_chunk(row_pointer<T>(*a, w.batch, w.head, row[i]), chunk);
+      if (b) zero_row_chunk(row_pointer<T>(*b, w.batch, w.head, row[i]), chunk);
+      if (lse && chunk == 0) *lse_pointer(p, w.batch, w.head, row[i]) = neg_inf();
+    }
   }
 }
 
