@@ -182,7 +182,7 @@ def run_hilbert(args):
         flops = dattn._C.forward_flops(w, r, "grouped", False, B, N, H, D)
         # The identity index map (the Hilbert order of a 1 × N grid, dattn's own, so unchecked per call
         # like the Hilbert one) walks the row-major order through the index-map kernels: its cost over
-        # row-major is the walk's own (lookups, cp.async instead of TMA), the rest of Hilbert's is the order's.
+        # row-major is the walk's own (lookups, one-row copies), the rest of Hilbert's is the order's.
         assert torch.equal(hilbert_order(N, (1, N)), torch.arange(N))
         impls = [("row_major", "dattn dilated_attention (row-major order)",
                   lambda q, k, v: dattn.dilated_attention(q, k, v, w, r)),
