@@ -56,12 +56,21 @@ struct BlockWork {
 __device__ __forceinline__ std::int64_t imin(std::int64_t a, std::int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ std::int64_t imax(std::int64_t a, std::int64_t b) { return a > b ? a : b; }
 
+// a / b and a mod b of nonnegative values, in 32-bit arithmetic where both fit (every CUDA call's
+// tiles, heads and local positions; a ring's global positions may not): a 64-bit division is a
+// call of ~70 dependent instructions, and a block's decode, which thread 0 makes while the block's
+// other threads wait at its first barrier, holds a dozen. Other values divide in 64 bits.
+__device__ __forceinline__ std::int64_t quotient(std::int64_t a, std::int64_t b) {
+  return ((a | b) >> 31) == 0 ? std::int64_t(std::uint32_t(a) / std::uint32_t(b)) : a / b;
+}
+__device__ __forceinline__ std::int64_t modulo(std::int64_t a, std::int64_t b) { return a - quotient(a, b) * b; }
+
 // The positions of [lo, hi) that a branch selecting first + j·r picks, tensor rows from offset.
 __device__ __forceinline__ Side select_side(std::int64_t first, std::int64_t r, std::int64_t lo, std::int64_t hi,
                                             std::int64_t offset) {
   Side s;
-  s.first = lo <= first ? first : first + (lo - first + r - 1) / r * r;
-  s.length = s.first < hi ? (hi - s.first + r - 1) / r : 0;
+  s.first = lo <= first ? first : first + quotient(lo - first + r - 1, r) * r;
+  s.length = s.first < hi ? quotient(hi - s.first + r - 1, r) : 0;
   s.row_offset = offset;
   return s;
 }
@@ -78,22 +87,22 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
   const Job& job = plan.jobs[j];
   const detail::Branch& br = p.branches[job.branch];
   std::int64_t local = block - job.block_begin;
-  std::int64_t tile = local % job.tiles;
-  local /= job.tiles;
+  std::int64_t tile = modulo(local, job.tiles);
+  local = quotient(local, job.tiles);
   work.group = job.group_begin + int(local);
   work.dq_accumulate = job.dq_accumulate;
   if (p.causal) tile = job.tiles - 1 - tile;  // the longest causal tiles first
-  std::int64_t segment = job.first_segment + local % job.segments;
-  local /= job.segments;
+  std::int64_t segment = job.first_segment + modulo(local, job.segments);
+  local = quotient(local, job.segments);
   work.branch = job.branch;
   work.index = p.position_index;
   work.seqlen = p.seqlen;
   work.role = job.role;
   work.accumulate = job.accumulate;
-  work.head = job.head_first + local % job.head_count * job.head_step;
-  work.batch = local / job.head_count;
+  work.head = job.head_first + modulo(local, job.head_count) * job.head_step;
+  work.batch = quotient(local, job.head_count);
   const std::int64_t w = br.segment_length, r = br.dilation_rate;
-  const std::int64_t o = br.offset_from_head ? work.head % r : br.group_offset;
+  const std::int64_t o = br.offset_from_head ? modulo(work.head, r) : br.group_offset;
   // The sequence: its length, where its rows start in the tensors, its query and key positions.
   std::int64_t length = p.global_length, row_base = 0, query_begin = p.query_position;
   std::int64_t query_end = p.query_position + p.seqlen, key_begin = p.key_begin, key_end = p.key_end;
@@ -110,20 +119,20 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
     query_begin = length - p.seqlen;
     query_end = length;
     key_begin = 0;
-    segment += query_begin / w;
+    segment += quotient(query_begin, w);
   }
   const std::int64_t start = segment * w, end = imin(start + w, length), first = start + o;
   if (start >= length) return false;
   work.stride = r;
   work.query = select_side(first, r, imax(start, query_begin), imin(end, query_end), query_begin - row_base);
   work.key = select_side(first, r, imax(start, key_begin), imin(end, key_end), key_begin - row_base);
-  work.causal_shift = (work.query.first - work.key.first) / r;  // exact: both are first mod r
+  work.causal_shift = quotient(work.query.first - work.key.first, r);  // exact: both are first mod r
   const std::int64_t own_length = work.own().length;
   // Nothing to add (a ring step, a later branch or head phase), unless the dk/dv blocks form dQ by
   // atomics and dq is written, not added: then they still zero dq's rows of the segment.
   const bool writes_dq = p.dq_scratch != nullptr && work.role == kDkDvRole && !job.dq_accumulate;
   if (own_length == 0 && job.accumulate && !writes_dq) return false;
-  const std::int64_t tiles_here = own_length > 0 ? (own_length + kBlock - 1) / kBlock : 1;
+  const std::int64_t tiles_here = own_length > 0 ? quotient(own_length + kBlock - 1, kBlock) : 1;
   if (tile >= tiles_here) return false;
   work.tile_begin = tile * kBlock;
   work.tile_rows = int(imin(kBlock, own_length - work.tile_begin));
@@ -145,18 +154,18 @@ __device__ __forceinline__ bool decode_sparse_block(const detail::DilatedParams&
                                                     BlockWork& work) {
   const Job& job = plan.num_jobs > 1 && block >= plan.jobs[1].block_begin ? plan.jobs[1] : plan.jobs[0];
   std::int64_t local = block - job.block_begin;
-  const std::int64_t tile = local % job.tiles;
-  local /= job.tiles;
-  std::int64_t own_block = local % job.segments;
-  local /= job.segments;
+  const std::int64_t tile = modulo(local, job.tiles);
+  local = quotient(local, job.tiles);
+  std::int64_t own_block = modulo(local, job.segments);
+  local = quotient(local, job.segments);
   // Causal: later query blocks see more keys, earlier key blocks more queries; the longest first.
   if (p.causal && job.role != kDkDvRole) own_block = job.segments - 1 - own_block;
   own_block += job.first_segment;
   work.role = job.role;
   work.accumulate = job.accumulate;
   work.seqlen = p.seqlen;
-  work.head = job.head_first + local % job.head_count * job.head_step;
-  work.batch = local / job.head_count;
+  work.head = job.head_first + modulo(local, job.head_count) * job.head_step;
+  work.batch = quotient(local, job.head_count);
   work.stride = 1;
   const std::int64_t bs = p.block_size, mask_head = p.block_mask_heads == 1 ? 0 : work.head;
   const std::int64_t own_first = own_block * bs;
@@ -254,10 +263,10 @@ __device__ __forceinline__ OtherTiles<kRows, kWalk == Walk::sparse> other_tiles(
     const std::int64_t* entries = keys_own ? p.block_rows : p.block_columns;
     const std::int64_t* first = entries + offsets[w.mask_entry];
     const std::int64_t* last = entries + offsets[w.mask_entry + 1];
-    std::int64_t lo = other.first / bs, hi = (other.first + other.length + bs - 1) / bs;  // the step's blocks
+    std::int64_t lo = quotient(other.first, bs), hi = quotient(other.first + other.length + bs - 1, bs);  // the step's blocks
     const Side& own = w.own();
-    if (p.causal && keys_own) lo = imax(lo, (own.first + w.tile_begin) / bs);
-    if (p.causal && !keys_own) hi = imin(hi, (own.first + w.tile_begin + w.tile_rows - 1) / bs + 1);
+    if (p.causal && keys_own) lo = imax(lo, quotient(own.first + w.tile_begin, bs));
+    if (p.causal && !keys_own) hi = imin(hi, quotient(own.first + w.tile_begin + w.tile_rows - 1, bs) + 1);
     first = lower_bound(first, last, lo);
     last = lower_bound(first, last, hi);
     tiles.blocks = first;

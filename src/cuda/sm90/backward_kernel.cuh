@@ -68,17 +68,19 @@ struct BackwardStages {
 
 // A stage's float columns of the other side's rows [j0, j0 + valid): for dk/dv blocks the queries'
 // lse and delta (cp.async; delta computed from dO and O where none is given) and, for causality
-// under an index map, positions; for dq blocks the keys' bias (and positions).
+// under an index map, positions; for dq blocks the keys' bias (and positions). known_row: this
+// thread's row of the tile where the caller looked it up already (an index map's TMA producer), else -1.
 template <class T, int D, Walk kWalk>
 __device__ __forceinline__ void produce_columns(const detail::DilatedParams& p, const BlockWork& w, const Side& other,
                                                 std::int64_t j0, int valid, int stage, bool keys_own,
-                                                bool causal_by_position, bool delta_given, const BackwardStages<D>& st) {
+                                                bool causal_by_position, bool delta_given, const BackwardStages<D>& st,
+                                                int known_row = -1) {
   constexpr int BO = Sm90BackwardShape<D>::kBlockOther;
   if (keys_own) {
     const int c = threadIdx.x;
     if (c < BO) {
       const bool ok = c < valid;
-      const std::int64_t row = ok ? w.row(other, j0 + c) : 0;
+      const std::int64_t row = !ok ? 0 : known_row >= 0 ? known_row : w.row(other, j0 + c);
       cp_async_4(smem_address(st.column(stage, 0) + c), lse_pointer(p, w.batch, w.head, row), ok);
       if (delta_given)
         cp_async_4(smem_address(st.column(stage, 1) + c), delta_pointer(p, w.batch, w.head, row), ok);
@@ -167,8 +169,18 @@ __device__ __forceinline__ void produce_backward_tma(const detail::DilatedParams
     prefetch_tensor_map(other_a);
     prefetch_tensor_map(other_b);
   }
+  // Under an index map a thread copies other row t of each tile: its lookup for tile it + 1 is in
+  // flight while tile it's copies are issued and its stage awaited (a load latency, not between the
+  // stage coming free and the copies), and the lse and delta copies reuse it (after the copies'
+  // asm, which clobbers memory, a second lookup would wait a latency again).
+  auto other_row = [&](int it) {
+    return it < num_tiles && t < tiles.valid(it) ? w.row32(other, int(tiles.start(it)) + t) : 0;
+  };
+  int next_other_row = kWalk == Walk::indexed ? other_row(0) : 0;
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
+    const int other_row_here = next_other_row;
+    if constexpr (kWalk == Walk::indexed) next_other_row = other_row(it + 1);
     wait_stage_reusable<kStages>(st, it);
     const std::int64_t j0 = tiles.start(it);
     const int valid = tiles.valid(it);
@@ -190,11 +202,10 @@ __device__ __forceinline__ void produce_backward_tma(const detail::DilatedParams
         }
       }
       if (t < valid) {
-        const int row = w.row32(other, int(j0) + t);
 #pragma unroll
         for (int c = 0; c < D / 64; ++c) {
-          tma_load_5d(to_a + (c * BO + t) * 128, other_a, c * 64, other_head, 0, row, batch, full);
-          tma_load_5d(to_b + (c * BO + t) * 128, other_b, c * 64, other_head, 0, row, batch, full);
+          tma_load_5d(to_a + (c * BO + t) * 128, other_a, c * 64, other_head, 0, other_row_here, batch, full);
+          tma_load_5d(to_b + (c * BO + t) * 128, other_b, c * 64, other_head, 0, other_row_here, batch, full);
         }
       }
     } else if (t == 0) {
@@ -221,7 +232,8 @@ __device__ __forceinline__ void produce_backward_tma(const detail::DilatedParams
       }
     }
     if (it == 0 && keys_own) key_bias(p, w, w.tile_begin, w.tile_rows, BW, st.own_bias);
-    produce_columns<T, D, kWalk>(p, w, other, j0, valid, stage, keys_own, causal_by_position, delta_given, st);
+    produce_columns<T, D, kWalk>(p, w, other, j0, valid, stage, keys_own, causal_by_position, delta_given, st,
+                                 kWalk == Walk::indexed ? other_row_here : -1);
     cp_async_arrive(full);
     const bool own_short = own_rows > 0 && own_rows < BW, other_short = valid < BO;
     if (own_short || other_short) {
@@ -317,7 +329,16 @@ __device__ __forceinline__ void consume_keys(const detail::DilatedParams& p, boo
       store_scores_gradient<BO>(st.scores_gradient + (it % 2) * Sm90BackwardShape<D>::kScoresGradientBytes,
                                 scores_gradient, own_row);
       fence_async_shared();
-      named_barrier_sync(1, 256);  // both consumers' keys are in the buffer
+      // The buffer is whole once both consumers stored their keys' rows, which only the one
+      // multiplying it must wait for: at head dim 64 the other arrives and goes on to its dV and
+      // dK products, so the two do not meet every tile (one's gradient arithmetic runs beside the
+      // other's products). The barrier alternates with the tile's parity, so that a consumer
+      // arriving on tile it and waiting on tile it + 1 cannot complete tile it's barrier alone.
+      // Reuse: tile it's buffer was read by tile it − 2's dQ consumer (this tile's), which arrived
+      // on tile it − 1 after that read, before the other consumer's wait there.
+      const int exchange = it % 2 == 0 ? 1 : 2;
+      if (with_dq) named_barrier_sync(exchange, 256);
+      else named_barrier_arrive(exchange, 256);
     }
     // dV += (P∘Z)ᵀ·dO and dK += dSᵀ·Q (and dQ = dS·K): each branch holds its whole fence-issue-wait
     // sequence, so that ptxas sees no accumulator of a product defined on one path only (it would

@@ -71,7 +71,7 @@ __device__ __forceinline__ void for_dq_pieces(const float (&dq)[8][4], F&& f) {
 __device__ __forceinline__ void add_dq(const detail::DilatedParams& p, float* slot, float* staging,
                                        const float (&dq)[8][4], std::int64_t j0, int valid, int block) {
   const std::int64_t rows = p.dq_scratch_rows;
-  const int id = 2 + int(threadIdx.x / 128);  // the warpgroup's named barrier (1: both consumers)
+  const int id = 2 + int(threadIdx.x / 128);  // the warpgroup's named barrier, 3 or 4 (1, 2: both consumers)
   const bool leader = threadIdx.x % 128 == 0;
   if (leader) bulk_wait_read();
   named_barrier_sync(id, 128);

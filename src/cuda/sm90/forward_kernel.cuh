@@ -257,8 +257,19 @@ __device__ __forceinline__ void produce_tma_rows(const detail::DilatedParams& p,
     for (int base = warp_first_row; base < n; base += 128) count += min(32, n - base);
     return count;
   };
+  // A thread copies key row threadIdx.x of each tile; its lookup in the index for tile it + 1 is
+  // in flight while tile it's copies are issued and its stage awaited, instead of a whole load
+  // latency between the stage coming free and the copies.
+  static_assert(BN == 128, "one key row per producer thread");
+  auto key_row = [&](int it) {
+    return it < num_tiles && int(threadIdx.x) < tiles.valid(it) ? w.row32(w.key, int(tiles.start(it)) + int(threadIdx.x))
+                                                                : 0;
+  };
+  int next_key_row = key_row(0);
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
+    const int key_row_here = next_key_row;
+    next_key_row = key_row(it + 1);
     wait_stage_reusable<kStages>(st, it);
     const std::int64_t k0 = tiles.start(it);
     const int valid = tiles.valid(it);
@@ -275,13 +286,13 @@ __device__ __forceinline__ void produce_tma_rows(const detail::DilatedParams& p,
       for (int b = 0; b < D / 64; ++b)
         tma_load_5d(smem_address(st.q) + (b * BM + i) * 128, &maps.q[w.branch], b * 64, head, 0, row, batch, full);
     }
-    for (int i = threadIdx.x; i < valid; i += 128) {
-      const int row = w.row32(w.key, int(k0) + i), head = int(operand_head(p.k, w.head));
+    if (const int i = threadIdx.x; i < valid) {
+      const int head = int(operand_head(p.k, w.head));
 #pragma unroll
       for (int b = 0; b < D / 64; ++b) {
         const std::uint32_t at = (b * BN + i) * 128;
-        tma_load_5d(smem_address(k_tile) + at, &maps.k[w.branch], b * 64, head, 0, row, batch, full);
-        tma_load_5d(smem_address(v_tile) + at, &maps.v[w.branch], b * 64, head, 0, row, batch, full);
+        tma_load_5d(smem_address(k_tile) + at, &maps.k[w.branch], b * 64, head, 0, key_row_here, batch, full);
+        tma_load_5d(smem_address(v_tile) + at, &maps.v[w.branch], b * 64, head, 0, key_row_here, batch, full);
       }
     }
     key_bias(p, w, k0, valid, BN, st.bias + stage * BN, p.causal ? st.key_position + stage * BN : nullptr);
