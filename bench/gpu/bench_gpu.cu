@@ -9,6 +9,8 @@
 // Prints a markdown table (stdout) and writes --json FILE; stderr also gets, per row, the host's time
 // inside the calls (fwd_host_us, fwdbwd_host_us in the JSON: validation, planning, launches).
 //
+// Configs seed, long64k, long256k; NAME-hilbert and NAME-identity run NAME through a Hilbert order
+// (dattn::hilbert_sequence_order) or the identity index map (LaunchOptions::position_index).
 // Usage: dattn-bench-gpu [--configs seed,long256k] [--dtypes bf16,fp16,fp32,tf32] [--repeats N]
 //                        [--warmup N] [--json FILE] [--cuda-kernels auto,sm80,sm90] [--no-workspace]
 //                        [--sm90-forward-rows 0,128,192] [--sm90-backward-dq auto,atomic,blocks]
@@ -48,17 +50,39 @@ namespace {
     if (e_ != cudaSuccess) throw std::runtime_error(std::string(#x) + ": " + cudaGetErrorString(e_)); \
   } while (0)
 
+enum class Order { row_major, hilbert, identity };
+
 struct Config {
   std::string name;
   std::int64_t B, N, H, D;
   std::vector<std::int64_t> w, r;
+  Order order = Order::row_major;  // NAME-hilbert, NAME-identity: through that index map
 };
 
 Config config_by_name(const std::string& name) {
+  for (const auto& [suffix, order] : {std::pair{"-hilbert", Order::hilbert}, {"-identity", Order::identity}}) {
+    const std::string tail = suffix;
+    if (name.size() > tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0) {
+      Config c = config_by_name(name.substr(0, name.size() - tail.size()));
+      c.name = name;
+      c.order = order;
+      return c;
+    }
+  }
   if (name == "seed") return {name, 2, 2048, 12, 64, {512, 1024, 2048}, {1, 2, 4}};
   if (name == "long64k") return {name, 1, 65536, 12, 64, {2048, 4096, 8192, 16384}, {1, 2, 4, 8}};
   if (name == "long256k") return {name, 1, 262144, 12, 64, {2048, 4096, 8192, 16384}, {1, 2, 4, 8}};
-  throw std::invalid_argument("unknown config " + name);
+  throw std::invalid_argument("unknown config " + name + "; expected seed, long64k or long256k, optionally with "
+                              "-hilbert or -identity");
+}
+
+// The config's index map (curve position -> original row), empty in row-major order.
+std::vector<std::int64_t> index_map(const Config& c) {
+  if (c.order == Order::hilbert) return dattn::hilbert_sequence_order(c.N);
+  std::vector<std::int64_t> index;
+  if (c.order == Order::identity)
+    for (std::int64_t i = 0; i < c.N; ++i) index.push_back(i);
+  return index;
 }
 
 struct DtypeChoice {
@@ -124,11 +148,13 @@ struct Tensors {
   void *out = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr;
   float* lse = nullptr;
   float* workspace = nullptr;  // the backward's delta, [B, H, N] float32
+  std::int64_t* index = nullptr;  // the config's index map, [N] int64 (row-major order: none)
   std::size_t total_bytes = 0;
   ~Tensors() {
     for (auto* vec : {&q, &k, &v, &dout})
       for (void* p : *vec) cudaFree(p);
-    for (void* p : {out, dq, dk, dv, static_cast<void*>(lse), static_cast<void*>(workspace)}) cudaFree(p);
+    for (void* p : {out, dq, dk, dv, static_cast<void*>(lse), static_cast<void*>(workspace), static_cast<void*>(index)})
+      cudaFree(p);
   }
 };
 
@@ -166,8 +192,11 @@ double rel_l2(const void* device, dattn::DType t, const dattn::Tensor& ref) {
 }
 
 // out and lse of `samples` random rows against float64 recomputation (grouped mode, not causal,
-// no mask, no dropout: docs/benchmarks.md's configurations).
-void check_sampled_rows(const Config& c, dattn::DType t, const Tensors& x, double& out_err, double& lse_err) {
+// no mask, no dropout: docs/benchmarks.md's configurations); under an index map the positions are
+// curve positions, each the tensor row index[position].
+void check_sampled_rows(const Config& c, dattn::DType t, const Tensors& x, const std::vector<std::int64_t>& index,
+                        double& out_err, double& lse_err) {
+  auto original = [&](std::int64_t pos) { return index.empty() ? pos : index[std::size_t(pos)]; };
   const std::size_t es = dattn::dtype_size(t);
   const std::int64_t G = std::int64_t(c.w.size());
   std::mt19937_64 rng(1);
@@ -190,7 +219,7 @@ void check_sampled_rows(const Config& c, dattn::DType t, const Tensors& x, doubl
     const std::int64_t L = (w - o + r - 1) / r, j = std::int64_t(rng() % std::uint64_t(L));
     const std::int64_t p = segment * w + o + j * r;
     auto fetch = [&](const void* base, std::int64_t pos, std::vector<unsigned char>& dst) {
-      const std::int64_t off = ((b * c.N + pos) * c.H + h) * c.D;
+      const std::int64_t off = ((b * c.N + original(pos)) * c.H + h) * c.D;
       CUDA_OK(cudaMemcpy(dst.data(), static_cast<const unsigned char*>(base) + off * std::int64_t(es), dst.size(),
                          cudaMemcpyDeviceToHost));
     };
@@ -221,7 +250,7 @@ void check_sampled_rows(const Config& c, dattn::DType t, const Tensors& x, doubl
       if (!std::isfinite(got)) num = INFINITY;
     }
     float lse_got;
-    CUDA_OK(cudaMemcpy(&lse_got, x.lse + (b * c.H + h) * c.N + p, 4, cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(&lse_got, x.lse + (b * c.H + h) * c.N + original(p), 4, cudaMemcpyDeviceToHost));
     const double lse_ref = mx + std::log(sum);
     lse_err = std::max(lse_err, std::isfinite(lse_got) ? std::fabs(lse_got - lse_ref) / std::max(1.0, std::fabs(lse_ref)) : INFINITY);
   }
@@ -294,6 +323,14 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int 
   options.cuda_kernels = kernels_by_name(kernels);
   options.sm90_forward_rows = sm90_rows;
   options.sm90_backward_dq = backward_dq_by_name(dq_path);
+  // An index map (the -hilbert and -identity configs): on the device, vouched for (no check per call).
+  std::vector<std::int64_t> index = index_map(c);
+  if (!index.empty()) {
+    CUDA_OK(cudaMalloc(&x.index, index.size() * sizeof(std::int64_t)));
+    CUDA_OK(cudaMemcpy(x.index, index.data(), index.size() * sizeof(std::int64_t), cudaMemcpyHostToDevice));
+    options.position_index = dattn::make_view(x.index, dattn::DType::int64, {c.N}, {}, dev);
+    options.position_index_checked = true;
+  }
   dattn::LaunchOptions backward_options = options;
   if (workspace) {
     backward_options.workspace = x.workspace;
@@ -337,6 +374,7 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int 
     dattn::Tensor dv = dattn::Tensor::empty({c.B, c.N, c.H, c.D}, dattn::DType::float64);
     dattn::LaunchOptions ref;
     ref.backend = dattn::Backend::reference;
+    if (!index.empty()) ref.position_index = dattn::make_view(index.data(), dattn::DType::int64, {c.N}, {}, {});
     dattn::DilatedConfig ref_config = config;
     dattn::forward(ref_config, q, k, v, out, lse_ref, ref);
     dattn::backward(ref_config, q, k, v, out, lse_ref, g, dq, dk, dv, ref);
@@ -351,7 +389,7 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int 
     }
     row.correct = row.err_out <= tol && row.err_grad <= tol && row.err_lse <= lse_tol;
   } else {
-    check_sampled_rows(c, dt.dtype, x, row.err_out, row.err_lse);
+    check_sampled_rows(c, dt.dtype, x, index, row.err_out, row.err_lse);
     row.correct = row.err_out <= tol && row.err_lse <= lse_tol;
   }
 
