@@ -130,6 +130,17 @@ detail::CommonSettings settings_of(const BlockSparseConfig& c) {
   return {c.causal, c.scale, c.key_padding_mask, c.dropout_p, c.dropout_seed, c.dropout_offset, false};
 }
 
+// Dilated attention's params of a packed batch: `batch` sequences found in cu_seqlens, T rows.
+detail::DilatedParams packed_params(const DilatedConfig& config, const PackedSequences& sequences, const Packed& p,
+                                    const LaunchOptions& options) {
+  detail::DilatedParams params = detail::dilated_params(config, p.q, p.k, p.v, p.out, p.lse, options);
+  params.batch = p.batch;
+  params.cu_seqlens = p.offsets;
+  params.max_seqlen = sequences.max_seqlen;
+  params.packed_rows = p.total;
+  return params;
+}
+
 void run_forward(const detail::DilatedParams& p, const TensorView& q) {
 #ifdef DATTN_WITH_CUDA
   if (q.device.type == DeviceType::cuda) return cuda::forward(p);  // refuses block-sparse cu_seqlens by name
@@ -168,11 +179,7 @@ void forward_varlen(const DilatedConfig& config, const PackedSequences& sequence
     return for_each_sequence(p, [&](std::int64_t b, auto rows) {
       reference::forward(config, rows(p.q, 1), rows(p.k, 1), rows(p.v, 1), rows(p.out, 1), rows(p.lse, 2), nullptr, b);
     });
-  detail::DilatedParams params = detail::dilated_params(config, p.q, p.k, p.v, p.out, p.lse, options);
-  params.batch = p.batch;
-  params.cu_seqlens = p.offsets;
-  params.max_seqlen = sequences.max_seqlen;
-  run_forward(params, q);
+  run_forward(packed_params(config, sequences, p, options), q);
 }
 
 void backward_varlen(const DilatedConfig& config, const PackedSequences& sequences, const TensorView& q,
@@ -188,15 +195,45 @@ void backward_varlen(const DilatedConfig& config, const PackedSequences& sequenc
       reference::backward(config, rows(p.q, 1), rows(p.k, 1), rows(p.v, 1), rows(g, 1), rows(gq, 1), rows(gk, 1),
                           rows(gv, 1), nullptr, b);
     });
-  detail::DilatedParams params = detail::dilated_params(config, p.q, p.k, p.v, p.out, p.lse, options);
+  detail::DilatedParams params = packed_params(config, sequences, p, options);
   detail::set_gradients(params, g, gq, gk, gv);
-  params.batch = p.batch;
-  params.cu_seqlens = p.offsets;
-  params.max_seqlen = sequences.max_seqlen;
-  params.packed_rows = p.total;
   if (q.device.type == DeviceType::cuda)
     detail::set_backward_workspace(params, p.q, p.out, g, options);  // delta [H, T] in a pass of its own
   run_backward(params, q);
+}
+
+bool cuda_varlen_forward_uses_tma(const DilatedConfig& config, const PackedSequences& sequences, const TensorView& q,
+                                  const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
+                                  const LaunchOptions& options) {
+  if (q.device.type != DeviceType::cuda)
+    throw Error("q is not a CUDA tensor; expected one (the TMA loads are a CUDA path)");
+  detail::check_config(config);
+  const Packed p = check_packed(settings_of(config), sequences, q, k, v, out, lse, options);
+#ifdef DATTN_WITH_CUDA
+  if (p.total == 0 || detail::use_reference(options, q.dtype)) return false;
+  return cuda::forward_uses_tma(packed_params(config, sequences, p, options));
+#else
+  throw Error("this build of dattn has no CUDA backend; expected one built with DATTN_CUDA=ON");
+#endif
+}
+
+bool cuda_varlen_backward_uses_tma(const DilatedConfig& config, const PackedSequences& sequences, const TensorView& q,
+                                   const TensorView& k, const TensorView& v, const TensorView& out,
+                                   const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                                   const TensorView& dk, const TensorView& dv, const LaunchOptions& options) {
+  if (q.device.type != DeviceType::cuda)
+    throw Error("q is not a CUDA tensor; expected one (the TMA loads are a CUDA path)");
+  detail::check_config(config);
+  const Packed p = check_packed(settings_of(config), sequences, q, k, v, out, lse, options);
+  const auto [g, gq, gk, gv] = check_packed_gradients(p, dout, dq, dk, dv);
+#ifdef DATTN_WITH_CUDA
+  if (p.total == 0 || detail::use_reference(options, q.dtype)) return false;
+  detail::DilatedParams params = packed_params(config, sequences, p, options);
+  detail::set_gradients(params, g, gq, gk, gv);
+  return cuda::backward_uses_tma(params);
+#else
+  throw Error("this build of dattn has no CUDA backend; expected one built with DATTN_CUDA=ON");
+#endif
 }
 
 BlockSparseMask pattern_mask(const SparsePattern& pattern, std::int64_t seqlen, std::int64_t block_size) {

@@ -38,6 +38,19 @@ void backward_varlen(const DilatedConfig& config, const PackedSequences& sequenc
                      const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv,
                      const LaunchOptions& options = {});
 
+// Whether forward_varlen (backward_varlen) with these arguments (CUDA tensors) runs the sm90 kernels
+// whose producer loads by TMA (as dattn::cuda_forward_uses_tma): builds with DATTN_SM90_TMA, 16-bit
+// data of head dim 64 or 128, T a multiple of every dilation rate, tensors laid out as a map needs
+// them; false elsewhere (the cp.async producer). Validates the arguments as forward_varlen
+// (backward_varlen) does; for tests and benchmarks that name the path a call took.
+bool cuda_varlen_forward_uses_tma(const DilatedConfig& config, const PackedSequences& sequences, const TensorView& q,
+                                  const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
+                                  const LaunchOptions& options = {});
+bool cuda_varlen_backward_uses_tma(const DilatedConfig& config, const PackedSequences& sequences, const TensorView& q,
+                                   const TensorView& k, const TensorView& v, const TensorView& out,
+                                   const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                                   const TensorView& dk, const TensorView& dv, const LaunchOptions& options = {});
+
 // A named block pattern of docs/semantics.md ("Block-sparse attention"), made for each sequence's length.
 struct SparsePattern {
   enum class Kind : std::uint8_t { local_window, dilated_sparse, global_local, dilated };

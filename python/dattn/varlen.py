@@ -85,7 +85,9 @@ def dilated_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor
     ``max_seqlen`` >= the longest sequence. Segments, offsets and causality restart at each
     sequence's first token; dropout uses the sequence index as the batch index. A zero-length
     sequence is allowed. Returns ``out`` ``[T, H, D]``, or ``(out, lse)`` with ``lse`` ``[H, T]``.
-    ``validate=False`` skips the check of cu_seqlens' values (undefined behaviour on bad ones)."""
+    ``validate=False`` skips the check of cu_seqlens' values (undefined behaviour on bad ones).
+    On Hopper GPUs (bf16/fp16, head dim 64 or 128) the kernels load by TMA when T is a multiple of
+    every dilation rate, else row by row (the same result, slower)."""
     _check_packed(q, k, v, cu_seqlens, max_seqlen)
     segment_lengths, dilation_rates = _ops.check_config(segment_lengths, dilation_rates)
     mode, scale, dropout_p = _ops.check_mode(mode), _ops.check_scale(scale), _ops.check_dropout(dropout_p)

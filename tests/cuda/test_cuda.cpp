@@ -872,13 +872,24 @@ Case draw_small_case(int i, Rng& rng) {
 
 // Packed batches (cu_seqlens on the device) against the reference of each sequence on its own:
 // random lengths (0 and 1 among them, partial segments), grouped-query heads, causal, dropout,
-// both modes, every dtype; forward and backward in one launch each (per key/value phase).
+// both modes, every dtype; forward and backward in one launch each (per key/value phase). Every
+// other case is shaped for the sm90 TMA loads (16-bit data, head dim 64 or 128, the last sequence
+// grown so that T is a multiple of 12, of every rate <= 4): their boxes reach into the next
+// sequence's rows, which must count for nothing.
 int check_packed_batches(int count, std::uint64_t seed) {
-  int failures = 0;
+  int failures = 0, tma_forward = 0, tma_backward = 0;
   Rng rng(seed);
   for (int i = 0; i < count; ++i) {
     std::vector<std::unique_ptr<Buffer>> owner;
     Case c = draw_small_case(i, rng);  // also for the tolerance and the description
+    const bool tma_shaped = i % 2 == 1;
+    if (tma_shaped) {
+      if (c.dtype == DType::float32) c.dtype = DType::bfloat16;
+      std::vector<std::int64_t> dims;
+      for (std::int64_t d : g_head_dims)
+        if (d == 64 || d == 128) dims.push_back(d);
+      if (!dims.empty()) c.D = dims[rng() % dims.size()];
+    }
     const std::int64_t B = uniform(rng, 1, 4);
     std::vector<std::int32_t> cu{0};
     for (std::int64_t b = 0; b < B; ++b) {
@@ -886,6 +897,7 @@ int check_packed_batches(int count, std::uint64_t seed) {
       cu.push_back(cu.back() + std::int32_t(kind == 0 ? 0 : kind == 1 ? 1 : uniform(rng, 2, 300)));
     }
     if (cu.back() == 0) cu.back() = 1;
+    if (tma_shaped) cu.back() = (cu.back() + 11) / 12 * 12;
     std::int64_t longest = 0;
     for (std::int64_t b = 0; b < B; ++b) longest = std::max<std::int64_t>(longest, cu[std::size_t(b + 1)] - cu[std::size_t(b)]);
     const std::int64_t T = cu.back(), max_seqlen = longest + uniform(rng, 0, 5);
@@ -918,6 +930,12 @@ int check_packed_batches(int count, std::uint64_t seed) {
         options.sm90_backward_dq = dattn::BackwardDq::atomic;
         dq_path = " dQ atomic";
       }
+      if (dattn::cuda_varlen_forward_uses_tma(config, packed, device(0), device(1), device(2), device(3),
+                                              lse.device_view(), options))
+        dq_path += " [fwd tma]", ++tma_forward;
+      if (dattn::cuda_varlen_backward_uses_tma(config, packed, device(0), device(1), device(2), device(3),
+                                               lse.device_view(), device(4), device(5), device(6), device(7), options))
+        dq_path += " [bwd tma]", ++tma_backward;
       dattn::forward_varlen(config, packed, device(0), device(1), device(2), device(3), lse.device_view(), options);
       // Every other check gives the backward its workspace ([H, T] delta in a pass of its own).
       std::unique_ptr<Buffer> workspace;
@@ -968,6 +986,7 @@ int check_packed_batches(int count, std::uint64_t seed) {
                 ok ? "" : ("     " + problems.str() + "\n").c_str());
     failures += !ok;
   }
+  std::printf("packed batches: %d of %d forwards and %d backwards on the TMA loads\n", tma_forward, count, tma_backward);
   return failures;
 }
 

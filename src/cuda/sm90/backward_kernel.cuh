@@ -209,26 +209,29 @@ __device__ __forceinline__ void produce_backward_tma(const detail::DilatedParams
         }
       }
     } else if (t == 0) {
-      const unsigned r = unsigned(w.stride);
+      // Both sides' tensor rows are positions less row_offset (0, or minus a packed sequence's first
+      // row), read from w here: no thread keeps it through the loop.
+      const unsigned r = unsigned(w.stride), row_base = unsigned(-w.query.row_offset);
+      const int batch_here = map_batch_coordinate(p, w.batch);
       barrier_expect_tx(full, std::uint32_t(2 * BO + (it == 0 ? 2 * BW : 0)) * kRowBytes);
       if (it == 0) {
-        const unsigned first = unsigned(own.first);
+        const unsigned first = unsigned(own.first) + row_base;
         const int offset = int(first % r), row = int(first / r) + int(w.tile_begin);
 #pragma unroll
         for (int h = 0; h < BW / BO; ++h)
 #pragma unroll
           for (int c = 0; c < D / 64; ++c) {
             const std::uint32_t at = (c * BW + h * BO) * 128;
-            tma_load_5d(own_to_a + at, own_a, c * 64, own_head, offset, row + h * BO, batch, full);
-            tma_load_5d(own_to_b + at, own_b, c * 64, own_head, offset, row + h * BO, batch, full);
+            tma_load_5d(own_to_a + at, own_a, c * 64, own_head, offset, row + h * BO, batch_here, full);
+            tma_load_5d(own_to_b + at, own_b, c * 64, own_head, offset, row + h * BO, batch_here, full);
           }
       }
-      const unsigned first = unsigned(other.first);
+      const unsigned first = unsigned(other.first) + row_base;
       const int offset = int(first % r), row = int(first / r) + int(j0);
 #pragma unroll
       for (int c = 0; c < D / 64; ++c) {
-        tma_load_5d(to_a + c * BO * 128, other_a, c * 64, other_head, offset, row, batch, full);
-        tma_load_5d(to_b + c * BO * 128, other_b, c * 64, other_head, offset, row, batch, full);
+        tma_load_5d(to_a + c * BO * 128, other_a, c * 64, other_head, offset, row, batch_here, full);
+        tma_load_5d(to_b + c * BO * 128, other_b, c * 64, other_head, offset, row, batch_here, full);
       }
     }
     if (it == 0 && keys_own) key_bias(p, w, w.tile_begin, w.tile_rows, BW, st.own_bias);

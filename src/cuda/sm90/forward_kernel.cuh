@@ -173,8 +173,8 @@ __device__ __forceinline__ void zero_tile_rows(unsigned char* k, unsigned char* 
 // tile's copies (and the block's query tile with the first), one box per 64-column block, on the
 // stage's `full` barrier with their bytes; every thread writes its key's bias. A tile with fewer
 // than kBlockN valid rows (a group's end, or the causal diagonal's) waits for its copies and zeroes
-// the rest. Selected row j of a group whose first position is `first` sits at map coordinates
-// (column, head, first mod r, first / r + j, batch) (tensor_maps.hpp).
+// the rest. Selected row j of a group whose first tensor row is `first` sits at map coordinates
+// (column, head, first mod r, first / r + j, batch) (tensor_maps.hpp; a packed batch's rows: batch 0).
 template <class T, class Shape, class Tiles>
 __device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, const BlockWork& w, const Tiles& tiles,
                                             int num_tiles, const Stages<Shape>& st, const ForwardTensorMaps& maps) {
@@ -197,16 +197,16 @@ __device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, cons
       // them through it (32-bit: CUDA calls hold N <= 2^30 rows).
       std::uint64_t* full = st.full + stage;
       const unsigned r = unsigned(w.stride);
-      const int batch = int(w.batch);
+      const int batch = map_batch_coordinate(p, w.batch);
       barrier_arrive_expect_tx(full, 2 * Shape::kKvBytes + (it == 0 ? Shape::kQBytes : 0));
       if (it == 0) {
-        const unsigned first = unsigned(w.query.first);
+        const unsigned first = unsigned(w.query.first - w.query.row_offset);
         const int offset = int(first % r), row = int(first / r) + int(w.tile_begin), head = int(w.head);
 #pragma unroll
         for (int b = 0; b < D / 64; ++b)
           tma_load_5d(smem_address(st.q) + b * BM * 128, &maps.q[w.branch], b * 64, head, offset, row, batch, full);
       }
-      const unsigned first = unsigned(w.key.first);
+      const unsigned first = unsigned(w.key.first - w.key.row_offset);
       const int offset = int(first % r), row = int(first / r) + int(k0), head = int(operand_head(p.k, w.head));
 #pragma unroll
       for (int b = 0; b < D / 64; ++b) {
@@ -279,7 +279,7 @@ __device__ __forceinline__ void produce_tma_rows(const detail::DilatedParams& p,
     const int query_rows = it == 0 ? w.tile_rows : 0;
     if (lane == 0) barrier_arrive_expect_tx(full, std::uint32_t(2 * warp_rows(valid) + warp_rows(query_rows)) * kRowBytes);
     __syncwarp();
-    const int batch = int(w.batch);
+    const int batch = map_batch_coordinate(p, w.batch);
     for (int i = threadIdx.x; i < query_rows; i += 128) {
       const int row = w.row32(w.query, int(w.tile_begin) + i), head = int(w.head);
 #pragma unroll

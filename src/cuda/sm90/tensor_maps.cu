@@ -41,19 +41,24 @@ bool map_stride(std::int64_t extent, std::int64_t stride, std::int64_t packed, c
   return true;
 }
 
-// The map of operand x (with `heads` heads) for a branch of dilation rate r (r divides N), or false
-// where x's layout is not one a map can describe.
+// The rows a map spans and its batch extent: B sequences of N rows, or a packed batch's T rows as
+// one (its sequences' rows are addressed by their tensor rows, tensor_maps.hpp).
+std::int64_t map_rows(const DilatedParams& p) { return p.cu_seqlens != nullptr ? p.packed_rows : p.seqlen; }
+std::int64_t map_batch(const DilatedParams& p) { return p.cu_seqlens != nullptr ? 1 : p.batch; }
+
+// The map of operand x (with `heads` heads) for a branch of dilation rate r (r divides the map's
+// rows), or false where x's layout is not one a map can describe.
 bool map_shape(const DilatedParams& p, const Operand& x, std::int64_t heads, std::int64_t r, MapShape& m) {
   if (x.data == nullptr || reinterpret_cast<std::uintptr_t>(x.data) % 16 != 0) return false;
-  const std::int64_t D = p.head_dim, rows = p.seqlen / r;
+  const std::int64_t D = p.head_dim, rows = map_rows(p) / r, batch = map_batch(p);
   m.dims[0] = cuuint64_t(D);
   m.dims[1] = cuuint64_t(heads);
   m.dims[2] = cuuint64_t(r);
   m.dims[3] = cuuint64_t(rows);
-  m.dims[4] = cuuint64_t(p.batch);
+  m.dims[4] = cuuint64_t(batch);
   return map_stride(heads, x.head_stride, D, m.strides[0]) && map_stride(r, x.row_stride, heads * D, m.strides[1]) &&
          map_stride(rows, x.row_stride * r, r * heads * D, m.strides[2]) &&
-         map_stride(p.batch, x.batch_stride, p.seqlen * heads * D, m.strides[3]);
+         map_stride(batch, x.batch_stride, map_rows(p) * heads * D, m.strides[3]);
 }
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -95,7 +100,7 @@ bool maps_fit(const DilatedParams& p, std::initializer_list<std::pair<const Oper
   for (int i = 0; i < (one_map ? 1 : p.num_branches); ++i) {
     if (!one_map && p.branches[i].head_count == 0) continue;  // never launched
     const std::int64_t r = map_rate(p, i);
-    if (r < 1 || p.seqlen % r != 0) return false;
+    if (r < 1 || map_rows(p) % r != 0) return false;
     for (const auto& [x, heads] : operands) {
       MapShape m;
       if (!map_shape(p, *x, heads, r, m)) return false;
@@ -107,8 +112,9 @@ bool maps_fit(const DilatedParams& p, std::initializer_list<std::pair<const Oper
 }  // namespace
 
 bool sm90_tma_covers(const DilatedParams& p) {
-  if (p.cu_seqlens != nullptr || p.key_lengths != nullptr) return false;    // whole sequences of B rows
+  if (p.key_lengths != nullptr) return false;                                // caches
   if (p.float32_outputs || !p.whole_sequence()) return false;               // ring steps
+  if (p.cu_seqlens != nullptr && p.packed_rows < 1) return false;            // a packed batch of T rows
   if (p.dtype != DType::bfloat16 && p.dtype != DType::float16) return false;
   if (p.head_dim != 64 && p.head_dim != 128) return false;
   if (p.batch < 1 || p.seqlen < 1 || p.heads < 1 || p.kv_heads < 1) return false;

@@ -3,16 +3,18 @@
 // view of the [B, N, H, D] tensor: one 5-D map per (operand q/k/v, branch) with
 //   dims    (D,   H or Hkv,     r,            N / r,            B)
 //   strides (1,   head_stride,  row_stride,   r · row_stride,   batch_stride)   (elements; bytes in the map)
-// addresses selected row j of a group whose first position is `first` at coordinates
-// (column, head, first mod r, first / r + j, batch), without a gather. A box of (64 columns, 1, 1,
+// addresses selected row j of a group whose first tensor row is `first` at coordinates
+// (column, head, first mod r, first / r + j, batch), without a gather. A packed batch's maps span
+// its T rows as a batch of one (dims (D, H, r, T / r, 1)): a sequence's rows are tensor rows
+// cu_seqlens[b] + position, batch coordinate 0. A box of (64 columns, 1, 1,
 // rows, 1) with 128-byte swizzling lands in shared memory as TileLayout::swizzled (work.cuh) lays
 // out one 64-column block: row i at i·128 bytes, its 16-byte chunk c at chunk c ^ (i mod 8) (TMA's
 // swizzle XORs address bits 4-6 with bits 7-9, and the tiles start on 1024-byte boundaries); head
-// dim 128 is two boxes, the second block kRows·128 bytes on. Rows past N are zero-filled by TMA
-// (r divides N, so row first / r + j lies inside the map exactly when its position lies before N);
-// K and V rows of the next segment that a box reaches are real data, which the producer overwrites
-// with zeros (produce_tma); the query box's rows past the block's own are left as they come (their
-// rows of S, P and O are never written out).
+// dim 128 is two boxes, the second block kRows·128 bytes on. Rows past N (T) are zero-filled by TMA
+// (r divides N, so row first / r + j lies inside the map exactly when its row lies before N);
+// K and V rows of the next segment (or packed sequence) that a box reaches are real data, which the
+// producer overwrites with zeros (produce_tma); the query box's rows past the block's own are left
+// as they come (their rows of S, P and O are never written out).
 //
 // Host and device include this; the encoding and the predicate (host) are in tensor_maps.cu.
 #pragma once
@@ -45,12 +47,20 @@ struct BackwardTensorMaps {
 // The cp.async instances' stand-in.
 struct NoTensorMaps {};
 
+#ifdef __CUDACC__
+// A block's batch coordinate in the maps: its sequence, or 0 in a packed batch (one map of T rows).
+__device__ __forceinline__ int map_batch_coordinate(const detail::DilatedParams& p, std::int64_t batch) {
+  return p.cu_seqlens != nullptr ? 0 : int(batch);
+}
+#endif
+
 // Whether the TMA forward covers a call: dilated attention's walk, its walk under an index map (a
 // Hilbert order: every row copied alone, a one-row box of a rate-1 map), or block-sparse attention's
 // with blocks of a multiple of 128 rows (a rate-1 branch's rows: the key tiles of an allowed block
 // are contiguous rows),
-// whole sequences (no packed batch, no cache, no ring step), 16-bit data of head dim 64 or 128, every
-// branch's dilation rate dividing N (block-sparse: rate 1), and q, k, v as a map needs them (16-byte aligned bases, every
+// whole sequences or a packed batch's (no cache, no ring step), 16-bit data of head dim 64 or 128,
+// every branch's dilation rate dividing N (a packed batch's T; block-sparse: rate 1), and q, k, v
+// as a map needs them (16-byte aligned bases, every
 // stride of more than one row, head or batch a positive multiple of 16 bytes below 2^40). The
 // caller has chosen the sm90 kernels. Defined in builds with DATTN_SM90_TMA only (forward_uses_tma,
 // dispatch.cu, is false in the others).
