@@ -494,4 +494,30 @@ __device__ __forceinline__ void load_row_pair(std::uint16_t* smem_a, std::uint16
   }
 }
 
+// An index map's rows of two operands (K and V, Q and dO) by cp.async into swizzled tiles of kRows
+// rows: thread t looked row t up beforehand (`my_row`, its tensor row; a lookup a tile ahead hides
+// its latency), warp w copies rows [32w, 32w + 32), and each pass a row's 16-byte chunks go to
+// neighbouring lanes, which take the row from its lane by a shuffle (one lookup per row instead of
+// one per chunk). Rows past `valid` zero-filled. The producer warpgroup's 128 threads.
+template <class T, int kRows, int D>
+__device__ __forceinline__ void gather_row_pair(std::uint16_t* smem_a, std::uint16_t* smem_b, const detail::Operand& a,
+                                                const detail::Operand& b, const BlockWork& w, int valid, int my_row) {
+  static_assert(sizeof(T) == 2 && kRows % 32 == 0 && kRows <= 128, "16-bit rows, whole warps' rows");
+  constexpr int kChunks = D / 8, kRowsPerPass = 32 / kChunks;
+  const int warp_row0 = int(threadIdx.x) / 32 * 32, lane = int(threadIdx.x) % 32, chunk = lane % kChunks;
+  if (warp_row0 >= kRows) return;
+  const T* base_a = static_cast<const T*>(a.data) + w.batch * a.batch_stride + operand_head(a, w.head) * a.head_stride;
+  const T* base_b = static_cast<const T*>(b.data) + w.batch * b.batch_stride + operand_head(b, w.head) * b.head_stride;
+  const std::uint32_t to_a = smem_address(smem_a), to_b = smem_address(smem_b);
+#pragma unroll
+  for (int i = 0; i < 32 / kRowsPerPass; ++i) {
+    const int local = i * kRowsPerPass + lane / kChunks, row = warp_row0 + local;
+    const std::int64_t from = std::int64_t(__shfl_sync(0xffffffffu, my_row, local));
+    const bool ok = row < valid;
+    const std::uint32_t at = tile_offset<TileLayout::swizzled, kRows, D>(row, chunk);
+    cp_async_16(to_a + at, ok ? base_a + from * a.row_stride + chunk * 8 : base_a, ok);
+    cp_async_16(to_b + at, ok ? base_b + from * b.row_stride + chunk * 8 : base_b, ok);
+  }
+}
+
 }  // namespace dattn::cuda

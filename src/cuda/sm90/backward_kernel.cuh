@@ -112,8 +112,17 @@ __device__ __forceinline__ void produce_backward(const detail::DilatedParams& p,
   const bool delta_given = p.softmax_delta != nullptr;
   const Side own = keys_own ? w.key : w.query;  // copies: registers, not w's local memory
   const Side other = keys_own ? w.query : w.key;
+  // Under an index map thread t looks other row t up for its warp's copies (gather_row_pair) and the
+  // lse and delta copies, the lookup for tile it + 1 in flight while tile it's copies are issued.
+  auto other_row = [&](int it) {
+    const int t = int(threadIdx.x);
+    return it < num_tiles && t < tiles.valid(it) ? w.row32(other, int(tiles.start(it)) + t) : 0;
+  };
+  int next_other_row = kWalk == Walk::indexed ? other_row(0) : 0;
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
+    const int other_row_here = next_other_row;
+    if constexpr (kWalk == Walk::indexed) next_other_row = other_row(it + 1);
     wait_stage_reusable<kStages>(st, it);
     if (it == 0) {
       load_row_pair<T, 1, BW, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.own_a),
@@ -123,10 +132,14 @@ __device__ __forceinline__ void produce_backward(const detail::DilatedParams& p,
     }
     const std::int64_t j0 = tiles.start(it);
     const int valid = tiles.valid(it);
-    load_row_pair<T, 1, BO, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.a(stage)),
-                                              reinterpret_cast<std::uint16_t*>(st.b(stage)), 0, keys_own ? p.q : p.k,
-                                              keys_own ? p.dout : p.v, w, other, j0, valid);
-    produce_columns<T, D, kWalk>(p, w, other, j0, valid, stage, keys_own, causal_by_position, delta_given, st);
+    auto* a_tile = reinterpret_cast<std::uint16_t*>(st.a(stage));
+    auto* b_tile = reinterpret_cast<std::uint16_t*>(st.b(stage));
+    const detail::Operand& a = keys_own ? p.q : p.k;
+    const detail::Operand& b = keys_own ? p.dout : p.v;
+    if constexpr (kWalk == Walk::indexed) gather_row_pair<T, BO, D>(a_tile, b_tile, a, b, w, valid, other_row_here);
+    else load_row_pair<T, 1, BO, D, 128, kSwizzled>(a_tile, b_tile, 0, a, b, w, other, j0, valid);
+    produce_columns<T, D, kWalk>(p, w, other, j0, valid, stage, keys_own, causal_by_position, delta_given, st,
+                                 kWalk == Walk::indexed ? other_row_here : -1);
     cp_async_arrive(st.full + stage);
     barrier_arrive(st.keys + stage);
   }
@@ -457,7 +470,7 @@ __device__ __forceinline__ void backward_block(const detail::DilatedParams& p, c
   const bool keys_own = w.role == kDkDvRole;
   if (threadIdx.x < 128) {
     registers_decrease<Shape::kProducerRegisters>();
-    if constexpr (std::is_same_v<Maps, BackwardTensorMaps>)
+    if constexpr (std::is_same_v<Maps, BackwardTensorMaps> && kWalk != Walk::indexed)
       produce_backward_tma<T, D, kWalk>(p, w, tiles, num_tiles, st, maps);
     else
       produce_backward<T, D, kWalk>(p, w, tiles, num_tiles, st);

@@ -131,17 +131,28 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
   constexpr int D = Shape::kHeadDim, BM = Shape::kBlockM, BN = Shape::kBlockN, kStages = Shape::kStages;
   constexpr TileLayout kSwizzled = TileLayout::swizzled;
   const bool causal_by_position = kWalk == Walk::indexed && p.causal;
+  // Under an index map thread t looks key row t up for its warp's copies (gather_row_pair), the
+  // lookup for tile it + 1 is in flight while tile it's copies are issued and its stage awaited.
+  static_assert(BN == 128, "one key row per producer thread");
+  auto key_row = [&](int it) {
+    return it < num_tiles && int(threadIdx.x) < tiles.valid(it) ? w.row32(w.key, int(tiles.start(it)) + int(threadIdx.x))
+                                                                : 0;
+  };
+  int next_key_row = kWalk == Walk::indexed ? key_row(0) : 0;
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
+    const int key_row_here = next_key_row;
+    if constexpr (kWalk == Walk::indexed) next_key_row = key_row(it + 1);
     wait_stage_reusable<kStages>(st, it);
     if (it == 0)
       load_rows<T, 1, BM, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.q), 0, p.q, w, w.query, w.tile_begin,
                                             w.tile_rows);
     const std::int64_t k0 = tiles.start(it);
     const int valid = tiles.valid(it);
-    load_row_pair<T, 1, BN, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.k + stage * Shape::kKvBytes),
-                                              reinterpret_cast<std::uint16_t*>(st.v + stage * Shape::kKvBytes), 0, p.k,
-                                              p.v, w, w.key, k0, valid);
+    auto* k_tile = reinterpret_cast<std::uint16_t*>(st.k + stage * Shape::kKvBytes);
+    auto* v_tile = reinterpret_cast<std::uint16_t*>(st.v + stage * Shape::kKvBytes);
+    if constexpr (kWalk == Walk::indexed) gather_row_pair<T, BN, D>(k_tile, v_tile, p.k, p.v, w, valid, key_row_here);
+    else load_row_pair<T, 1, BN, D, 128, kSwizzled>(k_tile, v_tile, 0, p.k, p.v, w, w.key, k0, valid);
     key_bias(p, w, k0, valid, BN, st.bias + stage * BN, causal_by_position ? st.key_position + stage * BN : nullptr);
     cp_async_arrive(st.full + stage);  // the stage's copies, when they land
     barrier_arrive(st.keys + stage);   // this thread's plain stores (the key bias)
@@ -456,7 +467,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
     for (int s = 0; s < Shape::kStages; ++s) {
       // cp.async: the producer's threads, when their copies land; TMA: the thread that issues the
       // copies, or under an index map each producer warp (the phase then waits for their bytes too)
-      barrier_init(st.full + s, !Shape::kTma ? 128 : kWalk == Walk::indexed ? 4 : 1);
+      barrier_init(st.full + s, !Shape::kTma || kWalk == Walk::indexed ? 128 : 1);
       barrier_init(st.keys + s, 128);  // the producer's threads
       barrier_init(st.empty + s, 128 * Shape::kConsumers);  // the consumers' threads
     }
@@ -482,8 +493,8 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
       registers_decrease<Shape::kProducerRegisters>();
       const BlockWork w = work();
       const auto tiles = shared->tiles;
-      if constexpr (kWalk == Walk::indexed)
-        produce_tma_rows<T, Shape>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, st, maps);
+      if constexpr (kWalk == Walk::indexed)  // rows gathered by cp.async (gather_row_pair)
+        produce<T, Shape, kWalk>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, st);
       else
         produce_tma<T, Shape>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, st, maps);
       if (!w.accumulate) zero_unselected<T, D, 128>(p, w, &p.out, nullptr, true);
