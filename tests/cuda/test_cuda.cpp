@@ -127,7 +127,7 @@ void make_block_sparse(Case& c, Rng& rng) {
 // 16-bit data, head dim 64 or 128 (where --head-dims has one), the dilated walk over whole
 // sequences (no ring steps or block mask), N a multiple of every dilation rate (a rate drawn as
 // r = w above 4 becomes min(w, 4), keeping N small). Layouts, GQA, padding, dropout, mode,
-// causality, segment lengths and the Hilbert order (the index-map walk's one-row copies) stay as
+// causality, segment lengths and the Hilbert order (the TMA instances' cp.async gather) stay as
 // drawn.
 void make_tma_shaped(Case& c, Rng& rng) {
   c.dtype = chance(rng, 0.5) ? DType::bfloat16 : DType::float16;

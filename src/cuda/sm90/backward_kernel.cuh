@@ -150,9 +150,8 @@ __device__ __forceinline__ void produce_backward(const detail::DilatedParams& p,
 // produce_backward, but Q, K, V and dO come by TMA on the stage's `full` barrier. The dilated and
 // sparse walks: thread 0 announces the boxes' bytes and issues them (the own side's 128 rows as
 // two 64-row boxes with the first tile, then each 64-row tile of the other side) at map coordinates
-// (column, head, first mod r, first / r + j, batch). Under an index map every row is a one-row box
-// issued by the thread of its index (own row t, other row t), each warp announcing its rows' bytes
-// before its copies. Each thread still arrives once per phase on `full` when its cp.async copies
+// (column, head, first mod r, first / r + j, batch); an index map's rows, which lie anywhere, come
+// by produce_backward (sm90_backward_tma_covers admits none). Each thread still arrives once per phase on `full` when its cp.async copies
 // (lse, delta) land, so the phase waits for both. Rows past a side's end that a box brought in (the
 // next segment's) are zeroed once they have landed, and rows no copy writes at once, as the
 // cp.async producer zero-fills them: no product may meet them (0 · NaN).
@@ -164,8 +163,8 @@ __device__ __forceinline__ void produce_backward_tma(const detail::DilatedParams
   constexpr int BW = Shape::kBlockOwn, BO = Shape::kBlockOther, kStages = Shape::kStages;
   constexpr std::uint32_t kRowBytes = 128 * (D / 64);  // one row's boxes
   static_assert(BW == 128 && BO <= 128, "an own row per producer thread; an other row per thread below BO");
+  static_assert(kWalk != Walk::indexed, "an index map's rows come by cp.async (produce_backward)");
   const bool keys_own = w.role == kDkDvRole;
-  const bool causal_by_position = kWalk == Walk::indexed && p.causal;
   const bool delta_given = p.softmax_delta != nullptr;
   const Side own = keys_own ? w.key : w.query;  // copies: registers, not w's local memory
   const Side other = keys_own ? w.query : w.key;
@@ -175,25 +174,15 @@ __device__ __forceinline__ void produce_backward_tma(const detail::DilatedParams
   const CUtensorMap* other_b = keys_own ? &maps.dout[w.branch] : &maps.v[w.branch];
   const int query_head = int(w.head), key_head = int(operand_head(p.k, w.head));
   const int own_head = keys_own ? key_head : query_head, other_head = keys_own ? query_head : key_head;
-  const int batch = int(w.batch), t = int(threadIdx.x);
+  const int t = int(threadIdx.x);
   if (t == 0) {
     prefetch_tensor_map(own_a);
     prefetch_tensor_map(own_b);
     prefetch_tensor_map(other_a);
     prefetch_tensor_map(other_b);
   }
-  // Under an index map a thread copies other row t of each tile: its lookup for tile it + 1 is in
-  // flight while tile it's copies are issued and its stage awaited (a load latency, not between the
-  // stage coming free and the copies), and the lse and delta copies reuse it (after the copies'
-  // asm, which clobbers memory, a second lookup would wait a latency again).
-  auto other_row = [&](int it) {
-    return it < num_tiles && t < tiles.valid(it) ? w.row32(other, int(tiles.start(it)) + t) : 0;
-  };
-  int next_other_row = kWalk == Walk::indexed ? other_row(0) : 0;
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
-    const int other_row_here = next_other_row;
-    if constexpr (kWalk == Walk::indexed) next_other_row = other_row(it + 1);
     wait_stage_reusable<kStages>(st, it);
     const std::int64_t j0 = tiles.start(it);
     const int valid = tiles.valid(it);
@@ -201,27 +190,7 @@ __device__ __forceinline__ void produce_backward_tma(const detail::DilatedParams
     const std::uint32_t to_a = smem_address(st.a(stage)), to_b = smem_address(st.b(stage));
     const std::uint32_t own_to_a = smem_address(st.own_a), own_to_b = smem_address(st.own_b);
     const int own_rows = it == 0 ? w.tile_rows : 0;
-    if constexpr (kWalk == Walk::indexed) {
-      const int warp_first = t / 32 * 32;
-      const int rows = min(32, max(0, own_rows - warp_first)) + min(32, max(0, valid - warp_first));
-      if (t % 32 == 0 && rows > 0) barrier_expect_tx(full, std::uint32_t(2 * rows) * kRowBytes);
-      __syncwarp();
-      if (t < own_rows) {
-        const int row = w.row32(own, int(w.tile_begin) + t);
-#pragma unroll
-        for (int c = 0; c < D / 64; ++c) {
-          tma_load_5d(own_to_a + (c * BW + t) * 128, own_a, c * 64, own_head, 0, row, batch, full);
-          tma_load_5d(own_to_b + (c * BW + t) * 128, own_b, c * 64, own_head, 0, row, batch, full);
-        }
-      }
-      if (t < valid) {
-#pragma unroll
-        for (int c = 0; c < D / 64; ++c) {
-          tma_load_5d(to_a + (c * BO + t) * 128, other_a, c * 64, other_head, 0, other_row_here, batch, full);
-          tma_load_5d(to_b + (c * BO + t) * 128, other_b, c * 64, other_head, 0, other_row_here, batch, full);
-        }
-      }
-    } else if (t == 0) {
+    if (t == 0) {
       // Both sides' tensor rows are positions less row_offset (0, or minus a packed sequence's first
       // row), read from w here: no thread keeps it through the loop.
       const unsigned r = unsigned(w.stride), row_base = unsigned(-w.query.row_offset);
@@ -248,12 +217,11 @@ __device__ __forceinline__ void produce_backward_tma(const detail::DilatedParams
       }
     }
     if (it == 0 && keys_own) key_bias(p, w, w.tile_begin, w.tile_rows, BW, st.own_bias);
-    produce_columns<T, D, kWalk>(p, w, other, j0, valid, stage, keys_own, causal_by_position, delta_given, st,
-                                 kWalk == Walk::indexed ? other_row_here : -1);
+    produce_columns<T, D, kWalk>(p, w, other, j0, valid, stage, keys_own, false, delta_given, st, -1);
     cp_async_arrive(full);
     const bool own_short = own_rows > 0 && own_rows < BW, other_short = valid < BO;
     if (own_short || other_short) {
-      if constexpr (kWalk != Walk::indexed) barrier_wait(full, (it / kStages) & 1);  // the boxes have landed
+      barrier_wait(full, (it / kStages) & 1);  // the boxes have landed
       if (own_short) zero_rows<BW, D>(st.own_a, st.own_b, own_rows);
       if (other_short) zero_rows<BO, D>(st.a(stage), st.b(stage), valid);
       fence_async_shared();  // the zeros, before the consumers' wgmma reads
@@ -470,7 +438,7 @@ __device__ __forceinline__ void backward_block(const detail::DilatedParams& p, c
   const bool keys_own = w.role == kDkDvRole;
   if (threadIdx.x < 128) {
     registers_decrease<Shape::kProducerRegisters>();
-    if constexpr (std::is_same_v<Maps, BackwardTensorMaps> && kWalk != Walk::indexed)
+    if constexpr (std::is_same_v<Maps, BackwardTensorMaps>)
       produce_backward_tma<T, D, kWalk>(p, w, tiles, num_tiles, st, maps);
     else
       produce_backward<T, D, kWalk>(p, w, tiles, num_tiles, st);
@@ -540,12 +508,13 @@ void launch_backward_sm90(const detail::DilatedParams& params, const LaunchPlan&
   const bool atomic = params.dq_scratch != nullptr;
   auto launch = [&](const auto& maps) {
     using Maps = std::decay_t<decltype(maps)>;
-    auto kernel = params.block_size > 0 ? sm90::backward_kernel<T, D, Walk::sparse, false, Maps>
-                  : params.position_index != nullptr
-                      ? (atomic ? sm90::backward_kernel<T, D, Walk::indexed, true, Maps>
-                                : sm90::backward_kernel<T, D, Walk::indexed, false, Maps>)
-                  : atomic ? sm90::backward_kernel<T, D, Walk::dilated, true, Maps>
-                           : sm90::backward_kernel<T, D, Walk::dilated, false, Maps>;
+    auto kernel = atomic ? sm90::backward_kernel<T, D, Walk::dilated, true, Maps>
+                         : sm90::backward_kernel<T, D, Walk::dilated, false, Maps>;
+    if (params.block_size > 0) kernel = sm90::backward_kernel<T, D, Walk::sparse, false, Maps>;
+    if constexpr (!std::is_same_v<Maps, BackwardTensorMaps>)  // an index map's rows come by cp.async only
+      if (params.position_index != nullptr && params.block_size == 0)
+        kernel = atomic ? sm90::backward_kernel<T, D, Walk::indexed, true, Maps>
+                        : sm90::backward_kernel<T, D, Walk::indexed, false, Maps>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmemBytes)) != cudaSuccess)
       check_launch("sm90 backward (shared memory attribute)");
     kernel<<<plan.total_blocks, Shape::kThreads, Shape::kSmemBytes, stream>>>(params, plan, maps);
@@ -553,7 +522,7 @@ void launch_backward_sm90(const detail::DilatedParams& params, const LaunchPlan&
   };
   if constexpr (Tma) {
     BackwardTensorMaps maps{};
-    encode_backward_maps(params, plan, params.position_index != nullptr ? 1 : Shape::kBlockOther, maps);
+    encode_backward_maps(params, plan, Shape::kBlockOther, maps);
     launch(maps);
   } else {
     launch(NoTensorMaps{});

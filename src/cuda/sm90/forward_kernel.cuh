@@ -14,9 +14,11 @@
 // With DATTN_SM90_TMA (the default where the sm90 kernels are built) the calls sm90_tma_covers admits
 // (whole sequences: the dilated walk with every dilation rate dividing N, the index-map walk, and
 // block-sparse attention's walk) run instances whose producer loads by TMA instead: one thread
-// issues a tile's bulk tensor copies (produce_tma), or one warp a copy per row under an index map
-// (produce_tma_rows), which land in the same swizzled layout (tensor_maps.hpp), and the warpgroup
-// keeps only the key bias.
+// issues a tile's bulk tensor copies (produce_tma), which land in the same swizzled layout
+// (tensor_maps.hpp), and the warpgroup keeps only the key bias. Under an index map the rows lie
+// anywhere, a TMA box would be one row and a warp issues such copies one at a time, so these
+// instances' producer gathers them by cp.async as the other instances' does (produce), keeping
+// the TMA instances' register split and decode.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -236,84 +238,6 @@ __device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, cons
   wait_last_arrivals<kStages>(st, num_tiles);
 }
 
-// Warpgroup 0 of the TMA instances for an index map (a Hilbert order): a tile's rows lie anywhere
-// in the tensor, so each row is a one-row box per 64-column block, issued by the thread of the
-// row's index (rows t, t + 128, ...: one lookup of the index each), and each warp announces its
-// own rows' bytes on the stage's `full` barrier (an arrival per warp) before its copies. A one-row
-// box written at row i of a tile lands as TileLayout::swizzled lays that row out: TMA's swizzle is
-// a function of the shared-memory address (tensor_maps.hpp). Rows with nothing to load are zeroed,
-// as the cp.async producer zero-fills them: the query tile's past the block's own rows (once), a
-// key tile's past `valid`. Every thread writes its key's bias and, for causality under the index
-// map, its original position. Selected row j of a side sits at map coordinates (column, head, 0,
-// index[first + j·r], batch).
-template <class T, class Shape, class Tiles>
-__device__ __forceinline__ void produce_tma_rows(const detail::DilatedParams& p, const BlockWork& w, const Tiles& tiles,
-                                                 int num_tiles, const Stages<Shape>& st, const ForwardTensorMaps& maps) {
-  constexpr int D = Shape::kHeadDim, BM = Shape::kBlockM, BN = Shape::kBlockN, kStages = Shape::kStages;
-  constexpr std::uint32_t kRowBytes = 128 * (D / 64);  // one row's boxes
-  const int warp_first_row = int(threadIdx.x) / 32 * 32, lane = int(threadIdx.x) % 32;
-  if (threadIdx.x == 0) {
-    prefetch_tensor_map(&maps.q[w.branch]);
-    prefetch_tensor_map(&maps.k[w.branch]);
-    prefetch_tensor_map(&maps.v[w.branch]);
-  }
-  {  // the query tile's rows [tile_rows, BM): zeros (made visible to wgmma by tile 0's fence)
-    const int chunks = (BM - w.tile_rows) * 8;
-    for (int c = threadIdx.x; c < (D / 64) * chunks; c += 128)
-      *reinterpret_cast<uint4*>(st.q + ((c / chunks) * BM + w.tile_rows) * 128 + (c % chunks) * 16) = make_uint4(0, 0, 0, 0);
-  }
-  // The rows of [0, n) that this thread's warp copies (rows warp_first_row + 128k + lane).
-  auto warp_rows = [&](int n) {
-    int count = 0;
-    for (int base = warp_first_row; base < n; base += 128) count += min(32, n - base);
-    return count;
-  };
-  // A thread copies key row threadIdx.x of each tile; its lookup in the index for tile it + 1 is
-  // in flight while tile it's copies are issued and its stage awaited, instead of a whole load
-  // latency between the stage coming free and the copies.
-  static_assert(BN == 128, "one key row per producer thread");
-  auto key_row = [&](int it) {
-    return it < num_tiles && int(threadIdx.x) < tiles.valid(it) ? w.row32(w.key, int(tiles.start(it)) + int(threadIdx.x))
-                                                                : 0;
-  };
-  int next_key_row = key_row(0);
-  for (int it = 0; it < num_tiles; ++it) {
-    const int stage = it % kStages;
-    const int key_row_here = next_key_row;
-    next_key_row = key_row(it + 1);
-    wait_stage_reusable<kStages>(st, it);
-    const std::int64_t k0 = tiles.start(it);
-    const int valid = tiles.valid(it);
-    unsigned char* k_tile = st.k + stage * Shape::kKvBytes;
-    unsigned char* v_tile = st.v + stage * Shape::kKvBytes;
-    std::uint64_t* full = st.full + stage;
-    const int query_rows = it == 0 ? w.tile_rows : 0;
-    if (lane == 0) barrier_arrive_expect_tx(full, std::uint32_t(2 * warp_rows(valid) + warp_rows(query_rows)) * kRowBytes);
-    __syncwarp();
-    const int batch = map_batch_coordinate(p, w.batch);
-    for (int i = threadIdx.x; i < query_rows; i += 128) {
-      const int row = w.row32(w.query, int(w.tile_begin) + i), head = int(w.head);
-#pragma unroll
-      for (int b = 0; b < D / 64; ++b)
-        tma_load_5d(smem_address(st.q) + (b * BM + i) * 128, &maps.q[w.branch], b * 64, head, 0, row, batch, full);
-    }
-    if (const int i = threadIdx.x; i < valid) {
-      const int head = int(operand_head(p.k, w.head));
-#pragma unroll
-      for (int b = 0; b < D / 64; ++b) {
-        const std::uint32_t at = (b * BN + i) * 128;
-        tma_load_5d(smem_address(k_tile) + at, &maps.k[w.branch], b * 64, head, 0, key_row_here, batch, full);
-        tma_load_5d(smem_address(v_tile) + at, &maps.v[w.branch], b * 64, head, 0, key_row_here, batch, full);
-      }
-    }
-    key_bias(p, w, k0, valid, BN, st.bias + stage * BN, p.causal ? st.key_position + stage * BN : nullptr);
-    if (valid < BN) zero_tile_rows<Shape>(k_tile, v_tile, valid);  // rows no copy writes
-    if (valid < BN || it == 0) fence_async_shared();  // the zeros, before the consumers' wgmma reads
-    barrier_arrive(st.keys + stage);  // this thread's plain stores (the key bias, positions, zeros)
-  }
-  wait_last_arrivals<kStages>(st, num_tiles);
-}
-
 // The consumer warpgroups: the online softmax over the key tiles of the stages, then the epilogue.
 // They take turns at the tensor cores (named barriers 1, 2, 3, round robin from the first): each
 // issues its products when the one before has issued its own, so that one's softmax runs while
@@ -465,8 +389,8 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
   auto* shared = reinterpret_cast<SharedWork<Shape::kBlockN, kWalk>*>(st.empty + Shape::kStages);
   if (threadIdx.x == 0) {
     for (int s = 0; s < Shape::kStages; ++s) {
-      // cp.async: the producer's threads, when their copies land; TMA: the thread that issues the
-      // copies, or under an index map each producer warp (the phase then waits for their bytes too)
+      // cp.async (every instance's index-map walk): the producer's threads, when their copies land;
+      // TMA: the thread that issues the copies
       barrier_init(st.full + s, !Shape::kTma || kWalk == Walk::indexed ? 128 : 1);
       barrier_init(st.keys + s, 128);  // the producer's threads
       barrier_init(st.empty + s, 128 * Shape::kConsumers);  // the consumers' threads
@@ -538,12 +462,12 @@ void launch_forward_sm90(const detail::DilatedParams& params, const LaunchPlan& 
   };
   if constexpr (Tma) {
     // dispatch.cu runs these instances where sm90_tma_covers(params): every walk over whole
-    // sequences; an index map's copies are one row each.
+    // sequences. An index map's rows are gathered by cp.async: no maps.
+    if (params.position_index != nullptr && params.block_size == 0)
+      return launch(sm90::forward_kernel<T, Shape, Walk::indexed, NoTensorMaps>, NoTensorMaps{});
     ForwardTensorMaps maps{};
-    const bool indexed = params.position_index != nullptr;
-    encode_forward_maps(params, plan, indexed ? 1 : Shape::kBlockM, indexed ? 1 : Shape::kBlockN, maps);
+    encode_forward_maps(params, plan, Shape::kBlockM, Shape::kBlockN, maps);
     if (params.block_size > 0) launch(sm90::forward_kernel<T, Shape, Walk::sparse, ForwardTensorMaps>, maps);
-    else if (indexed) launch(sm90::forward_kernel<T, Shape, Walk::indexed, ForwardTensorMaps>, maps);
     else launch(sm90::forward_kernel<T, Shape, Walk::dilated, ForwardTensorMaps>, maps);
   } else {
     using Maps = NoTensorMaps;

@@ -88,15 +88,15 @@ EncodeTiled encode_tiled() {
 }
 
 // The dilation rate a branch's maps step by: block-sparse attention has no branches, its rows are
-// those of rate 1; an index map's rows are anywhere, each copied alone from a map of rate 1.
+// those of rate 1.
 std::int64_t map_rate(const DilatedParams& p, int branch) {
-  return p.block_size > 0 || p.position_index != nullptr ? 1 : p.branches[branch].dilation_rate;
+  return p.block_size > 0 ? 1 : p.branches[branch].dilation_rate;
 }
 
 // Whether each operand (tensor, heads) has a map at the rate of every branch a launch may take
-// (block-sparse attention and index maps: the one map of rate 1).
+// (block-sparse attention: the one map of rate 1).
 bool maps_fit(const DilatedParams& p, std::initializer_list<std::pair<const Operand*, std::int64_t>> operands) {
-  const bool one_map = p.block_size > 0 || p.position_index != nullptr;
+  const bool one_map = p.block_size > 0;
   for (int i = 0; i < (one_map ? 1 : p.num_branches); ++i) {
     if (!one_map && p.branches[i].head_count == 0) continue;  // never launched
     const std::int64_t r = map_rate(p, i);
@@ -118,6 +118,8 @@ bool sm90_tma_covers(const DilatedParams& p) {
   if (p.dtype != DType::bfloat16 && p.dtype != DType::float16) return false;
   if (p.head_dim != 64 && p.head_dim != 128) return false;
   if (p.batch < 1 || p.seqlen < 1 || p.heads < 1 || p.kv_heads < 1) return false;
+  // An index map's rows lie anywhere: the forward's TMA instances gather them by cp.async, no maps.
+  if (p.position_index != nullptr && p.block_size == 0) return true;
   // Blocks of whole 128-row key tiles: a shorter block's tiles would end short, and the TMA producer
   // zeroes a short tile's rows after its copy lands (the cp.async one zero-fills them).
   if (p.block_size % 128 != 0) return false;
@@ -175,7 +177,8 @@ void encode_forward_maps(const DilatedParams& p, const LaunchPlan& plan, int que
 }
 
 bool sm90_backward_tma_covers(const DilatedParams& p) {
-  return sm90_tma_covers(p) && maps_fit(p, {{&p.dout, p.heads}});
+  // An index map's rows come by the cp.async producer (one-row TMA boxes would issue one at a time).
+  return p.position_index == nullptr && sm90_tma_covers(p) && maps_fit(p, {{&p.dout, p.heads}});
 }
 
 void encode_backward_maps(const DilatedParams& p, const LaunchPlan& plan, int rows, BackwardTensorMaps& maps) {

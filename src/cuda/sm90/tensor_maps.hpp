@@ -36,7 +36,7 @@ struct ForwardTensorMaps {
 };
 
 // The sm90 backward's maps, by branch index: q, k, v and dout (boxes of 64 rows, the other side's
-// tile; the own side's 128 rows are two boxes), or one-row boxes under an index map. 8 KiB.
+// tile; the own side's 128 rows are two boxes). 8 KiB.
 struct BackwardTensorMaps {
   CUtensorMap q[detail::kMaxBranches];
   CUtensorMap k[detail::kMaxBranches];
@@ -54,28 +54,28 @@ __device__ __forceinline__ int map_batch_coordinate(const detail::DilatedParams&
 }
 #endif
 
-// Whether the TMA forward covers a call: dilated attention's walk, its walk under an index map (a
-// Hilbert order: every row copied alone, a one-row box of a rate-1 map), or block-sparse attention's
-// with blocks of a multiple of 128 rows (a rate-1 branch's rows: the key tiles of an allowed block
-// are contiguous rows),
+// Whether the TMA forward instances cover a call: dilated attention's walk, its walk under an index
+// map (a Hilbert order: its rows lie anywhere, and these instances' producer gathers them by
+// cp.async, with no maps), or block-sparse attention's with blocks of a multiple of 128 rows (a
+// rate-1 branch's rows: the key tiles of an allowed block are contiguous rows),
 // whole sequences or a packed batch's (no cache, no ring step), 16-bit data of head dim 64 or 128,
-// every branch's dilation rate dividing N (a packed batch's T; block-sparse: rate 1), and q, k, v
-// as a map needs them (16-byte aligned bases, every
+// and, but for an index map, every branch's dilation rate dividing N (a packed batch's T;
+// block-sparse: rate 1) and q, k, v as a map needs them (16-byte aligned bases, every
 // stride of more than one row, head or batch a positive multiple of 16 bytes below 2^40). The
 // caller has chosen the sm90 kernels. Defined in builds with DATTN_SM90_TMA only (forward_uses_tma,
 // dispatch.cu, is false in the others).
 bool sm90_tma_covers(const detail::DilatedParams& p);
 
 // Whether the sm90 backward's producer loads Q, K, V and dO by TMA: the calls sm90_tma_covers
-// admits, with dout as a map needs it too.
+// admits but an index map's (its rows come by cp.async), with dout as a map needs it too.
 bool sm90_backward_tma_covers(const detail::DilatedParams& p);
 
-// Encodes the backward's maps of the branches that `plan` runs, boxes of `rows` rows (64, or 1
-// under an index map).
+// Encodes the backward's maps of the branches that `plan` runs, boxes of `rows` rows (the other
+// side's tile).
 void encode_backward_maps(const detail::DilatedParams& p, const LaunchPlan& plan, int rows, BackwardTensorMaps& maps);
 
 // Encodes the maps of the branches that `plan` runs: boxes of query_rows rows for q, key_rows for
-// k and v (1 and 1 under an index map). Throws std::runtime_error where the driver refuses one (sm90_tma_covers admitted the
+// k and v. Throws std::runtime_error where the driver refuses one (sm90_tma_covers admitted the
 // call, so that is a bug) or has no cuTensorMapEncodeTiled.
 void encode_forward_maps(const detail::DilatedParams& p, const LaunchPlan& plan, int query_rows, int key_rows,
                          ForwardTensorMaps& maps);
