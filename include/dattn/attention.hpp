@@ -72,15 +72,17 @@ CudaKernels cuda_kernel_generation(const TensorView& q, bool backward, const Lau
 std::vector<CudaKernels> cuda_kernel_generations_built();
 
 // Whether forward with these arguments (CUDA tensors) runs the sm90 forward whose producer loads by
-// TMA: in builds with DATTN_SM90_TMA (the default with the sm90 kernels), for the calls it covers (README.md;
-// under an index map these instances' producer gathers the rows by cp.async); false elsewhere. Validates the arguments as forward does; for tests and benchmarks that name
-// the path a call took.
+// TMA: in builds with DATTN_SM90_TMA (the default with the sm90 kernels), for the calls it covers
+// (README.md; under an index map these instances' producer gathers the rows by cp.async); false
+// elsewhere. Validates the arguments as forward does; for tests and benchmarks that name the path
+// a call took.
 bool cuda_forward_uses_tma(const DilatedConfig& config, const TensorView& q, const TensorView& k, const TensorView& v,
                            const TensorView& out, const TensorView& lse, const LaunchOptions& options = {});
 
 // Whether backward with these arguments (CUDA tensors) runs the sm90 backward whose producer loads
 // Q, K, V and dO by TMA: in builds with DATTN_SM90_TMA, for the calls the forward's TMA loads cover
-// with dout laid out as they need, but for an index map's (cp.async); false elsewhere. Validates the arguments as backward does.
+// with dout laid out as they need, but for an index map's (cp.async); false elsewhere. Validates
+// the arguments as backward does.
 bool cuda_backward_uses_tma(const DilatedConfig& config, const TensorView& q, const TensorView& k, const TensorView& v,
                             const TensorView& out, const TensorView& lse, const TensorView& dout, const TensorView& dq,
                             const TensorView& dk, const TensorView& dv, const LaunchOptions& options = {});

@@ -69,7 +69,8 @@ struct BackwardStages {
 // A stage's float columns of the other side's rows [j0, j0 + valid): for dk/dv blocks the queries'
 // lse and delta (cp.async; delta computed from dO and O where none is given) and, for causality
 // under an index map, positions; for dq blocks the keys' bias (and positions). known_row: this
-// thread's row of the tile where the caller looked it up already (an index map's TMA producer), else -1.
+// thread's row of the tile where the caller looked it up already (produce_backward under an index
+// map, a tile ahead), else -1.
 template <class T, int D, Walk kWalk>
 __device__ __forceinline__ void produce_columns(const detail::DilatedParams& p, const BlockWork& w, const Side& other,
                                                 std::int64_t j0, int valid, int stage, bool keys_own,
@@ -151,8 +152,8 @@ __device__ __forceinline__ void produce_backward(const detail::DilatedParams& p,
 // sparse walks: thread 0 announces the boxes' bytes and issues them (the own side's 128 rows as
 // two 64-row boxes with the first tile, then each 64-row tile of the other side) at map coordinates
 // (column, head, first mod r, first / r + j, batch); an index map's rows, which lie anywhere, come
-// by produce_backward (sm90_backward_tma_covers admits none). Each thread still arrives once per phase on `full` when its cp.async copies
-// (lse, delta) land, so the phase waits for both. Rows past a side's end that a box brought in (the
+// by produce_backward (sm90_backward_tma_covers admits none). Each thread still arrives once per
+// phase on `full` when its cp.async copies (lse, delta) land, so the phase waits for both. Rows past a side's end that a box brought in (the
 // next segment's) are zeroed once they have landed, and rows no copy writes at once, as the
 // cp.async producer zero-fills them: no product may meet them (0 · NaN).
 template <class T, int D, Walk kWalk, class Tiles>
