@@ -495,29 +495,53 @@ __device__ __forceinline__ void load_row_pair(std::uint16_t* smem_a, std::uint16
 }
 
 // An index map's rows of two operands (K and V, Q and dO) by cp.async into swizzled tiles of kRows
-// rows: thread t looked row t up beforehand (`my_row`, its tensor row; a lookup a tile ahead hides
-// its latency), warp w copies rows [32w, 32w + 32), and each pass a row's 16-byte chunks go to
-// neighbouring lanes, which take the row from its lane by a shuffle (one lookup per row instead of
-// one per chunk). Rows past `valid` zero-filled. The producer warpgroup's 128 threads.
+// rows: thread t looked row t up beforehand (`my_row`, its tensor row, 0 past `valid`; a lookup a
+// tile ahead hides its latency), warp w copies rows [32w, 32w + 32), and each pass a row's 16-byte
+// chunks go to neighbouring lanes, which take the row from its lane by a shuffle (one lookup per row
+// instead of one per chunk). Rows past `valid` zero-filled (their copies read row 0, a valid address,
+// and write zeros). The producer warpgroup's 128 threads.
+// The copy's cost is the producer's instructions (ncu at long64k: its consumers wait for it), so a
+// copy's address is one multiply-add where the row strides fit 32 bits of bytes (every tensor below
+// 4 GiB a row), and its shared-memory offset an immediate past a few registers: the swizzle takes
+// row % 8, which repeats every 8 rows (1024 bytes).
 template <class T, int kRows, int D>
 __device__ __forceinline__ void gather_row_pair(std::uint16_t* smem_a, std::uint16_t* smem_b, const detail::Operand& a,
                                                 const detail::Operand& b, const BlockWork& w, int valid, int my_row) {
   static_assert(sizeof(T) == 2 && kRows % 32 == 0 && kRows <= 128, "16-bit rows, whole warps' rows");
-  constexpr int kChunks = D / 8, kRowsPerPass = 32 / kChunks;
+  constexpr int kChunks = D / 8, kRowsPerPass = 32 / kChunks, kPasses = 32 / kRowsPerPass;
+  constexpr int kPeriod = 8 / kRowsPerPass;  // passes per 8 rows
+  static_assert(kRowsPerPass * kPeriod == 8, "a pass's rows divide 8");
   const int warp_row0 = int(threadIdx.x) / 32 * 32, lane = int(threadIdx.x) % 32, chunk = lane % kChunks;
   if (warp_row0 >= kRows) return;
-  const T* base_a = static_cast<const T*>(a.data) + w.batch * a.batch_stride + operand_head(a, w.head) * a.head_stride;
-  const T* base_b = static_cast<const T*>(b.data) + w.batch * b.batch_stride + operand_head(b, w.head) * b.head_stride;
-  const std::uint32_t to_a = smem_address(smem_a), to_b = smem_address(smem_b);
+  // This thread's chunk of row 0 of each operand's (batch, head), in bytes.
+  const char* base_a = reinterpret_cast<const char*>(static_cast<const T*>(a.data) + w.batch * a.batch_stride +
+                                                     operand_head(a, w.head) * a.head_stride + chunk * 8);
+  const char* base_b = reinterpret_cast<const char*>(static_cast<const T*>(b.data) + w.batch * b.batch_stride +
+                                                     operand_head(b, w.head) * b.head_stride + chunk * 8);
+  std::uint32_t to[kPeriod];
 #pragma unroll
-  for (int i = 0; i < 32 / kRowsPerPass; ++i) {
-    const int local = i * kRowsPerPass + lane / kChunks, row = warp_row0 + local;
-    const std::int64_t from = std::int64_t(__shfl_sync(0xffffffffu, my_row, local));
-    const bool ok = row < valid;
-    const std::uint32_t at = tile_offset<TileLayout::swizzled, kRows, D>(row, chunk);
-    cp_async_16(to_a + at, ok ? base_a + from * a.row_stride + chunk * 8 : base_a, ok);
-    cp_async_16(to_b + at, ok ? base_b + from * b.row_stride + chunk * 8 : base_b, ok);
-  }
+  for (int i = 0; i < kPeriod; ++i)
+    to[i] = tile_offset<TileLayout::swizzled, kRows, D>(warp_row0 + i * kRowsPerPass + lane / kChunks, chunk);
+  const std::uint32_t to_a = smem_address(smem_a), to_b = smem_address(smem_b);
+  const std::int64_t stride_a = a.row_stride * std::int64_t(sizeof(T)), stride_b = b.row_stride * std::int64_t(sizeof(T));
+  // Widened exactly: uint32 x uint32 -> uint64 (one IMAD.WIDE.U32 with the base), or int64.
+  auto copy = [&](auto stride_a_here, auto stride_b_here) {
+    using Wide = std::conditional_t<std::is_same_v<decltype(stride_a_here), std::uint32_t>, std::uint64_t, std::int64_t>;
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int local = i * kRowsPerPass + lane / kChunks;
+      const std::uint32_t from = std::uint32_t(__shfl_sync(0xffffffffu, my_row, local));
+      const std::uint32_t at = to[i % kPeriod] + (i / kPeriod) * 1024;
+      const bool ok = warp_row0 + local < valid;
+      cp_async_16(to_a + at, base_a + Wide(from) * stride_a_here, ok);
+      cp_async_16(to_b + at, base_b + Wide(from) * stride_b_here, ok);
+    }
+  };
+  constexpr std::int64_t kFits = 0xffffffffLL;
+  if (stride_a >= 0 && stride_a <= kFits && stride_b >= 0 && stride_b <= kFits)  // uniform
+    copy(std::uint32_t(stride_a), std::uint32_t(stride_b));
+  else
+    copy(stride_a, stride_b);
 }
 
 }  // namespace dattn::cuda
