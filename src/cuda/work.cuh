@@ -494,6 +494,15 @@ __device__ __forceinline__ void load_row_pair(std::uint16_t* smem_a, std::uint16
   }
 }
 
+// Under an index map, the tensor row of row threadIdx.x of tile `it` (0 past the tiles or the tile's
+// valid rows): gather_row_pair's `my_row`, looked up a tile ahead by the producers.
+template <class Tiles>
+__device__ __forceinline__ int gathered_row(const BlockWork& w, const Side& side, const Tiles& tiles, int num_tiles,
+                                            int it) {
+  const int t = int(threadIdx.x);
+  return it < num_tiles && t < tiles.valid(it) ? w.row32(side, int(tiles.start(it)) + t) : 0;
+}
+
 // An index map's rows of two operands (K and V, Q and dO) by cp.async into swizzled tiles of kRows
 // rows: thread t looked row t up beforehand (`my_row`, its tensor row, 0 past `valid`; a lookup a
 // tile ahead hides its latency), warp w copies rows [32w, 32w + 32), and each pass a row's 16-byte

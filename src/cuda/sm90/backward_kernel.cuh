@@ -115,15 +115,11 @@ __device__ __forceinline__ void produce_backward(const detail::DilatedParams& p,
   const Side other = keys_own ? w.query : w.key;
   // Under an index map thread t looks other row t up for its warp's copies (gather_row_pair) and the
   // lse and delta copies, the lookup for tile it + 1 in flight while tile it's copies are issued.
-  auto other_row = [&](int it) {
-    const int t = int(threadIdx.x);
-    return it < num_tiles && t < tiles.valid(it) ? w.row32(other, int(tiles.start(it)) + t) : 0;
-  };
-  int next_other_row = kWalk == Walk::indexed ? other_row(0) : 0;
+  int next_other_row = kWalk == Walk::indexed ? gathered_row(w, other, tiles, num_tiles, 0) : 0;
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
     const int other_row_here = next_other_row;
-    if constexpr (kWalk == Walk::indexed) next_other_row = other_row(it + 1);
+    if constexpr (kWalk == Walk::indexed) next_other_row = gathered_row(w, other, tiles, num_tiles, it + 1);
     wait_stage_reusable<kStages>(st, it);
     if (it == 0) {
       load_row_pair<T, 1, BW, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.own_a),

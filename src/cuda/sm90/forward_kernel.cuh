@@ -136,15 +136,11 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
   // Under an index map thread t looks key row t up for its warp's copies (gather_row_pair), the
   // lookup for tile it + 1 is in flight while tile it's copies are issued and its stage awaited.
   static_assert(BN == 128, "one key row per producer thread");
-  auto key_row = [&](int it) {
-    return it < num_tiles && int(threadIdx.x) < tiles.valid(it) ? w.row32(w.key, int(tiles.start(it)) + int(threadIdx.x))
-                                                                : 0;
-  };
-  int next_key_row = kWalk == Walk::indexed ? key_row(0) : 0;
+  int next_key_row = kWalk == Walk::indexed ? gathered_row(w, w.key, tiles, num_tiles, 0) : 0;
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
     const int key_row_here = next_key_row;
-    if constexpr (kWalk == Walk::indexed) next_key_row = key_row(it + 1);
+    if constexpr (kWalk == Walk::indexed) next_key_row = gathered_row(w, w.key, tiles, num_tiles, it + 1);
     wait_stage_reusable<kStages>(st, it);
     if (it == 0)
       load_rows<T, 1, BM, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.q), 0, p.q, w, w.query, w.tile_begin,
