@@ -137,12 +137,14 @@ struct Sm90BackwardShape {
   static constexpr int kScoresGradientBytes = kBlockOwn * kBlockOther * 2;
   // ... and per consumer a float32 tile of dQ (64 queries × 64 columns) staged for the bulk reduction.
   static constexpr int kDqStagingBytes = kBlockOther * 64 * 4;
+  static constexpr int kWorkBytes = 256;  // the block's decoded work
   // 1024 bytes to align the tiles, the two own tiles, per stage the other side's two tiles, the
-  // two dSᵀ buffers and dQ staging tiles, per stage three float columns, the own keys' bias, then
-  // three barriers per stage.
+  // two dSᵀ buffers and dQ staging tiles, per stage three float columns, the own keys' bias, three
+  // barriers per stage, then the decoded work.
   static constexpr std::size_t kSmemBytes = 1024 + 2 * kOwnBytes + 2 * kStages * kOtherBytes +
                                             2 * kScoresGradientBytes + kConsumers * kDqStagingBytes +
-                                            (3 * kStages * kBlockOther + kBlockOwn) * 4 + 3 * kStages * 8;
+                                            (3 * kStages * kBlockOther + kBlockOwn) * 4 + 3 * kStages * 8 +
+                                            kWorkBytes;
 };
 
 template <class T, int D, int S>

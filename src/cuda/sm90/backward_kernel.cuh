@@ -47,6 +47,7 @@ struct BackwardStages {
   std::uint64_t* full;
   std::uint64_t* keys;
   std::uint64_t* empty;
+  void* work;  // the block's decoded work (SharedBackwardWork)
   __device__ explicit BackwardStages(unsigned char* raw) {
     unsigned char* base = raw + ((1024 - smem_address(raw) % 1024) % 1024);
     own_a = base;
@@ -60,6 +61,7 @@ struct BackwardStages {
     full = reinterpret_cast<std::uint64_t*>(own_bias + Shape::kBlockOwn);
     keys = full + Shape::kStages;
     empty = keys + Shape::kStages;
+    work = empty + Shape::kStages;
   }
   __device__ unsigned char* a(int stage) const { return other_a + stage * Shape::kOtherBytes; }
   __device__ unsigned char* b(int stage) const { return other_b + stage * Shape::kOtherBytes; }
@@ -425,16 +427,35 @@ __device__ __forceinline__ void consume_queries(const detail::DilatedParams& p, 
   write_gradient_rows<T, D>(p, w, w.query, qi, accumulate, p.dq, dq, p.scale, nullptr, nullptr, 0.0f);
 }
 
+// The block's decoded work, in shared memory after the barriers (Shape::kWorkBytes): thread 0
+// decodes it and each role copies it once it has its registers, so that nothing decoded is live
+// across the register reallocation (the producer's 56 registers would spill it) and decode's 64-bit
+// divisions run once per block instead of in all 384 threads.
+template <int BO, Walk kWalk>
+struct SharedBackwardWork {
+  BlockWork work;
+  OtherTiles<BO, kWalk == Walk::sparse> tiles;
+  bool run;
+};
+
 // One block's work: the producer warpgroup and the two consumers.
 template <class T, int D, Walk kWalk, bool kAtomicDq, class Maps>
-__device__ __forceinline__ void backward_block(const detail::DilatedParams& p, const BlockWork& w,
+__device__ __forceinline__ void backward_block(const detail::DilatedParams& p,
+                                               const SharedBackwardWork<Sm90BackwardShape<D>::kBlockOther, kWalk>& shared,
                                                const BackwardStages<D>& st, const Maps& maps) {
   using Shape = Sm90BackwardShape<D>;
-  const auto tiles = other_tiles<Shape::kBlockOther, kWalk>(p, w);
-  const int num_tiles = w.tile_rows > 0 ? tiles.count : 0;
-  const bool keys_own = w.role == kDkDvRole;
+  // The copy, with what decode's dilated and sparse walks make known to the compiler: no index map.
+  auto work = [&] {
+    BlockWork w = shared.work;
+    if constexpr (kWalk != Walk::indexed) w.index = nullptr;
+    return w;
+  };
   if (threadIdx.x < 128) {
     registers_decrease<Shape::kProducerRegisters>();
+    const BlockWork w = work();
+    const auto tiles = shared.tiles;
+    const int num_tiles = w.tile_rows > 0 ? tiles.count : 0;
+    const bool keys_own = w.role == kDkDvRole;
     if constexpr (std::is_same_v<Maps, BackwardTensorMaps>)
       produce_backward_tma<T, D, kWalk>(p, w, tiles, num_tiles, st, maps);
     else
@@ -446,6 +467,10 @@ __device__ __forceinline__ void backward_block(const detail::DilatedParams& p, c
     if (kAtomicDq && !w.dq_accumulate) zero_unselected<T, D, 128>(p, w, &p.dq, nullptr, false);
   } else {
     registers_increase<Shape::kConsumerRegisters>();
+    const BlockWork w = work();
+    const auto tiles = shared.tiles;
+    const int num_tiles = w.tile_rows > 0 ? tiles.count : 0;
+    const bool keys_own = w.role == kDkDvRole;
     float* dq_slot = kAtomicDq ? p.dq_scratch + std::int64_t(w.group % p.dq_slots) * p.dq_scratch_rows * D : nullptr;
     if (keys_own) consume_keys<T, D, kWalk, kAtomicDq>(p, w.accumulate, w, tiles, num_tiles, st, dq_slot);
     else consume_queries<T, D, kWalk>(p, w.accumulate, w, tiles, num_tiles, st);
@@ -461,32 +486,32 @@ __global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
   using Shape = Sm90BackwardShape<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const BackwardStages<D> st(smem_raw);
-  // dQ by atomics: a block's work is that of a ticket taken in the order blocks start, so that the
-  // blocks it may wait for (lower tickets) are running or done whatever order the GPU starts them in.
-  __shared__ int ticket;
+  using Shared = SharedBackwardWork<Shape::kBlockOther, kWalk>;
+  static_assert(sizeof(Shared) <= Shape::kWorkBytes, "the decoded work's slot");
+  auto* shared = static_cast<Shared*>(st.work);
   if (threadIdx.x == 0) {
     for (int s = 0; s < Shape::kStages; ++s) {
       barrier_init(st.full + s, 128);
       barrier_init(st.keys + s, 128);
       barrier_init(st.empty + s, 256);
     }
-    if (kAtomicDq) ticket = atomicAdd(p.dq_counters + 2 * p.dq_slots, 1);
+    // dQ by atomics: a block's work is that of a ticket taken in the order blocks start, so that the
+    // blocks it may wait for (lower tickets) are running or done whatever order the GPU starts them in.
+    const int ticket = kAtomicDq ? atomicAdd(p.dq_counters + 2 * p.dq_slots, 1) : int(blockIdx.x);
+    BlockWork w;
+    shared->run = decode<Shape::kBlockOwn, kWalk>(p, plan, w, ticket);
+    shared->work = w;
+    if (shared->run) shared->tiles = other_tiles<Shape::kBlockOther, kWalk>(p, w);
+    // dQ by atomics: every block of the group, run or not, waits for the slot and arrives
+    // (arrive_and_convert).
+    if (kAtomicDq) wait_for_slot(p, w.group);
   }
   __syncthreads();
-
-  BlockWork w;
-  const bool run = decode<Shape::kBlockOwn, kWalk>(p, plan, w, kAtomicDq ? ticket : int(blockIdx.x));
-  // dQ by atomics: every block of the group, run or not, waits for the slot and arrives
-  // (arrive_and_convert).
-  if constexpr (kAtomicDq) {
-    if (threadIdx.x == 0) wait_for_slot(p, w.group);
-    __syncthreads();
-    // The slot's zeros (generic stores by the block that converted its previous group, acquired
-    // above) before this block's bulk reductions into it (async proxy).
-    fence_async_global();
-  }
-  if (run) backward_block<T, D, kWalk, kAtomicDq>(p, w, st, maps);
-  if (kAtomicDq && threadIdx.x >= 128) arrive_and_convert<T, D>(p, plan, w.group);
+  // The slot's zeros (generic stores by the block that converted its previous group, acquired
+  // above) before this block's bulk reductions into it (async proxy).
+  if constexpr (kAtomicDq) fence_async_global();
+  if (shared->run) backward_block<T, D, kWalk, kAtomicDq>(p, *shared, st, maps);
+  if (kAtomicDq && threadIdx.x >= 128) arrive_and_convert<T, D>(p, plan, shared->work.group);
 #else
   (void)p, (void)plan, (void)maps;
 #endif
