@@ -43,6 +43,15 @@ bool filter_heads(Job& job, std::int64_t first, std::int64_t count, HeadFilter h
   return job.head_count > 0;
 }
 
+// The job's extents and its branch's dilation rate (1 for block-sparse attention) as the
+// divisors decode_block divides by.
+void set_divisors(Job& job, std::int64_t rate) {
+  job.by_tiles = FastDivisor(job.tiles);
+  job.by_segments = FastDivisor(job.segments);
+  job.by_heads = FastDivisor(job.head_count);
+  job.by_rate = FastDivisor(rate);
+}
+
 // Whether a job adds into what is there: the launch's `accumulate`, and dk/dv blocks after the
 // first head phase (the earlier phases wrote the same key/value heads' rows).
 bool job_accumulates(int role, bool accumulate, HeadFilter heads) {
@@ -79,6 +88,7 @@ LaunchPlan make_plan(const DilatedParams& p, int first, int last, std::vector<in
       if (p.key_lengths != nullptr) job.segments += 1;
       job.accumulate = job_accumulates(role, accumulate, heads);
       if (!filter_heads(job, br.first_head, br.head_count, heads)) continue;
+      set_divisors(job, br.dilation_rate);
       entries.push_back({job, length, std::int64_t(job.tiles) * job.segments * job.head_count * p.batch});
     }
   std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.length > b.length; });
@@ -115,6 +125,7 @@ LaunchPlan make_sparse_plan(const DilatedParams& p, std::vector<int> roles, int 
     job.block_begin = int(total);
     job.accumulate = job_accumulates(role, accumulate, heads);
     filter_heads(job, 0, p.heads, heads);  // every phase < step <= H holds a head
+    set_divisors(job, 1);
     total += std::int64_t(job.tiles) * job.segments * job.head_count * p.batch;
     if (total > INT_MAX) throw Error("the problem needs more than 2^31 thread blocks in one launch; expected a smaller B, N or H");
   }

@@ -15,6 +15,25 @@ namespace dattn::cuda {
 // causal comparison goes through the map); block-sparse attention's allowed blocks.
 enum class Walk { dilated, indexed, sparse };
 
+// A divisor d (1 <= d < 2^31) with what divides by it in a multiply and a shift: n / d =
+// (n · multiplier) >> shift for every 0 <= n < 2^31, with multiplier = floor(2^(31+l) / d) + 1 and
+// 2^(l-1) < d <= 2^l (Granlund and Montgomery 1994, theorem 4.2: then 2^(31+l) < multiplier·d <=
+// 2^(31+l) + 2^l). A block's decode divides by the job's extents and the branch's rate while the
+// block's other threads wait (divide in work.cuh), and a 32-bit division is ~15 dependent
+// instructions with a MUFU.RCP.
+struct FastDivisor {
+  int value = 1;
+  std::uint32_t multiplier = 0x80000001u;
+  int shift = 31;
+  FastDivisor() = default;
+  explicit FastDivisor(std::int64_t d) : value(int(d)) {
+    int l = 0;
+    while ((std::int64_t(1) << l) < d) ++l;
+    multiplier = std::uint32_t((std::uint64_t(1) << (31 + l)) / std::uint64_t(d) + 1);
+    shift = 31 + l;
+  }
+};
+
 enum Role : int {
   kForwardRole = 0,
   kDkDvRole = 1,  // backward: a block owns keys, loops over the query tiles that see them
@@ -42,6 +61,8 @@ struct Job {
   // whether dq is added into (the launch's accumulate: dk, dv also add after the first head phase).
   int group_begin = 0;
   bool dq_accumulate = false;
+  // tiles, segments, head_count and the branch's dilation rate as divisors (set_divisors).
+  FastDivisor by_tiles, by_segments, by_heads, by_rate;
 };
 
 struct LaunchPlan {

@@ -64,13 +64,24 @@ __device__ __forceinline__ std::int64_t quotient(std::int64_t a, std::int64_t b)
   return ((a | b) >> 31) == 0 ? std::int64_t(std::uint32_t(a) / std::uint32_t(b)) : a / b;
 }
 __device__ __forceinline__ std::int64_t modulo(std::int64_t a, std::int64_t b) { return a - quotient(a, b) * b; }
+// The same by a FastDivisor: a multiply and a shift where 0 <= a < 2^31 (decode's values), else a
+// 64-bit division (a ring's global positions, a negative difference).
+__device__ __forceinline__ std::int64_t quotient(std::int64_t a, const FastDivisor& b) {
+  return (a >> 31) == 0 ? std::int64_t((std::uint64_t(std::uint32_t(a)) * b.multiplier) >> b.shift) : a / b.value;
+}
+__device__ __forceinline__ std::int64_t modulo(std::int64_t a, const FastDivisor& b) { return a - quotient(a, b) * b.value; }
+__device__ __forceinline__ std::int64_t divisor_value(std::int64_t b) { return b; }
+__device__ __forceinline__ std::int64_t divisor_value(const FastDivisor& b) { return b.value; }
 
 // The positions of [lo, hi) that a branch selecting first + j·r picks, tensor rows from offset.
-__device__ __forceinline__ Side select_side(std::int64_t first, std::int64_t r, std::int64_t lo, std::int64_t hi,
+// rate: the dilation rate r, an int64 or a FastDivisor.
+template <class Rate>
+__device__ __forceinline__ Side select_side(std::int64_t first, const Rate& rate, std::int64_t lo, std::int64_t hi,
                                             std::int64_t offset) {
+  const std::int64_t r = divisor_value(rate);
   Side s;
-  s.first = lo <= first ? first : first + quotient(lo - first + r - 1, r) * r;
-  s.length = s.first < hi ? quotient(hi - s.first + r - 1, r) : 0;
+  s.first = lo <= first ? first : first + quotient(lo - first + r - 1, rate) * r;
+  s.length = s.first < hi ? quotient(hi - s.first + r - 1, rate) : 0;
   s.row_offset = offset;
   return s;
 }
@@ -87,22 +98,22 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
   const Job& job = plan.jobs[j];
   const detail::Branch& br = p.branches[job.branch];
   std::int64_t local = block - job.block_begin;
-  std::int64_t tile = modulo(local, job.tiles);
-  local = quotient(local, job.tiles);
+  std::int64_t tile = modulo(local, job.by_tiles);
+  local = quotient(local, job.by_tiles);
   work.group = job.group_begin + int(local);
   work.dq_accumulate = job.dq_accumulate;
   if (p.causal) tile = job.tiles - 1 - tile;  // the longest causal tiles first
-  std::int64_t segment = job.first_segment + modulo(local, job.segments);
-  local = quotient(local, job.segments);
+  std::int64_t segment = job.first_segment + modulo(local, job.by_segments);
+  local = quotient(local, job.by_segments);
   work.branch = job.branch;
   work.index = p.position_index;
   work.seqlen = p.seqlen;
   work.role = job.role;
   work.accumulate = job.accumulate;
-  work.head = job.head_first + modulo(local, job.head_count) * job.head_step;
-  work.batch = quotient(local, job.head_count);
+  work.head = job.head_first + modulo(local, job.by_heads) * job.head_step;
+  work.batch = quotient(local, job.by_heads);
   const std::int64_t w = br.segment_length, r = br.dilation_rate;
-  const std::int64_t o = br.offset_from_head ? modulo(work.head, r) : br.group_offset;
+  const std::int64_t o = br.offset_from_head ? modulo(work.head, job.by_rate) : br.group_offset;
   // The sequence: its length, where its rows start in the tensors, its query and key positions.
   std::int64_t length = p.global_length, row_base = 0, query_begin = p.query_position;
   std::int64_t query_end = p.query_position + p.seqlen, key_begin = p.key_begin, key_end = p.key_end;
@@ -124,9 +135,9 @@ __device__ __forceinline__ bool decode_block(const detail::DilatedParams& p, con
   const std::int64_t start = segment * w, end = imin(start + w, length), first = start + o;
   if (start >= length) return false;
   work.stride = r;
-  work.query = select_side(first, r, imax(start, query_begin), imin(end, query_end), query_begin - row_base);
-  work.key = select_side(first, r, imax(start, key_begin), imin(end, key_end), key_begin - row_base);
-  work.causal_shift = quotient(work.query.first - work.key.first, r);  // exact: both are first mod r
+  work.query = select_side(first, job.by_rate, imax(start, query_begin), imin(end, query_end), query_begin - row_base);
+  work.key = select_side(first, job.by_rate, imax(start, key_begin), imin(end, key_end), key_begin - row_base);
+  work.causal_shift = quotient(work.query.first - work.key.first, job.by_rate);  // exact: both are first mod r
   const std::int64_t own_length = work.own().length;
   // Nothing to add (a ring step, a later branch or head phase), unless the dk/dv blocks form dQ by
   // atomics and dq is written, not added: then they still zero dq's rows of the segment.
@@ -154,18 +165,18 @@ __device__ __forceinline__ bool decode_sparse_block(const detail::DilatedParams&
                                                     BlockWork& work) {
   const Job& job = plan.num_jobs > 1 && block >= plan.jobs[1].block_begin ? plan.jobs[1] : plan.jobs[0];
   std::int64_t local = block - job.block_begin;
-  const std::int64_t tile = modulo(local, job.tiles);
-  local = quotient(local, job.tiles);
-  std::int64_t own_block = modulo(local, job.segments);
-  local = quotient(local, job.segments);
+  const std::int64_t tile = modulo(local, job.by_tiles);
+  local = quotient(local, job.by_tiles);
+  std::int64_t own_block = modulo(local, job.by_segments);
+  local = quotient(local, job.by_segments);
   // Causal: later query blocks see more keys, earlier key blocks more queries; the longest first.
   if (p.causal && job.role != kDkDvRole) own_block = job.segments - 1 - own_block;
   own_block += job.first_segment;
   work.role = job.role;
   work.accumulate = job.accumulate;
   work.seqlen = p.seqlen;
-  work.head = job.head_first + modulo(local, job.head_count) * job.head_step;
-  work.batch = quotient(local, job.head_count);
+  work.head = job.head_first + modulo(local, job.by_heads) * job.head_step;
+  work.batch = quotient(local, job.by_heads);
   work.stride = 1;
   const std::int64_t bs = p.block_size, mask_head = p.block_mask_heads == 1 ? 0 : work.head;
   const std::int64_t own_first = own_block * bs;

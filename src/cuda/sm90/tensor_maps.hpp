@@ -28,7 +28,7 @@ namespace dattn::cuda {
 
 // The maps of one launch's branches, by branch index (the branches the launch does not run are
 // left zero; CUtensorMap is 128-byte aligned). A __grid_constant__ kernel parameter: 6 KiB beside
-// DilatedParams and LaunchPlan, 8.8 KiB in all (kernel parameters may take 32 KiB since CUDA 12.1).
+// DilatedParams and LaunchPlan, 10.3 KiB in all (kernel parameters may take 32 KiB since CUDA 12.1).
 struct ForwardTensorMaps {
   CUtensorMap q[detail::kMaxBranches];
   CUtensorMap k[detail::kMaxBranches];
