@@ -14,7 +14,10 @@ namespace dattn::cuda {
 
 // Rows of [region_begin, region_end) that the block's branch does not select (the block's own
 // side): out (or the gradients) 0, lse -inf. Not in ring steps, which only add. A row's 16-byte
-// chunks go to neighbouring threads, so the selection test is made once per row and thread.
+// chunks go to neighbouring threads, so the selection test is made once per row and thread, and
+// without a division: a thread's rows step by kRowsPerPass, so its row's index j among the selected
+// and (row - first) mod stride follow from the previous row's (ncu at long64k: the divisions and
+// 64-bit row addresses made zeroing a third of the forward producer's time, past its last tile).
 // Under an index map a row is a lookup in global memory that the compiler must order after the
 // stores before it (they might alias the index): done one row at a time, each lookup waits a whole
 // load latency, and a rate-8 block zeroes 7/8 of its region. So kLookahead passes' rows are looked
@@ -27,28 +30,41 @@ __device__ __forceinline__ void zero_unselected(const detail::DilatedParams& p, 
   constexpr int kLookahead = 8;
   static_assert(kRowsPerPass > 0, "a row's chunks within one block");
   const Side& own = w.own();
-  // The selection test in 32 bits (CUDA calls hold N <= 2^30 rows): a 64-bit division by the
-  // stride is a call of dozens of instructions.
+  // 32-bit arithmetic (CUDA calls hold N <= 2^30 rows).
   const int rows = int(w.region_end - w.region_begin);
   if (w.stride == 1 && w.region_begin == own.first + w.tile_begin && rows == w.tile_rows) return;
   const int stride = int(w.stride), length = int(own.length), first = int(own.first - w.region_begin);
   const int chunk = int(threadIdx.x) % kChunks, pass_row = int(threadIdx.x) / kChunks;
   if (pass_row >= kRowsPerPass) return;
+  // Row r is selected iff r - first = j·stride with 0 <= j < length; j = floor((r - first) / stride)
+  // and m = (r - first) - j·stride in [0, stride), for this thread's first row, then stepped.
+  const int step_j = kRowsPerPass / stride, step_m = kRowsPerPass - step_j * stride;
+  const int rel = pass_row - first;
+  int j = rel >= 0 ? rel / stride : -((stride - 1 - rel) / stride);
+  int m = rel - j * stride;
+  T* const base_a = row_pointer<T>(*a, w.batch, w.head, 0);
+  T* const base_b = b ? row_pointer<T>(*b, w.batch, w.head, 0) : nullptr;
+  float* const base_lse = lse ? lse_pointer(p, w.batch, w.head, 0) : nullptr;
   for (int r0 = pass_row; r0 < rows; r0 += kRowsPerPass * kLookahead) {
     int row[kLookahead];  // tensor rows to zero, -1 for selected rows and rows past the region
 #pragma unroll
     for (int i = 0; i < kLookahead; ++i) {
-      const int r = r0 + i * kRowsPerPass, rel = r - first;
-      const int j = rel >= 0 ? int(unsigned(rel) / unsigned(stride)) : -1;
-      const bool selected = j >= 0 && j * stride == rel && j < length;
+      const int r = r0 + i * kRowsPerPass;
+      const bool selected = m == 0 && j >= 0 && j < length;
       row[i] = r < rows && !selected ? int(w.original(w.region_begin + r) - own.row_offset) : -1;
+      j += step_j;
+      m += step_m;
+      if (m >= stride) {
+        m -= stride;
+        ++j;
+      }
     }
 #pragma unroll
     for (int i = 0; i < kLookahead; ++i) {
       if (row[i] < 0) continue;
-      zero_row_chunk(row_pointer<T>(*a, w.batch, w.head, row[i]), chunk);
-      if (b) zero_row_chunk(row_pointer<T>(*b, w.batch, w.head, row[i]), chunk);
-      if (lse && chunk == 0) *lse_pointer(p, w.batch, w.head, row[i]) = neg_inf();
+      zero_row_chunk(base_a + std::int64_t(row[i]) * a->row_stride, chunk);
+      if (b) zero_row_chunk(base_b + std::int64_t(row[i]) * b->row_stride, chunk);
+      if (lse && chunk == 0) base_lse[std::int64_t(row[i]) * p.lse_row_stride] = neg_inf();
     }
   }
 }
