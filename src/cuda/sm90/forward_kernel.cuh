@@ -255,6 +255,10 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
   const std::uint32_t q_tile = smem_address(st.q) + warpgroup * 64 * 128;
   // Named barrier ids of this warpgroup's turn and of the next one's (round robin).
   constexpr int kConsumers = Shape::kConsumers;
+  // The next tile's S = Q·Kᵀ before this tile's P·V needs registers for a tile's P beside the next
+  // tile's S: two consumers (224 registers) and three of the TMA instances (160) have them, three
+  // of the cp.async instances (152) not.
+  constexpr bool kOverlap = kConsumers == 2 || Shape::kTma;
   const int my_turn = 1 + warpgroup, next_turn = 1 + (warpgroup + 1) % kConsumers;
 
   float acc[D / 8][4];
@@ -274,7 +278,7 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
     barrier_wait(st.keys + stage, (it / kStages) & 1);
     fence_async_shared();
     named_barrier_sync(my_turn, 256);
-    if constexpr (kConsumers == 2) fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));  // P·V follows
+    if constexpr (kOverlap) fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));  // P·V follows
     wgmma_fence();
     issue_scores<T, D, BM, BN>(s, q_tile, smem_address(st.k + stage * Shape::kKvBytes));
     wgmma_commit();
@@ -284,7 +288,7 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
   auto hand_over_turn = [&](int it) {
     if (warpgroup + 1 < kConsumers || it + 1 < num_tiles) named_barrier_arrive(next_turn, 256);
   };
-  if constexpr (kConsumers == 2) {
+  if constexpr (kOverlap) {
     std::uint32_t probabilities[BN / 16][4];  // the previous tile's P, waiting for its P·V
     // Tile `it`'s S (and the previous tile's P·V, which runs on while this tile's softmax does), then
     // its softmax. Tile 0 is peeled off the loop so that every wgmma group of the loop is
@@ -328,9 +332,8 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
       fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
     }
   } else {
-    // Three consumers: no register room for one tile's P beside the next tile's S, so each tile's
-    // P·V follows its softmax; the turns still keep one warpgroup's softmax beside the others'
-    // products.
+    // No register room for one tile's P beside the next tile's S, so each tile's P·V follows its
+    // softmax; the turns still keep one warpgroup's softmax beside the others' products.
     if (num_tiles > 0 && warpgroup + 1 == kConsumers) named_barrier_arrive(1, 256);  // the first one's turn
     for (int it = 0; it < num_tiles; ++it) {
       const int stage = it % kStages;
