@@ -7,10 +7,10 @@
 // head dim 64, two at 128) consume, 64 query rows each: S = Q·Kᵀ from shared memory, the online
 // softmax in registers, and O += P·V with P from registers (the accumulator layout of S is
 // wgmma's A-fragment layout) and V MN-major from shared memory; a stage is handed back on its
-// empty barrier when all are done with it. With two consumers the next tile's S = Q·Kᵀ is issued
-// before the previous tile's P·V, so that one tile's softmax runs beside the other's product
-// (three have no registers for it). Every walk (dilated, index map, block-sparse) loads rows one
-// by one, so one kernel serves them all.
+// empty barrier when all are done with it. The next tile's S = Q·Kᵀ is issued before the previous
+// tile's P·V, so that one tile's softmax runs beside the other's product, where the consumers have
+// the registers for it (two consumers; three in the TMA instances, not the cp.async ones). Every
+// walk (dilated, index map, block-sparse) loads rows one by one, so one kernel serves them all.
 // With DATTN_SM90_TMA (the default where the sm90 kernels are built) the calls sm90_tma_covers admits
 // (whole sequences: the dilated walk with every dilation rate dividing N, the index-map walk, and
 // block-sparse attention's walk) run instances whose producer loads by TMA instead: one thread
