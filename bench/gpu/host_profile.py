@@ -5,7 +5,9 @@ with CPU and CUDA activities. Prints, for the median step, each GPU kernel's sta
 to the step's start and the GPU's idle gaps between them (host work the GPU waited for), then the
 profiler's table of host operations.
 
-Usage: host_profile.py [--config seed] [--dtype bf16] [--steps 50]
+--forward profiles the forward alone (under torch.no_grad, as peers_gpu.py times the forward).
+
+Usage: host_profile.py [--config seed] [--dtype bf16] [--steps 50] [--forward]
 """
 import argparse
 import statistics
@@ -21,6 +23,7 @@ def main():
     ap.add_argument("--config", default="seed", choices=sorted(CONFIGS))
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--forward", action="store_true", help="the forward alone, under torch.no_grad")
     args = ap.parse_args()
     import dattn
     c, dtype = CONFIGS[args.config], DTYPES[args.dtype]
@@ -28,6 +31,10 @@ def main():
     q, k, v = [torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
 
     def step():
+        if args.forward:
+            with torch.no_grad():
+                dattn.dilated_attention(q, k, v, c["w"], c["r"])
+            return
         clear_grads((q, k, v))  # fresh gradients each step, as peers_gpu.py times them
         dattn.dilated_attention(q, k, v, c["w"], c["r"]).sum().backward()
 
@@ -53,7 +60,8 @@ def main():
         spans.append((s.time_range.end - s.time_range.start, s, inside))
     spans.sort(key=lambda x: x[0])
     total, s, inside = spans[len(spans) // 2]
-    print(f"dattn.dilated_attention fwd+bwd, {args.config} {args.dtype}: step (host to synchronised) "
+    what = "forward" if args.forward else "fwd+bwd"
+    print(f"dattn.dilated_attention {what}, {args.config} {args.dtype}: step (host to synchronised) "
           f"median {total:.0f} us [min {spans[0][0]:.0f}, max {spans[-1][0]:.0f}] over {args.steps} steps")
     print(f"GPU busy in the median step: {sum(e.time_range.end - e.time_range.start for e in inside):.0f} us "
           f"in {len(inside)} kernels; idle before each (host work it waited for), start, duration:")
