@@ -129,8 +129,7 @@ CudaKernels cuda_kernel_generation(const TensorView& q, bool backward, const Lau
 
 bool cuda_forward_uses_tma(const DilatedConfig& config, const TensorView& q, const TensorView& k, const TensorView& v,
                            const TensorView& out, const TensorView& lse, const LaunchOptions& options) {
-  if (q.device.type != DeviceType::cuda)
-    throw Error("q is not a CUDA tensor; expected one (the TMA loads are a CUDA path)");
+  detail::require_cuda_query(q);
   check(config, q, k, v, out, lse, options);
 #ifdef DATTN_WITH_CUDA
   if (detail::use_reference(options, q.dtype)) return false;
@@ -143,8 +142,7 @@ bool cuda_forward_uses_tma(const DilatedConfig& config, const TensorView& q, con
 bool cuda_backward_uses_tma(const DilatedConfig& config, const TensorView& q, const TensorView& k, const TensorView& v,
                             const TensorView& out, const TensorView& lse, const TensorView& dout, const TensorView& dq,
                             const TensorView& dk, const TensorView& dv, const LaunchOptions& options) {
-  if (q.device.type != DeviceType::cuda)
-    throw Error("q is not a CUDA tensor; expected one (the TMA loads are a CUDA path)");
+  detail::require_cuda_query(q);
   check(config, q, k, v, out, lse, options);
   detail::check_gradients(q, k, dout, dq, dk, dv);
 #ifdef DATTN_WITH_CUDA

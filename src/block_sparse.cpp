@@ -205,8 +205,7 @@ void block_sparse_forward(const BlockSparseConfig& config, const BlockSparseMask
 bool cuda_block_sparse_forward_uses_tma(const BlockSparseConfig& config, const BlockSparseMask& mask,
                                         const TensorView& q, const TensorView& k, const TensorView& v,
                                         const TensorView& out, const TensorView& lse, const LaunchOptions& options) {
-  if (q.device.type != DeviceType::cuda)
-    throw Error("q is not a CUDA tensor; expected one (the TMA loads are a CUDA path)");
+  detail::require_cuda_query(q);
   detail::check_inputs(settings_of(config), q, k, v, out, lse, options);
   check_mask_for(config, mask, q, options);
   if (options.position_index) throw Error("options.position_index is set; block-sparse attention takes no index map");
@@ -247,8 +246,7 @@ bool cuda_block_sparse_backward_uses_tma(const BlockSparseConfig& config, const 
                                          const TensorView& out, const TensorView& lse, const TensorView& dout,
                                          const TensorView& dq, const TensorView& dk, const TensorView& dv,
                                          const LaunchOptions& options) {
-  if (q.device.type != DeviceType::cuda)
-    throw Error("q is not a CUDA tensor; expected one (the TMA loads are a CUDA path)");
+  detail::require_cuda_query(q);
   detail::check_inputs(settings_of(config), q, k, v, out, lse, options);
   detail::check_gradients(q, k, dout, dq, dk, dv);
   check_mask_for(config, mask, q, options);

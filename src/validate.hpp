@@ -29,6 +29,8 @@ void check_lse(const TensorView& lse, const TensorView& q);
 // bound); 16-byte alignment of a tensor on the GPU (its kernels load 16 bytes at a time).
 void check_head_dim(const TensorView& q);
 void check_cuda_alignment(const char* name, const TensorView& t);
+// The cuda_*_uses_tma queries: q must be a CUDA tensor (the TMA loads are a CUDA path).
+void require_cuda_query(const TensorView& q);
 Operand operand(const TensorView& t);
 // The key/value heads Hkv of k (H % Hkv == 0, else an error naming both).
 std::int64_t check_kv_heads(const TensorView& q, const TensorView& k);

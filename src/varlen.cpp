@@ -205,8 +205,7 @@ void backward_varlen(const DilatedConfig& config, const PackedSequences& sequenc
 bool cuda_varlen_forward_uses_tma(const DilatedConfig& config, const PackedSequences& sequences, const TensorView& q,
                                   const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
                                   const LaunchOptions& options) {
-  if (q.device.type != DeviceType::cuda)
-    throw Error("q is not a CUDA tensor; expected one (the TMA loads are a CUDA path)");
+  detail::require_cuda_query(q);
   detail::check_config(config);
   const Packed p = check_packed(settings_of(config), sequences, q, k, v, out, lse, options);
 #ifdef DATTN_WITH_CUDA
@@ -221,8 +220,7 @@ bool cuda_varlen_backward_uses_tma(const DilatedConfig& config, const PackedSequ
                                    const TensorView& k, const TensorView& v, const TensorView& out,
                                    const TensorView& lse, const TensorView& dout, const TensorView& dq,
                                    const TensorView& dk, const TensorView& dv, const LaunchOptions& options) {
-  if (q.device.type != DeviceType::cuda)
-    throw Error("q is not a CUDA tensor; expected one (the TMA loads are a CUDA path)");
+  detail::require_cuda_query(q);
   detail::check_config(config);
   const Packed p = check_packed(settings_of(config), sequences, q, k, v, out, lse, options);
   const auto [g, gq, gk, gv] = check_packed_gradients(p, dout, dq, dk, dv);

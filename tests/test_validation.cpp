@@ -214,6 +214,16 @@ TEST_P(Validation, CudaTensorsWithoutCudaBackend) {
 }
 #endif
 
+// The TMA queries name their CUDA-only nature for host tensors, before anything else.
+TEST_P(Validation, TmaQueriesWantCudaTensors) {
+  const Args& a = good_;
+  EXPECT_DATTN_ERROR(dattn::cuda_forward_uses_tma(a.config, a.q, a.k, a.v, a.out, a.lse, a.options),
+                     "q is not a CUDA tensor");
+  EXPECT_DATTN_ERROR(dattn::cuda_backward_uses_tma(a.config, a.q, a.k, a.v, a.out, a.lse, a.dout, a.dq, a.dk, a.dv,
+                                                   a.options),
+                     "q is not a CUDA tensor");
+}
+
 TEST_P(Validation, HeadDimTooLarge) {
   const Tensor big = Tensor::zeros({1, 2, 1, 257}, DType::float32);
   const Tensor big_lse = Tensor::zeros({1, 1, 2}, DType::float32);
