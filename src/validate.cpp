@@ -75,11 +75,11 @@ void check_head_dim(const TensorView& q) {
   }
 }
 
-// docs/semantics.md "Tensors": GPU kernels load 16 bytes at a time.
 void require_cuda_query(const TensorView& q) {
   if (q.device.type != DeviceType::cuda) throw Error("q is not a CUDA tensor; expected one (the TMA loads are a CUDA path)");
 }
 
+// docs/semantics.md "Tensors": GPU kernels load 16 bytes at a time.
 void check_cuda_alignment(const char* name, const TensorView& t) {
   const std::int64_t element = std::int64_t(dtype_size(t.dtype));
   if (reinterpret_cast<std::uintptr_t>(t.data) % 16 != 0)

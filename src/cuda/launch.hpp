@@ -19,7 +19,7 @@ enum class Walk { dilated, indexed, sparse };
 // (n · multiplier) >> shift for every 0 <= n < 2^31, with multiplier = floor(2^(31+l) / d) + 1 and
 // 2^(l-1) < d <= 2^l (Granlund and Montgomery 1994, theorem 4.2: then 2^(31+l) < multiplier·d <=
 // 2^(31+l) + 2^l). A block's decode divides by the job's extents and the branch's rate while the
-// block's other threads wait (divide in work.cuh), and a 32-bit division is ~15 dependent
+// block's other threads wait (quotient and modulo in work.cuh), and a 32-bit division is ~15 dependent
 // instructions with a MUFU.RCP.
 struct FastDivisor {
   int value = 1;

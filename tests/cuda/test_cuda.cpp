@@ -123,6 +123,14 @@ void make_block_sparse(Case& c, Rng& rng) {
   if (!c.padding.empty()) c.padding.resize(std::size_t(c.B * c.N), 0);
 }
 
+// A head dim the sm90 TMA loads take (64 or 128) drawn from --head-dims, or `current` where it has none.
+std::int64_t tma_head_dim(std::int64_t current, Rng& rng) {
+  std::vector<std::int64_t> dims;
+  for (std::int64_t d : g_head_dims)
+    if (d == 64 || d == 128) dims.push_back(d);
+  return dims.empty() ? current : dims[rng() % dims.size()];
+}
+
 // Turns c into a call of the shape the sm90 forward's TMA loads cover (builds with DATTN_SM90_TMA):
 // 16-bit data, head dim 64 or 128 (where --head-dims has one), the dilated walk over whole
 // sequences (no ring steps or block mask), N a multiple of every dilation rate (a rate drawn as
@@ -132,10 +140,7 @@ void make_block_sparse(Case& c, Rng& rng) {
 void make_tma_shaped(Case& c, Rng& rng) {
   c.dtype = chance(rng, 0.5) ? DType::bfloat16 : DType::float16;
   c.tf32 = false;
-  std::vector<std::int64_t> dims;
-  for (std::int64_t d : g_head_dims)
-    if (d == 64 || d == 128) dims.push_back(d);
-  if (!dims.empty()) c.D = dims[rng() % dims.size()];
+  c.D = tma_head_dim(c.D, rng);
   c.ring_ranks = 0;
   c.zigzag = false;
   c.block_size = 0;
@@ -885,10 +890,7 @@ int check_packed_batches(int count, std::uint64_t seed) {
     const bool tma_shaped = i % 2 == 1;
     if (tma_shaped) {
       if (c.dtype == DType::float32) c.dtype = DType::bfloat16;
-      std::vector<std::int64_t> dims;
-      for (std::int64_t d : g_head_dims)
-        if (d == 64 || d == 128) dims.push_back(d);
-      if (!dims.empty()) c.D = dims[rng() % dims.size()];
+      c.D = tma_head_dim(c.D, rng);
     }
     const std::int64_t B = uniform(rng, 1, 4);
     std::vector<std::int32_t> cu{0};
