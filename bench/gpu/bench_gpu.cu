@@ -14,12 +14,15 @@
 // Usage: dattn-bench-gpu [--configs seed,long256k] [--dtypes bf16,fp16,fp32,tf32] [--repeats N]
 //                        [--warmup N] [--json FILE] [--cuda-kernels auto,sm80,sm90] [--no-workspace]
 //                        [--sm90-forward-rows 0,128,192] [--sm90-backward-dq auto,atomic,blocks]
+//                        [--sm90-forward-passes 0,1,2]
 // --no-workspace: the backward gets no delta workspace (a C++ caller's default; the kernels then
 // compute delta themselves) instead of the one the Python package passes.
 // --cuda-kernels times each listed kernel generation (LaunchOptions::cuda_kernels); the
 // implementation column names the generations that ran (forward/backward).
 // --sm90-forward-rows 0,128,192 times each listed block shape of the sm90 forward
 // (LaunchOptions::sm90_forward_rows; 0 = chosen per call, the default).
+// --sm90-forward-passes 0,1,2 times each listed number of query tiles a block of the sm90 forward
+// works through (LaunchOptions::sm90_forward_passes; 0 = chosen per call, the default).
 // --sm90-backward-dq auto,atomic,blocks times each listed way of the sm90 backward's dQ
 // (LaunchOptions::sm90_backward_dq); peak MB adds the high-water mark of the device's memory pool
 // during the timed calls (the atomic dQ's scratch).
@@ -280,8 +283,8 @@ dattn::BackwardDq backward_dq_by_name(const std::string& n) {
   throw std::invalid_argument("unknown sm90 backward dQ " + n + "; expected auto, atomic or blocks");
 }
 
-Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int sm90_rows, const std::string& dq_path,
-        bool workspace, int warmup, int repeats) {
+Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int sm90_rows, int sm90_passes,
+        const std::string& dq_path, bool workspace, int warmup, int repeats) {
   Row row;
   row.config = c.name;
   row.dtype = dt.label;
@@ -322,6 +325,7 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int 
   options.stream = stream;
   options.cuda_kernels = kernels_by_name(kernels);
   options.sm90_forward_rows = sm90_rows;
+  options.sm90_forward_passes = sm90_passes;
   options.sm90_backward_dq = backward_dq_by_name(dq_path);
   // An index map (the -hilbert and -identity configs): on the device, vouched for (no check per call).
   std::vector<std::int64_t> index = index_map(c);
@@ -345,6 +349,7 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int 
       row.impl += " tma";
   }
   if (sm90_rows > 0) row.impl += " (" + std::to_string(sm90_rows) + "-row forward blocks)";
+  if (sm90_passes > 0) row.impl += " (" + std::to_string(sm90_passes) + "-pass forward blocks)";
   if (dq_path != "auto") row.impl += " (dQ " + dq_path + ")";
   auto forward = [&](int s) { dattn::forward(config, view(x.q[s]), view(x.k[s]), view(x.v[s]), view(x.out), lse, options); };
   auto backward = [&](int s) {
@@ -440,7 +445,7 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int 
 
 int main(int argc, char** argv) try {
   std::vector<std::string> configs{"seed", "long256k"}, dtypes{"bf16", "fp16", "fp32", "tf32"}, kernels{"auto"};
-  std::vector<std::string> sm90_rows{"0"}, dq_paths{"auto"};
+  std::vector<std::string> sm90_rows{"0"}, sm90_passes{"0"}, dq_paths{"auto"};
   int warmup = 5, repeats = 20;
   std::string json_path;
   bool workspace = true;
@@ -458,6 +463,7 @@ int main(int argc, char** argv) try {
     else if (a == "--cuda-kernels") kernels = split(next());
     else if (a == "--no-workspace") workspace = false;
     else if (a == "--sm90-forward-rows") sm90_rows = split(next());
+    else if (a == "--sm90-forward-passes") sm90_passes = split(next());
     else if (a == "--sm90-backward-dq") dq_paths = split(next());
     else throw std::invalid_argument("unknown argument " + a);
   }
@@ -469,14 +475,15 @@ int main(int argc, char** argv) try {
     for (const std::string& dn : dtypes)
       for (const std::string& kn : kernels)
         for (const std::string& rn : sm90_rows)
-          for (const std::string& dqn : dq_paths) {
-            const Config c = config_by_name(cn);
-            const DtypeChoice dt = dtype_by_name(dn);
-            std::fprintf(stderr, "dattn %s %s (%s kernels, sm90 forward rows %s, dQ %s) ...\n", cn.c_str(),
-                         dt.label.c_str(), kn.c_str(), rn.c_str(), dqn.c_str());
-            rows.push_back(run(c, dt, kn, std::atoi(rn.c_str()), dqn, workspace, warmup,
-                               cn == "seed" ? std::max(repeats, 50) : repeats));
-          }
+          for (const std::string& pn : sm90_passes)
+            for (const std::string& dqn : dq_paths) {
+              const Config c = config_by_name(cn);
+              const DtypeChoice dt = dtype_by_name(dn);
+              std::fprintf(stderr, "dattn %s %s (%s kernels, sm90 forward rows %s, passes %s, dQ %s) ...\n", cn.c_str(),
+                           dt.label.c_str(), kn.c_str(), rn.c_str(), pn.c_str(), dqn.c_str());
+              rows.push_back(run(c, dt, kn, std::atoi(rn.c_str()), std::atoi(pn.c_str()), dqn, workspace, warmup,
+                                 cn == "seed" ? std::max(repeats, 50) : repeats));
+            }
   std::printf("| implementation | config | dtype | fwd ms [min-max] | fwd TFLOP/s | fwd+bwd ms [min-max] | fwd+bwd TFLOP/s | peak MB | error out / lse / grads |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
   for (const Row& r : rows) {

@@ -259,6 +259,25 @@ int sm90_forward_consumers(const DilatedParams& p) {
   };
   return cost(3) <= cost(2) ? 3 : 2;
 }
+
+// Whether a block of the sm90 forward can work through two query tiles (LaunchPlan::passes): the
+// TMA instances' dilated walk without causality (a causal block's later tile sees more keys).
+bool sm90_forward_two_passes_fit(const DilatedParams& p, bool tma) {
+  return tma && !p.causal && p.block_size == 0 && p.position_index == nullptr;
+}
+
+// Query tiles a block of the sm90 forward works through (LaunchPlan::passes): options'
+// sm90_forward_passes, else two where they fit and every launch keeps at least four rounds of
+// blocks (one block per SM), so that the last round's idle SMs cost little; else one. A block's
+// second tile then loads while its consumers finish the first (the block's start, its first
+// tiles' latency and its end, ~10 % of a block's time at long256k by ncu, come once per two tiles).
+int sm90_forward_passes(const DilatedParams& p, int consumers, bool tma) {
+  if (p.sm90_forward_passes != 0) return p.sm90_forward_passes;  // check_supported admitted it
+  if (!sm90_forward_two_passes_fit(p, tma)) return 1;
+  int fewest = INT_MAX;
+  launch_forward_plans(p, 64 * consumers, [&](const LaunchPlan& plan) { fewest = std::min(fewest, plan.total_blocks); });
+  return fewest >= 4 * multiprocessor_count() ? 2 : 1;
+}
 #endif
 
 template <class T, int S>
@@ -273,8 +292,11 @@ void run_forward(const DilatedParams& p) {
 #else
       const bool tma = false;
 #endif
-      return launch_forward_plans(
-          p, 64 * consumers, [&](const LaunchPlan& plan) { forward_launch_sm90<T>(p, consumers, tma, plan, stream); });
+      const int passes = sm90_forward_passes(p, consumers, tma);
+      return launch_forward_plans(p, 64 * consumers * passes, [&](LaunchPlan plan) {
+        plan.passes = passes;
+        forward_launch_sm90<T>(p, consumers, tma, plan, stream);
+      });
     }
   }
 #endif
@@ -484,6 +506,23 @@ void check_supported(const DilatedParams& p) {
       throw Error(rows + " with head dim " + std::to_string(p.head_dim) + "; expected 128 (192 rows need head dim 64)");
     if (kernel_generation(p, false) != CudaKernels::sm90)
       throw Error(rows + ", but the sm80 kernels run this call; expected 0");
+  }
+  if (p.sm90_forward_passes != 0) {
+    const std::string passes = "options.sm90_forward_passes = " + std::to_string(p.sm90_forward_passes);
+    if (p.sm90_forward_passes != 1 && p.sm90_forward_passes != 2)
+      throw Error(passes + "; expected 0 (chosen per call), 1 or 2");
+    if (kernel_generation(p, false) != CudaKernels::sm90)
+      throw Error(passes + ", but the sm80 kernels run this call; expected 0");
+#ifdef DATTN_WITH_SM90
+#ifdef DATTN_WITH_SM90_TMA
+    const bool tma = sm90_tma_covers(p);
+#else
+    const bool tma = false;
+#endif
+    if (p.sm90_forward_passes == 2 && !sm90_forward_two_passes_fit(p, tma))
+      throw Error(passes + " for a forward that is not the TMA loads' dilated walk without causality (index map, "
+                           "block-sparse mask, causal, or no TMA for these tensors); expected 0 or 1");
+#endif
   }
   const bool ring_step = !p.whole_sequence();
   if (ring_step && !p.float32_outputs)

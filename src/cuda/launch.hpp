@@ -68,6 +68,10 @@ struct Job {
 struct LaunchPlan {
   int num_jobs = 0;
   int total_blocks = 0;
+  // The sm90 forward's TMA instances on the dilated walk: query tiles a block works through one
+  // after another (1 or 2; the plan's blocks then hold passes · kBlockM rows), so that the next
+  // tile's query rows and first key tiles load while the consumers finish the last (other kernels: 1).
+  int passes = 1;
   Job jobs[2 * detail::kMaxBranches];
 };
 
@@ -135,11 +139,12 @@ struct Sm90ForwardShape {
           : (kLaunchRegisters * kThreads - 128 * kProducerRegisters) / (128 * kConsumers) / 8 * 8;
   static_assert(Tma || kConsumerRegisters == (kConsumers == 3 ? 152 : 224), "the cp.async path's split");
   static constexpr int kQBytes = kBlockM * D * 2, kKvBytes = kBlockN * D * 2;
+  static constexpr int kQBuffers = Tma ? 2 : 1;     // query tiles: one per pass (LaunchPlan::passes)
   static constexpr int kWorkBytes = Tma ? 256 : 0;  // the block's decoded work (TMA instances)
   // 1024 bytes to align the tiles (wgmma's swizzle), Q, per stage K and V, the key bias and the
   // keys' positions, then three barriers per stage (full, keys, empty) and the decoded work.
-  static constexpr std::size_t kSmemBytes =
-      1024 + kQBytes + 2 * kStages * kKvBytes + 2 * kStages * kBlockN * 4 + 3 * kStages * 8 + kWorkBytes;
+  static constexpr std::size_t kSmemBytes = 1024 + kQBuffers * kQBytes + 2 * kStages * kKvBytes +
+                                            2 * kStages * kBlockN * 4 + 3 * kStages * 8 + kWorkBytes;
 };
 
 // The sm90 backward (wgmma, 16-bit types): the forward's block shape, 128 own rows (keys for dk/dv

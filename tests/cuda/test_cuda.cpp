@@ -562,6 +562,12 @@ Result run_case(const Case& c, cudaStream_t stream) {
                                : dattn::cuda_forward_uses_tma(config, q_view, k_view, v_view, out.device_view(),
                                                               lse.device_view(), options));
   if (tma) result.kernels.insert(4, " tma");
+  // Two query tiles a forward block (the TMA loads' dilated walk without causality): small cases
+  // would choose one, so half of those that admit them force two (" 2 passes").
+  if (tma && !block_mask && !options.position_index && !c.causal && c.seed % 4 >= 2) {
+    options.sm90_forward_passes = 2;
+    result.kernels.insert(result.kernels.find('/'), " 2 passes");
+  }
   auto attention_forward = [&](const auto&... a) {
     if (block_mask) dattn::block_sparse_forward(block_sparse_config_of(c.block_size, config), *block_mask_device, a...);
     else dattn::forward(config, a...);
@@ -781,6 +787,35 @@ std::vector<Case> fixed_cases() {
   Case tf32 = cases[cases.size() - 22];
   tf32.tf32 = true;
   cases.push_back(tf32);
+  // Two query tiles a forward block (LaunchOptions::sm90_forward_passes, which run_case forces where
+  // seed % 4 >= 2 and the call admits it): groups of 512 and 900 selected rows, so that blocks hold
+  // a whole second tile, a partial one or none; padding, dropout, strides, grouped-query heads and
+  // longnet mode among them. Seeds 4002 and 4006 choose the block rows or force 128, 4003 and 4007
+  // force 128 or 192 (run_case: seed % 3).
+  for (DType t : {DType::bfloat16, DType::float16})
+    for (std::int64_t d : g_head_dims)
+      for (const std::uint64_t case_seed : {4002, 4003, 4006, 4007}) {
+        if (d != 64 && d != 128) continue;
+        Case c;
+        c.seed = case_seed;
+        c.dtype = t;
+        c.D = d;
+        c.B = 2;
+        c.H = 4;
+        c.N = case_seed < 4006 ? 1024 : 900;
+        c.w = case_seed < 4006 ? std::vector<std::int64_t>{512, 1024} : std::vector<std::int64_t>{900};
+        c.r = case_seed < 4006 ? std::vector<std::int64_t>{1, 2} : std::vector<std::int64_t>{1};
+        c.mode = case_seed % 2 ? dattn::Mode::longnet : dattn::Mode::grouped;
+        if (case_seed == 4003 || case_seed == 4007) {
+          c.padding.assign(std::size_t(c.B * c.N), 0);
+          for (std::size_t i = 0; i < c.padding.size(); i += 7) c.padding[i] = 1;
+          c.dropout_p = 0.2;
+          c.dropout_seed = 5;
+          c.strided = true;
+        }
+        if (case_seed == 4006) c.Hkv = 2;
+        cases.push_back(c);
+      }
   // Long groups (2048 selected rows, PERF.md's long configs' length): fp32 accumulation over many
   // key tiles must stay within the 1e-5 bar.
   for (DType t : {DType::float32, DType::bfloat16}) {
@@ -813,7 +848,7 @@ int check_refusals() {
   for (std::int64_t i = 0; i < N; ++i) order[i] = (i * 7) % N;  // a permutation (7 and 64 coprime)
   for (auto& b : owner) b->upload(nullptr);
   int failures = 0;
-  auto expect_error = [&](const char* what, const char* needle) {
+  auto expect_error = [&](const char* what, const char* needle, int forward_passes = 0) {
     index->upload(nullptr);
     dattn::DilatedConfig config;
     config.segment_lengths = {32};
@@ -821,6 +856,7 @@ int check_refusals() {
     dattn::LaunchOptions options;
     options.cuda_kernels = g_cuda_kernels;
     options.position_index = View{index.get(), 0, {N}, {1}}.device_view();
+    options.sm90_forward_passes = forward_passes;
     std::string message;
     try {
       dattn::forward(config, t[0].device_view(), t[1].device_view(), t[2].device_view(), t[3].device_view(),
@@ -846,6 +882,8 @@ int check_refusals() {
     std::printf("%s refusal: host block mask -> %s\n", ok ? "ok" : "FAIL", message.empty() ? "(no error)" : message.c_str());
     failures += !ok;
   }
+  // two query tiles a block where an index map walks the rows (the sm80 kernels: none at all)
+  expect_error("sm90_forward_passes = 2 under an index map", "options.sm90_forward_passes = 2", 2);
   order[3] = order[4];
   expect_error("index map with a repeated row", "expected a permutation");
   CUDA_OK(cudaDeviceSynchronize());
@@ -882,7 +920,7 @@ Case draw_small_case(int i, Rng& rng) {
 // grown so that T is a multiple of 12, of every rate <= 4): their boxes reach into the next
 // sequence's rows, which must count for nothing.
 int check_packed_batches(int count, std::uint64_t seed) {
-  int failures = 0, tma_forward = 0, tma_backward = 0;
+  int failures = 0, tma_forward = 0, tma_backward = 0, two_passes = 0;
   Rng rng(seed);
   for (int i = 0; i < count; ++i) {
     std::vector<std::unique_ptr<Buffer>> owner;
@@ -933,8 +971,10 @@ int check_packed_batches(int count, std::uint64_t seed) {
         dq_path = " dQ atomic";
       }
       if (dattn::cuda_varlen_forward_uses_tma(config, packed, device(0), device(1), device(2), device(3),
-                                              lse.device_view(), options))
+                                              lse.device_view(), options)) {
         dq_path += " [fwd tma]", ++tma_forward;
+        if (!c.causal && i % 4 >= 2) options.sm90_forward_passes = 2, dq_path += " [2 passes]", ++two_passes;
+      }
       if (dattn::cuda_varlen_backward_uses_tma(config, packed, device(0), device(1), device(2), device(3),
                                                lse.device_view(), device(4), device(5), device(6), device(7), options))
         dq_path += " [bwd tma]", ++tma_backward;
@@ -988,7 +1028,9 @@ int check_packed_batches(int count, std::uint64_t seed) {
                 ok ? "" : ("     " + problems.str() + "\n").c_str());
     failures += !ok;
   }
-  std::printf("packed batches: %d of %d forwards and %d backwards on the TMA loads\n", tma_forward, count, tma_backward);
+  std::printf("packed batches: %d of %d forwards and %d backwards on the TMA loads (%d forwards with two query tiles "
+              "a block)\n",
+              tma_forward, count, tma_backward, two_passes);
   return failures;
 }
 

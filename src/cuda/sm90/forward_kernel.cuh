@@ -94,7 +94,7 @@ struct Stages {
   __device__ explicit Stages(unsigned char* raw) {
     unsigned char* base = raw + ((1024 - smem_address(raw) % 1024) % 1024);
     q = base;
-    k = q + Shape::kQBytes;
+    k = q + Shape::kQBuffers * Shape::kQBytes;
     v = k + Shape::kStages * Shape::kKvBytes;
     bias = reinterpret_cast<float*>(v + Shape::kStages * Shape::kKvBytes);
     key_position = reinterpret_cast<int*>(bias + Shape::kStages * Shape::kBlockN);
@@ -186,7 +186,8 @@ __device__ __forceinline__ void zero_tile_rows(unsigned char* k, unsigned char* 
 // (column, head, first mod r, first / r + j, batch) (tensor_maps.hpp; a packed batch's rows: batch 0).
 template <class T, class Shape, class Tiles>
 __device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, const BlockWork& w, const Tiles& tiles,
-                                            int num_tiles, const Stages<Shape>& st, const ForwardTensorMaps& maps) {
+                                            int num_tiles, int passes, const Stages<Shape>& st,
+                                            const ForwardTensorMaps& maps) {
   constexpr int D = Shape::kHeadDim, BM = Shape::kBlockM, BN = Shape::kBlockN, kStages = Shape::kStages;
   const bool leader = threadIdx.x == 0;
   if (leader) {
@@ -194,9 +195,11 @@ __device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, cons
     prefetch_tensor_map(&maps.k[w.branch]);
     prefetch_tensor_map(&maps.v[w.branch]);
   }
-  for (int it = 0; it < num_tiles; ++it) {
-    const int stage = it % kStages;
-    wait_stage_reusable<kStages>(st, it);
+  // Pass after pass the same key tiles (g counts the stage ring's tiles across passes); every
+  // pass's query tile comes with the first.
+  for (int g = 0; g < passes * num_tiles; ++g) {
+    const int it = g % num_tiles, stage = g % kStages;
+    wait_stage_reusable<kStages>(st, g);
     const std::int64_t k0 = tiles.start(it);
     const int valid = tiles.valid(it);
     unsigned char* k_tile = st.k + stage * Shape::kKvBytes;
@@ -207,13 +210,15 @@ __device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, cons
       std::uint64_t* full = st.full + stage;
       const unsigned r = unsigned(w.stride);
       const int batch = map_batch_coordinate(p, w.batch);
-      barrier_arrive_expect_tx(full, 2 * Shape::kKvBytes + (it == 0 ? Shape::kQBytes : 0));
-      if (it == 0) {
+      barrier_arrive_expect_tx(full, 2 * Shape::kKvBytes + (g == 0 ? passes * Shape::kQBytes : 0));
+      if (g == 0) {
         const unsigned first = unsigned(w.query.first - w.query.row_offset);
         const int offset = int(first % r), row = int(first / r) + int(w.tile_begin), head = int(w.head);
+        for (int pass = 0; pass < passes; ++pass)
 #pragma unroll
-        for (int b = 0; b < D / 64; ++b)
-          tma_load_5d(smem_address(st.q) + b * BM * 128, &maps.q[w.branch], b * 64, head, offset, row, batch, full);
+          for (int b = 0; b < D / 64; ++b)
+            tma_load_5d(smem_address(st.q) + pass * Shape::kQBytes + b * BM * 128, &maps.q[w.branch], b * 64, head,
+                        offset, row + pass * BM, batch, full);
       }
       const unsigned first = unsigned(w.key.first - w.key.row_offset);
       const int offset = int(first % r), row = int(first / r) + int(k0), head = int(operand_head(p.k, w.head));
@@ -225,34 +230,30 @@ __device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, cons
     }
     key_bias(p, w, k0, valid, BN, st.bias + stage * BN);
     if (valid < BN) {
-      barrier_wait(st.full + stage, (it / kStages) & 1);  // the boxes' rows have landed
+      barrier_wait(st.full + stage, (g / kStages) & 1);  // the boxes' rows have landed
       zero_tile_rows<Shape>(k_tile, v_tile, valid);
       fence_async_shared();  // before the consumers' wgmma reads (and a later phase's TMA writes)
     }
     barrier_arrive(st.keys + stage);  // this thread's plain stores (the key bias, the zeros)
   }
-  wait_last_arrivals<kStages>(st, num_tiles);
+  wait_last_arrivals<kStages>(st, passes * num_tiles);
 }
 
-// The consumer warpgroups: the online softmax over the key tiles of the stages, then the epilogue.
+// The consumer warpgroups: the online softmax over the key tiles of the stages, then the epilogue,
+// for each of the block's `passes` query tiles in turn (the stage ring's tile g counts across them).
 // They take turns at the tensor cores (named barriers 1, 2, 3, round robin from the first): each
 // issues its products when the one before has issued its own, so that one's softmax runs while
 // another's products do, instead of all waiting for the same stage and then computing side by side.
 template <class T, class Shape, Walk kWalk, class Tiles>
 __device__ __forceinline__ void consume(const detail::DilatedParams& p, const BlockWork& w,
-                                        const Tiles& tiles, int num_tiles, const Stages<Shape>& st) {
+                                        const Tiles& tiles, int num_tiles, int passes, const Stages<Shape>& st) {
   constexpr int D = Shape::kHeadDim, BM = Shape::kBlockM, BN = Shape::kBlockN, kStages = Shape::kStages;
   // The warpgroup as a value the compiler knows is warp-uniform (a shuffle from lane 0), as in
   // the backward.
   const int warpgroup = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0) - 1;
   const int warp = threadIdx.x / 32 % 4, g = threadIdx.x % 32 / 4;
-  const std::int64_t warp_row0 = w.tile_begin + warpgroup * 64 + warp * 16;
-  const std::int64_t qi[2] = {warp_row0 + g, warp_row0 + g + 8};
   const bool causal_by_position = kWalk == Walk::indexed && p.causal;
-  const int query_position[2] = {causal_by_position ? w.position32(w.query, int(qi[0])) : 0,
-                                 causal_by_position ? w.position32(w.query, int(qi[1])) : 0};
   const float scale_log2 = p.scale * kLog2e;
-  const std::uint32_t q_tile = smem_address(st.q) + warpgroup * 64 * 128;
   // Named barrier ids of this warpgroup's turn and of the next one's (round robin).
   constexpr int kConsumers = Shape::kConsumers;
   // The next tile's S = Q·Kᵀ before this tile's P·V needs registers for a tile's P beside the next
@@ -260,106 +261,117 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
   // of the cp.async instances (152) not.
   constexpr bool kOverlap = kConsumers == 2 || Shape::kTma;
   const int my_turn = 1 + warpgroup, next_turn = 1 + (warpgroup + 1) % kConsumers;
+  const int ring_tiles = passes * num_tiles;
+  if (ring_tiles > 0 && warpgroup + 1 == kConsumers) named_barrier_arrive(1, 256);  // the first one's first turn
 
-  float acc[D / 8][4];
+  for (int pass = 0; pass < passes; ++pass) {
+    const int ring0 = pass * num_tiles;  // the stage ring's index of the pass's first tile
+    const std::int64_t warp_row0 = w.tile_begin + pass * BM + warpgroup * 64 + warp * 16;
+    const std::int64_t qi[2] = {warp_row0 + g, warp_row0 + g + 8};
+    const int query_position[2] = {causal_by_position ? w.position32(w.query, int(qi[0])) : 0,
+                                   causal_by_position ? w.position32(w.query, int(qi[1])) : 0};
+    const std::uint32_t q_tile = smem_address(st.q) + pass * Shape::kQBytes + warpgroup * 64 * 128;
+    float acc[D / 8][4];
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-  float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.0f, 0.0f};
-  // The softmax of tile `it` (in stage `stage`) in place of its scores.
-  auto softmax = [&](int it, int stage, float (&s)[BN / 8][4], float (&correction)[2]) {
-    const bool masked_columns = tiles.valid(it) < BN || p.key_padding_mask != nullptr;
-    score_tile<BN, kWalk>(p, w, s, correction, row_max, row_sum, tiles.start(it), warp_row0, qi, query_position,
-                          st.bias + stage * BN, st.key_position + stage * BN, scale_log2, masked_columns);
-  };
-  // Tile `it`: wait for its stage, take the turn and issue S = Q·Kᵀ in a wgmma group of its own.
-  auto issue_scores_in_turn = [&](int it, float (&s)[BN / 8][4]) {
-    const int stage = it % kStages;
-    barrier_wait(st.full + stage, (it / kStages) & 1);
-    barrier_wait(st.keys + stage, (it / kStages) & 1);
-    fence_async_shared();
-    named_barrier_sync(my_turn, 256);
-    if constexpr (kOverlap) fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));  // P·V follows
-    wgmma_fence();
-    issue_scores<T, D, BM, BN>(s, q_tile, smem_address(st.k + stage * Shape::kKvBytes));
-    wgmma_commit();
-  };
-  // The next warpgroup's turn; the last warpgroup's last tile hands over nothing (the first has
-  // finished, so no sync would meet it).
-  auto hand_over_turn = [&](int it) {
-    if (warpgroup + 1 < kConsumers || it + 1 < num_tiles) named_barrier_arrive(next_turn, 256);
-  };
-  if constexpr (kOverlap) {
-    std::uint32_t probabilities[BN / 16][4];  // the previous tile's P, waiting for its P·V
-    // Tile `it`'s S (and the previous tile's P·V, which runs on while this tile's softmax does), then
-    // its softmax. Tile 0 is peeled off the loop so that every wgmma group of the loop is
-    // unconditional (ptxas serialises wgmmas whose groups it cannot follow through a branch).
-    auto scores = [&](int it, float (&s)[BN / 8][4], bool with_pv) {
-      const int stage = it % kStages, previous = (it + kStages - 1) % kStages;
-      issue_scores_in_turn(it, s);
-      if (with_pv) issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + previous * Shape::kKvBytes));
-      wgmma_commit();
-      hand_over_turn(it);
-      wgmma_wait<1>();
-      fence_registers(reinterpret_cast<Flat<BN / 2>&>(s));
-      float correction[2];
-      softmax(it, stage, s, correction);
-      wgmma_wait<0>();
-      fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
-      if (with_pv) {
-        if (it > kStages) barrier_wait(st.empty + previous, ((it - 1) / kStages + 1) & 1);  // the last arrival's phase
-        barrier_arrive(st.empty + previous);
-        rescale_rows<D>(acc, correction);
-      }
-      pack_probabilities<T, BN>(s, probabilities);
+    for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.0f, 0.0f};
+    // The softmax of tile `it` (in stage `stage`) in place of its scores.
+    auto softmax = [&](int it, int stage, float (&s)[BN / 8][4], float (&correction)[2]) {
+      const bool masked_columns = tiles.valid(it) < BN || p.key_padding_mask != nullptr;
+      score_tile<BN, kWalk>(p, w, s, correction, row_max, row_sum, tiles.start(it), warp_row0, qi, query_position,
+                            st.bias + stage * BN, st.key_position + stage * BN, scale_log2, masked_columns);
     };
-    if (num_tiles > 0) {
-      if (warpgroup + 1 == kConsumers) named_barrier_arrive(1, 256);  // the first warpgroup's first turn
-      float s[BN / 8][4];
-      scores(0, s, false);
-    }
-    for (int it = 1; it < num_tiles; ++it) {
-      float s[BN / 8][4];
-      scores(it, s, true);
-    }
-    for (int it = num_tiles - 1 > kStages ? num_tiles - 1 - kStages : 0; it < num_tiles - 1; ++it)
-      barrier_wait(st.empty + it % kStages, (it / kStages) & 1);  // the last arrivals' phases
-    if (num_tiles > 0) {  // the last tile's P·V
-      fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+    // Ring tile `r`: wait for its stage, take the turn and issue S = Q·Kᵀ in a wgmma group of its own.
+    auto issue_scores_in_turn = [&](int r, float (&s)[BN / 8][4]) {
+      const int stage = r % kStages;
+      barrier_wait(st.full + stage, (r / kStages) & 1);
+      barrier_wait(st.keys + stage, (r / kStages) & 1);
+      fence_async_shared();
+      named_barrier_sync(my_turn, 256);
+      if constexpr (kOverlap) fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));  // P·V follows
       wgmma_fence();
-      issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + (num_tiles - 1) % kStages * Shape::kKvBytes));
+      issue_scores<T, D, BM, BN>(s, q_tile, smem_address(st.k + stage * Shape::kKvBytes));
       wgmma_commit();
-      wgmma_wait<0>();
-      fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+    };
+    // The next warpgroup's turn; the last warpgroup's last ring tile hands over nothing (the first
+    // has finished, so no sync would meet it).
+    auto hand_over_turn = [&](int r) {
+      if (warpgroup + 1 < kConsumers || r + 1 < ring_tiles) named_barrier_arrive(next_turn, 256);
+    };
+    // This thread's arrival on ring tile r's `empty`, once its arrival of the stage's previous phase
+    // has completed (compute-sanitizer's synccheck expects every arrival's phase to be waited for).
+    auto release = [&](int r) {
+      if (r >= kStages) barrier_wait(st.empty + r % kStages, (r / kStages + 1) & 1);
+      barrier_arrive(st.empty + r % kStages);
+    };
+    if constexpr (kOverlap) {
+      std::uint32_t probabilities[BN / 16][4];  // the previous tile's P, waiting for its P·V
+      // Tile `it`'s S (and the previous tile's P·V, which runs on while this tile's softmax does), then
+      // its softmax. Tile 0 is peeled off the loop so that every wgmma group of the loop is
+      // unconditional (ptxas serialises wgmmas whose groups it cannot follow through a branch).
+      auto scores = [&](int it, float (&s)[BN / 8][4], bool with_pv) {
+        const int r = ring0 + it, previous = (r + kStages - 1) % kStages;
+        issue_scores_in_turn(r, s);
+        if (with_pv) issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + previous * Shape::kKvBytes));
+        wgmma_commit();
+        hand_over_turn(r);
+        wgmma_wait<1>();
+        fence_registers(reinterpret_cast<Flat<BN / 2>&>(s));
+        float correction[2];
+        softmax(it, r % kStages, s, correction);
+        wgmma_wait<0>();
+        fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+        if (with_pv) {
+          release(r - 1);
+          rescale_rows<D>(acc, correction);
+        }
+        pack_probabilities<T, BN>(s, probabilities);
+      };
+      if (num_tiles > 0) {
+        float s[BN / 8][4];
+        scores(0, s, false);
+      }
+      for (int it = 1; it < num_tiles; ++it) {
+        float s[BN / 8][4];
+        scores(it, s, true);
+      }
+      if (num_tiles > 0) {  // the last tile's P·V
+        fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+        wgmma_fence();
+        issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + (ring0 + num_tiles - 1) % kStages * Shape::kKvBytes));
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+        release(ring0 + num_tiles - 1);
+      }
+    } else {
+      // No register room for one tile's P beside the next tile's S, so each tile's P·V follows its
+      // softmax; the turns still keep one warpgroup's softmax beside the others' products.
+      for (int it = 0; it < num_tiles; ++it) {
+        const int r = ring0 + it, stage = r % kStages;
+        float s[BN / 8][4];
+        issue_scores_in_turn(r, s);
+        hand_over_turn(r);
+        wgmma_wait<0>();
+        fence_registers(reinterpret_cast<Flat<BN / 2>&>(s));
+        float correction[2];
+        softmax(it, stage, s, correction);
+        if (it > 0) rescale_rows<D>(acc, correction);
+        std::uint32_t probabilities[BN / 16][4];
+        pack_probabilities<T, BN>(s, probabilities);
+        fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+        wgmma_fence();
+        issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + stage * Shape::kKvBytes));
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
+        release(r);
+      }
     }
-  } else {
-    // No register room for one tile's P beside the next tile's S, so each tile's P·V follows its
-    // softmax; the turns still keep one warpgroup's softmax beside the others' products.
-    if (num_tiles > 0 && warpgroup + 1 == kConsumers) named_barrier_arrive(1, 256);  // the first one's turn
-    for (int it = 0; it < num_tiles; ++it) {
-      const int stage = it % kStages;
-      float s[BN / 8][4];
-      issue_scores_in_turn(it, s);
-      hand_over_turn(it);
-      wgmma_wait<0>();
-      fence_registers(reinterpret_cast<Flat<BN / 2>&>(s));
-      float correction[2];
-      softmax(it, stage, s, correction);
-      if (it > 0) rescale_rows<D>(acc, correction);
-      std::uint32_t probabilities[BN / 16][4];
-      pack_probabilities<T, BN>(s, probabilities);
-      fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
-      wgmma_fence();
-      issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + stage * Shape::kKvBytes));
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
-      if (it >= kStages) barrier_wait(st.empty + stage, (it / kStages + 1) & 1);  // the last arrival's phase
-      barrier_arrive(st.empty + stage);
-    }
-    for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it)
-      barrier_wait(st.empty + it % kStages, (it / kStages) & 1);  // the last arrivals' phases
+    write_forward_rows<T, D>(p, w, acc, row_max, row_sum, qi);
   }
-  write_forward_rows<T, D>(p, w, acc, row_max, row_sum, qi);
+  for (int r = ring_tiles > kStages ? ring_tiles - kStages : 0; r < ring_tiles; ++r)
+    barrier_wait(st.empty + r % kStages, (r / kStages) & 1);  // the last arrivals' phases
 }
 
 // The TMA instances' decoded work, in shared memory after the barriers (Shape::kWorkBytes).
@@ -367,6 +379,7 @@ template <int BN, Walk kWalk>
 struct SharedWork {
   BlockWork work;
   OtherTiles<BN, kWalk == Walk::sparse> tiles;
+  int passes;  // query tiles of kBlockM rows the block works through (LaunchPlan::passes)
   bool run;
 };
 
@@ -396,8 +409,13 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
     }
     if constexpr (Shape::kTma) {
       fence_barrier_init();  // TMA completes bytes on them
+      constexpr int BM = Shape::kBlockM;
       BlockWork w;
-      shared->run = decode<Shape::kBlockM, kWalk>(p, plan, w);
+      // Two passes (the dilated walk only, LaunchPlan::passes): the block's rows are two query
+      // tiles, decoded as one of twice the rows; a short last one may need one pass.
+      const bool two = kWalk == Walk::dilated && plan.passes == 2;
+      shared->run = two ? decode<2 * BM, kWalk>(p, plan, w) : decode<BM, kWalk>(p, plan, w);
+      shared->passes = two && w.tile_rows > BM ? 2 : 1;
       shared->work = w;
       if (shared->run) shared->tiles = other_tiles<Shape::kBlockN, kWalk>(p, w);
     }
@@ -419,13 +437,13 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
       if constexpr (kWalk == Walk::indexed)  // rows gathered by cp.async (gather_row_pair)
         produce<T, Shape, kWalk>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, st);
       else
-        produce_tma<T, Shape>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, st, maps);
+        produce_tma<T, Shape>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, shared->passes, st, maps);
       if (!w.accumulate) zero_unselected<T, D, 128>(p, w, &p.out, nullptr, true);
     } else {
       registers_increase<Shape::kConsumerRegisters>();
       const BlockWork w = work();
       const auto tiles = shared->tiles;
-      consume<T, Shape, kWalk>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, st);
+      consume<T, Shape, kWalk>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, shared->passes, st);
     }
   } else {
     BlockWork w;
@@ -438,7 +456,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
       if (!w.accumulate) zero_unselected<T, D, 128>(p, w, &p.out, nullptr, true);
     } else {
       registers_increase<Shape::kConsumerRegisters>();
-      consume<T, Shape, kWalk>(p, w, tiles, num_tiles, st);
+      consume<T, Shape, kWalk>(p, w, tiles, num_tiles, 1, st);
     }
   }
 #else
