@@ -60,7 +60,8 @@ struct LaunchOptions {
   // The query tiles a block of the sm90 forward works through one after another: 0 chooses per call
   // (two where the forward loads by TMA on the dilated walk without causality and every launch has
   // at least four blocks per SM, so that a block's next tile loads while it finishes the last; else
-  // one); 1 or 2 force one, for tests and benchmarks (2 only where the automatic choice could pick it).
+  // one); 1, 2 or 3 force one, for tests and benchmarks (more than 1 only where the automatic choice
+  // could pick two, 3 at head dim 64 only).
   int sm90_forward_passes = 0;
   // How the sm90 backward forms dQ (BackwardDq): atomic or dq_blocks force one, for tests,
   // benchmarks and bitwise-reproducible gradients (dq_blocks, accepted by every backward).

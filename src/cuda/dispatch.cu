@@ -260,10 +260,12 @@ int sm90_forward_consumers(const DilatedParams& p) {
   return cost(3) <= cost(2) ? 3 : 2;
 }
 
-// Whether a block of the sm90 forward can work through two query tiles (LaunchPlan::passes): the
-// TMA instances' dilated walk without causality (a causal block's later tile sees more keys).
-bool sm90_forward_two_passes_fit(const DilatedParams& p, bool tma) {
-  return tma && !p.causal && p.block_size == 0 && p.position_index == nullptr;
+// The most query tiles a block of the sm90 forward can work through (LaunchPlan::passes): on the
+// TMA instances' dilated walk without causality (a causal block's later tile sees more keys) their
+// query buffers' count (Sm90ForwardShape::kQBuffers: 3 at head dim 64, 2 at 128), else 1.
+int sm90_forward_max_passes(const DilatedParams& p, bool tma) {
+  if (!tma || p.causal || p.block_size > 0 || p.position_index != nullptr) return 1;
+  return p.head_dim <= 64 ? 3 : 2;
 }
 
 // Query tiles a block of the sm90 forward works through (LaunchPlan::passes): options'
@@ -273,7 +275,7 @@ bool sm90_forward_two_passes_fit(const DilatedParams& p, bool tma) {
 // tiles' latency and its end, ~10 % of a block's time at long256k by ncu, come once per two tiles).
 int sm90_forward_passes(const DilatedParams& p, int consumers, bool tma) {
   if (p.sm90_forward_passes != 0) return p.sm90_forward_passes;  // check_supported admitted it
-  if (!sm90_forward_two_passes_fit(p, tma)) return 1;
+  if (sm90_forward_max_passes(p, tma) < 2) return 1;
   int fewest = INT_MAX;
   launch_forward_plans(p, 64 * consumers, [&](const LaunchPlan& plan) { fewest = std::min(fewest, plan.total_blocks); });
   return fewest >= 4 * multiprocessor_count() ? 2 : 1;
@@ -509,8 +511,8 @@ void check_supported(const DilatedParams& p) {
   }
   if (p.sm90_forward_passes != 0) {
     const std::string passes = "options.sm90_forward_passes = " + std::to_string(p.sm90_forward_passes);
-    if (p.sm90_forward_passes != 1 && p.sm90_forward_passes != 2)
-      throw Error(passes + "; expected 0 (chosen per call), 1 or 2");
+    if (p.sm90_forward_passes < 1 || p.sm90_forward_passes > 3)
+      throw Error(passes + "; expected 0 (chosen per call), 1, 2 or 3");
     if (kernel_generation(p, false) != CudaKernels::sm90)
       throw Error(passes + ", but the sm80 kernels run this call; expected 0");
 #ifdef DATTN_WITH_SM90
@@ -519,9 +521,11 @@ void check_supported(const DilatedParams& p) {
 #else
     const bool tma = false;
 #endif
-    if (p.sm90_forward_passes == 2 && !sm90_forward_two_passes_fit(p, tma))
-      throw Error(passes + " for a forward that is not the TMA loads' dilated walk without causality (index map, "
-                           "block-sparse mask, causal, or no TMA for these tensors); expected 0 or 1");
+    if (const int most = sm90_forward_max_passes(p, tma); p.sm90_forward_passes > most)
+      throw Error(passes + "; expected at most " + std::to_string(most) +
+                  (most == 1 ? " (more need the TMA loads' dilated walk without causality: no index map, block-sparse "
+                               "mask or causality, and tensors the TMA loads take)"
+                             : " at head dim " + std::to_string(p.head_dim)));
 #endif
   }
   const bool ring_step = !p.whole_sequence();

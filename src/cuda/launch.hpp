@@ -69,8 +69,9 @@ struct LaunchPlan {
   int num_jobs = 0;
   int total_blocks = 0;
   // The sm90 forward's TMA instances on the dilated walk: query tiles a block works through one
-  // after another (1 or 2; the plan's blocks then hold passes · kBlockM rows), so that the next
-  // tile's query rows and first key tiles load while the consumers finish the last (other kernels: 1).
+  // after another (1 to Sm90ForwardShape::kQBuffers; the plan's blocks then hold passes · kBlockM
+  // rows), so that the next tile's query rows and first key tiles load while the consumers finish
+  // the last (other kernels: 1).
   int passes = 1;
   Job jobs[2 * detail::kMaxBranches];
 };
@@ -139,12 +140,15 @@ struct Sm90ForwardShape {
           : (kLaunchRegisters * kThreads - 128 * kProducerRegisters) / (128 * kConsumers) / 8 * 8;
   static_assert(Tma || kConsumerRegisters == (kConsumers == 3 ? 152 : 224), "the cp.async path's split");
   static constexpr int kQBytes = kBlockM * D * 2, kKvBytes = kBlockN * D * 2;
-  static constexpr int kQBuffers = Tma ? 2 : 1;     // query tiles: one per pass (LaunchPlan::passes)
+  // Query tiles, one per pass (LaunchPlan::passes): three at head dim 64 (210 KB of shared memory
+  // in all), two at 128 (three would take 227.3 KB, past the 227 KB a block may have).
+  static constexpr int kQBuffers = Tma ? (D <= 64 ? 3 : 2) : 1;
   static constexpr int kWorkBytes = Tma ? 256 : 0;  // the block's decoded work (TMA instances)
   // 1024 bytes to align the tiles (wgmma's swizzle), Q, per stage K and V, the key bias and the
   // keys' positions, then three barriers per stage (full, keys, empty) and the decoded work.
   static constexpr std::size_t kSmemBytes = 1024 + kQBuffers * kQBytes + 2 * kStages * kKvBytes +
                                             2 * kStages * kBlockN * 4 + 3 * kStages * 8 + kWorkBytes;
+  static_assert(kSmemBytes <= 227 * 1024, "a block's shared memory on sm_90");
 };
 
 // The sm90 backward (wgmma, 16-bit types): the forward's block shape, 128 own rows (keys for dk/dv

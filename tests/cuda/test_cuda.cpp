@@ -562,11 +562,12 @@ Result run_case(const Case& c, cudaStream_t stream) {
                                : dattn::cuda_forward_uses_tma(config, q_view, k_view, v_view, out.device_view(),
                                                               lse.device_view(), options));
   if (tma) result.kernels.insert(4, " tma");
-  // Two query tiles a forward block (the TMA loads' dilated walk without causality): small cases
-  // would choose one, so half of those that admit them force two (" 2 passes").
+  // Several query tiles a forward block (the TMA loads' dilated walk without causality): small
+  // cases would choose one, so half of those that admit them force two or, at head dim 64, three
+  // (" 2 passes", " 3 passes").
   if (tma && !block_mask && !options.position_index && !c.causal && c.seed % 4 >= 2) {
-    options.sm90_forward_passes = 2;
-    result.kernels.insert(result.kernels.find('/'), " 2 passes");
+    options.sm90_forward_passes = c.seed % 4 == 3 && c.D == 64 ? 3 : 2;
+    result.kernels.insert(result.kernels.find('/'), " " + std::to_string(options.sm90_forward_passes) + " passes");
   }
   auto attention_forward = [&](const auto&... a) {
     if (block_mask) dattn::block_sparse_forward(block_sparse_config_of(c.block_size, config), *block_mask_device, a...);
@@ -787,11 +788,11 @@ std::vector<Case> fixed_cases() {
   Case tf32 = cases[cases.size() - 22];
   tf32.tf32 = true;
   cases.push_back(tf32);
-  // Two query tiles a forward block (LaunchOptions::sm90_forward_passes, which run_case forces where
-  // seed % 4 >= 2 and the call admits it): groups of 512 and 900 selected rows, so that blocks hold
-  // a whole second tile, a partial one or none; padding, dropout, strides, grouped-query heads and
-  // longnet mode among them. Seeds 4002 and 4006 choose the block rows or force 128, 4003 and 4007
-  // force 128 or 192 (run_case: seed % 3).
+  // Several query tiles a forward block (LaunchOptions::sm90_forward_passes, which run_case forces
+  // where seed % 4 >= 2 and the call admits it: two, or three at head dim 64 where seed % 4 == 3):
+  // groups of 512 and 900 selected rows, so that blocks hold whole later tiles, partial ones or
+  // none; padding, dropout, strides, grouped-query heads and longnet mode among them. Seeds 4002
+  // and 4006 choose the block rows or force 128, 4003 and 4007 force 128 or 192 (run_case: seed % 3).
   for (DType t : {DType::bfloat16, DType::float16})
     for (std::int64_t d : g_head_dims)
       for (const std::uint64_t case_seed : {4002, 4003, 4006, 4007}) {
@@ -920,7 +921,7 @@ Case draw_small_case(int i, Rng& rng) {
 // grown so that T is a multiple of 12, of every rate <= 4): their boxes reach into the next
 // sequence's rows, which must count for nothing.
 int check_packed_batches(int count, std::uint64_t seed) {
-  int failures = 0, tma_forward = 0, tma_backward = 0, two_passes = 0;
+  int failures = 0, tma_forward = 0, tma_backward = 0, several_passes = 0;
   Rng rng(seed);
   for (int i = 0; i < count; ++i) {
     std::vector<std::unique_ptr<Buffer>> owner;
@@ -973,7 +974,10 @@ int check_packed_batches(int count, std::uint64_t seed) {
       if (dattn::cuda_varlen_forward_uses_tma(config, packed, device(0), device(1), device(2), device(3),
                                               lse.device_view(), options)) {
         dq_path += " [fwd tma]", ++tma_forward;
-        if (!c.causal && i % 4 >= 2) options.sm90_forward_passes = 2, dq_path += " [2 passes]", ++two_passes;
+        if (!c.causal && i % 4 >= 2) {
+          options.sm90_forward_passes = i % 4 == 3 && c.D == 64 ? 3 : 2;
+          dq_path += " [" + std::to_string(options.sm90_forward_passes) + " passes]", ++several_passes;
+        }
       }
       if (dattn::cuda_varlen_backward_uses_tma(config, packed, device(0), device(1), device(2), device(3),
                                                lse.device_view(), device(4), device(5), device(6), device(7), options))
@@ -1028,9 +1032,9 @@ int check_packed_batches(int count, std::uint64_t seed) {
                 ok ? "" : ("     " + problems.str() + "\n").c_str());
     failures += !ok;
   }
-  std::printf("packed batches: %d of %d forwards and %d backwards on the TMA loads (%d forwards with two query tiles "
-              "a block)\n",
-              tma_forward, count, tma_backward, two_passes);
+  std::printf("packed batches: %d of %d forwards and %d backwards on the TMA loads (%d forwards with several query "
+              "tiles a block)\n",
+              tma_forward, count, tma_backward, several_passes);
   return failures;
 }
 

@@ -411,11 +411,13 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
       fence_barrier_init();  // TMA completes bytes on them
       constexpr int BM = Shape::kBlockM;
       BlockWork w;
-      // Two passes (the dilated walk only, LaunchPlan::passes): the block's rows are two query
-      // tiles, decoded as one of twice the rows; a short last one may need one pass.
-      const bool two = kWalk == Walk::dilated && plan.passes == 2;
-      shared->run = two ? decode<2 * BM, kWalk>(p, plan, w) : decode<BM, kWalk>(p, plan, w);
-      shared->passes = two && w.tile_rows > BM ? 2 : 1;
+      // Passes (the dilated walk only, LaunchPlan::passes): the block's rows are that many query
+      // tiles, decoded as one tile of as many rows; a short last block may need fewer.
+      const int passes = kWalk == Walk::dilated ? plan.passes : 1;
+      if (passes == 3 && Shape::kQBuffers >= 3) shared->run = decode<3 * BM, kWalk>(p, plan, w);
+      else if (passes == 2) shared->run = decode<2 * BM, kWalk>(p, plan, w);
+      else shared->run = decode<BM, kWalk>(p, plan, w);
+      shared->passes = w.tile_rows > BM ? (w.tile_rows + BM - 1) / BM : 1;
       shared->work = w;
       if (shared->run) shared->tiles = other_tiles<Shape::kBlockN, kWalk>(p, w);
     }
