@@ -10,9 +10,11 @@
 // ring_step_gradients) and compare the merged results with the same reference.
 //
 // Usage: dattn-test-cuda [--cases N] [--seed S] [--max-n N] [--threads T] [--head-dims 16,64,...]
-//                        [--fixed-only | --random-only] [--block-sparse] [--verbose]
+//                        [--fixed-only | --random-only | --passes-only] [--block-sparse] [--verbose]
 //                        [--cuda-kernels auto|sm80|sm90]
 // --block-sparse makes every random case a block-sparse one (for the sanitizers' few cases).
+// --passes-only runs small cases whose forward blocks work through several query tiles (the
+// sanitizers' check of LaunchOptions::sm90_forward_passes), and the refusal and NaN checks.
 // --cuda-kernels picks the kernel generation (LaunchOptions::cuda_kernels; ring steps always run the
 // automatic choice); every case line and the summary name the generations that ran.
 // Prints a line per case (ok or FAIL, the kernel generations that ran it: forward/backward, the
@@ -667,6 +669,43 @@ Result run_case(const Case& c, cudaStream_t stream) {
   return result;
 }
 
+// Several query tiles a forward block (LaunchOptions::sm90_forward_passes, which run_case forces
+// where seed % 4 >= 2 and the call admits it: two, or three at head dim 64 where seed % 4 == 3).
+// Groups of 512 and 900 selected rows (small: 600, 150 and 576, for the sanitizers), so that blocks
+// hold whole later tiles, partial ones or none; padding, dropout, strides, grouped-query heads and
+// longnet mode among them. Seeds 4002 and 4006 choose the block rows or force 128, 4003 and 4007
+// force 128 or 192 (run_case: seed % 3).
+std::vector<Case> passes_cases(bool small) {
+  std::vector<Case> cases;
+  for (DType t : {DType::bfloat16, DType::float16})
+    for (std::int64_t d : g_head_dims)
+      for (const std::uint64_t case_seed : {4002, 4003, 4006, 4007}) {
+        if (d != 64 && d != 128) continue;
+        const bool two_branches = case_seed < 4006;
+        Case c;
+        c.seed = case_seed;
+        c.dtype = t;
+        c.D = d;
+        c.B = small ? 1 : 2;
+        c.H = small ? 2 : 4;
+        c.N = two_branches ? (small ? 600 : 1024) : (small ? 576 : 900);
+        c.w = two_branches ? std::vector<std::int64_t>{small ? 600 : 512, small ? 300 : 1024}
+                           : std::vector<std::int64_t>{c.N};
+        c.r = two_branches ? std::vector<std::int64_t>{1, 2} : std::vector<std::int64_t>{1};
+        c.mode = case_seed % 2 ? dattn::Mode::longnet : dattn::Mode::grouped;
+        if (case_seed == 4003 || case_seed == 4007) {
+          c.padding.assign(std::size_t(c.B * c.N), 0);
+          for (std::size_t i = 0; i < c.padding.size(); i += 7) c.padding[i] = 1;
+          c.dropout_p = 0.2;
+          c.dropout_seed = 5;
+          c.strided = true;
+        }
+        if (case_seed == 4006) c.Hkv = small ? 1 : 2;
+        cases.push_back(c);
+      }
+  return cases;
+}
+
 // Fixed cases: PERF.md's shapes scaled down and features one at a time, every dtype and head dim.
 std::vector<Case> fixed_cases() {
   std::vector<Case> cases;
@@ -788,35 +827,7 @@ std::vector<Case> fixed_cases() {
   Case tf32 = cases[cases.size() - 22];
   tf32.tf32 = true;
   cases.push_back(tf32);
-  // Several query tiles a forward block (LaunchOptions::sm90_forward_passes, which run_case forces
-  // where seed % 4 >= 2 and the call admits it: two, or three at head dim 64 where seed % 4 == 3):
-  // groups of 512 and 900 selected rows, so that blocks hold whole later tiles, partial ones or
-  // none; padding, dropout, strides, grouped-query heads and longnet mode among them. Seeds 4002
-  // and 4006 choose the block rows or force 128, 4003 and 4007 force 128 or 192 (run_case: seed % 3).
-  for (DType t : {DType::bfloat16, DType::float16})
-    for (std::int64_t d : g_head_dims)
-      for (const std::uint64_t case_seed : {4002, 4003, 4006, 4007}) {
-        if (d != 64 && d != 128) continue;
-        Case c;
-        c.seed = case_seed;
-        c.dtype = t;
-        c.D = d;
-        c.B = 2;
-        c.H = 4;
-        c.N = case_seed < 4006 ? 1024 : 900;
-        c.w = case_seed < 4006 ? std::vector<std::int64_t>{512, 1024} : std::vector<std::int64_t>{900};
-        c.r = case_seed < 4006 ? std::vector<std::int64_t>{1, 2} : std::vector<std::int64_t>{1};
-        c.mode = case_seed % 2 ? dattn::Mode::longnet : dattn::Mode::grouped;
-        if (case_seed == 4003 || case_seed == 4007) {
-          c.padding.assign(std::size_t(c.B * c.N), 0);
-          for (std::size_t i = 0; i < c.padding.size(); i += 7) c.padding[i] = 1;
-          c.dropout_p = 0.2;
-          c.dropout_seed = 5;
-          c.strided = true;
-        }
-        if (case_seed == 4006) c.Hkv = 2;
-        cases.push_back(c);
-      }
+  for (const Case& c : passes_cases(false)) cases.push_back(c);
   // Long groups (2048 selected rows, PERF.md's long configs' length): fp32 accumulation over many
   // key tiles must stay within the 1e-5 bar.
   for (DType t : {DType::float32, DType::bfloat16}) {
@@ -1276,7 +1287,7 @@ int main(int argc, char** argv) {
   int num_cases = 300, threads = int(std::max(1u, std::min(16u, std::thread::hardware_concurrency())));
   std::uint64_t seed = 20251125;
   std::int64_t max_n = 600;
-  bool fixed_only = false, random_only = false, verbose = false;
+  bool fixed_only = false, random_only = false, passes_only = false, verbose = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> const char* {
@@ -1289,6 +1300,7 @@ int main(int argc, char** argv) {
     else if (a == "--threads") threads = std::atoi(next());
     else if (a == "--fixed-only") fixed_only = true;
     else if (a == "--random-only") random_only = true;
+    else if (a == "--passes-only") passes_only = true;
     else if (a == "--verbose") verbose = true;
     else if (a == "--block-sparse") g_all_block_sparse = true;
     else if (a == "--cuda-kernels") {
@@ -1319,7 +1331,8 @@ int main(int argc, char** argv) {
   std::printf("device: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
 
   std::vector<Case> cases;
-  if (!random_only) cases = fixed_cases();
+  if (passes_only) cases = passes_cases(true), fixed_only = true;
+  else if (!random_only) cases = fixed_cases();
   if (!fixed_only) {
     Rng rng(seed);
     for (int i = 0; i < num_cases; ++i) cases.push_back(random_case(rng, max_n));
