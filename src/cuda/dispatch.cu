@@ -277,7 +277,8 @@ int sm90_forward_passes(const DilatedParams& p, int consumers, bool tma) {
   if (p.sm90_forward_passes != 0) return p.sm90_forward_passes;  // check_supported admitted it
   if (sm90_forward_max_passes(p, tma) < 2) return 1;
   int fewest = INT_MAX;
-  launch_forward_plans(p, 64 * consumers, [&](const LaunchPlan& plan) { fewest = std::min(fewest, plan.total_blocks); });
+  launch_forward_plans(p, 64 * consumers,
+                       [&](const LaunchPlan& plan) { fewest = std::min(fewest, plan.total_blocks); });
   return fewest >= 4 * multiprocessor_count() ? 2 : 1;
 }
 #endif

@@ -107,21 +107,27 @@ struct Stages {
 // Before a producer refills the stage of tile `it` (of kStages, in the stages' `full`, `keys` and
 // `empty` barriers: the forward's and the backward's): the consumers have emptied it, and this
 // thread's own arrivals of the stage's previous phase have completed (compute-sanitizer's synccheck
-// expects every arrival's phase to be waited for).
+// expects every arrival's phase to be waited for). arrives_on_full: whether this thread arrives on
+// `full` (the TMA forward's: its issuing thread only). One that does not must not wait for it: the
+// issuing thread may complete the stage's next phase too before it looks, and a parity wait would
+// then wait for the phase after, which needs this thread's `keys` arrival: a deadlock once one
+// producer thread falls a stage behind the issuing one (found by a model of the barriers).
 template <int kStages, class StageBarriers>
-__device__ __forceinline__ void wait_stage_reusable(const StageBarriers& st, int it) {
+__device__ __forceinline__ void wait_stage_reusable(const StageBarriers& st, int it,
+                                                    bool arrives_on_full = true) {
   if (it < kStages) return;
   const int stage = it % kStages, parity = (it / kStages + 1) & 1;
   barrier_wait(st.empty + stage, parity);
-  barrier_wait(st.full + stage, parity);
+  if (arrives_on_full) barrier_wait(st.full + stage, parity);
   barrier_wait(st.keys + stage, parity);
 }
 
 // After a producer's last tile: the phases of its last arrivals on each stage.
 template <int kStages, class StageBarriers>
-__device__ __forceinline__ void wait_last_arrivals(const StageBarriers& st, int num_tiles) {
+__device__ __forceinline__ void wait_last_arrivals(const StageBarriers& st, int num_tiles,
+                                                   bool arrives_on_full = true) {
   for (int it = num_tiles > kStages ? num_tiles - kStages : 0; it < num_tiles; ++it) {
-    barrier_wait(st.full + it % kStages, (it / kStages) & 1);
+    if (arrives_on_full) barrier_wait(st.full + it % kStages, (it / kStages) & 1);
     barrier_wait(st.keys + it % kStages, (it / kStages) & 1);
   }
 }
@@ -199,7 +205,7 @@ __device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, cons
   // pass's query tile comes with the first.
   for (int g = 0; g < passes * num_tiles; ++g) {
     const int it = g % num_tiles, stage = g % kStages;
-    wait_stage_reusable<kStages>(st, g);
+    wait_stage_reusable<kStages>(st, g, leader);
     const std::int64_t k0 = tiles.start(it);
     const int valid = tiles.valid(it);
     unsigned char* k_tile = st.k + stage * Shape::kKvBytes;
@@ -236,7 +242,7 @@ __device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, cons
     }
     barrier_arrive(st.keys + stage);  // this thread's plain stores (the key bias, the zeros)
   }
-  wait_last_arrivals<kStages>(st, passes * num_tiles);
+  wait_last_arrivals<kStages>(st, passes * num_tiles, leader);
 }
 
 // The consumer warpgroups: the online softmax over the key tiles of the stages, then the epilogue,
@@ -338,7 +344,8 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
       if (num_tiles > 0) {  // the last tile's P·V
         fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
         wgmma_fence();
-        issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + (ring0 + num_tiles - 1) % kStages * Shape::kKvBytes));
+        const int last_stage = (ring0 + num_tiles - 1) % kStages;
+        issue_pv<T, D, BN>(acc, probabilities, smem_address(st.v + last_stage * Shape::kKvBytes));
         wgmma_commit();
         wgmma_wait<0>();
         fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
