@@ -158,9 +158,7 @@ struct Sm90BackwardShape {
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1);
   static constexpr int kBlockOwn = 64 * kConsumers;
   static constexpr int kBlockOther = 64;
-  // Tiles of the other side in flight: a 64-row tile is little work per load latency (the cp.async
-  // gather of an index map's rows waits for it), and at head dim 64 four fit (D = 128: two).
-  static constexpr int kStages = D <= 64 ? 4 : 2;
+  static constexpr int kStages = 2;
   // A consumer of a dk/dv block holds dK and dV (D/2 registers each) and Sᵀ, dPᵀ (32 each).
   static constexpr int kProducerRegisters = 56, kConsumerRegisters = 224;
   static constexpr int kOwnBytes = kBlockOwn * D * 2, kOtherBytes = kBlockOther * D * 2;
