@@ -485,7 +485,7 @@ DecodePlan make_plan(const DilatedParams& p, std::int64_t cache_rows, int rows_p
   }
   // One check covers the grid and the int block_begin above (each at most a sequence's blocks).
   blocks = p.batch * per_sequence;
-  if (std::max<std::int64_t>(p.batch, 1) * per_sequence > INT_MAX)
+  if (std::max(blocks, per_sequence) > INT_MAX)
     throw Error("decoding needs more than 2^31 thread blocks in one launch; expected a smaller B, H or cache");
   plan.blocks_per_sequence = int(per_sequence);
   return plan;
