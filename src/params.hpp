@@ -83,6 +83,7 @@ struct DilatedParams {
   CudaKernels cuda_kernels = CudaKernels::automatic;
   int sm90_forward_rows = 0;    // 0: chosen per call (dispatch.cu)
   int sm90_forward_passes = 0;  // 0: chosen per call (dispatch.cu)
+  int sm90_backward_passes = 0;  // 0: chosen per call (dispatch.cu)
   BackwardDq sm90_backward_dq = BackwardDq::automatic;
   // The sm90 backward with dQ by atomics (dispatch.cu): dq_slots slots of float32 scratch,
   // dq_scratch_rows × D each, group g using slot g mod dq_slots (zero between groups), and

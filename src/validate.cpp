@@ -194,6 +194,9 @@ void check_inputs(const CommonSettings& settings, const TensorView& q, const Ten
     if (options.sm90_forward_passes != 0)
       throw Error("options.sm90_forward_passes = " + str(options.sm90_forward_passes) +
                   " for cpu tensors; expected 0 (it picks how a CUDA kernel's blocks walk the queries)");
+    if (options.sm90_backward_passes != 0)
+      throw Error("options.sm90_backward_passes = " + str(options.sm90_backward_passes) +
+                  " for cpu tensors; expected 0 (it picks how a CUDA kernel's blocks walk the keys)");
     if (options.sm90_backward_dq == BackwardDq::atomic)
       throw Error("options.sm90_backward_dq = atomic for cpu tensors; expected automatic or dq_blocks (atomic is a "
                   "way of the CUDA sm90 backward)");
@@ -273,6 +276,7 @@ DilatedParams base_params(const CommonSettings& settings, const TensorView& q, c
   p.cuda_kernels = options.cuda_kernels;
   p.sm90_forward_rows = options.sm90_forward_rows;
   p.sm90_forward_passes = options.sm90_forward_passes;
+  p.sm90_backward_passes = options.sm90_backward_passes;
   p.sm90_backward_dq = options.sm90_backward_dq;
   p.workspace = options.workspace;
   p.workspace_bytes = options.workspace_bytes;

@@ -280,6 +280,9 @@ TEST_P(Validation, RingStepAndStream) {
   a.options.sm90_forward_passes = 2;  // how a CUDA kernel's blocks walk the queries
   EXPECT_BOTH(a, "options.sm90_forward_passes = 2 for cpu tensors");
   a = good_;
+  a.options.sm90_backward_passes = 2;  // how a CUDA kernel's blocks walk the keys
+  EXPECT_BOTH(a, "options.sm90_backward_passes = 2 for cpu tensors");
+  a = good_;
   a.options.sm90_backward_dq = dattn::BackwardDq::atomic;  // a CUDA backward's way
   EXPECT_BOTH(a, "options.sm90_backward_dq = atomic for cpu tensors");
   a.options.sm90_backward_dq = dattn::BackwardDq::dq_blocks;  // the reproducible way: every backward's

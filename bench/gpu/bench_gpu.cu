@@ -14,7 +14,7 @@
 // Usage: dattn-bench-gpu [--configs seed,long256k] [--dtypes bf16,fp16,fp32,tf32] [--repeats N]
 //                        [--warmup N] [--json FILE] [--cuda-kernels auto,sm80,sm90] [--no-workspace]
 //                        [--sm90-forward-rows 0,128,192] [--sm90-backward-dq auto,atomic,blocks]
-//                        [--sm90-forward-passes 0,1,2]
+//                        [--sm90-forward-passes 0,1,2,3] [--sm90-backward-passes N]
 // --no-workspace: the backward gets no delta workspace (a C++ caller's default; the kernels then
 // compute delta themselves) instead of the one the Python package passes.
 // --cuda-kernels times each listed kernel generation (LaunchOptions::cuda_kernels); the
@@ -23,6 +23,8 @@
 // (LaunchOptions::sm90_forward_rows; 0 = chosen per call, the default).
 // --sm90-forward-passes 0,1,2 times each listed number of query tiles a block of the sm90 forward
 // works through (LaunchOptions::sm90_forward_passes; 0 = chosen per call, the default).
+// --sm90-backward-passes N: LaunchOptions::sm90_backward_passes for every run (0, the default,
+// chooses per call; 1 or 2 force the own key tiles a dk/dv block with dQ by atomics works through).
 // --sm90-backward-dq auto,atomic,blocks times each listed way of the sm90 backward's dQ
 // (LaunchOptions::sm90_backward_dq); peak MB adds the high-water mark of the device's memory pool
 // during the timed calls (the atomic dQ's scratch).
@@ -284,7 +286,7 @@ dattn::BackwardDq backward_dq_by_name(const std::string& n) {
 }
 
 Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int sm90_rows, int sm90_passes,
-        const std::string& dq_path, bool workspace, int warmup, int repeats) {
+        int backward_passes, const std::string& dq_path, bool workspace, int warmup, int repeats) {
   Row row;
   row.config = c.name;
   row.dtype = dt.label;
@@ -326,6 +328,7 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int 
   options.cuda_kernels = kernels_by_name(kernels);
   options.sm90_forward_rows = sm90_rows;
   options.sm90_forward_passes = sm90_passes;
+  options.sm90_backward_passes = backward_passes;
   options.sm90_backward_dq = backward_dq_by_name(dq_path);
   // An index map (the -hilbert and -identity configs): on the device, vouched for (no check per call).
   std::vector<std::int64_t> index = index_map(c);
@@ -350,6 +353,7 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int 
   }
   if (sm90_rows > 0) row.impl += " (" + std::to_string(sm90_rows) + "-row forward blocks)";
   if (sm90_passes > 0) row.impl += " (" + std::to_string(sm90_passes) + "-pass forward blocks)";
+  if (backward_passes > 0) row.impl += " (" + std::to_string(backward_passes) + "-pass backward blocks)";
   if (dq_path != "auto") row.impl += " (dQ " + dq_path + ")";
   auto forward = [&](int s) { dattn::forward(config, view(x.q[s]), view(x.k[s]), view(x.v[s]), view(x.out), lse, options); };
   auto backward = [&](int s) {
@@ -446,7 +450,7 @@ Row run(const Config& c, const DtypeChoice& dt, const std::string& kernels, int 
 int main(int argc, char** argv) try {
   std::vector<std::string> configs{"seed", "long256k"}, dtypes{"bf16", "fp16", "fp32", "tf32"}, kernels{"auto"};
   std::vector<std::string> sm90_rows{"0"}, sm90_passes{"0"}, dq_paths{"auto"};
-  int warmup = 5, repeats = 20;
+  int warmup = 5, repeats = 20, backward_passes = 0;
   std::string json_path;
   bool workspace = true;
   for (int i = 1; i < argc; ++i) {
@@ -464,6 +468,7 @@ int main(int argc, char** argv) try {
     else if (a == "--no-workspace") workspace = false;
     else if (a == "--sm90-forward-rows") sm90_rows = split(next());
     else if (a == "--sm90-forward-passes") sm90_passes = split(next());
+    else if (a == "--sm90-backward-passes") backward_passes = std::atoi(next().c_str());
     else if (a == "--sm90-backward-dq") dq_paths = split(next());
     else throw std::invalid_argument("unknown argument " + a);
   }
@@ -481,8 +486,8 @@ int main(int argc, char** argv) try {
               const DtypeChoice dt = dtype_by_name(dn);
               std::fprintf(stderr, "dattn %s %s (%s kernels, sm90 forward rows %s, passes %s, dQ %s) ...\n", cn.c_str(),
                            dt.label.c_str(), kn.c_str(), rn.c_str(), pn.c_str(), dqn.c_str());
-              rows.push_back(run(c, dt, kn, std::atoi(rn.c_str()), std::atoi(pn.c_str()), dqn, workspace, warmup,
-                                 cn == "seed" ? std::max(repeats, 50) : repeats));
+              rows.push_back(run(c, dt, kn, std::atoi(rn.c_str()), std::atoi(pn.c_str()), backward_passes, dqn, workspace,
+                                 warmup, cn == "seed" ? std::max(repeats, 50) : repeats));
             }
   std::printf("| implementation | config | dtype | fwd ms [min-max] | fwd TFLOP/s | fwd+bwd ms [min-max] | fwd+bwd TFLOP/s | peak MB | error out / lse / grads |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");

@@ -63,6 +63,11 @@ struct LaunchOptions {
   // one); 1, 2 or 3 force one, for tests and benchmarks (more than 1 only where the automatic choice
   // could pick two, 3 at head dim 64 only).
   int sm90_forward_passes = 0;
+  // The own (key) tiles a dk/dv block of the sm90 backward with dQ by atomics works through one
+  // after another: 0 chooses per call (two where the backward loads by TMA on the dilated walk
+  // without causality at head dim 64 and every launch has at least four blocks per SM; else one);
+  // 1 or 2 force one, for tests and benchmarks (2 only where the automatic choice could pick it).
+  int sm90_backward_passes = 0;
   // How the sm90 backward forms dQ (BackwardDq): atomic or dq_blocks force one, for tests,
   // benchmarks and bitwise-reproducible gradients (dq_blocks, accepted by every backward).
   BackwardDq sm90_backward_dq = BackwardDq::automatic;

@@ -367,9 +367,35 @@ struct DqScratch {
   DqScratch& operator=(const DqScratch&) = delete;
 };
 
+// The most own (key) tiles a dk/dv block of the sm90 backward with dQ by atomics can work through
+// (LaunchPlan::passes): two on the TMA instances' dilated walk without causality at head dim 64
+// (Sm90BackwardShape::kOwnBuffers), else 1.
+int sm90_backward_max_passes(const DilatedParams& p) {
+#ifdef DATTN_WITH_SM90_TMA
+  const bool tma = sm90_backward_tma_covers(p);
+#else
+  const bool tma = false;
+#endif
+  return tma && atomic_dq(p) && !p.causal && p.block_size == 0 && p.position_index == nullptr && p.head_dim <= 64
+             ? 2
+             : 1;
+}
+
+// Own tiles a dk/dv block works through with dQ by atomics: options' sm90_backward_passes, else two
+// where they fit and every launch keeps at least four blocks per SM (as the forward's passes).
+int sm90_backward_passes(const DilatedParams& p) {
+  if (p.sm90_backward_passes != 0) return p.sm90_backward_passes;  // check_supported admitted it
+  if (sm90_backward_max_passes(p) < 2) return 1;
+  int fewest = INT_MAX;
+  launch_backward_plans(p, Sm90BackwardShape<64>::kBlockOwn,
+                        [&](const LaunchPlan& plan) { fewest = std::min(fewest, plan.total_blocks); }, {kDkDvRole});
+  return fewest >= 4 * multiprocessor_count() ? 2 : 1;
+}
+
 template <class T>
 void run_backward_atomic_dq(const DilatedParams& params, cudaStream_t stream) {
-  constexpr int rows = Sm90BackwardShape<64>::kBlockOwn;
+  const int passes = sm90_backward_passes(params);
+  const int rows = Sm90BackwardShape<64>::kBlockOwn * passes;
   std::int64_t slot_rows = 1, groups = 1;
   const std::int64_t query_range = params.seqlen;  // [query_position, + seqlen): every segment's queries lie in it
   for (int i = 0; i < params.num_branches; ++i) {
@@ -395,9 +421,10 @@ void run_backward_atomic_dq(const DilatedParams& params, cudaStream_t stream) {
   p.dq_scratch_rows = slot_rows;
   p.dq_counters = reinterpret_cast<int*>(scratch.data + slots * slot_rows * params.head_dim);
   p.dq_slots = int(slots);
-  launch_backward_plans(p, rows, [&](const LaunchPlan& plan) {
+  launch_backward_plans(p, rows, [&](LaunchPlan plan) {
     if (const cudaError_t e = cudaMemsetAsync(p.dq_counters, 0, counter_bytes, stream); e != cudaSuccess)
       throw std::runtime_error(std::string("dattn: zeroing the backward's dQ counters failed: ") + cudaGetErrorString(e));
+    plan.passes = passes;
     backward_launch_sm90<T>(p, plan, stream);
   }, {kDkDvRole});
 }
@@ -528,6 +555,20 @@ void check_supported(const DilatedParams& p) {
                                "mask or causality, and tensors the TMA loads take)"
                              : " at head dim " + std::to_string(p.head_dim)));
 #endif
+  }
+  if (p.sm90_backward_passes != 0) {
+    const std::string passes = "options.sm90_backward_passes = " + std::to_string(p.sm90_backward_passes);
+    if (p.sm90_backward_passes < 1 || p.sm90_backward_passes > 2)
+      throw Error(passes + "; expected 0 (chosen per call), 1 or 2");
+    if (p.dout.data != nullptr) {  // a backward call (forward calls leave the option to their backward)
+      if (kernel_generation(p, true) != CudaKernels::sm90)
+        throw Error(passes + ", but the sm80 kernels run this backward; expected 0");
+#ifdef DATTN_WITH_SM90
+      if (p.sm90_backward_passes > sm90_backward_max_passes(p))
+        throw Error(passes + "; expected at most 1 (two need dQ by atomics, the TMA loads, the dilated walk without "
+                             "causality and head dim 64)");
+#endif
+    }
   }
   const bool ring_step = !p.whole_sequence();
   if (ring_step && !p.float32_outputs)

@@ -167,13 +167,17 @@ struct Sm90BackwardShape {
   // ... and per consumer a float32 tile of dQ (64 queries × 64 columns) staged for the bulk reduction.
   static constexpr int kDqStagingBytes = kBlockOther * 64 * 4;
   static constexpr int kWorkBytes = 256;  // the block's decoded work
-  // 1024 bytes to align the tiles, the two own tiles, per stage the other side's two tiles, the
-  // two dSᵀ buffers and dQ staging tiles, per stage three float columns, the own keys' bias, three
+  // Own tiles (and their keys' bias), one pair per pass (LaunchPlan::passes of a dk/dv block with
+  // dQ by atomics): two at head dim 64.
+  static constexpr int kOwnBuffers = D <= 64 ? 2 : 1;
+  // 1024 bytes to align the tiles, the own tiles, per stage the other side's two tiles, the two
+  // dSᵀ buffers and dQ staging tiles, per stage three float columns, the own keys' bias, three
   // barriers per stage, then the decoded work.
-  static constexpr std::size_t kSmemBytes = 1024 + 2 * kOwnBytes + 2 * kStages * kOtherBytes +
+  static constexpr std::size_t kSmemBytes = 1024 + kOwnBuffers * 2 * kOwnBytes + 2 * kStages * kOtherBytes +
                                             2 * kScoresGradientBytes + kConsumers * kDqStagingBytes +
-                                            (3 * kStages * kBlockOther + kBlockOwn) * 4 + 3 * kStages * 8 +
-                                            kWorkBytes;
+                                            (3 * kStages * kBlockOther + kOwnBuffers * kBlockOwn) * 4 +
+                                            3 * kStages * 8 + kWorkBytes;
+  static_assert(kSmemBytes <= 227 * 1024, "a block's shared memory on sm_90");
 };
 
 template <class T, int D, int S>

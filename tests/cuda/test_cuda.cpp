@@ -603,6 +603,13 @@ Result run_case(const Case& c, cudaStream_t stream) {
                    : dattn::cuda_backward_uses_tma(config, q_view, k_view, v_view, out.device_view(), lse.device_view(),
                                                    dout_view, dq_view, dk_view, dv_view, options);
     if (backward_tma) result.kernels.insert(result.kernels.find("/sm90") + 5, " tma");
+    // Two key tiles a dk/dv block (dQ by atomics on the TMA loads' dilated walk without causality,
+    // head dim 64): forced where the forward's passes are (" 2 passes" after the backward's name).
+    if (backward_tma && options.sm90_backward_dq == dattn::BackwardDq::atomic && !block_mask &&
+        !options.position_index && !c.causal && c.D == 64 && c.seed % 4 >= 2) {
+      options.sm90_backward_passes = 2;
+      result.kernels += " 2 passes";
+    }
     attention_backward(qkv[0].device_view(), qkv[1].device_view(), qkv[2].device_view(), out.device_view(),
                        lse.device_view(), dout.device_view(), grads[0].device_view(), grads[1].device_view(),
                        grads[2].device_view(), options);

@@ -18,7 +18,10 @@
 // memory; at head dim 64 one consumer per tile, alternating, multiplies the block's 128 keys, at
 // 128 each consumer one 64-column half) and add it into the group's float32 scratch slot by one
 // bulk reduction per tile; the group's last block to finish writes dq from the slot
-// (dq_atomic.cuh): five products per pair of tiles instead of seven, and no second pass.
+// (dq_atomic.cuh): five products per pair of tiles instead of seven, and no second pass. There a
+// dk/dv block of the TMA instances' dilated walk may also work through two own tiles one after
+// another (LaunchPlan::passes): both tiles' K and V load with the first tile of queries, the stage
+// ring and the dSᵀ exchange's alternation run on across them, and the group counts blocks.
 #pragma once
 
 #include <type_traits>
@@ -52,17 +55,21 @@ struct BackwardStages {
     unsigned char* base = raw + ((1024 - smem_address(raw) % 1024) % 1024);
     own_a = base;
     own_b = own_a + Shape::kOwnBytes;
-    other_a = own_b + Shape::kOwnBytes;
+    other_a = own_a + Shape::kOwnBuffers * 2 * Shape::kOwnBytes;
     other_b = other_a + Shape::kStages * Shape::kOtherBytes;
     scores_gradient = other_b + Shape::kStages * Shape::kOtherBytes;
     dq_staging = reinterpret_cast<float*>(scores_gradient + 2 * Shape::kScoresGradientBytes);
     floats = dq_staging + Shape::kConsumers * Shape::kDqStagingBytes / 4;
     own_bias = floats + Shape::kStages * 3 * Shape::kBlockOther;
-    full = reinterpret_cast<std::uint64_t*>(own_bias + Shape::kBlockOwn);
+    full = reinterpret_cast<std::uint64_t*>(own_bias + Shape::kOwnBuffers * Shape::kBlockOwn);
     keys = full + Shape::kStages;
     empty = keys + Shape::kStages;
     work = empty + Shape::kStages;
   }
+  // Pass `pass`'s own tiles (LaunchPlan::passes) and their keys' bias.
+  __device__ unsigned char* own_a_of(int pass) const { return own_a + pass * 2 * Shape::kOwnBytes; }
+  __device__ unsigned char* own_b_of(int pass) const { return own_b + pass * 2 * Shape::kOwnBytes; }
+  __device__ float* own_bias_of(int pass) const { return own_bias + pass * Shape::kBlockOwn; }
   __device__ unsigned char* a(int stage) const { return other_a + stage * Shape::kOtherBytes; }
   __device__ unsigned char* b(int stage) const { return other_b + stage * Shape::kOtherBytes; }
   __device__ float* column(int stage, int which) const { return floats + (stage * 3 + which) * Shape::kBlockOther; }
@@ -154,10 +161,12 @@ __device__ __forceinline__ void produce_backward(const detail::DilatedParams& p,
 // phase on `full` when its cp.async copies (lse, delta) land, so the phase waits for both. Rows past a side's end that a box brought in (the
 // next segment's) are zeroed once they have landed, and rows no copy writes at once, as the
 // cp.async producer zero-fills them: no product may meet them (0 · NaN).
+// passes: own tiles of 128 rows the block works through one after another (LaunchPlan::passes),
+// all loaded with the first tile; the other side's tiles come again for each (ring tile g).
 template <class T, int D, Walk kWalk, class Tiles>
 __device__ __forceinline__ void produce_backward_tma(const detail::DilatedParams& p, const BlockWork& w,
-                                                     const Tiles& tiles, int num_tiles, const BackwardStages<D>& st,
-                                                     const BackwardTensorMaps& maps) {
+                                                     const Tiles& tiles, int num_tiles, int passes,
+                                                     const BackwardStages<D>& st, const BackwardTensorMaps& maps) {
   using Shape = Sm90BackwardShape<D>;
   constexpr int BW = Shape::kBlockOwn, BO = Shape::kBlockOther, kStages = Shape::kStages;
   constexpr std::uint32_t kRowBytes = 128 * (D / 64);  // one row's boxes
@@ -180,32 +189,34 @@ __device__ __forceinline__ void produce_backward_tma(const detail::DilatedParams
     prefetch_tensor_map(other_a);
     prefetch_tensor_map(other_b);
   }
-  for (int it = 0; it < num_tiles; ++it) {
-    const int stage = it % kStages;
-    wait_stage_reusable<kStages>(st, it);
+  for (int g = 0; g < passes * num_tiles; ++g) {
+    const int it = g % num_tiles, stage = g % kStages;
+    wait_stage_reusable<kStages>(st, g);
     const std::int64_t j0 = tiles.start(it);
     const int valid = tiles.valid(it);
     std::uint64_t* full = st.full + stage;
     const std::uint32_t to_a = smem_address(st.a(stage)), to_b = smem_address(st.b(stage));
-    const std::uint32_t own_to_a = smem_address(st.own_a), own_to_b = smem_address(st.own_b);
-    const int own_rows = it == 0 ? w.tile_rows : 0;
     if (t == 0) {
       // Both sides' tensor rows are positions less row_offset (0, or minus a packed sequence's first
       // row), read from w here: no thread keeps it through the loop.
       const unsigned r = unsigned(w.stride), row_base = unsigned(-w.query.row_offset);
       const int batch_here = map_batch_coordinate(p, w.batch);
-      barrier_expect_tx(full, std::uint32_t(2 * BO + (it == 0 ? 2 * BW : 0)) * kRowBytes);
-      if (it == 0) {
+      barrier_expect_tx(full, std::uint32_t(2 * BO + (g == 0 ? passes * 2 * BW : 0)) * kRowBytes);
+      if (g == 0) {
         const unsigned first = unsigned(own.first) + row_base;
         const int offset = int(first % r), row = int(first / r) + int(w.tile_begin);
+        for (int pass = 0; pass < passes; ++pass) {
+          const std::uint32_t own_to_a = smem_address(st.own_a_of(pass)), own_to_b = smem_address(st.own_b_of(pass));
 #pragma unroll
-        for (int h = 0; h < BW / BO; ++h)
+          for (int h = 0; h < BW / BO; ++h)
 #pragma unroll
-          for (int c = 0; c < D / 64; ++c) {
-            const std::uint32_t at = (c * BW + h * BO) * 128;
-            tma_load_5d(own_to_a + at, own_a, c * 64, own_head, offset, row + h * BO, batch_here, full);
-            tma_load_5d(own_to_b + at, own_b, c * 64, own_head, offset, row + h * BO, batch_here, full);
-          }
+            for (int c = 0; c < D / 64; ++c) {
+              const std::uint32_t at = (c * BW + h * BO) * 128;
+              const int own_row = row + pass * BW + h * BO;
+              tma_load_5d(own_to_a + at, own_a, c * 64, own_head, offset, own_row, batch_here, full);
+              tma_load_5d(own_to_b + at, own_b, c * 64, own_head, offset, own_row, batch_here, full);
+            }
+        }
       }
       const unsigned first = unsigned(other.first) + row_base;
       const int offset = int(first % r), row = int(first / r) + int(j0);
@@ -215,19 +226,24 @@ __device__ __forceinline__ void produce_backward_tma(const detail::DilatedParams
         tma_load_5d(to_b + c * BO * 128, other_b, c * 64, other_head, offset, row, batch_here, full);
       }
     }
-    if (it == 0 && keys_own) key_bias(p, w, w.tile_begin, w.tile_rows, BW, st.own_bias);
+    // Pass `pass`'s own rows (with the first tile only), the last pass's maybe short.
+    auto own_rows = [&](int pass) { return g == 0 ? min(w.tile_rows - pass * BW, BW) : 0; };
+    if (g == 0 && keys_own)
+      for (int pass = 0; pass < passes; ++pass)
+        key_bias(p, w, w.tile_begin + pass * BW, own_rows(pass), BW, st.own_bias_of(pass));
     produce_columns<T, D, kWalk>(p, w, other, j0, valid, stage, keys_own, false, delta_given, st, -1);
     cp_async_arrive(full);
-    const bool own_short = own_rows > 0 && own_rows < BW, other_short = valid < BO;
+    const int last_own_rows = own_rows(passes - 1);
+    const bool own_short = last_own_rows > 0 && last_own_rows < BW, other_short = valid < BO;
     if (own_short || other_short) {
-      barrier_wait(full, (it / kStages) & 1);  // the boxes have landed
-      if (own_short) zero_rows<BW, D>(st.own_a, st.own_b, own_rows);
+      barrier_wait(full, (g / kStages) & 1);  // the boxes have landed
+      if (own_short) zero_rows<BW, D>(st.own_a_of(passes - 1), st.own_b_of(passes - 1), last_own_rows);
       if (other_short) zero_rows<BO, D>(st.a(stage), st.b(stage), valid);
       fence_async_shared();  // the zeros, before the consumers' wgmma reads
     }
     barrier_arrive(st.keys + stage);
   }
-  wait_last_arrivals<kStages>(st, num_tiles);
+  wait_last_arrivals<kStages>(st, passes * num_tiles);
 }
 
 // Issues C = A·Bᵀ for the warpgroup's 64 own rows (A: the own tile, 128 rows a column block)
@@ -263,109 +279,113 @@ __device__ __forceinline__ void drain_stages(const BackwardStages<D>& st, int nu
 // Warpgroups 1 and 2 of a dk/dv block: 64 keys each.
 template <class T, int D, Walk kWalk, bool kAtomicDq, class Tiles>
 __device__ __forceinline__ void consume_keys(const detail::DilatedParams& p, bool accumulate, const BlockWork& w,
-                                             const Tiles& tiles, int num_tiles, const BackwardStages<D>& st,
-                                             float* dq_slot) {
+                                             const Tiles& tiles, int num_tiles, int passes,
+                                             const BackwardStages<D>& st, float* dq_slot) {
   constexpr int BO = Sm90BackwardShape<D>::kBlockOther, BW = Sm90BackwardShape<D>::kBlockOwn;
   // The warpgroup as a value the compiler knows is warp-uniform (a shuffle from lane 0): the
   // descriptors built from it then stay in uniform registers instead of one move per wgmma.
   const int warpgroup = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0) - 1;
   const int warp = threadIdx.x / 32 % 4, g = threadIdx.x % 32 / 4;
-  const int own_row = warpgroup * 64 + warp * 16 + g;  // of the block's tile
-  const std::int64_t kj[2] = {w.tile_begin + own_row, w.tile_begin + own_row + 8};
+  const int own_row = warpgroup * 64 + warp * 16 + g;  // of the pass's tile
   const bool causal_by_position = kWalk == Walk::indexed && p.causal;
-  const int key_position[2] = {causal_by_position ? w.position32(w.key, int(kj[0])) : 0,
-                               causal_by_position ? w.position32(w.key, int(kj[1])) : 0};
-  const std::uint32_t own_k = smem_address(st.own_a) + warpgroup * 64 * 128;
-  const std::uint32_t own_v = smem_address(st.own_b) + warpgroup * 64 * 128;
-  float dk[D / 8][4], dv[D / 8][4];
+  // Pass after pass (the block's own tiles, LaunchPlan::passes) the same tiles of queries; r counts
+  // the stage ring's tiles across passes.
+  for (int pass = 0; pass < passes; ++pass) {
+    const std::int64_t kj[2] = {w.tile_begin + pass * BW + own_row, w.tile_begin + pass * BW + own_row + 8};
+    const int key_position[2] = {causal_by_position ? w.position32(w.key, int(kj[0])) : 0,
+                                 causal_by_position ? w.position32(w.key, int(kj[1])) : 0};
+    const std::uint32_t own_k = smem_address(st.own_a_of(pass)) + warpgroup * 64 * 128;
+    const std::uint32_t own_v = smem_address(st.own_b_of(pass)) + warpgroup * 64 * 128;
+    float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n)
+    for (int n = 0; n < D / 8; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
-  float own_bias[2] = {0.0f, 0.0f};
-  for (int it = 0; it < num_tiles; ++it) {
-    const int stage = it % Sm90BackwardShape<D>::kStages;
-    wait_stage(st, it);
-    if (it == 0) {
-      own_bias[0] = st.own_bias[own_row];
-      own_bias[1] = st.own_bias[own_row + 8];
-    }
-    const std::uint32_t q_tile = smem_address(st.a(stage)), dout_tile = smem_address(st.b(stage));
-    float s[BO / 8][4], dp[BO / 8][4];
-    wgmma_fence();
-    issue_products<T, D>(s, own_k, q_tile);
-    issue_products<T, D>(dp, own_v, dout_tile);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_registers(reinterpret_cast<Flat<BO / 2>&>(s));
-    fence_registers(reinterpret_cast<Flat<BO / 2>&>(dp));
-    key_tile_gradients<BO, kWalk>(p, w, s, dp, kj, own_bias, key_position, tiles.start(it), tiles.valid(it),
-                                  st.column(stage, 0), st.column(stage, 1),
-                                  reinterpret_cast<const int*>(st.column(stage, 2)));
-    std::uint32_t probabilities[BO / 16][4], scores_gradient[BO / 16][4];
-    pack_probabilities<T, BO>(s, probabilities);
-    pack_probabilities<T, BO>(dp, scores_gradient);
-    // dQ by atomics: this tile's dSᵀ buffer (the one of tile it − 2, whose dQ both consumers had
-    // finished before the barrier of tile it − 1); at head dim 64 the consumers take turns.
-    const bool with_dq = kAtomicDq && (D == 128 || it % 2 == warpgroup);
-    if constexpr (kAtomicDq) {
-      store_scores_gradient<BO>(st.scores_gradient + (it % 2) * Sm90BackwardShape<D>::kScoresGradientBytes,
-                                scores_gradient, own_row);
-      fence_async_shared();
-      // The buffer is whole once both consumers stored their keys' rows, which only the one
-      // multiplying it must wait for: at head dim 64 the other arrives and goes on to its dV and
-      // dK products, so the two do not meet every tile (one's gradient arithmetic runs beside the
-      // other's products). The barrier alternates with the tile's parity, so that a consumer
-      // arriving on tile it and waiting on tile it + 1 cannot complete tile it's barrier alone.
-      // Reuse: tile it's buffer was read by tile it − 2's dQ consumer (this tile's), which arrived
-      // on tile it − 1 after that read, before the other consumer's wait there.
-      const int exchange = it % 2 == 0 ? 1 : 2;
-      if (with_dq) named_barrier_sync(exchange, 256);
-      else named_barrier_arrive(exchange, 256);
-    }
-    // dV += (P∘Z)ᵀ·dO and dK += dSᵀ·Q (and dQ = dS·K): each branch holds its whole fence-issue-wait
-    // sequence, so that ptxas sees no accumulator of a product defined on one path only (it would
-    // serialise the products behind an injected warpgroup.arrive).
-    auto products = [&](auto issue_more) {
-      fence_registers(reinterpret_cast<Flat<D / 2>&>(dv));
-      fence_registers(reinterpret_cast<Flat<D / 2>&>(dk));
+      for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
+    float own_bias[2] = {0.0f, 0.0f};
+    for (int it = 0; it < num_tiles; ++it) {
+      const int r = pass * num_tiles + it, stage = r % Sm90BackwardShape<D>::kStages;
+      wait_stage(st, r);
+      if (it == 0) {
+        own_bias[0] = st.own_bias_of(pass)[own_row];
+        own_bias[1] = st.own_bias_of(pass)[own_row + 8];
+      }
+      const std::uint32_t q_tile = smem_address(st.a(stage)), dout_tile = smem_address(st.b(stage));
+      float s[BO / 8][4], dp[BO / 8][4];
       wgmma_fence();
-      issue_pv<T, D, BO>(dv, probabilities, dout_tile);
-      issue_pv<T, D, BO>(dk, scores_gradient, q_tile);
-      issue_more();
+      issue_products<T, D>(s, own_k, q_tile);
+      issue_products<T, D>(dp, own_v, dout_tile);
       wgmma_commit();
       wgmma_wait<0>();
-      fence_registers(reinterpret_cast<Flat<D / 2>&>(dv));
-      fence_registers(reinterpret_cast<Flat<D / 2>&>(dk));
-      release_stage(st, it);
-    };
-    if (with_dq) {
-      const std::uint32_t dq_buffer =
-          smem_address(st.scores_gradient) + (it % 2) * Sm90BackwardShape<D>::kScoresGradientBytes;
-      const std::uint32_t k_columns = smem_address(st.own_a) + (D == 128 ? warpgroup * BW * 128 : 0);
-      float dq[8][4];
-      if constexpr (D == 64) {
-        products([&] { issue_dq<T, BW>(dq, dq_buffer, k_columns); });
-      } else {  // dK, dV hold 128 registers: dQ's 32 take those of P and dS once their products are done
-        products([] {});
+      fence_registers(reinterpret_cast<Flat<BO / 2>&>(s));
+      fence_registers(reinterpret_cast<Flat<BO / 2>&>(dp));
+      key_tile_gradients<BO, kWalk>(p, w, s, dp, kj, own_bias, key_position, tiles.start(it), tiles.valid(it),
+                                    st.column(stage, 0), st.column(stage, 1),
+                                    reinterpret_cast<const int*>(st.column(stage, 2)));
+      std::uint32_t probabilities[BO / 16][4], scores_gradient[BO / 16][4];
+      pack_probabilities<T, BO>(s, probabilities);
+      pack_probabilities<T, BO>(dp, scores_gradient);
+      // dQ by atomics: this tile's dSᵀ buffer (the one of tile it − 2, whose dQ both consumers had
+      // finished before the barrier of tile it − 1); at head dim 64 the consumers take turns.
+      const bool with_dq = kAtomicDq && (D == 128 || r % 2 == warpgroup);
+      if constexpr (kAtomicDq) {
+        store_scores_gradient<BO>(st.scores_gradient + (r % 2) * Sm90BackwardShape<D>::kScoresGradientBytes,
+                                  scores_gradient, own_row);
+        fence_async_shared();
+        // The buffer is whole once both consumers stored their keys' rows, which only the one
+        // multiplying it must wait for: at head dim 64 the other arrives and goes on to its dV and
+        // dK products, so the two do not meet every tile (one's gradient arithmetic runs beside the
+        // other's products). The barrier alternates with the tile's parity, so that a consumer
+        // arriving on tile it and waiting on tile it + 1 cannot complete tile it's barrier alone.
+        // Reuse: tile it's buffer was read by tile it − 2's dQ consumer (this tile's), which arrived
+        // on tile it − 1 after that read, before the other consumer's wait there.
+        const int exchange = r % 2 == 0 ? 1 : 2;
+        if (with_dq) named_barrier_sync(exchange, 256);
+        else named_barrier_arrive(exchange, 256);
+      }
+      // dV += (P∘Z)ᵀ·dO and dK += dSᵀ·Q (and dQ = dS·K): each branch holds its whole fence-issue-wait
+      // sequence, so that ptxas sees no accumulator of a product defined on one path only (it would
+      // serialise the products behind an injected warpgroup.arrive).
+      auto products = [&](auto issue_more) {
+        fence_registers(reinterpret_cast<Flat<D / 2>&>(dv));
+        fence_registers(reinterpret_cast<Flat<D / 2>&>(dk));
         wgmma_fence();
-        issue_dq<T, BW>(dq, dq_buffer, k_columns);
+        issue_pv<T, D, BO>(dv, probabilities, dout_tile);
+        issue_pv<T, D, BO>(dk, scores_gradient, q_tile);
+        issue_more();
         wgmma_commit();
         wgmma_wait<0>();
+        fence_registers(reinterpret_cast<Flat<D / 2>&>(dv));
+        fence_registers(reinterpret_cast<Flat<D / 2>&>(dk));
+        release_stage(st, r);
+      };
+      if (with_dq) {
+        const std::uint32_t dq_buffer =
+            smem_address(st.scores_gradient) + (r % 2) * Sm90BackwardShape<D>::kScoresGradientBytes;
+        const std::uint32_t k_columns = smem_address(st.own_a_of(pass)) + (D == 128 ? warpgroup * BW * 128 : 0);
+        float dq[8][4];
+        if constexpr (D == 64) {
+          products([&] { issue_dq<T, BW>(dq, dq_buffer, k_columns); });
+        } else {  // dK, dV hold 128 registers: dQ's 32 take those of P and dS once their products are done
+          products([] {});
+          wgmma_fence();
+          issue_dq<T, BW>(dq, dq_buffer, k_columns);
+          wgmma_commit();
+          wgmma_wait<0>();
+        }
+        fence_registers(reinterpret_cast<Flat<32>&>(dq));
+        add_dq(p, dq_slot, st.dq_staging + warpgroup * Sm90BackwardShape<D>::kDqStagingBytes / 4, dq, tiles.start(it),
+               tiles.valid(it), D == 128 ? warpgroup : 0);
+      } else {
+        products([] {});
       }
-      fence_registers(reinterpret_cast<Flat<32>&>(dq));
-      add_dq(p, dq_slot, st.dq_staging + warpgroup * Sm90BackwardShape<D>::kDqStagingBytes / 4, dq, tiles.start(it),
-             tiles.valid(it), D == 128 ? warpgroup : 0);
-    } else {
-      products([] {});
     }
+    write_gradient_rows<T, D>(p, w, w.key, kj, accumulate, p.dk, dk, p.scale, &p.dv, &dv, p.output_scale);
   }
-  drain_stages(st, num_tiles);
+  drain_stages(st, passes * num_tiles);
   if (kAtomicDq && threadIdx.x % 128 == 0) {  // the last bulk reductions are done, and seen by generic loads
     bulk_wait();
     fence_async_global();
   }
-  write_gradient_rows<T, D>(p, w, w.key, kj, accumulate, p.dk, dk, p.scale, &p.dv, &dv, p.output_scale);
 }
 
 // Warpgroups 1 and 2 of a dq block: 64 queries each.
@@ -435,6 +455,7 @@ template <int BO, Walk kWalk>
 struct SharedBackwardWork {
   BlockWork work;
   OtherTiles<BO, kWalk == Walk::sparse> tiles;
+  int passes;  // own tiles of kBlockOwn rows the block works through (LaunchPlan::passes)
   bool run;
 };
 
@@ -457,7 +478,7 @@ __device__ __forceinline__ void backward_block(const detail::DilatedParams& p,
     const int num_tiles = w.tile_rows > 0 ? tiles.count : 0;
     const bool keys_own = w.role == kDkDvRole;
     if constexpr (std::is_same_v<Maps, BackwardTensorMaps>)
-      produce_backward_tma<T, D, kWalk>(p, w, tiles, num_tiles, st, maps);
+      produce_backward_tma<T, D, kWalk>(p, w, tiles, num_tiles, shared.passes, st, maps);
     else
       produce_backward<T, D, kWalk>(p, w, tiles, num_tiles, st);
     if (!w.accumulate)
@@ -472,7 +493,8 @@ __device__ __forceinline__ void backward_block(const detail::DilatedParams& p,
     const int num_tiles = w.tile_rows > 0 ? tiles.count : 0;
     const bool keys_own = w.role == kDkDvRole;
     float* dq_slot = kAtomicDq ? p.dq_scratch + std::int64_t(w.group % p.dq_slots) * p.dq_scratch_rows * D : nullptr;
-    if (keys_own) consume_keys<T, D, kWalk, kAtomicDq>(p, w.accumulate, w, tiles, num_tiles, st, dq_slot);
+    if (keys_own)
+      consume_keys<T, D, kWalk, kAtomicDq>(p, w.accumulate, w, tiles, num_tiles, shared.passes, st, dq_slot);
     else consume_queries<T, D, kWalk>(p, w.accumulate, w, tiles, num_tiles, st);
   }
 }
@@ -499,7 +521,13 @@ __global__ void __launch_bounds__(Sm90BackwardShape<D>::kThreads, 1)
     // blocks it may wait for (lower tickets) are running or done whatever order the GPU starts them in.
     const int ticket = kAtomicDq ? atomicAdd(p.dq_counters + 2 * p.dq_slots, 1) : int(blockIdx.x);
     BlockWork w;
-    shared->run = decode<Shape::kBlockOwn, kWalk>(p, plan, w, ticket);
+    // Two passes (LaunchPlan::passes: the TMA instances' dilated walk with dQ by atomics, head dim
+    // 64): the block's own rows are two tiles, decoded as one of twice the rows.
+    constexpr int BW = Shape::kBlockOwn;
+    const bool two = Shape::kOwnBuffers >= 2 && kAtomicDq && kWalk == Walk::dilated &&
+                     std::is_same_v<Maps, BackwardTensorMaps> && plan.passes == 2;
+    shared->run = two ? decode<2 * BW, kWalk>(p, plan, w, ticket) : decode<BW, kWalk>(p, plan, w, ticket);
+    shared->passes = w.tile_rows > BW ? 2 : 1;
     shared->work = w;
     if (shared->run) shared->tiles = other_tiles<Shape::kBlockOther, kWalk>(p, w);
     // dQ by atomics: every block of the group, run or not, waits for the slot and arrives

@@ -100,7 +100,8 @@ __device__ __forceinline__ bool group_work(const detail::DilatedParams& p, const
                                            BlockWork& w) {
   const Job& job = job_of_group(plan, group);
   const int first_block = job.block_begin + (group - job.group_begin) * job.tiles + (p.causal ? job.tiles - 1 : 0);
-  return decode_block<Sm90BackwardShape<D>::kBlockOwn>(p, plan, first_block, w);
+  constexpr int BW = Sm90BackwardShape<D>::kBlockOwn;  // rows a block, times the plan's passes
+  return plan.passes == 2 ? decode_block<2 * BW>(p, plan, first_block, w) : decode_block<BW>(p, plan, first_block, w);
 }
 
 // Writes (or adds into) dq the group's query rows from its slot, times the scale, and zeroes the
