@@ -188,15 +188,14 @@ void check_inputs(const CommonSettings& settings, const TensorView& q, const Ten
     check_head_dim(q);
     if (options.stream != nullptr)
       throw Error("stream is set for cpu tensors; expected nullptr (streams are for CUDA tensors)");
-    if (options.sm90_forward_rows != 0)
-      throw Error("options.sm90_forward_rows = " + str(options.sm90_forward_rows) +
-                  " for cpu tensors; expected 0 (it picks a CUDA kernel's block shape)");
-    if (options.sm90_forward_passes != 0)
-      throw Error("options.sm90_forward_passes = " + str(options.sm90_forward_passes) +
-                  " for cpu tensors; expected 0 (it picks how a CUDA kernel's blocks walk the queries)");
-    if (options.sm90_backward_passes != 0)
-      throw Error("options.sm90_backward_passes = " + str(options.sm90_backward_passes) +
-                  " for cpu tensors; expected 0 (it picks how a CUDA kernel's blocks walk the keys)");
+    // The sm90 kernels' block options: 0 (chosen per call) is the only value without CUDA kernels.
+    for (const auto& [name, value, picks] :
+         {std::tuple{"sm90_forward_rows", options.sm90_forward_rows, "a CUDA kernel's block shape"},
+          {"sm90_forward_passes", options.sm90_forward_passes, "how a CUDA kernel's blocks walk the queries"},
+          {"sm90_backward_passes", options.sm90_backward_passes, "how a CUDA kernel's blocks walk the keys"}})
+      if (value != 0)
+        throw Error(std::string("options.") + name + " = " + str(value) + " for cpu tensors; expected 0 (it picks " +
+                    picks + ")");
     if (options.sm90_backward_dq == BackwardDq::atomic)
       throw Error("options.sm90_backward_dq = atomic for cpu tensors; expected automatic or dq_blocks (atomic is a "
                   "way of the CUDA sm90 backward)");

@@ -21,7 +21,7 @@
 // implementation column names the generations that ran (forward/backward).
 // --sm90-forward-rows 0,128,192 times each listed block shape of the sm90 forward
 // (LaunchOptions::sm90_forward_rows; 0 = chosen per call, the default).
-// --sm90-forward-passes 0,1,2 times each listed number of query tiles a block of the sm90 forward
+// --sm90-forward-passes 0,1,2,3 times each listed number of query tiles a block of the sm90 forward
 // works through (LaunchOptions::sm90_forward_passes; 0 = chosen per call, the default).
 // --sm90-backward-passes N: LaunchOptions::sm90_backward_passes for every run (0, the default,
 // chooses per call; 1 or 2 force the own key tiles a dk/dv block with dQ by atomics works through).
