@@ -133,12 +133,16 @@ struct Sm90ForwardShape {
   // The overlapped schedule (the next tile's S before this tile's P·V) at three consumers spills 76
   // bytes into 160 registers and still measured 2.5 % faster at long256k (b29d5c5).
   static constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8;
-  static constexpr int kProducerRegisters = Tma ? 32 : 56;
+  // The producer's registers: 56 where it gathers rows by cp.async (the cp.async instances, and the
+  // TMA instances under an index map), 32 where one thread issues TMA copies.
+  template <bool Gathers>
+  static constexpr int kProducerRegisters = Gathers ? 56 : 32;
+  template <bool Gathers>
   static constexpr int kConsumerRegisters =
-      (kLaunchRegisters * kThreads - 128 * kProducerRegisters) / (128 * kConsumers) / 8 * 8 > 256
+      (kLaunchRegisters * kThreads - 128 * kProducerRegisters<Gathers>) / (128 * kConsumers) / 8 * 8 > 256
           ? 256
-          : (kLaunchRegisters * kThreads - 128 * kProducerRegisters) / (128 * kConsumers) / 8 * 8;
-  static_assert(Tma || kConsumerRegisters == (kConsumers == 3 ? 152 : 224), "the cp.async path's split");
+          : (kLaunchRegisters * kThreads - 128 * kProducerRegisters<Gathers>) / (128 * kConsumers) / 8 * 8;
+  static_assert(kConsumerRegisters<true> == (kConsumers == 3 ? 152 : 224), "the gathering producer's split");
   static constexpr int kQBytes = kBlockM * D * 2, kKvBytes = kBlockN * D * 2;
   // Query tiles, one per pass (LaunchPlan::passes): three at head dim 64 (210 KB of shared memory
   // in all), two at 128 (three would take 227.3 KB, past the 227 KB a block may have).

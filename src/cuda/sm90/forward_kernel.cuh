@@ -132,6 +132,12 @@ __device__ __forceinline__ void wait_last_arrivals(const StageBarriers& st, int 
   }
 }
 
+// Whether the producer gathers rows by cp.async (the cp.async instances, and the TMA instances under
+// an index map) rather than issuing TMA copies from one thread: it then needs 56 registers, not 32
+// (Sm90ForwardShape::kProducerRegisters), and leaves the consumers fewer.
+template <class Shape, Walk kWalk>
+inline constexpr bool kGathers = !Shape::kTma || kWalk == Walk::indexed;
+
 // Warpgroup 0: every tile's loads, a stage at a time once the consumers have emptied it.
 template <class T, class Shape, Walk kWalk, class Tiles>
 __device__ __forceinline__ void produce(const detail::DilatedParams& p, const BlockWork& w, const Tiles& tiles,
@@ -263,9 +269,10 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
   // Named barrier ids of this warpgroup's turn and of the next one's (round robin).
   constexpr int kConsumers = Shape::kConsumers;
   // The next tile's S = Q·Kᵀ before this tile's P·V needs registers for a tile's P beside the next
-  // tile's S: two consumers (224 registers) and three of the TMA instances (160) have them, three
-  // of the cp.async instances (152) not.
-  constexpr bool kOverlap = kConsumers == 2 || Shape::kTma;
+  // tile's S: two consumers (224 registers) and three beside the TMA producer (160) have them, three
+  // beside a gathering producer (152) not (ptxas, the index-map TMA instance at head dim 64: 256 / 288
+  // bytes of spills overlapped at 32 / 160 registers, 4 / 8 in turn at 56 / 152: 3 % faster at long64k).
+  constexpr bool kOverlap = kConsumers == 2 || !kGathers<Shape, kWalk>;
   const int my_turn = 1 + warpgroup, next_turn = 1 + (warpgroup + 1) % kConsumers;
   const int ring_tiles = passes * num_tiles;
   if (ring_tiles > 0 && warpgroup + 1 == kConsumers) named_barrier_arrive(1, 256);  // the first one's first turn
@@ -440,7 +447,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
       return w;
     };
     if (threadIdx.x < 128) {
-      registers_decrease<Shape::kProducerRegisters>();
+      registers_decrease<Shape::template kProducerRegisters<kGathers<Shape, kWalk>>>();
       const BlockWork w = work();
       const auto tiles = shared->tiles;
       if constexpr (kWalk == Walk::indexed)  // rows gathered by cp.async (gather_row_pair)
@@ -449,7 +456,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
         produce_tma<T, Shape>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, shared->passes, st, maps);
       if (!w.accumulate) zero_unselected<T, D, 128>(p, w, &p.out, nullptr, true);
     } else {
-      registers_increase<Shape::kConsumerRegisters>();
+      registers_increase<Shape::template kConsumerRegisters<kGathers<Shape, kWalk>>>();
       const BlockWork w = work();
       const auto tiles = shared->tiles;
       consume<T, Shape, kWalk>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, shared->passes, st);
@@ -460,11 +467,11 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
     const auto tiles = other_tiles<Shape::kBlockN, kWalk>(p, w);
     const int num_tiles = w.tile_rows > 0 ? tiles.count : 0;
     if (threadIdx.x < 128) {
-      registers_decrease<Shape::kProducerRegisters>();
+      registers_decrease<Shape::template kProducerRegisters<kGathers<Shape, kWalk>>>();
       produce<T, Shape, kWalk>(p, w, tiles, num_tiles, st);
       if (!w.accumulate) zero_unselected<T, D, 128>(p, w, &p.out, nullptr, true);
     } else {
-      registers_increase<Shape::kConsumerRegisters>();
+      registers_increase<Shape::template kConsumerRegisters<kGathers<Shape, kWalk>>>();
       consume<T, Shape, kWalk>(p, w, tiles, num_tiles, 1, st);
     }
   }
