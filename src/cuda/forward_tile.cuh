@@ -171,6 +171,21 @@ __device__ __forceinline__ void rescale_rows(float (&acc)[D / 8][4], const float
     for (int e = 0; e < 4; ++e) acc[n][e] *= correction[e >> 1];
 }
 
+// The thread's two rows' totals over their four threads: 1 / sum (0 for a row that attends to
+// nothing) and the row's lse (natural log, -inf for such a row).
+__device__ __forceinline__ void row_totals(const float (&row_max)[2], const float (&row_sum)[2], float (&inv)[2],
+                                           float (&lse_row)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = row_sum[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const bool attended = sum != 0.0f;  // a NaN sum (a NaN score) makes the row NaN, not empty
+    inv[r] = attended ? 1.0f / sum : 0.0f;
+    lse_row[r] = attended ? (row_max[r] + __log2f(sum)) * kLn2 : neg_inf();
+  }
+}
+
 // The epilogue of a block: normalise the warp's rows and write out and lse (or merge them into what
 // earlier branches wrote). The zeros and -inf of the unselected rows are zero_unselected's.
 template <class T, int D>
@@ -181,14 +196,9 @@ __device__ __forceinline__ void write_forward_rows(const detail::DilatedParams& 
   const int t = threadIdx.x % 4;
   float lse_row[2], inv[2], old_lse[2] = {neg_inf(), neg_inf()};
   bool valid[2];
+  row_totals(row_max, row_sum, inv, lse_row);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const bool attended = sum != 0.0f;  // a NaN sum (a NaN score) makes the row NaN, not empty
-    inv[r] = attended ? 1.0f / sum : 0.0f;
-    lse_row[r] = attended ? (row_max[r] + __log2f(sum)) * kLn2 : neg_inf();
     valid[r] = qi[r] < w.tile_begin + w.tile_rows;
     if (w.accumulate && valid[r]) old_lse[r] = *lse_pointer(p, w.batch, w.head, w.row(w.query, qi[r]));
   }

@@ -66,6 +66,46 @@ __device__ __forceinline__ void pack_probabilities(const float (&s)[BN / 8][4], 
   }
 }
 
+// The epilogue of a pass whose rows merge with nothing (no earlier branch or ring step: out and lse
+// are written, not added to) into 16-bit outputs: the warp's 16 normalised rows go into its rows of
+// the pass's query tile, free once the pass's last S = Q·Kᵀ has completed (the tiles' swizzled
+// layout: a store of the accumulator layout's 4-byte pieces, 8 rows at one column, hits 32 banks),
+// then out by 16-byte stores, 8 lanes to a row's 128 bytes, where write_forward_rows stores 4 bytes a
+// thread with 8 rows in each instruction. warp_rows: the warp's first row in the tile (generic).
+template <class T, int D, int BM>
+__device__ __forceinline__ void write_rows_through_shared(const detail::DilatedParams& p, const BlockWork& w,
+                                                          const float (&acc)[D / 8][4], const float (&row_max)[2],
+                                                          const float (&row_sum)[2], std::int64_t warp_row0,
+                                                          unsigned char* warp_rows) {
+  using M = MmaType<T>;
+  const int lane = threadIdx.x % 32, t = lane % 4, g = lane / 4;
+  const std::int64_t end = w.tile_begin + w.tile_rows;
+  float inv[2], lse_row[2];
+  row_totals(row_max, row_sum, inv, lse_row);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = g + 8 * r;  // of the warp's 16; row mod 8 = g, the swizzle's
+    if (t == 0 && warp_row0 + row < end) *lse_pointer(p, w.batch, w.head, w.row(w.query, warp_row0 + row)) = lse_row[r];
+    const float weight = p.output_scale * inv[r];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<std::uint32_t*>(warp_rows + (n / 8) * BM * 128 + row * 128 + (((n % 8) ^ g) << 4) + 4 * t) =
+          pack2<M>(acc[n][2 * r] * weight, acc[n][2 * r + 1] * weight);
+  }
+  __syncwarp();
+  const int chunk = lane % 8;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = lane / 8 + 4 * i;
+    if (warp_row0 + row >= end) continue;
+    T* const out_row = row_pointer<T>(p.out, w.batch, w.head, w.row(w.query, warp_row0 + row)) + chunk * 8;
+#pragma unroll
+    for (int b = 0; b < D / 64; ++b)
+      *reinterpret_cast<uint4*>(out_row + b * 64) =
+          *reinterpret_cast<const uint4*>(warp_rows + b * BM * 128 + row * 128 + ((chunk ^ (row % 8)) << 4));
+  }
+}
+
 // Issues O += P·V: BN/16 steps of k16 keys; V is MN-major (rows are keys): a step advances 16
 // rows (2048 bytes), and the head dim's 64-column blocks lie BN rows apart.
 template <class T, int D, int BN>
@@ -382,7 +422,11 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
         release(r);
       }
     }
-    write_forward_rows<T, D>(p, w, acc, row_max, row_sum, qi);
+    if (!w.accumulate && !p.float32_outputs)
+      write_rows_through_shared<T, D, BM>(p, w, acc, row_max, row_sum, warp_row0,
+                                          st.q + pass * Shape::kQBytes + (warpgroup * 64 + warp * 16) * 128);
+    else
+      write_forward_rows<T, D>(p, w, acc, row_max, row_sum, qi);
   }
   for (int r = ring_tiles > kStages ? ring_tiles - kStages : 0; r < ring_tiles; ++r)
     barrier_wait(st.empty + r % kStages, (r / kStages) & 1);  // the last arrivals' phases
