@@ -544,12 +544,7 @@ void check_supported(const DilatedParams& p) {
     if (kernel_generation(p, false) != CudaKernels::sm90)
       throw Error(passes + ", but the sm80 kernels run this call; expected 0");
 #ifdef DATTN_WITH_SM90
-#ifdef DATTN_WITH_SM90_TMA
-    const bool tma = sm90_tma_covers(p);
-#else
-    const bool tma = false;
-#endif
-    if (const int most = sm90_forward_max_passes(p, tma); p.sm90_forward_passes > most)
+    if (const int most = sm90_forward_max_passes(p, forward_uses_tma(p)); p.sm90_forward_passes > most)
       throw Error(passes + "; expected at most " + std::to_string(most) +
                   (most == 1 ? " (more need the TMA loads' dilated walk without causality: no index map, block-sparse "
                                "mask or causality, and tensors the TMA loads take)"
