@@ -261,10 +261,11 @@ int sm90_forward_consumers(const DilatedParams& p) {
 }
 
 // The most query tiles a block of the sm90 forward can work through (LaunchPlan::passes): on the
-// TMA instances' dilated walk without causality (a causal block's later tile sees more keys) their
-// query buffers' count (Sm90ForwardShape::kQBuffers: 3 at head dim 64, 2 at 128), else 1.
+// TMA instances' dilated walk without causality (a causal block's later tile sees more keys), rows
+// in order or under an index map, their query buffers' count (Sm90ForwardShape::kQBuffers: 3 at
+// head dim 64, 2 at 128), else 1.
 int sm90_forward_max_passes(const DilatedParams& p, bool tma) {
-  if (!tma || p.causal || p.block_size > 0 || p.position_index != nullptr) return 1;
+  if (!tma || p.causal || p.block_size > 0) return 1;
   return p.head_dim <= 64 ? 3 : 2;
 }
 
@@ -546,7 +547,7 @@ void check_supported(const DilatedParams& p) {
 #ifdef DATTN_WITH_SM90
     if (const int most = sm90_forward_max_passes(p, forward_uses_tma(p)); p.sm90_forward_passes > most)
       throw Error(passes + "; expected at most " + std::to_string(most) +
-                  (most == 1 ? " (more need the TMA loads' dilated walk without causality: no index map, block-sparse "
+                  (most == 1 ? " (more need the TMA instances' dilated walk without causality: no block-sparse "
                                "mask or causality, and tensors the TMA loads take)"
                              : " at head dim " + std::to_string(p.head_dim)));
 #endif

@@ -178,25 +178,30 @@ __device__ __forceinline__ void wait_last_arrivals(const StageBarriers& st, int 
 template <class Shape, Walk kWalk>
 inline constexpr bool kGathers = !Shape::kTma || kWalk == Walk::indexed;
 
-// Warpgroup 0: every tile's loads, a stage at a time once the consumers have emptied it.
+// Warpgroup 0: every tile's loads, a stage at a time once the consumers have emptied it; pass after
+// pass the same key tiles (g counts the stage ring's tiles across the block's `passes` query tiles,
+// which all load with the first).
 template <class T, class Shape, Walk kWalk, class Tiles>
 __device__ __forceinline__ void produce(const detail::DilatedParams& p, const BlockWork& w, const Tiles& tiles,
-                                        int num_tiles, const Stages<Shape>& st) {
+                                        int num_tiles, int passes, const Stages<Shape>& st) {
   constexpr int D = Shape::kHeadDim, BM = Shape::kBlockM, BN = Shape::kBlockN, kStages = Shape::kStages;
   constexpr TileLayout kSwizzled = TileLayout::swizzled;
   const bool causal_by_position = kWalk == Walk::indexed && p.causal;
+  const int ring_tiles = passes * num_tiles;
   // Under an index map thread t looks key row t up for its warp's copies (gather_row_pair), the
-  // lookup for tile it + 1 is in flight while tile it's copies are issued and its stage awaited.
+  // lookup for ring tile g + 1 is in flight while tile g's copies are issued and its stage awaited.
   static_assert(BN == 128, "one key row per producer thread");
-  int next_key_row = kWalk == Walk::indexed ? gathered_row(w, w.key, tiles, num_tiles, 0) : 0;
-  for (int it = 0; it < num_tiles; ++it) {
-    const int stage = it % kStages;
+  auto lookup = [&](int g) { return gathered_row(w, w.key, tiles, num_tiles, g < ring_tiles ? g % num_tiles : num_tiles); };
+  int next_key_row = kWalk == Walk::indexed ? lookup(0) : 0;
+  for (int g = 0; g < ring_tiles; ++g) {
+    const int it = g % num_tiles, stage = g % kStages;
     const int key_row_here = next_key_row;
-    if constexpr (kWalk == Walk::indexed) next_key_row = gathered_row(w, w.key, tiles, num_tiles, it + 1);
-    wait_stage_reusable<kStages>(st, it);
-    if (it == 0)
-      load_rows<T, 1, BM, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.q), 0, p.q, w, w.query, w.tile_begin,
-                                            w.tile_rows);
+    if constexpr (kWalk == Walk::indexed) next_key_row = lookup(g + 1);
+    wait_stage_reusable<kStages>(st, g);
+    if (g == 0)
+      for (int pass = 0; pass < passes; ++pass)
+        load_rows<T, 1, BM, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.q + pass * Shape::kQBytes), 0, p.q, w,
+                                              w.query, w.tile_begin + pass * BM, w.tile_rows - pass * BM);
     const std::int64_t k0 = tiles.start(it);
     const int valid = tiles.valid(it);
     auto* k_tile = reinterpret_cast<std::uint16_t*>(st.k + stage * Shape::kKvBytes);
@@ -207,7 +212,7 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
     cp_async_arrive(st.full + stage);  // the stage's copies, when they land
     barrier_arrive(st.keys + stage);   // this thread's plain stores (the key bias)
   }
-  wait_last_arrivals<kStages>(st, num_tiles);
+  wait_last_arrivals<kStages>(st, ring_tiles);
 }
 
 // Rows [valid, kRows) of two swizzled tiles of kRows rows (head dim D) as zeros (16-byte stores
@@ -469,9 +474,10 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
       fence_barrier_init();  // TMA completes bytes on them
       constexpr int BM = Shape::kBlockM;
       BlockWork w;
-      // Passes (the dilated walk only, LaunchPlan::passes): the block's rows are that many query
-      // tiles, decoded as one tile of as many rows; a short last block may need fewer.
-      const int passes = kWalk == Walk::dilated ? plan.passes : 1;
+      // Passes (the dilated walk, rows in order or under an index map; LaunchPlan::passes): the
+      // block's rows are that many query tiles, decoded as one tile of as many rows; a short last
+      // block may need fewer.
+      const int passes = kWalk != Walk::sparse ? plan.passes : 1;
       if (passes == 3 && Shape::kQBuffers >= 3) shared->run = decode<3 * BM, kWalk>(p, plan, w);
       else if (passes == 2) shared->run = decode<2 * BM, kWalk>(p, plan, w);
       else shared->run = decode<BM, kWalk>(p, plan, w);
@@ -495,7 +501,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
       const BlockWork w = work();
       const auto tiles = shared->tiles;
       if constexpr (kWalk == Walk::indexed)  // rows gathered by cp.async (gather_row_pair)
-        produce<T, Shape, kWalk>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, st);
+        produce<T, Shape, kWalk>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, shared->passes, st);
       else
         produce_tma<T, Shape>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, shared->passes, st, maps);
       if (!w.accumulate) zero_unselected<T, D, 128>(p, w, &p.out, nullptr, true);
@@ -512,7 +518,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
     const int num_tiles = w.tile_rows > 0 ? tiles.count : 0;
     if (threadIdx.x < 128) {
       registers_decrease<Shape::template kProducerRegisters<kGathers<Shape, kWalk>>>();
-      produce<T, Shape, kWalk>(p, w, tiles, num_tiles, st);
+      produce<T, Shape, kWalk>(p, w, tiles, num_tiles, 1, st);
       if (!w.accumulate) zero_unselected<T, D, 128>(p, w, &p.out, nullptr, true);
     } else {
       registers_increase<Shape::template kConsumerRegisters<kGathers<Shape, kWalk>>>();
