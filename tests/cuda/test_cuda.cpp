@@ -680,15 +680,16 @@ Result run_case(const Case& c, cudaStream_t stream) {
 // where seed % 4 >= 2 and the call admits it: two, or three at head dim 64 where seed % 4 == 3).
 // Groups of 512 and 900 selected rows (small: 600, 150 and 576, for the sanitizers), so that blocks
 // hold whole later tiles, partial ones or none; padding, dropout, strides, grouped-query heads and
-// longnet mode among them. Seeds 4002 and 4006 choose the block rows or force 128, 4003 and 4007
-// force 128 or 192 (run_case: seed % 3).
+// longnet mode among them; 4010 and 4011 as 4002 and 4007 in the Hilbert order (an index map: the
+// TMA instances' cp.async gather). Seeds 4002, 4006 and 4011 choose the block rows or force 128,
+// 4003, 4007 and 4010 force 128 or 192 (run_case: seed % 3).
 std::vector<Case> passes_cases(bool small) {
   std::vector<Case> cases;
   for (DType t : {DType::bfloat16, DType::float16})
     for (std::int64_t d : g_head_dims)
-      for (const std::uint64_t case_seed : {4002, 4003, 4006, 4007}) {
+      for (const std::uint64_t case_seed : {4002, 4003, 4006, 4007, 4010, 4011}) {
         if (d != 64 && d != 128) continue;
-        const bool two_branches = case_seed < 4006;
+        const bool two_branches = case_seed < 4006 || case_seed == 4010;
         Case c;
         c.seed = case_seed;
         c.dtype = t;
@@ -700,7 +701,8 @@ std::vector<Case> passes_cases(bool small) {
                            : std::vector<std::int64_t>{c.N};
         c.r = two_branches ? std::vector<std::int64_t>{1, 2} : std::vector<std::int64_t>{1};
         c.mode = case_seed % 2 ? dattn::Mode::longnet : dattn::Mode::grouped;
-        if (case_seed == 4003 || case_seed == 4007) {
+        c.hilbert = case_seed >= 4010;
+        if (case_seed == 4003 || case_seed == 4007 || case_seed == 4011) {
           c.padding.assign(std::size_t(c.B * c.N), 0);
           for (std::size_t i = 0; i < c.padding.size(); i += 7) c.padding[i] = 1;
           c.dropout_p = 0.2;
