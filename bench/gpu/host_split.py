@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Where the host time of one dattn.dilated_attention forward from Python goes, layer by layer: the
-whole call, then its pieces on their own (the Python checks, torch.empty of out and lse, the five
-views, the stream, and the binding's call _C.forward with every argument made beforehand, which
-holds the C++ core's own time). A call timed alone (as peers_gpu.py times them) waits for all of it
+whole call (and hilbert_dilated_attention's beside it), then its pieces on their own (the Python
+checks, torch.empty of out and lse, the five views, the stream, and the binding's call _C.forward
+with every argument made beforehand, which holds the C++ core's own time). A call timed alone (as peers_gpu.py times them) waits for all of it
 before its kernel starts, so this is what the Python row adds to the kernel's time.
 
 Each figure: the median [min-max] of --calls spans of time.perf_counter around one call, with the
@@ -58,6 +58,8 @@ def main():
 
     pieces = [
         ("dattn.dilated_attention (the whole call)", lambda: dattn.dilated_attention(q, k, v, w, r)),
+        ("dattn.hilbert_dilated_attention (the whole call, dattn's own order: no per-call check)",
+         lambda: dattn.hilbert_dilated_attention(q, k, v, w, r)),
         ("Python checks", checks),
         ("torch.empty of out and lse", lambda: (torch.empty((B, N, H, D), dtype=dtype, device=q.device),
                                                 torch.empty((B, H, N), dtype=torch.float32, device=q.device))),
