@@ -564,9 +564,9 @@ Result run_case(const Case& c, cudaStream_t stream) {
                                : dattn::cuda_forward_uses_tma(config, q_view, k_view, v_view, out.device_view(),
                                                               lse.device_view(), options));
   if (tma) result.kernels.insert(4, " tma");
-  // Several query tiles a forward block (the TMA loads' dilated walk without causality): small
-  // cases would choose one, so half of those that admit them force two or, at head dim 64, three
-  // (" 2 passes", " 3 passes").
+  // Several query tiles a forward block (the TMA instances' dilated walk without causality, rows in
+  // order or under an index map): small cases would choose one, so half of those that admit them
+  // force two or, at head dim 64, three (" 2 passes", " 3 passes").
   if (tma && !block_mask && !c.causal && c.seed % 4 >= 2) {
     options.sm90_forward_passes = c.seed % 4 == 3 && c.D == 64 ? 3 : 2;
     result.kernels.insert(result.kernels.find('/'), " " + std::to_string(options.sm90_forward_passes) + " passes");
