@@ -46,10 +46,8 @@ struct BlockWork {
   __device__ std::int64_t row(const Side& s, std::int64_t j) const { return position(s, j) - s.row_offset; }
   // position() and row() in 32-bit arithmetic, for the tiles' inner loops (CUDA calls hold N <= 2^30
   // rows).
-  __device__ int position32(const Side& s, int j) const {
-    const int pos = int(s.first) + j * int(stride);
-    return index && pos < int(seqlen) ? int(index[pos]) : pos;
-  }
+  __device__ int original32(int pos) const { return index && pos < int(seqlen) ? int(__ldg(index + pos)) : pos; }
+  __device__ int position32(const Side& s, int j) const { return original32(int(s.first) + j * int(stride)); }
   __device__ int row32(const Side& s, int j) const { return position32(s, j) - int(s.row_offset); }
 };
 
