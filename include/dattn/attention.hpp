@@ -59,9 +59,10 @@ struct LaunchOptions {
   int sm90_forward_rows = 0;
   // The query tiles a block of the sm90 forward works through one after another: 0 chooses per call
   // (two where the forward's TMA instances run the dilated walk without causality, rows in order or
-  // under an index map, and every launch has at least four blocks per SM, so that a block's next tile
-  // loads while it finishes the last; else one); 1, 2 or 3 force one, for tests and benchmarks (more
-  // than 1 only where the automatic choice could pick two, 3 at head dim 64 only).
+  // under an index map, every launch has at least four blocks per SM and the GPU's rounds of blocks
+  // come out fewer in all, so that a block's next tile loads while it finishes the last; else one);
+  // 1, 2 or 3 force one, for tests and benchmarks (more than 1 only where the automatic choice could
+  // pick two, 3 at head dim 64 only).
   int sm90_forward_passes = 0;
   // The own (key) tiles a dk/dv block of the sm90 backward with dQ by atomics works through one
   // after another: 0 chooses per call (two where the backward loads by TMA on the dilated walk
