@@ -512,9 +512,10 @@ __device__ __forceinline__ int gathered_row(const BlockWork& w, const Side& side
   return it < num_tiles && t < tiles.valid(it) ? w.row32(side, int(tiles.start(it)) + t) : 0;
 }
 
-// An index map's rows of two operands (K and V, Q and dO) by cp.async into swizzled tiles of kRows
-// rows: thread t looked row t up beforehand (`my_row`, its tensor row, 0 past `valid`; a lookup a
-// tile ahead hides its latency), warp w copies rows [32w, 32w + 32), and each pass a row's 16-byte
+// An index map's rows of two operands (K and V, Q and dO; kPair false: of a alone) by cp.async into
+// swizzled tiles of kRows rows: thread t looked tile row row0 + t up beforehand (`my_row`, its tensor
+// row, 0 past `valid`; a lookup a tile ahead hides its latency), warp w copies tile rows row0 +
+// [32w, 32w + 32) (those below kRows), and each pass a row's 16-byte
 // chunks go to neighbouring lanes, which take the row from its lane by a shuffle (one lookup per row
 // instead of one per chunk). Rows past `valid` zero-filled (their copies read row 0, a valid address,
 // and write zeros). The producer warpgroup's 128 threads.
@@ -522,14 +523,15 @@ __device__ __forceinline__ int gathered_row(const BlockWork& w, const Side& side
 // copy's address is one multiply-add where the row strides fit 32 bits of bytes (every tensor below
 // 4 GiB a row), and its shared-memory offset an immediate past a few registers: the swizzle takes
 // row % 8, which repeats every 8 rows (1024 bytes).
-template <class T, int kRows, int D>
+template <class T, int kRows, int D, bool kPair = true>
 __device__ __forceinline__ void gather_row_pair(std::uint16_t* smem_a, std::uint16_t* smem_b, const detail::Operand& a,
-                                                const detail::Operand& b, const BlockWork& w, int valid, int my_row) {
-  static_assert(sizeof(T) == 2 && kRows % 32 == 0 && kRows <= 128, "16-bit rows, whole warps' rows");
+                                                const detail::Operand& b, const BlockWork& w, int valid, int my_row,
+                                                int row0 = 0) {
+  static_assert(sizeof(T) == 2 && kRows % 32 == 0, "16-bit rows, whole warps' rows");
   constexpr int kChunks = D / 8, kRowsPerPass = 32 / kChunks, kPasses = 32 / kRowsPerPass;
   constexpr int kPeriod = 8 / kRowsPerPass;  // passes per 8 rows
   static_assert(kRowsPerPass * kPeriod == 8, "a pass's rows divide 8");
-  const int warp_row0 = int(threadIdx.x) / 32 * 32, lane = int(threadIdx.x) % 32, chunk = lane % kChunks;
+  const int warp_row0 = row0 + int(threadIdx.x) / 32 * 32, lane = int(threadIdx.x) % 32, chunk = lane % kChunks;
   if (warp_row0 >= kRows) return;
   // This thread's chunk of row 0 of each operand's (batch, head), in bytes.
   const char* base_a = reinterpret_cast<const char*>(static_cast<const T*>(a.data) + w.batch * a.batch_stride +
@@ -552,7 +554,7 @@ __device__ __forceinline__ void gather_row_pair(std::uint16_t* smem_a, std::uint
       const std::uint32_t at = to[i % kPeriod] + (i / kPeriod) * 1024;
       const bool ok = warp_row0 + local < valid;
       cp_async_16(to_a + at, base_a + Wide(from) * stride_a_here, ok);
-      cp_async_16(to_b + at, base_b + Wide(from) * stride_b_here, ok);
+      if constexpr (kPair) cp_async_16(to_b + at, base_b + Wide(from) * stride_b_here, ok);
     }
   };
   constexpr std::int64_t kFits = 0xffffffffLL;
@@ -560,6 +562,23 @@ __device__ __forceinline__ void gather_row_pair(std::uint16_t* smem_a, std::uint
     copy(std::uint32_t(stride_a), std::uint32_t(stride_b));
   else
     copy(stride_a, stride_b);
+}
+
+// An index map's kRows rows of one operand from own row j0 on (a query tile) by gather_row_pair:
+// thread t looks up tile rows t, t + 128, ... first, every lookup issued before the first copy
+// (load_rows looks a row up before each copy and waits one load latency per copy, at the block's
+// start). The producer warpgroup's 128 threads.
+template <class T, int kRows, int D>
+__device__ __forceinline__ void gather_rows(std::uint16_t* smem, const detail::Operand& x, const BlockWork& w,
+                                           const Side& side, std::int64_t j0, int valid) {
+  constexpr int kBlocks = (kRows + 127) / 128;
+  const int t = int(threadIdx.x);
+  int my_row[kBlocks];
+#pragma unroll
+  for (int b = 0; b < kBlocks; ++b)
+    my_row[b] = b * 128 + t < imin(kRows, valid) ? w.row32(side, int(j0) + b * 128 + t) : 0;
+#pragma unroll
+  for (int b = 0; b < kBlocks; ++b) gather_row_pair<T, kRows, D, false>(smem, smem, x, x, w, valid, my_row[b], b * 128);
 }
 
 }  // namespace dattn::cuda

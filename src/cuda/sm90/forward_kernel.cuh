@@ -193,15 +193,19 @@ __device__ __forceinline__ void produce(const detail::DilatedParams& p, const Bl
   static_assert(BN == 128, "one key row per producer thread");
   auto lookup = [&](int g) { return gathered_row(w, w.key, tiles, num_tiles, g < ring_tiles ? g % num_tiles : num_tiles); };
   int next_key_row = kWalk == Walk::indexed ? lookup(0) : 0;
+  // Every pass's query tile, landing with the first key tile (the first stage's `full` counts them).
+  for (int pass = 0; pass < (ring_tiles > 0 ? passes : 0); ++pass) {
+    auto* q_tile = reinterpret_cast<std::uint16_t*>(st.q + pass * Shape::kQBytes);
+    const std::int64_t q0 = w.tile_begin + pass * BM;
+    const int q_rows = int(w.tile_rows - pass * BM);
+    if constexpr (kWalk == Walk::indexed) gather_rows<T, BM, D>(q_tile, p.q, w, w.query, q0, q_rows);
+    else load_rows<T, 1, BM, D, 128, kSwizzled>(q_tile, 0, p.q, w, w.query, q0, q_rows);
+  }
   for (int g = 0; g < ring_tiles; ++g) {
     const int it = g % num_tiles, stage = g % kStages;
     const int key_row_here = next_key_row;
     if constexpr (kWalk == Walk::indexed) next_key_row = lookup(g + 1);
     wait_stage_reusable<kStages>(st, g);
-    if (g == 0)
-      for (int pass = 0; pass < passes; ++pass)
-        load_rows<T, 1, BM, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.q + pass * Shape::kQBytes), 0, p.q, w,
-                                              w.query, w.tile_begin + pass * BM, w.tile_rows - pass * BM);
     const std::int64_t k0 = tiles.start(it);
     const int valid = tiles.valid(it);
     auto* k_tile = reinterpret_cast<std::uint16_t*>(st.k + stage * Shape::kKvBytes);
