@@ -131,9 +131,18 @@ __device__ __forceinline__ void produce_backward(const detail::DilatedParams& p,
     if constexpr (kWalk == Walk::indexed) next_other_row = gathered_row(w, other, tiles, num_tiles, it + 1);
     wait_stage_reusable<kStages>(st, it);
     if (it == 0) {
-      load_row_pair<T, 1, BW, D, 128, kSwizzled>(reinterpret_cast<std::uint16_t*>(st.own_a),
-                                                reinterpret_cast<std::uint16_t*>(st.own_b), 0, keys_own ? p.k : p.q,
-                                                keys_own ? p.v : p.dout, w, own, w.tile_begin, w.tile_rows);
+      auto* own_a = reinterpret_cast<std::uint16_t*>(st.own_a);
+      auto* own_b = reinterpret_cast<std::uint16_t*>(st.own_b);
+      const detail::Operand& x = keys_own ? p.k : p.q;
+      const detail::Operand& y = keys_own ? p.v : p.dout;
+      // Under an index map thread t looks own row t up once, before any copy (load_row_pair looks a
+      // row up before each of its copies, one load latency per copy at the block's start).
+      static_assert(BW <= 128, "one own row per producer thread");
+      if constexpr (kWalk == Walk::indexed)
+        gather_row_pair<T, BW, D>(own_a, own_b, x, y, w, w.tile_rows,
+                                  int(threadIdx.x) < w.tile_rows ? w.row32(own, int(w.tile_begin) + int(threadIdx.x)) : 0);
+      else
+        load_row_pair<T, 1, BW, D, 128, kSwizzled>(own_a, own_b, 0, x, y, w, own, w.tile_begin, w.tile_rows);
       if (keys_own) key_bias(p, w, w.tile_begin, w.tile_rows, BW, st.own_bias);
     }
     const std::int64_t j0 = tiles.start(it);
