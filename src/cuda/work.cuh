@@ -41,7 +41,7 @@ struct BlockWork {
   // The original position (dropout's and causality's) at an attention position. Positions past
   // the sequence (of padded tile columns, whose addresses are formed but never read) stay as they
   // are: the index has no entry for them.
-  __device__ std::int64_t original(std::int64_t pos) const { return index && pos < seqlen ? index[pos] : pos; }
+  __device__ std::int64_t original(std::int64_t pos) const { return index && pos < seqlen ? __ldg(index + pos) : pos; }
   __device__ std::int64_t position(const Side& s, std::int64_t j) const { return original(s.first + j * stride); }
   __device__ std::int64_t row(const Side& s, std::int64_t j) const { return position(s, j) - s.row_offset; }
   // position() and row() in 32-bit arithmetic, for the tiles' inner loops (CUDA calls hold N <= 2^30

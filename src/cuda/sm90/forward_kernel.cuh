@@ -72,7 +72,7 @@ __device__ __forceinline__ void pack_probabilities(const float (&s)[BN / 8][4], 
 // layout: a store of the accumulator layout's 4-byte pieces, 8 rows at one column, hits 32 banks),
 // then out by 16-byte stores, 8 lanes to a row's 128 bytes, where write_forward_rows stores 4 bytes a
 // thread with 8 rows in each instruction. warp_rows: the warp's first row in the tile (generic).
-template <class T, int D, int BM>
+template <class T, int D, int BM, Walk kWalk>
 __device__ __forceinline__ void write_rows_through_shared(const detail::DilatedParams& p, const BlockWork& w,
                                                           const float (&acc)[D / 8][4], const float (&row_max)[2],
                                                           const float (&row_sum)[2], std::int64_t warp_row0,
@@ -80,12 +80,26 @@ __device__ __forceinline__ void write_rows_through_shared(const detail::DilatedP
   using M = MmaType<T>;
   const int lane = threadIdx.x % 32, t = lane % 4, g = lane / 4;
   const std::int64_t end = w.tile_begin + w.tile_rows;
+  // Under an index map the tensor rows of this thread's lse and out stores are all looked up before
+  // the first store (each a load, which the store after it waited for: ncu at long64k, identity map,
+  // 4.5 % of the forward's samples; rows past the tile look up a valid position or none). Otherwise
+  // they are arithmetic, made where used (kept live, they cost the walk in order spills).
+  int lse_rows[2] = {}, out_rows[4] = {};
+  if constexpr (kWalk == Walk::indexed) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) lse_rows[r] = w.row32(w.query, int(warp_row0) + g + 8 * r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out_rows[i] = w.row32(w.query, int(warp_row0) + lane / 8 + 4 * i);
+  }
+  auto tensor_row = [&](int looked_up, int row) {
+    return kWalk == Walk::indexed ? std::int64_t(looked_up) : w.row(w.query, warp_row0 + row);
+  };
   float inv[2], lse_row[2];
   row_totals(row_max, row_sum, inv, lse_row);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = g + 8 * r;  // of the warp's 16; row mod 8 = g, the swizzle's
-    if (t == 0 && warp_row0 + row < end) *lse_pointer(p, w.batch, w.head, w.row(w.query, warp_row0 + row)) = lse_row[r];
+    if (t == 0 && warp_row0 + row < end) *lse_pointer(p, w.batch, w.head, tensor_row(lse_rows[r], row)) = lse_row[r];
     const float weight = p.output_scale * inv[r];
 #pragma unroll
     for (int n = 0; n < D / 8; ++n)
@@ -98,7 +112,7 @@ __device__ __forceinline__ void write_rows_through_shared(const detail::DilatedP
   for (int i = 0; i < 4; ++i) {
     const int row = lane / 8 + 4 * i;
     if (warp_row0 + row >= end) continue;
-    T* const out_row = row_pointer<T>(p.out, w.batch, w.head, w.row(w.query, warp_row0 + row)) + chunk * 8;
+    T* const out_row = row_pointer<T>(p.out, w.batch, w.head, tensor_row(out_rows[i], row)) + chunk * 8;
 #pragma unroll
     for (int b = 0; b < D / 64; ++b)
       *reinterpret_cast<uint4*>(out_row + b * 64) =
@@ -432,7 +446,7 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
       }
     }
     if (!w.accumulate && !p.float32_outputs)
-      write_rows_through_shared<T, D, BM>(p, w, acc, row_max, row_sum, warp_row0,
+      write_rows_through_shared<T, D, BM, kWalk>(p, w, acc, row_max, row_sum, warp_row0,
                                           st.q + pass * Shape::kQBytes + (warpgroup * 64 + warp * 16) * 128);
     else
       write_forward_rows<T, D>(p, w, acc, row_max, row_sum, qi);
