@@ -31,10 +31,10 @@ __device__ __forceinline__ void store_scores_gradient(unsigned char* buffer, con
 // (keys along the rows), 16 keys (2048 bytes) a step; k_columns is the 64-column block of K.
 template <class T, int BW>
 __device__ __forceinline__ void issue_dq(float (&dq)[8][4], std::uint32_t scores_gradient, std::uint32_t k_columns) {
+  const std::uint64_t ds = descriptor(scores_gradient, BW * 128, 1024), k = descriptor(k_columns, BW * 128, 1024);
 #pragma unroll
   for (int kk = 0; kk < BW / 16; ++kk)
-    Wgmma<T, 64>::ss_mn(reinterpret_cast<Flat<32>&>(dq), descriptor(scores_gradient + kk * 16 * 128, BW * 128, 1024),
-                        descriptor(k_columns + kk * 16 * 128, BW * 128, 1024), kk > 0);
+    Wgmma<T, 64>::ss_mn(reinterpret_cast<Flat<32>&>(dq), advanced(ds, kk * 16 * 128), advanced(k, kk * 16 * 128), kk > 0);
 }
 
 // A group's dQ scratch slot: float32 rows of the group's queries in column blocks of 64 (a block's

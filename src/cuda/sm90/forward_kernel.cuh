@@ -43,12 +43,12 @@ using Flat = float[N];
 // lies kRows·128 bytes on).
 template <class T, int D, int BM, int BN>
 __device__ __forceinline__ void issue_scores(float (&s)[BN / 8][4], std::uint32_t q_tile, std::uint32_t k_tile) {
+  const std::uint64_t q = descriptor(q_tile, 16, 1024), k = descriptor(k_tile, 16, 1024);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const std::uint32_t column = (kk % 4) * 32;
-    const std::uint64_t a = descriptor(q_tile + (kk / 4) * BM * 128 + column, 16, 1024);
-    const std::uint64_t b = descriptor(k_tile + (kk / 4) * BN * 128 + column, 16, 1024);
-    Wgmma<T, BN>::ss(reinterpret_cast<Flat<BN / 2>&>(s), a, b, kk > 0);
+    Wgmma<T, BN>::ss(reinterpret_cast<Flat<BN / 2>&>(s), advanced(q, (kk / 4) * BM * 128 + column),
+                     advanced(k, (kk / 4) * BN * 128 + column), kk > 0);
   }
 }
 
@@ -125,9 +125,9 @@ __device__ __forceinline__ void write_rows_through_shared(const detail::DilatedP
 template <class T, int D, int BN>
 __device__ __forceinline__ void issue_pv(float (&acc)[D / 8][4], const std::uint32_t (&a)[BN / 16][4],
                                          std::uint32_t v_tile) {
+  const std::uint64_t v = descriptor(v_tile, BN * 128, 1024);
 #pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk)
-    Wgmma<T, D>::rs(reinterpret_cast<Flat<D / 2>&>(acc), a[kk], descriptor(v_tile + kk * 16 * 128, BN * 128, 1024), 1);
+  for (int kk = 0; kk < BN / 16; ++kk) Wgmma<T, D>::rs(reinterpret_cast<Flat<D / 2>&>(acc), a[kk], advanced(v, kk * 16 * 128), 1);
 }
 
 // The shared memory of a block: the query tile, then per stage K, V (swizzled), the key bias and
