@@ -101,6 +101,9 @@ __device__ __forceinline__ float row_sum_of(const float (&s)[BN / 8][4], int r) 
 // past the group; causality), update the online softmax (row_max, row_sum, and the factor each row's
 // output accumulator is to be multiplied by) and leave the tile's probabilities in s, dropped out
 // and rescaled when dropout is on.
+// log2 of the largest probability the online softmax lets a row's stale max give (score_tile).
+inline constexpr float kRescaleMargin = 8.0f;
+
 template <int BN, Walk kWalk>
 __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const BlockWork& w, float (&s)[BN / 8][4],
                                            float (&correction)[2], float (&row_max)[2], float (&row_sum)[2],
@@ -143,7 +146,13 @@ __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const
     float mx = row_max_of<BN>(s, r);
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float new_max = fmaxf(row_max[r], mx * factor);
+    // The running max moves only when the tile's passes it by more than kRescaleMargin: below that
+    // the probabilities stay under 2^kRescaleMargin (float32 sums, 16-bit P hold them with the same
+    // relative precision) and the correction is exactly 1, so rescale_rows skips the warp's
+    // accumulators. With the exact max the rows of a warp rescaled in most tiles of a long segment
+    // (ncu at long64k: one FMUL for every two score elements went to rescaling).
+    const float tile_max = mx * factor;
+    const float new_max = tile_max > row_max[r] + kRescaleMargin ? tile_max : row_max[r];
     const float base = softmax_base(new_max);
     correction[r] = fast_exp2(row_max[r] - base);
     row_max[r] = new_max;
@@ -169,7 +178,7 @@ __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const
 }
 
 // acc (a warp's rows of the output accumulator) times the rows' softmax corrections; skipped (a
-// warp-uniform branch) when no row of the warp changed its max, as in most tiles after the first.
+// warp-uniform branch) when no row of the warp moved its max (score_tile moves it rarely).
 template <int D>
 __device__ __forceinline__ void rescale_rows(float (&acc)[D / 8][4], const float (&correction)[2]) {
   if (!__any_sync(0xffffffffu, correction[0] != 1.0f || correction[1] != 1.0f)) return;
