@@ -96,14 +96,14 @@ __device__ __forceinline__ float row_sum_of(const float (&s)[BN / 8][4], int r) 
   return (m[0] + m[1]) + (m[2] + m[3]);
 }
 
+// log2 of the largest probability the online softmax lets a row's stale max give (score_tile).
+inline constexpr float kRescaleMargin = 8.0f;
+
 // One tile of BN keys starting at side index k0 against the warp's rows (the first of them is
 // warp_row0): scale the scores into the log2 domain, mask them (the key bias: padding and columns
 // past the group; causality), update the online softmax (row_max, row_sum, and the factor each row's
 // output accumulator is to be multiplied by) and leave the tile's probabilities in s, dropped out
 // and rescaled when dropout is on.
-// log2 of the largest probability the online softmax lets a row's stale max give (score_tile).
-inline constexpr float kRescaleMargin = 8.0f;
-
 template <int BN, Walk kWalk>
 __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const BlockWork& w, float (&s)[BN / 8][4],
                                            float (&correction)[2], float (&row_max)[2], float (&row_sum)[2],
@@ -150,9 +150,11 @@ __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const
     // the probabilities stay under 2^kRescaleMargin (float32 sums, 16-bit P hold them with the same
     // relative precision) and the correction is exactly 1, so rescale_rows skips the warp's
     // accumulators. With the exact max the rows of a warp rescaled in most tiles of a long segment
-    // (ncu at long64k: one FMUL for every two score elements went to rescaling).
+    // (ncu at long64k: one FMUL for every two score elements went to rescaling). Not under dropout:
+    // its 1 / (1 - p) on top could take a float16 P past 65504.
     const float tile_max = mx * factor;
-    const float new_max = tile_max > row_max[r] + kRescaleMargin ? tile_max : row_max[r];
+    const float margin = p.dropout_p > 0.0f ? 0.0f : kRescaleMargin;
+    const float new_max = tile_max > row_max[r] + margin ? tile_max : row_max[r];
     const float base = softmax_base(new_max);
     correction[r] = fast_exp2(row_max[r] - base);
     row_max[r] = new_max;
