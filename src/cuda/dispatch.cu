@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <climits>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -245,19 +246,26 @@ void launch_forward_plans(const DilatedParams& p, int rows, Launch launch) {
 }
 
 #ifdef DATTN_WITH_SM90
-// Consumer warpgroups of the sm90 forward (64 query rows each): at head dim 64 three, unless two
-// take fewer GPU rounds. A launch costs its rounds (blocks / SMs, rounded up; one block per SM)
-// times a block's rows, a row of a three-consumer block 0.87 of a two-consumer one's (their
-// long256k times on the H100). seed's 168 blocks of 192 rows (two rounds) thus become 224 of 128.
-int sm90_forward_consumers(const DilatedParams& p) {
-  if (p.head_dim != 64) return 2;
+// The GPU rounds (blocks / SMs, rounded up; one block per SM) of the sm90 forward's one-tile
+// plans at `consumers` consumer warpgroups (64 query rows each): of blocks of one query tile, and
+// of blocks of two at 0.965 a tile each (long256k on the H100 and the H200: 7920 tiles, 60 rounds
+// against 30, 3.6 % faster; the block's start, its first tiles' latency and its end come once per
+// two tiles), with the smallest launch's blocks. A group's odd last tile makes a block of its own,
+// which fills the gaps of the rounds of two.
+struct ForwardRounds {
+  double one = 0, two = 0;
+  int fewest_blocks = INT_MAX;
+};
+
+ForwardRounds sm90_forward_rounds(const DilatedParams& p, int consumers) {
   const int sms = multiprocessor_count();
-  auto cost = [&](int consumers) {
-    double rounds = 0;
-    launch_forward_plans(p, 64 * consumers, [&](const LaunchPlan& plan) { rounds += double(ceil_div(plan.total_blocks, sms)); });
-    return rounds * 64 * consumers * (consumers == 3 ? 0.87 : 1.0);
-  };
-  return cost(3) <= cost(2) ? 3 : 2;
+  ForwardRounds r;
+  launch_forward_plans(p, 64 * consumers, [&](const LaunchPlan& plan) {
+    r.fewest_blocks = std::min(r.fewest_blocks, plan.total_blocks);
+    r.one += double(ceil_div(plan.total_blocks, sms));
+    r.two += 2 * 0.965 * double(ceil_div(plan.total_blocks, 2 * sms));
+  });
+  return r;
 }
 
 // The most query tiles a block of the sm90 forward can work through (LaunchPlan::passes): on the
@@ -269,27 +277,35 @@ int sm90_forward_max_passes(const DilatedParams& p, bool tma) {
   return p.head_dim <= 64 ? 3 : 2;
 }
 
-// Query tiles a block of the sm90 forward works through (LaunchPlan::passes): options'
-// sm90_forward_passes, else two where they fit, every launch keeps at least four blocks of two
-// tiles per SM, and they take fewer GPU rounds' worth of time. A launch of T query tiles costs
-// ceil(T / SMs) rounds of one-tile blocks, or ceil(T / (2 SMs)) rounds of two-tile blocks at 2 x
-// 0.965 a round (long256k on the H100 and the H200: 7920 tiles, 60 rounds against 30, 3.6 % faster;
-// the block's start, its first tiles' latency and its end come once per two tiles). So long64k's
-// 1980 tiles keep one a block: 15 whole rounds against 8 of two (7.5 of work; the last one half
-// full), which measured 6 % slower under an index map. Counted from the one-tile plans (a group's
-// odd last tile makes a block of its own, which fills the gaps of the rounds of two).
-int sm90_forward_passes(const DilatedParams& p, int consumers, bool tma) {
-  if (p.sm90_forward_passes != 0) return p.sm90_forward_passes;  // check_supported admitted it
-  if (sm90_forward_max_passes(p, tma) < 2) return 1;
-  const int sms = multiprocessor_count();
-  int fewest = INT_MAX;
-  double one = 0, two = 0;
-  launch_forward_plans(p, 64 * consumers, [&](const LaunchPlan& plan) {
-    fewest = std::min(fewest, plan.total_blocks);
-    one += double(ceil_div(plan.total_blocks, sms));
-    two += 2 * 0.965 * double(ceil_div(plan.total_blocks, 2 * sms));
-  });
-  return fewest >= 8 * sms && two < one ? 2 : 1;
+// The sm90 forward's block: its consumer warpgroups and the query tiles it works through.
+struct Sm90ForwardBlock {
+  int consumers, passes;
+};
+
+// Options' sm90_forward_rows and sm90_forward_passes where given (check_supported admitted them).
+// Else consumers: at head dim 64 three, unless two take fewer GPU rounds' worth of time (a row of a
+// three-consumer block costs 0.87 of a two-consumer one's: their long256k times on the H100), so
+// seed's 168 blocks of 192 rows (two rounds) become 224 of 128; two at 128. Passes: two where they
+// fit, every launch keeps at least four blocks of two tiles per SM, and they take fewer rounds'
+// worth of time; so long64k's 1980 tiles keep one a block: 15 whole rounds against 8 of two (7.5 of
+// work; the last one half full), which measured 6 % slower under an index map.
+Sm90ForwardBlock sm90_forward_block(const DilatedParams& p, bool tma) {
+  Sm90ForwardBlock block{p.head_dim == 64 ? 3 : 2, 1};
+  std::optional<ForwardRounds> rounds;  // the chosen consumers' (walked once)
+  if (p.sm90_forward_rows > 0) {
+    block.consumers = p.sm90_forward_rows / 64;
+  } else if (block.consumers == 3) {
+    const ForwardRounds three = sm90_forward_rounds(p, 3), two = sm90_forward_rounds(p, 2);
+    if (three.one * 192 * 0.87 > two.one * 128) block.consumers = 2;
+    rounds = block.consumers == 3 ? three : two;
+  }
+  if (p.sm90_forward_passes != 0) {
+    block.passes = p.sm90_forward_passes;
+  } else if (sm90_forward_max_passes(p, tma) >= 2) {
+    if (!rounds) rounds = sm90_forward_rounds(p, block.consumers);
+    block.passes = rounds->fewest_blocks >= 8 * multiprocessor_count() && rounds->two < rounds->one ? 2 : 1;
+  }
+  return block;
 }
 #endif
 
@@ -299,16 +315,15 @@ void run_forward(const DilatedParams& p) {
 #ifdef DATTN_WITH_SM90
   if constexpr (S == 1) {
     if (kernel_generation(p, false) == CudaKernels::sm90) {
-      const int consumers = p.sm90_forward_rows > 0 ? p.sm90_forward_rows / 64 : sm90_forward_consumers(p);
 #ifdef DATTN_WITH_SM90_TMA
       const bool tma = sm90_tma_covers(p);
 #else
       const bool tma = false;
 #endif
-      const int passes = sm90_forward_passes(p, consumers, tma);
-      return launch_forward_plans(p, 64 * consumers * passes, [&](LaunchPlan plan) {
-        plan.passes = passes;
-        forward_launch_sm90<T>(p, consumers, tma, plan, stream);
+      const Sm90ForwardBlock block = sm90_forward_block(p, tma);
+      return launch_forward_plans(p, 64 * block.consumers * block.passes, [&](LaunchPlan plan) {
+        plan.passes = block.passes;
+        forward_launch_sm90<T>(p, block.consumers, tma, plan, stream);
       });
     }
   }

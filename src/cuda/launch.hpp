@@ -110,7 +110,7 @@ struct BackwardShape {
 // The sm90 forward (wgmma, 16-bit types): a producer warpgroup loads tiles into a ring of stages,
 // consumer warpgroups of 64 query rows each share every key tile.
 // Three consumers at head dim 64 (each key tile serves 192 query rows: 1.15x faster at long256k),
-// or two where 192-row blocks would leave SMs idle (sm90_forward_consumers); two at 128, whose
+// or two where 192-row blocks would leave SMs idle (sm90_forward_block); two at 128, whose
 // accumulators need the registers. Tma: the producer loads by TMA (cp.async.bulk.tensor, one thread
 // issues a tile's copies; builds with DATTN_SM90_TMA, calls sm90_tma_covers admits) instead of
 // row-by-row cp.async.
