@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Where the host time of one dattn.dilated_attention forward from Python goes, layer by layer: the
-whole call (and hilbert_dilated_attention's beside it), then its pieces on their own (the Python
-checks, torch.empty of out and lse, the five views, the stream, and the binding's call _C.forward
-with every argument made beforehand, which holds the C++ core's own time). A call timed alone (as peers_gpu.py times them) waits for all of it
+whole call (and hilbert_dilated_attention's beside it), then its layers (attention_forward below the
+checks, _forward_impl below the autograd choice) and its pieces on their own (the autograd choice,
+the Python checks, torch.empty or new_empty of out and lse, the five views, the stream, the
+binding's call _C.forward with every argument made beforehand, which holds the C++ core's own time,
+and the arguments' dict). A call timed alone (as peers_gpu.py times them) waits for all of it
 before its kernel starts, so this is what the Python row adds to the kernel's time.
 
 Each figure: the median [min-max] of --calls spans of time.perf_counter around one call, with the
@@ -60,12 +62,21 @@ def main():
         ("dattn.dilated_attention (the whole call)", lambda: dattn.dilated_attention(q, k, v, w, r)),
         ("dattn.hilbert_dilated_attention (the whole call, dattn's own order: no per-call check)",
          lambda: dattn.hilbert_dilated_attention(q, k, v, w, r)),
+        ("_ops.attention_forward (no checks: the autograd choice, _forward_impl)",
+         lambda: _ops.attention_forward(q, k, v, None, w, r, False, None, "grouped", 0.0, 0, False)),
+        ("_ops._forward_impl (outputs, views, arguments, _C.forward)",
+         lambda: _ops._forward_impl(q, k, v, None, w, r, False, None, "grouped", 0.0, 0, False)),
+        ("the autograd choice (_use_custom_ops, _needs_function)",
+         lambda: (_ops._use_custom_ops(q), _ops._needs_function(False))),
         ("Python checks", checks),
+        ("q.device", lambda: q.device),
         ("torch.empty of out and lse", lambda: (torch.empty((B, N, H, D), dtype=dtype, device=q.device),
                                                 torch.empty((B, H, N), dtype=torch.float32, device=q.device))),
+        ("q.new_empty of out and lse", lambda: (q.new_empty((B, N, H, D)), q.new_empty((B, H, N), dtype=torch.float32))),
         ("five views (_view)", lambda: [_ops._view(t) for t in (q, k, v, out, lse)]),
         ("the stream (_stream)", lambda: _ops._stream(q)),
         ("_C.forward, arguments made beforehand", lambda: _ops._C.forward(*views, **config)),
+        ("_ops._config_args", lambda: _ops._config_args(None, w, r, False, None, "grouped", 0.0, 0, False, 0)),
     ]
     print(f"host time of one forward from Python, {args.config} {args.dtype}, {torch.cuda.get_device_name()}: "
           f"us, median [min-max] of {args.calls} calls")
