@@ -75,7 +75,7 @@ def main():
         ("q.new_empty of out and lse", lambda: (q.new_empty((B, N, H, D)), q.new_empty((B, H, N), dtype=torch.float32))),
         ("five views (_view)", lambda: [_ops._view(t) for t in (q, k, v, out, lse)]),
         ("the stream (_stream)", lambda: _ops._stream(q)),
-        ("_C.forward, arguments made beforehand", lambda: _ops._C.forward(*views, **config)),
+        ("_C.forward, arguments made beforehand", lambda: _ops._C.forward(*views, *config)),
         ("_ops._config_args", lambda: _ops._config_args(None, w, r, False, None, "grouped", 0.0, 0, False, 0)),
     ]
     print(f"host time of one forward from Python, {args.config} {args.dtype}, {torch.cuda.get_device_name()}: "

@@ -51,6 +51,12 @@ MODES = ("grouped", "longnet")
 
 def check_config(segment_lengths, dilation_rates) -> Tuple[List[int], List[int]]:
     """Returns the two lists as lists of ints; raises TypeError/ValueError on a bad config."""
+    # The common case in one pass (lists or tuples of ints, of one length, every pair valid); anything
+    # else takes the checks below, which name what is wrong.
+    if type(segment_lengths) in (list, tuple) and type(dilation_rates) in (list, tuple) and \
+            0 < len(segment_lengths) == len(dilation_rates) and \
+            all(type(w) is int and type(r) is int and 1 <= r <= w for w, r in zip(segment_lengths, dilation_rates)):
+        return list(segment_lengths), list(dilation_rates)
     w = _int_list("segment_lengths", segment_lengths)
     r = _int_list("dilation_rates", dilation_rates)
     if len(w) == 0:
@@ -237,25 +243,30 @@ def _stream(t: Tensor) -> int:
 
 
 def _config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p, seed,
-                 use_tf32, stream, position_index=None, position_index_checked=False):
-    # position_index_checked: a CUDA index map dattn made itself (a Hilbert order), which the core
-    # then does not re-check (the check copies it to the host and synchronises). The values arrive
-    # converted (lists of ints, bools, a float, an int: attention_forward and hilbert convert them).
-    return dict(segment_lengths=segment_lengths, dilation_rates=dilation_rates, mode=mode, causal=is_causal,
-                scale=scale, key_padding_mask=None if key_padding_mask is None else _view(key_padding_mask),
-                dropout_p=dropout_p, dropout_seed=seed, dropout_offset=0, use_tf32=use_tf32, backend="automatic",
-                stream=stream, position_index=None if position_index is None else _view(position_index),
-                position_index_checked=position_index_checked and position_index is not None)
+                 use_tf32, stream, position_index=None):
+    # The binding's arguments after the tensors, in its order (forward and backward alike). The
+    # values arrive converted (lists of ints, bools, a float, an int: attention_forward and hilbert
+    # convert them).
+    return (segment_lengths, dilation_rates, mode, is_causal, scale,
+            None if key_padding_mask is None else _view(key_padding_mask), dropout_p, seed, 0, use_tf32, "automatic",
+            stream, None if position_index is None else _view(position_index))
 
 
 def _forward_impl(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode,
                    dropout_p, seed, use_tf32, position_index=None, position_index_checked=False) -> Tuple[Tensor, Tensor]:
-    B, N, H, D = q.shape
-    out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
+    B, N, H, D = shape = q.shape
+    out = torch.empty(shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    _C.forward(_view(q), _view(k), _view(v), _view(out), _view(lse),
-               **_config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
-                              seed, use_tf32, _stream(q), position_index, position_index_checked))
+    q_view = _view(q)
+    # out and lse: new contiguous tensors on q's device, described without reading them back.
+    out_view = (out.data_ptr(), q_view[1], q_view[2], q_view[3], shape, (N * H * D, H * D, D, 1))
+    lse_view = (lse.data_ptr(), _C.DTYPE_FLOAT32, q_view[2], q_view[3], (B, H, N), (H * N, N, 1))
+    # position_index_checked: a CUDA index map dattn made itself (a Hilbert order), which the core
+    # then does not re-check (the check copies it to the host and synchronises). ring_step: None.
+    _C.forward(q_view, _view(k), _view(v), out_view, lse_view,
+               *_config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
+                             seed, use_tf32, _stream(q), position_index),
+               None, position_index_checked and position_index is not None)
     return out, lse
 
 
@@ -286,9 +297,10 @@ def _backward_views(dout, q, k, v, out, lse, dq, dk, dv, key_padding_mask, segme
                     position_index_checked=False) -> None:
     workspace, workspace_args = _delta_workspace(q)  # workspace: referenced until the call returns
     _C.backward(_view(q), _view(k), _view(v), _view(out), _view(lse), _view(dout), _view(dq), _view(dk), _view(dv),
-                **_config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
-                               seed, use_tf32, _stream(q), position_index, position_index_checked),
-                **workspace_args, deterministic=torch.are_deterministic_algorithms_enabled())
+                *_config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode, dropout_p,
+                              seed, use_tf32, _stream(q), position_index),
+                **workspace_args, position_index_checked=position_index_checked and position_index is not None,
+                deterministic=torch.are_deterministic_algorithms_enabled())
 
 
 def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale,
