@@ -85,14 +85,20 @@ def hilbert_dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: 
     dropout_p = _ops.check_dropout(dropout_p)
     _ops.check_key_padding_mask(key_padding_mask, q.size(0), q.size(1), q.device)
     order_checked = order is None  # dattn's own Hilbert order is a permutation: no per-call check
-    if order is None:
+    if order is None:  # made once per (N, grid, device): contiguous, on q's device
         order = _order_on(q.size(1), None if grid_shape is None else tuple(int(x) for x in grid_shape), q.device)
     elif not isinstance(order, Tensor) or order.dtype != torch.int64 or order.shape != (q.size(1),):
         raise ValueError(f"order must be an int64 tensor of shape [{q.size(1)}] (a permutation of range(N))")
+    else:
+        order = order.to(q.device).contiguous()  # on CUDA the index map lives on q's device
     seed = _ops.draw_dropout_seed() if dropout_p > 0.0 else 0
-    # On CUDA the index map lives on q's device.
-    out, lse = _HilbertFunction.apply(q, k, v, key_padding_mask, order.to(q.device).contiguous(), segment_lengths,
-                                      dilation_rates, bool(is_causal), scale, mode, dropout_p, seed, order_checked)
+    is_causal = bool(is_causal)
+    if _ops._needs_function(q.requires_grad or k.requires_grad or v.requires_grad):
+        out, lse = _HilbertFunction.apply(q, k, v, key_padding_mask, order, segment_lengths, dilation_rates, is_causal,
+                                          scale, mode, dropout_p, seed, order_checked)
+    else:  # no gradient to record: no autograd.Function (its apply costs microseconds a call)
+        out, lse = _ops._forward_impl(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale,
+                                      mode, dropout_p, seed, False, order, order_checked)
     return (out, lse) if return_lse else out
 
 

@@ -63,6 +63,17 @@ def test_identity_order_equals_dilated_attention_exactly():
     assert torch.equal(out, dattn.dilated_attention(q, k, v, [16], [2], is_causal=True))
 
 
+def test_no_grad_call_matches_the_recorded_one():
+    """With no gradient to record the call skips the autograd.Function: the same out and lse."""
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 64, 4, 8, requires_grad=True) for _ in range(3))
+    out, lse = dattn.hilbert_dilated_attention(q, k, v, [32, 64], [1, 2], grid_shape=(8, 8), return_lse=True)
+    with torch.no_grad():
+        out2, lse2 = dattn.hilbert_dilated_attention(q, k, v, [32, 64], [1, 2], grid_shape=(8, 8), return_lse=True)
+    assert out.grad_fn is not None and out2.grad_fn is None
+    assert torch.equal(out.detach(), out2) and torch.equal(lse, lse2)
+
+
 def test_hilbert_attention_module():
     torch.manual_seed(2)
     module = dattn.HilbertAttention(hidden_dim=24, num_heads=3, segment_size=16, dilation_rate=2)
