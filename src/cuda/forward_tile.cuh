@@ -99,21 +99,17 @@ __device__ __forceinline__ float row_sum_of(const float (&s)[BN / 8][4], int r) 
 // log2 of the largest probability the online softmax lets a row's stale max give (score_tile).
 inline constexpr float kRescaleMargin = 8.0f;
 
-// One tile of BN keys starting at side index k0 against the warp's rows (the first of them is
-// warp_row0): scale the scores into the log2 domain, mask them (the key bias: padding and columns
-// past the group; causality), update the online softmax (row_max, row_sum, and the factor each row's
-// output accumulator is to be multiplied by) and leave the tile's probabilities in s, dropped out
-// and rescaled when dropout is on.
+// Scales a tile of BN keys (starting at side index k0) into the log2 domain and masks it (the key
+// bias: padding and columns past the group; causality). Returns the factor the exponentiation still
+// owes the scores: with every key of the tile valid and unpadded (the bias all zeros) and a positive
+// scale the raw scores stay as they are and the scale goes into the exp2's FFMA (1 otherwise).
 template <int BN, Walk kWalk>
-__device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const BlockWork& w, float (&s)[BN / 8][4],
-                                           float (&correction)[2], float (&row_max)[2], float (&row_sum)[2],
-                                           std::int64_t k0, std::int64_t warp_row0, const std::int64_t (&qi)[2],
-                                           const int (&query_position)[2], const float* bias,
-                                           const int* key_position, float scale_log2,
-                                           bool masked_columns = true) {
+__device__ __forceinline__ float mask_scores(const detail::DilatedParams& p, const BlockWork& w,
+                                             float (&s)[BN / 8][4], std::int64_t k0, std::int64_t warp_row0,
+                                             const std::int64_t (&qi)[2], const int (&query_position)[2],
+                                             const float* bias, const int* key_position, float scale_log2,
+                                             bool masked_columns) {
   const int t = threadIdx.x % 4;
-  // Every key of the tile valid and unpadded (the bias all zeros) and a positive scale: the raw
-  // scores stay as they are, the max is scaled once per row and the scale goes into the exp2's FFMA.
   const bool fold = !masked_columns && scale_log2 > 0.0f;
   if (masked_columns) {
 #pragma unroll
@@ -141,6 +137,48 @@ __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const
       for (int e = 0; e < 4; ++e)
         if (n * 8 + 2 * t + (e & 1) > last[e >> 1]) s[n][e] = neg_inf();
   }
+  return factor;
+}
+
+// Row r's (of the thread's 2) probabilities exp2(score · factor - base), in place of its scores.
+template <int BN>
+__device__ __forceinline__ void exponentiate_row(float (&s)[BN / 8][4], int r, float factor, float base) {
+#pragma unroll
+  for (int n = 0; n < BN / 8; ++n) {
+    s[n][2 * r] = fast_exp2(fmaf(s[n][2 * r], factor, -base));
+    s[n][2 * r + 1] = fast_exp2(fmaf(s[n][2 * r + 1], factor, -base));
+  }
+}
+
+// The tile's probabilities dropped out and rescaled (dropout on).
+template <int BN>
+__device__ __forceinline__ void drop_out(const detail::DilatedParams& p, const BlockWork& w, float (&s)[BN / 8][4],
+                                         std::int64_t k0, const std::int64_t (&qi)[2]) {
+#pragma unroll
+  for (int half = 0; half < (BN + 63) / 64; ++half) {  // dropout_bits covers 64 columns at most
+    constexpr int kBlocks = BN < 64 ? BN / 8 : 8;
+    const std::uint32_t keep = dropout_bits<kBlocks>(p, w, qi[0], qi[1], k0 + 64 * half, false);
+#pragma unroll
+    for (int n = 0; n < kBlocks; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        s[kBlocks * half + n][e] *= (keep >> (4 * n + e)) & 1u ? p.dropout_rescale : 0.0f;
+  }
+}
+
+// One tile of BN keys starting at side index k0 against the warp's rows (the first of them is
+// warp_row0): mask_scores, then update the online softmax (row_max, row_sum, and the factor each
+// row's output accumulator is to be multiplied by) and leave the tile's probabilities in s, dropped
+// out and rescaled when dropout is on.
+template <int BN, Walk kWalk>
+__device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const BlockWork& w, float (&s)[BN / 8][4],
+                                           float (&correction)[2], float (&row_max)[2], float (&row_sum)[2],
+                                           std::int64_t k0, std::int64_t warp_row0, const std::int64_t (&qi)[2],
+                                           const int (&query_position)[2], const float* bias,
+                                           const int* key_position, float scale_log2,
+                                           bool masked_columns = true) {
+  const float factor =
+      mask_scores<BN, kWalk>(p, w, s, k0, warp_row0, qi, query_position, bias, key_position, scale_log2, masked_columns);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float mx = row_max_of<BN>(s, r);
@@ -158,25 +196,40 @@ __device__ __forceinline__ void score_tile(const detail::DilatedParams& p, const
     const float base = softmax_base(new_max);
     correction[r] = fast_exp2(row_max[r] - base);
     row_max[r] = new_max;
-#pragma unroll
-    for (int n = 0; n < BN / 8; ++n) {
-      s[n][2 * r] = fast_exp2(fmaf(s[n][2 * r], factor, -base));
-      s[n][2 * r + 1] = fast_exp2(fmaf(s[n][2 * r + 1], factor, -base));
-    }
+    exponentiate_row<BN>(s, r, factor, base);
     row_sum[r] = row_sum[r] * correction[r] + row_sum_of<BN>(s, r);
   }
-  if (p.dropout_p > 0.0f) {
+  if (p.dropout_p > 0.0f) drop_out<BN>(p, w, s, k0, qi);
+}
+
+// score_tile without the tile's max, for a tile after the first (no dropout): the probabilities are
+// taken against the running max as it stands, which score_tile's margin lets them pass by up to
+// 2^kRescaleMargin. Whether they stayed under that is known from the row sums the softmax needs anyway
+// (a thread's sum of a row's probabilities bounds each of them): true when every row of the warp
+// did (row_sum updated, the correction 1); false when one did not, or a row's max is still -inf (every
+// score so far masked: its sums come out NaN or inf), or a score is NaN. The warp's scores are then
+// lost, and the caller computes them again and takes them through score_tile. ncu at long64k: the
+// tile max (FMNMX chains and two shuffles a row) and the rescale test took a tenth of the forward.
+template <int BN, Walk kWalk>
+__device__ __forceinline__ bool score_tile_at_running_max(const detail::DilatedParams& p, const BlockWork& w,
+                                                          float (&s)[BN / 8][4], const float (&row_max)[2],
+                                                          float (&row_sum)[2], std::int64_t k0, std::int64_t warp_row0,
+                                                          const std::int64_t (&qi)[2], const int (&query_position)[2],
+                                                          const float* bias, const int* key_position,
+                                                          float scale_log2, bool masked_columns) {
+  constexpr float kLimit = float(1 << int(kRescaleMargin));
+  const float factor =
+      mask_scores<BN, kWalk>(p, w, s, k0, warp_row0, qi, query_position, bias, key_position, scale_log2, masked_columns);
+  float sum[2];
 #pragma unroll
-    for (int half = 0; half < (BN + 63) / 64; ++half) {  // dropout_bits covers 64 columns at most
-      constexpr int kBlocks = BN < 64 ? BN / 8 : 8;
-      const std::uint32_t keep = dropout_bits<kBlocks>(p, w, qi[0], qi[1], k0 + 64 * half, false);
-#pragma unroll
-      for (int n = 0; n < kBlocks; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          s[kBlocks * half + n][e] *= (keep >> (4 * n + e)) & 1u ? p.dropout_rescale : 0.0f;
-    }
+  for (int r = 0; r < 2; ++r) {
+    exponentiate_row<BN>(s, r, factor, row_max[r]);
+    sum[r] = row_sum_of<BN>(s, r);
   }
+  if (!__all_sync(0xffffffffu, sum[0] < kLimit && sum[1] < kLimit)) return false;
+  row_sum[0] += sum[0];
+  row_sum[1] += sum[1];
+  return true;
 }
 
 // acc (a warp's rows of the output accumulator) times the rows' softmax corrections; skipped (a

@@ -1,7 +1,7 @@
 // GPU tests of the CUDA backend against the float64 reference (a plain program, no GoogleTest, so
 // that it builds on the GPU machine too). Each case draws a random problem (SPEC.md's features:
 // both modes, causal, partial segments, r = w, H < G, key padding, dropout, fused-QKV and random
-// strided layouts), runs dattn::forward and dattn::backward on the GPU with every output buffer
+// strided layouts; spread scores), runs dattn::forward and dattn::backward on the GPU with every output buffer
 // poisoned (NaN bytes), and compares out, lse, dq, dk, dv with Backend::reference on float64
 // copies of the same rounded inputs at SPEC.md's bars. It also checks that no byte outside the
 // output views changed and that the inputs are untouched.
@@ -10,11 +10,14 @@
 // ring_step_gradients) and compare the merged results with the same reference.
 //
 // Usage: dattn-test-cuda [--cases N] [--seed S] [--max-n N] [--threads T] [--head-dims 16,64,...]
-//                        [--fixed-only | --random-only | --passes-only] [--block-sparse] [--verbose]
+//                        [--fixed-only | --random-only | --passes-only | --spread-only] [--block-sparse]
+//                        [--verbose]
 //                        [--cuda-kernels auto|sm80|sm90]
 // --block-sparse makes every random case a block-sparse one (for the sanitizers' few cases).
 // --passes-only runs small cases whose forward blocks work through several query tiles (the
-// sanitizers' check of LaunchOptions::sm90_forward_passes), and the refusal and NaN checks.
+// sanitizers' check of LaunchOptions::sm90_forward_passes), and the refusal and NaN checks;
+// --spread-only the same with small spread-score cases (the sm90 forward's rare path of the running
+// max, for the sanitizers).
 // --cuda-kernels picks the kernel generation (LaunchOptions::cuda_kernels; ring steps always run the
 // automatic choice); every case line and the summary name the generations that ran.
 // Prints a line per case (ok or FAIL, the kernel generations that ran it: forward/backward, the
@@ -79,6 +82,11 @@ struct Case {
   // [mask_heads, nb, nb] (mask_heads 1: shared by the heads).
   std::int64_t block_size = 0, mask_heads = 1;
   double density = 0;
+  // Spread scores (spread > 0): key rows scaled by `spread`, either every other run of 128 positions
+  // (steps) or one row in 32 (hot keys), so that a later key tile's scores pass a row's running max
+  // by far more than the forward's margin (the sm90 forward's rare path of the running-max softmax).
+  double spread = 0;
+  bool hot_keys = false;
 };
 
 std::string describe(const Case& c) {
@@ -103,6 +111,7 @@ std::string describe(const Case& c) {
   if (c.hilbert) s << " hilbert";
   if (c.ring_ranks) s << " ring P=" << c.ring_ranks << (c.zigzag ? " zigzag" : " contiguous");
   if (c.block_size) s << " block-sparse block=" << c.block_size << " density=" << c.density << " mask_heads=" << c.mask_heads;
+  if (c.spread > 0) s << " spread=" << c.spread << (c.hot_keys ? " hot keys" : " steps");
   return s.str();
 }
 
@@ -224,6 +233,10 @@ Case random_case(Rng& rng, std::int64_t max_n) {
   // A fifth of the cases are calls the TMA loads cover; of the rest most are not (fp32, other head
   // dims, a rate that does not divide N, ring steps, block masks).
   if (!g_all_block_sparse && chance(rng, 0.2)) make_tma_shaped(c, rng);
+  if (c.dtype != DType::float32 && chance(rng, 0.15)) {  // the running max is the 16-bit kernels'
+    c.spread = std::uniform_real_distribution<double>(4.0, 8.0)(rng);
+    c.hot_keys = chance(rng, 0.5);
+  }
   // Grouped-query heads (not with a fused qkv buffer), ring steps among them.
   if (c.H > 1 && !c.fused_qkv && chance(rng, 0.3)) {
     std::vector<std::int64_t> divisors;
@@ -304,6 +317,13 @@ std::vector<View> make_fused(std::vector<std::unique_ptr<Buffer>>& owner, const 
   for (int i = 0; i < 3; ++i)
     views.push_back(View{owner.back().get(), i * c.H * c.D, {c.B, c.N, c.H, c.D}, {c.N * row, row, c.D, 1}});
   return views;
+}
+
+// Case::spread: key row n's factor.
+double spread_factor(const Case& c, std::int64_t n) {
+  if (c.spread <= 0) return 1;
+  const bool scaled = c.hot_keys ? n % 32 == 7 : n / 128 % 2 == 1;
+  return scaled ? c.spread : 1;
 }
 
 void fill_normal(const View& v, Rng& rng) {
@@ -495,6 +515,11 @@ Result run_case(const Case& c, cudaStream_t stream) {
   };
   std::vector<View> qkv = attention_views(c.fused_qkv);
   for (const View& v : qkv) fill_normal(v, rng);
+  if (c.spread > 0)
+    for_each_index(qkv[1].shape, [&](const std::vector<std::int64_t>& i) {
+      unsigned char* host = qkv[1].buffer->host.data();
+      store(host, c.dtype, qkv[1].at(i), load(host, c.dtype, qkv[1].at(i)) * spread_factor(c, i[1]));
+    });
   View out = make_buffer(owner, bnhd, c.dtype, c.strided, true, align, rng);
   View lse = make_buffer(owner, bhn, DType::float32, c.strided, false, 1, rng);
   View dout = make_buffer(owner, bnhd, c.dtype, c.strided, true, align, rng);
@@ -715,6 +740,52 @@ std::vector<Case> passes_cases(bool small) {
   return cases;
 }
 
+// Spread scores (Case::spread) on every sm90 forward path, 16-bit types at the TMA head dims: the
+// dilated walk (TMA), causal, in longnet mode, in the Hilbert order (the index map's gather), a
+// block mask, a rate that does not divide N (the cp.async instances, no running max) and a padded
+// prefix longer than a key tile (rows whose max is still -inf after the first tile). small: half the
+// length (for the sanitizers; a segment of 256 still has a scaled key tile after a plain one).
+std::vector<Case> spread_cases(bool small) {
+  std::vector<Case> cases;
+  std::uint64_t seed = 5000;
+  for (DType t : {DType::bfloat16, DType::float16})
+    for (std::int64_t d : g_head_dims)
+      for (int variant = 0; variant < 6; ++variant) {
+        if (d != 64 && d != 128) continue;
+        Case c;
+        c.seed = seed++;
+        c.dtype = t;
+        c.D = d;
+        c.B = 1;
+        c.H = 2;
+        c.N = small ? 512 : 1024;
+        c.w = {c.N / 2, c.N};
+        c.r = {1, 2};
+        c.spread = variant % 2 ? 6.0 : 5.0;
+        c.hot_keys = variant % 2 == 1 || variant == 2;  // the Hilbert order scatters the steps
+        c.causal = variant == 1 || variant == 2 || variant == 3;
+        c.mode = variant == 1 ? dattn::Mode::longnet : dattn::Mode::grouped;
+        if (variant == 2) c.hilbert = true;
+        if (variant == 3) {
+          c.block_size = 128;
+          c.density = 0.5;
+        }
+        if (variant == 4) {
+          c.N -= small ? 12 : 24;  // a multiple of neither 3 nor 128
+          c.w = {c.N * 3 / 10, c.N};
+          c.r = {1, 3};
+        }
+        if (variant == 5) {
+          c.w = {c.N};
+          c.r = {1};
+          c.padding.assign(std::size_t(c.B * c.N), 0);
+          std::fill_n(c.padding.begin(), small ? 150 : 300, 1);
+        }
+        cases.push_back(c);
+      }
+  return cases;
+}
+
 // Fixed cases: PERF.md's shapes scaled down and features one at a time, every dtype and head dim.
 std::vector<Case> fixed_cases() {
   std::vector<Case> cases;
@@ -852,6 +923,7 @@ std::vector<Case> fixed_cases() {
     c.mode = t == DType::float32 ? dattn::Mode::grouped : dattn::Mode::longnet;
     cases.push_back(c);
   }
+  for (const Case& c : spread_cases(false)) cases.push_back(c);
   return cases;
 }
 
@@ -1298,7 +1370,7 @@ int main(int argc, char** argv) {
   int num_cases = 300, threads = int(std::max(1u, std::min(16u, std::thread::hardware_concurrency())));
   std::uint64_t seed = 20251125;
   std::int64_t max_n = 600;
-  bool fixed_only = false, random_only = false, passes_only = false, verbose = false;
+  bool fixed_only = false, random_only = false, passes_only = false, spread_only = false, verbose = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> const char* {
@@ -1312,6 +1384,7 @@ int main(int argc, char** argv) {
     else if (a == "--fixed-only") fixed_only = true;
     else if (a == "--random-only") random_only = true;
     else if (a == "--passes-only") passes_only = true;
+    else if (a == "--spread-only") spread_only = true;
     else if (a == "--verbose") verbose = true;
     else if (a == "--block-sparse") g_all_block_sparse = true;
     else if (a == "--cuda-kernels") {
@@ -1343,6 +1416,7 @@ int main(int argc, char** argv) {
 
   std::vector<Case> cases;
   if (passes_only) cases = passes_cases(true), fixed_only = true;
+  else if (spread_only) cases = spread_cases(true), fixed_only = true;
   else if (!random_only) cases = fixed_cases();
   if (!fixed_only) {
     Rng rng(seed);

@@ -38,6 +38,14 @@ namespace dattn::cuda::sm90 {
 template <int N>
 using Flat = float[N];
 
+// The running-max softmax in the TMA instances (score_tile_at_running_max): the build option
+// DATTN_SM90_RUNNING_MAX, off until a GPU run has checked it.
+#if defined(DATTN_SM90_RUNNING_MAX)
+inline constexpr bool kRunningMax = true;
+#else
+inline constexpr bool kRunningMax = false;
+#endif
+
 // Issues S = Q·Kᵀ for the warpgroup's 64 rows against one key tile: D/16 steps of k16, both
 // operands K-major (a step advances 32 bytes inside the swizzled row; the 64-column block kk / 4
 // lies kRows·128 bytes on).
@@ -49,6 +57,35 @@ __device__ __forceinline__ void issue_scores(float (&s)[BN / 8][4], std::uint32_
     const std::uint32_t column = (kk % 4) * 32;
     Wgmma<T, BN>::ss(reinterpret_cast<Flat<BN / 2>&>(s), advanced(q, (kk / 4) * BM * 128 + column),
                      advanced(k, (kk / 4) * BN * 128 + column), kk > 0);
+  }
+}
+
+// The warp's 16 rows of S = Q·Kᵀ against one key tile again, by mma.sync from the stage's swizzled
+// tiles (the rare path of score_tile_at_running_max, whose probabilities have replaced the scores):
+// the same products as issue_scores, in the accumulator layout. q_rows: the warp's first row in the
+// query tile (whose 64-column blocks lie BM rows apart, the key tile's BN).
+template <class T, int D, int BM, int BN>
+__device__ __forceinline__ void recompute_scores(float (&s)[BN / 8][4], std::uint32_t q_rows, std::uint32_t k_tile) {
+  using M = MmaType<T>;
+  const int lane = threadIdx.x % 32;
+  // ldmatrix's row addresses: A rows lane % 16 at chunk 2kk + lane / 16; B rows (keys) lane % 8 +
+  // 8 (lane / 16) of each 16 at chunk 2kk + (lane / 8) % 2. Every row here is lane % 8 mod 8 (the
+  // swizzle's), as the warp's first row and a 16-key group's are multiples of 8.
+  const int a_row = lane % 16, a_half = lane / 16, b_row = lane % 8 + (lane / 16) * 8, b_half = (lane / 8) % 2;
+#pragma unroll
+  for (int n = 0; n < BN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int block = kk / 4, chunk = 2 * (kk % 4);
+    std::uint32_t a[4];
+    ldmatrix_x4(a, q_rows + block * BM * 128 + a_row * 128 + (((chunk + a_half) ^ (lane % 8)) << 4));
+#pragma unroll
+    for (int np = 0; np < BN / 16; ++np) {
+      std::uint32_t b[4];
+      ldmatrix_x4(b, k_tile + block * BN * 128 + (np * 16 + b_row) * 128 + (((chunk + b_half) ^ (lane % 8)) << 4));
+      mma_16816<M>(s[2 * np], a, b[0], b[1]);
+      mma_16816<M>(s[2 * np + 1], a, b[2], b[3]);
+    }
   }
 }
 
@@ -351,11 +388,24 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
     float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.0f, 0.0f};
-    // The softmax of tile `it` (in stage `stage`) in place of its scores.
-    auto softmax = [&](int it, int stage, float (&s)[BN / 8][4], float (&correction)[2]) {
+    // The softmax of tile `it` (in stage `stage`) in place of its scores; false when the rows'
+    // corrections are 1 (the accumulators stay as they are). With kRunningMax a tile after the pass's
+    // first takes the running max as it stands (TMA instances, no dropout: score_tile_at_running_max),
+    // and only where that fails its max: the warp's scores again (recompute_scores) through score_tile.
+    auto softmax = [&](int it, int stage, float (&s)[BN / 8][4], float (&correction)[2], bool first) {
       const bool masked_columns = tiles.valid(it) < BN || p.key_padding_mask != nullptr;
-      score_tile<BN, kWalk>(p, w, s, correction, row_max, row_sum, tiles.start(it), warp_row0, qi, query_position,
-                            st.bias + stage * BN, st.key_position + stage * BN, scale_log2, masked_columns);
+      const std::int64_t k0 = tiles.start(it);
+      const float* bias = st.bias + stage * BN;
+      const int* key_position = st.key_position + stage * BN;
+      if (kRunningMax && Shape::kTma && !first && p.dropout_p == 0.0f) {
+        if (score_tile_at_running_max<BN, kWalk>(p, w, s, row_max, row_sum, k0, warp_row0, qi, query_position, bias,
+                                                 key_position, scale_log2, masked_columns))
+          return false;
+        recompute_scores<T, D, BM, BN>(s, q_tile + warp * 16 * 128, smem_address(st.k + stage * Shape::kKvBytes));
+      }
+      score_tile<BN, kWalk>(p, w, s, correction, row_max, row_sum, k0, warp_row0, qi, query_position, bias,
+                            key_position, scale_log2, masked_columns);
+      return true;
     };
     // Ring tile `r`: wait for its stage, take the turn and issue S = Q·Kᵀ in a wgmma group of its own.
     auto issue_scores_in_turn = [&](int r, float (&s)[BN / 8][4]) {
@@ -394,12 +444,12 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
         wgmma_wait<1>();
         fence_registers(reinterpret_cast<Flat<BN / 2>&>(s));
         float correction[2];
-        softmax(it, r % kStages, s, correction);
+        const bool rescale = softmax(it, r % kStages, s, correction, !with_pv);
         wgmma_wait<0>();
         fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
         if (with_pv) {
           release(r - 1);
-          rescale_rows<D>(acc, correction);
+          if (rescale) rescale_rows<D>(acc, correction);
         }
         pack_probabilities<T, BN>(s, probabilities);
       };
@@ -432,8 +482,8 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
         wgmma_wait<0>();
         fence_registers(reinterpret_cast<Flat<BN / 2>&>(s));
         float correction[2];
-        softmax(it, stage, s, correction);
-        if (it > 0) rescale_rows<D>(acc, correction);
+        const bool rescale = softmax(it, stage, s, correction, it == 0);
+        if (it > 0 && rescale) rescale_rows<D>(acc, correction);
         std::uint32_t probabilities[BN / 16][4];
         pack_probabilities<T, BN>(s, probabilities);
         fence_registers(reinterpret_cast<Flat<D / 2>&>(acc));
