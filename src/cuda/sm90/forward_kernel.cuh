@@ -24,6 +24,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "cuda/forward_kernel.cuh"
 #include "cuda/forward_tile.cuh"
 #include "cuda/launch.hpp"
@@ -224,10 +226,10 @@ __device__ __forceinline__ void wait_last_arrivals(const StageBarriers& st, int 
 }
 
 // Whether the producer gathers rows by cp.async (the cp.async instances, and the TMA instances under
-// an index map) rather than issuing TMA copies from one thread: it then needs 56 registers, not 32
-// (Sm90ForwardShape::kProducerRegisters), and leaves the consumers fewer.
-template <class Shape, Walk kWalk>
-inline constexpr bool kGathers = !Shape::kTma || kWalk == Walk::indexed;
+// an index map without one-row maps) rather than issuing TMA copies: it then needs 56 registers, not
+// 32 (Sm90ForwardShape::kProducerRegisters), and leaves the consumers fewer.
+template <class Shape, Walk kWalk, class Maps = NoTensorMaps>
+inline constexpr bool kGathers = !Shape::kTma || (kWalk == Walk::indexed && std::is_same_v<Maps, NoTensorMaps>);
 
 // Warpgroup 0: every tile's loads, a stage at a time once the consumers have emptied it; pass after
 // pass the same key tiles (g counts the stage ring's tiles across the block's `passes` query tiles,
@@ -351,12 +353,66 @@ __device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, cons
   wait_last_arrivals<kStages>(st, passes * num_tiles, leader);
 }
 
+// Warpgroup 0 of the TMA instances under an index map with one-row maps (DATTN_SM90_TMA_ROWS,
+// encode_forward_row_maps): thread t issues the copies of row t of each key tile (K and V; and rows t,
+// t + 128 of every pass's query tile with the first), one-row boxes that land at their row's 128 bytes
+// of the swizzled tiles (TMA swizzles by the shared-memory address), and arrives on the stage's `full`
+// expecting their bytes. A row past a tile's valid rows takes a coordinate before the map (-1), which
+// TMA fills with zeros. Thread t looks row t of the next tile up while this tile's copies go out.
+template <class T, class Shape, class Tiles>
+__device__ __forceinline__ void produce_tma_rows(const detail::DilatedParams& p, const BlockWork& w, const Tiles& tiles,
+                                                 int num_tiles, int passes, const Stages<Shape>& st,
+                                                 const ForwardTensorMaps& maps) {
+  constexpr int D = Shape::kHeadDim, BM = Shape::kBlockM, BN = Shape::kBlockN, kStages = Shape::kStages;
+  static_assert(BN == 128 && BM >= 128 && BM <= 256, "one key row, one or two query rows a producer thread");
+  constexpr std::uint32_t kRowBytes = D * 2;
+  const int t = int(threadIdx.x), ring_tiles = passes * num_tiles, batch = map_batch_coordinate(p, w.batch);
+  const CUtensorMap* const q_map = &maps.q[w.branch];
+  const CUtensorMap* const k_map = &maps.k[w.branch];
+  const CUtensorMap* const v_map = &maps.v[w.branch];
+  auto key_row = [&](int g) {
+    const int it = g % num_tiles;
+    return g < ring_tiles && t < tiles.valid(it) ? w.row32(w.key, int(tiles.start(it)) + t) : -1;
+  };
+  int next_key_row = ring_tiles > 0 ? key_row(0) : -1;
+  for (int g = 0; g < ring_tiles; ++g) {
+    const int it = g % num_tiles, stage = g % kStages, row = next_key_row;
+    next_key_row = key_row(g + 1);
+    wait_stage_reusable<kStages>(st, g);
+    std::uint64_t* full = st.full + stage;
+    const int query_rows = g == 0 ? (t < BM - 128 ? 2 : 1) * passes : 0;
+    barrier_arrive_expect_tx(full, (2 + query_rows) * kRowBytes);
+    if (g == 0) {
+      for (int pass = 0; pass < passes; ++pass)
+        for (int i = t; i < BM; i += 128) {
+          const std::int64_t q = w.tile_begin + pass * BM + i;
+          const int q_row = q < w.tile_begin + w.tile_rows ? w.row32(w.query, int(q)) : -1;
+#pragma unroll
+          for (int b = 0; b < D / 64; ++b)
+            tma_load_5d(smem_address(st.q) + pass * Shape::kQBytes + b * BM * 128 + i * 128, q_map, b * 64, int(w.head),
+                        0, q_row, batch, full);
+        }
+    }
+    const int kv_head = int(operand_head(p.k, w.head));
+#pragma unroll
+    for (int b = 0; b < D / 64; ++b) {
+      const std::uint32_t at = std::uint32_t(stage * Shape::kKvBytes + b * BN * 128 + t * 128);
+      tma_load_5d(smem_address(st.k) + at, k_map, b * 64, kv_head, 0, row, batch, full);
+      tma_load_5d(smem_address(st.v) + at, v_map, b * 64, kv_head, 0, row, batch, full);
+    }
+    key_bias(p, w, tiles.start(it), tiles.valid(it), BN, st.bias + stage * BN,
+             p.causal ? st.key_position + stage * BN : nullptr);
+    barrier_arrive(st.keys + stage);  // this thread's plain stores (the key bias and positions)
+  }
+  wait_last_arrivals<kStages>(st, ring_tiles);
+}
+
 // The consumer warpgroups: the online softmax over the key tiles of the stages, then the epilogue,
 // for each of the block's `passes` query tiles in turn (the stage ring's tile g counts across them).
 // They take turns at the tensor cores (named barriers 1, 2, 3, round robin from the first): each
 // issues its products when the one before has issued its own, so that one's softmax runs while
 // another's products do, instead of all waiting for the same stage and then computing side by side.
-template <class T, class Shape, Walk kWalk, class Tiles>
+template <class T, class Shape, Walk kWalk, class Maps, class Tiles>
 __device__ __forceinline__ void consume(const detail::DilatedParams& p, const BlockWork& w,
                                         const Tiles& tiles, int num_tiles, int passes, const Stages<Shape>& st) {
   constexpr int D = Shape::kHeadDim, BM = Shape::kBlockM, BN = Shape::kBlockN, kStages = Shape::kStages;
@@ -372,7 +428,7 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
   // tile's S: two consumers (224 registers) and three beside the TMA producer (160) have them, three
   // beside a gathering producer (152) not (ptxas, the index-map TMA instance at head dim 64: 256 / 288
   // bytes of spills overlapped at 32 / 160 registers, 4 / 8 in turn at 56 / 152: 3 % faster at long64k).
-  constexpr bool kOverlap = kConsumers == 2 || !kGathers<Shape, kWalk>;
+  constexpr bool kOverlap = kConsumers == 2 || !kGathers<Shape, kWalk, Maps>;
   const int my_turn = 1 + warpgroup, next_turn = 1 + (warpgroup + 1) % kConsumers;
   const int ring_tiles = passes * num_tiles;
   if (ring_tiles > 0 && warpgroup + 1 == kConsumers) named_barrier_arrive(1, 256);  // the first one's first turn
@@ -565,19 +621,21 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
       return w;
     };
     if (threadIdx.x < 128) {
-      registers_decrease<Shape::template kProducerRegisters<kGathers<Shape, kWalk>>>();
+      registers_decrease<Shape::template kProducerRegisters<kGathers<Shape, kWalk, Maps>>>();
       const BlockWork w = work();
       const auto tiles = shared->tiles;
-      if constexpr (kWalk == Walk::indexed)  // rows gathered by cp.async (gather_row_pair)
+      if constexpr (kWalk == Walk::indexed && kGathers<Shape, kWalk, Maps>)  // rows by cp.async (gather_row_pair)
         produce<T, Shape, kWalk>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, shared->passes, st);
+      else if constexpr (kWalk == Walk::indexed)  // one-row boxes (DATTN_SM90_TMA_ROWS)
+        produce_tma_rows<T, Shape>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, shared->passes, st, maps);
       else
         produce_tma<T, Shape>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, shared->passes, st, maps);
       if (!w.accumulate) zero_unselected<T, D, 128>(p, w, &p.out, nullptr, true);
     } else {
-      registers_increase<Shape::template kConsumerRegisters<kGathers<Shape, kWalk>>>();
+      registers_increase<Shape::template kConsumerRegisters<kGathers<Shape, kWalk, Maps>>>();
       const BlockWork w = work();
       const auto tiles = shared->tiles;
-      consume<T, Shape, kWalk>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, shared->passes, st);
+      consume<T, Shape, kWalk, Maps>(p, w, tiles, w.tile_rows > 0 ? tiles.count : 0, shared->passes, st);
     }
   } else {
     BlockWork w;
@@ -585,12 +643,12 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
     const auto tiles = other_tiles<Shape::kBlockN, kWalk>(p, w);
     const int num_tiles = w.tile_rows > 0 ? tiles.count : 0;
     if (threadIdx.x < 128) {
-      registers_decrease<Shape::template kProducerRegisters<kGathers<Shape, kWalk>>>();
+      registers_decrease<Shape::template kProducerRegisters<kGathers<Shape, kWalk, Maps>>>();
       produce<T, Shape, kWalk>(p, w, tiles, num_tiles, 1, st);
       if (!w.accumulate) zero_unselected<T, D, 128>(p, w, &p.out, nullptr, true);
     } else {
-      registers_increase<Shape::template kConsumerRegisters<kGathers<Shape, kWalk>>>();
-      consume<T, Shape, kWalk>(p, w, tiles, num_tiles, 1, st);
+      registers_increase<Shape::template kConsumerRegisters<kGathers<Shape, kWalk, Maps>>>();
+      consume<T, Shape, kWalk, Maps>(p, w, tiles, num_tiles, 1, st);
     }
   }
 #else
@@ -613,9 +671,18 @@ void launch_forward_sm90(const detail::DilatedParams& params, const LaunchPlan& 
   };
   if constexpr (Tma) {
     // dispatch.cu runs these instances where sm90_tma_covers(params): every walk over whole
-    // sequences. An index map's rows are gathered by cp.async: no maps.
-    if (params.position_index != nullptr && params.block_size == 0)
+    // sequences. An index map's rows are gathered by cp.async (no maps), or with DATTN_SM90_TMA_ROWS
+    // come in one-row boxes where q, k and v have such maps.
+    if (params.position_index != nullptr && params.block_size == 0) {
+#if defined(DATTN_SM90_TMA_ROWS)
+      if (sm90_row_maps_fit(params)) {
+        ForwardTensorMaps maps{};
+        encode_forward_row_maps(params, plan, maps);
+        return launch(sm90::forward_kernel<T, Shape, Walk::indexed, ForwardTensorMaps>, maps);
+      }
+#endif
       return launch(sm90::forward_kernel<T, Shape, Walk::indexed, NoTensorMaps>, NoTensorMaps{});
+    }
     ForwardTensorMaps maps{};
     encode_forward_maps(params, plan, Shape::kBlockM, Shape::kBlockN, maps);
     if (params.block_size > 0) launch(sm90::forward_kernel<T, Shape, Walk::sparse, ForwardTensorMaps>, maps);

@@ -88,9 +88,9 @@ EncodeTiled encode_tiled() {
 }
 
 // The dilation rate a branch's maps step by: block-sparse attention has no branches, its rows are
-// those of rate 1.
+// those of rate 1, and an index map's rows lie anywhere (one-row maps, DATTN_SM90_TMA_ROWS).
 std::int64_t map_rate(const DilatedParams& p, int branch) {
-  return p.block_size > 0 ? 1 : p.branches[branch].dilation_rate;
+  return p.block_size > 0 || p.position_index != nullptr ? 1 : p.branches[branch].dilation_rate;
 }
 
 // Whether each operand (tensor, heads) has a map at the rate of every branch a launch may take
@@ -175,6 +175,19 @@ void encode_forward_maps(const DilatedParams& p, const LaunchPlan& plan, int que
                                  {"v", &p.v, p.kv_heads, key_rows, maps.v}};
   encode_maps(p, plan, operands, 3);
 }
+
+#if defined(DATTN_SM90_TMA_ROWS)
+bool sm90_row_maps_fit(const DilatedParams& p) {
+  return p.position_index != nullptr && p.block_size == 0 && p.cu_seqlens == nullptr &&
+         maps_fit(p, {{&p.q, p.heads}, {&p.k, p.kv_heads}, {&p.v, p.kv_heads}});
+}
+
+void encode_forward_row_maps(const DilatedParams& p, const LaunchPlan& plan, ForwardTensorMaps& maps) {
+  const MapOperand operands[] = {{"q", &p.q, p.heads, 1, maps.q}, {"k", &p.k, p.kv_heads, 1, maps.k},
+                                 {"v", &p.v, p.kv_heads, 1, maps.v}};
+  encode_maps(p, plan, operands, 3);
+}
+#endif
 
 bool sm90_backward_tma_covers(const DilatedParams& p) {
   // An index map's rows come by the cp.async producer (one-row TMA boxes would issue one at a time).
