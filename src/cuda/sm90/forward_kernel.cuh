@@ -444,12 +444,17 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
     float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.0f, 0.0f};
+    const bool last_tile_short = num_tiles > 0 && tiles.valid(num_tiles - 1) < BN;
     // The softmax of tile `it` (in stage `stage`) in place of its scores; false when the rows'
     // corrections are 1 (the accumulators stay as they are). With kRunningMax a tile after the pass's
     // first takes the running max as it stands (TMA instances, no dropout: score_tile_at_running_max),
     // and only where that fails its max: the warp's scores again (recompute_scores) through score_tile.
     auto softmax = [&](int it, int stage, float (&s)[BN / 8][4], float (&correction)[2], bool first) {
-      const bool masked_columns = tiles.valid(it) < BN || p.key_padding_mask != nullptr;
+      // The dilated walk's tiles are whole but its last (kRunningMax: a per-pass flag, where the
+      // tiles' int64 end would take a register the loop spills).
+      const bool short_tile = kRunningMax && kWalk == Walk::dilated ? it + 1 == num_tiles && last_tile_short
+                                                                     : tiles.valid(it) < BN;
+      const bool masked_columns = short_tile || p.key_padding_mask != nullptr;
       const std::int64_t k0 = tiles.start(it);
       const float* bias = st.bias + stage * BN;
       const int* key_position = st.key_position + stage * BN;
