@@ -18,7 +18,8 @@
 // (tensor_maps.hpp), and the warpgroup keeps only the key bias. Under an index map the rows lie
 // anywhere, a TMA box would be one row and a warp issues such copies one at a time, so these
 // instances' producer gathers them by cp.async as the other instances' does (produce), keeping
-// the TMA instances' register split and decode.
+// the TMA instances' decode (the build option DATTN_SM90_TMA_ROWS tries the one-row boxes instead,
+// produce_tma_rows: its producer needs fewer registers, which lets the consumers overlap).
 #pragma once
 
 #include <cuda_bf16.h>
