@@ -255,8 +255,10 @@ def _config_args(key_padding_mask, segment_lengths, dilation_rates, is_causal, s
 def _forward_impl(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, mode,
                    dropout_p, seed, use_tf32, position_index=None, position_index_checked=False) -> Tuple[Tensor, Tensor]:
     B, N, H, D = shape = q.shape
-    out = torch.empty(shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    # new_empty: q's dtype and device without building them as Python objects (half the host time of
+    # torch.empty with dtype= and device= arguments).
+    out = q.new_empty(shape)
+    lse = q.new_empty((B, H, N), dtype=torch.float32)
     q_view = _view(q)
     # out and lse: new contiguous tensors on q's device, described without reading them back.
     out_view = (out.data_ptr(), q_view[1], q_view[2], q_view[3], shape, (N * H * D, H * D, D, 1))
@@ -288,7 +290,7 @@ def _delta_workspace(q: Tensor):
     workspace arguments; on the CPU, none."""
     if not q.is_cuda:
         return None, dict(workspace=0, workspace_bytes=0)
-    workspace = torch.empty(q.numel() // q.size(-1), dtype=torch.float32, device=q.device)
+    workspace = q.new_empty(q.numel() // q.size(-1), dtype=torch.float32)
     return workspace, dict(workspace=workspace.data_ptr(), workspace_bytes=4 * workspace.numel())
 
 
@@ -306,9 +308,7 @@ def _backward_views(dout, q, k, v, out, lse, dq, dk, dv, key_padding_mask, segme
 def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale,
                    mode, dropout_p, seed, use_tf32, position_index=None, position_index_checked=False):
     dout = _gradient(dout, out)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     _backward_views(dout, q, k, v, out, lse, dq, dk, dv, key_padding_mask, segment_lengths, dilation_rates,
                     is_causal, scale, mode, dropout_p, seed, use_tf32, position_index, position_index_checked)
     return dq, dk, dv
@@ -326,7 +326,7 @@ def _backward_qkv_impl(dout, qkv, out, lse, key_padding_mask, segment_lengths, d
     dout = _gradient(dout, out)
     # One [B, N, 3, H, D] gradient buffer, written through three views: the gradient of the
     # projection output needs no gather.
-    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    dqkv = qkv.new_empty(qkv.shape)
     _backward_views(dout, qkv.select(2, 0), qkv.select(2, 1), qkv.select(2, 2), out, lse, dqkv.select(2, 0),
                     dqkv.select(2, 1), dqkv.select(2, 2), key_padding_mask, segment_lengths, dilation_rates,
                     is_causal, scale, mode, dropout_p, seed, use_tf32)

@@ -62,14 +62,14 @@ def dilated_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, 
     segment_lengths, dilation_rates = _ops.check_config(segment_lengths, dilation_rates)
     mode, scale = _ops.check_mode(mode), _ops.check_scale(scale)
     B, Tn, H, D = q.shape
-    out = torch.empty((B, Tn, H, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Tn), dtype=torch.float32, device=q.device)
+    out = q.new_empty((B, Tn, H, D))
+    lse = q.new_empty((B, H, Tn), dtype=torch.float32)
     new = (None, None) if k_new is None else (_ops._view(k_new), _ops._view(v_new))
     views = (_ops._view(q), _ops._view(k_cache), _ops._view(v_cache), _ops._view(cache_seqlens))
     # CUDA: the split-KV kernels' scratch from PyTorch's caching allocator (without it each call
     # would allocate it in stream order, again after every synchronisation).
     nbytes = _C.decode_workspace_bytes(*views, segment_lengths, dilation_rates, mode, scale) if q.is_cuda else 0
-    workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device) if nbytes else None
+    workspace = q.new_empty(nbytes, dtype=torch.uint8) if nbytes else None
     _C.forward_with_kvcache(*views, *new, _ops._view(out), _ops._view(lse), bool(validate), segment_lengths,
                             dilation_rates, mode, scale, "automatic", _ops._stream(q),
                             workspace=0 if workspace is None else workspace.data_ptr(), workspace_bytes=nbytes)

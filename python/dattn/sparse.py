@@ -72,8 +72,8 @@ class _BlockSparseFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, mask, block_size, is_causal, scale, dropout_p, seed):
         B, N, H, D = q.shape
-        out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+        out = q.new_empty((B, N, H, D))
+        lse = q.new_empty((B, H, N), dtype=torch.float32)
         # The views describe tensors that save_for_backward keeps alive: the backward reuses them
         # (at small shapes the host's work per call is what the wall clock shows).
         views = tuple(_ops._view(t) for t in (q, k, v, out, lse))
@@ -91,7 +91,7 @@ class _BlockSparseFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
         dout = _ops._gradient(grad_out, out)
-        dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+        dq, dk, dv = (t.new_empty(t.shape) for t in (q, k, v))
         # The delta workspace, as the dilated backward's (the sm90 kernels read delta from it; the
         # sm80 ones then skip recomputing it in every block).
         workspace, workspace_args = _ops._delta_workspace(q)  # referenced until the call returns

@@ -39,13 +39,12 @@ def _check_packed(q, k, v, cu_seqlens, max_seqlen):
 
 def _outputs(q):
     T, H, D = q.shape
-    return torch.empty((T, H, D), dtype=q.dtype, device=q.device), torch.empty((H, T), dtype=torch.float32,
-                                                                                device=q.device)
+    return q.new_empty((T, H, D)), q.new_empty((H, T), dtype=torch.float32)
 
 
 def _gradients(grad_out, out, q, k, v):
     dout = _ops._gradient(grad_out, out)
-    return dout, tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    return dout, tuple(t.new_empty(t.shape) for t in (q, k, v))
 
 
 class _DilatedVarlenFunction(torch.autograd.Function):
