@@ -451,10 +451,11 @@ __device__ __forceinline__ void consume(const detail::DilatedParams& p, const Bl
     // first takes the running max as it stands (TMA instances, no dropout: score_tile_at_running_max),
     // and only where that fails its max: the warp's scores again (recompute_scores) through score_tile.
     auto softmax = [&](int it, int stage, float (&s)[BN / 8][4], float (&correction)[2], bool first) {
-      // The dilated walk's tiles are whole but its last (kRunningMax: a per-pass flag, where the
-      // tiles' int64 end would take a register the loop spills).
-      const bool short_tile = kRunningMax && kWalk == Walk::dilated ? it + 1 == num_tiles && last_tile_short
-                                                                     : tiles.valid(it) < BN;
+      // The dilated walk's tiles are whole but its last, and so are the TMA instances' block-sparse
+      // ones (blocks of whole tiles; the sequence's end in the last) (kRunningMax: a per-pass flag,
+      // where the tiles' int64 end would take a register the loop spills).
+      constexpr bool kLastShort = kWalk == Walk::dilated || (kWalk == Walk::sparse && Shape::kTma);
+      const bool short_tile = kRunningMax && kLastShort ? it + 1 == num_tiles && last_tile_short : tiles.valid(it) < BN;
       const bool masked_columns = short_tile || p.key_padding_mask != nullptr;
       const std::int64_t k0 = tiles.start(it);
       const float* bias = st.bias + stage * BN;
