@@ -355,7 +355,7 @@ __device__ __forceinline__ void produce_tma(const detail::DilatedParams& p, cons
 }
 
 // Warpgroup 0 of the TMA instances under an index map with one-row maps (DATTN_SM90_TMA_ROWS,
-// encode_forward_row_maps): thread t issues the copies of row t of each key tile (K and V; and rows t,
+// encode_forward_maps with boxes of one row): thread t issues the copies of row t of each key tile (K and V; and rows t,
 // t + 128 of every pass's query tile with the first), one-row boxes that land at their row's 128 bytes
 // of the swizzled tiles (TMA swizzles by the shared-memory address), and arrives on the stage's `full`
 // expecting their bytes. A row past a tile's valid rows takes a coordinate before the map (-1), which
@@ -394,6 +394,8 @@ __device__ __forceinline__ void produce_tma_rows(const detail::DilatedParams& p,
                         0, q_row, batch, full);
         }
     }
+    // Here rather than before the loop: kept through it, it costs the 32-register producer spills
+    // (ptxas, c3 head dim 64: 40/48 -> 48/56 bytes).
     const int kv_head = int(operand_head(p.k, w.head));
 #pragma unroll
     for (int b = 0; b < D / 64; ++b) {
@@ -684,7 +686,7 @@ void launch_forward_sm90(const detail::DilatedParams& params, const LaunchPlan& 
 #if defined(DATTN_SM90_TMA_ROWS)
       if (sm90_row_maps_fit(params)) {
         ForwardTensorMaps maps{};
-        encode_forward_row_maps(params, plan, maps);
+        encode_forward_maps(params, plan, 1, 1, maps);  // one-row boxes (map_rate: 1 under an index map)
         return launch(sm90::forward_kernel<T, Shape, Walk::indexed, ForwardTensorMaps>, maps);
       }
 #endif

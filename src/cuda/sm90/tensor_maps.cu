@@ -181,12 +181,6 @@ bool sm90_row_maps_fit(const DilatedParams& p) {
   return p.position_index != nullptr && p.block_size == 0 && p.cu_seqlens == nullptr &&
          maps_fit(p, {{&p.q, p.heads}, {&p.k, p.kv_heads}, {&p.v, p.kv_heads}});
 }
-
-void encode_forward_row_maps(const DilatedParams& p, const LaunchPlan& plan, ForwardTensorMaps& maps) {
-  const MapOperand operands[] = {{"q", &p.q, p.heads, 1, maps.q}, {"k", &p.k, p.kv_heads, 1, maps.k},
-                                 {"v", &p.v, p.kv_heads, 1, maps.v}};
-  encode_maps(p, plan, operands, 3);
-}
 #endif
 
 bool sm90_backward_tma_covers(const DilatedParams& p) {

@@ -82,10 +82,9 @@ void encode_forward_maps(const detail::DilatedParams& p, const LaunchPlan& plan,
 
 #if defined(DATTN_SM90_TMA_ROWS)
 // The forward under an index map (DATTN_SM90_TMA_ROWS, experimental): whether q, k and v have maps of
-// rate 1 (whole sequences, no packed batch), and those maps with boxes of one row, which the TMA
-// instances' producer issues row by row (produce_tma_rows) in place of its cp.async gather.
+// rate 1 (whole sequences, no packed batch; encode_forward_maps with boxes of one row makes them),
+// which the TMA instances' producer issues row by row (produce_tma_rows) in place of its gather.
 bool sm90_row_maps_fit(const detail::DilatedParams& p);
-void encode_forward_row_maps(const detail::DilatedParams& p, const LaunchPlan& plan, ForwardTensorMaps& maps);
 #endif
 
 }  // namespace dattn::cuda
